@@ -1,0 +1,58 @@
+//! The link protocol's fixed names (DESIGN §2) and the enrollment messages (DESIGN §3).
+
+use serde::{Deserialize, Serialize};
+
+/// HTTP/1.1 upgrade path the agent calls to open its link.
+pub const CONNECT_PATH: &str = "/agent/v1/connect";
+/// Enrollment: trades a one-time token for the router id and secret.
+pub const ENROLL_PATH: &str = "/agent/v1/enroll";
+/// Value of the `Upgrade` header on the connect request.
+pub const UPGRADE_PROTOCOL: &str = "netpilot-link/1";
+
+pub const HEADER_ROUTER_ID: &str = "x-netpilot-router-id";
+pub const HEADER_AGENT_VERSION: &str = "x-netpilot-agent-version";
+/// Forwarded by the relay on every call so the agent can log and audit who asked.
+pub const HEADER_SESSION_ID: &str = "x-netpilot-session-id";
+pub const HEADER_USER_ID: &str = "x-netpilot-user-id";
+pub const HEADER_REQUEST_ID: &str = "x-request-id";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EnrollRequest {
+    pub token: String,
+    #[serde(default)]
+    pub hostname: Option<String>,
+    #[serde(default)]
+    pub agent_version: Option<String>,
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+pub struct EnrollResponse {
+    pub router_id: String,
+    pub router_secret: String,
+    pub name: String,
+}
+
+impl std::fmt::Debug for EnrollResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EnrollResponse")
+            .field("router_id", &self.router_id)
+            .field("router_secret", &"<redacted>")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn enroll_response_debug_hides_secret() {
+        let r = EnrollResponse {
+            router_id: "r".into(),
+            router_secret: "s3cr3t".into(),
+            name: "n".into(),
+        };
+        assert!(!format!("{r:?}").contains("s3cr3t"));
+    }
+}

@@ -1,0 +1,138 @@
+//! The relay's request dispatcher: one entry point for every HTTP request on the
+//! shared port. It authenticates, picks the handler and turns errors into envelopes.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use netpilot_proto::link::{CONNECT_PATH, ENROLL_PATH, HEADER_REQUEST_ID};
+use netpilot_proto::routes::{match_route, RouteError};
+use tracing::{field, Instrument};
+
+use crate::error::ApiError;
+use crate::http::{self, Body, Ctx};
+use crate::metrics::Gauges;
+use crate::state::AppState;
+use crate::{admin, enroll, forward, link, session_api};
+
+pub async fn handle(
+    state: Arc<AppState>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Result<Response<Body>, Infallible> {
+    let ctx = Ctx::new(req.headers().get(HEADER_REQUEST_ID));
+    let span = tracing::info_span!(
+        "request",
+        request_id = %ctx.request_id,
+        method = %req.method(),
+        path = %req.uri().path(),
+        session_id = field::Empty,
+        router_id = field::Empty,
+    );
+    async move {
+        let result = dispatch(&state, req, peer, &ctx).await;
+        let resp = match result {
+            Ok(resp) => resp,
+            Err(err) => {
+                let (status, code) = err.status_and_code();
+                state.metrics.record_error(code);
+                match &err {
+                    ApiError::Internal(detail) => tracing::error!(%detail, "internal error"),
+                    _ if status.is_server_error() => tracing::warn!(%code, error = %err, "call failed"),
+                    _ => tracing::debug!(%code, error = %err, "call refused"),
+                }
+                http::error(&err, &ctx)
+            }
+        };
+        Ok(resp)
+    }
+    .instrument(span)
+    .await
+}
+
+async fn dispatch(
+    state: &Arc<AppState>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    ctx: &Ctx,
+) -> Result<Response<Body>, ApiError> {
+    let path = req.uri().path().to_owned();
+    match path.as_str() {
+        "/health" => {
+            only(&req, &[Method::GET])?;
+            return Ok(http::ok(
+                StatusCode::OK,
+                serde_json::json!({
+                    "status": "ok",
+                    "version": env!("CARGO_PKG_VERSION"),
+                    "connected_agents": state.links.len(),
+                }),
+                ctx,
+            ));
+        }
+        "/metrics" => {
+            only(&req, &[Method::GET])?;
+            let gauges = Gauges {
+                connected_agents: state.links.len(),
+                sessions: state.sessions.lock().expect("sessions lock").len(),
+            };
+            return Ok(http::text(
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                state.metrics.render(&gauges),
+            ));
+        }
+        CONNECT_PATH => return link::connect(state, req, peer),
+        ENROLL_PATH => {
+            only(&req, &[Method::POST])?;
+            return enroll::enroll(state, req, peer, ctx).await;
+        }
+        _ => {}
+    }
+    if !path.starts_with("/api/") {
+        return Err(ApiError::NotFound(path));
+    }
+    let key_ok = http::bearer(&req)
+        .is_some_and(|k| http::ct_eq(k.as_bytes(), state.config.api_key.expose().as_bytes()));
+    if !key_ok {
+        return Err(ApiError::Unauthorized);
+    }
+    if let Some(rest) = path.strip_prefix("/api/admin/routers") {
+        return admin::dispatch(state, req, rest, ctx).await;
+    }
+    if let Some(rest) = path.strip_prefix("/api/session/") {
+        return session_api::dispatch(state, req, rest, ctx).await;
+    }
+    let route = match match_route(req.method().as_str(), &path) {
+        Ok(m) => m,
+        Err(RouteError::NotFound) => return Err(ApiError::NotFound(path)),
+        Err(RouteError::MethodNotAllowed(m)) => {
+            let allowed: Vec<&str> = m.iter().map(|m| m.as_str()).collect();
+            return Err(ApiError::MethodNotAllowed(allowed.join(", ")));
+        }
+        Err(RouteError::InvalidParam { name, reason }) => {
+            return Err(ApiError::InvalidParameter(format!("path parameter {name}: {reason}")))
+        }
+    };
+    let pattern = route.route.pattern;
+    let result = forward::router_call(state, req, route, ctx).await;
+    let status = match &result {
+        Ok(r) => r.status(),
+        Err(e) => e.status_and_code().0,
+    };
+    state
+        .metrics
+        .record_forward(pattern, status.as_u16(), ctx.started.elapsed());
+    result
+}
+
+pub fn only(req: &Request<Incoming>, methods: &[Method]) -> Result<(), ApiError> {
+    if methods.contains(req.method()) {
+        Ok(())
+    } else {
+        let allowed: Vec<&str> = methods.iter().map(|m| m.as_str()).collect();
+        Err(ApiError::MethodNotAllowed(allowed.join(", ")))
+    }
+}

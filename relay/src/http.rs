@@ -1,0 +1,294 @@
+//! HTTP plumbing shared by the handlers: the per-call context, envelope responses,
+//! body reading with a size cap and content-type check, query parsing and ids.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::{Request, Response, StatusCode};
+use netpilot_proto::{Envelope, Meta};
+use serde::Serialize;
+use serde_json::{Map, Value};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use crate::error::ApiError;
+
+pub type Body = Full<Bytes>;
+pub use hyper::http::response::Parts;
+
+/// Per-call facts every response needs.
+#[derive(Debug, Clone)]
+pub struct Ctx {
+    pub started: Instant,
+    pub request_id: String,
+}
+
+impl Ctx {
+    pub fn new(incoming_id: Option<&HeaderValue>) -> Ctx {
+        let request_id = incoming_id
+            .and_then(|v| v.to_str().ok())
+            .filter(|s| !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_graphic()))
+            .map(str::to_owned)
+            .unwrap_or_else(next_request_id);
+        Ctx { started: Instant::now(), request_id }
+    }
+
+    pub fn meta(&self) -> Meta {
+        Meta {
+            duration_ms: self.started.elapsed().as_millis() as u64,
+            request_id: Some(self.request_id.clone()),
+        }
+    }
+}
+
+/// Request ids: a random per-process prefix and a counter; unique without a syscall.
+fn next_request_id() -> String {
+    static PREFIX: OnceLock<String> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let prefix = PREFIX.get_or_init(|| Uuid::new_v4().simple().to_string()[..8].to_owned());
+    format!("{prefix}-{}", COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+pub fn json_response<T: Serialize>(status: StatusCode, body: &T, ctx: &Ctx) -> Response<Body> {
+    let bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
+    Response::builder()
+        .status(status)
+        .header(CONTENT_TYPE, "application/json")
+        .header("x-request-id", &ctx.request_id)
+        .body(Full::new(Bytes::from(bytes)))
+        .expect("static response parts")
+}
+
+pub fn ok<T: Serialize>(status: StatusCode, data: T, ctx: &Ctx) -> Response<Body> {
+    json_response(status, &Envelope::ok(data, ctx.meta()), ctx)
+}
+
+pub fn error(err: &ApiError, ctx: &Ctx) -> Response<Body> {
+    let (status, code) = err.status_and_code();
+    let mut resp = json_response(status, &Envelope::err(code, err.to_string(), ctx.meta()), ctx);
+    if let ApiError::MethodNotAllowed(allowed) = err {
+        if let Ok(v) = HeaderValue::from_str(allowed) {
+            resp.headers_mut().insert(hyper::header::ALLOW, v);
+        }
+    }
+    resp
+}
+
+pub fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header(CONTENT_TYPE, content_type)
+        .body(Full::new(Bytes::from(body)))
+        .expect("static response parts")
+}
+
+/// Reads a JSON object body: at most `limit` bytes, `application/json`, an object.
+/// Returns the raw bytes (forwarded untouched) and the parsed object.
+pub async fn read_json(req: Request<Incoming>, limit: usize) -> Result<(Bytes, Map<String, Value>), ApiError> {
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::PayloadTooLarge(limit));
+    }
+    let is_json = req
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            let mime = v.split(';').next().unwrap_or("").trim();
+            mime.eq_ignore_ascii_case("application/json")
+        });
+    let bytes = Limited::new(req.into_body(), limit)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+                ApiError::PayloadTooLarge(limit)
+            } else {
+                ApiError::InvalidParameter(format!("cannot read request body: {e}"))
+            }
+        })?
+        .to_bytes();
+    if bytes.is_empty() && is_json.is_none() {
+        return Ok((bytes, Map::new()));
+    }
+    if is_json != Some(true) {
+        return Err(ApiError::UnsupportedMediaType);
+    }
+    match serde_json::from_slice::<Value>(&bytes) {
+        Ok(Value::Object(map)) => Ok((bytes, map)),
+        Ok(_) => Err(ApiError::InvalidParameter("request body must be a JSON object".into())),
+        Err(e) => Err(ApiError::InvalidParameter(format!("malformed JSON: {e}"))),
+    }
+}
+
+pub fn query_pairs(query: Option<&str>) -> Vec<(String, String)> {
+    query
+        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+        .unwrap_or_default()
+}
+
+/// Where a call's arguments live: the JSON body for POST/PUT, the query otherwise.
+/// The body wins; the query is a fallback for clients that put ids there.
+pub struct Args<'a> {
+    pub body: Option<&'a Map<String, Value>>,
+    pub query: &'a [(String, String)],
+}
+
+impl Args<'_> {
+    /// A string argument by its camelCase name, also accepted in snake_case.
+    pub fn get(&self, camel: &str) -> Option<Value> {
+        let snake = to_snake(camel);
+        if let Some(body) = self.body {
+            if let Some(v) = body.get(camel).or_else(|| body.get(&snake)) {
+                if !v.is_null() {
+                    return Some(v.clone());
+                }
+            }
+        }
+        self.query
+            .iter()
+            .find(|(k, _)| k == camel || *k == snake)
+            .map(|(_, v)| Value::String(v.clone()))
+    }
+
+    pub fn uuid(&self, camel: &str) -> Result<Uuid, ApiError> {
+        self.opt_uuid(camel)?
+            .ok_or_else(|| ApiError::InvalidParameter(format!("{camel} is required")))
+    }
+
+    pub fn opt_uuid(&self, camel: &str) -> Result<Option<Uuid>, ApiError> {
+        match self.get(camel) {
+            None => Ok(None),
+            Some(Value::String(s)) => Uuid::parse_str(s.trim())
+                .map(Some)
+                .map_err(|_| ApiError::InvalidParameter(format!("{camel} must be a UUID, got {s:?}"))),
+            Some(other) => Err(ApiError::InvalidParameter(format!("{camel} must be a UUID string, got {other}"))),
+        }
+    }
+
+    pub fn opt_bool(&self, camel: &str) -> Result<Option<bool>, ApiError> {
+        match self.get(camel) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(b)),
+            Some(Value::String(s)) if s == "true" || s == "1" => Ok(Some(true)),
+            Some(Value::String(s)) if s == "false" || s == "0" => Ok(Some(false)),
+            Some(other) => Err(ApiError::InvalidParameter(format!("{camel} must be true or false, got {other}"))),
+        }
+    }
+
+    /// A user id or name: a non-empty string (or an integer) of printable characters.
+    pub fn label(&self, camel: &str, max_len: usize) -> Result<String, ApiError> {
+        let s = match self.get(camel) {
+            Some(Value::String(s)) => s,
+            Some(Value::Number(n)) if n.is_i64() || n.is_u64() => n.to_string(),
+            Some(other) => return Err(ApiError::InvalidParameter(format!("{camel} must be a string, got {other}"))),
+            None => return Err(ApiError::InvalidParameter(format!("{camel} is required"))),
+        };
+        let s = s.trim().to_owned();
+        if s.is_empty() || s.chars().count() > max_len {
+            return Err(ApiError::InvalidParameter(format!("{camel} must be 1 to {max_len} characters")));
+        }
+        if s.chars().any(char::is_control) {
+            return Err(ApiError::InvalidParameter(format!("{camel} must not contain control characters")));
+        }
+        Ok(s)
+    }
+}
+
+fn to_snake(camel: &str) -> String {
+    let mut out = String::with_capacity(camel.len() + 4);
+    for c in camel.chars() {
+        if c.is_ascii_uppercase() {
+            out.push('_');
+            out.push(c.to_ascii_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Constant-time equality for secrets of equal length.
+pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let d = ring::digest::digest(&ring::digest::SHA256, bytes);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+/// 32 random bytes as 64 hex characters: enrollment tokens and router secrets.
+pub fn random_hex32() -> Result<String, ApiError> {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 32];
+    ring::rand::SystemRandom::new()
+        .fill(&mut b)
+        .map_err(|_| ApiError::Internal("system random number generator failed".into()))?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+pub fn bearer(req: &Request<Incoming>) -> Option<&str> {
+    req.headers()
+        .get(hyper::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+}
+
+pub fn rfc3339_ms(ms: i64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snake_alias() {
+        assert_eq!(to_snake("sessionId"), "session_id");
+        assert_eq!(to_snake("ownerUserId"), "owner_user_id");
+    }
+
+    #[test]
+    fn args_prefer_body_and_validate_ids() {
+        let mut body = Map::new();
+        body.insert("sessionId".into(), Value::String("not-a-uuid".into()));
+        let query = vec![("routerId".to_owned(), Uuid::nil().to_string())];
+        let args = Args { body: Some(&body), query: &query };
+        assert!(matches!(args.uuid("sessionId"), Err(ApiError::InvalidParameter(m)) if m.contains("UUID")));
+        assert_eq!(args.uuid("routerId").unwrap(), Uuid::nil());
+        assert!(matches!(args.uuid("missingId"), Err(ApiError::InvalidParameter(m)) if m.contains("required")));
+    }
+
+    #[test]
+    fn labels_reject_control_characters() {
+        let mut body = Map::new();
+        body.insert("name".into(), Value::String("a\nb".into()));
+        body.insert("userId".into(), serde_json::json!(42));
+        let args = Args { body: Some(&body), query: &[] };
+        assert!(args.label("name", 64).is_err());
+        assert_eq!(args.label("userId", 64).unwrap(), "42");
+    }
+
+    #[test]
+    fn constant_time_compare() {
+        assert!(ct_eq(b"abc", b"abc"));
+        assert!(!ct_eq(b"abc", b"abd"));
+        assert!(!ct_eq(b"abc", b"ab"));
+    }
+}

@@ -1,0 +1,85 @@
+//! NetPilot relay: enrolls and authenticates routers, holds web-app sessions, and
+//! routes each REST call to the router's agent over its reverse HTTP/2 link.
+
+pub mod admin;
+pub mod api;
+pub mod config;
+pub mod enroll;
+pub mod error;
+pub mod forward;
+pub mod http;
+pub mod link;
+pub mod links;
+pub mod metrics;
+pub mod ratelimit;
+pub mod server;
+pub mod session_api;
+pub mod sessions;
+pub mod state;
+pub mod store;
+pub mod tls;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+
+use crate::config::Config;
+use crate::state::{AppState, Clock};
+
+/// What `run` reports once it is listening, for the operator and for tests.
+#[derive(Debug, Clone)]
+pub struct Ready {
+    pub addr: std::net::SocketAddr,
+    pub fingerprint: String,
+    pub cert_path: std::path::PathBuf,
+}
+
+/// Opens the registry and TLS identity, then serves `listener` until `shutdown`.
+/// `on_ready` is called once everything is in place.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    clock: Arc<dyn Clock>,
+    on_ready: impl FnOnce(Ready),
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
+    let tls = tls::load_or_create(
+        config.tls_cert.as_deref(),
+        config.tls_key.as_deref(),
+        &config.data_dir,
+        &config.tls_names,
+    )?;
+    if tls.generated {
+        tracing::info!(cert = %tls.cert_path.display(), "created a self-signed certificate");
+    }
+    tracing::info!(fingerprint = %tls.fingerprint, "relay certificate SHA-256 fingerprint");
+    let store = store::Store::open(&config.data_dir).context("cannot open the registry")?;
+    let state = Arc::new(AppState::new(config, store, tls.fingerprint.clone(), clock)?);
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, "listening");
+
+    let sweeper = tokio::spawn(sweep(state.clone()));
+    on_ready(Ready { addr, fingerprint: tls.fingerprint, cert_path: tls.cert_path });
+    server::serve(state, listener, tls.config, shutdown).await;
+    sweeper.abort();
+    Ok(())
+}
+
+/// Removes expired sessions and idle router attachments in the background. Expiry
+/// is also checked on every lookup, so this only frees memory on time.
+async fn sweep(state: Arc<AppState>) {
+    let mut tick = tokio::time::interval(state.config.timeouts.sweep_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now = state.clock.instant();
+        let swept = state.sessions.lock().expect("sessions lock").sweep(now);
+        if swept.sessions + swept.attachments > 0 {
+            tracing::debug!(sessions = swept.sessions, attachments = swept.attachments, "swept");
+        }
+    }
+}

@@ -1,0 +1,127 @@
+//! The agent side of the shared port: authenticate `GET /agent/v1/connect`, answer
+//! `101`, and run the link — the relay becomes the HTTP/2 client on the upgraded
+//! stream — until it dies, is replaced by a newer link, or is revoked.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{CONNECTION, UPGRADE};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use netpilot_proto::link::{HEADER_AGENT_VERSION, HEADER_ROUTER_ID, UPGRADE_PROTOCOL};
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::error::ApiError;
+use crate::http::{self, Body};
+use crate::state::AppState;
+
+pub fn connect(state: &Arc<AppState>, mut req: Request<Incoming>, peer: SocketAddr) -> Result<Response<Body>, ApiError> {
+    if req.method() != Method::GET {
+        return Err(ApiError::MethodNotAllowed("GET".into()));
+    }
+    let upgrade_ok = req
+        .headers()
+        .get(UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case(UPGRADE_PROTOCOL));
+    if !upgrade_ok || req.version() != hyper::Version::HTTP_11 {
+        return Err(ApiError::InvalidParameter(format!(
+            "expected an HTTP/1.1 upgrade to {UPGRADE_PROTOCOL}"
+        )));
+    }
+    let router_id = req
+        .headers()
+        .get(HEADER_ROUTER_ID)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| Uuid::parse_str(v).ok())
+        .ok_or_else(|| ApiError::InvalidParameter(format!("{HEADER_ROUTER_ID} must be a UUID")))?;
+    tracing::Span::current().record("router_id", tracing::field::display(router_id));
+    let version: String = req
+        .headers()
+        .get(HEADER_AGENT_VERSION)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("unknown")
+        .chars()
+        .filter(|c| c.is_ascii_graphic())
+        .take(64)
+        .collect();
+    if let Err(e) = authenticate(state, router_id, http::bearer(&req)) {
+        state.metrics.link_rejects.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(%peer, error = %e, "agent link refused");
+        return Err(e);
+    }
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let span = tracing::info_span!("link", %router_id, %peer, agent_version = %version);
+    tokio::spawn(run_link(state.clone(), router_id, version, on_upgrade).instrument(span));
+    Ok(Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(UPGRADE, UPGRADE_PROTOCOL)
+        .header(CONNECTION, "upgrade")
+        .body(Full::new(Bytes::new()))
+        .expect("static response parts"))
+}
+
+fn authenticate(state: &AppState, router_id: Uuid, secret: Option<&str>) -> Result<(), ApiError> {
+    let secret = secret.ok_or(ApiError::Unauthorized)?;
+    let meta = state.router_meta(router_id).ok_or(ApiError::Unauthorized)?;
+    if meta.revoked {
+        return Err(ApiError::RouterRevoked);
+    }
+    let stored = meta.secret_hash.ok_or(ApiError::Unauthorized)?;
+    if !http::ct_eq(&http::sha256(secret.as_bytes()), &stored) {
+        return Err(ApiError::Unauthorized);
+    }
+    Ok(())
+}
+
+async fn run_link(state: Arc<AppState>, router_id: Uuid, version: String, on_upgrade: hyper::upgrade::OnUpgrade) {
+    let upgraded = match on_upgrade.await {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::warn!(error = %e, "upgrade failed");
+            return;
+        }
+    };
+    let t = &state.config.timeouts;
+    let handshake = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .keep_alive_interval(t.ping_interval)
+        .keep_alive_timeout(t.dead_after - t.ping_interval)
+        .keep_alive_while_idle(true)
+        .handshake::<_, Full<Bytes>>(upgraded)
+        .await;
+    let (sender, conn) = match handshake {
+        Ok(pair) => pair,
+        Err(e) => {
+            tracing::warn!(error = %e, "h2 handshake on the link failed");
+            return;
+        }
+    };
+    let (generation, closed_by_relay) = state.links.register(router_id, sender, version.clone());
+    state.metrics.link_connects.fetch_add(1, Ordering::Relaxed);
+    touch(&state, router_id, Some(&version));
+    tracing::info!("agent link up");
+    // Boxed: the connection future is large and lives as long as the link.
+    let conn = Box::pin(conn);
+    tokio::select! {
+        r = conn => match r {
+            Ok(()) => tracing::info!("agent link closed"),
+            Err(e) => tracing::info!(error = %e, "agent link lost"),
+        },
+        _ = closed_by_relay => tracing::info!("agent link closed by the relay"),
+    }
+    state.links.remove(router_id, generation);
+    touch(&state, router_id, None);
+}
+
+fn touch(state: &AppState, router_id: Uuid, version: Option<&str>) {
+    let now = state.clock.now_ms();
+    if let Err(e) = state.with_store(|s| s.touch(router_id, now, version)) {
+        tracing::warn!(error = %e, "cannot record last-seen");
+    }
+}

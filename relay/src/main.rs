@@ -1,0 +1,97 @@
+//! `netpilot-relay serve …`: parse the command line, set up logging, run.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use netpilot_relay::config::{CliOverrides, Config, Secret, API_KEY_ENV};
+
+const USAGE: &str = "\
+usage: netpilot-relay serve [--config FILE] [--data-dir DIR] [--listen ADDR:PORT]
+                            [--api-key KEY] [--log FILTER]
+       netpilot-relay check-config --config FILE
+       netpilot-relay --version
+
+The API key may also come from the NETPILOT_API_KEY environment variable.
+Once listening, one line goes to stdout:
+  listening <addr> fingerprint <sha256> cert <path>";
+
+fn main() -> anyhow::Result<()> {
+    let mut args = lexopt::Parser::from_env();
+    let mut cli = CliOverrides::default();
+    let mut command: Option<String> = None;
+    use lexopt::prelude::*;
+    while let Some(arg) = args.next()? {
+        match arg {
+            Long("config") => cli.config_file = Some(PathBuf::from(args.value()?)),
+            Long("data-dir") => cli.data_dir = Some(PathBuf::from(args.value()?)),
+            Long("listen") => {
+                let v: String = args.value()?.string()?;
+                cli.listen = Some(v.parse().with_context(|| format!("--listen {v:?} is not ADDR:PORT"))?);
+            }
+            Long("api-key") => cli.api_key = Some(Secret::new(args.value()?.string()?)),
+            Long("log") => cli.log = Some(args.value()?.string()?),
+            Long("version") | Short('V') => {
+                println!("netpilot-relay {}", env!("CARGO_PKG_VERSION"));
+                return Ok(());
+            }
+            Long("help") | Short('h') => {
+                println!("{USAGE}");
+                return Ok(());
+            }
+            Value(v) if command.is_none() => command = Some(v.string()?),
+            _ => bail!("{}\n\n{USAGE}", arg.unexpected()),
+        }
+    }
+    let config = Config::load(cli, std::env::var(API_KEY_ENV).ok())?;
+    match command.as_deref() {
+        Some("serve") => serve(config),
+        Some("check-config") => {
+            println!("configuration is valid: {config:?}");
+            Ok(())
+        }
+        _ => bail!("{USAGE}"),
+    }
+}
+
+fn serve(config: Config) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&config.log).context("invalid --log filter")?)
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        netpilot_relay::run(
+            config,
+            listener,
+            Arc::new(netpilot_relay::state::SystemClock),
+            |ready| {
+                use std::io::Write;
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(
+                    out,
+                    "listening {} fingerprint {} cert {}",
+                    ready.addr,
+                    ready.fingerprint,
+                    ready.cert_path.display()
+                );
+                let _ = out.flush();
+            },
+            shutdown_signal(),
+        )
+        .await
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutdown requested");
+}

@@ -1,0 +1,128 @@
+//! Prometheus counters and the latency histogram, rendered as text on `/metrics`.
+//! Hand-written: a few counters and one histogram do not need a metrics framework.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Upper bounds of the forwarded-call latency histogram, in seconds.
+const BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+];
+
+#[derive(Default)]
+pub struct Metrics {
+    /// Forwarded calls by route pattern and status.
+    forwarded: Mutex<BTreeMap<(&'static str, u16), u64>>,
+    /// Error answers by code, whatever the endpoint.
+    errors: Mutex<BTreeMap<&'static str, u64>>,
+    latency_buckets: [AtomicU64; BUCKETS.len()],
+    latency_count: AtomicU64,
+    latency_sum_us: AtomicU64,
+    pub link_connects: AtomicU64,
+    pub link_rejects: AtomicU64,
+    pub enrollments: AtomicU64,
+}
+
+/// Values read at scrape time from the live state.
+pub struct Gauges {
+    pub connected_agents: usize,
+    pub sessions: usize,
+}
+
+impl Metrics {
+    pub fn record_forward(&self, route: &'static str, status: u16, elapsed: Duration) {
+        *self
+            .forwarded
+            .lock()
+            .expect("metrics lock")
+            .entry((route, status))
+            .or_default() += 1;
+        let secs = elapsed.as_secs_f64();
+        for (i, upper) in BUCKETS.iter().enumerate() {
+            if secs <= *upper {
+                self.latency_buckets[i].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.latency_count.fetch_add(1, Ordering::Relaxed);
+        self.latency_sum_us
+            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    pub fn record_error(&self, code: &'static str) {
+        *self.errors.lock().expect("metrics lock").entry(code).or_default() += 1;
+    }
+
+    pub fn render(&self, g: &Gauges) -> String {
+        let mut out = String::with_capacity(4096);
+        let _ = writeln!(out, "# HELP netpilot_connected_agents Agents with a live link.");
+        let _ = writeln!(out, "# TYPE netpilot_connected_agents gauge");
+        let _ = writeln!(out, "netpilot_connected_agents {}", g.connected_agents);
+        let _ = writeln!(out, "# HELP netpilot_active_sessions Web-app sessions held in memory.");
+        let _ = writeln!(out, "# TYPE netpilot_active_sessions gauge");
+        let _ = writeln!(out, "netpilot_active_sessions {}", g.sessions);
+        counter(&mut out, "netpilot_link_connects_total", "Agent links accepted.", &self.link_connects);
+        counter(&mut out, "netpilot_link_rejects_total", "Agent link attempts refused.", &self.link_rejects);
+        counter(&mut out, "netpilot_enrollments_total", "Routers enrolled.", &self.enrollments);
+
+        let _ = writeln!(out, "# HELP netpilot_forwarded_requests_total Calls forwarded to routers, by route and status.");
+        let _ = writeln!(out, "# TYPE netpilot_forwarded_requests_total counter");
+        for ((route, status), n) in self.forwarded.lock().expect("metrics lock").iter() {
+            let _ = writeln!(
+                out,
+                "netpilot_forwarded_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}"
+            );
+        }
+        let _ = writeln!(out, "# HELP netpilot_errors_total Error answers by code.");
+        let _ = writeln!(out, "# TYPE netpilot_errors_total counter");
+        for (code, n) in self.errors.lock().expect("metrics lock").iter() {
+            let _ = writeln!(out, "netpilot_errors_total{{code=\"{code}\"}} {n}");
+        }
+        let _ = writeln!(out, "# HELP netpilot_forward_duration_seconds Time to answer a forwarded call.");
+        let _ = writeln!(out, "# TYPE netpilot_forward_duration_seconds histogram");
+        for (i, upper) in BUCKETS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "netpilot_forward_duration_seconds_bucket{{le=\"{upper}\"}} {}",
+                self.latency_buckets[i].load(Ordering::Relaxed)
+            );
+        }
+        let count = self.latency_count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "netpilot_forward_duration_seconds_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(
+            out,
+            "netpilot_forward_duration_seconds_sum {}",
+            self.latency_sum_us.load(Ordering::Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(out, "netpilot_forward_duration_seconds_count {count}");
+        out
+    }
+}
+
+fn counter(out: &mut String, name: &str, help: &str, v: &AtomicU64) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} counter");
+    let _ = writeln!(out, "{name} {}", v.load(Ordering::Relaxed));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_is_cumulative() {
+        let m = Metrics::default();
+        m.record_forward("/api/scan", 200, Duration::from_micros(300));
+        m.record_forward("/api/scan", 200, Duration::from_millis(3));
+        m.record_forward("/api/scan", 503, Duration::from_secs(10));
+        let text = m.render(&Gauges { connected_agents: 2, sessions: 1 });
+        assert!(text.contains("netpilot_connected_agents 2\n"));
+        assert!(text.contains("netpilot_forwarded_requests_total{route=\"/api/scan\",status=\"200\"} 2\n"));
+        assert!(text.contains("netpilot_forward_duration_seconds_bucket{le=\"0.0005\"} 1\n"));
+        assert!(text.contains("netpilot_forward_duration_seconds_bucket{le=\"0.005\"} 2\n"));
+        assert!(text.contains("netpilot_forward_duration_seconds_bucket{le=\"+Inf\"} 3\n"));
+        assert!(text.contains("netpilot_forward_duration_seconds_count 3\n"));
+    }
+}

@@ -1,0 +1,147 @@
+//! `/api/session/*`: start, end, refresh and status of web-app sessions.
+
+use std::sync::Arc;
+
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::api::only;
+use crate::error::ApiError;
+use crate::forward;
+use crate::http::{self, Args, Body, Ctx};
+use crate::sessions::SessionError;
+use crate::state::AppState;
+
+pub async fn dispatch(
+    state: &Arc<AppState>,
+    req: Request<Incoming>,
+    action: &str,
+    ctx: &Ctx,
+) -> Result<Response<Body>, ApiError> {
+    match action {
+        "start" | "end" | "refresh" => only(&req, &[Method::POST])?,
+        "status" => only(&req, &[Method::GET])?,
+        _ => return Err(ApiError::NotFound(format!("/api/session/{action}"))),
+    }
+    let query = http::query_pairs(req.uri().query());
+    let body = if req.method() == Method::POST {
+        Some(http::read_json(req, state.config.max_body_bytes).await?.1)
+    } else {
+        None
+    };
+    let args = Args { body: body.as_ref(), query: &query };
+    let session_id = args.uuid("sessionId")?;
+    tracing::Span::current().record("session_id", tracing::field::display(session_id));
+    match action {
+        "start" => start(state, &args, session_id, ctx).await,
+        "end" => end(state, &args, session_id, ctx),
+        "refresh" => {
+            let now = state.clock.instant();
+            state.sessions.lock().expect("sessions lock").touch(session_id, now).map_err(|e| session_err(e, session_id))?;
+            Ok(http::ok(StatusCode::OK, json!({"message": format!("Session {session_id} refreshed")}), ctx))
+        }
+        _ => status(state, session_id, ctx),
+    }
+}
+
+pub fn session_err(e: SessionError, id: Uuid) -> ApiError {
+    match e {
+        SessionError::Invalid => ApiError::SessionInvalid(id.to_string()),
+        SessionError::OtherUser => ApiError::Forbidden(format!("session {id} belongs to another user")),
+    }
+}
+
+async fn start(state: &Arc<AppState>, args: &Args<'_>, session_id: Uuid, ctx: &Ctx) -> Result<Response<Body>, ApiError> {
+    let user_id = args.label("userId", 128)?;
+    let router_id = args.opt_uuid("routerId")?;
+    let restart = args.opt_bool("restart")?.unwrap_or(false);
+    if let Some(r) = router_id {
+        tracing::Span::current().record("router_id", tracing::field::display(r));
+        forward::check_owner(state, r, &user_id)?;
+    }
+    {
+        let now = state.clock.instant();
+        let mut sessions = state.sessions.lock().expect("sessions lock");
+        sessions.start(session_id, &user_id, restart, now).map_err(|e| session_err(e, session_id))?;
+        if let Some(r) = router_id {
+            sessions.attach(session_id, r, now).map_err(|e| session_err(e, session_id))?;
+        }
+    }
+    let (reachable, ready, message) = match router_id {
+        None => (false, false, "Session started".to_owned()),
+        Some(r) => match forward::agent_health(state, r, session_id, &user_id, ctx).await {
+            Ok(health) => {
+                let ready = health.get("infrastructure_ready").and_then(|v| v.as_bool()).unwrap_or(false);
+                (true, ready, "Session started; router connected".to_owned())
+            }
+            Err(ApiError::RouterOffline(_)) => (false, false, "Session started; router is offline".to_owned()),
+            Err(ApiError::CommandTimeout(_)) => (false, false, "Session started; router did not answer in time".to_owned()),
+            Err(e) => (false, false, format!("Session started; router health check failed: {e}")),
+        },
+    };
+    tracing::info!(%user_id, restart, "session started");
+    Ok(http::ok(
+        StatusCode::OK,
+        json!({
+            "session_id": session_id,
+            "router_reachable": reachable,
+            "infrastructure_ready": ready,
+            "message": message,
+        }),
+        ctx,
+    ))
+}
+
+fn end(state: &Arc<AppState>, args: &Args<'_>, session_id: Uuid, ctx: &Ctx) -> Result<Response<Body>, ApiError> {
+    let router_id = args.opt_uuid("routerId")?;
+    let now = state.clock.instant();
+    state
+        .sessions
+        .lock()
+        .expect("sessions lock")
+        .end(session_id, router_id, now)
+        .map_err(|e| session_err(e, session_id))?;
+    let message = match router_id {
+        None => "Session ended".to_owned(),
+        Some(r) => format!("Router {r} detached from session"),
+    };
+    Ok(http::ok(StatusCode::OK, json!({ "message": message }), ctx))
+}
+
+fn status(state: &Arc<AppState>, session_id: Uuid, ctx: &Ctx) -> Result<Response<Body>, ApiError> {
+    let now = state.clock.instant();
+    let view = state
+        .sessions
+        .lock()
+        .expect("sessions lock")
+        .status(session_id, now)
+        .map_err(|e| session_err(e, session_id))?;
+    let routers: Vec<_> = view
+        .routers
+        .iter()
+        .map(|a| {
+            json!({
+                "router_id": a.router_id,
+                "online": state.links.sender(a.router_id).is_some(),
+                "attached_for_s": a.attached_for.as_secs(),
+                "idle_s": a.idle.as_secs(),
+                "detaches_in_s": a.detaches_in.as_secs(),
+            })
+        })
+        .collect();
+    Ok(http::ok(
+        StatusCode::OK,
+        json!({
+            "session_id": session_id,
+            "user_id": view.user_id,
+            "active": true,
+            "age_s": view.age.as_secs(),
+            "idle_s": view.idle.as_secs(),
+            "expires_in_s": view.expires_in.as_secs(),
+            "routers": routers,
+        }),
+        ctx,
+    ))
+}

@@ -1,0 +1,110 @@
+//! The relay's shared state, built once in `run` and handed to every handler: config,
+//! registry (SQLite plus an in-memory cache of what the hot path needs), sessions,
+//! links, metrics and the injected clock.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::links::Links;
+use crate::metrics::Metrics;
+use crate::ratelimit::RateLimiter;
+use crate::sessions::Sessions;
+use crate::store::{RouterRow, Store};
+
+/// Time as the relay sees it. Injected so tests can drive it.
+pub trait Clock: Send + Sync + 'static {
+    /// Wall-clock unix milliseconds, for stored timestamps and token expiry.
+    fn now_ms(&self) -> i64;
+    /// Monotonic time, for sessions and timeouts.
+    fn instant(&self) -> Instant;
+}
+
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> i64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0)
+    }
+    fn instant(&self) -> Instant {
+        Instant::now()
+    }
+}
+
+/// What every forwarded call needs about a router, kept in memory.
+#[derive(Debug, Clone)]
+pub struct RouterMeta {
+    pub owner_user_id: String,
+    pub secret_hash: Option<[u8; 32]>,
+    pub revoked: bool,
+}
+
+impl From<&RouterRow> for RouterMeta {
+    fn from(r: &RouterRow) -> Self {
+        RouterMeta {
+            owner_user_id: r.owner_user_id.clone(),
+            secret_hash: r.secret_hash,
+            revoked: r.revoked_at.is_some(),
+        }
+    }
+}
+
+pub struct AppState {
+    pub config: Config,
+    pub store: Mutex<Store>,
+    pub routers: RwLock<HashMap<Uuid, RouterMeta>>,
+    pub sessions: Mutex<Sessions>,
+    pub links: Links,
+    pub metrics: Metrics,
+    pub enroll_limiter: Mutex<RateLimiter>,
+    pub fingerprint: String,
+    pub clock: Arc<dyn Clock>,
+}
+
+impl AppState {
+    pub fn new(config: Config, store: Store, fingerprint: String, clock: Arc<dyn Clock>) -> Result<Self, ApiError> {
+        let routers = store
+            .routers()?
+            .iter()
+            .map(|r| (r.id, RouterMeta::from(r)))
+            .collect();
+        let sessions = Sessions::new(config.timeouts.session_idle, config.timeouts.router_idle);
+        let limiter = RateLimiter::new(config.enroll_per_minute, std::time::Duration::from_secs(60));
+        Ok(AppState {
+            config,
+            store: Mutex::new(store),
+            routers: RwLock::new(routers),
+            sessions: Mutex::new(sessions),
+            links: Links::default(),
+            metrics: Metrics::default(),
+            enroll_limiter: Mutex::new(limiter),
+            fingerprint,
+            clock,
+        })
+    }
+
+    pub fn router_meta(&self, id: Uuid) -> Option<RouterMeta> {
+        self.routers.read().expect("routers lock").get(&id).cloned()
+    }
+
+    /// Runs a registry operation and refreshes the cache entry of the router it returns.
+    pub fn with_store<T>(&self, f: impl FnOnce(&mut Store) -> Result<T, crate::store::StoreError>) -> Result<T, ApiError> {
+        let mut store = self.store.lock().expect("store lock");
+        Ok(f(&mut store)?)
+    }
+
+    pub fn cache_router(&self, row: &RouterRow) {
+        self.routers
+            .write()
+            .expect("routers lock")
+            .insert(row.id, RouterMeta::from(row));
+    }
+}
