@@ -1,1 +1,165 @@
-//! placeholder
+//! NetPilot agent: runs on the router, dials out to the relay and serves the router
+//! API over the link. `run` wires the system backends (real or simulated), the link
+//! and the optional local listener, and stops them all on shutdown.
+
+pub mod api;
+pub mod app;
+pub mod backoff;
+pub mod dial;
+pub mod enroll;
+pub mod identity;
+pub mod link;
+pub mod sim;
+pub mod system;
+pub mod tls;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::app::{App, Mode};
+use crate::backoff::BackoffConfig;
+use crate::dial::RelayAddr;
+use crate::identity::Identity;
+use crate::system::files::{Files, RealFiles};
+
+/// Everything `run` needs besides the stored identity.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub state_dir: PathBuf,
+    /// Back the agent with the in-memory simulated router instead of this system.
+    pub simulate: bool,
+    /// Also serve the API, unauthenticated, on this local address (debugging,
+    /// benchmarks). Keep it on loopback.
+    pub api_listen: Option<SocketAddr>,
+    /// Prefix for every system file the agent reads (default `/`).
+    pub root: PathBuf,
+    pub ping_interval: Duration,
+    pub dead_after: Duration,
+    pub connect_timeout: Duration,
+    pub backoff: BackoffConfig,
+    pub max_concurrent_calls: u32,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        RunConfig {
+            state_dir: PathBuf::from("/etc/netpilot"),
+            simulate: false,
+            api_listen: None,
+            root: PathBuf::from("/"),
+            ping_interval: Duration::from_secs(20),
+            dead_after: Duration::from_secs(60),
+            connect_timeout: Duration::from_secs(15),
+            backoff: BackoffConfig::default(),
+            max_concurrent_calls: 256,
+        }
+    }
+}
+
+/// Announced once the agent is running, for whoever started it.
+#[derive(Debug, Clone)]
+pub struct Ready {
+    pub router_id: String,
+    pub api_addr: Option<SocketAddr>,
+}
+
+pub async fn run(
+    config: RunConfig,
+    on_ready: impl FnOnce(Ready),
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let identity = Identity::load(&config.state_dir)?;
+    let (mode, files): (Mode, Arc<dyn Files>) = if config.simulate {
+        (Mode::Simulated, Arc::new(sim::SimRouter::default()))
+    } else {
+        (Mode::Real, Arc::new(RealFiles::new(&config.root)))
+    };
+    let app = Arc::new(App::new(mode, identity.router_id.clone(), files));
+    serve(app, &identity, &config, on_ready, shutdown).await
+}
+
+/// Runs the link and the optional local listener for an already built [`App`].
+pub async fn serve(
+    app: Arc<App>,
+    identity: &Identity,
+    config: &RunConfig,
+    on_ready: impl FnOnce(Ready),
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    if config.dead_after <= config.ping_interval {
+        anyhow::bail!("dead-after must be longer than ping-interval");
+    }
+    let link_config = link::LinkConfig {
+        relay: RelayAddr::parse(&identity.relay_url)?,
+        router_id: identity.router_id.clone(),
+        secret: identity.router_secret.clone(),
+        tls: tls::client_config(&identity.trust)?,
+        ping_interval: config.ping_interval,
+        dead_after: config.dead_after,
+        connect_timeout: config.connect_timeout,
+        backoff: config.backoff.clone(),
+        max_concurrent_calls: config.max_concurrent_calls,
+    };
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+
+    let mut api_addr = None;
+    if let Some(addr) = config.api_listen {
+        let listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"))?;
+        api_addr = Some(listener.local_addr()?);
+        tasks.spawn(local_api(listener, app.clone(), stop_rx.clone()));
+    }
+    tracing::info!(router_id = %identity.router_id, mode = app.mode.as_str(), relay = %identity.relay_url, "agent started");
+    tasks.spawn(link::run(link_config, app.clone(), stop_rx));
+    on_ready(Ready { router_id: identity.router_id.clone(), api_addr });
+
+    shutdown.await;
+    tracing::info!("stopping");
+    let _ = stop_tx.send(true);
+    let drained = tokio::time::timeout(Duration::from_secs(5), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tasks.abort_all();
+    }
+    Ok(())
+}
+
+/// The API on a local TCP listener, HTTP/1.1 without authentication.
+async fn local_api(listener: TcpListener, app: Arc<App>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let (tcp, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(pair) => pair,
+                Err(e) => {
+                    tracing::warn!(error = %e, "local API accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = link::stopped(&mut stop) => return,
+        };
+        let _ = tcp.set_nodelay(true);
+        let app = app.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| api::handle(app.clone(), req));
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(tcp), service)
+                .await;
+        });
+    }
+}

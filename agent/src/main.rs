@@ -1,1 +1,149 @@
-fn main(){}
+//! `netpilot-agent`: parse the command line, set up logging, run a subcommand.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use netpilot_agent::enroll::{enroll, EnrollArgs};
+use netpilot_agent::tls::{parse_fingerprint, Trust};
+use netpilot_agent::RunConfig;
+
+const USAGE: &str = "\
+usage: netpilot-agent enroll --relay URL --token TOKEN [--ca FILE | --fingerprint SHA256]
+                             [--state-dir DIR] [--force]
+       netpilot-agent run [--state-dir DIR] [--simulate] [--api-listen ADDR:PORT]
+                          [--log FILTER] [--root DIR]
+                          [--ping-interval DUR] [--dead-after DUR] [--connect-timeout DUR]
+                          [--backoff-base DUR] [--backoff-cap DUR] [--healthy-after DUR]
+                          [--start-delay-max DUR]
+       netpilot-agent --version
+
+DIR defaults to /etc/netpilot. DUR is like 20s, 250ms, 1m.
+--fingerprint is the SHA-256 of the relay certificate's DER, hex, colons optional.";
+
+fn main() -> std::process::ExitCode {
+    match real_main() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("netpilot-agent: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn real_main() -> anyhow::Result<()> {
+    use lexopt::prelude::*;
+    let mut args = lexopt::Parser::from_env();
+    let mut command: Option<String> = None;
+    let mut run = RunConfig::default();
+    let mut log = "info".to_owned();
+    let (mut relay, mut token, mut ca, mut fingerprint, mut force) = (None, None, None, None, false);
+    while let Some(arg) = args.next()? {
+        match arg {
+            Long("version") | Short('V') => {
+                println!("netpilot-agent {}", env!("CARGO_PKG_VERSION"));
+                return Ok(());
+            }
+            Long("help") | Short('h') => {
+                println!("{USAGE}");
+                return Ok(());
+            }
+            Long("state-dir") => run.state_dir = PathBuf::from(args.value()?),
+            Long("relay") => relay = Some(args.value()?.string()?),
+            Long("token") => token = Some(args.value()?.string()?),
+            Long("ca") => ca = Some(PathBuf::from(args.value()?)),
+            Long("fingerprint") => fingerprint = Some(args.value()?.string()?),
+            Long("force") => force = true,
+            Long("simulate") => run.simulate = true,
+            Long("api-listen") => {
+                let v = args.value()?.string()?;
+                run.api_listen = Some(v.parse().with_context(|| format!("--api-listen {v:?} is not ADDR:PORT"))?);
+            }
+            Long("root") => run.root = PathBuf::from(args.value()?),
+            Long("log") => log = args.value()?.string()?,
+            Long("ping-interval") => run.ping_interval = duration(&mut args, "ping-interval")?,
+            Long("dead-after") => run.dead_after = duration(&mut args, "dead-after")?,
+            Long("connect-timeout") => run.connect_timeout = duration(&mut args, "connect-timeout")?,
+            Long("backoff-base") => run.backoff.base = duration(&mut args, "backoff-base")?,
+            Long("backoff-cap") => run.backoff.cap = duration(&mut args, "backoff-cap")?,
+            Long("healthy-after") => run.backoff.healthy_after = duration(&mut args, "healthy-after")?,
+            Long("start-delay-max") => run.backoff.start_delay_max = duration(&mut args, "start-delay-max")?,
+            Value(v) if command.is_none() => command = Some(v.string()?),
+            _ => bail!("{}\n\n{USAGE}", arg.unexpected()),
+        }
+    }
+    init_logging(&log)?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    match command.as_deref() {
+        Some("enroll") => {
+            let relay = relay.context("enroll needs --relay URL")?;
+            let token = token.context("enroll needs --token TOKEN")?;
+            let trust = match (ca, fingerprint) {
+                (Some(_), Some(_)) => bail!("pass --ca or --fingerprint, not both"),
+                (Some(path), None) => Trust::CaFile(path),
+                (None, Some(fp)) => {
+                    parse_fingerprint(&fp)?;
+                    Trust::Fingerprint(fp)
+                }
+                (None, None) => Trust::System,
+            };
+            let identity = rt.block_on(enroll(EnrollArgs {
+                relay_url: &relay,
+                token: &token,
+                trust,
+                state_dir: &run.state_dir,
+                force,
+            }))?;
+            println!(
+                "enrolled as router {} ({}); identity stored in {}",
+                identity.router_id,
+                identity.name,
+                netpilot_agent::identity::Identity::path(&run.state_dir).display()
+            );
+            Ok(())
+        }
+        Some("run") => rt.block_on(netpilot_agent::run(
+            run,
+            |ready| {
+                use std::io::Write;
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(out, "agent running router {}", ready.router_id);
+                if let Some(addr) = ready.api_addr {
+                    let _ = writeln!(out, "api listening {addr}");
+                }
+                let _ = out.flush();
+            },
+            shutdown_signal(),
+        )),
+        _ => bail!("{USAGE}"),
+    }
+}
+
+fn duration(args: &mut lexopt::Parser, name: &str) -> anyhow::Result<Duration> {
+    use lexopt::ValueExt;
+    let v = args.value()?.string()?;
+    let d = humantime::parse_duration(&v).with_context(|| format!("--{name} {v:?} is not a duration"))?;
+    if d.is_zero() && name != "start-delay-max" {
+        bail!("--{name} must be positive");
+    }
+    Ok(d)
+}
+
+fn init_logging(filter: &str) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(filter).context("invalid --log filter")?)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

@@ -56,7 +56,7 @@ pub fn connect(state: &Arc<AppState>, mut req: Request<Incoming>, peer: SocketAd
         return Err(e);
     }
     let on_upgrade = hyper::upgrade::on(&mut req);
-    let span = tracing::info_span!("link", %router_id, %peer, agent_version = %version);
+    let span = tracing::info_span!(parent: None, "link", %router_id, %peer, agent_version = %version);
     tokio::spawn(run_link(state.clone(), router_id, version, on_upgrade).instrument(span));
     Ok(Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)

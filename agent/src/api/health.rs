@@ -1,0 +1,38 @@
+//! `GET /api/agent/health`: version, mode, uptime and link state of the agent.
+
+use std::time::UNIX_EPOCH;
+
+use serde::Serialize;
+
+use crate::app::App;
+
+#[derive(Debug, Serialize)]
+pub struct Health {
+    pub agent_version: &'static str,
+    pub router_id: String,
+    pub mode: &'static str,
+    pub agent_uptime_s: u64,
+    /// Whether the policy engine's kernel state is in place. No policy engine has
+    /// landed yet, so there is nothing to be ready.
+    pub infrastructure_ready: bool,
+    pub link_connected_since_unix: Option<u64>,
+    pub link_connects: u64,
+    pub clock_unset: bool,
+}
+
+pub fn health(app: &App) -> Health {
+    let link = app.link_state();
+    Health {
+        agent_version: env!("CARGO_PKG_VERSION"),
+        router_id: app.router_id.clone(),
+        mode: app.mode.as_str(),
+        agent_uptime_s: app.started.elapsed().as_secs(),
+        infrastructure_ready: false,
+        link_connected_since_unix: link
+            .connected_since
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map(|d| d.as_secs()),
+        link_connects: link.connects,
+        clock_unset: crate::tls::clock_unset(std::time::SystemTime::now()),
+    }
+}

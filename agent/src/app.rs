@@ -1,0 +1,58 @@
+//! What every agent handler shares: the system backends, the router's identity and
+//! the link's state. Built once at start-up; real or simulated is decided there.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime};
+
+use crate::system::files::Files;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Real,
+    Simulated,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Real => "real",
+            Mode::Simulated => "simulated",
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct LinkState {
+    pub connected_since: Option<SystemTime>,
+    /// Links established since the agent started.
+    pub connects: u64,
+    pub last_error: Option<String>,
+}
+
+pub struct App {
+    pub mode: Mode,
+    pub router_id: String,
+    pub files: Arc<dyn Files>,
+    pub started: Instant,
+    pub link: Mutex<LinkState>,
+}
+
+impl App {
+    pub fn new(mode: Mode, router_id: String, files: Arc<dyn Files>) -> Self {
+        App {
+            mode,
+            router_id,
+            files,
+            started: Instant::now(),
+            link: Mutex::new(LinkState::default()),
+        }
+    }
+
+    pub fn link_state(&self) -> LinkState {
+        self.link.lock().expect("link state lock").clone()
+    }
+
+    pub fn set_link(&self, f: impl FnOnce(&mut LinkState)) {
+        f(&mut self.link.lock().expect("link state lock"));
+    }
+}

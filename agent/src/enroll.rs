@@ -1,0 +1,106 @@
+//! `netpilot-agent enroll`: trade a one-time token for the router's id and secret
+//! and store them with the relay URL and how to trust the relay.
+
+use std::path::Path;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::header::{CONTENT_TYPE, HOST};
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use netpilot_proto::link::{EnrollRequest, EnrollResponse, ENROLL_PATH};
+use netpilot_proto::Envelope;
+
+use crate::dial::{dial, DialError, RelayAddr};
+use crate::identity::{Identity, IdentityError};
+use crate::tls::{client_config, Trust, TlsError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    /// Already enrolled; enrolling again needs `--force`.
+    #[error("already enrolled as router {0}; pass --force to enroll again")]
+    AlreadyEnrolled(String),
+    /// The trust settings are unusable.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The relay could not be reached.
+    #[error(transparent)]
+    Dial(#[from] DialError),
+    /// The HTTP exchange failed.
+    #[error("enrollment request failed: {0}")]
+    Http(String),
+    /// The relay said no.
+    #[error("relay refused enrollment: {code}: {message}")]
+    Refused { code: String, message: String },
+    /// Storing the identity failed.
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+}
+
+pub struct EnrollArgs<'a> {
+    pub relay_url: &'a str,
+    pub token: &'a str,
+    pub trust: Trust,
+    pub state_dir: &'a Path,
+    pub force: bool,
+}
+
+pub async fn enroll(args: EnrollArgs<'_>) -> Result<Identity, EnrollError> {
+    if !args.force {
+        if let Ok(existing) = Identity::load(args.state_dir) {
+            return Err(EnrollError::AlreadyEnrolled(existing.router_id));
+        }
+    }
+    let relay = RelayAddr::parse(args.relay_url)?;
+    let tls = client_config(&args.trust)?;
+    let stream = dial(&relay, tls, Duration::from_secs(15)).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(stream))
+        .await
+        .map_err(|e| EnrollError::Http(e.to_string()))?;
+    let conn_task = tokio::spawn(conn);
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned());
+    let body = serde_json::to_vec(&EnrollRequest {
+        token: args.token.trim().to_owned(),
+        hostname,
+        agent_version: Some(env!("CARGO_PKG_VERSION").to_owned()),
+    })
+    .expect("request serialises");
+    let req = Request::builder()
+        .method("POST")
+        .uri(ENROLL_PATH)
+        .header(HOST, &relay.authority)
+        .header(CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .expect("static request parts");
+    let result = async {
+        let resp = sender.send_request(req).await.map_err(|e| EnrollError::Http(e.to_string()))?;
+        let status = resp.status();
+        let bytes = Limited::new(resp.into_body(), 64 * 1024)
+            .collect()
+            .await
+            .map_err(|e| EnrollError::Http(e.to_string()))?
+            .to_bytes();
+        let env: Envelope<EnrollResponse> = serde_json::from_slice(&bytes)
+            .map_err(|e| EnrollError::Http(format!("{status}: unreadable answer: {e}")))?;
+        match (env.data, env.error) {
+            (Some(data), _) if status.is_success() => Ok(data),
+            (_, Some(err)) => Err(EnrollError::Refused { code: err.code, message: err.message }),
+            _ => Err(EnrollError::Http(format!("{status} without data"))),
+        }
+    }
+    .await;
+    conn_task.abort();
+    let data = result?;
+    let identity = Identity {
+        router_id: data.router_id,
+        router_secret: data.router_secret,
+        relay_url: args.relay_url.trim_end_matches('/').to_owned(),
+        trust: args.trust,
+        name: data.name,
+    };
+    identity.save(args.state_dir)?;
+    Ok(identity)
+}

@@ -1,0 +1,154 @@
+//! The router's identity after enrollment: router id, secret, relay URL and how to
+//! trust the relay. Stored as `identity.json` in the state directory, mode 0600,
+//! written through a temporary file and a rename so a crash never leaves half of it.
+
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::tls::Trust;
+
+pub const FILE_NAME: &str = "identity.json";
+
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Identity {
+    pub router_id: String,
+    pub router_secret: String,
+    pub relay_url: String,
+    pub trust: Trust,
+    pub name: String,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity")
+            .field("router_id", &self.router_id)
+            .field("router_secret", &"<redacted>")
+            .field("relay_url", &self.relay_url)
+            .field("trust", &self.trust)
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    /// No identity file: the router was never enrolled (or the state dir is wrong).
+    #[error("not enrolled: {0} does not exist; run `netpilot-agent enroll` first")]
+    Missing(PathBuf),
+    /// Reading or writing failed.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file exists but is not a valid identity.
+    #[error("{path} is corrupt ({message}); enroll again with a new token")]
+    Corrupt { path: PathBuf, message: String },
+}
+
+impl Identity {
+    pub fn path(state_dir: &Path) -> PathBuf {
+        state_dir.join(FILE_NAME)
+    }
+
+    pub fn load(state_dir: &Path) -> Result<Identity, IdentityError> {
+        let path = Self::path(state_dir);
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(IdentityError::Missing(path)),
+            Err(source) => return Err(IdentityError::Io { path, source }),
+        };
+        let id: Identity = serde_json::from_slice(&bytes).map_err(|e| IdentityError::Corrupt {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        if id.router_id.is_empty() || id.router_secret.is_empty() {
+            return Err(IdentityError::Corrupt { path, message: "empty router id or secret".into() });
+        }
+        Ok(id)
+    }
+
+    pub fn save(&self, state_dir: &Path) -> Result<(), IdentityError> {
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| IdentityError::Io { path, source }
+        };
+        fs::create_dir_all(state_dir).map_err(io(state_dir))?;
+        let path = Self::path(state_dir);
+        let tmp = state_dir.join(format!(".{FILE_NAME}.tmp"));
+        let bytes = serde_json::to_vec_pretty(self).expect("identity serialises");
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io(&tmp))?;
+        f.write_all(&bytes).map_err(io(&tmp))?;
+        f.sync_all().map_err(io(&tmp))?;
+        drop(f);
+        fs::rename(&tmp, &path).map_err(io(&path))?;
+        // The rename is durable only once the directory entry is.
+        if let Ok(dir) = fs::File::open(state_dir) {
+            let _ = dir.sync_all();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn temp_dir() -> PathBuf {
+        let d = std::env::temp_dir().join(format!("np-id-{}-{}", std::process::id(), rand_suffix()));
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn rand_suffix() -> u64 {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static N: AtomicU64 = AtomicU64::new(0);
+        N.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn sample() -> Identity {
+        Identity {
+            router_id: "0b7c3a5e-0000-4000-8000-000000000001".into(),
+            router_secret: "s3cr3t".into(),
+            relay_url: "https://relay.example:8443".into(),
+            trust: Trust::Fingerprint("ab".repeat(32)),
+            name: "home".into(),
+        }
+    }
+
+    #[test]
+    fn round_trip_with_private_mode() {
+        let dir = temp_dir();
+        sample().save(&dir).unwrap();
+        let back = Identity::load(&dir).unwrap();
+        assert_eq!(back.router_id, sample().router_id);
+        assert_eq!(back.trust, sample().trust);
+        let mode = fs::metadata(Identity::path(&dir)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(!format!("{back:?}").contains("s3cr3t"));
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn missing_and_corrupt_files_are_told_apart() {
+        let dir = temp_dir();
+        assert!(matches!(Identity::load(&dir), Err(IdentityError::Missing(_))));
+        fs::write(Identity::path(&dir), b"{\"router_id\": ").unwrap();
+        let err = Identity::load(&dir).unwrap_err();
+        assert!(matches!(err, IdentityError::Corrupt { .. }), "{err}");
+        fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -1,0 +1,185 @@
+//! The agent's half of the link (DESIGN §2): dial the relay, ask to upgrade
+//! `GET /agent/v1/connect` with the router secret, and on `101` serve the agent API
+//! as the HTTP/2 server on the upgraded stream. Reconnects forever with backoff and
+//! full jitter until shutdown.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper::header::{AUTHORIZATION, CONNECTION, HOST, UPGRADE};
+use hyper::service::service_fn;
+use hyper::{Request, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use netpilot_proto::link::{CONNECT_PATH, HEADER_AGENT_VERSION, HEADER_ROUTER_ID, UPGRADE_PROTOCOL};
+use rustls::ClientConfig;
+use tokio::sync::watch;
+
+use crate::app::App;
+use crate::backoff::{random_unit, Backoff, BackoffConfig};
+use crate::dial::{dial, DialError, RelayAddr};
+
+#[derive(Clone)]
+pub struct LinkConfig {
+    pub relay: RelayAddr,
+    pub router_id: String,
+    pub secret: String,
+    pub tls: Arc<ClientConfig>,
+    pub ping_interval: Duration,
+    pub dead_after: Duration,
+    pub connect_timeout: Duration,
+    pub backoff: BackoffConfig,
+    pub max_concurrent_calls: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// TCP or TLS failed.
+    #[error(transparent)]
+    Dial(#[from] DialError),
+    /// The HTTP/1.1 exchange before the upgrade failed.
+    #[error("connect request failed: {0}")]
+    Http(#[source] hyper::Error),
+    /// The relay answered something other than `101`.
+    #[error("relay refused the link: {status} {code}: {message}")]
+    Refused { status: StatusCode, code: String, message: String },
+    /// The upgrade itself failed after `101`.
+    #[error("upgrade failed: {0}")]
+    Upgrade(#[source] hyper::Error),
+}
+
+/// Runs the link until `shutdown` turns true.
+pub async fn run(config: LinkConfig, app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
+    let mut backoff = Backoff::new(config.backoff.clone());
+    let start_delay = backoff.start_delay(random_unit());
+    if !start_delay.is_zero() {
+        tracing::info!(delay_ms = start_delay.as_millis() as u64, "waiting before the first connection");
+        if wait_or_shutdown(start_delay, &mut shutdown).await {
+            return;
+        }
+    }
+    loop {
+        let attempt_started = Instant::now();
+        match connect_and_serve(&config, &app, &mut shutdown).await {
+            Ok(()) => tracing::info!("link ended"),
+            Err(e) => {
+                if crate::tls::clock_unset(SystemTime::now()) {
+                    tracing::warn!(error = %e, "link failed; the system clock is before this build, so it is probably not set yet (NTP)");
+                } else {
+                    tracing::warn!(error = %e, "link failed");
+                }
+                app.set_link(|l| l.last_error = Some(e.to_string()));
+            }
+        }
+        app.set_link(|l| l.connected_since = None);
+        if *shutdown.borrow() {
+            return;
+        }
+        backoff.link_ended(attempt_started.elapsed());
+        let delay = backoff.next_delay(random_unit());
+        tracing::info!(delay_ms = delay.as_millis() as u64, "reconnecting");
+        if wait_or_shutdown(delay, &mut shutdown).await {
+            return;
+        }
+    }
+}
+
+/// Sleeps; true when shutdown came first.
+async fn wait_or_shutdown(d: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(d) => {}
+        _ = stopped(shutdown) => return true,
+    }
+    *shutdown.borrow()
+}
+
+/// Resolves when shutdown is signalled (or its sender is gone).
+pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|s| *s).await;
+}
+
+async fn connect_and_serve(
+    config: &LinkConfig,
+    app: &Arc<App>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), LinkError> {
+    let tls = dial(&config.relay, config.tls.clone(), config.connect_timeout).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
+        .handshake::<_, Empty<Bytes>>(TokioIo::new(tls))
+        .await
+        .map_err(LinkError::Http)?;
+    let conn_task = tokio::spawn(conn.with_upgrades());
+    let req = Request::builder()
+        .method("GET")
+        .uri(CONNECT_PATH)
+        .header(HOST, &config.relay.authority)
+        .header(CONNECTION, "upgrade")
+        .header(UPGRADE, UPGRADE_PROTOCOL)
+        .header(AUTHORIZATION, format!("Bearer {}", config.secret))
+        .header(HEADER_ROUTER_ID, &config.router_id)
+        .header(HEADER_AGENT_VERSION, env!("CARGO_PKG_VERSION"))
+        .body(Empty::new())
+        .expect("static request parts");
+    let resp = match tokio::time::timeout(config.connect_timeout, sender.send_request(req)).await {
+        Ok(r) => r.map_err(LinkError::Http)?,
+        Err(_) => {
+            conn_task.abort();
+            return Err(LinkError::Refused {
+                status: StatusCode::REQUEST_TIMEOUT,
+                code: "TIMEOUT".into(),
+                message: "no answer to the connect request".into(),
+            });
+        }
+    };
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        let status = resp.status();
+        let body = Limited::new(resp.into_body(), 16 * 1024)
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
+        conn_task.abort();
+        let (code, message) = parse_error(&body);
+        return Err(LinkError::Refused { status, code, message });
+    }
+    let upgraded = hyper::upgrade::on(resp).await.map_err(LinkError::Upgrade)?;
+
+    let service_app = app.clone();
+    let service = service_fn(move |req| crate::api::handle(service_app.clone(), req));
+    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(config.ping_interval))
+        .keep_alive_timeout(config.dead_after.saturating_sub(config.ping_interval))
+        .max_concurrent_streams(config.max_concurrent_calls)
+        .serve_connection(upgraded, service);
+    app.set_link(|l| {
+        l.connected_since = Some(SystemTime::now());
+        l.connects += 1;
+        l.last_error = None;
+    });
+    tracing::info!(relay = %config.relay.authority, "link up");
+    let mut conn = Box::pin(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::info!(error = %e, "link lost");
+            }
+        }
+        _ = stopped(shutdown) => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(2), conn).await;
+        }
+    }
+    Ok(())
+}
+
+fn parse_error(body: &[u8]) -> (String, String) {
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let code = v["error"]["code"].as_str().unwrap_or("UNKNOWN").to_owned();
+    let message = v["error"]["message"]
+        .as_str()
+        .map(str::to_owned)
+        .unwrap_or_else(|| String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned());
+    (code, message)
+}

@@ -1,0 +1,143 @@
+//! The simulated router (`netpilot-agent run --simulate`): an in-memory OpenWrt box
+//! with a handful of devices and two radios, served through the same traits as the
+//! real system so every handler runs its real code path off-router. Later features
+//! read more of it (leases, neighbours, wireless config) as they land.
+
+use std::io;
+use std::time::Instant;
+
+use crate::system::files::Files;
+
+/// One simulated LAN device.
+#[derive(Debug, Clone)]
+pub struct SimDevice {
+    pub mac: &'static str,
+    pub ip: &'static str,
+    pub hostname: &'static str,
+    /// Wireless radio it is associated with, or `None` for a wired device.
+    pub radio: Option<&'static str>,
+}
+
+pub const DEVICES: &[SimDevice] = &[
+    SimDevice { mac: "02:00:00:00:01:01", ip: "192.168.1.101", hostname: "alice-laptop", radio: Some("radio1") },
+    SimDevice { mac: "02:00:00:00:01:02", ip: "192.168.1.102", hostname: "bob-phone", radio: Some("radio0") },
+    SimDevice { mac: "02:00:00:00:01:03", ip: "192.168.1.103", hostname: "kids-tablet", radio: Some("radio0") },
+    SimDevice { mac: "02:00:00:00:01:04", ip: "192.168.1.104", hostname: "living-room-tv", radio: None },
+    SimDevice { mac: "02:00:00:00:01:05", ip: "192.168.1.105", hostname: "printer", radio: None },
+];
+
+/// `/etc/config/wireless` of a dual-band router (radio0 2.4 GHz, radio1 5 GHz).
+const WIRELESS: &str = "
+config wifi-device 'radio0'
+\toption type 'mac80211'
+\toption channel '1'
+\toption band '2g'
+\toption htmode 'HE20'
+\toption country 'US'
+
+config wifi-device 'radio1'
+\toption type 'mac80211'
+\toption channel '36'
+\toption band '5g'
+\toption htmode 'HE80'
+\toption country 'US'
+
+config wifi-iface 'default_radio0'
+\toption device 'radio0'
+\toption network 'lan'
+\toption mode 'ap'
+\toption ssid 'NetPilot-Sim'
+\toption encryption 'psk2'
+\toption key 'simulated-only'
+
+config wifi-iface 'default_radio1'
+\toption device 'radio1'
+\toption network 'lan'
+\toption mode 'ap'
+\toption ssid 'NetPilot-Sim-5G'
+\toption encryption 'sae-mixed'
+\toption key 'simulated-only'
+";
+
+const RELEASE: &str = "DISTRIB_ID='OpenWrt'
+DISTRIB_RELEASE='23.05.5'
+DISTRIB_REVISION='r24106-10cc5fcd00'
+DISTRIB_TARGET='ramips/mt7621'
+DISTRIB_ARCH='mipsel_24kc'
+DISTRIB_DESCRIPTION='OpenWrt 23.05.5 r24106-10cc5fcd00 (NetPilot simulated router)'
+DISTRIB_TAINTS=''
+";
+
+pub struct SimRouter {
+    booted: Instant,
+    /// Seconds the simulated router had been up when the agent started.
+    uptime_offset: u64,
+}
+
+impl Default for SimRouter {
+    fn default() -> Self {
+        SimRouter { booted: Instant::now(), uptime_offset: 86_400 * 3 + 4_321 }
+    }
+}
+
+impl SimRouter {
+    fn uptime(&self) -> f64 {
+        self.uptime_offset as f64 + self.booted.elapsed().as_secs_f64()
+    }
+
+    /// dnsmasq's lease file: `expiry mac ip hostname clientid`.
+    fn leases(&self) -> String {
+        let expiry = 1_900_000_000u64;
+        DEVICES
+            .iter()
+            .map(|d| format!("{expiry} {} {} {} *\n", d.mac, d.ip, d.hostname))
+            .collect()
+    }
+
+    fn arp(&self) -> String {
+        let mut out = String::from("IP address       HW type     Flags       HW address            Mask     Device\n");
+        for d in DEVICES {
+            out.push_str(&format!("{:<16} 0x1         0x2         {}     *        br-lan\n", d.ip, d.mac));
+        }
+        out
+    }
+}
+
+impl Files for SimRouter {
+    fn read_to_string(&self, path: &str) -> io::Result<String> {
+        let s = match path {
+            "/proc/sys/kernel/hostname" => "netpilot-sim\n".to_owned(),
+            "/tmp/sysinfo/model" => "NetPilot Simulated Router (MT7621)\n".to_owned(),
+            "/etc/openwrt_release" => RELEASE.to_owned(),
+            "/proc/sys/kernel/osrelease" => "5.15.167\n".to_owned(),
+            "/proc/uptime" => format!("{:.2} {:.2}\n", self.uptime(), self.uptime() * 1.7),
+            "/proc/loadavg" => "0.08 0.12 0.10 1/97 2412\n".to_owned(),
+            "/proc/meminfo" => "MemTotal:         249584 kB\nMemFree:          141212 kB\nMemAvailable:     128560 kB\nBuffers:            4096 kB\nCached:            30820 kB\n".to_owned(),
+            "/tmp/dhcp.leases" => self.leases(),
+            "/proc/net/arp" => self.arp(),
+            "/etc/config/wireless" => WIRELESS.to_owned(),
+            _ => return Err(io::Error::new(io::ErrorKind::NotFound, path.to_owned())),
+        };
+        Ok(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::system::sysinfo;
+
+    #[test]
+    fn simulated_router_reads_like_openwrt() {
+        let sim = SimRouter::default();
+        let info = sysinfo::collect(&sim);
+        assert_eq!(info.hostname.as_deref(), Some("netpilot-sim"));
+        assert_eq!(info.openwrt.unwrap().arch.as_deref(), Some("mipsel_24kc"));
+        assert!(info.uptime_s.unwrap() >= 3 * 86_400);
+        assert!(info.memory.is_some() && info.load.is_some());
+        let leases = sim.read_to_string("/tmp/dhcp.leases").unwrap();
+        assert_eq!(leases.lines().count(), DEVICES.len());
+        let wireless = sim.read_to_string("/etc/config/wireless").unwrap();
+        assert_eq!(wireless.matches("config wifi-device").count(), 2);
+    }
+}

@@ -1,0 +1,5 @@
+//! The agent's view of the router's system: narrow traits over what it reads and
+//! runs, with the real adapters here and the simulated router in `crate::sim`.
+
+pub mod files;
+pub mod sysinfo;
