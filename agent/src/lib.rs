@@ -65,6 +65,18 @@ impl Default for RunConfig {
     }
 }
 
+impl RunConfig {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.dead_after <= self.ping_interval {
+            anyhow::bail!("dead-after must be longer than ping-interval");
+        }
+        if self.backoff.cap < self.backoff.base {
+            anyhow::bail!("backoff-cap must not be shorter than backoff-base");
+        }
+        Ok(())
+    }
+}
+
 /// Announced once the agent is running, for whoever started it.
 #[derive(Debug, Clone)]
 pub struct Ready {
@@ -77,6 +89,7 @@ pub async fn run(
     on_ready: impl FnOnce(Ready),
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    config.validate()?;
     let identity = Identity::load(&config.state_dir)?;
     let (mode, files): (Mode, Arc<dyn Files>) = if config.simulate {
         (Mode::Simulated, Arc::new(sim::SimRouter::default()))
@@ -95,9 +108,7 @@ pub async fn serve(
     on_ready: impl FnOnce(Ready),
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    if config.dead_after <= config.ping_interval {
-        anyhow::bail!("dead-after must be longer than ping-interval");
-    }
+    config.validate()?;
     let link_config = link::LinkConfig {
         relay: RelayAddr::parse(&identity.relay_url)?,
         router_id: identity.router_id.clone(),

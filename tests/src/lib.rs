@@ -1,1 +1,402 @@
-//! placeholder
+//! Test harness for NetPilot: start the real relay and agent binaries on
+//! `127.0.0.1:0`, enroll routers, and call the relay's API over TLS pinned to its
+//! fingerprint. Used by the integration tests, the tour and the benchmarks.
+//! Child processes are killed when their handles drop, so a failing test leaves
+//! nothing running.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http2::SendRequest;
+use hyper::Request;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::Mutex;
+
+pub const API_KEY: &str = "test-api-key-0123456789abcdef";
+
+/// Where cargo put the workspace binaries: next to this test executable's `deps/`.
+pub fn binary(name: &str) -> PathBuf {
+    let env = format!("NETPILOT_{}_BIN", name.trim_start_matches("netpilot-").to_ascii_uppercase());
+    if let Ok(p) = std::env::var(env) {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let mut dir = exe.parent().expect("exe dir").to_owned();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace binaries first (cargo test --workspace does)",
+        path.display()
+    );
+    path
+}
+
+/// A relay process with its own data directory.
+pub struct Relay {
+    child: Option<Child>,
+    pub addr: std::net::SocketAddr,
+    pub fingerprint: String,
+    pub data_dir: PathBuf,
+    config_file: PathBuf,
+    _dir: Arc<tempfile::TempDir>,
+}
+
+/// Options for starting a relay; `config` is extra TOML appended to the file.
+#[derive(Default, Clone)]
+pub struct RelayOptions {
+    pub config: String,
+}
+
+impl Relay {
+    pub async fn start(opts: RelayOptions) -> anyhow::Result<Relay> {
+        let dir = Arc::new(tempfile::tempdir()?);
+        let data_dir = dir.path().join("relay");
+        let config_file = dir.path().join("relay.toml");
+        let mut config = format!("api_key = \"{API_KEY}\"\n");
+        // Sections must come after top-level keys; callers pass whole sections.
+        config.push_str(&opts.config);
+        std::fs::write(&config_file, config)?;
+        Self::spawn(dir, data_dir, config_file, "127.0.0.1:0".parse()?).await
+    }
+
+    async fn spawn(
+        dir: Arc<tempfile::TempDir>,
+        data_dir: PathBuf,
+        config_file: PathBuf,
+        listen: std::net::SocketAddr,
+    ) -> anyhow::Result<Relay> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.path().join("relay.log"))?;
+        let mut child = Command::new(binary("netpilot-relay"))
+            .arg("serve")
+            .arg("--config")
+            .arg(&config_file)
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .arg("--listen")
+            .arg(listen.to_string())
+            .arg("--log")
+            .arg(std::env::var("NETPILOT_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .env_remove("NETPILOT_API_KEY")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start netpilot-relay")?;
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+            .await
+            .map_err(|_| anyhow!("relay did not report its address within 30 s"))??
+            .ok_or_else(|| anyhow!("relay exited before listening; see {}", dir.path().join("relay.log").display()))?;
+        // listening <addr> fingerprint <fp> cert <path>
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        if parts.len() < 4 || parts[0] != "listening" {
+            bail!("unexpected relay output: {line}");
+        }
+        Ok(Relay {
+            child: Some(child),
+            addr: parts[1].parse()?,
+            fingerprint: parts[3].to_owned(),
+            data_dir,
+            config_file,
+            _dir: dir,
+        })
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("relay.log")).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(|c| c.id())
+    }
+
+    /// Kills the relay with SIGKILL (no graceful shutdown).
+    pub async fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill().await;
+        }
+    }
+
+    /// Starts the relay again on the same address and data directory.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill().await;
+        let again = Self::spawn(self._dir.clone(), self.data_dir.clone(), self.config_file.clone(), self.addr).await?;
+        *self = again;
+        Ok(())
+    }
+
+    /// A client for the relay's REST API.
+    pub async fn client(&self) -> anyhow::Result<Client> {
+        Client::connect(self.addr, &self.fingerprint, API_KEY).await
+    }
+
+    /// Creates a router owned by `owner` and returns (router id, enrollment token).
+    pub async fn create_router(&self, owner: &str, name: &str) -> anyhow::Result<(String, String)> {
+        let c = self.client().await?;
+        let r = c.post("/api/admin/routers", json!({"ownerUserId": owner, "name": name})).await?;
+        if r.status != 201 {
+            bail!("create router: {} {}", r.status, r.body);
+        }
+        Ok((
+            r.body["data"]["router_id"].as_str().unwrap_or_default().to_owned(),
+            r.body["data"]["enrollment_token"].as_str().unwrap_or_default().to_owned(),
+        ))
+    }
+
+    /// Creates a router and enrolls a state directory for it with the agent binary.
+    pub async fn enrolled_router(&self, owner: &str) -> anyhow::Result<EnrolledRouter> {
+        let (router_id, token) = self.create_router(owner, "test router").await?;
+        let dir = Arc::new(tempfile::tempdir()?);
+        let state_dir = dir.path().join("state");
+        let out = enroll(&self.url(), &token, &self.fingerprint, &state_dir).await?;
+        if !out.status.success() {
+            bail!("enroll failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(EnrolledRouter { router_id, state_dir, _dir: dir })
+    }
+
+    /// Polls the admin list until the router's online flag is `online`.
+    pub async fn wait_online(&self, router_id: &str, online: bool, within: Duration) -> anyhow::Result<()> {
+        let c = self.client().await?;
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let r = c.get(&format!("/api/admin/routers/{router_id}")).await?;
+            if r.body["data"]["online"] == json!(online) {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("router {router_id} not online={online} within {within:?}: {}", r.body);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+pub async fn enroll(relay_url: &str, token: &str, fingerprint: &str, state_dir: &Path) -> anyhow::Result<std::process::Output> {
+    Ok(Command::new(binary("netpilot-agent"))
+        .args(["enroll", "--relay", relay_url, "--token", token, "--fingerprint", fingerprint, "--state-dir"])
+        .arg(state_dir)
+        .kill_on_drop(true)
+        .output()
+        .await?)
+}
+
+pub struct EnrolledRouter {
+    pub router_id: String,
+    pub state_dir: PathBuf,
+    _dir: Arc<tempfile::TempDir>,
+}
+
+/// An agent process.
+pub struct Agent {
+    child: Child,
+    pub api_addr: Option<std::net::SocketAddr>,
+}
+
+/// Agent flags for tests: fast reconnects, no start delay.
+pub fn fast_agent_args() -> Vec<String> {
+    ["--start-delay-max", "0s", "--backoff-base", "50ms", "--backoff-cap", "500ms", "--connect-timeout", "5s"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}
+
+impl Agent {
+    /// Starts `netpilot-agent run` for an enrolled state directory.
+    pub async fn start(router: &EnrolledRouter, extra: &[&str]) -> anyhow::Result<Agent> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(router.state_dir.parent().expect("state parent").join("agent.log"))?;
+        let mut child = Command::new(binary("netpilot-agent"))
+            .arg("run")
+            .arg("--state-dir")
+            .arg(&router.state_dir)
+            .args(fast_agent_args())
+            .args(extra)
+            .arg("--log")
+            .arg(std::env::var("NETPILOT_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start netpilot-agent")?;
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let mut api_addr = None;
+        let first = tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await??;
+        match first {
+            Some(l) if l.starts_with("agent running") => {}
+            other => bail!("agent did not start: {other:?}"),
+        }
+        if extra.contains(&"--api-listen") {
+            let l = tokio::time::timeout(Duration::from_secs(10), lines.next_line()).await??.unwrap_or_default();
+            api_addr = l.strip_prefix("api listening ").and_then(|a| a.parse().ok());
+        }
+        Ok(Agent { child, api_addr })
+    }
+
+    pub async fn kill(&mut self) {
+        let _ = self.child.kill().await;
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+}
+
+/// The answer to one API call.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub body: Value,
+    pub raw: Bytes,
+    pub headers: hyper::HeaderMap,
+}
+
+impl Reply {
+    pub fn code(&self) -> &str {
+        self.body["error"]["code"].as_str().unwrap_or("")
+    }
+}
+
+/// An HTTP/2 client of the relay's REST API over TLS pinned to the relay's
+/// fingerprint. Cheap to clone; calls are concurrent streams.
+#[derive(Clone)]
+pub struct Client {
+    sender: Arc<Mutex<SendRequest<Full<Bytes>>>>,
+    key: Option<String>,
+}
+
+impl Client {
+    pub async fn connect(addr: std::net::SocketAddr, fingerprint: &str, key: &str) -> anyhow::Result<Client> {
+        let sender = h2_connect(addr, fingerprint).await?;
+        Ok(Client { sender: Arc::new(Mutex::new(sender)), key: Some(key.to_owned()) })
+    }
+
+    /// The same connection, another (or no) API key.
+    pub fn with_key(&self, key: Option<&str>) -> Client {
+        Client { sender: self.sender.clone(), key: key.map(str::to_owned) }
+    }
+
+    pub async fn get(&self, path: &str) -> anyhow::Result<Reply> {
+        self.call("GET", path, None, None).await
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> anyhow::Result<Reply> {
+        self.call("POST", path, Some(Bytes::from(body.to_string())), Some("application/json")).await
+    }
+
+    pub async fn delete(&self, path: &str) -> anyhow::Result<Reply> {
+        self.call("DELETE", path, None, None).await
+    }
+
+    pub async fn call(&self, method: &str, path: &str, body: Option<Bytes>, content_type: Option<&str>) -> anyhow::Result<Reply> {
+        self.call_with(method, path, body, content_type, &[]).await
+    }
+
+    pub async fn call_with(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Bytes>,
+        content_type: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> anyhow::Result<Reply> {
+        let mut b = Request::builder().method(method).uri(format!("https://relay{path}"));
+        if let Some(k) = &self.key {
+            b = b.header("authorization", format!("Bearer {k}"));
+        }
+        if let Some(ct) = content_type {
+            b = b.header("content-type", ct);
+        }
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        let req = b.body(Full::new(body.unwrap_or_default()))?;
+        let mut sender = self.sender.lock().await.clone();
+        sender.ready().await?;
+        let resp = sender.send_request(req).await?;
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let raw = resp.into_body().collect().await?.to_bytes();
+        let body = serde_json::from_slice(&raw).unwrap_or(Value::Null);
+        Ok(Reply { status, body, raw, headers })
+    }
+}
+
+async fn h2_connect(addr: std::net::SocketAddr, fingerprint: &str) -> anyhow::Result<SendRequest<Full<Bytes>>> {
+    let tls = netpilot_agent::tls::client_config(&netpilot_agent::tls::Trust::Fingerprint(fingerprint.to_owned()))?;
+    let mut cfg = (*tls).clone();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let name = rustls_pki_types::ServerName::try_from("localhost")?;
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp).await?;
+    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .handshake(TokioIo::new(stream))
+        .await?;
+    tokio::spawn(conn);
+    Ok(sender)
+}
+
+/// A new random session id.
+pub fn session_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// Starts a session for `user` on `router` and returns the session id.
+pub async fn start_session(c: &Client, user: &str, router_id: &str) -> anyhow::Result<String> {
+    let sid = session_id();
+    let r = c
+        .post("/api/session/start", json!({"sessionId": sid, "userId": user, "routerId": router_id}))
+        .await?;
+    if r.status != 200 {
+        bail!("session start: {} {}", r.status, r.body);
+    }
+    Ok(sid)
+}
+
+/// `GET path?sessionId=…&routerId=…`.
+pub fn q(path: &str, session: &str, router: &str) -> String {
+    let sep = if path.contains('?') { '&' } else { '?' };
+    format!("{path}{sep}sessionId={session}&routerId={router}")
+}
+
+/// Polls `f` until it returns `Some`, or fails after `within`.
+pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut f: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(v) = f().await {
+            return Ok(v);
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("timed out after {within:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
