@@ -34,7 +34,10 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new(config: BackoffConfig) -> Self {
-        Backoff { config, failures: 0 }
+        Backoff {
+            config,
+            failures: 0,
+        }
     }
 
     /// The ceiling for the next wait: base·2^failures, at most the cap.
@@ -102,7 +105,10 @@ mod tests {
         for _ in 0..3 {
             b2.next_delay(0.0);
         }
-        assert_eq!(b2.next_delay(0.999_999), Duration::from_secs(8).mul_f64(0.999_999));
+        assert_eq!(
+            b2.next_delay(0.999_999),
+            Duration::from_secs(8).mul_f64(0.999_999)
+        );
     }
 
     #[test]

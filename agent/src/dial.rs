@@ -46,12 +46,20 @@ impl RelayAddr {
         if auth.as_str().contains('@') {
             return Err(bad());
         }
-        let host = auth.host().trim_start_matches('[').trim_end_matches(']').to_owned();
+        let host = auth
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
         if host.is_empty() {
             return Err(bad());
         }
         let port = auth.port_u16().unwrap_or(443);
-        Ok(RelayAddr { host, port, authority: auth.as_str().to_owned() })
+        Ok(RelayAddr {
+            host,
+            port,
+            authority: auth.as_str().to_owned(),
+        })
     }
 }
 
@@ -61,16 +69,33 @@ pub async fn dial(
     timeout: Duration,
 ) -> Result<TlsStream<TcpStream>, DialError> {
     let target = format!("{}:{}", addr.host, addr.port);
-    let tcp = match tokio::time::timeout(timeout, TcpStream::connect((addr.host.as_str(), addr.port))).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Err(DialError::Connect { addr: target, message: e.to_string() }),
-        Err(_) => return Err(DialError::Connect { addr: target, message: format!("no answer within {timeout:?}") }),
-    };
+    let tcp =
+        match tokio::time::timeout(timeout, TcpStream::connect((addr.host.as_str(), addr.port)))
+            .await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                return Err(DialError::Connect {
+                    addr: target,
+                    message: e.to_string(),
+                })
+            }
+            Err(_) => {
+                return Err(DialError::Connect {
+                    addr: target,
+                    message: format!("no answer within {timeout:?}"),
+                })
+            }
+        };
     let _ = tcp.set_nodelay(true);
-    let name = ServerName::try_from(addr.host.clone()).map_err(|_| DialError::BadUrl(addr.host.clone()))?;
+    let name = ServerName::try_from(addr.host.clone())
+        .map_err(|_| DialError::BadUrl(addr.host.clone()))?;
     match tokio::time::timeout(timeout, TlsConnector::from(tls).connect(name, tcp)).await {
         Ok(Ok(s)) => Ok(s),
-        Ok(Err(source)) => Err(DialError::Tls { addr: target, source }),
+        Ok(Err(source)) => Err(DialError::Tls {
+            addr: target,
+            source,
+        }),
         Err(_) => Err(DialError::Tls {
             addr: target,
             source: std::io::Error::new(std::io::ErrorKind::TimedOut, "handshake timed out"),
@@ -87,10 +112,19 @@ mod tests {
         let a = RelayAddr::parse("https://relay.example.com").unwrap();
         assert_eq!((a.host.as_str(), a.port), ("relay.example.com", 443));
         let a = RelayAddr::parse("https://127.0.0.1:8443/").unwrap();
-        assert_eq!((a.host.as_str(), a.port, a.authority.as_str()), ("127.0.0.1", 8443, "127.0.0.1:8443"));
+        assert_eq!(
+            (a.host.as_str(), a.port, a.authority.as_str()),
+            ("127.0.0.1", 8443, "127.0.0.1:8443")
+        );
         let a = RelayAddr::parse("https://[::1]:9000").unwrap();
         assert_eq!((a.host.as_str(), a.port), ("::1", 9000));
-        for bad in ["http://relay", "relay:443", "https://", "https://user@relay", "ftp://x"] {
+        for bad in [
+            "http://relay",
+            "relay:443",
+            "https://",
+            "https://user@relay",
+            "ftp://x",
+        ] {
             assert!(RelayAddr::parse(bad).is_err(), "{bad}");
         }
     }

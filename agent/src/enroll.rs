@@ -14,7 +14,7 @@ use netpilot_proto::Envelope;
 
 use crate::dial::{dial, DialError, RelayAddr};
 use crate::identity::{Identity, IdentityError};
-use crate::tls::{client_config, Trust, TlsError};
+use crate::tls::{client_config, TlsError, Trust};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnrollError {
@@ -55,9 +55,10 @@ pub async fn enroll(args: EnrollArgs<'_>) -> Result<Identity, EnrollError> {
     let relay = RelayAddr::parse(args.relay_url)?;
     let tls = client_config(&args.trust)?;
     let stream = dial(&relay, tls, Duration::from_secs(15)).await?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(stream))
-        .await
-        .map_err(|e| EnrollError::Http(e.to_string()))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(stream))
+            .await
+            .map_err(|e| EnrollError::Http(e.to_string()))?;
     let conn_task = tokio::spawn(conn);
     let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
@@ -76,7 +77,10 @@ pub async fn enroll(args: EnrollArgs<'_>) -> Result<Identity, EnrollError> {
         .body(Full::new(Bytes::from(body)))
         .expect("static request parts");
     let result = async {
-        let resp = sender.send_request(req).await.map_err(|e| EnrollError::Http(e.to_string()))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| EnrollError::Http(e.to_string()))?;
         let status = resp.status();
         let bytes = Limited::new(resp.into_body(), 64 * 1024)
             .collect()
@@ -87,7 +91,10 @@ pub async fn enroll(args: EnrollArgs<'_>) -> Result<Identity, EnrollError> {
             .map_err(|e| EnrollError::Http(format!("{status}: unreadable answer: {e}")))?;
         match (env.data, env.error) {
             (Some(data), _) if status.is_success() => Ok(data),
-            (_, Some(err)) => Err(EnrollError::Refused { code: err.code, message: err.message }),
+            (_, Some(err)) => Err(EnrollError::Refused {
+                code: err.code,
+                message: err.message,
+            }),
             _ => Err(EnrollError::Http(format!("{status} without data"))),
         }
     }

@@ -61,7 +61,9 @@ impl Identity {
         let path = Self::path(state_dir);
         let bytes = match fs::read(&path) {
             Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(IdentityError::Missing(path)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(IdentityError::Missing(path))
+            }
             Err(source) => return Err(IdentityError::Io { path, source }),
         };
         let id: Identity = serde_json::from_slice(&bytes).map_err(|e| IdentityError::Corrupt {
@@ -69,7 +71,10 @@ impl Identity {
             message: e.to_string(),
         })?;
         if id.router_id.is_empty() || id.router_secret.is_empty() {
-            return Err(IdentityError::Corrupt { path, message: "empty router id or secret".into() });
+            return Err(IdentityError::Corrupt {
+                path,
+                message: "empty router id or secret".into(),
+            });
         }
         Ok(id)
     }
@@ -108,7 +113,8 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     fn temp_dir() -> PathBuf {
-        let d = std::env::temp_dir().join(format!("np-id-{}-{}", std::process::id(), rand_suffix()));
+        let d =
+            std::env::temp_dir().join(format!("np-id-{}-{}", std::process::id(), rand_suffix()));
         fs::create_dir_all(&d).unwrap();
         d
     }
@@ -136,7 +142,10 @@ mod tests {
         let back = Identity::load(&dir).unwrap();
         assert_eq!(back.router_id, sample().router_id);
         assert_eq!(back.trust, sample().trust);
-        let mode = fs::metadata(Identity::path(&dir)).unwrap().permissions().mode();
+        let mode = fs::metadata(Identity::path(&dir))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         assert!(!format!("{back:?}").contains("s3cr3t"));
         fs::remove_dir_all(dir).unwrap();
@@ -145,7 +154,10 @@ mod tests {
     #[test]
     fn missing_and_corrupt_files_are_told_apart() {
         let dir = temp_dir();
-        assert!(matches!(Identity::load(&dir), Err(IdentityError::Missing(_))));
+        assert!(matches!(
+            Identity::load(&dir),
+            Err(IdentityError::Missing(_))
+        ));
         fs::write(Identity::path(&dir), b"{\"router_id\": ").unwrap();
         let err = Identity::load(&dir).unwrap_err();
         assert!(matches!(err, IdentityError::Corrupt { .. }), "{err}");

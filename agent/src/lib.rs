@@ -133,7 +133,10 @@ pub async fn serve(
     }
     tracing::info!(router_id = %identity.router_id, mode = app.mode.as_str(), relay = %identity.relay_url, "agent started");
     tasks.spawn(link::run(link_config, app.clone(), stop_rx));
-    on_ready(Ready { router_id: identity.router_id.clone(), api_addr });
+    on_ready(Ready {
+        router_id: identity.router_id.clone(),
+        api_addr,
+    });
 
     shutdown.await;
     tracing::info!("stopping");

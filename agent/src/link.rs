@@ -12,7 +12,9 @@ use hyper::header::{AUTHORIZATION, CONNECTION, HOST, UPGRADE};
 use hyper::service::service_fn;
 use hyper::{Request, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use netpilot_proto::link::{CONNECT_PATH, HEADER_AGENT_VERSION, HEADER_ROUTER_ID, UPGRADE_PROTOCOL};
+use netpilot_proto::link::{
+    CONNECT_PATH, HEADER_AGENT_VERSION, HEADER_ROUTER_ID, UPGRADE_PROTOCOL,
+};
 use rustls::ClientConfig;
 use tokio::sync::watch;
 
@@ -43,7 +45,11 @@ pub enum LinkError {
     Http(#[source] hyper::Error),
     /// The relay answered something other than `101`.
     #[error("relay refused the link: {status} {code}: {message}")]
-    Refused { status: StatusCode, code: String, message: String },
+    Refused {
+        status: StatusCode,
+        code: String,
+        message: String,
+    },
     /// The upgrade itself failed after `101`.
     #[error("upgrade failed: {0}")]
     Upgrade(#[source] hyper::Error),
@@ -54,7 +60,10 @@ pub async fn run(config: LinkConfig, app: Arc<App>, mut shutdown: watch::Receive
     let mut backoff = Backoff::new(config.backoff.clone());
     let start_delay = backoff.start_delay(random_unit());
     if !start_delay.is_zero() {
-        tracing::info!(delay_ms = start_delay.as_millis() as u64, "waiting before the first connection");
+        tracing::info!(
+            delay_ms = start_delay.as_millis() as u64,
+            "waiting before the first connection"
+        );
         if wait_or_shutdown(start_delay, &mut shutdown).await {
             return;
         }
@@ -141,7 +150,11 @@ async fn connect_and_serve(
             .unwrap_or_default();
         conn_task.abort();
         let (code, message) = parse_error(&body);
-        return Err(LinkError::Refused { status, code, message });
+        return Err(LinkError::Refused {
+            status,
+            code,
+            message,
+        });
     }
     let upgraded = hyper::upgrade::on(resp).await.map_err(LinkError::Upgrade)?;
 

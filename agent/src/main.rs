@@ -37,7 +37,8 @@ fn real_main() -> anyhow::Result<()> {
     let mut command: Option<String> = None;
     let mut run = RunConfig::default();
     let mut log = "info".to_owned();
-    let (mut relay, mut token, mut ca, mut fingerprint, mut force) = (None, None, None, None, false);
+    let (mut relay, mut token, mut ca, mut fingerprint, mut force) =
+        (None, None, None, None, false);
     while let Some(arg) = args.next()? {
         match arg {
             Long("version") | Short('V') => {
@@ -57,23 +58,34 @@ fn real_main() -> anyhow::Result<()> {
             Long("simulate") => run.simulate = true,
             Long("api-listen") => {
                 let v = args.value()?.string()?;
-                run.api_listen = Some(v.parse().with_context(|| format!("--api-listen {v:?} is not ADDR:PORT"))?);
+                run.api_listen = Some(
+                    v.parse()
+                        .with_context(|| format!("--api-listen {v:?} is not ADDR:PORT"))?,
+                );
             }
             Long("root") => run.root = PathBuf::from(args.value()?),
             Long("log") => log = args.value()?.string()?,
             Long("ping-interval") => run.ping_interval = duration(&mut args, "ping-interval")?,
             Long("dead-after") => run.dead_after = duration(&mut args, "dead-after")?,
-            Long("connect-timeout") => run.connect_timeout = duration(&mut args, "connect-timeout")?,
+            Long("connect-timeout") => {
+                run.connect_timeout = duration(&mut args, "connect-timeout")?
+            }
             Long("backoff-base") => run.backoff.base = duration(&mut args, "backoff-base")?,
             Long("backoff-cap") => run.backoff.cap = duration(&mut args, "backoff-cap")?,
-            Long("healthy-after") => run.backoff.healthy_after = duration(&mut args, "healthy-after")?,
-            Long("start-delay-max") => run.backoff.start_delay_max = duration(&mut args, "start-delay-max")?,
+            Long("healthy-after") => {
+                run.backoff.healthy_after = duration(&mut args, "healthy-after")?
+            }
+            Long("start-delay-max") => {
+                run.backoff.start_delay_max = duration(&mut args, "start-delay-max")?
+            }
             Value(v) if command.is_none() => command = Some(v.string()?),
             _ => bail!("{}\n\n{USAGE}", arg.unexpected()),
         }
     }
     init_logging(&log)?;
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     match command.as_deref() {
         Some("enroll") => {
             let relay = relay.context("enroll needs --relay URL")?;
@@ -122,7 +134,8 @@ fn real_main() -> anyhow::Result<()> {
 fn duration(args: &mut lexopt::Parser, name: &str) -> anyhow::Result<Duration> {
     use lexopt::ValueExt;
     let v = args.value()?.string()?;
-    let d = humantime::parse_duration(&v).with_context(|| format!("--{name} {v:?} is not a duration"))?;
+    let d = humantime::parse_duration(&v)
+        .with_context(|| format!("--{name} {v:?} is not a duration"))?;
     if d.is_zero() && name != "start-delay-max" {
         bail!("--{name} must be positive");
     }
@@ -131,7 +144,9 @@ fn duration(args: &mut lexopt::Parser, name: &str) -> anyhow::Result<Duration> {
 
 fn init_logging(filter: &str) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(filter).context("invalid --log filter")?)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(filter).context("invalid --log filter")?,
+        )
         .with_writer(std::io::stderr)
         .with_ansi(false)
         .init();

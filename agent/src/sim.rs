@@ -19,11 +19,36 @@ pub struct SimDevice {
 }
 
 pub const DEVICES: &[SimDevice] = &[
-    SimDevice { mac: "02:00:00:00:01:01", ip: "192.168.1.101", hostname: "alice-laptop", radio: Some("radio1") },
-    SimDevice { mac: "02:00:00:00:01:02", ip: "192.168.1.102", hostname: "bob-phone", radio: Some("radio0") },
-    SimDevice { mac: "02:00:00:00:01:03", ip: "192.168.1.103", hostname: "kids-tablet", radio: Some("radio0") },
-    SimDevice { mac: "02:00:00:00:01:04", ip: "192.168.1.104", hostname: "living-room-tv", radio: None },
-    SimDevice { mac: "02:00:00:00:01:05", ip: "192.168.1.105", hostname: "printer", radio: None },
+    SimDevice {
+        mac: "02:00:00:00:01:01",
+        ip: "192.168.1.101",
+        hostname: "alice-laptop",
+        radio: Some("radio1"),
+    },
+    SimDevice {
+        mac: "02:00:00:00:01:02",
+        ip: "192.168.1.102",
+        hostname: "bob-phone",
+        radio: Some("radio0"),
+    },
+    SimDevice {
+        mac: "02:00:00:00:01:03",
+        ip: "192.168.1.103",
+        hostname: "kids-tablet",
+        radio: Some("radio0"),
+    },
+    SimDevice {
+        mac: "02:00:00:00:01:04",
+        ip: "192.168.1.104",
+        hostname: "living-room-tv",
+        radio: None,
+    },
+    SimDevice {
+        mac: "02:00:00:00:01:05",
+        ip: "192.168.1.105",
+        hostname: "printer",
+        radio: None,
+    },
 ];
 
 /// `/etc/config/wireless` of a dual-band router (radio0 2.4 GHz, radio1 5 GHz).
@@ -76,7 +101,10 @@ pub struct SimRouter {
 
 impl Default for SimRouter {
     fn default() -> Self {
-        SimRouter { booted: Instant::now(), uptime_offset: 86_400 * 3 + 4_321 }
+        SimRouter {
+            booted: Instant::now(),
+            uptime_offset: 86_400 * 3 + 4_321,
+        }
     }
 }
 
@@ -95,9 +123,14 @@ impl SimRouter {
     }
 
     fn arp(&self) -> String {
-        let mut out = String::from("IP address       HW type     Flags       HW address            Mask     Device\n");
+        let mut out = String::from(
+            "IP address       HW type     Flags       HW address            Mask     Device\n",
+        );
         for d in DEVICES {
-            out.push_str(&format!("{:<16} 0x1         0x2         {}     *        br-lan\n", d.ip, d.mac));
+            out.push_str(&format!(
+                "{:<16} 0x1         0x2         {}     *        br-lan\n",
+                d.ip, d.mac
+            ));
         }
         out
     }

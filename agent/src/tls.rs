@@ -83,7 +83,9 @@ pub fn client_config(trust: &Trust) -> Result<Arc<ClientConfig>, TlsError> {
                 provider,
             }))
             .with_no_client_auth(),
-        Trust::CaFile(path) => builder.with_root_certificates(load_roots(path)?).with_no_client_auth(),
+        Trust::CaFile(path) => builder
+            .with_root_certificates(load_roots(path)?)
+            .with_no_client_auth(),
         Trust::System => {
             let path = SYSTEM_BUNDLES
                 .iter()
@@ -93,7 +95,9 @@ pub fn client_config(trust: &Trust) -> Result<Arc<ClientConfig>, TlsError> {
                     path: PathBuf::from(SYSTEM_BUNDLES[0]),
                     message: "no system CA bundle; pass --ca FILE or --fingerprint SHA256".into(),
                 })?;
-            builder.with_root_certificates(load_roots(path)?).with_no_client_auth()
+            builder
+                .with_root_certificates(load_roots(path)?)
+                .with_no_client_auth()
         }
     };
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -101,7 +105,10 @@ pub fn client_config(trust: &Trust) -> Result<Arc<ClientConfig>, TlsError> {
 }
 
 fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {
-    let err = |message: String| TlsError::Ca { path: path.to_owned(), message };
+    let err = |message: String| TlsError::Ca {
+        path: path.to_owned(),
+        message,
+    };
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
         .and_then(|it| it.collect::<Result<_, _>>())
         .map_err(|e| err(e.to_string()))?;
@@ -120,18 +127,26 @@ struct NotBeforeBuild;
 
 impl rustls::time_provider::TimeProvider for NotBeforeBuild {
     fn current_time(&self) -> Option<UnixTime> {
-        Some(UnixTime::since_unix_epoch(Duration::from_secs(effective_now(SystemTime::now()))))
+        Some(UnixTime::since_unix_epoch(Duration::from_secs(
+            effective_now(SystemTime::now()),
+        )))
     }
 }
 
 /// Seconds since the epoch, clamped to the build time.
 pub fn effective_now(now: SystemTime) -> u64 {
-    now.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0).max(BUILD_UNIX)
+    now.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+        .max(BUILD_UNIX)
 }
 
 /// True when the system clock is before the build time, i.e. not yet set.
 pub fn clock_unset(now: SystemTime) -> bool {
-    now.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0) < BUILD_UNIX
+    now.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+        < BUILD_UNIX
 }
 
 /// Trusts exactly one certificate, by the SHA-256 of its DER. Names and validity
@@ -168,7 +183,12 @@ impl ServerCertVerifier for Pinned {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -177,11 +197,18 @@ impl ServerCertVerifier for Pinned {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
@@ -193,7 +220,10 @@ mod tests {
     fn fingerprints_with_and_without_colons() {
         let plain = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
         let colons = "BA:78:16:BF:8F:01:CF:EA:41:41:40:DE:5D:AE:22:23:B0:03:61:A3:96:17:7A:9C:B4:10:FF:61:F2:00:15:AD";
-        assert_eq!(parse_fingerprint(plain).unwrap(), parse_fingerprint(colons).unwrap());
+        assert_eq!(
+            parse_fingerprint(plain).unwrap(),
+            parse_fingerprint(colons).unwrap()
+        );
         assert_eq!(parse_fingerprint(plain).unwrap()[0], 0xba);
         assert!(parse_fingerprint("abc").is_err());
         assert!(parse_fingerprint(&"zz".repeat(32)).is_err());
@@ -201,7 +231,10 @@ mod tests {
 
     #[test]
     fn a_1970_clock_is_raised_to_the_build_time() {
-        assert!(BUILD_UNIX > 1_700_000_000, "build time recorded: {BUILD_UNIX}");
+        assert_eq!(BUILD_UNIX.to_string(), env!("NETPILOT_BUILD_UNIX"));
+        // Recorded at build time, so never in the future of a set clock.
+        assert!(effective_now(SystemTime::now()) >= BUILD_UNIX);
+        assert!(!clock_unset(SystemTime::now()));
         assert_eq!(effective_now(UNIX_EPOCH), BUILD_UNIX);
         assert!(clock_unset(UNIX_EPOCH));
         let later = UNIX_EPOCH + Duration::from_secs(BUILD_UNIX + 100);

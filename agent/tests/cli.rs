@@ -12,23 +12,37 @@ fn prints_its_version() {
     let out = agent().arg("--version").output().unwrap();
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
-    assert_eq!(text.trim(), format!("netpilot-agent {}", env!("CARGO_PKG_VERSION")));
+    assert_eq!(
+        text.trim(),
+        format!("netpilot-agent {}", env!("CARGO_PKG_VERSION"))
+    );
 }
 
 #[test]
 fn run_without_enrollment_explains_what_to_do() {
     let dir = tempdir();
-    let out = agent().args(["run", "--state-dir"]).arg(&dir).output().unwrap();
+    let out = agent()
+        .args(["run", "--state-dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("not enrolled") && err.contains("netpilot-agent enroll"), "{err}");
+    assert!(
+        err.contains("not enrolled") && err.contains("netpilot-agent enroll"),
+        "{err}"
+    );
 }
 
 #[test]
 fn corrupt_identity_is_reported_as_corrupt() {
     let dir = tempdir();
     std::fs::write(dir.join("identity.json"), "{not json").unwrap();
-    let out = agent().args(["run", "--state-dir"]).arg(&dir).output().unwrap();
+    let out = agent()
+        .args(["run", "--state-dir"])
+        .arg(&dir)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("corrupt"), "{err}");
@@ -40,18 +54,64 @@ fn enroll_rejects_bad_arguments_before_dialing() {
     let cases: &[(&[&str], &str)] = &[
         (&["enroll", "--token", "x"], "--relay"),
         (&["enroll", "--relay", "https://127.0.0.1:1"], "--token"),
-        (&["enroll", "--relay", "https://127.0.0.1:1", "--token", "t", "--fingerprint", "nothex"], "fingerprint"),
-        (&["enroll", "--relay", "http://127.0.0.1:1", "--token", "t", "--fingerprint", &"ab".repeat(32)], "https://"),
-        (&["enroll", "--relay", "https://x", "--token", "t", "--ca", "/a", "--fingerprint", "b"], "not both"),
-        (&["run", "--dead-after", "1s", "--ping-interval", "5s"], "dead-after"),
+        (
+            &[
+                "enroll",
+                "--relay",
+                "https://127.0.0.1:1",
+                "--token",
+                "t",
+                "--fingerprint",
+                "nothex",
+            ],
+            "fingerprint",
+        ),
+        (
+            &[
+                "enroll",
+                "--relay",
+                "http://127.0.0.1:1",
+                "--token",
+                "t",
+                "--fingerprint",
+                &"ab".repeat(32),
+            ],
+            "https://",
+        ),
+        (
+            &[
+                "enroll",
+                "--relay",
+                "https://x",
+                "--token",
+                "t",
+                "--ca",
+                "/a",
+                "--fingerprint",
+                "b",
+            ],
+            "not both",
+        ),
+        (
+            &["run", "--dead-after", "1s", "--ping-interval", "5s"],
+            "dead-after",
+        ),
         (&["run", "--ping-interval", "soon"], "not a duration"),
         (&["frobnicate"], "usage"),
     ];
     for (args, expect) in cases {
-        let out = agent().args(*args).arg("--state-dir").arg(&dir).output().unwrap();
+        let out = agent()
+            .args(*args)
+            .arg("--state-dir")
+            .arg(&dir)
+            .output()
+            .unwrap();
         assert!(!out.status.success(), "{args:?} succeeded");
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains(expect), "{args:?}: expected {expect:?} in {err}");
+        assert!(
+            err.contains(expect),
+            "{args:?}: expected {expect:?} in {err}"
+        );
     }
 }
 
@@ -60,7 +120,16 @@ fn unreachable_relay_fails_enrollment_with_the_address() {
     let dir = tempdir();
     // Port 1 on loopback: nothing listens, the connection is refused at once.
     let out = agent()
-        .args(["enroll", "--relay", "https://127.0.0.1:1", "--token", "t", "--fingerprint", &"ab".repeat(32), "--state-dir"])
+        .args([
+            "enroll",
+            "--relay",
+            "https://127.0.0.1:1",
+            "--token",
+            "t",
+            "--fingerprint",
+            &"ab".repeat(32),
+            "--state-dir",
+        ])
         .arg(&dir)
         .output()
         .unwrap();

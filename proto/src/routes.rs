@@ -126,7 +126,8 @@ pub fn match_route(method: &str, path: &str) -> Result<RouteMatch, RouteError> {
         }
         for (name, value) in &params {
             if *name == "id" {
-                validate_group_id(value).map_err(|reason| RouteError::InvalidParam { name, reason })?;
+                validate_group_id(value)
+                    .map_err(|reason| RouteError::InvalidParam { name, reason })?;
             }
         }
         return Ok(RouteMatch { route, params });
@@ -202,7 +203,10 @@ mod tests {
     fn unknown_paths_and_bad_ids() {
         assert_eq!(match_route("GET", "/api/nope"), Err(RouteError::NotFound));
         assert_eq!(match_route("GET", "/api/scan/"), Err(RouteError::NotFound));
-        assert_eq!(match_route("GET", "/api/groups/"), Err(RouteError::NotFound));
+        assert_eq!(
+            match_route("GET", "/api/groups/"),
+            Err(RouteError::NotFound)
+        );
         assert!(matches!(
             match_route("GET", "/api/groups/abc"),
             Err(RouteError::InvalidParam { name: "id", .. })

@@ -52,19 +52,36 @@ pub async fn dispatch(
 }
 
 fn parse_id(s: &str) -> Result<Uuid, ApiError> {
-    Uuid::parse_str(s).map_err(|_| ApiError::InvalidParameter(format!("router id must be a UUID, got {s:?}")))
+    Uuid::parse_str(s)
+        .map_err(|_| ApiError::InvalidParameter(format!("router id must be a UUID, got {s:?}")))
 }
 
-async fn create(state: &Arc<AppState>, req: Request<Incoming>, ctx: &Ctx) -> Result<Response<Body>, ApiError> {
+async fn create(
+    state: &Arc<AppState>,
+    req: Request<Incoming>,
+    ctx: &Ctx,
+) -> Result<Response<Body>, ApiError> {
     let (_, body) = http::read_json(req, state.config.max_body_bytes).await?;
-    let args = Args { body: Some(&body), query: &[] };
+    let args = Args {
+        body: Some(&body),
+        query: &[],
+    };
     let owner = args.label("ownerUserId", 128)?;
     let name = args.label("name", 64)?;
     let id = Uuid::new_v4();
     let token = http::random_hex32()?;
     let now = state.clock.now_ms();
     let expires_at = now + state.config.enrollment_token_ttl.as_millis() as i64;
-    let row = state.with_store(|s| s.create_router(id, &name, &owner, &http::sha256(token.as_bytes()), expires_at, now))?;
+    let row = state.with_store(|s| {
+        s.create_router(
+            id,
+            &name,
+            &owner,
+            &http::sha256(token.as_bytes()),
+            expires_at,
+            now,
+        )
+    })?;
     state.cache_router(&row);
     tracing::info!(router_id = %id, owner_user_id = %owner, "router created");
     let mut v = view(state, &row);
@@ -74,9 +91,16 @@ async fn create(state: &Arc<AppState>, req: Request<Incoming>, ctx: &Ctx) -> Res
     Ok(http::ok(StatusCode::CREATED, v, ctx))
 }
 
-fn list(state: &Arc<AppState>, req: &Request<Incoming>, ctx: &Ctx) -> Result<Response<Body>, ApiError> {
+fn list(
+    state: &Arc<AppState>,
+    req: &Request<Incoming>,
+    ctx: &Ctx,
+) -> Result<Response<Body>, ApiError> {
     let query = http::query_pairs(req.uri().query());
-    let args = Args { body: None, query: &query };
+    let args = Args {
+        body: None,
+        query: &query,
+    };
     let owner = match args.get("ownerUserId") {
         Some(_) => Some(args.label("ownerUserId", 128)?),
         None => None,
@@ -87,7 +111,10 @@ fn list(state: &Arc<AppState>, req: &Request<Incoming>, ctx: &Ctx) -> Result<Res
         .filter(|r| owner.as_ref().is_none_or(|o| &r.owner_user_id == o))
         .map(|r| view(state, r))
         .collect();
-    let online = routers.iter().filter(|r| r["online"] == json!(true)).count();
+    let online = routers
+        .iter()
+        .filter(|r| r["online"] == json!(true))
+        .count();
     Ok(http::ok(
         StatusCode::OK,
         json!({"routers": routers, "total": routers.len(), "online": online}),

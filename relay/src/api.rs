@@ -40,7 +40,9 @@ pub async fn handle(
                 state.metrics.record_error(code);
                 match &err {
                     ApiError::Internal(detail) => tracing::error!(%detail, "internal error"),
-                    _ if status.is_server_error() => tracing::warn!(%code, error = %err, "call failed"),
+                    _ if status.is_server_error() => {
+                        tracing::warn!(%code, error = %err, "call failed")
+                    }
                     _ => tracing::debug!(%code, error = %err, "call refused"),
                 }
                 http::error(&err, &ctx)
@@ -113,7 +115,9 @@ async fn dispatch(
             return Err(ApiError::MethodNotAllowed(allowed.join(", ")));
         }
         Err(RouteError::InvalidParam { name, reason }) => {
-            return Err(ApiError::InvalidParameter(format!("path parameter {name}: {reason}")))
+            return Err(ApiError::InvalidParameter(format!(
+                "path parameter {name}: {reason}"
+            )))
         }
     };
     let pattern = route.route.pattern;

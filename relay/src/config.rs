@@ -203,16 +203,26 @@ impl Config {
             ConfigError::Invalid(format!("listen address {listen_text:?} is not ADDR:PORT"))
         })?;
 
-        let api_key = match (cli.api_key, env_api_key.filter(|k| !k.is_empty()), file.api_key, file.api_key_file) {
+        let api_key = match (
+            cli.api_key,
+            env_api_key.filter(|k| !k.is_empty()),
+            file.api_key,
+            file.api_key_file,
+        ) {
             (Some(k), _, _, _) => k,
             (None, Some(k), _, _) => Secret::new(k),
             (None, None, Some(k), None) => Secret::new(k),
             (None, None, None, Some(path)) => {
-                let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+                let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
                 Secret::new(text.trim())
             }
             (None, None, Some(_), Some(_)) => {
-                return Err(ConfigError::Invalid("set api_key or api_key_file, not both".into()))
+                return Err(ConfigError::Invalid(
+                    "set api_key or api_key_file, not both".into(),
+                ))
             }
             (None, None, None, None) => {
                 return Err(ConfigError::Invalid(format!(
@@ -221,11 +231,15 @@ impl Config {
             }
         };
         if api_key.expose().len() < 16 {
-            return Err(ConfigError::Invalid("the API key must be at least 16 characters".into()));
+            return Err(ConfigError::Invalid(
+                "the API key must be at least 16 characters".into(),
+            ));
         }
 
         if file.tls.cert.is_some() != file.tls.key.is_some() {
-            return Err(ConfigError::Invalid("tls.cert and tls.key go together".into()));
+            return Err(ConfigError::Invalid(
+                "tls.cert and tls.key go together".into(),
+            ));
         }
 
         let d = Timeouts::default();
@@ -233,12 +247,20 @@ impl Config {
         let timeouts = Timeouts {
             session_idle: duration("timeouts.session_idle", t.session_idle, d.session_idle)?,
             router_idle: duration("timeouts.router_idle", t.router_idle, d.router_idle)?,
-            sweep_interval: duration("timeouts.sweep_interval", t.sweep_interval, d.sweep_interval)?,
+            sweep_interval: duration(
+                "timeouts.sweep_interval",
+                t.sweep_interval,
+                d.sweep_interval,
+            )?,
             command: duration("timeouts.command", t.command, d.command)?,
             ping_interval: duration("timeouts.ping_interval", t.ping_interval, d.ping_interval)?,
             dead_after: duration("timeouts.dead_after", t.dead_after, d.dead_after)?,
             handshake: duration("timeouts.handshake", t.handshake, d.handshake)?,
-            shutdown_grace: duration("timeouts.shutdown_grace", t.shutdown_grace, d.shutdown_grace)?,
+            shutdown_grace: duration(
+                "timeouts.shutdown_grace",
+                t.shutdown_grace,
+                d.shutdown_grace,
+            )?,
         };
         if timeouts.dead_after <= timeouts.ping_interval {
             return Err(ConfigError::Invalid(
@@ -248,11 +270,15 @@ impl Config {
 
         let max_body_bytes = file.limits.max_body_bytes.unwrap_or(2 * 1024 * 1024);
         if !(1024..=64 * 1024 * 1024).contains(&max_body_bytes) {
-            return Err(ConfigError::Invalid("limits.max_body_bytes must be 1 KiB..64 MiB".into()));
+            return Err(ConfigError::Invalid(
+                "limits.max_body_bytes must be 1 KiB..64 MiB".into(),
+            ));
         }
         let max_connections = file.limits.max_connections.unwrap_or(50_000);
         if max_connections == 0 {
-            return Err(ConfigError::Invalid("limits.max_connections must be positive".into()));
+            return Err(ConfigError::Invalid(
+                "limits.max_connections must be positive".into(),
+            ));
         }
 
         Ok(Config {
@@ -291,7 +317,9 @@ fn parse_file(path: &Path) -> Result<FileConfig, ConfigError> {
 }
 
 fn duration(key: &str, value: Option<String>, default: Duration) -> Result<Duration, ConfigError> {
-    let Some(text) = value else { return Ok(default) };
+    let Some(text) = value else {
+        return Ok(default);
+    };
     let d = humantime::parse_duration(&text)
         .map_err(|e| ConfigError::Invalid(format!("{key} = {text:?}: {e}")))?;
     if d.is_zero() {
@@ -323,27 +351,40 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_rejected() {
-        let err = Config::parse_str("api_key = \"0123456789abcdef\"\nlisten_port = 3\n", Path::new("x.toml"))
-            .unwrap_err();
+        let err = Config::parse_str(
+            "api_key = \"0123456789abcdef\"\nlisten_port = 3\n",
+            Path::new("x.toml"),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("listen_port"), "{err}");
-        let err = Config::parse_str("api_key = \"0123456789abcdef\"\n[timeouts]\nsession = \"1s\"\n", Path::new("x.toml"))
-            .unwrap_err();
+        let err = Config::parse_str(
+            "api_key = \"0123456789abcdef\"\n[timeouts]\nsession = \"1s\"\n",
+            Path::new("x.toml"),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("session"), "{err}");
     }
 
     #[test]
     fn command_line_beats_environment_beats_file() {
         let file: FileConfig = toml::from_str("api_key = \"from-file-0123456789\"").unwrap();
-        let c = Config::from_parts(file, CliOverrides::default(), Some("from-env-0123456789".into())).unwrap();
+        let c = Config::from_parts(
+            file,
+            CliOverrides::default(),
+            Some("from-env-0123456789".into()),
+        )
+        .unwrap();
         assert_eq!(c.api_key.expose(), "from-env-0123456789");
         let file: FileConfig = toml::from_str("api_key = \"from-file-0123456789\"").unwrap();
-        let c = Config::from_parts(file, cli_with_key(), Some("from-env-0123456789".into())).unwrap();
+        let c =
+            Config::from_parts(file, cli_with_key(), Some("from-env-0123456789".into())).unwrap();
         assert_eq!(c.api_key.expose(), "0123456789abcdef");
     }
 
     #[test]
     fn bad_values_are_explained() {
-        let err = Config::from_parts(FileConfig::default(), CliOverrides::default(), None).unwrap_err();
+        let err =
+            Config::from_parts(FileConfig::default(), CliOverrides::default(), None).unwrap_err();
         assert!(err.to_string().contains("no API key"));
         let err = Config::parse_str("api_key = \"short\"", Path::new("x")).unwrap_err();
         assert!(err.to_string().contains("at least 16"));
@@ -353,9 +394,23 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("dead_after"));
-        let err = Config::parse_str("api_key = \"0123456789abcdef\"\n[timeouts]\ncommand = \"soon\"\n", Path::new("x"))
-            .unwrap_err();
+        let err = Config::parse_str(
+            "api_key = \"0123456789abcdef\"\n[timeouts]\ncommand = \"soon\"\n",
+            Path::new("x"),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("timeouts.command"));
+    }
+
+    #[test]
+    fn the_example_config_parses() {
+        let text = include_str!("../netpilot-relay.example.toml");
+        // It names a key file; the test supplies the key instead.
+        let text = text.replace("api_key_file = \"/etc/netpilot-relay/api-key\"", "api_key = \"example-key-0123456789\"");
+        let c = Config::parse_str(&text, Path::new("netpilot-relay.example.toml")).unwrap();
+        assert_eq!(c.listen.to_string(), "0.0.0.0:443");
+        assert_eq!(c.timeouts.session_idle, Duration::from_secs(1800));
+        assert_eq!(c.tls_names, vec!["relay.example.com".to_owned()]);
     }
 
     #[test]

@@ -28,7 +28,10 @@ pub async fn enroll(
         return Err(ApiError::RateLimited);
     }
     let (_, body) = http::read_json(req, 16 * 1024).await?;
-    let args = Args { body: Some(&body), query: &[] };
+    let args = Args {
+        body: Some(&body),
+        query: &[],
+    };
     let token = args.label("token", 128)?;
     if token.len() != 64 || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(ApiError::TokenInvalid);

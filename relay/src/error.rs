@@ -75,7 +75,10 @@ impl ApiError {
             NotFound(_) => (StatusCode::NOT_FOUND, code::NOT_FOUND),
             MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, code::METHOD_NOT_ALLOWED),
             PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, code::PAYLOAD_TOO_LARGE),
-            UnsupportedMediaType => (StatusCode::UNSUPPORTED_MEDIA_TYPE, code::UNSUPPORTED_MEDIA_TYPE),
+            UnsupportedMediaType => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                code::UNSUPPORTED_MEDIA_TYPE,
+            ),
             RateLimited => (StatusCode::TOO_MANY_REQUESTS, code::RATE_LIMITED),
             TokenInvalid => (StatusCode::UNAUTHORIZED, code::TOKEN_INVALID),
             TokenUsed => (StatusCode::UNAUTHORIZED, code::TOKEN_USED),

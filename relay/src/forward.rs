@@ -38,7 +38,10 @@ pub async fn router_call(
     } else {
         (None, None)
     };
-    let args = Args { body: body.as_ref(), query: &query };
+    let args = Args {
+        body: body.as_ref(),
+        query: &query,
+    };
     let session_id = args.uuid("sessionId")?;
     let router_id = args.uuid("routerId")?;
     let span = tracing::Span::current();
@@ -63,7 +66,12 @@ pub async fn router_call(
     // The agent does not need the relay's ids; everything else passes as it came.
     let kept: Vec<&(String, String)> = query
         .iter()
-        .filter(|(k, _)| !matches!(k.as_str(), "sessionId" | "session_id" | "routerId" | "router_id"))
+        .filter(|(k, _)| {
+            !matches!(
+                k.as_str(),
+                "sessionId" | "session_id" | "routerId" | "router_id"
+            )
+        })
         .collect();
     let mut target = path;
     if !kept.is_empty() {
@@ -132,9 +140,13 @@ pub async fn agent_health(
     };
     let (parts, bytes) = send(state, sender, router_id, fwd).await?;
     if !parts.status.is_success() {
-        return Err(ApiError::BadGateway(format!("health check answered {}", parts.status)));
+        return Err(ApiError::BadGateway(format!(
+            "health check answered {}",
+            parts.status
+        )));
     }
-    let v: Value = serde_json::from_slice(&bytes).map_err(|e| ApiError::BadGateway(e.to_string()))?;
+    let v: Value =
+        serde_json::from_slice(&bytes).map_err(|e| ApiError::BadGateway(e.to_string()))?;
     Ok(v.get("data").cloned().unwrap_or(Value::Null))
 }
 
@@ -182,15 +194,22 @@ async fn send(
         }
         Ok(Ok(r)) => r,
     };
-    let bytes = match tokio::time::timeout_at(deadline, Limited::new(body, MAX_RESPONSE_BYTES).collect()).await {
-        Err(_) => return Err(ApiError::CommandTimeout(timeout.as_millis())),
-        Ok(Err(e)) => {
-            if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
-                return Err(ApiError::BadGateway(format!("answer larger than {MAX_RESPONSE_BYTES} bytes")));
+    let bytes =
+        match tokio::time::timeout_at(deadline, Limited::new(body, MAX_RESPONSE_BYTES).collect())
+            .await
+        {
+            Err(_) => return Err(ApiError::CommandTimeout(timeout.as_millis())),
+            Ok(Err(e)) => {
+                if e.downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some()
+                {
+                    return Err(ApiError::BadGateway(format!(
+                        "answer larger than {MAX_RESPONSE_BYTES} bytes"
+                    )));
+                }
+                return Err(ApiError::RouterOffline(router_id.to_string()));
             }
-            return Err(ApiError::RouterOffline(router_id.to_string()));
-        }
-        Ok(Ok(c)) => c.to_bytes(),
-    };
+            Ok(Ok(c)) => c.to_bytes(),
+        };
     Ok((parts, bytes))
 }

@@ -33,7 +33,10 @@ impl Ctx {
             .filter(|s| !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_graphic()))
             .map(str::to_owned)
             .unwrap_or_else(next_request_id);
-        Ctx { started: Instant::now(), request_id }
+        Ctx {
+            started: Instant::now(),
+            request_id,
+        }
     }
 
     pub fn meta(&self) -> Meta {
@@ -68,7 +71,11 @@ pub fn ok<T: Serialize>(status: StatusCode, data: T, ctx: &Ctx) -> Response<Body
 
 pub fn error(err: &ApiError, ctx: &Ctx) -> Response<Body> {
     let (status, code) = err.status_and_code();
-    let mut resp = json_response(status, &Envelope::err(code, err.to_string(), ctx.meta()), ctx);
+    let mut resp = json_response(
+        status,
+        &Envelope::err(code, err.to_string(), ctx.meta()),
+        ctx,
+    );
     if let ApiError::MethodNotAllowed(allowed) = err {
         if let Ok(v) = HeaderValue::from_str(allowed) {
             resp.headers_mut().insert(hyper::header::ALLOW, v);
@@ -87,7 +94,10 @@ pub fn text(status: StatusCode, content_type: &'static str, body: String) -> Res
 
 /// Reads a JSON object body: at most `limit` bytes, `application/json`, an object.
 /// Returns the raw bytes (forwarded untouched) and the parsed object.
-pub async fn read_json(req: Request<Incoming>, limit: usize) -> Result<(Bytes, Map<String, Value>), ApiError> {
+pub async fn read_json(
+    req: Request<Incoming>,
+    limit: usize,
+) -> Result<(Bytes, Map<String, Value>), ApiError> {
     let declared = req
         .headers()
         .get(CONTENT_LENGTH)
@@ -108,7 +118,9 @@ pub async fn read_json(req: Request<Incoming>, limit: usize) -> Result<(Bytes, M
         .collect()
         .await
         .map_err(|e| {
-            if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
                 ApiError::PayloadTooLarge(limit)
             } else {
                 ApiError::InvalidParameter(format!("cannot read request body: {e}"))
@@ -123,7 +135,9 @@ pub async fn read_json(req: Request<Incoming>, limit: usize) -> Result<(Bytes, M
     }
     match serde_json::from_slice::<Value>(&bytes) {
         Ok(Value::Object(map)) => Ok((bytes, map)),
-        Ok(_) => Err(ApiError::InvalidParameter("request body must be a JSON object".into())),
+        Ok(_) => Err(ApiError::InvalidParameter(
+            "request body must be a JSON object".into(),
+        )),
         Err(e) => Err(ApiError::InvalidParameter(format!("malformed JSON: {e}"))),
     }
 }
@@ -166,10 +180,12 @@ impl Args<'_> {
     pub fn opt_uuid(&self, camel: &str) -> Result<Option<Uuid>, ApiError> {
         match self.get(camel) {
             None => Ok(None),
-            Some(Value::String(s)) => Uuid::parse_str(s.trim())
-                .map(Some)
-                .map_err(|_| ApiError::InvalidParameter(format!("{camel} must be a UUID, got {s:?}"))),
-            Some(other) => Err(ApiError::InvalidParameter(format!("{camel} must be a UUID string, got {other}"))),
+            Some(Value::String(s)) => Uuid::parse_str(s.trim()).map(Some).map_err(|_| {
+                ApiError::InvalidParameter(format!("{camel} must be a UUID, got {s:?}"))
+            }),
+            Some(other) => Err(ApiError::InvalidParameter(format!(
+                "{camel} must be a UUID string, got {other}"
+            ))),
         }
     }
 
@@ -179,7 +195,9 @@ impl Args<'_> {
             Some(Value::Bool(b)) => Ok(Some(b)),
             Some(Value::String(s)) if s == "true" || s == "1" => Ok(Some(true)),
             Some(Value::String(s)) if s == "false" || s == "0" => Ok(Some(false)),
-            Some(other) => Err(ApiError::InvalidParameter(format!("{camel} must be true or false, got {other}"))),
+            Some(other) => Err(ApiError::InvalidParameter(format!(
+                "{camel} must be true or false, got {other}"
+            ))),
         }
     }
 
@@ -188,15 +206,23 @@ impl Args<'_> {
         let s = match self.get(camel) {
             Some(Value::String(s)) => s,
             Some(Value::Number(n)) if n.is_i64() || n.is_u64() => n.to_string(),
-            Some(other) => return Err(ApiError::InvalidParameter(format!("{camel} must be a string, got {other}"))),
+            Some(other) => {
+                return Err(ApiError::InvalidParameter(format!(
+                    "{camel} must be a string, got {other}"
+                )))
+            }
             None => return Err(ApiError::InvalidParameter(format!("{camel} is required"))),
         };
         let s = s.trim().to_owned();
         if s.is_empty() || s.chars().count() > max_len {
-            return Err(ApiError::InvalidParameter(format!("{camel} must be 1 to {max_len} characters")));
+            return Err(ApiError::InvalidParameter(format!(
+                "{camel} must be 1 to {max_len} characters"
+            )));
         }
         if s.chars().any(char::is_control) {
-            return Err(ApiError::InvalidParameter(format!("{camel} must not contain control characters")));
+            return Err(ApiError::InvalidParameter(format!(
+                "{camel} must not contain control characters"
+            )));
         }
         Ok(s)
     }
@@ -269,10 +295,17 @@ mod tests {
         let mut body = Map::new();
         body.insert("sessionId".into(), Value::String("not-a-uuid".into()));
         let query = vec![("routerId".to_owned(), Uuid::nil().to_string())];
-        let args = Args { body: Some(&body), query: &query };
-        assert!(matches!(args.uuid("sessionId"), Err(ApiError::InvalidParameter(m)) if m.contains("UUID")));
+        let args = Args {
+            body: Some(&body),
+            query: &query,
+        };
+        assert!(
+            matches!(args.uuid("sessionId"), Err(ApiError::InvalidParameter(m)) if m.contains("UUID"))
+        );
         assert_eq!(args.uuid("routerId").unwrap(), Uuid::nil());
-        assert!(matches!(args.uuid("missingId"), Err(ApiError::InvalidParameter(m)) if m.contains("required")));
+        assert!(
+            matches!(args.uuid("missingId"), Err(ApiError::InvalidParameter(m)) if m.contains("required"))
+        );
     }
 
     #[test]
@@ -280,7 +313,10 @@ mod tests {
         let mut body = Map::new();
         body.insert("name".into(), Value::String("a\nb".into()));
         body.insert("userId".into(), serde_json::json!(42));
-        let args = Args { body: Some(&body), query: &[] };
+        let args = Args {
+            body: Some(&body),
+            query: &[],
+        };
         assert!(args.label("name", 64).is_err());
         assert_eq!(args.label("userId", 64).unwrap(), "42");
     }

@@ -58,12 +58,21 @@ pub async fn run(
     }
     tracing::info!(fingerprint = %tls.fingerprint, "relay certificate SHA-256 fingerprint");
     let store = store::Store::open(&config.data_dir).context("cannot open the registry")?;
-    let state = Arc::new(AppState::new(config, store, tls.fingerprint.clone(), clock)?);
+    let state = Arc::new(AppState::new(
+        config,
+        store,
+        tls.fingerprint.clone(),
+        clock,
+    )?);
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "listening");
 
     let sweeper = tokio::spawn(sweep(state.clone()));
-    on_ready(Ready { addr, fingerprint: tls.fingerprint, cert_path: tls.cert_path });
+    on_ready(Ready {
+        addr,
+        fingerprint: tls.fingerprint,
+        cert_path: tls.cert_path,
+    });
     server::serve(state, listener, tls.config, shutdown).await;
     sweeper.abort();
     Ok(())
@@ -79,7 +88,11 @@ async fn sweep(state: Arc<AppState>) {
         let now = state.clock.instant();
         let swept = state.sessions.lock().expect("sessions lock").sweep(now);
         if swept.sessions + swept.attachments > 0 {
-            tracing::debug!(sessions = swept.sessions, attachments = swept.attachments, "swept");
+            tracing::debug!(
+                sessions = swept.sessions,
+                attachments = swept.attachments,
+                "swept"
+            );
         }
     }
 }

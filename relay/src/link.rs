@@ -20,7 +20,11 @@ use crate::error::ApiError;
 use crate::http::{self, Body};
 use crate::state::AppState;
 
-pub fn connect(state: &Arc<AppState>, mut req: Request<Incoming>, peer: SocketAddr) -> Result<Response<Body>, ApiError> {
+pub fn connect(
+    state: &Arc<AppState>,
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+) -> Result<Response<Body>, ApiError> {
     if req.method() != Method::GET {
         return Err(ApiError::MethodNotAllowed("GET".into()));
     }
@@ -56,7 +60,8 @@ pub fn connect(state: &Arc<AppState>, mut req: Request<Incoming>, peer: SocketAd
         return Err(e);
     }
     let on_upgrade = hyper::upgrade::on(&mut req);
-    let span = tracing::info_span!(parent: None, "link", %router_id, %peer, agent_version = %version);
+    let span =
+        tracing::info_span!(parent: None, "link", %router_id, %peer, agent_version = %version);
     tokio::spawn(run_link(state.clone(), router_id, version, on_upgrade).instrument(span));
     Ok(Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
@@ -79,7 +84,12 @@ fn authenticate(state: &AppState, router_id: Uuid, secret: Option<&str>) -> Resu
     Ok(())
 }
 
-async fn run_link(state: Arc<AppState>, router_id: Uuid, version: String, on_upgrade: hyper::upgrade::OnUpgrade) {
+async fn run_link(
+    state: Arc<AppState>,
+    router_id: Uuid,
+    version: String,
+    on_upgrade: hyper::upgrade::OnUpgrade,
+) {
     let upgraded = match on_upgrade.await {
         Ok(u) => u,
         Err(e) => {

@@ -92,7 +92,13 @@ impl Links {
     }
 
     pub fn close_all(&self) {
-        let drained: Vec<Entry> = self.map.lock().expect("links lock").drain().map(|(_, e)| e).collect();
+        let drained: Vec<Entry> = self
+            .map
+            .lock()
+            .expect("links lock")
+            .drain()
+            .map(|(_, e)| e)
+            .collect();
         for mut e in drained {
             if let Some(close) = e.close.take() {
                 let _ = close.send(());
@@ -110,10 +116,12 @@ impl Links {
 
     pub fn info(&self, router: Uuid) -> Option<LinkInfo> {
         let map = self.map.lock().expect("links lock");
-        map.get(&router).filter(|e| !e.sender.is_closed()).map(|e| LinkInfo {
-            agent_version: e.agent_version.clone(),
-            connected_at: e.connected_at,
-        })
+        map.get(&router)
+            .filter(|e| !e.sender.is_closed())
+            .map(|e| LinkInfo {
+                agent_version: e.agent_version.clone(),
+                connected_at: e.connected_at,
+            })
     }
 
     pub fn len(&self) -> usize {

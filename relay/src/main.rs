@@ -27,7 +27,10 @@ fn main() -> anyhow::Result<()> {
             Long("data-dir") => cli.data_dir = Some(PathBuf::from(args.value()?)),
             Long("listen") => {
                 let v: String = args.value()?.string()?;
-                cli.listen = Some(v.parse().with_context(|| format!("--listen {v:?} is not ADDR:PORT"))?);
+                cli.listen = Some(
+                    v.parse()
+                        .with_context(|| format!("--listen {v:?} is not ADDR:PORT"))?,
+                );
             }
             Long("api-key") => cli.api_key = Some(Secret::new(args.value()?.string()?)),
             Long("log") => cli.log = Some(args.value()?.string()?),
@@ -56,11 +59,15 @@ fn main() -> anyhow::Result<()> {
 
 fn serve(config: Config) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&config.log).context("invalid --log filter")?)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&config.log).context("invalid --log filter")?,
+        )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await

@@ -52,20 +52,46 @@ impl Metrics {
     }
 
     pub fn record_error(&self, code: &'static str) {
-        *self.errors.lock().expect("metrics lock").entry(code).or_default() += 1;
+        *self
+            .errors
+            .lock()
+            .expect("metrics lock")
+            .entry(code)
+            .or_default() += 1;
     }
 
     pub fn render(&self, g: &Gauges) -> String {
         let mut out = String::with_capacity(4096);
-        let _ = writeln!(out, "# HELP netpilot_connected_agents Agents with a live link.");
+        let _ = writeln!(
+            out,
+            "# HELP netpilot_connected_agents Agents with a live link."
+        );
         let _ = writeln!(out, "# TYPE netpilot_connected_agents gauge");
         let _ = writeln!(out, "netpilot_connected_agents {}", g.connected_agents);
-        let _ = writeln!(out, "# HELP netpilot_active_sessions Web-app sessions held in memory.");
+        let _ = writeln!(
+            out,
+            "# HELP netpilot_active_sessions Web-app sessions held in memory."
+        );
         let _ = writeln!(out, "# TYPE netpilot_active_sessions gauge");
         let _ = writeln!(out, "netpilot_active_sessions {}", g.sessions);
-        counter(&mut out, "netpilot_link_connects_total", "Agent links accepted.", &self.link_connects);
-        counter(&mut out, "netpilot_link_rejects_total", "Agent link attempts refused.", &self.link_rejects);
-        counter(&mut out, "netpilot_enrollments_total", "Routers enrolled.", &self.enrollments);
+        counter(
+            &mut out,
+            "netpilot_link_connects_total",
+            "Agent links accepted.",
+            &self.link_connects,
+        );
+        counter(
+            &mut out,
+            "netpilot_link_rejects_total",
+            "Agent link attempts refused.",
+            &self.link_rejects,
+        );
+        counter(
+            &mut out,
+            "netpilot_enrollments_total",
+            "Routers enrolled.",
+            &self.enrollments,
+        );
 
         let _ = writeln!(out, "# HELP netpilot_forwarded_requests_total Calls forwarded to routers, by route and status.");
         let _ = writeln!(out, "# TYPE netpilot_forwarded_requests_total counter");
@@ -80,7 +106,10 @@ impl Metrics {
         for (code, n) in self.errors.lock().expect("metrics lock").iter() {
             let _ = writeln!(out, "netpilot_errors_total{{code=\"{code}\"}} {n}");
         }
-        let _ = writeln!(out, "# HELP netpilot_forward_duration_seconds Time to answer a forwarded call.");
+        let _ = writeln!(
+            out,
+            "# HELP netpilot_forward_duration_seconds Time to answer a forwarded call."
+        );
         let _ = writeln!(out, "# TYPE netpilot_forward_duration_seconds histogram");
         for (i, upper) in BUCKETS.iter().enumerate() {
             let _ = writeln!(
@@ -90,7 +119,10 @@ impl Metrics {
             );
         }
         let count = self.latency_count.load(Ordering::Relaxed);
-        let _ = writeln!(out, "netpilot_forward_duration_seconds_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(
+            out,
+            "netpilot_forward_duration_seconds_bucket{{le=\"+Inf\"}} {count}"
+        );
         let _ = writeln!(
             out,
             "netpilot_forward_duration_seconds_sum {}",
@@ -117,9 +149,13 @@ mod tests {
         m.record_forward("/api/scan", 200, Duration::from_micros(300));
         m.record_forward("/api/scan", 200, Duration::from_millis(3));
         m.record_forward("/api/scan", 503, Duration::from_secs(10));
-        let text = m.render(&Gauges { connected_agents: 2, sessions: 1 });
+        let text = m.render(&Gauges {
+            connected_agents: 2,
+            sessions: 1,
+        });
         assert!(text.contains("netpilot_connected_agents 2\n"));
-        assert!(text.contains("netpilot_forwarded_requests_total{route=\"/api/scan\",status=\"200\"} 2\n"));
+        assert!(text
+            .contains("netpilot_forwarded_requests_total{route=\"/api/scan\",status=\"200\"} 2\n"));
         assert!(text.contains("netpilot_forward_duration_seconds_bucket{le=\"0.0005\"} 1\n"));
         assert!(text.contains("netpilot_forward_duration_seconds_bucket{le=\"0.005\"} 2\n"));
         assert!(text.contains("netpilot_forward_duration_seconds_bucket{le=\"+Inf\"} 3\n"));

@@ -17,14 +17,19 @@ const MAX_TRACKED: usize = 10_000;
 
 impl RateLimiter {
     pub fn new(per_window: u32, window: Duration) -> Self {
-        RateLimiter { per_window, window, seen: HashMap::new() }
+        RateLimiter {
+            per_window,
+            window,
+            seen: HashMap::new(),
+        }
     }
 
     /// Counts an attempt; false when the address is over its limit.
     pub fn allow(&mut self, ip: IpAddr, now: Instant) -> bool {
         if self.seen.len() >= MAX_TRACKED {
             let window = self.window;
-            self.seen.retain(|_, (start, _)| now.saturating_duration_since(*start) < window);
+            self.seen
+                .retain(|_, (start, _)| now.saturating_duration_since(*start) < window);
         }
         let entry = self.seen.entry(ip).or_insert((now, 0));
         if now.saturating_duration_since(entry.0) >= self.window {

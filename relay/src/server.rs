@@ -68,7 +68,8 @@ pub async fn serve(
                     }
                 };
                 let svc_state = state.clone();
-                let service = service_fn(move |req| crate::api::handle(svc_state.clone(), req, peer));
+                let service =
+                    service_fn(move |req| crate::api::handle(svc_state.clone(), req, peer));
                 let mut builder = auto::Builder::new(TokioExecutor::new());
                 builder
                     .http1()
@@ -79,7 +80,9 @@ pub async fn serve(
                     .http2()
                     .timer(TokioTimer::new())
                     .keep_alive_interval(Some(state.config.timeouts.ping_interval))
-                    .keep_alive_timeout(state.config.timeouts.dead_after - state.config.timeouts.ping_interval)
+                    .keep_alive_timeout(
+                        state.config.timeouts.dead_after - state.config.timeouts.ping_interval,
+                    )
                     .max_concurrent_streams(1024);
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
                 tokio::pin!(conn);

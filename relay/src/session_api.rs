@@ -31,7 +31,10 @@ pub async fn dispatch(
     } else {
         None
     };
-    let args = Args { body: body.as_ref(), query: &query };
+    let args = Args {
+        body: body.as_ref(),
+        query: &query,
+    };
     let session_id = args.uuid("sessionId")?;
     tracing::Span::current().record("session_id", tracing::field::display(session_id));
     match action {
@@ -39,8 +42,17 @@ pub async fn dispatch(
         "end" => end(state, &args, session_id, ctx),
         "refresh" => {
             let now = state.clock.instant();
-            state.sessions.lock().expect("sessions lock").touch(session_id, now).map_err(|e| session_err(e, session_id))?;
-            Ok(http::ok(StatusCode::OK, json!({"message": format!("Session {session_id} refreshed")}), ctx))
+            state
+                .sessions
+                .lock()
+                .expect("sessions lock")
+                .touch(session_id, now)
+                .map_err(|e| session_err(e, session_id))?;
+            Ok(http::ok(
+                StatusCode::OK,
+                json!({"message": format!("Session {session_id} refreshed")}),
+                ctx,
+            ))
         }
         _ => status(state, session_id, ctx),
     }
@@ -49,11 +61,18 @@ pub async fn dispatch(
 pub fn session_err(e: SessionError, id: Uuid) -> ApiError {
     match e {
         SessionError::Invalid => ApiError::SessionInvalid(id.to_string()),
-        SessionError::OtherUser => ApiError::Forbidden(format!("session {id} belongs to another user")),
+        SessionError::OtherUser => {
+            ApiError::Forbidden(format!("session {id} belongs to another user"))
+        }
     }
 }
 
-async fn start(state: &Arc<AppState>, args: &Args<'_>, session_id: Uuid, ctx: &Ctx) -> Result<Response<Body>, ApiError> {
+async fn start(
+    state: &Arc<AppState>,
+    args: &Args<'_>,
+    session_id: Uuid,
+    ctx: &Ctx,
+) -> Result<Response<Body>, ApiError> {
     let user_id = args.label("userId", 128)?;
     let router_id = args.opt_uuid("routerId")?;
     let restart = args.opt_bool("restart")?.unwrap_or(false);
@@ -64,21 +83,40 @@ async fn start(state: &Arc<AppState>, args: &Args<'_>, session_id: Uuid, ctx: &C
     {
         let now = state.clock.instant();
         let mut sessions = state.sessions.lock().expect("sessions lock");
-        sessions.start(session_id, &user_id, restart, now).map_err(|e| session_err(e, session_id))?;
+        sessions
+            .start(session_id, &user_id, restart, now)
+            .map_err(|e| session_err(e, session_id))?;
         if let Some(r) = router_id {
-            sessions.attach(session_id, r, now).map_err(|e| session_err(e, session_id))?;
+            sessions
+                .attach(session_id, r, now)
+                .map_err(|e| session_err(e, session_id))?;
         }
     }
     let (reachable, ready, message) = match router_id {
         None => (false, false, "Session started".to_owned()),
         Some(r) => match forward::agent_health(state, r, session_id, &user_id, ctx).await {
             Ok(health) => {
-                let ready = health.get("infrastructure_ready").and_then(|v| v.as_bool()).unwrap_or(false);
+                let ready = health
+                    .get("infrastructure_ready")
+                    .and_then(|v| v.as_bool())
+                    .unwrap_or(false);
                 (true, ready, "Session started; router connected".to_owned())
             }
-            Err(ApiError::RouterOffline(_)) => (false, false, "Session started; router is offline".to_owned()),
-            Err(ApiError::CommandTimeout(_)) => (false, false, "Session started; router did not answer in time".to_owned()),
-            Err(e) => (false, false, format!("Session started; router health check failed: {e}")),
+            Err(ApiError::RouterOffline(_)) => (
+                false,
+                false,
+                "Session started; router is offline".to_owned(),
+            ),
+            Err(ApiError::CommandTimeout(_)) => (
+                false,
+                false,
+                "Session started; router did not answer in time".to_owned(),
+            ),
+            Err(e) => (
+                false,
+                false,
+                format!("Session started; router health check failed: {e}"),
+            ),
         },
     };
     tracing::info!(%user_id, restart, "session started");
@@ -94,7 +132,12 @@ async fn start(state: &Arc<AppState>, args: &Args<'_>, session_id: Uuid, ctx: &C
     ))
 }
 
-fn end(state: &Arc<AppState>, args: &Args<'_>, session_id: Uuid, ctx: &Ctx) -> Result<Response<Body>, ApiError> {
+fn end(
+    state: &Arc<AppState>,
+    args: &Args<'_>,
+    session_id: Uuid,
+    ctx: &Ctx,
+) -> Result<Response<Body>, ApiError> {
     let router_id = args.opt_uuid("routerId")?;
     let now = state.clock.instant();
     state

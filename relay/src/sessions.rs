@@ -137,10 +137,19 @@ impl Sessions {
     }
 
     /// Ends a whole session, or detaches one router from it.
-    pub fn end(&mut self, id: Uuid, router: Option<Uuid>, now: Instant) -> Result<(), SessionError> {
+    pub fn end(
+        &mut self,
+        id: Uuid,
+        router: Option<Uuid>,
+        now: Instant,
+    ) -> Result<(), SessionError> {
         self.expire_one(id, now);
         match router {
-            None => self.map.remove(&id).map(|_| ()).ok_or(SessionError::Invalid),
+            None => self
+                .map
+                .remove(&id)
+                .map(|_| ())
+                .ok_or(SessionError::Invalid),
             Some(r) => {
                 let s = self.map.get_mut(&id).ok_or(SessionError::Invalid)?;
                 s.routers.remove(&r);
@@ -240,7 +249,13 @@ mod tests {
         s.touch(id, t0 + 4 * MIN).unwrap();
         assert_eq!(s.status(id, t0 + 4 * MIN).unwrap().routers.len(), 1);
         assert_eq!(s.status(id, t0 + 5 * MIN).unwrap().routers.len(), 0);
-        assert_eq!(s.sweep(t0 + 6 * MIN), Swept { sessions: 0, attachments: 1 });
+        assert_eq!(
+            s.sweep(t0 + 6 * MIN),
+            Swept {
+                sessions: 0,
+                attachments: 1
+            }
+        );
         s.attach(id, r, t0 + 7 * MIN).unwrap();
         let v = s.status(id, t0 + 7 * MIN).unwrap();
         assert_eq!(v.routers[0].router_id, r);
@@ -253,7 +268,10 @@ mod tests {
         let mut s = sessions();
         let id = Uuid::new_v4();
         s.start(id, "alice", false, t0).unwrap();
-        assert_eq!(s.start(id, "mallory", true, t0), Err(SessionError::OtherUser));
+        assert_eq!(
+            s.start(id, "mallory", true, t0),
+            Err(SessionError::OtherUser)
+        );
         // Once expired, the id is free again.
         s.start(id, "bob", false, t0 + 31 * MIN).unwrap();
         assert_eq!(s.touch(id, t0 + 31 * MIN).unwrap(), "bob");

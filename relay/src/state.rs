@@ -70,14 +70,20 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(config: Config, store: Store, fingerprint: String, clock: Arc<dyn Clock>) -> Result<Self, ApiError> {
+    pub fn new(
+        config: Config,
+        store: Store,
+        fingerprint: String,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Self, ApiError> {
         let routers = store
             .routers()?
             .iter()
             .map(|r| (r.id, RouterMeta::from(r)))
             .collect();
         let sessions = Sessions::new(config.timeouts.session_idle, config.timeouts.router_idle);
-        let limiter = RateLimiter::new(config.enroll_per_minute, std::time::Duration::from_secs(60));
+        let limiter =
+            RateLimiter::new(config.enroll_per_minute, std::time::Duration::from_secs(60));
         Ok(AppState {
             config,
             store: Mutex::new(store),
@@ -96,7 +102,10 @@ impl AppState {
     }
 
     /// Runs a registry operation and refreshes the cache entry of the router it returns.
-    pub fn with_store<T>(&self, f: impl FnOnce(&mut Store) -> Result<T, crate::store::StoreError>) -> Result<T, ApiError> {
+    pub fn with_store<T>(
+        &self,
+        f: impl FnOnce(&mut Store) -> Result<T, crate::store::StoreError>,
+    ) -> Result<T, ApiError> {
         let mut store = self.store.lock().expect("store lock");
         Ok(f(&mut store)?)
     }

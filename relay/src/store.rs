@@ -93,7 +93,8 @@ impl Store {
     fn migrate(&mut self) -> Result<(), StoreError> {
         let version: usize = self
             .conn
-            .pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0))? as usize;
+            .pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0))?
+            as usize;
         for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
             let tx = self.conn.transaction()?;
             tx.execute_batch(sql)?;
@@ -166,7 +167,12 @@ impl Store {
 
     /// A fresh one-time token for an existing, unrevoked router (re-enrollment after a
     /// factory reset). Earlier unused tokens stay valid until they expire.
-    pub fn add_token(&mut self, id: Uuid, token_hash: &[u8; 32], expires_at: i64) -> Result<(), StoreError> {
+    pub fn add_token(
+        &mut self,
+        id: Uuid,
+        token_hash: &[u8; 32],
+        expires_at: i64,
+    ) -> Result<(), StoreError> {
         let row = self.router(id)?.ok_or(StoreError::NotFound)?;
         if row.revoked_at.is_some() {
             return Err(StoreError::Revoked);
@@ -188,12 +194,20 @@ impl Store {
         if changed == 0 {
             return Err(StoreError::NotFound);
         }
-        tx.execute("DELETE FROM enrollment_tokens WHERE router_id = ?1", params![id.to_string()])?;
+        tx.execute(
+            "DELETE FROM enrollment_tokens WHERE router_id = ?1",
+            params![id.to_string()],
+        )?;
         tx.commit()?;
         self.router(id)?.ok_or(StoreError::NotFound)
     }
 
-    pub fn touch(&mut self, id: Uuid, now: i64, agent_version: Option<&str>) -> Result<(), StoreError> {
+    pub fn touch(
+        &mut self,
+        id: Uuid,
+        now: i64,
+        agent_version: Option<&str>,
+    ) -> Result<(), StoreError> {
         self.conn.execute(
             "UPDATE routers SET last_seen = ?1, agent_version = COALESCE(?2, agent_version) WHERE id = ?3",
             params![now, agent_version, id.to_string()],
@@ -258,8 +272,14 @@ mod tests {
         assert_eq!(row.id, id);
         assert_eq!(row.secret_hash, Some(h(9)));
         assert_eq!(row.enrolled_at, Some(10));
-        assert!(matches!(s.redeem_token(&h(1), &h(8), 20), Err(StoreError::TokenUsed)));
-        assert!(matches!(s.redeem_token(&h(2), &h(8), 20), Err(StoreError::TokenInvalid)));
+        assert!(matches!(
+            s.redeem_token(&h(1), &h(8), 20),
+            Err(StoreError::TokenUsed)
+        ));
+        assert!(matches!(
+            s.redeem_token(&h(2), &h(8), 20),
+            Err(StoreError::TokenInvalid)
+        ));
         // The first secret stays.
         assert_eq!(s.router(id).unwrap().unwrap().secret_hash, Some(h(9)));
     }
@@ -267,8 +287,12 @@ mod tests {
     #[test]
     fn expired_token_is_refused() {
         let mut s = Store::open_in_memory().unwrap();
-        s.create_router(Uuid::new_v4(), "home", "u1", &h(1), 1_000, 0).unwrap();
-        assert!(matches!(s.redeem_token(&h(1), &h(9), 1_000), Err(StoreError::TokenExpired)));
+        s.create_router(Uuid::new_v4(), "home", "u1", &h(1), 1_000, 0)
+            .unwrap();
+        assert!(matches!(
+            s.redeem_token(&h(1), &h(9), 1_000),
+            Err(StoreError::TokenExpired)
+        ));
     }
 
     #[test]
@@ -278,10 +302,19 @@ mod tests {
         s.create_router(id, "home", "u1", &h(1), 1_000, 0).unwrap();
         s.redeem_token(&h(1), &h(9), 10).unwrap();
         s.add_token(id, &h(2), 2_000).unwrap();
-        assert_eq!(s.redeem_token(&h(2), &h(7), 20).unwrap().secret_hash, Some(h(7)));
-        assert!(matches!(s.add_token(Uuid::new_v4(), &h(3), 1), Err(StoreError::NotFound)));
+        assert_eq!(
+            s.redeem_token(&h(2), &h(7), 20).unwrap().secret_hash,
+            Some(h(7))
+        );
+        assert!(matches!(
+            s.add_token(Uuid::new_v4(), &h(3), 1),
+            Err(StoreError::NotFound)
+        ));
         s.revoke(id, 30).unwrap();
-        assert!(matches!(s.add_token(id, &h(4), 2_000), Err(StoreError::Revoked)));
+        assert!(matches!(
+            s.add_token(id, &h(4), 2_000),
+            Err(StoreError::Revoked)
+        ));
     }
 
     #[test]
@@ -292,8 +325,14 @@ mod tests {
         let row = s.revoke(id, 5).unwrap();
         assert_eq!(row.revoked_at, Some(5));
         assert!(row.secret_hash.is_none());
-        assert!(matches!(s.redeem_token(&h(1), &h(9), 6), Err(StoreError::TokenInvalid)));
-        assert!(matches!(s.revoke(Uuid::new_v4(), 5), Err(StoreError::NotFound)));
+        assert!(matches!(
+            s.redeem_token(&h(1), &h(9), 6),
+            Err(StoreError::TokenInvalid)
+        ));
+        assert!(matches!(
+            s.revoke(Uuid::new_v4(), 5),
+            Err(StoreError::NotFound)
+        ));
     }
 
     #[test]

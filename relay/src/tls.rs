@@ -65,21 +65,32 @@ pub fn load_or_create(
     };
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cert_path)
         .and_then(|it| it.collect::<Result<_, _>>())
-        .map_err(|e| TlsError::Load { path: cert_path.clone(), message: e.to_string() })?;
+        .map_err(|e| TlsError::Load {
+            path: cert_path.clone(),
+            message: e.to_string(),
+        })?;
     let leaf = chain.first().ok_or_else(|| TlsError::Load {
         path: cert_path.clone(),
         message: "no certificate in file".into(),
     })?;
     let fingerprint = fingerprint(leaf.as_ref());
-    let key = PrivateKeyDer::from_pem_file(&key_path)
-        .map_err(|e| TlsError::Load { path: key_path.clone(), message: e.to_string() })?;
-    let mut config = ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(chain, key)?;
+    let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|e| TlsError::Load {
+        path: key_path.clone(),
+        message: e.to_string(),
+    })?;
+    let mut config =
+        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_single_cert(chain, key)?;
     // Web clients may speak h2; agents offer only http/1.1 so their upgrade works.
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(TlsIdentity { config: Arc::new(config), fingerprint, cert_path, generated })
+    Ok(TlsIdentity {
+        config: Arc::new(config),
+        fingerprint,
+        cert_path,
+        generated,
+    })
 }
 
 /// SHA-256 of a DER certificate as `AB:CD:…`, the form operators compare by eye.
@@ -96,7 +107,11 @@ pub fn fingerprint(der: &[u8]) -> String {
 }
 
 fn generate(dir: &Path, cert: &Path, key: &Path, names: &[String]) -> Result<(), TlsError> {
-    let mut sans = vec!["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()];
+    let mut sans = vec![
+        "localhost".to_owned(),
+        "127.0.0.1".to_owned(),
+        "::1".to_owned(),
+    ];
     if let Ok(h) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
         let h = h.trim();
         if !h.is_empty() && !sans.iter().any(|s| s == h) {
@@ -104,8 +119,12 @@ fn generate(dir: &Path, cert: &Path, key: &Path, names: &[String]) -> Result<(),
         }
     }
     sans.extend(names.iter().cloned());
-    let ck = rcgen::generate_simple_self_signed(sans).map_err(|e| TlsError::Generate(e.to_string()))?;
-    std::fs::create_dir_all(dir).map_err(|source| TlsError::Write { path: dir.to_owned(), source })?;
+    let ck =
+        rcgen::generate_simple_self_signed(sans).map_err(|e| TlsError::Generate(e.to_string()))?;
+    std::fs::create_dir_all(dir).map_err(|source| TlsError::Write {
+        path: dir.to_owned(),
+        source,
+    })?;
     write_file(key, ck.signing_key.serialize_pem().as_bytes(), 0o600)?;
     write_file(cert, ck.cert.pem().as_bytes(), 0o644)?;
     Ok(())
@@ -115,7 +134,10 @@ fn generate(dir: &Path, cert: &Path, key: &Path, names: &[String]) -> Result<(),
 fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), TlsError> {
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
-    let err = |source| TlsError::Write { path: path.to_owned(), source };
+    let err = |source| TlsError::Write {
+        path: path.to_owned(),
+        source,
+    };
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -142,7 +164,10 @@ mod tests {
         assert_eq!(a.fingerprint, b.fingerprint);
         assert_eq!(a.fingerprint.len(), 95);
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(dir.join("tls/relay-key.pem")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(dir.join("tls/relay-key.pem"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         std::fs::remove_dir_all(&dir).unwrap();
     }

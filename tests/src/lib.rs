@@ -24,7 +24,10 @@ pub const API_KEY: &str = "test-api-key-0123456789abcdef";
 
 /// Where cargo put the workspace binaries: next to this test executable's `deps/`.
 pub fn binary(name: &str) -> PathBuf {
-    let env = format!("NETPILOT_{}_BIN", name.trim_start_matches("netpilot-").to_ascii_uppercase());
+    let env = format!(
+        "NETPILOT_{}_BIN",
+        name.trim_start_matches("netpilot-").to_ascii_uppercase()
+    );
     if let Ok(p) = std::env::var(env) {
         return PathBuf::from(p);
     }
@@ -101,7 +104,12 @@ impl Relay {
         let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
             .await
             .map_err(|_| anyhow!("relay did not report its address within 30 s"))??
-            .ok_or_else(|| anyhow!("relay exited before listening; see {}", dir.path().join("relay.log").display()))?;
+            .ok_or_else(|| {
+                anyhow!(
+                    "relay exited before listening; see {}",
+                    dir.path().join("relay.log").display()
+                )
+            })?;
         // listening <addr> fingerprint <fp> cert <path>
         let parts: Vec<&str> = line.split_whitespace().collect();
         if parts.len() < 4 || parts[0] != "listening" {
@@ -139,7 +147,13 @@ impl Relay {
     /// Starts the relay again on the same address and data directory.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         self.kill().await;
-        let again = Self::spawn(self._dir.clone(), self.data_dir.clone(), self.config_file.clone(), self.addr).await?;
+        let again = Self::spawn(
+            self._dir.clone(),
+            self.data_dir.clone(),
+            self.config_file.clone(),
+            self.addr,
+        )
+        .await?;
         *self = again;
         Ok(())
     }
@@ -152,13 +166,24 @@ impl Relay {
     /// Creates a router owned by `owner` and returns (router id, enrollment token).
     pub async fn create_router(&self, owner: &str, name: &str) -> anyhow::Result<(String, String)> {
         let c = self.client().await?;
-        let r = c.post("/api/admin/routers", json!({"ownerUserId": owner, "name": name})).await?;
+        let r = c
+            .post(
+                "/api/admin/routers",
+                json!({"ownerUserId": owner, "name": name}),
+            )
+            .await?;
         if r.status != 201 {
             bail!("create router: {} {}", r.status, r.body);
         }
         Ok((
-            r.body["data"]["router_id"].as_str().unwrap_or_default().to_owned(),
-            r.body["data"]["enrollment_token"].as_str().unwrap_or_default().to_owned(),
+            r.body["data"]["router_id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+            r.body["data"]["enrollment_token"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
         ))
     }
 
@@ -171,11 +196,20 @@ impl Relay {
         if !out.status.success() {
             bail!("enroll failed: {}", String::from_utf8_lossy(&out.stderr));
         }
-        Ok(EnrolledRouter { router_id, state_dir, _dir: dir })
+        Ok(EnrolledRouter {
+            router_id,
+            state_dir,
+            _dir: dir,
+        })
     }
 
     /// Polls the admin list until the router's online flag is `online`.
-    pub async fn wait_online(&self, router_id: &str, online: bool, within: Duration) -> anyhow::Result<()> {
+    pub async fn wait_online(
+        &self,
+        router_id: &str,
+        online: bool,
+        within: Duration,
+    ) -> anyhow::Result<()> {
         let c = self.client().await?;
         let deadline = tokio::time::Instant::now() + within;
         loop {
@@ -184,16 +218,33 @@ impl Relay {
                 return Ok(());
             }
             if tokio::time::Instant::now() > deadline {
-                bail!("router {router_id} not online={online} within {within:?}: {}", r.body);
+                bail!(
+                    "router {router_id} not online={online} within {within:?}: {}",
+                    r.body
+                );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 }
 
-pub async fn enroll(relay_url: &str, token: &str, fingerprint: &str, state_dir: &Path) -> anyhow::Result<std::process::Output> {
+pub async fn enroll(
+    relay_url: &str,
+    token: &str,
+    fingerprint: &str,
+    state_dir: &Path,
+) -> anyhow::Result<std::process::Output> {
     Ok(Command::new(binary("netpilot-agent"))
-        .args(["enroll", "--relay", relay_url, "--token", token, "--fingerprint", fingerprint, "--state-dir"])
+        .args([
+            "enroll",
+            "--relay",
+            relay_url,
+            "--token",
+            token,
+            "--fingerprint",
+            fingerprint,
+            "--state-dir",
+        ])
         .arg(state_dir)
         .kill_on_drop(true)
         .output()
@@ -214,19 +265,31 @@ pub struct Agent {
 
 /// Agent flags for tests: fast reconnects, no start delay.
 pub fn fast_agent_args() -> Vec<String> {
-    ["--start-delay-max", "0s", "--backoff-base", "50ms", "--backoff-cap", "500ms", "--connect-timeout", "5s"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+    [
+        "--start-delay-max",
+        "0s",
+        "--backoff-base",
+        "50ms",
+        "--backoff-cap",
+        "500ms",
+        "--connect-timeout",
+        "5s",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
 }
 
 impl Agent {
     /// Starts `netpilot-agent run` for an enrolled state directory.
     pub async fn start(router: &EnrolledRouter, extra: &[&str]) -> anyhow::Result<Agent> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(router.state_dir.parent().expect("state parent").join("agent.log"))?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(
+            router
+                .state_dir
+                .parent()
+                .expect("state parent")
+                .join("agent.log"),
+        )?;
         let mut child = Command::new(binary("netpilot-agent"))
             .arg("run")
             .arg("--state-dir")
@@ -249,8 +312,12 @@ impl Agent {
             other => bail!("agent did not start: {other:?}"),
         }
         if extra.contains(&"--api-listen") {
-            let l = tokio::time::timeout(Duration::from_secs(10), lines.next_line()).await??.unwrap_or_default();
-            api_addr = l.strip_prefix("api listening ").and_then(|a| a.parse().ok());
+            let l = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+                .await??
+                .unwrap_or_default();
+            api_addr = l
+                .strip_prefix("api listening ")
+                .and_then(|a| a.parse().ok());
         }
         Ok(Agent { child, api_addr })
     }
@@ -288,14 +355,24 @@ pub struct Client {
 }
 
 impl Client {
-    pub async fn connect(addr: std::net::SocketAddr, fingerprint: &str, key: &str) -> anyhow::Result<Client> {
+    pub async fn connect(
+        addr: std::net::SocketAddr,
+        fingerprint: &str,
+        key: &str,
+    ) -> anyhow::Result<Client> {
         let sender = h2_connect(addr, fingerprint).await?;
-        Ok(Client { sender: Arc::new(Mutex::new(sender)), key: Some(key.to_owned()) })
+        Ok(Client {
+            sender: Arc::new(Mutex::new(sender)),
+            key: Some(key.to_owned()),
+        })
     }
 
     /// The same connection, another (or no) API key.
     pub fn with_key(&self, key: Option<&str>) -> Client {
-        Client { sender: self.sender.clone(), key: key.map(str::to_owned) }
+        Client {
+            sender: self.sender.clone(),
+            key: key.map(str::to_owned),
+        }
     }
 
     pub async fn get(&self, path: &str) -> anyhow::Result<Reply> {
@@ -303,14 +380,26 @@ impl Client {
     }
 
     pub async fn post(&self, path: &str, body: Value) -> anyhow::Result<Reply> {
-        self.call("POST", path, Some(Bytes::from(body.to_string())), Some("application/json")).await
+        self.call(
+            "POST",
+            path,
+            Some(Bytes::from(body.to_string())),
+            Some("application/json"),
+        )
+        .await
     }
 
     pub async fn delete(&self, path: &str) -> anyhow::Result<Reply> {
         self.call("DELETE", path, None, None).await
     }
 
-    pub async fn call(&self, method: &str, path: &str, body: Option<Bytes>, content_type: Option<&str>) -> anyhow::Result<Reply> {
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Bytes>,
+        content_type: Option<&str>,
+    ) -> anyhow::Result<Reply> {
         self.call_with(method, path, body, content_type, &[]).await
     }
 
@@ -322,7 +411,9 @@ impl Client {
         content_type: Option<&str>,
         headers: &[(&str, &str)],
     ) -> anyhow::Result<Reply> {
-        let mut b = Request::builder().method(method).uri(format!("https://relay{path}"));
+        let mut b = Request::builder()
+            .method(method)
+            .uri(format!("https://relay{path}"));
         if let Some(k) = &self.key {
             b = b.header("authorization", format!("Bearer {k}"));
         }
@@ -340,18 +431,30 @@ impl Client {
         let headers = resp.headers().clone();
         let raw = resp.into_body().collect().await?.to_bytes();
         let body = serde_json::from_slice(&raw).unwrap_or(Value::Null);
-        Ok(Reply { status, body, raw, headers })
+        Ok(Reply {
+            status,
+            body,
+            raw,
+            headers,
+        })
     }
 }
 
-async fn h2_connect(addr: std::net::SocketAddr, fingerprint: &str) -> anyhow::Result<SendRequest<Full<Bytes>>> {
-    let tls = netpilot_agent::tls::client_config(&netpilot_agent::tls::Trust::Fingerprint(fingerprint.to_owned()))?;
+async fn h2_connect(
+    addr: std::net::SocketAddr,
+    fingerprint: &str,
+) -> anyhow::Result<SendRequest<Full<Bytes>>> {
+    let tls = netpilot_agent::tls::client_config(&netpilot_agent::tls::Trust::Fingerprint(
+        fingerprint.to_owned(),
+    ))?;
     let mut cfg = (*tls).clone();
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     let tcp = tokio::net::TcpStream::connect(addr).await?;
     tcp.set_nodelay(true)?;
     let name = rustls_pki_types::ServerName::try_from("localhost")?;
-    let stream = tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp).await?;
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await?;
     let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .handshake(TokioIo::new(stream))
@@ -369,7 +472,10 @@ pub fn session_id() -> String {
 pub async fn start_session(c: &Client, user: &str, router_id: &str) -> anyhow::Result<String> {
     let sid = session_id();
     let r = c
-        .post("/api/session/start", json!({"sessionId": sid, "userId": user, "routerId": router_id}))
+        .post(
+            "/api/session/start",
+            json!({"sessionId": sid, "userId": user, "routerId": router_id}),
+        )
         .await?;
     if r.status != 200 {
         bail!("session start: {} {}", r.status, r.body);

@@ -8,11 +8,21 @@ use bytes::Bytes;
 use netpilot_tests::{q, session_id, start_session, Agent, Relay, RelayOptions};
 use serde_json::json;
 
-async fn relay_with_agent(config: &str, agent_args: &[&str]) -> (Relay, netpilot_tests::EnrolledRouter, Agent) {
-    let relay = Relay::start(RelayOptions { config: config.into() }).await.unwrap();
+async fn relay_with_agent(
+    config: &str,
+    agent_args: &[&str],
+) -> (Relay, netpilot_tests::EnrolledRouter, Agent) {
+    let relay = Relay::start(RelayOptions {
+        config: config.into(),
+    })
+    .await
+    .unwrap();
     let router = relay.enrolled_router("alice").await.unwrap();
     let agent = Agent::start(&router, agent_args).await.unwrap();
-    relay.wait_online(&router.router_id, true, Duration::from_secs(10)).await.unwrap();
+    relay
+        .wait_online(&router.router_id, true, Duration::from_secs(10))
+        .await
+        .unwrap();
     (relay, router, agent)
 }
 
@@ -25,23 +35,67 @@ async fn status_400_for_bad_ids_and_json() {
     let cases: Vec<(&str, String, Option<String>)> = vec![
         ("GET", format!("/api/scan/router?routerId={rid}"), None),
         ("GET", format!("/api/scan/router?sessionId={sid}"), None),
-        ("GET", format!("/api/scan/router?sessionId=nope&routerId={rid}"), None),
-        ("GET", format!("/api/scan/router?sessionId={sid}&routerId=12345"), None),
-        ("POST", "/api/block".into(), Some(format!("{{\"sessionId\": \"{sid}\", \"routerId\": "))),
+        (
+            "GET",
+            format!("/api/scan/router?sessionId=nope&routerId={rid}"),
+            None,
+        ),
+        (
+            "GET",
+            format!("/api/scan/router?sessionId={sid}&routerId=12345"),
+            None,
+        ),
+        (
+            "POST",
+            "/api/block".into(),
+            Some(format!("{{\"sessionId\": \"{sid}\", \"routerId\": ")),
+        ),
         ("POST", "/api/block".into(), Some("[1,2,3]".into())),
-        ("POST", "/api/block".into(), Some(format!("{{\"sessionId\": 7, \"routerId\": \"{rid}\"}}"))),
-        ("POST", "/api/session/start".into(), Some(format!("{{\"sessionId\": \"{sid}\"}}"))),
-        ("POST", "/api/session/start".into(), Some(format!("{{\"sessionId\": \"{sid}\", \"userId\": \"a\\nb\"}}"))),
-        ("POST", "/api/admin/routers".into(), Some("{\"ownerUserId\": \"\", \"name\": \"x\"}".into())),
-        ("GET", format!("/api/groups/abc?sessionId={sid}&routerId={rid}"), None),
+        (
+            "POST",
+            "/api/block".into(),
+            Some(format!("{{\"sessionId\": 7, \"routerId\": \"{rid}\"}}")),
+        ),
+        (
+            "POST",
+            "/api/session/start".into(),
+            Some(format!("{{\"sessionId\": \"{sid}\"}}")),
+        ),
+        (
+            "POST",
+            "/api/session/start".into(),
+            Some(format!(
+                "{{\"sessionId\": \"{sid}\", \"userId\": \"a\\nb\"}}"
+            )),
+        ),
+        (
+            "POST",
+            "/api/admin/routers".into(),
+            Some("{\"ownerUserId\": \"\", \"name\": \"x\"}".into()),
+        ),
+        (
+            "GET",
+            format!("/api/groups/abc?sessionId={sid}&routerId={rid}"),
+            None,
+        ),
         ("DELETE", "/api/admin/routers/not-a-uuid".into(), None),
     ];
     for (method, path, body) in cases {
         let r = c
-            .call(method, &path, body.map(Bytes::from), Some("application/json"))
+            .call(
+                method,
+                &path,
+                body.map(Bytes::from),
+                Some("application/json"),
+            )
             .await
             .unwrap();
-        assert_eq!((r.status, r.code()), (400, "INVALID_PARAMETER"), "{method} {path}: {}", r.body);
+        assert_eq!(
+            (r.status, r.code()),
+            (400, "INVALID_PARAMETER"),
+            "{method} {path}: {}",
+            r.body
+        );
         assert_eq!(r.body["success"], json!(false));
         assert!(!r.body["error"]["message"].as_str().unwrap().is_empty());
     }
@@ -67,15 +121,29 @@ async fn status_403_and_404_for_ownership_and_unknown_routers() {
     let (relay, router, _agent) = relay_with_agent("", &["--simulate"]).await;
     let c = relay.client().await.unwrap();
     let bob = session_id();
-    c.post("/api/session/start", json!({"sessionId": bob, "userId": "bob"})).await.unwrap();
-    let r = c.get(&q("/api/scan/router", &bob, &router.router_id)).await.unwrap();
+    c.post(
+        "/api/session/start",
+        json!({"sessionId": bob, "userId": "bob"}),
+    )
+    .await
+    .unwrap();
+    let r = c
+        .get(&q("/api/scan/router", &bob, &router.router_id))
+        .await
+        .unwrap();
     assert_eq!((r.status, r.code()), (403, "FORBIDDEN"));
     let unknown = uuid::Uuid::new_v4().to_string();
     let r = c.get(&q("/api/scan/router", &bob, &unknown)).await.unwrap();
     assert_eq!((r.status, r.code()), (404, "ROUTER_NOT_FOUND"));
-    let r = c.get(&format!("/api/admin/routers/{unknown}")).await.unwrap();
+    let r = c
+        .get(&format!("/api/admin/routers/{unknown}"))
+        .await
+        .unwrap();
     assert_eq!((r.status, r.code()), (404, "ROUTER_NOT_FOUND"));
-    let r = c.delete(&format!("/api/admin/routers/{unknown}")).await.unwrap();
+    let r = c
+        .delete(&format!("/api/admin/routers/{unknown}"))
+        .await
+        .unwrap();
     assert_eq!((r.status, r.code()), (404, "ROUTER_NOT_FOUND"));
 }
 
@@ -93,16 +161,25 @@ async fn status_408_when_the_router_does_not_answer_in_time() {
     let c = relay.client().await.unwrap();
     let sid = start_session(&c, "alice", &router.router_id).await.unwrap();
     let started = std::time::Instant::now();
-    let r = c.get(&q("/api/scan/router", &sid, &router.router_id)).await.unwrap();
+    let r = c
+        .get(&q("/api/scan/router", &sid, &router.router_id))
+        .await
+        .unwrap();
     assert_eq!((r.status, r.code()), (408, "COMMAND_TIMEOUT"), "{}", r.body);
     assert!(started.elapsed() < Duration::from_secs(5));
     // The link survives a timed-out call.
-    let r = c.get(&q("/api/agent/health", &sid, &router.router_id)).await.unwrap();
+    let r = c
+        .get(&q("/api/agent/health", &sid, &router.router_id))
+        .await
+        .unwrap();
     assert_eq!(r.status, 200);
 }
 
 fn mkfifo(path: &std::path::Path) {
-    let status = std::process::Command::new("mkfifo").arg(path).status().unwrap();
+    let status = std::process::Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .unwrap();
     assert!(status.success());
 }
 
@@ -112,13 +189,17 @@ async fn status_503_when_the_router_is_not_connected() {
     let router = relay.enrolled_router("alice").await.unwrap();
     let c = relay.client().await.unwrap();
     let sid = start_session(&c, "alice", &router.router_id).await.unwrap();
-    let r = c.get(&q("/api/scan/router", &sid, &router.router_id)).await.unwrap();
+    let r = c
+        .get(&q("/api/scan/router", &sid, &router.router_id))
+        .await
+        .unwrap();
     assert_eq!((r.status, r.code()), (503, "ROUTER_OFFLINE"));
 }
 
 #[tokio::test]
 async fn unknown_routes_methods_bodies_and_content_types() {
-    let (relay, router, _agent) = relay_with_agent("[limits]\nmax_body_bytes = 4096\n", &["--simulate"]).await;
+    let (relay, router, _agent) =
+        relay_with_agent("[limits]\nmax_body_bytes = 4096\n", &["--simulate"]).await;
     let c = relay.client().await.unwrap();
     let sid = start_session(&c, "alice", &router.router_id).await.unwrap();
     let rid = &router.router_id;
@@ -128,30 +209,54 @@ async fn unknown_routes_methods_bodies_and_content_types() {
     let r = c.get("/nothing-here").await.unwrap();
     assert_eq!((r.status, r.code()), (404, "NOT_FOUND"));
 
-    let r = c.post("/api/scan", json!({"sessionId": sid, "routerId": rid})).await.unwrap();
+    let r = c
+        .post("/api/scan", json!({"sessionId": sid, "routerId": rid}))
+        .await
+        .unwrap();
     assert_eq!((r.status, r.code()), (405, "METHOD_NOT_ALLOWED"));
     assert_eq!(r.headers.get("allow").unwrap(), "GET");
     let r = c.get("/api/session/start").await.unwrap();
     assert_eq!(r.status, 405);
 
-    let big = format!("{{\"sessionId\": \"{sid}\", \"routerId\": \"{rid}\", \"pad\": \"{}\"}}", "x".repeat(8192));
-    let r = c.call("POST", "/api/block", Some(Bytes::from(big)), Some("application/json")).await.unwrap();
+    let big = format!(
+        "{{\"sessionId\": \"{sid}\", \"routerId\": \"{rid}\", \"pad\": \"{}\"}}",
+        "x".repeat(8192)
+    );
+    let r = c
+        .call(
+            "POST",
+            "/api/block",
+            Some(Bytes::from(big)),
+            Some("application/json"),
+        )
+        .await
+        .unwrap();
     assert_eq!((r.status, r.code()), (413, "PAYLOAD_TOO_LARGE"));
 
     let body = format!("sessionId={sid}&routerId={rid}");
     let r = c
-        .call("POST", "/api/block", Some(Bytes::from(body)), Some("application/x-www-form-urlencoded"))
+        .call(
+            "POST",
+            "/api/block",
+            Some(Bytes::from(body)),
+            Some("application/x-www-form-urlencoded"),
+        )
         .await
         .unwrap();
     assert_eq!((r.status, r.code()), (415, "UNSUPPORTED_MEDIA_TYPE"));
-    let r = c.call("POST", "/api/block", Some(Bytes::from("{}")), None).await.unwrap();
+    let r = c
+        .call("POST", "/api/block", Some(Bytes::from("{}")), None)
+        .await
+        .unwrap();
     assert_eq!(r.status, 415);
     // A JSON content type with parameters is fine.
     let r = c
         .call(
             "POST",
             "/api/block",
-            Some(Bytes::from(json!({"sessionId": sid, "routerId": rid}).to_string())),
+            Some(Bytes::from(
+                json!({"sessionId": sid, "routerId": rid}).to_string(),
+            )),
             Some("application/json; charset=utf-8"),
         )
         .await
@@ -174,9 +279,18 @@ async fn every_forwarded_route_reaches_the_agent() {
         let method = route.method.as_str();
         let r = if route.method.has_body() {
             let body = json!({"sessionId": sid, "routerId": rid}).to_string();
-            c.call(method, &path, Some(Bytes::from(body)), Some("application/json")).await.unwrap()
+            c.call(
+                method,
+                &path,
+                Some(Bytes::from(body)),
+                Some("application/json"),
+            )
+            .await
+            .unwrap()
         } else {
-            c.call(method, &q(&path, &sid, rid), None, None).await.unwrap()
+            c.call(method, &q(&path, &sid, rid), None, None)
+                .await
+                .unwrap()
         };
         match route.pattern {
             "/api/agent/health" | "/api/scan/router" => {
@@ -185,7 +299,12 @@ async fn every_forwarded_route_reaches_the_agent() {
             }
             _ => {
                 // Not built yet: the agent says so, and the relay passes it through.
-                assert_eq!((r.status, r.code()), (501, "NOT_IMPLEMENTED"), "{method} {path}: {}", r.body);
+                assert_eq!(
+                    (r.status, r.code()),
+                    (501, "NOT_IMPLEMENTED"),
+                    "{method} {path}: {}",
+                    r.body
+                );
             }
         }
         assert!(r.headers.contains_key("x-request-id"));
@@ -198,7 +317,13 @@ async fn request_ids_are_propagated_to_the_agent_and_back() {
     let c = relay.client().await.unwrap();
     let sid = start_session(&c, "alice", &router.router_id).await.unwrap();
     let r = c
-        .call_with("GET", &q("/api/agent/health", &sid, &router.router_id), None, None, &[("x-request-id", "trace-42")])
+        .call_with(
+            "GET",
+            &q("/api/agent/health", &sid, &router.router_id),
+            None,
+            None,
+            &[("x-request-id", "trace-42")],
+        )
         .await
         .unwrap();
     assert_eq!(r.headers.get("x-request-id").unwrap(), "trace-42");

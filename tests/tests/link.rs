@@ -11,16 +11,26 @@ use serde_json::json;
 const FAST_LINK: &str = "[timeouts]\nping_interval = \"200ms\"\ndead_after = \"800ms\"\n";
 
 fn signal(pid: u32, sig: &str) {
-    let ok = std::process::Command::new("kill").args([sig, &pid.to_string()]).status().unwrap();
+    let ok = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap();
     assert!(ok.success());
 }
 
 #[tokio::test]
 async fn killed_agent_is_offline_at_once_and_a_restarted_one_serves_the_same_session() {
-    let relay = Relay::start(RelayOptions { config: FAST_LINK.into() }).await.unwrap();
+    let relay = Relay::start(RelayOptions {
+        config: FAST_LINK.into(),
+    })
+    .await
+    .unwrap();
     let router = relay.enrolled_router("alice").await.unwrap();
     let mut agent = Agent::start(&router, &["--simulate"]).await.unwrap();
-    relay.wait_online(&router.router_id, true, Duration::from_secs(10)).await.unwrap();
+    relay
+        .wait_online(&router.router_id, true, Duration::from_secs(10))
+        .await
+        .unwrap();
     let c = relay.client().await.unwrap();
     let sid = start_session(&c, "alice", &router.router_id).await.unwrap();
     let path = q("/api/scan/router", &sid, &router.router_id);
@@ -28,38 +38,73 @@ async fn killed_agent_is_offline_at_once_and_a_restarted_one_serves_the_same_ses
 
     agent.kill().await; // SIGKILL: the kernel closes the socket, the relay sees FIN.
     let started = std::time::Instant::now();
-    eventually(Duration::from_secs(2), "503 after the agent died", || async {
-        let r = c.get(&path).await.ok()?;
-        (r.status == 503 && r.code() == "ROUTER_OFFLINE").then_some(())
-    })
+    eventually(
+        Duration::from_secs(2),
+        "503 after the agent died",
+        || async {
+            let r = c.get(&path).await.ok()?;
+            (r.status == 503 && r.code() == "ROUTER_OFFLINE").then_some(())
+        },
+    )
     .await
     .unwrap();
     let detected = started.elapsed();
-    assert!(detected < Duration::from_millis(800), "offline after {detected:?}, longer than dead_after");
+    assert!(
+        detected < Duration::from_millis(800),
+        "offline after {detected:?}, longer than dead_after"
+    );
 
     let _agent = Agent::start(&router, &["--simulate"]).await.unwrap();
-    relay.wait_online(&router.router_id, true, Duration::from_secs(10)).await.unwrap();
+    relay
+        .wait_online(&router.router_id, true, Duration::from_secs(10))
+        .await
+        .unwrap();
     let r = c.get(&path).await.unwrap();
     assert_eq!(r.status, 200, "{}", r.body);
 }
 
 #[tokio::test]
 async fn a_frozen_agent_is_declared_dead_by_keepalive() {
-    let relay = Relay::start(RelayOptions { config: FAST_LINK.into() }).await.unwrap();
+    let relay = Relay::start(RelayOptions {
+        config: FAST_LINK.into(),
+    })
+    .await
+    .unwrap();
     let router = relay.enrolled_router("alice").await.unwrap();
-    let agent = Agent::start(&router, &["--simulate", "--ping-interval", "200ms", "--dead-after", "800ms"])
+    let agent = Agent::start(
+        &router,
+        &[
+            "--simulate",
+            "--ping-interval",
+            "200ms",
+            "--dead-after",
+            "800ms",
+        ],
+    )
+    .await
+    .unwrap();
+    relay
+        .wait_online(&router.router_id, true, Duration::from_secs(10))
         .await
         .unwrap();
-    relay.wait_online(&router.router_id, true, Duration::from_secs(10)).await.unwrap();
     let pid = agent.pid().unwrap();
     signal(pid, "-STOP"); // no FIN, no PING answers: only keepalive can tell
     let started = std::time::Instant::now();
-    relay.wait_online(&router.router_id, false, Duration::from_secs(5)).await.unwrap();
+    relay
+        .wait_online(&router.router_id, false, Duration::from_secs(5))
+        .await
+        .unwrap();
     let took = started.elapsed();
     signal(pid, "-CONT");
-    assert!(took >= Duration::from_millis(400), "declared dead too early: {took:?}");
+    assert!(
+        took >= Duration::from_millis(400),
+        "declared dead too early: {took:?}"
+    );
     // Back from the freeze, the agent notices and reconnects by itself.
-    relay.wait_online(&router.router_id, true, Duration::from_secs(10)).await.unwrap();
+    relay
+        .wait_online(&router.router_id, true, Duration::from_secs(10))
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -67,15 +112,27 @@ async fn the_agent_reconnects_after_a_relay_restart() {
     let mut relay = Relay::start(RelayOptions::default()).await.unwrap();
     let router = relay.enrolled_router("alice").await.unwrap();
     let _agent = Agent::start(&router, &["--simulate"]).await.unwrap();
-    relay.wait_online(&router.router_id, true, Duration::from_secs(10)).await.unwrap();
+    relay
+        .wait_online(&router.router_id, true, Duration::from_secs(10))
+        .await
+        .unwrap();
     relay.restart().await.unwrap();
-    relay.wait_online(&router.router_id, true, Duration::from_secs(10)).await.unwrap();
+    relay
+        .wait_online(&router.router_id, true, Duration::from_secs(10))
+        .await
+        .unwrap();
     // Sessions live in memory: a new one is needed, the router is the same.
     let c = relay.client().await.unwrap();
     let sid = start_session(&c, "alice", &router.router_id).await.unwrap();
-    let r = c.get(&q("/api/scan/router", &sid, &router.router_id)).await.unwrap();
+    let r = c
+        .get(&q("/api/scan/router", &sid, &router.router_id))
+        .await
+        .unwrap();
     assert_eq!(r.status, 200);
-    let r = c.get(&format!("/api/admin/routers/{}", router.router_id)).await.unwrap();
+    let r = c
+        .get(&format!("/api/admin/routers/{}", router.router_id))
+        .await
+        .unwrap();
     assert!(r.body["data"]["last_seen"].is_string());
 }
 
@@ -84,16 +141,30 @@ async fn two_hundred_concurrent_calls_over_one_link() {
     let relay = Relay::start(RelayOptions::default()).await.unwrap();
     let router = relay.enrolled_router("alice").await.unwrap();
     let _agent = Agent::start(&router, &["--simulate"]).await.unwrap();
-    relay.wait_online(&router.router_id, true, Duration::from_secs(10)).await.unwrap();
+    relay
+        .wait_online(&router.router_id, true, Duration::from_secs(10))
+        .await
+        .unwrap();
     let c = relay.client().await.unwrap();
     let sid = start_session(&c, "alice", &router.router_id).await.unwrap();
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..200 {
         let c = c.clone();
-        let path = q(if i % 2 == 0 { "/api/scan/router" } else { "/api/agent/health" }, &sid, &router.router_id);
+        let path = q(
+            if i % 2 == 0 {
+                "/api/scan/router"
+            } else {
+                "/api/agent/health"
+            },
+            &sid,
+            &router.router_id,
+        );
         tasks.spawn(async move {
             let id = format!("call-{i}");
-            let r = c.call_with("GET", &path, None, None, &[("x-request-id", &id)]).await.unwrap();
+            let r = c
+                .call_with("GET", &path, None, None, &[("x-request-id", &id)])
+                .await
+                .unwrap();
             (i, id, r)
         });
     }
@@ -113,7 +184,12 @@ async fn two_hundred_concurrent_calls_over_one_link() {
     assert_eq!(answered, 200);
     let m = c.get("/metrics").await.unwrap();
     let text = String::from_utf8_lossy(&m.raw);
-    assert!(text.contains("netpilot_forwarded_requests_total{route=\"/api/scan/router\",status=\"200\"} 100\n"), "{text}");
+    assert!(
+        text.contains(
+            "netpilot_forwarded_requests_total{route=\"/api/scan/router\",status=\"200\"} 100\n"
+        ),
+        "{text}"
+    );
     assert!(text.contains("netpilot_connected_agents 1\n"));
 }
 
@@ -122,18 +198,30 @@ async fn revoked_router_is_disconnected_and_refused_on_reconnect() {
     let relay = Relay::start(RelayOptions::default()).await.unwrap();
     let router = relay.enrolled_router("alice").await.unwrap();
     let _agent = Agent::start(&router, &["--simulate"]).await.unwrap();
-    relay.wait_online(&router.router_id, true, Duration::from_secs(10)).await.unwrap();
+    relay
+        .wait_online(&router.router_id, true, Duration::from_secs(10))
+        .await
+        .unwrap();
     let c = relay.client().await.unwrap();
     let sid = start_session(&c, "alice", &router.router_id).await.unwrap();
 
-    let r = c.delete(&format!("/api/admin/routers/{}", router.router_id)).await.unwrap();
+    let r = c
+        .delete(&format!("/api/admin/routers/{}", router.router_id))
+        .await
+        .unwrap();
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body["data"]["link_closed"], json!(true));
     // Closed at once, not at the next keepalive.
-    let r = c.get(&format!("/api/admin/routers/{}", router.router_id)).await.unwrap();
+    let r = c
+        .get(&format!("/api/admin/routers/{}", router.router_id))
+        .await
+        .unwrap();
     assert_eq!(r.body["data"]["online"], json!(false));
     assert_eq!(r.body["data"]["revoked"], json!(true));
-    let r = c.get(&q("/api/scan/router", &sid, &router.router_id)).await.unwrap();
+    let r = c
+        .get(&q("/api/scan/router", &sid, &router.router_id))
+        .await
+        .unwrap();
     assert_eq!((r.status, r.code()), (404, "ROUTER_NOT_FOUND"));
     // The agent keeps trying and is refused each time.
     eventually(Duration::from_secs(10), "a refused reconnect", || async {
@@ -143,7 +231,10 @@ async fn revoked_router_is_disconnected_and_refused_on_reconnect() {
     .unwrap();
     let m = c.get("/metrics").await.unwrap();
     assert!(!String::from_utf8_lossy(&m.raw).contains("netpilot_link_rejects_total 0\n"));
-    let r = c.get(&format!("/api/admin/routers/{}", router.router_id)).await.unwrap();
+    let r = c
+        .get(&format!("/api/admin/routers/{}", router.router_id))
+        .await
+        .unwrap();
     assert_eq!(r.body["data"]["online"], json!(false));
 }
 
@@ -152,18 +243,30 @@ async fn the_newest_of_two_agents_with_one_identity_wins() {
     let relay = Relay::start(RelayOptions::default()).await.unwrap();
     let router = relay.enrolled_router("alice").await.unwrap();
     // The first agent, once displaced, waits long before retrying.
-    let _old = Agent::start(&router, &["--backoff-base", "30s", "--backoff-cap", "60s"]).await.unwrap();
-    relay.wait_online(&router.router_id, true, Duration::from_secs(10)).await.unwrap();
+    let _old = Agent::start(&router, &["--backoff-base", "30s", "--backoff-cap", "60s"])
+        .await
+        .unwrap();
+    relay
+        .wait_online(&router.router_id, true, Duration::from_secs(10))
+        .await
+        .unwrap();
     let c = relay.client().await.unwrap();
     let sid = start_session(&c, "alice", &router.router_id).await.unwrap();
     let health = q("/api/agent/health", &sid, &router.router_id);
-    assert_eq!(c.get(&health).await.unwrap().body["data"]["mode"], json!("real"));
+    assert_eq!(
+        c.get(&health).await.unwrap().body["data"]["mode"],
+        json!("real")
+    );
 
     let _new = Agent::start(&router, &["--simulate"]).await.unwrap();
-    eventually(Duration::from_secs(10), "the new agent to take over", || async {
-        let r = c.get(&health).await.ok()?;
-        (r.body["data"]["mode"] == json!("simulated")).then_some(())
-    })
+    eventually(
+        Duration::from_secs(10),
+        "the new agent to take over",
+        || async {
+            let r = c.get(&health).await.ok()?;
+            (r.body["data"]["mode"] == json!("simulated")).then_some(())
+        },
+    )
     .await
     .unwrap();
     assert!(relay.log().contains("agent link closed by the relay"));

@@ -6,19 +6,26 @@ use std::time::Duration;
 use netpilot_tests::{eventually, q, session_id, start_session, Agent, Relay, RelayOptions};
 use serde_json::json;
 
-const SHORT: &str = "[timeouts]\nsession_idle = \"600ms\"\nrouter_idle = \"300ms\"\nsweep_interval = \"50ms\"\n";
+const SHORT: &str =
+    "[timeouts]\nsession_idle = \"600ms\"\nrouter_idle = \"300ms\"\nsweep_interval = \"50ms\"\n";
 
 #[tokio::test]
 async fn lifecycle_start_status_refresh_end() {
     let relay = Relay::start(RelayOptions::default()).await.unwrap();
     let router = relay.enrolled_router("alice").await.unwrap();
     let _agent = Agent::start(&router, &["--simulate"]).await.unwrap();
-    relay.wait_online(&router.router_id, true, Duration::from_secs(10)).await.unwrap();
+    relay
+        .wait_online(&router.router_id, true, Duration::from_secs(10))
+        .await
+        .unwrap();
     let c = relay.client().await.unwrap();
 
     let sid = session_id();
     let r = c
-        .post("/api/session/start", json!({"sessionId": sid, "userId": "alice", "routerId": router.router_id}))
+        .post(
+            "/api/session/start",
+            json!({"sessionId": sid, "userId": "alice", "routerId": router.router_id}),
+        )
         .await
         .unwrap();
     assert_eq!(r.status, 200, "{}", r.body);
@@ -31,19 +38,37 @@ async fn lifecycle_start_status_refresh_end() {
     assert_eq!(r.body["success"], json!(true));
     assert!(r.body["meta"]["duration_ms"].is_u64());
 
-    let r = c.get(&format!("/api/session/status?sessionId={sid}")).await.unwrap();
+    let r = c
+        .get(&format!("/api/session/status?sessionId={sid}"))
+        .await
+        .unwrap();
     assert_eq!(r.status, 200);
     assert_eq!(r.body["data"]["user_id"], json!("alice"));
-    assert_eq!(r.body["data"]["routers"][0]["router_id"], json!(router.router_id));
+    assert_eq!(
+        r.body["data"]["routers"][0]["router_id"],
+        json!(router.router_id)
+    );
     assert_eq!(r.body["data"]["routers"][0]["online"], json!(true));
 
-    let r = c.post("/api/session/refresh", json!({"sessionId": sid})).await.unwrap();
-    assert_eq!(r.body["data"]["message"], json!(format!("Session {sid} refreshed")));
+    let r = c
+        .post("/api/session/refresh", json!({"sessionId": sid}))
+        .await
+        .unwrap();
+    assert_eq!(
+        r.body["data"]["message"],
+        json!(format!("Session {sid} refreshed"))
+    );
 
-    let r = c.post("/api/session/end", json!({"sessionId": sid})).await.unwrap();
+    let r = c
+        .post("/api/session/end", json!({"sessionId": sid}))
+        .await
+        .unwrap();
     assert_eq!(r.body["data"]["message"], json!("Session ended"));
     // End is immediate.
-    let r = c.get(&q("/api/scan/router", &sid, &router.router_id)).await.unwrap();
+    let r = c
+        .get(&q("/api/scan/router", &sid, &router.router_id))
+        .await
+        .unwrap();
     assert_eq!((r.status, r.code()), (401, "SESSION_INVALID"));
 }
 
@@ -52,58 +77,115 @@ async fn start_without_router_and_with_offline_router() {
     let relay = Relay::start(RelayOptions::default()).await.unwrap();
     let router = relay.enrolled_router("alice").await.unwrap();
     let c = relay.client().await.unwrap();
-    let r = c.post("/api/session/start", json!({"sessionId": session_id(), "userId": "alice"})).await.unwrap();
-    assert_eq!(r.status, 200);
-    assert_eq!(r.body["data"]["router_reachable"], json!(false));
     let r = c
-        .post("/api/session/start", json!({"sessionId": session_id(), "userId": "alice", "routerId": router.router_id}))
+        .post(
+            "/api/session/start",
+            json!({"sessionId": session_id(), "userId": "alice"}),
+        )
         .await
         .unwrap();
     assert_eq!(r.status, 200);
     assert_eq!(r.body["data"]["router_reachable"], json!(false));
-    assert!(r.body["data"]["message"].as_str().unwrap().contains("offline"));
+    let r = c
+        .post(
+            "/api/session/start",
+            json!({"sessionId": session_id(), "userId": "alice", "routerId": router.router_id}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body["data"]["router_reachable"], json!(false));
+    assert!(r.body["data"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("offline"));
 }
 
 #[tokio::test]
 async fn idle_session_expires_and_its_calls_get_401() {
-    let relay = Relay::start(RelayOptions { config: SHORT.into() }).await.unwrap();
-    let router = relay.enrolled_router("alice").await.unwrap();
-    let _agent = Agent::start(&router, &["--simulate"]).await.unwrap();
-    relay.wait_online(&router.router_id, true, Duration::from_secs(10)).await.unwrap();
-    let c = relay.client().await.unwrap();
-    let sid = start_session(&c, "alice", &router.router_id).await.unwrap();
-    assert_eq!(c.get(&q("/api/scan/router", &sid, &router.router_id)).await.unwrap().status, 200);
-    // The sweeper removes it once idle; metrics show the count dropping to zero.
-    eventually(Duration::from_secs(5), "the session to expire", || async {
-        let m = c.get("/metrics").await.ok()?;
-        String::from_utf8_lossy(&m.raw).contains("netpilot_active_sessions 0\n").then_some(())
+    let relay = Relay::start(RelayOptions {
+        config: SHORT.into(),
     })
     .await
     .unwrap();
-    let r = c.get(&q("/api/scan/router", &sid, &router.router_id)).await.unwrap();
+    let router = relay.enrolled_router("alice").await.unwrap();
+    let _agent = Agent::start(&router, &["--simulate"]).await.unwrap();
+    relay
+        .wait_online(&router.router_id, true, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let c = relay.client().await.unwrap();
+    let sid = start_session(&c, "alice", &router.router_id).await.unwrap();
+    assert_eq!(
+        c.get(&q("/api/scan/router", &sid, &router.router_id))
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+    // The sweeper removes it once idle; metrics show the count dropping to zero.
+    eventually(Duration::from_secs(5), "the session to expire", || async {
+        let m = c.get("/metrics").await.ok()?;
+        String::from_utf8_lossy(&m.raw)
+            .contains("netpilot_active_sessions 0\n")
+            .then_some(())
+    })
+    .await
+    .unwrap();
+    let r = c
+        .get(&q("/api/scan/router", &sid, &router.router_id))
+        .await
+        .unwrap();
     assert_eq!((r.status, r.code()), (401, "SESSION_INVALID"));
-    let r = c.post("/api/session/refresh", json!({"sessionId": sid})).await.unwrap();
+    let r = c
+        .post("/api/session/refresh", json!({"sessionId": sid}))
+        .await
+        .unwrap();
     assert_eq!((r.status, r.code()), (401, "SESSION_INVALID"));
 }
 
 #[tokio::test]
 async fn idle_router_detaches_and_the_next_call_reattaches() {
-    let relay = Relay::start(RelayOptions { config: SHORT.into() }).await.unwrap();
+    let relay = Relay::start(RelayOptions {
+        config: SHORT.into(),
+    })
+    .await
+    .unwrap();
     let router = relay.enrolled_router("alice").await.unwrap();
     let _agent = Agent::start(&router, &["--simulate"]).await.unwrap();
-    relay.wait_online(&router.router_id, true, Duration::from_secs(10)).await.unwrap();
+    relay
+        .wait_online(&router.router_id, true, Duration::from_secs(10))
+        .await
+        .unwrap();
     let c = relay.client().await.unwrap();
     let sid = start_session(&c, "alice", &router.router_id).await.unwrap();
     // Keep the session alive with refreshes (not router calls) until the router detaches.
     eventually(Duration::from_secs(5), "the router to detach", || async {
-        c.post("/api/session/refresh", json!({"sessionId": sid})).await.ok()?;
-        let r = c.get(&format!("/api/session/status?sessionId={sid}")).await.ok()?;
-        r.body["data"]["routers"].as_array()?.is_empty().then_some(())
+        c.post("/api/session/refresh", json!({"sessionId": sid}))
+            .await
+            .ok()?;
+        let r = c
+            .get(&format!("/api/session/status?sessionId={sid}"))
+            .await
+            .ok()?;
+        r.body["data"]["routers"]
+            .as_array()?
+            .is_empty()
+            .then_some(())
     })
     .await
     .unwrap();
-    assert_eq!(c.get(&q("/api/scan/router", &sid, &router.router_id)).await.unwrap().status, 200);
-    let r = c.get(&format!("/api/session/status?sessionId={sid}")).await.unwrap();
+    assert_eq!(
+        c.get(&q("/api/scan/router", &sid, &router.router_id))
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+    let r = c
+        .get(&format!("/api/session/status?sessionId={sid}"))
+        .await
+        .unwrap();
     assert_eq!(r.body["data"]["routers"].as_array().unwrap().len(), 1);
 }
 
@@ -112,18 +194,36 @@ async fn a_session_reaches_only_its_users_routers() {
     let relay = Relay::start(RelayOptions::default()).await.unwrap();
     let a = relay.enrolled_router("alice").await.unwrap();
     let _agent = Agent::start(&a, &["--simulate"]).await.unwrap();
-    relay.wait_online(&a.router_id, true, Duration::from_secs(10)).await.unwrap();
+    relay
+        .wait_online(&a.router_id, true, Duration::from_secs(10))
+        .await
+        .unwrap();
     let c = relay.client().await.unwrap();
 
     let bob = start_session(&c, "bob", &a.router_id).await;
-    assert!(bob.is_err(), "bob may not start a session on alice's router");
+    assert!(
+        bob.is_err(),
+        "bob may not start a session on alice's router"
+    );
     let bob_sid = session_id();
-    let r = c.post("/api/session/start", json!({"sessionId": bob_sid, "userId": "bob"})).await.unwrap();
+    let r = c
+        .post(
+            "/api/session/start",
+            json!({"sessionId": bob_sid, "userId": "bob"}),
+        )
+        .await
+        .unwrap();
     assert_eq!(r.status, 200);
-    let r = c.get(&q("/api/scan/router", &bob_sid, &a.router_id)).await.unwrap();
+    let r = c
+        .get(&q("/api/scan/router", &bob_sid, &a.router_id))
+        .await
+        .unwrap();
     assert_eq!((r.status, r.code()), (403, "FORBIDDEN"));
     let r = c
-        .post("/api/block", json!({"sessionId": bob_sid, "routerId": a.router_id, "mac": "02:00:00:00:01:01"}))
+        .post(
+            "/api/block",
+            json!({"sessionId": bob_sid, "routerId": a.router_id, "mac": "02:00:00:00:01:01"}),
+        )
         .await
         .unwrap();
     assert_eq!((r.status, r.code()), (403, "FORBIDDEN"));
@@ -131,11 +231,20 @@ async fn a_session_reaches_only_its_users_routers() {
     // Bob cannot take over alice's session id either.
     let alice_sid = start_session(&c, "alice", &a.router_id).await.unwrap();
     let r = c
-        .post("/api/session/start", json!({"sessionId": alice_sid, "userId": "bob", "restart": true}))
+        .post(
+            "/api/session/start",
+            json!({"sessionId": alice_sid, "userId": "bob", "restart": true}),
+        )
         .await
         .unwrap();
     assert_eq!((r.status, r.code()), (403, "FORBIDDEN"));
-    assert_eq!(c.get(&q("/api/scan/router", &alice_sid, &a.router_id)).await.unwrap().status, 200);
+    assert_eq!(
+        c.get(&q("/api/scan/router", &alice_sid, &a.router_id))
+            .await
+            .unwrap()
+            .status,
+        200
+    );
 }
 
 #[tokio::test]
@@ -144,9 +253,18 @@ async fn end_with_router_detaches_only_that_router() {
     let a = relay.enrolled_router("alice").await.unwrap();
     let c = relay.client().await.unwrap();
     let sid = start_session(&c, "alice", &a.router_id).await.unwrap();
-    let r = c.post("/api/session/end", json!({"sessionId": sid, "routerId": a.router_id})).await.unwrap();
+    let r = c
+        .post(
+            "/api/session/end",
+            json!({"sessionId": sid, "routerId": a.router_id}),
+        )
+        .await
+        .unwrap();
     assert_eq!(r.status, 200);
-    let r = c.get(&format!("/api/session/status?sessionId={sid}")).await.unwrap();
+    let r = c
+        .get(&format!("/api/session/status?sessionId={sid}"))
+        .await
+        .unwrap();
     assert_eq!(r.status, 200);
     assert!(r.body["data"]["routers"].as_array().unwrap().is_empty());
 }

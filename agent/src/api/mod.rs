@@ -50,7 +50,9 @@ impl AgentError {
         match self {
             AgentError::InvalidParameter(_) => (StatusCode::BAD_REQUEST, code::INVALID_PARAMETER),
             AgentError::NotFound(_) => (StatusCode::NOT_FOUND, code::NOT_FOUND),
-            AgentError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, code::METHOD_NOT_ALLOWED),
+            AgentError::MethodNotAllowed(_) => {
+                (StatusCode::METHOD_NOT_ALLOWED, code::METHOD_NOT_ALLOWED)
+            }
             AgentError::NotImplemented(_) => (StatusCode::NOT_IMPLEMENTED, code::NOT_IMPLEMENTED),
             AgentError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, code::INTERNAL),
         }
@@ -115,7 +117,9 @@ async fn dispatch(app: &Arc<App>, req: Request<Incoming>) -> Result<Reply, Agent
             return Err(AgentError::MethodNotAllowed(allowed.join(", ")));
         }
         Err(RouteError::InvalidParam { name, reason }) => {
-            return Err(AgentError::InvalidParameter(format!("path parameter {name}: {reason}")))
+            return Err(AgentError::InvalidParameter(format!(
+                "path parameter {name}: {reason}"
+            )))
         }
     };
     match route.route.pattern {

@@ -35,7 +35,9 @@ impl Files for RealFiles {
         use std::io::Read;
         let full = self.root.join(path.trim_start_matches('/'));
         let mut out = String::new();
-        std::fs::File::open(full)?.take(MAX_FILE_BYTES).read_to_string(&mut out)?;
+        std::fs::File::open(full)?
+            .take(MAX_FILE_BYTES)
+            .read_to_string(&mut out)?;
         Ok(out)
     }
 }
@@ -74,7 +76,10 @@ mod tests {
         assert_eq!(e.kind(), io::ErrorKind::NotFound);
         let mem = MemFiles::default().with("/a", "x");
         assert_eq!(mem.read_to_string("/a").unwrap(), "x");
-        assert_eq!(mem.read_to_string("/b").unwrap_err().kind(), io::ErrorKind::NotFound);
+        assert_eq!(
+            mem.read_to_string("/b").unwrap_err().kind(),
+            io::ErrorKind::NotFound
+        );
     }
 
     #[test]
@@ -83,7 +88,10 @@ mod tests {
         std::fs::create_dir_all(dir.join("etc")).unwrap();
         std::fs::write(dir.join("etc/openwrt_release"), "DISTRIB_ID='OpenWrt'\n").unwrap();
         let f = RealFiles::new(&dir);
-        assert!(f.read_to_string("/etc/openwrt_release").unwrap().contains("OpenWrt"));
+        assert!(f
+            .read_to_string("/etc/openwrt_release")
+            .unwrap()
+            .contains("OpenWrt"));
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -66,7 +66,10 @@ pub fn collect(files: &dyn Files) -> RouterInfo {
 
 fn first_line(s: String) -> Option<String> {
     // Device-tree strings end in NUL.
-    let line = s.lines().next()?.trim_matches(|c: char| c == '\0' || c.is_whitespace());
+    let line = s
+        .lines()
+        .next()?
+        .trim_matches(|c: char| c == '\0' || c.is_whitespace());
     (!line.is_empty()).then(|| line.to_owned())
 }
 
@@ -74,7 +77,9 @@ fn first_line(s: String) -> Option<String> {
 pub fn parse_openwrt_release(text: &str) -> OpenWrtRelease {
     let mut r = OpenWrtRelease::default();
     for line in text.lines() {
-        let Some((key, value)) = line.trim().split_once('=') else { continue };
+        let Some((key, value)) = line.trim().split_once('=') else {
+            continue;
+        };
         let value = unquote(value.trim());
         let slot = match key.trim() {
             "DISTRIB_ID" => &mut r.distribution,
@@ -143,8 +148,16 @@ mod tests {
         let r = parse_openwrt_release(RELEASE);
         assert_eq!(r.release.as_deref(), Some("23.05.3"));
         assert_eq!(r.arch.as_deref(), Some("mipsel_24kc"));
-        assert_eq!(r.description.as_deref(), Some("OpenWrt 23.05.3 r23809-234f1a2efa"));
-        assert_eq!(parse_openwrt_release("DISTRIB_RELEASE=\"SNAPSHOT\"").release.as_deref(), Some("SNAPSHOT"));
+        assert_eq!(
+            r.description.as_deref(),
+            Some("OpenWrt 23.05.3 r23809-234f1a2efa")
+        );
+        assert_eq!(
+            parse_openwrt_release("DISTRIB_RELEASE=\"SNAPSHOT\"")
+                .release
+                .as_deref(),
+            Some("SNAPSHOT")
+        );
     }
 
     #[test]
@@ -166,12 +179,18 @@ mod tests {
     fn collect_degrades_per_field() {
         let files = MemFiles::default()
             .with("/proc/sys/kernel/hostname", "OpenWrt\n")
-            .with("/sys/firmware/devicetree/base/model", "Xiaomi Mi Router 4A Gigabit Edition\0")
+            .with(
+                "/sys/firmware/devicetree/base/model",
+                "Xiaomi Mi Router 4A Gigabit Edition\0",
+            )
             .with("/etc/openwrt_release", RELEASE)
             .with("/proc/uptime", "12.5 3.0\n");
         let info = collect(&files);
         assert_eq!(info.hostname.as_deref(), Some("OpenWrt"));
-        assert_eq!(info.model.as_deref(), Some("Xiaomi Mi Router 4A Gigabit Edition"));
+        assert_eq!(
+            info.model.as_deref(),
+            Some("Xiaomi Mi Router 4A Gigabit Edition")
+        );
         assert_eq!(info.uptime_s, Some(12));
         assert!(info.memory.is_none() && info.load.is_none() && info.kernel.is_none());
     }

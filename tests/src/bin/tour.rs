@@ -1,1 +1,214 @@
-fn main(){}
+//! `cargo run -p netpilot-tests --bin netpilot-tour`: a relay on embedded defaults and
+//! an enrolled, connected simulated router in one process (real TLS, the real link
+//! on loopback), then a short tour of real API calls. It keeps serving afterwards so
+//! you can try the API with curl; `--once` exits after the tour; `--listen ADDR`
+//! picks the address (default 127.0.0.1:8443, or any free port if that is taken).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use netpilot_agent::enroll::{enroll, EnrollArgs};
+use netpilot_agent::tls::Trust;
+use netpilot_relay::config::{CliOverrides, Config, Secret};
+use netpilot_tests::{q, Client, Reply};
+use serde_json::json;
+use tokio::sync::oneshot;
+
+const API_KEY: &str = "demo-api-key-change-me";
+const USER: &str = "demo-user";
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let once = args.iter().any(|a| a == "--once");
+    let listen = args
+        .iter()
+        .position(|a| a == "--listen")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
+    tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let dir = tempfile::tempdir()?;
+
+    // A relay with the embedded defaults: self-signed certificate, SQLite in the data dir.
+    // 8443 makes the printed curl lines stable; any free port does if it is taken.
+    let listener = match listen {
+        Some(addr) => tokio::net::TcpListener::bind(addr.as_str()).await?,
+        None => match tokio::net::TcpListener::bind("127.0.0.1:8443").await {
+            Ok(l) => l,
+            Err(_) => tokio::net::TcpListener::bind("127.0.0.1:0").await?,
+        },
+    };
+    let config = Config::load(
+        CliOverrides {
+            data_dir: Some(dir.path().join("relay")),
+            api_key: Some(Secret::new(API_KEY)),
+            listen: Some(listener.local_addr()?),
+            ..Default::default()
+        },
+        None,
+    )?;
+    let (ready_tx, ready_rx) = oneshot::channel();
+    let (stop_relay, relay_stopped) = oneshot::channel::<()>();
+    let relay = tokio::spawn(netpilot_relay::run(
+        config,
+        listener,
+        Arc::new(netpilot_relay::state::SystemClock),
+        move |r| {
+            let _ = ready_tx.send(r);
+        },
+        async move {
+            let _ = relay_stopped.await;
+        },
+    ));
+    let ready = ready_rx.await.context("relay failed to start")?;
+    let url = format!("https://{}", ready.addr);
+    section("Relay");
+    println!("listening on {url}");
+    println!("certificate SHA-256 fingerprint {}", ready.fingerprint);
+
+    let c = Client::connect(ready.addr, &ready.fingerprint, API_KEY).await?;
+
+    section("1. The web app creates a router for its user");
+    let r = show(
+        c.post(
+            "/api/admin/routers",
+            json!({"ownerUserId": USER, "name": "Home router"}),
+        )
+        .await?,
+        "POST /api/admin/routers {ownerUserId, name}",
+    );
+    let router_id = r.body["data"]["router_id"]
+        .as_str()
+        .context("router id")?
+        .to_owned();
+    let token = r.body["data"]["enrollment_token"]
+        .as_str()
+        .context("token")?
+        .to_owned();
+
+    section("2. The router enrolls with the one-time token and connects");
+    let state_dir = dir.path().join("agent");
+    println!(
+        "$ netpilot-agent enroll --relay {url} --token {}… --fingerprint {}… --state-dir {}",
+        &token[..8],
+        &ready.fingerprint[..11],
+        state_dir.display()
+    );
+    let identity = enroll(EnrollArgs {
+        relay_url: &url,
+        token: &token,
+        trust: Trust::Fingerprint(ready.fingerprint.clone()),
+        state_dir: &state_dir,
+        force: false,
+    })
+    .await?;
+    println!("enrolled as router {}", identity.router_id);
+    println!(
+        "$ netpilot-agent run --simulate --state-dir {}",
+        state_dir.display()
+    );
+    let (stop_agent, agent_stopped) = oneshot::channel::<()>();
+    let run_config = netpilot_agent::RunConfig {
+        state_dir,
+        simulate: true,
+        backoff: netpilot_agent::backoff::BackoffConfig {
+            start_delay_max: Duration::ZERO,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let agent = tokio::spawn(netpilot_agent::run(run_config, |_| {}, async move {
+        let _ = agent_stopped.await;
+    }));
+    netpilot_tests::eventually(
+        Duration::from_secs(10),
+        "the router to come online",
+        || async {
+            let r = c
+                .get(&format!("/api/admin/routers/{router_id}"))
+                .await
+                .ok()?;
+            (r.body["data"]["online"] == json!(true)).then_some(())
+        },
+    )
+    .await?;
+    show(c.get("/api/admin/routers").await?, "GET /api/admin/routers");
+
+    section("3. A session for the user, then calls routed over the link");
+    let sid = uuid::Uuid::new_v4().to_string();
+    show(
+        c.post(
+            "/api/session/start",
+            json!({"sessionId": sid, "userId": USER, "routerId": router_id}),
+        )
+        .await?,
+        "POST /api/session/start {sessionId, userId, routerId}",
+    );
+    show(
+        c.get(&q("/api/scan/router", &sid, &router_id)).await?,
+        "GET /api/scan/router",
+    );
+    show(
+        c.get(&q("/api/agent/health", &sid, &router_id)).await?,
+        "GET /api/agent/health",
+    );
+    show(
+        c.get(&q("/api/wifi/status", &sid, &router_id)).await?,
+        "GET /api/wifi/status   (feature not built yet: the agent says so)",
+    );
+
+    section("4. Isolation: another user's session cannot reach this router");
+    let other = uuid::Uuid::new_v4().to_string();
+    c.post(
+        "/api/session/start",
+        json!({"sessionId": other, "userId": "someone-else"}),
+    )
+    .await?;
+    show(
+        c.get(&q("/api/scan/router", &other, &router_id)).await?,
+        "GET /api/scan/router as someone-else",
+    );
+
+    section("5. Metrics");
+    let m = c.get("/metrics").await?;
+    for line in String::from_utf8_lossy(&m.raw)
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.contains("_bucket"))
+    {
+        println!("{line}");
+    }
+
+    if once {
+        section("Tour complete");
+    } else {
+        section("Try it yourself (Ctrl-C to stop)");
+        let cert = ready.cert_path.display();
+        println!("export K='Authorization: Bearer {API_KEY}'");
+        println!("curl --cacert {cert} -H \"$K\" '{url}/api/scan/router?sessionId={sid}&routerId={router_id}'");
+        println!("curl --cacert {cert} -H \"$K\" {url}/api/admin/routers");
+        println!("curl --cacert {cert} {url}/metrics");
+        tokio::signal::ctrl_c().await?;
+    }
+    let _ = stop_agent.send(());
+    agent.await??;
+    let _ = stop_relay.send(());
+    relay.await??;
+    Ok(())
+}
+
+fn section(title: &str) {
+    println!("\n== {title} ==");
+}
+
+fn show(r: Reply, what: &str) -> Reply {
+    println!("\n> {what}\n< {}", r.status);
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&r.body).unwrap_or_default()
+    );
+    r
+}
