@@ -70,6 +70,12 @@ impl RunConfig {
         if self.dead_after <= self.ping_interval {
             anyhow::bail!("dead-after must be longer than ping-interval");
         }
+        if let Some(addr) = self.api_listen {
+            // The local listener has no authentication: never expose it.
+            if !addr.ip().is_loopback() {
+                anyhow::bail!("--api-listen must be a loopback address, got {addr}");
+            }
+        }
         if self.backoff.cap < self.backoff.base {
             anyhow::bail!("backoff-cap must not be shorter than backoff-base");
         }

@@ -97,6 +97,7 @@ fn enroll_rejects_bad_arguments_before_dialing() {
             "dead-after",
         ),
         (&["run", "--ping-interval", "soon"], "not a duration"),
+        (&["run", "--api-listen", "0.0.0.0:0"], "loopback"),
         (&["frobnicate"], "usage"),
     ];
     for (args, expect) in cases {

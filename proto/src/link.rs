@@ -12,6 +12,7 @@ pub const UPGRADE_PROTOCOL: &str = "netpilot-link/1";
 pub const HEADER_ROUTER_ID: &str = "x-netpilot-router-id";
 pub const HEADER_AGENT_VERSION: &str = "x-netpilot-agent-version";
 /// Forwarded by the relay on every call so the agent can log and audit who asked.
+/// The user id is percent-encoded (form encoding), as user ids are arbitrary text.
 pub const HEADER_SESSION_ID: &str = "x-netpilot-session-id";
 pub const HEADER_USER_ID: &str = "x-netpilot-user-id";
 pub const HEADER_REQUEST_ID: &str = "x-request-id";

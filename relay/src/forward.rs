@@ -171,7 +171,8 @@ async fn send(
         .uri(format!("http://agent{}", fwd.target))
         .header(HEADER_REQUEST_ID, fwd.request_id)
         .header(HEADER_SESSION_ID, fwd.session_id.to_string())
-        .header(HEADER_USER_ID, fwd.user);
+        // Percent-encoded: user ids are arbitrary text, header values are not.
+        .header(HEADER_USER_ID, form_urlencoded::byte_serialize(fwd.user.as_bytes()).collect::<String>());
     if has_body {
         builder = builder.header(CONTENT_TYPE, "application/json");
     }

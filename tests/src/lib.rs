@@ -144,6 +144,12 @@ impl Relay {
         }
     }
 
+    /// Sends SIGTERM and waits (up to 10 s) for the exit status.
+    pub async fn terminate(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        let mut c = self.child.take().context("relay not running")?;
+        terminate(&mut c).await
+    }
+
     /// Starts the relay again on the same address and data directory.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         self.kill().await;
@@ -326,9 +332,25 @@ impl Agent {
         let _ = self.child.kill().await;
     }
 
+    /// Sends SIGTERM and waits (up to 10 s) for the exit status.
+    pub async fn terminate(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        terminate(&mut self.child).await
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.id()
     }
+}
+
+async fn terminate(child: &mut Child) -> anyhow::Result<std::process::ExitStatus> {
+    let pid = child.id().context("process already reaped")?;
+    let ok = Command::new("kill").args(["-TERM", &pid.to_string()]).status().await?;
+    if !ok.success() {
+        bail!("kill -TERM {pid} failed");
+    }
+    Ok(tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .map_err(|_| anyhow!("process {pid} still running 10 s after SIGTERM"))??)
 }
 
 /// The answer to one API call.

@@ -291,3 +291,19 @@ async fn health_and_metrics_need_no_api_key() {
         assert!(text.contains(name), "{name} missing from {text}");
     }
 }
+
+#[tokio::test]
+async fn both_programs_stop_cleanly_on_sigterm() {
+    let mut relay = Relay::start(RelayOptions::default()).await.unwrap();
+    let router = relay.enrolled_router("alice").await.unwrap();
+    let mut agent = Agent::start(&router, &["--simulate"]).await.unwrap();
+    relay.wait_online(&router.router_id, true, Duration::from_secs(10)).await.unwrap();
+    let status = agent.terminate().await.unwrap();
+    assert!(status.success(), "agent exit: {status}");
+    relay.wait_online(&router.router_id, false, Duration::from_secs(5)).await.unwrap();
+    let _agent = Agent::start(&router, &["--simulate"]).await.unwrap();
+    relay.wait_online(&router.router_id, true, Duration::from_secs(10)).await.unwrap();
+    // The relay closes live links and exits within its grace period.
+    let status = relay.terminate().await.unwrap();
+    assert!(status.success(), "relay exit: {status}");
+}
