@@ -112,14 +112,22 @@ pub enum RouteError {
     InvalidParam { name: &'static str, reason: String },
 }
 
-/// Finds the route for a method and a path (without query string).
+/// Finds the route for a method and a path (without query string). A literal
+/// segment beats a parameter: `/api/groups/sync` is never group id `sync`.
 pub fn match_route(method: &str, path: &str) -> Result<RouteMatch, RouteError> {
     let method = Method::parse(method);
+    let candidates: Vec<(&'static Route, Vec<(&'static str, String)>)> = ROUTES
+        .iter()
+        .filter_map(|r| match_pattern(r.pattern, path).map(|p| (r, p)))
+        .collect();
+    let Some(fewest_params) = candidates.iter().map(|(_, p)| p.len()).min() else {
+        return Err(RouteError::NotFound);
+    };
     let mut allowed = Vec::new();
-    for route in ROUTES {
-        let Some(params) = match_pattern(route.pattern, path) else {
-            continue;
-        };
+    for (route, params) in candidates
+        .into_iter()
+        .filter(|(_, p)| p.len() == fewest_params)
+    {
         if Some(route.method) != method {
             allowed.push(route.method);
             continue;
@@ -132,11 +140,7 @@ pub fn match_route(method: &str, path: &str) -> Result<RouteMatch, RouteError> {
         }
         return Ok(RouteMatch { route, params });
     }
-    if allowed.is_empty() {
-        Err(RouteError::NotFound)
-    } else {
-        Err(RouteError::MethodNotAllowed(allowed))
-    }
+    Err(RouteError::MethodNotAllowed(allowed))
 }
 
 fn match_pattern(pattern: &'static str, path: &str) -> Option<Vec<(&'static str, String)>> {
@@ -196,6 +200,29 @@ mod tests {
         assert_eq!(
             err,
             RouteError::MethodNotAllowed(vec![Method::Get, Method::Delete])
+        );
+    }
+
+    #[test]
+    fn literal_segments_beat_parameters() {
+        assert_eq!(
+            match_route("POST", "/api/groups/sync")
+                .unwrap()
+                .route
+                .pattern,
+            "/api/groups/sync"
+        );
+        assert_eq!(
+            match_route("GET", "/api/groups/sync"),
+            Err(RouteError::MethodNotAllowed(vec![Method::Post]))
+        );
+        assert_eq!(
+            match_route("DELETE", "/api/groups/sync-all"),
+            Err(RouteError::MethodNotAllowed(vec![Method::Post]))
+        );
+        assert_eq!(
+            match_route("DELETE", "/api/groups/7").unwrap().param("id"),
+            Some("7")
         );
     }
 

@@ -165,14 +165,18 @@ async fn send(
     router_id: Uuid,
     fwd: Forward<'_>,
 ) -> Result<(http::Parts, Bytes), ApiError> {
-    let has_body = fwd.body.is_some();
+    // Ids may come in the query with no body at all; then nothing is claimed JSON.
+    let has_body = fwd.body.as_ref().is_some_and(|b| !b.is_empty());
     let mut builder = Request::builder()
         .method(fwd.method)
         .uri(format!("http://agent{}", fwd.target))
         .header(HEADER_REQUEST_ID, fwd.request_id)
         .header(HEADER_SESSION_ID, fwd.session_id.to_string())
         // Percent-encoded: user ids are arbitrary text, header values are not.
-        .header(HEADER_USER_ID, form_urlencoded::byte_serialize(fwd.user.as_bytes()).collect::<String>());
+        .header(
+            HEADER_USER_ID,
+            form_urlencoded::byte_serialize(fwd.user.as_bytes()).collect::<String>(),
+        );
     if has_body {
         builder = builder.header(CONTENT_TYPE, "application/json");
     }

@@ -344,7 +344,10 @@ impl Agent {
 
 async fn terminate(child: &mut Child) -> anyhow::Result<std::process::ExitStatus> {
     let pid = child.id().context("process already reaped")?;
-    let ok = Command::new("kill").args(["-TERM", &pid.to_string()]).status().await?;
+    let ok = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .await?;
     if !ok.success() {
         bail!("kill -TERM {pid} failed");
     }

@@ -269,7 +269,19 @@ async fn the_newest_of_two_agents_with_one_identity_wins() {
     )
     .await
     .unwrap();
-    assert!(relay.log().contains("agent link closed by the relay"));
+    // The old link's task logs its end once the new link is registered.
+    eventually(
+        Duration::from_secs(5),
+        "the old link to be closed",
+        || async {
+            relay
+                .log()
+                .contains("agent link closed by the relay")
+                .then_some(())
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", relay.log()));
 }
 
 #[tokio::test]
@@ -297,12 +309,21 @@ async fn both_programs_stop_cleanly_on_sigterm() {
     let mut relay = Relay::start(RelayOptions::default()).await.unwrap();
     let router = relay.enrolled_router("alice").await.unwrap();
     let mut agent = Agent::start(&router, &["--simulate"]).await.unwrap();
-    relay.wait_online(&router.router_id, true, Duration::from_secs(10)).await.unwrap();
+    relay
+        .wait_online(&router.router_id, true, Duration::from_secs(10))
+        .await
+        .unwrap();
     let status = agent.terminate().await.unwrap();
     assert!(status.success(), "agent exit: {status}");
-    relay.wait_online(&router.router_id, false, Duration::from_secs(5)).await.unwrap();
+    relay
+        .wait_online(&router.router_id, false, Duration::from_secs(5))
+        .await
+        .unwrap();
     let _agent = Agent::start(&router, &["--simulate"]).await.unwrap();
-    relay.wait_online(&router.router_id, true, Duration::from_secs(10)).await.unwrap();
+    relay
+        .wait_online(&router.router_id, true, Duration::from_secs(10))
+        .await
+        .unwrap();
     // The relay closes live links and exits within its grace period.
     let status = relay.terminate().await.unwrap();
     assert!(status.success(), "relay exit: {status}");

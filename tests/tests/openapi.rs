@@ -605,6 +605,80 @@ fn document_is_well_formed() {
     );
 }
 
+#[test]
+fn checker_rejects_drift() {
+    let doc = doc();
+    let chk = Checker { doc: &doc };
+    let health = chk.pointer("#/components/schemas/AgentHealth");
+    let good = json!({
+        "agent_version": "0.1.0", "router_id": "r", "mode": "simulated", "agent_uptime_s": 1,
+        "infrastructure_ready": false, "link_connected_since_unix": null, "link_connects": 1,
+        "clock_unset": false,
+    });
+    assert_eq!(chk.validate(health, &good), Vec::<String>::new());
+    let mut extra = good.clone();
+    extra["surprise"] = json!(1);
+    let mut missing = good.clone();
+    missing.as_object_mut().expect("object").remove("mode");
+    let mut wrong_type = good.clone();
+    wrong_type["link_connects"] = json!("1");
+    let mut wrong_enum = good.clone();
+    wrong_enum["mode"] = json!("fake");
+    for bad in [&extra, &missing, &wrong_type, &wrong_enum] {
+        assert!(!chk.validate(health, bad).is_empty(), "accepted {bad}");
+    }
+
+    // Through the operation: envelope (allOf over $ref) around `data`.
+    let op = &doc["paths"]["/api/agent/health"]["get"]["responses"];
+    let schema = |status: &str| &chk.resolve(&op[status])["content"]["application/json"]["schema"];
+    let meta = json!({"duration_ms": 1, "request_id": "x"});
+    let ok = json!({"success": true, "data": good, "meta": meta});
+    assert_eq!(chk.validate(schema("200"), &ok), Vec::<String>::new());
+    for bad in [
+        json!({"success": true, "data": extra, "meta": meta}),
+        json!({"success": false, "data": good, "meta": meta}),
+        json!({"success": true, "data": good}),
+        json!({"success": true, "data": good, "meta": meta, "more": 1}),
+    ] {
+        assert!(
+            !chk.validate(schema("200"), &bad).is_empty(),
+            "accepted {bad}"
+        );
+    }
+    // Error answers: the code must be one of the status's codes.
+    let offline = json!({"success": false, "error": {"code": "ROUTER_OFFLINE", "message": "m"}, "meta": meta});
+    assert_eq!(chk.validate(schema("503"), &offline), Vec::<String>::new());
+    for bad in [
+        json!({"success": false, "error": {"code": "FORBIDDEN", "message": "m"}, "meta": meta}),
+        json!({"success": false, "error": {"code": "ROUTER_OFFLINE"}, "meta": meta}),
+        json!({"success": false, "error": {"code": "ROUTER_OFFLINE", "message": "m", "x": 1}, "meta": meta}),
+        json!({"success": true, "error": {"code": "ROUTER_OFFLINE", "message": "m"}, "meta": meta}),
+    ] {
+        assert!(
+            !chk.validate(schema("503"), &bad).is_empty(),
+            "accepted {bad}"
+        );
+    }
+    // oneOf with null: a present object is checked in full.
+    let info = chk.pointer("#/components/schemas/RouterInfo");
+    let mut router = json!({
+        "hostname": "h", "model": null, "openwrt": null, "kernel": null, "uptime_s": 1,
+        "load": {"1m": 0.1, "5m": 0.2, "15m": 0.3}, "memory": null,
+    });
+    assert_eq!(chk.validate(info, &router), Vec::<String>::new());
+    router["memory"] = json!({"free_bytes": 1, "available_bytes": null, "buffers_bytes": null, "cached_bytes": null});
+    assert!(
+        !chk.validate(info, &router).is_empty(),
+        "accepted memory without total_bytes"
+    );
+    router["memory"] = json!(null);
+    router["load"] = json!({"1m": 0.1, "5m": 0.2, "15m": 0.3, "30m": 0.4});
+    assert!(
+        !chk.validate(info, &router).is_empty(),
+        "accepted an undocumented load average"
+    );
+}
+
 // ------------------------------------------------------------------ live checks
 
 /// Records every checked answer and every mismatch.

@@ -252,12 +252,26 @@ async fn user_ids_may_be_any_text() {
     let relay = Relay::start(RelayOptions::default()).await.unwrap();
     let router = relay.enrolled_router("ユーザー 42").await.unwrap();
     let _agent = Agent::start(&router, &["--simulate"]).await.unwrap();
-    relay.wait_online(&router.router_id, true, Duration::from_secs(10)).await.unwrap();
+    relay
+        .wait_online(&router.router_id, true, Duration::from_secs(10))
+        .await
+        .unwrap();
     let c = relay.client().await.unwrap();
-    let sid = start_session(&c, "ユーザー 42", &router.router_id).await.unwrap();
-    let r = c.get(&q("/api/scan/router", &sid, &router.router_id)).await.unwrap();
+    let sid = start_session(&c, "ユーザー 42", &router.router_id)
+        .await
+        .unwrap();
+    let r = c
+        .get(&q("/api/scan/router", &sid, &router.router_id))
+        .await
+        .unwrap();
     assert_eq!(r.status, 200, "{}", r.body);
-    let r = c.get(&format!("/api/admin/routers?ownerUserId={}", "%E3%83%A6%E3%83%BC%E3%82%B6%E3%83%BC%2042")).await.unwrap();
+    let r = c
+        .get(&format!(
+            "/api/admin/routers?ownerUserId={}",
+            "%E3%83%A6%E3%83%BC%E3%82%B6%E3%83%BC%2042"
+        ))
+        .await
+        .unwrap();
     assert_eq!(r.body["data"]["total"], json!(1));
 }
 
