@@ -118,12 +118,15 @@ async fn run_link(
     tracing::info!("agent link up");
     // Boxed: the connection future is large and lives as long as the link.
     let conn = Box::pin(conn);
+    // Biased: a replaced or revoked link also loses its last sender, which ends the
+    // connection future too; the relay's own close is the cause worth logging.
     tokio::select! {
+        biased;
+        _ = closed_by_relay => tracing::info!("agent link closed by the relay"),
         r = conn => match r {
             Ok(()) => tracing::info!("agent link closed"),
             Err(e) => tracing::info!(error = %e, "agent link lost"),
         },
-        _ = closed_by_relay => tracing::info!("agent link closed by the relay"),
     }
     state.links.remove(router_id, generation);
     touch(&state, router_id, None);
