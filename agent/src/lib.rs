@@ -5,13 +5,16 @@
 pub mod api;
 pub mod app;
 pub mod backoff;
+pub mod cleanup;
 pub mod dial;
 pub mod enroll;
 pub mod identity;
 pub mod link;
+pub mod settings;
 pub mod sim;
 pub mod system;
 pub mod tls;
+pub mod uci;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -35,6 +38,12 @@ use crate::system::files::{Files, RealFiles};
 #[derive(Debug, Clone)]
 pub struct RunConfig {
     pub state_dir: PathBuf,
+    /// Override the relay URL stored at enrollment (from UCI or the command line).
+    pub relay_url: Option<String>,
+    /// Override how the relay is trusted.
+    pub trust: Option<tls::Trust>,
+    /// How often to look for an identity while not enrolled.
+    pub identity_poll: Duration,
     /// Back the agent with the in-memory simulated router instead of this system.
     pub simulate: bool,
     /// Also serve the API, unauthenticated, on this local address (debugging,
@@ -53,6 +62,9 @@ impl Default for RunConfig {
     fn default() -> Self {
         RunConfig {
             state_dir: PathBuf::from("/etc/netpilot"),
+            relay_url: None,
+            trust: None,
+            identity_poll: Duration::from_secs(30),
             simulate: false,
             api_listen: None,
             root: PathBuf::from("/"),
@@ -96,7 +108,16 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     config.validate()?;
-    let identity = Identity::load(&config.state_dir)?;
+    tokio::pin!(shutdown);
+    let Some(mut identity) = wait_for_identity(&config, &mut shutdown).await else {
+        return Ok(());
+    };
+    if let Some(url) = &config.relay_url {
+        identity.relay_url = url.clone();
+    }
+    if let Some(trust) = &config.trust {
+        identity.trust = trust.clone();
+    }
     let (mode, files): (Mode, Arc<dyn Files>) = if config.simulate {
         (Mode::Simulated, Arc::new(sim::SimRouter::default()))
     } else {
@@ -104,6 +125,32 @@ pub async fn run(
     };
     let app = Arc::new(App::new(mode, identity.router_id.clone(), files));
     serve(app, &identity, &config, on_ready, shutdown).await
+}
+
+/// Loads the identity; while the router is not enrolled (or the file is corrupt),
+/// says so and looks again every `identity_poll`, so a service started before
+/// enrollment neither crash-loops nor needs a restart afterwards. `None` on shutdown.
+async fn wait_for_identity(
+    config: &RunConfig,
+    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> Option<Identity> {
+    let mut last_error = String::new();
+    loop {
+        match Identity::load(&config.state_dir) {
+            Ok(identity) => return Some(identity),
+            Err(e) => {
+                let message = e.to_string();
+                if message != last_error {
+                    tracing::warn!(error = %message, poll = ?config.identity_poll, "waiting for enrollment");
+                    last_error = message;
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(config.identity_poll) => {}
+            _ = shutdown.as_mut() => return None,
+        }
+    }
 }
 
 /// Runs the link and the optional local listener for an already built [`App`].

@@ -4,7 +4,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use netpilot_agent::cleanup::Outcome;
 use netpilot_agent::enroll::{enroll, EnrollArgs};
+use netpilot_agent::settings::Settings;
 use netpilot_agent::tls::{parse_fingerprint, Trust};
 use netpilot_agent::RunConfig;
 
@@ -12,14 +14,18 @@ const USAGE: &str = "\
 usage: netpilot-agent enroll --relay URL --token TOKEN [--ca FILE | --fingerprint SHA256]
                              [--state-dir DIR] [--force]
        netpilot-agent run [--state-dir DIR] [--simulate] [--api-listen ADDR:PORT]
-                          [--log FILTER] [--root DIR]
+                          [--relay URL] [--ca FILE | --fingerprint SHA256]
+                          [--log FILTER] [--root DIR] [--identity-poll DUR]
                           [--ping-interval DUR] [--dead-after DUR] [--connect-timeout DUR]
                           [--backoff-base DUR] [--backoff-cap DUR] [--healthy-after DUR]
                           [--start-delay-max DUR]
+       netpilot-agent cleanup
        netpilot-agent --version
 
-DIR defaults to /etc/netpilot. DUR is like 20s, 250ms, 1m.
---fingerprint is the SHA-256 of the relay certificate's DER, hex, colons optional.";
+Every command also takes --config FILE (UCI, default /etc/config/netpilot); the
+command line wins over it. DIR defaults to /etc/netpilot. DUR is like 20s, 250ms, 1m.
+--fingerprint is the SHA-256 of the relay certificate's DER, hex, colons optional.
+cleanup removes everything the agent put into the kernel and the system.";
 
 fn main() -> std::process::ExitCode {
     match real_main() {
@@ -36,7 +42,10 @@ fn real_main() -> anyhow::Result<()> {
     let mut args = lexopt::Parser::from_env();
     let mut command: Option<String> = None;
     let mut run = RunConfig::default();
-    let mut log = "info".to_owned();
+    let mut log: Option<String> = None;
+    let mut state_dir: Option<PathBuf> = None;
+    let mut start_delay: Option<Duration> = None;
+    let mut config_path = PathBuf::from(netpilot_agent::settings::DEFAULT_PATH);
     let (mut relay, mut token, mut ca, mut fingerprint, mut force) =
         (None, None, None, None, false);
     while let Some(arg) = args.next()? {
@@ -49,7 +58,8 @@ fn real_main() -> anyhow::Result<()> {
                 println!("{USAGE}");
                 return Ok(());
             }
-            Long("state-dir") => run.state_dir = PathBuf::from(args.value()?),
+            Long("config") => config_path = PathBuf::from(args.value()?),
+            Long("state-dir") => state_dir = Some(PathBuf::from(args.value()?)),
             Long("relay") => relay = Some(args.value()?.string()?),
             Long("token") => token = Some(args.value()?.string()?),
             Long("ca") => ca = Some(PathBuf::from(args.value()?)),
@@ -64,7 +74,8 @@ fn real_main() -> anyhow::Result<()> {
                 );
             }
             Long("root") => run.root = PathBuf::from(args.value()?),
-            Long("log") => log = args.value()?.string()?,
+            Long("log") => log = Some(args.value()?.string()?),
+            Long("identity-poll") => run.identity_poll = duration(&mut args, "identity-poll")?,
             Long("ping-interval") => run.ping_interval = duration(&mut args, "ping-interval")?,
             Long("dead-after") => run.dead_after = duration(&mut args, "dead-after")?,
             Long("connect-timeout") => {
@@ -75,34 +86,64 @@ fn real_main() -> anyhow::Result<()> {
             Long("healthy-after") => {
                 run.backoff.healthy_after = duration(&mut args, "healthy-after")?
             }
-            Long("start-delay-max") => {
-                run.backoff.start_delay_max = duration(&mut args, "start-delay-max")?
-            }
+            Long("start-delay-max") => start_delay = Some(duration(&mut args, "start-delay-max")?),
             Value(v) if command.is_none() => command = Some(v.string()?),
             _ => bail!("{}\n\n{USAGE}", arg.unexpected()),
         }
     }
-    init_logging(&log)?;
+
+    // A broken config file is reported, and the command line can still run the agent.
+    let settings = match Settings::load(&config_path) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("netpilot-agent: ignoring {}: {e}", config_path.display());
+            Settings::default()
+        }
+    };
+    init_logging(
+        log.as_deref()
+            .or(settings.log_level.as_deref())
+            .unwrap_or("info"),
+    )?;
+    if !settings.unknown.is_empty() {
+        tracing::warn!(config = %config_path.display(), unknown = ?settings.unknown, "ignoring unknown options");
+    }
+    if let Some(dir) = state_dir.or(settings.state_dir) {
+        run.state_dir = dir;
+    }
+    if let Some(d) = start_delay.or(settings.start_delay) {
+        run.backoff.start_delay_max = d;
+    }
+    // Trust and relay URL: the command line, then UCI; both override enrollment's.
+    let (ca, fingerprint) = match (ca, fingerprint) {
+        (None, None) => (settings.ca_file, settings.fingerprint),
+        given => given,
+    };
+    run.trust = match (ca, fingerprint) {
+        (Some(_), Some(_)) => bail!("pass --ca or --fingerprint, not both"),
+        (Some(path), None) => Some(Trust::CaFile(path)),
+        (None, Some(fp)) => {
+            parse_fingerprint(&fp)?;
+            Some(Trust::Fingerprint(fp))
+        }
+        (None, None) => None,
+    };
+    run.relay_url = relay.or(settings.relay_url);
+
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     match command.as_deref() {
         Some("enroll") => {
-            let relay = relay.context("enroll needs --relay URL")?;
+            let relay = run
+                .relay_url
+                .as_deref()
+                .context("enroll needs --relay URL (or relay_url in the config)")?;
             let token = token.context("enroll needs --token TOKEN")?;
-            let trust = match (ca, fingerprint) {
-                (Some(_), Some(_)) => bail!("pass --ca or --fingerprint, not both"),
-                (Some(path), None) => Trust::CaFile(path),
-                (None, Some(fp)) => {
-                    parse_fingerprint(&fp)?;
-                    Trust::Fingerprint(fp)
-                }
-                (None, None) => Trust::System,
-            };
             let identity = rt.block_on(enroll(EnrollArgs {
-                relay_url: &relay,
+                relay_url: relay,
                 token: &token,
-                trust,
+                trust: run.trust.clone().unwrap_or(Trust::System),
                 state_dir: &run.state_dir,
                 force,
             }))?;
@@ -113,6 +154,23 @@ fn real_main() -> anyhow::Result<()> {
                 netpilot_agent::identity::Identity::path(&run.state_dir).display()
             );
             Ok(())
+        }
+        Some("cleanup") => {
+            let (done, failed) = rt.block_on(netpilot_agent::cleanup::cleanup());
+            for d in &done {
+                match d {
+                    Outcome::Removed(what) => println!("removed {what}"),
+                    Outcome::Absent(what) => println!("absent {what}"),
+                }
+            }
+            for e in &failed {
+                eprintln!("netpilot-agent: cleanup: {e}");
+            }
+            if failed.is_empty() {
+                Ok(())
+            } else {
+                bail!("{} cleanup step(s) failed", failed.len())
+            }
         }
         Some("run") => rt.block_on(netpilot_agent::run(
             run,

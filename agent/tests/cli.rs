@@ -18,16 +18,44 @@ fn prints_its_version() {
     );
 }
 
-#[test]
-fn run_without_enrollment_explains_what_to_do() {
-    let dir = tempdir();
-    let out = agent()
-        .args(["run", "--state-dir"])
-        .arg(&dir)
-        .output()
+/// Starts `run` on a state directory and returns its stderr once `expect` appears;
+/// the agent keeps waiting for enrollment rather than exiting (no crash loop).
+fn run_until_stderr(dir: &std::path::Path, expect: &str) -> String {
+    use std::io::Read;
+    let mut child = agent()
+        .args([
+            "run",
+            "--config",
+            "/nonexistent",
+            "--identity-poll",
+            "50ms",
+            "--state-dir",
+        ])
+        .arg(dir)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let mut stderr = child.stderr.take().unwrap();
+    let mut seen = String::new();
+    let mut buf = [0u8; 4096];
+    while !seen.contains(expect) {
+        let n = stderr.read(&mut buf).unwrap();
+        assert!(n > 0, "agent exited before saying {expect:?}: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the agent exited instead of waiting"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    seen
+}
+
+#[test]
+fn run_without_enrollment_waits_and_says_what_to_do() {
+    let dir = tempdir();
+    let err = run_until_stderr(&dir, "waiting for enrollment");
     assert!(
         err.contains("not enrolled") && err.contains("netpilot-agent enroll"),
         "{err}"
@@ -38,14 +66,44 @@ fn run_without_enrollment_explains_what_to_do() {
 fn corrupt_identity_is_reported_as_corrupt() {
     let dir = tempdir();
     std::fs::write(dir.join("identity.json"), "{not json").unwrap();
+    let err = run_until_stderr(&dir, "waiting for enrollment");
+    assert!(err.contains("corrupt"), "{err}");
+}
+
+#[test]
+fn a_broken_or_unknown_uci_config_is_reported_not_fatal() {
+    let dir = tempdir();
+    let config = dir.join("netpilot");
+    std::fs::write(
+        &config,
+        "config agent 'main'\n\toption enabled '1'\n\toption shiny_new 'x'\n",
+    )
+    .unwrap();
     let out = agent()
-        .args(["run", "--state-dir"])
-        .arg(&dir)
+        .args(["--config"])
+        .arg(&config)
+        .arg("--version")
         .output()
         .unwrap();
-    assert!(!out.status.success());
+    assert!(out.status.success());
+    let out = agent()
+        .args(["enroll", "--token", "t", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("corrupt"), "{err}");
+    assert!(
+        err.contains("unknown") && err.contains("shiny_new"),
+        "{err}"
+    );
+    std::fs::write(&config, "config agent\n\toption enabled 'perhaps'\n").unwrap();
+    let out = agent()
+        .args(["enroll", "--token", "t", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("ignoring") && err.contains("enabled"), "{err}");
 }
 
 #[test]

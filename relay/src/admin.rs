@@ -7,7 +7,8 @@ use std::time::UNIX_EPOCH;
 
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
-use serde_json::{json, Value};
+use serde::Serialize;
+use serde_json::json;
 use uuid::Uuid;
 
 use crate::api::only;
@@ -84,11 +85,13 @@ async fn create(
     })?;
     state.cache_router(&row);
     tracing::info!(router_id = %id, owner_user_id = %owner, "router created");
-    let mut v = view(state, &row);
-    v["enrollment_token"] = json!(token);
-    v["token_expires_at"] = json!(http::rfc3339_ms(expires_at));
-    v["relay_fingerprint"] = json!(state.fingerprint);
-    Ok(http::ok(StatusCode::CREATED, v, ctx))
+    let created = Created {
+        router: view(state, &row),
+        enrollment_token: token,
+        token_expires_at: http::rfc3339_ms(expires_at),
+        relay_fingerprint: &state.fingerprint,
+    };
+    Ok(http::ok(StatusCode::CREATED, created, ctx))
 }
 
 fn list(
@@ -106,18 +109,20 @@ fn list(
         None => None,
     };
     let rows = state.with_store(|s| s.routers())?;
-    let routers: Vec<Value> = rows
+    let routers: Vec<RouterView> = rows
         .iter()
         .filter(|r| owner.as_ref().is_none_or(|o| &r.owner_user_id == o))
         .map(|r| view(state, r))
         .collect();
-    let online = routers
-        .iter()
-        .filter(|r| r["online"] == json!(true))
-        .count();
+    let online = routers.iter().filter(|r| r.online).count();
+    let total = routers.len();
     Ok(http::ok(
         StatusCode::OK,
-        json!({"routers": routers, "total": routers.len(), "online": online}),
+        RouterList {
+            routers,
+            total,
+            online,
+        },
         ctx,
     ))
 }
@@ -162,22 +167,63 @@ fn new_token(state: &Arc<AppState>, id: Uuid, ctx: &Ctx) -> Result<Response<Body
     ))
 }
 
-fn view(state: &AppState, r: &RouterRow) -> Value {
+/// A router as the admin API shows it. Typed and borrowed so a list of many
+/// routers serialises straight into the response without a tree per row.
+#[derive(Serialize)]
+struct RouterView<'a> {
+    router_id: Uuid,
+    name: &'a str,
+    owner_user_id: &'a str,
+    online: bool,
+    connected_since: Option<String>,
+    agent_version: Option<String>,
+    last_seen: Option<String>,
+    created_at: String,
+    enrolled: bool,
+    enrolled_at: Option<String>,
+    revoked: bool,
+    revoked_at: Option<String>,
+}
+
+#[derive(Serialize)]
+struct Created<'a> {
+    #[serde(flatten)]
+    router: RouterView<'a>,
+    enrollment_token: String,
+    token_expires_at: String,
+    relay_fingerprint: &'a str,
+}
+
+#[derive(Serialize)]
+struct RouterList<'a> {
+    routers: Vec<RouterView<'a>>,
+    total: usize,
+    online: usize,
+}
+
+fn view<'a>(state: &AppState, r: &'a RouterRow) -> RouterView<'a> {
     let link = state.links.info(r.id);
-    json!({
-        "router_id": r.id,
-        "name": r.name,
-        "owner_user_id": r.owner_user_id,
-        "online": link.is_some(),
-        "connected_since": link.as_ref().map(|l| {
-            http::rfc3339_ms(l.connected_at.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0))
+    RouterView {
+        router_id: r.id,
+        name: &r.name,
+        owner_user_id: &r.owner_user_id,
+        online: link.is_some(),
+        connected_since: link.as_ref().map(|l| {
+            http::rfc3339_ms(
+                l.connected_at
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_millis() as i64)
+                    .unwrap_or(0),
+            )
         }),
-        "agent_version": link.map(|l| l.agent_version).or_else(|| r.agent_version.clone()),
-        "last_seen": r.last_seen.map(http::rfc3339_ms),
-        "created_at": http::rfc3339_ms(r.created_at),
-        "enrolled": r.enrolled_at.is_some(),
-        "enrolled_at": r.enrolled_at.map(http::rfc3339_ms),
-        "revoked": r.revoked_at.is_some(),
-        "revoked_at": r.revoked_at.map(http::rfc3339_ms),
-    })
+        agent_version: link
+            .map(|l| l.agent_version)
+            .or_else(|| r.agent_version.clone()),
+        last_seen: r.last_seen.map(http::rfc3339_ms),
+        created_at: http::rfc3339_ms(r.created_at),
+        enrolled: r.enrolled_at.is_some(),
+        enrolled_at: r.enrolled_at.map(http::rfc3339_ms),
+        revoked: r.revoked_at.is_some(),
+        revoked_at: r.revoked_at.map(http::rfc3339_ms),
+    }
 }

@@ -205,7 +205,7 @@ impl Relay {
         Ok(EnrolledRouter {
             router_id,
             state_dir,
-            _dir: dir,
+            _dir: Some(dir),
         })
     }
 
@@ -260,7 +260,18 @@ pub async fn enroll(
 pub struct EnrolledRouter {
     pub router_id: String,
     pub state_dir: PathBuf,
-    _dir: Arc<tempfile::TempDir>,
+    _dir: Option<Arc<tempfile::TempDir>>,
+}
+
+impl EnrolledRouter {
+    /// A state directory the caller owns (possibly not enrolled yet).
+    pub fn at(router_id: &str, state_dir: &Path) -> EnrolledRouter {
+        EnrolledRouter {
+            router_id: router_id.to_owned(),
+            state_dir: state_dir.to_owned(),
+            _dir: None,
+        }
+    }
 }
 
 /// An agent process.
@@ -289,15 +300,30 @@ pub fn fast_agent_args() -> Vec<String> {
 impl Agent {
     /// Starts `netpilot-agent run` for an enrolled state directory.
     pub async fn start(router: &EnrolledRouter, extra: &[&str]) -> anyhow::Result<Agent> {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(
-            router
-                .state_dir
-                .parent()
-                .expect("state parent")
-                .join("agent.log"),
-        )?;
+        Self::spawn(router, extra, true).await
+    }
+
+    /// Starts `netpilot-agent run` on a state directory that is not enrolled yet.
+    pub async fn start_waiting(router: &EnrolledRouter, extra: &[&str]) -> anyhow::Result<Agent> {
+        Self::spawn(router, extra, false).await
+    }
+
+    async fn spawn(
+        router: &EnrolledRouter,
+        extra: &[&str],
+        enrolled: bool,
+    ) -> anyhow::Result<Agent> {
+        let parent = router.state_dir.parent().expect("state parent");
+        std::fs::create_dir_all(parent)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(parent.join("agent.log"))?;
+        // Tests never read this machine's /etc/config/netpilot; a test passing
+        // --config later on the command line wins.
         let mut child = Command::new(binary("netpilot-agent"))
             .arg("run")
+            .args(["--config", "/nonexistent/netpilot"])
             .arg("--state-dir")
             .arg(&router.state_dir)
             .args(fast_agent_args())
@@ -310,6 +336,12 @@ impl Agent {
             .spawn()
             .context("cannot start netpilot-agent")?;
         let stdout = child.stdout.take().expect("piped stdout");
+        if !enrolled {
+            return Ok(Agent {
+                child,
+                api_addr: None,
+            });
+        }
         let mut lines = BufReader::new(stdout).lines();
         let mut api_addr = None;
         let first = tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await??;

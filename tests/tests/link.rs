@@ -328,3 +328,55 @@ async fn both_programs_stop_cleanly_on_sigterm() {
     let status = relay.terminate().await.unwrap();
     assert!(status.success(), "relay exit: {status}");
 }
+
+#[tokio::test]
+async fn an_agent_started_before_enrollment_connects_once_enrolled() {
+    let relay = Relay::start(RelayOptions::default()).await.unwrap();
+    let (router_id, token) = relay.create_router("alice", "home").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let not_yet = netpilot_tests::EnrolledRouter::at(&router_id, &state);
+    // The service starts first (as procd would at boot), then the owner enrolls.
+    let _agent = Agent::start_waiting(&not_yet, &["--simulate", "--identity-poll", "50ms"])
+        .await
+        .unwrap();
+    let out = netpilot_tests::enroll(&relay.url(), &token, &relay.fingerprint, &state)
+        .await
+        .unwrap();
+    assert!(out.status.success());
+    relay
+        .wait_online(&router_id, true, Duration::from_secs(10))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn the_uci_config_can_point_the_agent_at_a_moved_relay() {
+    let old = Relay::start(RelayOptions::default()).await.unwrap();
+    let router = old.enrolled_router("alice").await.unwrap();
+    // The identity names the relay it enrolled with; the config overrides it.
+    let mut identity: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(router.state_dir.join("identity.json")).unwrap())
+            .unwrap();
+    identity["relay_url"] = json!("https://127.0.0.1:1");
+    std::fs::write(router.state_dir.join("identity.json"), identity.to_string()).unwrap();
+    let config = router.state_dir.parent().unwrap().join("netpilot.uci");
+    std::fs::write(
+        &config,
+        format!(
+            "config agent 'main'\n\toption relay_url '{}'\n\toption fingerprint '{}'\n",
+            old.url(),
+            old.fingerprint
+        ),
+    )
+    .unwrap();
+    let _agent = Agent::start(
+        &router,
+        &["--simulate", "--config", config.to_str().unwrap()],
+    )
+    .await
+    .unwrap();
+    old.wait_online(&router.router_id, true, Duration::from_secs(10))
+        .await
+        .unwrap();
+}

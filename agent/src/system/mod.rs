@@ -2,4 +2,5 @@
 //! runs, with the real adapters here and the simulated router in `crate::sim`.
 
 pub mod files;
+pub mod process;
 pub mod sysinfo;

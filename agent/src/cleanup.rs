@@ -1,0 +1,72 @@
+//! `netpilot-agent cleanup`: remove everything the agent put into the kernel and the
+//! system, whatever exists at the time, so uninstalling leaves the router as it was.
+//! Every step runs even when an earlier one fails; all failures are reported.
+//! Features that add kernel or system state add their removal here.
+
+use std::time::Duration;
+
+use crate::system::process::{self, ProcessError};
+
+/// NetPilot's own nftables table (DESIGN §5): never fw4's.
+pub const NFT_FAMILY: &str = "inet";
+pub const NFT_TABLE: &str = "netpilot";
+
+const TIMEOUT: Duration = Duration::from_secs(15);
+
+/// What one step did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Removed(String),
+    Absent(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{step}: {source}")]
+pub struct StepError {
+    pub step: &'static str,
+    #[source]
+    pub source: ProcessError,
+}
+
+/// Runs every removal step and returns what happened and what failed.
+pub async fn cleanup() -> (Vec<Outcome>, Vec<StepError>) {
+    let mut done = Vec::new();
+    let mut failed = Vec::new();
+    match remove_nft_table().await {
+        Ok(o) => done.push(o),
+        Err(e) => failed.push(e),
+    }
+    (done, failed)
+}
+
+async fn remove_nft_table() -> Result<Outcome, StepError> {
+    let what = format!("nftables table {NFT_FAMILY} {NFT_TABLE}");
+    let listing = match process::run(&["nft", "list", "tables", NFT_FAMILY], None, TIMEOUT).await {
+        Ok(out) => out,
+        // No nft, no table of ours.
+        Err(e) if e.is_not_found() => {
+            return Ok(Outcome::Absent(format!("{what} (nft not installed)")))
+        }
+        Err(source) => {
+            return Err(StepError {
+                step: "list nftables tables",
+                source,
+            })
+        }
+    };
+    let ours = format!("table {NFT_FAMILY} {NFT_TABLE}");
+    if !listing.lines().any(|l| l.trim() == ours) {
+        return Ok(Outcome::Absent(what));
+    }
+    process::run(
+        &["nft", "delete", "table", NFT_FAMILY, NFT_TABLE],
+        None,
+        TIMEOUT,
+    )
+    .await
+    .map_err(|source| StepError {
+        step: "delete nftables table",
+        source,
+    })?;
+    Ok(Outcome::Removed(what))
+}

@@ -1,0 +1,187 @@
+//! The agent's settings from `/etc/config/netpilot` (UCI), layered under the command
+//! line. Unknown options are reported, not fatal: an older agent must keep running
+//! with a newer package's config.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::uci;
+
+/// Default location on OpenWrt.
+pub const DEFAULT_PATH: &str = "/etc/config/netpilot";
+
+/// What `/etc/config/netpilot` may set (section `config agent`, usually `'main'`).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Settings {
+    /// `enabled '0'` stops the init script from starting the agent.
+    pub enabled: Option<bool>,
+    /// Overrides the relay URL stored at enrollment (e.g. the relay moved).
+    pub relay_url: Option<String>,
+    /// Overrides how the relay is trusted: a pinned SHA-256 or a CA file.
+    pub fingerprint: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    pub log_level: Option<String>,
+    pub state_dir: Option<PathBuf>,
+    /// Upper bound of the random delay before the first connection.
+    pub start_delay: Option<Duration>,
+    /// Options this agent does not know, for a warning.
+    pub unknown: Vec<String>,
+}
+
+const KNOWN: &[&str] = &[
+    "enabled",
+    "relay_url",
+    "fingerprint",
+    "ca_file",
+    "log_level",
+    "state_dir",
+    "start_delay",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: uci::ParseError,
+    },
+    #[error("{path}: option {option}: {message}")]
+    Invalid {
+        path: PathBuf,
+        option: &'static str,
+        message: String,
+    },
+}
+
+impl Settings {
+    /// Reads the file; a missing file is no settings at all.
+    pub fn load(path: &Path) -> Result<Settings, SettingsError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => Self::parse(&text, path),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Settings::default()),
+            Err(source) => Err(SettingsError::Read {
+                path: path.to_owned(),
+                source,
+            }),
+        }
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Settings, SettingsError> {
+        let sections = uci::parse(text).map_err(|source| SettingsError::Parse {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut s = Settings::default();
+        let Some(section) = sections.iter().find(|s| s.kind == "agent") else {
+            return Ok(s);
+        };
+        let invalid = |option: &'static str, message: String| SettingsError::Invalid {
+            path: path.to_owned(),
+            option,
+            message,
+        };
+        let text = |key: &str| {
+            section
+                .get(key)
+                .map(str::trim)
+                .filter(|v| !v.is_empty())
+                .map(str::to_owned)
+        };
+        s.enabled = match section.get("enabled") {
+            None => None,
+            Some("1" | "on" | "true" | "yes" | "enabled") => Some(true),
+            Some("0" | "off" | "false" | "no" | "disabled") => Some(false),
+            Some(other) => {
+                return Err(invalid(
+                    "enabled",
+                    format!("expected 0 or 1, got {other:?}"),
+                ))
+            }
+        };
+        s.relay_url = text("relay_url");
+        s.fingerprint = text("fingerprint");
+        s.ca_file = text("ca_file").map(PathBuf::from);
+        if s.fingerprint.is_some() && s.ca_file.is_some() {
+            return Err(invalid(
+                "fingerprint",
+                "set fingerprint or ca_file, not both".into(),
+            ));
+        }
+        if let Some(fp) = &s.fingerprint {
+            crate::tls::parse_fingerprint(fp).map_err(|e| invalid("fingerprint", e.to_string()))?;
+        }
+        s.log_level = text("log_level");
+        s.state_dir = text("state_dir").map(PathBuf::from);
+        s.start_delay = match text("start_delay") {
+            None => None,
+            Some(v) => Some(
+                humantime::parse_duration(&v)
+                    .map_err(|e| invalid("start_delay", format!("{v:?}: {e}")))?,
+            ),
+        };
+        s.unknown = section
+            .values
+            .iter()
+            .map(|(k, _)| k)
+            .filter(|k| !KNOWN.contains(&k.as_str()))
+            .cloned()
+            .collect();
+        s.unknown.dedup();
+        Ok(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_packaged_config_parses() {
+        let text = include_str!("../../openwrt-package/files/netpilot.config");
+        let s = Settings::parse(text, Path::new("netpilot.config")).unwrap();
+        assert_eq!(s.enabled, Some(true));
+        assert_eq!(s.log_level.as_deref(), Some("info"));
+        assert!(s.unknown.is_empty(), "{:?}", s.unknown);
+    }
+
+    #[test]
+    fn unknown_options_are_kept_for_a_warning() {
+        let s = Settings::parse(
+            "config agent 'main'\n\toption enabled '1'\n\toption future_thing 'x'\n",
+            Path::new("x"),
+        )
+        .unwrap();
+        assert_eq!(s.unknown, ["future_thing"]);
+    }
+
+    #[test]
+    fn bad_values_name_the_option() {
+        for (text, option) in [
+            ("config agent\n\toption enabled 'maybe'\n", "enabled"),
+            ("config agent\n\toption fingerprint 'zz'\n", "fingerprint"),
+            ("config agent\n\toption start_delay 'soon'\n", "start_delay"),
+            (
+                "config agent\n\toption fingerprint 'aa'\n\toption ca_file '/x'\n",
+                "fingerprint",
+            ),
+        ] {
+            let err = Settings::parse(text, Path::new("/etc/config/netpilot")).unwrap_err();
+            assert!(err.to_string().contains(option), "{err}");
+        }
+    }
+
+    #[test]
+    fn missing_file_is_empty_settings() {
+        assert_eq!(
+            Settings::load(Path::new("/nonexistent/netpilot")).unwrap(),
+            Settings::default()
+        );
+    }
+}
