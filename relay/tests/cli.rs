@@ -74,3 +74,89 @@ fn bad_config_files_name_the_problem() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The systemd unit: the hardening the deployment promises, and an ExecStart whose
+/// command line the relay accepts with the shipped example configuration.
+#[test]
+fn the_systemd_unit_is_hardened_and_its_command_line_is_valid() {
+    let unit = include_str!("../deploy/netpilot-relay.service");
+    let mut keys: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+    for line in unit
+        .lines()
+        .filter(|l| !l.starts_with('#') && l.contains('='))
+    {
+        let (k, v) = line.split_once('=').unwrap();
+        keys.entry(k.trim()).or_default().push(v.trim());
+    }
+    for (k, v) in [
+        ("DynamicUser", "yes"),
+        ("ProtectSystem", "strict"),
+        ("StateDirectory", "netpilot-relay"),
+        ("NoNewPrivileges", "yes"),
+        ("Restart", "on-failure"),
+        ("ProtectHome", "yes"),
+        ("PrivateTmp", "yes"),
+    ] {
+        assert_eq!(keys.get(k).map(|v| v[0]), Some(v), "{k}");
+    }
+    let exec = keys["ExecStart"][0];
+    let mut argv: Vec<String> = exec.split_whitespace().map(str::to_owned).collect();
+    assert_eq!(argv[0], "/usr/local/bin/netpilot-relay");
+    assert_eq!(argv[1], "serve");
+    // Same flags, pointed at the example config, checked by the real binary.
+    argv[1] = "check-config".into();
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/netpilot-relay.example.toml");
+    let dir = std::env::temp_dir().join(format!("np-unit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("relay.toml");
+    let text = std::fs::read_to_string(example).unwrap();
+    std::fs::write(
+        &config,
+        text.replace("api_key_file = \"/etc/netpilot-relay/api-key\"\n", ""),
+    )
+    .unwrap();
+    let args: Vec<String> = argv[1..]
+        .iter()
+        .map(|a| {
+            a.replace("/etc/netpilot-relay/relay.toml", config.to_str().unwrap())
+                .replace("${STATE_DIRECTORY}", dir.to_str().unwrap())
+        })
+        .collect();
+    let out = relay()
+        .args(&args)
+        .env("NETPILOT_API_KEY", "unit-test-key-0123456789")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // systemd's own verifier, where this machine has it (Debian does), on a copy
+    // whose ExecStart names the binary just built.
+    if let Ok(v) = Command::new("systemd-analyze").arg("--version").output() {
+        if v.status.success() {
+            let copy = dir.join("netpilot-relay.service");
+            std::fs::write(
+                &copy,
+                unit.replace(
+                    "/usr/local/bin/netpilot-relay",
+                    env!("CARGO_BIN_EXE_netpilot-relay"),
+                ),
+            )
+            .unwrap();
+            let out = Command::new("systemd-analyze")
+                .arg("verify")
+                .arg(&copy)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "systemd-analyze verify: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,0 +1,263 @@
+//! The OpenWrt package: each `.ipk` unpacked the way opkg does and checked for
+//! structure, control fields, modes, owners and script syntax; and the uninstall
+//! path, `netpilot-agent cleanup`, against a real nftables ruleset in a throwaway
+//! network namespace.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use netpilot_tests::binary;
+
+const ARCHES: &[&str] = &[
+    "x86_64",
+    "aarch64_cortex-a53",
+    "arm_cortex-a7_neon-vfpv4",
+    "mipsel_24kc",
+    "mips_24kc",
+];
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+/// The debug agent, stripped: the same program, without 60 MB of debug info to gzip.
+fn packaged_binary() -> PathBuf {
+    static BIN: std::sync::OnceLock<(tempfile::TempDir, PathBuf)> = std::sync::OnceLock::new();
+    let (_, path) = BIN.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("netpilot-agent");
+        let o = Command::new("strip")
+            .arg("-o")
+            .arg(&path)
+            .arg(binary("netpilot-agent"))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        (dir, path)
+    });
+    path.clone()
+}
+
+fn build_ipk(arch: &str, out: &Path) -> PathBuf {
+    let o = Command::new(repo().join("openwrt-package/build-ipk.sh"))
+        .arg(packaged_binary())
+        .arg(arch)
+        .arg(out)
+        .env("SOURCE_DATE_EPOCH", "1700000000")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    PathBuf::from(String::from_utf8(o.stdout).unwrap().trim())
+}
+
+fn sh(args: &[&str], dir: &Path) -> String {
+    let o = Command::new(args[0])
+        .args(&args[1..])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+#[test]
+fn every_ipk_unpacks_like_opkg_expects() {
+    let tmp = tempfile::tempdir().unwrap();
+    for arch in ARCHES {
+        let ipk = build_ipk(arch, tmp.path());
+        assert!(ipk
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .ends_with(&format!("_{arch}.ipk")));
+        let dir = tmp.path().join(arch);
+        std::fs::create_dir_all(&dir).unwrap();
+
+        // Outer: gzip tar with exactly these members, in opkg's order.
+        let members = sh(&["tar", "-tzf", ipk.to_str().unwrap()], &dir);
+        assert_eq!(
+            members.lines().collect::<Vec<_>>(),
+            ["./debian-binary", "./data.tar.gz", "./control.tar.gz"]
+        );
+        sh(&["tar", "-xzf", ipk.to_str().unwrap()], &dir);
+        assert_eq!(
+            std::fs::read_to_string(dir.join("debian-binary")).unwrap(),
+            "2.0\n"
+        );
+
+        // Control.
+        std::fs::create_dir_all(dir.join("control")).unwrap();
+        sh(&["tar", "-xzf", "../control.tar.gz"], &dir.join("control"));
+        let control = std::fs::read_to_string(dir.join("control/control")).unwrap();
+        let fields: BTreeMap<&str, &str> = control
+            .lines()
+            .filter(|l| !l.starts_with(' '))
+            .filter_map(|l| l.split_once(": "))
+            .collect();
+        assert_eq!(fields["Package"], "netpilot-agent");
+        assert_eq!(fields["Architecture"], *arch);
+        assert!(
+            fields["Version"].starts_with(env!("CARGO_PKG_VERSION")),
+            "{}",
+            fields["Version"]
+        );
+        for dep in ["nftables", "tc", "kmod-sched-core"] {
+            assert!(
+                fields["Depends"].split(", ").any(|d| d == dep),
+                "Depends lacks {dep}"
+            );
+        }
+        assert!(!fields["Description"].is_empty());
+        assert_eq!(
+            std::fs::read_to_string(dir.join("control/conffiles")).unwrap(),
+            "/etc/config/netpilot\n"
+        );
+        for script in ["postinst", "prerm"] {
+            let p = dir.join("control").join(script);
+            assert_eq!(mode(&p), 0o755, "{script}");
+            sh(&["sh", "-n", p.to_str().unwrap()], &dir);
+        }
+
+        // Data: files, modes, owners, size.
+        std::fs::create_dir_all(dir.join("data")).unwrap();
+        sh(&["tar", "-xzf", "../data.tar.gz"], &dir.join("data"));
+        let data = dir.join("data");
+        assert_eq!(mode(&data.join("usr/sbin/netpilot-agent")), 0o755);
+        assert_eq!(mode(&data.join("etc/init.d/netpilot")), 0o755);
+        assert_eq!(mode(&data.join("etc/config/netpilot")), 0o644);
+        assert!(data.join("lib/upgrade/keep.d/netpilot").exists());
+        sh(
+            &[
+                "sh",
+                "-n",
+                data.join("etc/init.d/netpilot").to_str().unwrap(),
+            ],
+            &dir,
+        );
+        let init = std::fs::read_to_string(data.join("etc/init.d/netpilot")).unwrap();
+        assert!(init.starts_with("#!/bin/sh /etc/rc.common\n"));
+        for needle in [
+            "USE_PROCD=1",
+            "procd_set_param respawn",
+            "procd_set_param stdout 1",
+            "procd_set_param stderr 1",
+            "procd_add_reload_trigger netpilot",
+        ] {
+            assert!(init.contains(needle), "init script lacks {needle}");
+        }
+        let listing = sh(&["tar", "-tvzf", "data.tar.gz"], &dir);
+        for line in listing.lines() {
+            assert!(
+                line.split_whitespace().nth(1) == Some("0/0"),
+                "not owned by root: {line}"
+            );
+        }
+        let size: u64 = walk(&data)
+            .iter()
+            .map(|f| f.metadata().unwrap().len())
+            .sum();
+        assert_eq!(fields["Installed-Size"].parse::<u64>().unwrap(), size);
+    }
+}
+
+#[test]
+fn ipks_are_reproducible_and_bad_arches_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = std::fs::read(build_ipk("mips_24kc", &tmp.path().join("a"))).unwrap();
+    let b = std::fs::read(build_ipk("mips_24kc", &tmp.path().join("b"))).unwrap();
+    assert!(a == b, "two builds differ");
+    let o = Command::new(repo().join("openwrt-package/build-ipk.sh"))
+        .arg(packaged_binary())
+        .args(["sparc64", tmp.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("unknown OpenWrt arch"));
+}
+
+#[test]
+fn cleanup_removes_the_netpilot_table_and_nothing_else() {
+    if !have("nft") || !have("unshare") {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must have nft and unshare"
+        );
+        eprintln!("SKIPPED cleanup test: nft or unshare is not installed (.ci/run installs them)");
+        return;
+    }
+    // One throwaway network namespace for the whole scenario; the shell here is the
+    // test's, the agent itself never uses one.
+    let agent = binary("netpilot-agent");
+    let script = format!(
+        "set -e
+         nft add table inet fw4
+         nft add table inet netpilot
+         nft add chain inet netpilot forward '{{ type filter hook forward priority 0; }}'
+         {agent} cleanup
+         nft list tables
+         echo ---
+         {agent} cleanup",
+        agent = agent.display()
+    );
+    let o = Command::new("unshare")
+        .args(["-n", "--", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let (first, second) = out.split_once("---").unwrap();
+    assert!(
+        first.contains("removed nftables table inet netpilot"),
+        "{out}"
+    );
+    assert!(
+        first.contains("table inet fw4"),
+        "fw4's table must stay: {out}"
+    );
+    assert!(
+        !first.lines().any(|l| l.trim() == "table inet netpilot"),
+        "{out}"
+    );
+    assert!(
+        second.contains("absent nftables table inet netpilot"),
+        "{out}"
+    );
+}
+
+fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn mode(p: &Path) -> u32 {
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
