@@ -138,19 +138,18 @@ usage() {
     exit 2
 }
 
-# Expand the command line's target names (triples, OpenWrt arch names or `all`).
+# Expand the command line's target names (triples, OpenWrt arch names or `all`)
+# into TARGETS.
+TARGETS=()
 resolve_targets() {
     local name t found
+    TARGETS=()
     [ $# -gt 0 ] || die "name at least one target, or all"
     for name in "$@"; do
-        if [ "$name" = all ]; then
-            printf '%s\n' "${ALL_TARGETS[@]}"
-            continue
-        fi
         found=
         for t in "${ALL_TARGETS[@]}"; do
-            if [ "$name" = "$t" ] || [ "$name" = "${OPENWRT_ARCH[$t]}" ]; then
-                printf '%s\n' "$t"
+            if [ "$name" = all ] || [ "$name" = "$t" ] || [ "$name" = "${OPENWRT_ARCH[$t]}" ]; then
+                TARGETS+=("$t")
                 found=1
             fi
         done
@@ -211,29 +210,43 @@ EOF
         -o "Dir::State::Lists=$apt/lists"
         -o "Dir::Cache::pkgcache=$apt/pkgcache.bin"
         -o "Dir::Cache::srcpkgcache=$apt/srcpkgcache.bin"
+        -o "APT::Sandbox::User=root"
     )
     log "apt: fetching the source indexes ($codename, $codename-security)"
     apt-get "${APT_SRC[@]}" update -qq
 }
 
-# Download a source package into $CACHE/src/dl and print the .dsc path.
+# Download a source package into $CACHE/src/dl; sets DSC to its .dsc file. apt
+# checks the files against the signed Sources index, so dpkg-source's "cannot verify
+# inline signature" warning (no debian-keyring here) loses nothing.
+DSC=
 download_source() {
     local pkg=$1 dl=$CACHE/src/dl
     mkdir -p "$dl"
     prepare_apt_sources
     log "apt: downloading source package $pkg"
     (cd "$dl" && apt-get "${APT_SRC[@]}" source --download-only -qq "$pkg" >/dev/null)
-    ls -t "$dl"/"$pkg"_*.dsc | head -n1
+    DSC=$(ls -t "$dl"/"$pkg"_*.dsc | head -n1)
+}
+
+# Run a noisy command with its output in a log file; show the log's end on failure.
+quietly() {
+    local logfile=$1
+    shift
+    "$@" >>"$logfile" 2>&1 || {
+        tail -n 40 "$logfile" >&2
+        die "failed: $* (log: $logfile)"
+    }
 }
 
 # musl: unpack Debian's source package (with its patches applied) once.
 MUSL_SRC=$CACHE/src/musl
 fetch_musl() {
     [ -f "$MUSL_SRC/.done" ] && return
-    local dsc
-    dsc=$(download_source musl)
+    download_source musl
     rm -rf "$MUSL_SRC"
-    dpkg-source -x "$dsc" "$MUSL_SRC" >/dev/null
+    mkdir -p "$CACHE/log"
+    quietly "$CACHE/log/musl-source.log" dpkg-source -x "$DSC" "$MUSL_SRC"
     touch "$MUSL_SRC/.done"
 }
 
@@ -241,8 +254,8 @@ fetch_musl() {
 UNWIND_SRC=$CACHE/src/libunwind
 fetch_libunwind() {
     [ -f "$UNWIND_SRC/.done" ] && return
-    local dsc orig
-    dsc=$(download_source llvm-toolchain-16)
+    local orig
+    download_source llvm-toolchain-16
     orig=$(ls "$CACHE"/src/dl/llvm-toolchain-16_*.orig.tar.* | head -n1)
     log "extracting libunwind/ from $(basename "$orig")"
     rm -rf "$UNWIND_SRC" "$UNWIND_SRC.tmp"
@@ -250,7 +263,7 @@ fetch_libunwind() {
     tar -xf "$orig" -C "$UNWIND_SRC.tmp" --strip-components=1 --wildcards '*/libunwind/*'
     mv "$UNWIND_SRC.tmp/libunwind" "$UNWIND_SRC"
     rm -rf "$UNWIND_SRC.tmp"
-    basename "$dsc" .dsc >"$UNWIND_SRC/DEBIAN_SOURCE"
+    basename "$DSC" .dsc >"$UNWIND_SRC/DEBIAN_SOURCE"
     touch "$UNWIND_SRC/.done"
     # The big tarball is no longer needed; the .dsc stays as a record.
     rm -f "$CACHE"/src/dl/llvm-toolchain-16_*.tar.*
@@ -280,13 +293,15 @@ build_musl() {
     rm -rf "$build" "$dir/musl"
     cp -a "$MUSL_SRC" "$build"
     # -fPIC: x86_64 and aarch64 link static-pie executables.
+    mkdir -p "$CACHE/log"
+    : >"$CACHE/log/musl-$t.log"
     (
         cd "$build"
-        ./configure --quiet --target="${GNU[$t]}" --prefix="$dir/musl" \
-            --disable-shared CC="${GNU[$t]}-gcc" \
+        quietly "$CACHE/log/musl-$t.log" ./configure --target="${GNU[$t]}" \
+            --prefix="$dir/musl" --disable-shared CC="${GNU[$t]}-gcc" \
             CFLAGS="-Os -fPIC ${TARGET_CFLAGS[$t]}"
-        make -s -j"$(nproc)" >/dev/null
-        make -s install >/dev/null
+        quietly "$CACHE/log/musl-$t.log" make -j"$(nproc)"
+        quietly "$CACHE/log/musl-$t.log" make install
     )
     rm -rf "$build"
     touch "$dir/musl/.done"
@@ -401,17 +416,17 @@ build_one() {
 
 declare -A BUILD_TIMES=()
 cmd_build() {
-    local t targets
-    mapfile -t targets < <(resolve_targets "$@")
-    for t in "${targets[@]}"; do
+    local t
+    resolve_targets "$@"
+    for t in "${TARGETS[@]}"; do
         build_one "$t"
     done
     printf '\n%-32s %s\n' target "build time"
-    for t in "${targets[@]}"; do
+    for t in "${TARGETS[@]}"; do
         printf '%-32s %ss\n' "$t" "${BUILD_TIMES[$t]}"
     done
     echo
-    size_table "${targets[@]}"
+    size_table "${TARGETS[@]}"
 }
 
 # --- sizes -------------------------------------------------------------------------
@@ -438,10 +453,9 @@ size_table() {
 }
 
 cmd_sizes() {
-    local targets
     [ $# -gt 0 ] || set -- all
-    mapfile -t targets < <(resolve_targets "$@")
-    size_table "${targets[@]}"
+    resolve_targets "$@"
+    size_table "${TARGETS[@]}"
 }
 
 # --- smoke -------------------------------------------------------------------------
@@ -555,16 +569,16 @@ find_relay() {
 
 SMOKE_PIDS=()
 cmd_smoke() {
-    local targets t check runner
-    mapfile -t targets < <(resolve_targets "$@")
+    local t check runner
+    resolve_targets "$@"
     find_relay
-    for t in "${targets[@]}"; do
+    for t in "${TARGETS[@]}"; do
         [ -f "$(dist_path "$t")" ] || die "$t: $(dist_path "$t") is missing; build it first"
         runner=${RUNNER[$t]%% *}
         [ -z "$runner" ] || command -v "$runner" >/dev/null || die "$runner is missing; run setup"
     done
     trap smoke_cleanup EXIT
-    for t in "${targets[@]}"; do
+    for t in "${TARGETS[@]}"; do
         SMOKE_TARGET=$t
         SMOKE_WORK=$(mktemp -d -t netpilot-smoke.XXXXXX)
         echo "smoke $t (${RUNNER[$t]:-native})"
@@ -575,7 +589,7 @@ cmd_smoke() {
         smoke_cleanup
     done
     trap - EXIT
-    echo "smoke: ${#targets[@]} target(s) passed"
+    echo "smoke: ${#TARGETS[@]} target(s) passed"
 }
 
 cmd_targets() {

@@ -54,6 +54,8 @@ pub async fn enroll(args: EnrollArgs<'_>) -> Result<Identity, EnrollError> {
     }
     let relay = RelayAddr::parse(args.relay_url)?;
     let tls = client_config(&args.trust)?;
+    // A token works once: never spend it on a state directory that cannot keep it.
+    Identity::check_writable(args.state_dir)?;
     let stream = dial(&relay, tls, Duration::from_secs(15)).await?;
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(stream))

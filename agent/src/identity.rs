@@ -79,6 +79,30 @@ impl Identity {
         Ok(id)
     }
 
+    /// Proves the state directory can take the identity (exists or can be made, and a
+    /// file can be written and synced) before a one-time token is spent on it.
+    pub fn check_writable(state_dir: &Path) -> Result<(), IdentityError> {
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| IdentityError::Io { path, source }
+        };
+        fs::create_dir_all(state_dir).map_err(io(state_dir))?;
+        let probe = state_dir.join(format!(".{FILE_NAME}.probe"));
+        let result = (|| {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&probe)?;
+            // About the size of a real identity, so a nearly full flash shows up here.
+            f.write_all(&[b' '; 512])?;
+            f.sync_all()
+        })();
+        let _ = fs::remove_file(&probe);
+        result.map_err(io(&probe))
+    }
+
     pub fn save(&self, state_dir: &Path) -> Result<(), IdentityError> {
         let io = |path: &Path| {
             let path = path.to_owned();

@@ -192,3 +192,25 @@ async fn re_enrollment_with_a_fresh_token_replaces_the_secret() {
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
+
+#[tokio::test]
+async fn an_unwritable_state_directory_fails_before_the_token_is_spent() {
+    let relay = Relay::start(RelayOptions::default()).await.unwrap();
+    let (_, token) = relay.create_router("alice", "home").await.unwrap();
+    // /proc refuses new files, as a full or read-only flash would.
+    let out = enroll(
+        &relay.url(),
+        &token,
+        &relay.fingerprint,
+        std::path::Path::new("/proc/netpilot-state"),
+    )
+    .await
+    .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/proc/netpilot-state"));
+    let dir = tempfile::tempdir().unwrap();
+    let ok = enroll(&relay.url(), &token, &relay.fingerprint, dir.path())
+        .await
+        .unwrap();
+    assert!(ok.status.success(), "the token must still be unused");
+}
