@@ -35,6 +35,8 @@ pub struct App {
     pub files: Arc<dyn Files>,
     pub started: Instant,
     pub link: Mutex<LinkState>,
+    /// Starts recorded in the state database, this one included (0: not recorded).
+    pub starts: u64,
 }
 
 impl App {
@@ -45,7 +47,13 @@ impl App {
             files,
             started: Instant::now(),
             link: Mutex::new(LinkState::default()),
+            starts: 0,
         }
+    }
+
+    pub fn with_starts(mut self, starts: u64) -> Self {
+        self.starts = starts;
+        self
     }
 
     pub fn link_state(&self) -> LinkState {

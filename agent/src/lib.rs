@@ -12,6 +12,7 @@ pub mod identity;
 pub mod link;
 pub mod settings;
 pub mod sim;
+pub mod store;
 pub mod system;
 pub mod tls;
 pub mod uci;
@@ -123,7 +124,10 @@ pub async fn run(
     } else {
         (Mode::Real, Arc::new(RealFiles::new(&config.root)))
     };
-    let app = Arc::new(App::new(mode, identity.router_id.clone(), files));
+    let Some(starts) = open_state(&config, &mut shutdown).await else {
+        return Ok(());
+    };
+    let app = Arc::new(App::new(mode, identity.router_id.clone(), files).with_starts(starts));
     serve(app, &identity, &config, on_ready, shutdown).await
 }
 
@@ -142,6 +146,36 @@ async fn wait_for_identity(
                 let message = e.to_string();
                 if message != last_error {
                     tracing::warn!(error = %message, poll = ?config.identity_poll, "waiting for enrollment");
+                    last_error = message;
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(config.identity_poll) => {}
+            _ = shutdown.as_mut() => return None,
+        }
+    }
+}
+
+/// Opens the state database and counts this start. A full or failing flash is
+/// reported and retried every `identity_poll` rather than crash-looping. `None` on
+/// shutdown.
+async fn open_state(
+    config: &RunConfig,
+    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> Option<u64> {
+    let mut last_error = String::new();
+    loop {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        match store::Store::open(&config.state_dir).and_then(|mut s| s.record_start(now)) {
+            Ok(starts) => return Some(starts),
+            Err(e) => {
+                let message = e.to_string();
+                if message != last_error {
+                    tracing::error!(error = %message, poll = ?config.identity_poll, "cannot use the state database; retrying");
                     last_error = message;
                 }
             }

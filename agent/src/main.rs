@@ -200,13 +200,21 @@ fn duration(args: &mut lexopt::Parser, name: &str) -> anyhow::Result<Duration> {
     Ok(d)
 }
 
+/// Logging to stderr (procd hands it to logd). `Targets` takes `info` or
+/// `warn,netpilot_agent=debug`; unlike EnvFilter it needs no regex engine, which
+/// keeps a few hundred KB off the router's flash.
 fn init_logging(filter: &str) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(filter).context("invalid --log filter")?,
+    use tracing_subscriber::prelude::*;
+    let targets: tracing_subscriber::filter::Targets = filter
+        .parse()
+        .with_context(|| format!("invalid log filter {filter:?}"))?;
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(false),
         )
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
+        .with(targets)
         .init();
     Ok(())
 }

@@ -611,7 +611,7 @@ fn checker_rejects_drift() {
     let chk = Checker { doc: &doc };
     let health = chk.pointer("#/components/schemas/AgentHealth");
     let good = json!({
-        "agent_version": "0.1.0", "router_id": "r", "mode": "simulated", "agent_uptime_s": 1,
+        "agent_version": "0.1.0", "router_id": "r", "mode": "simulated", "agent_uptime_s": 1, "agent_starts": 1,
         "infrastructure_ready": false, "link_connected_since_unix": null, "link_connects": 1,
         "clock_unset": false,
     });

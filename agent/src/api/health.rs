@@ -12,6 +12,8 @@ pub struct Health {
     pub router_id: String,
     pub mode: &'static str,
     pub agent_uptime_s: u64,
+    /// How often the agent has started on this router, from its state database.
+    pub agent_starts: u64,
     /// Whether the policy engine's kernel state is in place. No policy engine has
     /// landed yet, so there is nothing to be ready.
     pub infrastructure_ready: bool,
@@ -27,6 +29,7 @@ pub fn health(app: &App) -> Health {
         router_id: app.router_id.clone(),
         mode: app.mode.as_str(),
         agent_uptime_s: app.started.elapsed().as_secs(),
+        agent_starts: app.starts,
         infrastructure_ready: false,
         link_connected_since_unix: link
             .connected_since

@@ -1,0 +1,215 @@
+//! The agent's own state in SQLite (`state.sqlite3` in the state directory): WAL,
+//! forward-only migrations keyed on `PRAGMA user_version`, and a consistent copy of
+//! the database taken before any migration runs on an existing file. Today it keeps
+//! the agent's own bookkeeping; the policy engine adds its tables here.
+
+use std::path::{Path, PathBuf};
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+pub const FILE_NAME: &str = "state.sqlite3";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Opening or migrating failed (corrupt file, full or read-only flash, …).
+    #[error("state database {path}: {source}")]
+    Sqlite {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// The file was written by a newer agent.
+    #[error("state database {path} has schema version {found}, newer than this agent's {known}; upgrade the agent")]
+    TooNew {
+        path: PathBuf,
+        found: u32,
+        known: u32,
+    },
+}
+
+/// Forward-only; entry N takes the schema from version N to N+1.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE agent_meta (
+    key   TEXT PRIMARY KEY,  -- e.g. 'starts', 'first_start_unix'
+    value TEXT NOT NULL
+);
+"#];
+
+pub struct Store {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl Store {
+    pub fn open(state_dir: &Path) -> Result<Store, StoreError> {
+        Self::open_with(state_dir, MIGRATIONS)
+    }
+
+    fn open_with(state_dir: &Path, migrations: &[&str]) -> Result<Store, StoreError> {
+        let path = state_dir.join(FILE_NAME);
+        let err = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let conn = Connection::open(&path).map_err(err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(err)?;
+        // Checks the file is a database at all before anything else touches it.
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(err)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(err)?;
+        let mut store = Store { conn, path };
+        store.migrate(migrations)?;
+        Ok(store)
+    }
+
+    fn err(&self, source: rusqlite::Error) -> StoreError {
+        StoreError::Sqlite {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    pub fn schema_version(&self) -> Result<u32, StoreError> {
+        self.conn
+            .pragma_query_value(None, "user_version", |r| r.get::<_, u32>(0))
+            .map_err(|e| self.err(e))
+    }
+
+    fn migrate(&mut self, migrations: &[&str]) -> Result<(), StoreError> {
+        let version = self.schema_version()?;
+        let known = migrations.len() as u32;
+        if version > known {
+            return Err(StoreError::TooNew {
+                path: self.path.clone(),
+                found: version,
+                known,
+            });
+        }
+        if version == known {
+            return Ok(());
+        }
+        if version > 0 {
+            // A consistent copy, so a failed or buggy migration can be undone by hand.
+            let backup = self.path.with_extension(format!("sqlite3.v{version}.bak"));
+            let _ = std::fs::remove_file(&backup);
+            self.conn
+                .execute("VACUUM INTO ?1", params![backup.to_string_lossy()])
+                .map_err(|e| self.err(e))?;
+        }
+        for (i, sql) in migrations.iter().enumerate().skip(version as usize) {
+            let tx = self.conn.transaction().map_err(|e| StoreError::Sqlite {
+                path: self.path.clone(),
+                source: e,
+            })?;
+            let step = tx
+                .execute_batch(sql)
+                .and_then(|_| tx.pragma_update(None, "user_version", (i + 1) as u32))
+                .and_then(|_| tx.commit());
+            step.map_err(|e| self.err(e))?;
+        }
+        Ok(())
+    }
+
+    /// Counts one more start of the agent and returns the total.
+    pub fn record_start(&mut self, now_unix: u64) -> Result<u64, StoreError> {
+        let path = self.path.clone();
+        let err = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(err)?;
+        let starts: u64 = tx
+            .query_row(
+                "SELECT value FROM agent_meta WHERE key = 'starts'",
+                [],
+                |r| r.get::<_, String>(0),
+            )
+            .optional()
+            .map_err(err)?
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+            + 1;
+        tx.execute(
+            "INSERT INTO agent_meta (key, value) VALUES ('starts', ?1) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            params![starts.to_string()],
+        )
+        .map_err(err)?;
+        tx.execute(
+            "INSERT OR IGNORE INTO agent_meta (key, value) VALUES ('first_start_unix', ?1)",
+            params![now_unix.to_string()],
+        )
+        .map_err(err)?;
+        tx.commit().map_err(err)?;
+        Ok(starts)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_dir() -> PathBuf {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let d = std::env::temp_dir().join(format!(
+            "np-store-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn starts_are_counted_across_reopens() {
+        let dir = temp_dir();
+        assert_eq!(Store::open(&dir).unwrap().record_start(100).unwrap(), 1);
+        let mut s = Store::open(&dir).unwrap();
+        assert_eq!(s.schema_version().unwrap(), MIGRATIONS.len() as u32);
+        assert_eq!(s.record_start(200).unwrap(), 2);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused_and_garbage_is_reported() {
+        let dir = temp_dir();
+        {
+            let s = Store::open(&dir).unwrap();
+            s.conn.pragma_update(None, "user_version", 99).unwrap();
+        }
+        assert!(matches!(
+            Store::open(&dir),
+            Err(StoreError::TooNew { found: 99, .. })
+        ));
+        let dir2 = temp_dir();
+        std::fs::write(dir2.join(FILE_NAME), vec![0x5a; 4096]).unwrap();
+        let err = Store::open(&dir2).err().expect("garbage must not open");
+        assert!(err.to_string().contains(FILE_NAME), "{err}");
+        std::fs::remove_dir_all(dir).unwrap();
+        std::fs::remove_dir_all(dir2).unwrap();
+    }
+
+    #[test]
+    fn an_upgrade_backs_the_file_up_first() {
+        let dir = temp_dir();
+        Store::open(&dir).unwrap().record_start(7).unwrap();
+        let next = [MIGRATIONS[0], "CREATE TABLE later (x INTEGER);"];
+        let s = Store::open_with(&dir, &next).unwrap();
+        assert_eq!(s.schema_version().unwrap(), 2);
+        let backup = dir.join("state.sqlite3.v1.bak");
+        let old = Connection::open(&backup).unwrap();
+        let v: u32 = old
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, 1);
+        let starts: String = old
+            .query_row("SELECT value FROM agent_meta WHERE key='starts'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(starts, "1");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
