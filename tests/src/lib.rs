@@ -520,6 +520,24 @@ async fn h2_connect(
     Ok(sender)
 }
 
+/// A relay (extra config TOML) with one router of `alice`, its agent started with
+/// `agent_args` and online: the starting point of most tests.
+pub async fn relay_with_agent(
+    config: &str,
+    agent_args: &[&str],
+) -> anyhow::Result<(Relay, EnrolledRouter, Agent)> {
+    let relay = Relay::start(RelayOptions {
+        config: config.into(),
+    })
+    .await?;
+    let router = relay.enrolled_router("alice").await?;
+    let agent = Agent::start(&router, agent_args).await?;
+    relay
+        .wait_online(&router.router_id, true, Duration::from_secs(10))
+        .await?;
+    Ok((relay, router, agent))
+}
+
 /// A new random session id.
 pub fn session_id() -> String {
     uuid::Uuid::new_v4().to_string()

@@ -5,30 +5,12 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use netpilot_tests::{q, session_id, start_session, Agent, Relay, RelayOptions};
+use netpilot_tests::{q, relay_with_agent, session_id, start_session, Relay, RelayOptions};
 use serde_json::json;
-
-async fn relay_with_agent(
-    config: &str,
-    agent_args: &[&str],
-) -> (Relay, netpilot_tests::EnrolledRouter, Agent) {
-    let relay = Relay::start(RelayOptions {
-        config: config.into(),
-    })
-    .await
-    .unwrap();
-    let router = relay.enrolled_router("alice").await.unwrap();
-    let agent = Agent::start(&router, agent_args).await.unwrap();
-    relay
-        .wait_online(&router.router_id, true, Duration::from_secs(10))
-        .await
-        .unwrap();
-    (relay, router, agent)
-}
 
 #[tokio::test]
 async fn status_400_for_bad_ids_and_json() {
-    let (relay, router, _agent) = relay_with_agent("", &["--simulate"]).await;
+    let (relay, router, _agent) = relay_with_agent("", &["--simulate"]).await.unwrap();
     let c = relay.client().await.unwrap();
     let sid = start_session(&c, "alice", &router.router_id).await.unwrap();
     let rid = &router.router_id;
@@ -103,7 +85,7 @@ async fn status_400_for_bad_ids_and_json() {
 
 #[tokio::test]
 async fn status_401_for_api_key_and_session() {
-    let (relay, router, _agent) = relay_with_agent("", &["--simulate"]).await;
+    let (relay, router, _agent) = relay_with_agent("", &["--simulate"]).await.unwrap();
     let c = relay.client().await.unwrap();
     let path = q("/api/scan/router", &session_id(), &router.router_id);
     for key in [None, Some("wrong-key-0123456789abcdef"), Some("")] {
@@ -118,7 +100,7 @@ async fn status_401_for_api_key_and_session() {
 
 #[tokio::test]
 async fn status_403_and_404_for_ownership_and_unknown_routers() {
-    let (relay, router, _agent) = relay_with_agent("", &["--simulate"]).await;
+    let (relay, router, _agent) = relay_with_agent("", &["--simulate"]).await.unwrap();
     let c = relay.client().await.unwrap();
     let bob = session_id();
     c.post(
@@ -157,7 +139,9 @@ async fn status_408_when_the_router_does_not_answer_in_time() {
     mkfifo(&fifo);
     let root_arg = root.path().to_str().unwrap().to_owned();
     let (relay, router, _agent) =
-        relay_with_agent("[timeouts]\ncommand = \"300ms\"\n", &["--root", &root_arg]).await;
+        relay_with_agent("[timeouts]\ncommand = \"300ms\"\n", &["--root", &root_arg])
+            .await
+            .unwrap();
     let c = relay.client().await.unwrap();
     let sid = start_session(&c, "alice", &router.router_id).await.unwrap();
     let started = std::time::Instant::now();
@@ -199,7 +183,9 @@ async fn status_503_when_the_router_is_not_connected() {
 #[tokio::test]
 async fn unknown_routes_methods_bodies_and_content_types() {
     let (relay, router, _agent) =
-        relay_with_agent("[limits]\nmax_body_bytes = 4096\n", &["--simulate"]).await;
+        relay_with_agent("[limits]\nmax_body_bytes = 4096\n", &["--simulate"])
+            .await
+            .unwrap();
     let c = relay.client().await.unwrap();
     let sid = start_session(&c, "alice", &router.router_id).await.unwrap();
     let rid = &router.router_id;
@@ -266,7 +252,7 @@ async fn unknown_routes_methods_bodies_and_content_types() {
 
 #[tokio::test]
 async fn every_forwarded_route_reaches_the_agent() {
-    let (relay, router, _agent) = relay_with_agent("", &["--simulate"]).await;
+    let (relay, router, _agent) = relay_with_agent("", &["--simulate"]).await.unwrap();
     let c = relay.client().await.unwrap();
     let sid = start_session(&c, "alice", &router.router_id).await.unwrap();
     let rid = &router.router_id;
@@ -313,7 +299,7 @@ async fn every_forwarded_route_reaches_the_agent() {
 
 #[tokio::test]
 async fn request_ids_are_propagated_to_the_agent_and_back() {
-    let (relay, router, _agent) = relay_with_agent("", &["--simulate"]).await;
+    let (relay, router, _agent) = relay_with_agent("", &["--simulate"]).await.unwrap();
     let c = relay.client().await.unwrap();
     let sid = start_session(&c, "alice", &router.router_id).await.unwrap();
     let r = c

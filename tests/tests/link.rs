@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use netpilot_tests::{eventually, q, start_session, Agent, Relay, RelayOptions};
+use netpilot_tests::{eventually, q, relay_with_agent, start_session, Agent, Relay, RelayOptions};
 use serde_json::json;
 
 /// Short keepalive so dead-link detection is observable in a test.
@@ -138,13 +138,7 @@ async fn the_agent_reconnects_after_a_relay_restart() {
 
 #[tokio::test]
 async fn two_hundred_concurrent_calls_over_one_link() {
-    let relay = Relay::start(RelayOptions::default()).await.unwrap();
-    let router = relay.enrolled_router("alice").await.unwrap();
-    let _agent = Agent::start(&router, &["--simulate"]).await.unwrap();
-    relay
-        .wait_online(&router.router_id, true, Duration::from_secs(10))
-        .await
-        .unwrap();
+    let (relay, router, _agent) = relay_with_agent("", &["--simulate"]).await.unwrap();
     let c = relay.client().await.unwrap();
     let sid = start_session(&c, "alice", &router.router_id).await.unwrap();
     let mut tasks = tokio::task::JoinSet::new();
@@ -195,13 +189,7 @@ async fn two_hundred_concurrent_calls_over_one_link() {
 
 #[tokio::test]
 async fn revoked_router_is_disconnected_and_refused_on_reconnect() {
-    let relay = Relay::start(RelayOptions::default()).await.unwrap();
-    let router = relay.enrolled_router("alice").await.unwrap();
-    let _agent = Agent::start(&router, &["--simulate"]).await.unwrap();
-    relay
-        .wait_online(&router.router_id, true, Duration::from_secs(10))
-        .await
-        .unwrap();
+    let (relay, router, _agent) = relay_with_agent("", &["--simulate"]).await.unwrap();
     let c = relay.client().await.unwrap();
     let sid = start_session(&c, "alice", &router.router_id).await.unwrap();
 

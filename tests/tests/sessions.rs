@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use netpilot_tests::{eventually, q, session_id, start_session, Agent, Relay, RelayOptions};
+use netpilot_tests::{
+    eventually, q, relay_with_agent, session_id, start_session, Agent, Relay, RelayOptions,
+};
 use serde_json::json;
 
 const SHORT: &str =
@@ -11,13 +13,7 @@ const SHORT: &str =
 
 #[tokio::test]
 async fn lifecycle_start_status_refresh_end() {
-    let relay = Relay::start(RelayOptions::default()).await.unwrap();
-    let router = relay.enrolled_router("alice").await.unwrap();
-    let _agent = Agent::start(&router, &["--simulate"]).await.unwrap();
-    relay
-        .wait_online(&router.router_id, true, Duration::from_secs(10))
-        .await
-        .unwrap();
+    let (relay, router, _agent) = relay_with_agent("", &["--simulate"]).await.unwrap();
     let c = relay.client().await.unwrap();
 
     let sid = session_id();
@@ -103,17 +99,7 @@ async fn start_without_router_and_with_offline_router() {
 
 #[tokio::test]
 async fn idle_session_expires_and_its_calls_get_401() {
-    let relay = Relay::start(RelayOptions {
-        config: SHORT.into(),
-    })
-    .await
-    .unwrap();
-    let router = relay.enrolled_router("alice").await.unwrap();
-    let _agent = Agent::start(&router, &["--simulate"]).await.unwrap();
-    relay
-        .wait_online(&router.router_id, true, Duration::from_secs(10))
-        .await
-        .unwrap();
+    let (relay, router, _agent) = relay_with_agent(SHORT, &["--simulate"]).await.unwrap();
     let c = relay.client().await.unwrap();
     let sid = start_session(&c, "alice", &router.router_id).await.unwrap();
     assert_eq!(
@@ -146,17 +132,7 @@ async fn idle_session_expires_and_its_calls_get_401() {
 
 #[tokio::test]
 async fn idle_router_detaches_and_the_next_call_reattaches() {
-    let relay = Relay::start(RelayOptions {
-        config: SHORT.into(),
-    })
-    .await
-    .unwrap();
-    let router = relay.enrolled_router("alice").await.unwrap();
-    let _agent = Agent::start(&router, &["--simulate"]).await.unwrap();
-    relay
-        .wait_online(&router.router_id, true, Duration::from_secs(10))
-        .await
-        .unwrap();
+    let (relay, router, _agent) = relay_with_agent(SHORT, &["--simulate"]).await.unwrap();
     let c = relay.client().await.unwrap();
     let sid = start_session(&c, "alice", &router.router_id).await.unwrap();
     // Keep the session alive with refreshes (not router calls) until the router detaches.
