@@ -681,6 +681,48 @@ fn checker_rejects_drift() {
 
 // ------------------------------------------------------------------ live checks
 
+fn json_body(v: Value) -> Option<Bytes> {
+    Some(Bytes::from(v.to_string()))
+}
+
+/// A JSON object whose one field makes the body `n` bytes and more.
+fn oversize(field: &str, n: usize) -> Option<Bytes> {
+    json_body(json!({ field: "x".repeat(n) }))
+}
+
+/// A JSON body sent as text/plain gets 415; one over `cap` bytes gets 413.
+async fn expect_body_refusals(
+    run: &mut Run<'_>,
+    c: &Client,
+    method: &str,
+    path: &str,
+    valid: Value,
+    pad_field: &str,
+    cap: usize,
+) -> anyhow::Result<()> {
+    let r = c
+        .call(method, path, json_body(valid), Some("text/plain"))
+        .await?;
+    run.expect(
+        method,
+        path,
+        "text/plain",
+        &r,
+        415,
+        Some("UNSUPPORTED_MEDIA_TYPE"),
+    );
+    let r = c
+        .call(
+            method,
+            path,
+            oversize(pad_field, cap),
+            Some("application/json"),
+        )
+        .await?;
+    run.expect(method, path, "oversize", &r, 413, Some("PAYLOAD_TOO_LARGE"));
+    Ok(())
+}
+
 /// Records every checked answer and every mismatch.
 struct Run<'a> {
     chk: Checker<'a>,
@@ -964,8 +1006,6 @@ async fn server_answers_as_documented() -> anyhow::Result<()> {
     let relay = Relay::start(RelayOptions { config }).await?;
     let c = relay.client().await?;
     let anon = c.with_key(None);
-    let json_body = |v: Value| Some(Bytes::from(v.to_string()));
-    let oversize = |field: &str, n: usize| json_body(json!({ field: "x".repeat(n) }));
 
     // ---- relay endpoints
     let r = anon.get("/health").await?;
@@ -992,31 +1032,16 @@ async fn server_answers_as_documented() -> anyhow::Result<()> {
         .post(p, json!({"ownerUserId": "alice", "name": "x"}))
         .await?;
     run.expect(post, p, "no key", &r, 401, Some("UNAUTHORIZED"));
-    let r = c
-        .call(
-            post,
-            p,
-            json_body(json!({"ownerUserId": "a", "name": "x"})),
-            Some("text/plain"),
-        )
-        .await?;
-    run.expect(
+    expect_body_refusals(
+        &mut run,
+        &c,
         post,
         p,
-        "text/plain",
-        &r,
-        415,
-        Some("UNSUPPORTED_MEDIA_TYPE"),
-    );
-    let r = c
-        .call(
-            post,
-            p,
-            oversize("name", MAX_BODY_BYTES),
-            Some("application/json"),
-        )
-        .await?;
-    run.expect(post, p, "oversize", &r, 413, Some("PAYLOAD_TOO_LARGE"));
+        json!({"ownerUserId": "a", "name": "x"}),
+        "name",
+        MAX_BODY_BYTES,
+    )
+    .await?;
     let r = c.get(p).await?;
     run.expect(get, p, "list", &r, 200, None);
     let r = c.get(&format!("{p}?ownerUserId=alice")).await?;
@@ -1084,31 +1109,16 @@ async fn server_answers_as_documented() -> anyhow::Result<()> {
     run.expect(post, e, "no token", &r, 400, Some("INVALID_PARAMETER"));
     let r = anon.post(e, json!({"token": "not-hex"})).await?;
     run.expect(post, e, "malformed token", &r, 401, Some("TOKEN_INVALID"));
-    let r = anon
-        .call(
-            post,
-            e,
-            json_body(json!({"token": token})),
-            Some("text/plain"),
-        )
-        .await?;
-    run.expect(
+    expect_body_refusals(
+        &mut run,
+        &anon,
         post,
         e,
-        "text/plain",
-        &r,
-        415,
-        Some("UNSUPPORTED_MEDIA_TYPE"),
-    );
-    let r = anon
-        .call(
-            post,
-            e,
-            oversize("token", ENROLL_MAX_BODY_BYTES),
-            Some("application/json"),
-        )
-        .await?;
-    run.expect(post, e, "oversize", &r, 413, Some("PAYLOAD_TOO_LARGE"));
+        json!({"token": token}),
+        "token",
+        ENROLL_MAX_BODY_BYTES,
+    )
+    .await?;
     let r = anon
         .post(e, json!({"token": token, "hostname": "openapi-test"}))
         .await?;
@@ -1243,31 +1253,16 @@ async fn server_answers_as_documented() -> anyhow::Result<()> {
         .post(p, json!({"sessionId": random_uuid(), "userId": "alice"}))
         .await?;
     run.expect(post, p, "no key", &r, 401, Some("UNAUTHORIZED"));
-    let r = c
-        .call(
-            post,
-            p,
-            json_body(json!({"sessionId": random_uuid(), "userId": "a"})),
-            Some("text/plain"),
-        )
-        .await?;
-    run.expect(
+    expect_body_refusals(
+        &mut run,
+        &c,
         post,
         p,
-        "text/plain",
-        &r,
-        415,
-        Some("UNSUPPORTED_MEDIA_TYPE"),
-    );
-    let r = c
-        .call(
-            post,
-            p,
-            oversize("userId", MAX_BODY_BYTES),
-            Some("application/json"),
-        )
-        .await?;
-    run.expect(post, p, "oversize", &r, 413, Some("PAYLOAD_TOO_LARGE"));
+        json!({"sessionId": random_uuid(), "userId": "a"}),
+        "userId",
+        MAX_BODY_BYTES,
+    )
+    .await?;
 
     let p = "/api/session/status";
     let r = c.get(&format!("{p}?sessionId={alice}")).await?;
@@ -1290,31 +1285,16 @@ async fn server_answers_as_documented() -> anyhow::Result<()> {
         run.expect(post, p, "unknown session", &r, 401, Some("SESSION_INVALID"));
         let r = anon.post(p, json!({"sessionId": alice})).await?;
         run.expect(post, p, "no key", &r, 401, Some("UNAUTHORIZED"));
-        let r = c
-            .call(
-                post,
-                p,
-                json_body(json!({"sessionId": alice})),
-                Some("text/plain"),
-            )
-            .await?;
-        run.expect(
+        expect_body_refusals(
+            &mut run,
+            &c,
             post,
             p,
-            "text/plain",
-            &r,
-            415,
-            Some("UNSUPPORTED_MEDIA_TYPE"),
-        );
-        let r = c
-            .call(
-                post,
-                p,
-                oversize("sessionId", MAX_BODY_BYTES),
-                Some("application/json"),
-            )
-            .await?;
-        run.expect(post, p, "oversize", &r, 413, Some("PAYLOAD_TOO_LARGE"));
+            json!({"sessionId": alice}),
+            "sessionId",
+            MAX_BODY_BYTES,
+        )
+        .await?;
     }
     let r = c
         .post("/api/session/refresh", json!({"sessionId": alice}))
