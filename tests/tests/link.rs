@@ -20,17 +20,7 @@ fn signal(pid: u32, sig: &str) {
 
 #[tokio::test]
 async fn killed_agent_is_offline_at_once_and_a_restarted_one_serves_the_same_session() {
-    let relay = Relay::start(RelayOptions {
-        config: FAST_LINK.into(),
-    })
-    .await
-    .unwrap();
-    let router = relay.enrolled_router("alice").await.unwrap();
-    let mut agent = Agent::start(&router, &["--simulate"]).await.unwrap();
-    relay
-        .wait_online(&router.router_id, true, Duration::from_secs(10))
-        .await
-        .unwrap();
+    let (relay, router, mut agent) = relay_with_agent(FAST_LINK, &["--simulate"]).await.unwrap();
     let c = relay.client().await.unwrap();
     let sid = start_session(&c, "alice", &router.router_id).await.unwrap();
     let path = q("/api/scan/router", &sid, &router.router_id);
@@ -65,28 +55,14 @@ async fn killed_agent_is_offline_at_once_and_a_restarted_one_serves_the_same_ses
 
 #[tokio::test]
 async fn a_frozen_agent_is_declared_dead_by_keepalive() {
-    let relay = Relay::start(RelayOptions {
-        config: FAST_LINK.into(),
-    })
-    .await
-    .unwrap();
-    let router = relay.enrolled_router("alice").await.unwrap();
-    let agent = Agent::start(
-        &router,
-        &[
-            "--simulate",
-            "--ping-interval",
-            "200ms",
-            "--dead-after",
-            "800ms",
-        ],
-    )
-    .await
-    .unwrap();
-    relay
-        .wait_online(&router.router_id, true, Duration::from_secs(10))
-        .await
-        .unwrap();
+    let agent_args = [
+        "--simulate",
+        "--ping-interval",
+        "200ms",
+        "--dead-after",
+        "800ms",
+    ];
+    let (relay, router, agent) = relay_with_agent(FAST_LINK, &agent_args).await.unwrap();
     let pid = agent.pid().unwrap();
     signal(pid, "-STOP"); // no FIN, no PING answers: only keepalive can tell
     let started = std::time::Instant::now();

@@ -167,13 +167,7 @@ async fn idle_router_detaches_and_the_next_call_reattaches() {
 
 #[tokio::test]
 async fn a_session_reaches_only_its_users_routers() {
-    let relay = Relay::start(RelayOptions::default()).await.unwrap();
-    let a = relay.enrolled_router("alice").await.unwrap();
-    let _agent = Agent::start(&a, &["--simulate"]).await.unwrap();
-    relay
-        .wait_online(&a.router_id, true, Duration::from_secs(10))
-        .await
-        .unwrap();
+    let (relay, a, _agent) = relay_with_agent("", &["--simulate"]).await.unwrap();
     let c = relay.client().await.unwrap();
 
     let bob = start_session(&c, "bob", &a.router_id).await;
