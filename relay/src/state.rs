@@ -101,7 +101,8 @@ impl AppState {
         self.routers.read().expect("routers lock").get(&id).cloned()
     }
 
-    /// Runs a registry operation and refreshes the cache entry of the router it returns.
+    /// Runs a registry operation under the store lock; callers that change a router
+    /// refresh its cache entry with [`AppState::cache_router`].
     pub fn with_store<T>(
         &self,
         f: impl FnOnce(&mut Store) -> Result<T, crate::store::StoreError>,
