@@ -1,6 +1,9 @@
 //! The agent's view of the router's system: narrow traits over what it reads and
 //! runs, with the real adapters here and the simulated router in `crate::sim`.
 
+pub mod clock;
 pub mod files;
+pub mod nft;
 pub mod process;
 pub mod sysinfo;
+pub mod tc;

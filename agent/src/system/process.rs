@@ -64,6 +64,17 @@ pub async fn run(
     stdin: Option<&[u8]>,
     timeout: Duration,
 ) -> Result<String, ProcessError> {
+    run_with_env(argv, stdin, timeout, &[]).await
+}
+
+/// [`run`] with extra environment variables, e.g. `TZ=UTC0` for nft, whose
+/// time-of-day syntax is otherwise read in the agent's local time.
+pub async fn run_with_env(
+    argv: &[&str],
+    stdin: Option<&[u8]>,
+    timeout: Duration,
+    env: &[(&str, &str)],
+) -> Result<String, ProcessError> {
     let owned = || argv.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     let (program, args) = argv.split_first().ok_or_else(|| ProcessError::Spawn {
         argv: Vec::new(),
@@ -71,6 +82,7 @@ pub async fn run(
     })?;
     let mut child = Command::new(program)
         .args(args)
+        .envs(env.iter().copied())
         .stdin(if stdin.is_some() {
             Stdio::piped()
         } else {
@@ -180,6 +192,14 @@ mod tests {
             other => panic!("unexpected {other:?}"),
         }
         assert!(err.to_string().contains("/nonexistent/netpilot"));
+    }
+
+    #[tokio::test]
+    async fn passes_extra_environment() {
+        let out = run_with_env(&["printenv", "TZ"], None, T, &[("TZ", "UTC0")])
+            .await
+            .unwrap();
+        assert_eq!(out, "UTC0\n");
     }
 
     #[tokio::test]

@@ -1,0 +1,354 @@
+//! The shaper seam: NetPilot's root HTB qdisc and its classes on one device, changed
+//! through one `tc -batch` per step and read back with `tc class show`. tc has no
+//! transactions, so the engine orders the steps and restores on failure; this module
+//! only runs them. [`FakeTc`] keeps the same state in memory.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use super::nft::Fut;
+use super::process::{self, ProcessError};
+
+/// Handle major of NetPilot's root qdisc (`1:`), the classes are `1:<minor>`.
+pub const MAJOR: u16 = 1;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TcOp {
+    /// Put NetPilot's HTB at the root (replacing whatever was there).
+    ReplaceRoot {
+        dev: String,
+    },
+    /// Remove NetPilot's root; the kernel's default qdisc comes back.
+    DeleteRoot {
+        dev: String,
+    },
+    /// Add or change a class and its leaf queue.
+    SetClass {
+        dev: String,
+        minor: u16,
+        kbps: u32,
+    },
+    DeleteClass {
+        dev: String,
+        minor: u16,
+    },
+}
+
+/// What the device has now.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ObservedShaper {
+    /// Kind and handle of the root qdisc, e.g. `("htb", "1:")`.
+    pub root: Option<(String, String)>,
+    /// Class minor → rate in kbit/s, for classes under NetPilot's major.
+    pub classes: BTreeMap<u16, u32>,
+}
+
+impl ObservedShaper {
+    pub fn root_is_ours(&self) -> bool {
+        matches!(&self.root, Some((kind, handle)) if kind == "htb" && *handle == format!("{MAJOR}:"))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TcError {
+    #[error(transparent)]
+    Process(#[from] ProcessError),
+    #[error("cannot read tc's listing: {0}")]
+    Parse(String),
+    #[error("tc refused: {0}")]
+    Refused(String),
+}
+
+pub trait Shaper: Send + Sync {
+    /// Runs the operations in order, stopping at the first failure.
+    fn run<'a>(&'a self, ops: &'a [TcOp]) -> Fut<'a, Result<(), TcError>>;
+    fn observe<'a>(&'a self, dev: &'a str) -> Fut<'a, Result<ObservedShaper, TcError>>;
+}
+
+pub struct RealTc {
+    pub program: String,
+    pub timeout: Duration,
+}
+
+impl Default for RealTc {
+    fn default() -> Self {
+        RealTc {
+            program: "tc".into(),
+            timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Bytes HTB may send at once: 20 ms at the rate, at least two full frames, so a
+/// slow class still passes a full-size packet and a fast one is not timer-bound.
+fn burst_bytes(kbps: u32) -> u64 {
+    (kbps as u64 * 1000 / 8 / 50).max(3028)
+}
+
+/// Leaf queue length: about 100 ms at the rate. HTB's default leaf takes the
+/// device's txqueuelen, which is 0 on a bridge and would leave one packet of queue.
+fn leaf_limit(kbps: u32) -> u64 {
+    (kbps as u64 * 1000 / 8 / 10 / 1500).clamp(16, 1000)
+}
+
+/// One `tc -batch` line per operation. Device names are validated at start-up
+/// (letters, digits, `.-_@`), so nothing here needs quoting.
+pub fn batch_lines(ops: &[TcOp]) -> String {
+    let mut s = String::new();
+    for op in ops {
+        match op {
+            TcOp::ReplaceRoot { dev } => s.push_str(&format!(
+                "qdisc replace dev {dev} root handle {MAJOR}: htb\n"
+            )),
+            TcOp::DeleteRoot { dev } => s.push_str(&format!("qdisc del dev {dev} root\n")),
+            TcOp::SetClass { dev, minor, kbps } => {
+                let burst = burst_bytes(*kbps);
+                // An explicit quantum keeps HTB quiet about r2q at very low and
+                // very high rates.
+                let quantum = (*kbps as u64 * 1000 / 8 / 10).clamp(1514, 60_000);
+                s.push_str(&format!(
+                    "class replace dev {dev} parent {MAJOR}: classid {MAJOR}:{minor:x} htb rate {kbps}kbit ceil {kbps}kbit burst {burst} cburst {burst} quantum {quantum}\n"
+                ));
+                s.push_str(&format!(
+                    "qdisc replace dev {dev} parent {MAJOR}:{minor:x} handle {minor:x}: pfifo limit {}\n",
+                    leaf_limit(*kbps)
+                ));
+            }
+            TcOp::DeleteClass { dev, minor } => {
+                s.push_str(&format!("class del dev {dev} classid {MAJOR}:{minor:x}\n"))
+            }
+        }
+    }
+    s
+}
+
+impl Shaper for RealTc {
+    fn run<'a>(&'a self, ops: &'a [TcOp]) -> Fut<'a, Result<(), TcError>> {
+        Box::pin(async move {
+            if ops.is_empty() {
+                return Ok(());
+            }
+            let lines = batch_lines(ops);
+            process::run(
+                &[&self.program, "-batch", "-"],
+                Some(lines.as_bytes()),
+                self.timeout,
+            )
+            .await?;
+            Ok(())
+        })
+    }
+
+    fn observe<'a>(&'a self, dev: &'a str) -> Fut<'a, Result<ObservedShaper, TcError>> {
+        Box::pin(async move {
+            let qdiscs = process::run(
+                &[&self.program, "qdisc", "show", "dev", dev],
+                None,
+                self.timeout,
+            )
+            .await?;
+            let classes = process::run(
+                &[&self.program, "class", "show", "dev", dev],
+                None,
+                self.timeout,
+            )
+            .await?;
+            parse_observed(&qdiscs, &classes)
+        })
+    }
+}
+
+/// Parses `tc qdisc show dev X` and `tc class show dev X` (this iproute2 prints no
+/// JSON for HTB classes).
+pub fn parse_observed(qdiscs: &str, classes: &str) -> Result<ObservedShaper, TcError> {
+    let mut out = ObservedShaper::default();
+    for line in qdiscs.lines() {
+        let w: Vec<&str> = line.split_whitespace().collect();
+        if w.first() == Some(&"qdisc") && w.get(3) == Some(&"root") {
+            out.root = Some((w[1].to_owned(), w[2].to_owned()));
+        }
+    }
+    if !out.root_is_ours() {
+        return Ok(out);
+    }
+    for line in classes.lines() {
+        let w: Vec<&str> = line.split_whitespace().collect();
+        if w.first() != Some(&"class") || w.get(1) != Some(&"htb") {
+            continue;
+        }
+        let id = w.get(2).ok_or_else(|| TcError::Parse(line.to_owned()))?;
+        let Some((major, minor)) = id.split_once(':') else {
+            return Err(TcError::Parse(line.to_owned()));
+        };
+        if major != MAJOR.to_string() {
+            continue;
+        }
+        let minor = u16::from_str_radix(minor, 16).map_err(|_| TcError::Parse(line.to_owned()))?;
+        let rate = w
+            .iter()
+            .position(|x| *x == "rate")
+            .and_then(|i| w.get(i + 1))
+            .ok_or_else(|| TcError::Parse(line.to_owned()))?;
+        out.classes.insert(minor, parse_rate_kbps(rate)?);
+    }
+    Ok(out)
+}
+
+/// `5Mbit`, `1500Kbit`, `1.5Mbit`, `800bit` → kbit/s.
+pub fn parse_rate_kbps(s: &str) -> Result<u32, TcError> {
+    let bad = || TcError::Parse(format!("rate {s:?}"));
+    let split = s.find(|c: char| c.is_ascii_alphabetic()).ok_or_else(bad)?;
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().map_err(|_| bad())?;
+    let scale = match unit {
+        "bit" => 0.001,
+        "Kbit" | "kbit" => 1.0,
+        "Mbit" | "mbit" => 1_000.0,
+        "Gbit" | "gbit" => 1_000_000.0,
+        "Tbit" | "tbit" => 1_000_000_000.0,
+        _ => return Err(bad()),
+    };
+    Ok((n * scale).round() as u32)
+}
+
+/// An in-memory shaper with tc's semantics for these operations.
+#[derive(Default)]
+pub struct FakeTc {
+    state: Mutex<FakeTcState>,
+}
+
+#[derive(Default)]
+struct FakeTcState {
+    devs: BTreeMap<String, ObservedShaper>,
+    /// Fail the op with this index (counted across runs) to test restores.
+    fail_at: Option<usize>,
+    ops: usize,
+}
+
+impl FakeTc {
+    pub fn fail_op_after(&self, n: usize) {
+        let mut s = self.state.lock().expect("fake tc");
+        s.fail_at = Some(s.ops + n);
+    }
+
+    pub fn set_foreign_root(&self, dev: &str, kind: &str) {
+        let mut s = self.state.lock().expect("fake tc");
+        s.devs.insert(
+            dev.to_owned(),
+            ObservedShaper {
+                root: Some((kind.to_owned(), "8001:".to_owned())),
+                classes: BTreeMap::new(),
+            },
+        );
+    }
+}
+
+impl Shaper for FakeTc {
+    fn run<'a>(&'a self, ops: &'a [TcOp]) -> Fut<'a, Result<(), TcError>> {
+        Box::pin(async move {
+            let mut s = self.state.lock().expect("fake tc");
+            for op in ops {
+                if s.fail_at == Some(s.ops) {
+                    s.fail_at = None;
+                    return Err(TcError::Refused(format!("injected failure at {op:?}")));
+                }
+                s.ops += 1;
+                match op {
+                    TcOp::ReplaceRoot { dev } => {
+                        s.devs.insert(
+                            dev.clone(),
+                            ObservedShaper {
+                                root: Some(("htb".into(), format!("{MAJOR}:"))),
+                                classes: BTreeMap::new(),
+                            },
+                        );
+                    }
+                    TcOp::DeleteRoot { dev } => {
+                        if s.devs.remove(dev).is_none() {
+                            return Err(TcError::Refused(format!("{dev}: no root qdisc")));
+                        }
+                    }
+                    TcOp::SetClass { dev, minor, kbps } => {
+                        let d = s
+                            .devs
+                            .get_mut(dev)
+                            .filter(|d| d.root_is_ours())
+                            .ok_or_else(|| TcError::Refused(format!("{dev}: no htb root")))?;
+                        d.classes.insert(*minor, *kbps);
+                    }
+                    TcOp::DeleteClass { dev, minor } => {
+                        let d = s
+                            .devs
+                            .get_mut(dev)
+                            .ok_or_else(|| TcError::Refused(format!("{dev}: no root")))?;
+                        if d.classes.remove(minor).is_none() {
+                            return Err(TcError::Refused(format!("{dev}: no class {minor:x}")));
+                        }
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn observe<'a>(&'a self, dev: &'a str) -> Fut<'a, Result<ObservedShaper, TcError>> {
+        Box::pin(async move {
+            Ok(self
+                .state
+                .lock()
+                .expect("fake tc")
+                .devs
+                .get(dev)
+                .cloned()
+                .unwrap_or_default())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listings_parse_into_root_and_rates() {
+        let q = "qdisc htb 1: root refcnt 2 r2q 10 default 0 direct_packets_stat 3 direct_qlen 1000\nqdisc pfifo 100: parent 1:100 limit 41p\n";
+        let c = "class htb 1:101 root leaf 101: prio 0 rate 1Mbit ceil 1Mbit burst 3028b cburst 3028b \nclass htb 1:100 root leaf 100: prio 0 rate 5Mbit ceil 5Mbit burst 1600b cburst 1600b \nclass htb 1:1040 root prio 0 rate 1500Kbit ceil 1500Kbit burst 1600b cburst 1600b \n";
+        let o = parse_observed(q, c).unwrap();
+        assert!(o.root_is_ours());
+        assert_eq!(o.classes[&0x100], 5000);
+        assert_eq!(o.classes[&0x101], 1000);
+        assert_eq!(o.classes[&0x1040], 1500);
+        let foreign = parse_observed("qdisc noqueue 0: root refcnt 2 \n", "").unwrap();
+        assert_eq!(foreign.root, Some(("noqueue".into(), "0:".into())));
+        assert!(!foreign.root_is_ours());
+        assert_eq!(parse_rate_kbps("1.5Mbit").unwrap(), 1500);
+        assert_eq!(parse_rate_kbps("10Gbit").unwrap(), 10_000_000);
+        assert!(parse_rate_kbps("fast").is_err());
+    }
+
+    #[test]
+    fn batch_lines_are_plain_tc_commands() {
+        let s = batch_lines(&[
+            TcOp::ReplaceRoot {
+                dev: "br-lan".into(),
+            },
+            TcOp::SetClass {
+                dev: "br-lan".into(),
+                minor: 0x101,
+                kbps: 5000,
+            },
+            TcOp::DeleteClass {
+                dev: "br-lan".into(),
+                minor: 0x1040,
+            },
+        ]);
+        assert_eq!(
+            s,
+            "qdisc replace dev br-lan root handle 1: htb\n\
+             class replace dev br-lan parent 1: classid 1:101 htb rate 5000kbit ceil 5000kbit burst 12500 cburst 12500 quantum 60000\n\
+             qdisc replace dev br-lan parent 1:101 handle 101: pfifo limit 41\n\
+             class del dev br-lan classid 1:1040\n"
+        );
+    }
+}
