@@ -1,7 +1,7 @@
 //! The agent's own state in SQLite (`state.sqlite3` in the state directory): WAL,
 //! forward-only migrations keyed on `PRAGMA user_version`, and a consistent copy of
-//! the database taken before any migration runs on an existing file. Today it keeps
-//! the agent's own bookkeeping; the policy engine adds its tables here.
+//! the database taken before any migration runs on an existing file. It keeps
+//! the agent's own bookkeeping and the policy engine's desired state.
 
 use std::path::{Path, PathBuf};
 
@@ -28,12 +28,53 @@ pub enum StoreError {
 }
 
 /// Forward-only; entry N takes the schema from version N to N+1.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE agent_meta (
     key   TEXT PRIMARY KEY,  -- e.g. 'starts', 'first_start_unix'
     value TEXT NOT NULL
 );
-"#];
+"#,
+    // The policy engine's desired state (see policy::persist).
+    r#"
+CREATE TABLE policy_groups (
+    id      INTEGER PRIMARY KEY,
+    name    TEXT NOT NULL,
+    slot    INTEGER NOT NULL UNIQUE CHECK (slot BETWEEN 1 AND 250), -- ct mark bits 16-23, tc classes
+    policy  TEXT NOT NULL    -- JSON, the API's response shape
+);
+INSERT INTO policy_groups (id, name, slot, policy) VALUES (0, 'Guests', 1, '{}');
+CREATE TABLE policy_devices (
+    mac      TEXT PRIMARY KEY,  -- normalised aa:bb:cc:dd:ee:ff
+    group_id INTEGER NOT NULL REFERENCES policy_groups(id) DEFERRABLE INITIALLY DEFERRED,
+    ipv4     TEXT,
+    ipv6     TEXT,
+    name     TEXT
+) WITHOUT ROWID; -- keyed by MAC only: one B-tree write per device, not two
+CREATE TABLE policy_lists (
+    kind   TEXT NOT NULL CHECK (kind IN ('block', 'blacklist', 'whitelist')),
+    target TEXT NOT NULL,       -- normalised MAC or IP address
+    PRIMARY KEY (kind, target)
+) WITHOUT ROWID;
+CREATE TABLE policy_applied (
+    id          INTEGER PRIMARY KEY CHECK (id = 1),
+    generation  INTEGER NOT NULL,
+    digest      TEXT NOT NULL,
+    applied_unix INTEGER NOT NULL,
+    duration_ms INTEGER NOT NULL
+);
+CREATE TABLE audit_log (
+    id         INTEGER PRIMARY KEY AUTOINCREMENT,
+    at_unix    INTEGER NOT NULL,
+    session_id TEXT,
+    user_id    TEXT,
+    request_id TEXT,
+    action     TEXT NOT NULL,
+    detail     TEXT NOT NULL,
+    result     TEXT NOT NULL
+);
+"#,
+];
 
 pub struct Store {
     conn: Connection,
@@ -64,7 +105,12 @@ impl Store {
         Ok(store)
     }
 
-    fn err(&self, source: rusqlite::Error) -> StoreError {
+    /// For the modules that keep their tables here (`policy::persist`).
+    pub(crate) fn conn_mut(&mut self) -> &mut Connection {
+        &mut self.conn
+    }
+
+    pub(crate) fn err(&self, source: rusqlite::Error) -> StoreError {
         StoreError::Sqlite {
             path: self.path.clone(),
             source,
@@ -195,15 +241,17 @@ mod tests {
     fn an_upgrade_backs_the_file_up_first() {
         let dir = temp_dir();
         Store::open(&dir).unwrap().record_start(7).unwrap();
-        let next = [MIGRATIONS[0], "CREATE TABLE later (x INTEGER);"];
+        let mut next = MIGRATIONS.to_vec();
+        next.push("CREATE TABLE later (x INTEGER);");
+        let known = MIGRATIONS.len() as u32;
         let s = Store::open_with(&dir, &next).unwrap();
-        assert_eq!(s.schema_version().unwrap(), 2);
-        let backup = dir.join("state.sqlite3.v1.bak");
+        assert_eq!(s.schema_version().unwrap(), known + 1);
+        let backup = dir.join(format!("state.sqlite3.v{known}.bak"));
         let old = Connection::open(&backup).unwrap();
         let v: u32 = old
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .unwrap();
-        assert_eq!(v, 1);
+        assert_eq!(v, known);
         let starts: String = old
             .query_row("SELECT value FROM agent_meta WHERE key='starts'", [], |r| {
                 r.get(0)

@@ -1,0 +1,996 @@
+//! The policy model — groups, devices, per-group policies, device lists — and the
+//! validation that turns the web app's JSON into it. Everything past this module can
+//! rely on the invariants checked here: MACs are unicast and normalised, a device is in
+//! at most one group, times are real, limits are within what the kernel can shape.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use super::schedule::{LocalWindow, Restriction, Weekdays};
+
+/// The guest group: always exists, cannot be deleted, and applies to every LAN device
+/// that is in no other group.
+pub const GUEST_GROUP: GroupId = 0;
+/// Devices across all groups. Far above a home or small office; 10,000 in one
+/// request still compiles and applies in well under a second.
+pub const MAX_DEVICES: usize = 16_384;
+/// Groups including the guest group; each takes one 8-bit conntrack-mark slot.
+pub const MAX_GROUPS: usize = 250;
+pub const MAX_SCHEDULES: usize = 32;
+pub const MAX_NAME_BYTES: usize = 64;
+pub const MAX_LIST_ENTRIES: usize = 4_096;
+/// 10 Gbit/s: above any home uplink, and far from HTB's rate overflow.
+pub const MAX_KBPS: u32 = 10_000_000;
+/// HTB cannot shape meaningfully below this.
+pub const MIN_KBPS: u32 = 8;
+
+pub type GroupId = u32;
+/// The route table takes group ids of at most 9 digits; a larger id could be
+/// created but never addressed again.
+pub const MAX_GROUP_ID: GroupId = 999_999_999;
+
+/// A rejected input: a stable code for programs and a message for people.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct Invalid {
+    pub code: &'static str,
+    pub message: String,
+}
+
+pub mod code {
+    pub const INVALID_MAC: &str = "INVALID_MAC";
+    pub const INVALID_IP: &str = "INVALID_IP";
+    pub const DUPLICATE_DEVICE: &str = "DUPLICATE_DEVICE";
+    pub const UNKNOWN_GROUP: &str = "UNKNOWN_GROUP";
+    pub const GUEST_GROUP: &str = "GUEST_GROUP";
+    pub const INVALID_GROUP: &str = "INVALID_GROUP";
+    pub const INVALID_NAME: &str = "INVALID_NAME";
+    pub const INVALID_POLICY: &str = "INVALID_POLICY";
+    pub const INVALID_SCHEDULE: &str = "INVALID_SCHEDULE";
+    pub const LIMIT_EXCEEDED: &str = "LIMIT_EXCEEDED";
+    pub const INVALID_TARGET: &str = "INVALID_TARGET";
+    pub const GROUP_NOT_FOUND: &str = "GROUP_NOT_FOUND";
+}
+
+fn invalid(code: &'static str, message: impl Into<String>) -> Invalid {
+    Invalid {
+        code,
+        message: message.into(),
+    }
+}
+
+/// A unicast Ethernet address, shown as lower-case `aa:bb:cc:dd:ee:ff`.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Mac(pub [u8; 6]);
+
+impl Mac {
+    /// Accepts `aa:bb:cc:dd:ee:ff`, `aa-bb-cc-dd-ee-ff`, `aabb.ccdd.eeff` and
+    /// `aabbccddeeff`, any case. Broadcast, multicast and all-zero are refused: no
+    /// device sends from them.
+    pub fn parse(s: &str) -> Result<Mac, Invalid> {
+        let bad = |why: &str| invalid(code::INVALID_MAC, format!("invalid MAC {s:?}: {why}"));
+        // Spaces around are forgiven; anything else (a newline) is not a MAC.
+        let t = s.trim_matches(' ');
+        let hex: String = if t.len() == 17 && (t.contains(':') || t.contains('-')) {
+            let sep = t.as_bytes()[2];
+            if !t.split(sep as char).all(|p| p.len() == 2) || t.split(sep as char).count() != 6 {
+                return Err(bad("expected six two-digit groups"));
+            }
+            t.split(sep as char).collect()
+        } else if t.len() == 14 && t.contains('.') {
+            let parts: Vec<&str> = t.split('.').collect();
+            if parts.len() != 3 || parts.iter().any(|p| p.len() != 4) {
+                return Err(bad("expected three four-digit groups"));
+            }
+            parts.concat()
+        } else if t.len() == 12 {
+            t.to_owned()
+        } else {
+            return Err(bad("not a MAC address"));
+        };
+        let mut out = [0u8; 6];
+        for (i, byte) in out.iter_mut().enumerate() {
+            let pair = hex.get(2 * i..2 * i + 2).ok_or_else(|| bad("not hex"))?;
+            if !pair.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(bad("not hex"));
+            }
+            *byte = u8::from_str_radix(pair, 16).map_err(|_| bad("not hex"))?;
+        }
+        if out == [0; 6] {
+            return Err(bad("all-zero address"));
+        }
+        if out[0] & 1 == 1 {
+            return Err(bad("multicast or broadcast address"));
+        }
+        Ok(Mac(out))
+    }
+}
+
+impl Mac {
+    /// Appends the lower-case colon form; the compiler does this for every device.
+    pub fn push_to(&self, out: &mut String) {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        for (i, b) in self.0.iter().enumerate() {
+            if i > 0 {
+                out.push(':');
+            }
+            out.push(HEX[(b >> 4) as usize] as char);
+            out.push(HEX[(b & 15) as usize] as char);
+        }
+    }
+}
+
+impl fmt::Display for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let b = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            b[0], b[1], b[2], b[3], b[4], b[5]
+        )
+    }
+}
+
+impl fmt::Debug for Mac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl Serialize for Mac {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Device {
+    pub mac: Mac,
+    pub ipv4: Option<Ipv4Addr>,
+    pub ipv6: Option<Ipv6Addr>,
+    pub name: Option<String>,
+}
+
+/// A rate limit per direction; `None` is unlimited in that direction.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Bandwidth {
+    pub down_kbps: Option<u32>,
+    pub up_kbps: Option<u32>,
+}
+
+impl Bandwidth {
+    pub fn is_unlimited(&self) -> bool {
+        self.down_kbps.is_none() && self.up_kbps.is_none()
+    }
+
+    /// Per direction, the tighter of the two.
+    pub fn tighter(self, other: Bandwidth) -> Bandwidth {
+        let min = |a: Option<u32>, b: Option<u32>| match (a, b) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        Bandwidth {
+            down_kbps: min(self.down_kbps, other.down_kbps),
+            up_kbps: min(self.up_kbps, other.up_kbps),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Internet {
+    Allow,
+    Block,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Schedule {
+    pub window: LocalWindow,
+    pub action: Restriction,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    pub bandwidth: Bandwidth,
+    pub internet: Internet,
+    pub schedules: Vec<Schedule>,
+    /// DNS filtering settings, kept verbatim until DNS filtering lands.
+    pub dns: Option<serde_json::Value>,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            bandwidth: Bandwidth::default(),
+            internet: Internet::Allow,
+            schedules: Vec::new(),
+            dns: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Group {
+    pub id: GroupId,
+    pub name: String,
+    pub devices: Vec<Device>,
+    pub policy: Policy,
+}
+
+/// What a block, whitelist or blacklist entry names: a device by MAC or an address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Target {
+    Mac(Mac),
+    Ip(IpAddr),
+}
+
+impl Target {
+    /// From a request's `{ip}` or `{mac}` (exactly one of them).
+    pub fn from_parts(ip: Option<&str>, mac: Option<&str>) -> Result<Target, Invalid> {
+        match (ip.filter(|s| !s.is_empty()), mac.filter(|s| !s.is_empty())) {
+            (Some(_), Some(_)) => Err(invalid(
+                code::INVALID_TARGET,
+                "give either ip or mac, not both",
+            )),
+            (None, None) => Err(invalid(code::INVALID_TARGET, "missing ip or mac")),
+            (None, Some(m)) => Mac::parse(m).map(Target::Mac),
+            (Some(i), None) => parse_ip(i).map(Target::Ip),
+        }
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Mac(m) => m.fmt(f),
+            Target::Ip(i) => i.fmt(f),
+        }
+    }
+}
+
+fn parse_ip(s: &str) -> Result<IpAddr, Invalid> {
+    let ip = IpAddr::from_str(s.trim())
+        .map_err(|_| invalid(code::INVALID_IP, format!("invalid IP address {s:?}")))?;
+    let usable = match ip {
+        IpAddr::V4(v4) => !(v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast()),
+        IpAddr::V6(v6) => !(v6.is_unspecified() || v6.is_multicast()),
+    };
+    if !usable {
+        return Err(invalid(
+            code::INVALID_IP,
+            format!("{s:?} is not a device address"),
+        ));
+    }
+    Ok(ip)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ListKind {
+    /// `POST /api/block`: blocked from the internet.
+    Block,
+    /// Blocked as well; a separate list so the web app can show it apart.
+    Black,
+    /// When not empty, only these devices (and the router) reach the internet.
+    White,
+}
+
+impl ListKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ListKind::Block => "block",
+            ListKind::Black => "blacklist",
+            ListKind::White => "whitelist",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<ListKind> {
+        match s {
+            "block" => Some(ListKind::Block),
+            "blacklist" => Some(ListKind::Black),
+            "whitelist" => Some(ListKind::White),
+            _ => None,
+        }
+    }
+}
+
+/// The whole desired state: what the compiler turns into kernel rules.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Desired {
+    /// By id; always contains the guest group.
+    pub groups: BTreeMap<GroupId, Group>,
+    /// Conntrack-mark slot per group (1..=MAX_GROUPS), stable while the group exists.
+    pub slots: BTreeMap<GroupId, u8>,
+    pub lists: BTreeMap<ListKind, Vec<Target>>,
+}
+
+// ---------------------------------------------------------------------------
+// The web app's JSON (camelCase, snake_case accepted) and its validation.
+
+#[derive(Debug, Deserialize)]
+pub struct GroupIn {
+    pub id: Option<serde_json::Value>,
+    pub name: Option<String>,
+    #[serde(default)]
+    pub devices: Option<Vec<DeviceIn>>,
+    pub policy: Option<PolicyIn>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct DeviceIn {
+    pub mac: Option<String>,
+    pub ip: Option<String>,
+    #[serde(alias = "ip6")]
+    pub ipv6: Option<String>,
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct PolicyIn {
+    /// Absent or `null`: unlimited.
+    #[serde(default)]
+    pub bandwidth: Option<BandwidthIn>,
+    #[serde(default)]
+    pub internet: Option<String>,
+    #[serde(default)]
+    pub dns: Option<serde_json::Value>,
+    #[serde(default)]
+    pub schedules: Option<Vec<ScheduleIn>>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct BandwidthIn {
+    #[serde(alias = "download_kbps", default)]
+    #[serde(rename = "downloadKbps")]
+    pub download_kbps: Option<serde_json::Value>,
+    #[serde(alias = "upload_kbps", default)]
+    #[serde(rename = "uploadKbps")]
+    pub upload_kbps: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ScheduleIn {
+    pub days: Option<Vec<String>>,
+    pub start: Option<String>,
+    pub end: Option<String>,
+    pub action: Option<serde_json::Value>,
+}
+
+pub fn group_id(v: &serde_json::Value) -> Result<GroupId, Invalid> {
+    let n = match v {
+        serde_json::Value::Number(n) => n.as_u64(),
+        serde_json::Value::String(s) => s.trim().parse::<u64>().ok(),
+        _ => None,
+    };
+    n.filter(|&n| n <= MAX_GROUP_ID as u64)
+        .map(|n| n as GroupId)
+        .ok_or_else(|| {
+            invalid(
+                code::INVALID_GROUP,
+                format!(
+                    "group id must be an integer from 0 to {}, got {v}",
+                    MAX_GROUP_ID
+                ),
+            )
+        })
+}
+
+pub fn validate_name(what: &str, name: &str) -> Result<String, Invalid> {
+    // Names are stored and shown, never written into a rule; only what would break
+    // a display or a log line is refused.
+    if name.len() > MAX_NAME_BYTES {
+        return Err(invalid(
+            code::INVALID_NAME,
+            format!("{what} is {} bytes; at most {MAX_NAME_BYTES}", name.len()),
+        ));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(invalid(
+            code::INVALID_NAME,
+            format!("{what} {name:?} contains a control character (newline, tab, …)"),
+        ));
+    }
+    Ok(name.trim().to_owned())
+}
+
+impl GroupIn {
+    /// Validates one group. Device uniqueness across groups is checked by the caller,
+    /// which sees the whole state.
+    pub fn validate(self, path_id: Option<GroupId>) -> Result<Group, Invalid> {
+        let id = match (&self.id, path_id) {
+            (Some(v), _) => group_id(v)?,
+            (None, Some(id)) => id,
+            (None, None) => return Err(invalid(code::INVALID_GROUP, "group.id is required")),
+        };
+        let name = match self.name {
+            Some(n) => validate_name("group name", &n)?,
+            None if id == GUEST_GROUP => "Guests".to_owned(),
+            None => {
+                return Err(invalid(
+                    code::INVALID_NAME,
+                    format!("group {id}: name is required"),
+                ))
+            }
+        };
+        let mut devices = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for (i, d) in self.devices.unwrap_or_default().into_iter().enumerate() {
+            let device = d.validate().map_err(|e| Invalid {
+                code: e.code,
+                message: format!("group {id}, device {i}: {}", e.message),
+            })?;
+            if !seen.insert(device.mac) {
+                return Err(invalid(
+                    code::DUPLICATE_DEVICE,
+                    format!("group {id}: device {} is listed twice", device.mac),
+                ));
+            }
+            devices.push(device);
+        }
+        if devices.len() > MAX_DEVICES {
+            return Err(too_many_devices(devices.len()));
+        }
+        let policy = match self.policy {
+            Some(p) => p.validate().map_err(|e| Invalid {
+                code: e.code,
+                message: format!("group {id}: {}", e.message),
+            })?,
+            None => Policy::default(),
+        };
+        Ok(Group {
+            id,
+            name,
+            devices,
+            policy,
+        })
+    }
+}
+
+pub fn too_many_devices(n: usize) -> Invalid {
+    invalid(
+        code::LIMIT_EXCEEDED,
+        format!("{n} devices; a router holds at most {MAX_DEVICES}"),
+    )
+}
+
+impl DeviceIn {
+    pub fn validate(self) -> Result<Device, Invalid> {
+        let mac = Mac::parse(
+            self.mac
+                .as_deref()
+                .ok_or_else(|| invalid(code::INVALID_MAC, "mac is required"))?,
+        )?;
+        let mut ipv4 = None;
+        let mut ipv6 = None;
+        for s in [self.ip.as_deref(), self.ipv6.as_deref()]
+            .into_iter()
+            .flatten()
+            .filter(|s| !s.trim().is_empty())
+        {
+            match parse_ip(s)? {
+                IpAddr::V4(a) if ipv4.is_none() => ipv4 = Some(a),
+                IpAddr::V6(a) if ipv6.is_none() => ipv6 = Some(a),
+                _ => {
+                    return Err(invalid(
+                        code::INVALID_IP,
+                        format!("two addresses of the same family for {mac}"),
+                    ))
+                }
+            }
+        }
+        let name = match self.name {
+            Some(n) => Some(validate_name("device name", &n)?).filter(|n| !n.is_empty()),
+            None => None,
+        };
+        Ok(Device {
+            mac,
+            ipv4,
+            ipv6,
+            name,
+        })
+    }
+}
+
+fn kbps(what: &str, v: &Option<serde_json::Value>) -> Result<Option<u32>, Invalid> {
+    let Some(v) = v else { return Ok(None) };
+    if v.is_null() {
+        return Ok(None);
+    }
+    let n = v.as_u64().ok_or_else(|| {
+        invalid(
+            code::INVALID_POLICY,
+            format!("{what} must be a whole number of kbit/s or null, got {v}"),
+        )
+    })?;
+    // 0 is how some clients say "no limit"; a zero-rate class would stop all traffic,
+    // which is what "internet: block" is for.
+    if n == 0 {
+        return Ok(None);
+    }
+    if n < MIN_KBPS as u64 || n > MAX_KBPS as u64 {
+        return Err(invalid(
+            code::INVALID_POLICY,
+            format!("{what} {n} is out of range {MIN_KBPS}..={MAX_KBPS} kbit/s"),
+        ));
+    }
+    Ok(Some(n as u32))
+}
+
+impl BandwidthIn {
+    fn validate(&self, what: &str) -> Result<Bandwidth, Invalid> {
+        Ok(Bandwidth {
+            down_kbps: kbps(&format!("{what}.downloadKbps"), &self.download_kbps)?,
+            up_kbps: kbps(&format!("{what}.uploadKbps"), &self.upload_kbps)?,
+        })
+    }
+}
+
+impl PolicyIn {
+    pub fn validate(self) -> Result<Policy, Invalid> {
+        let bandwidth = match &self.bandwidth {
+            Some(b) => b.validate("bandwidth")?,
+            None => Bandwidth::default(),
+        };
+        let internet = match self.internet.as_deref().map(str::trim) {
+            None | Some("allow") | Some("allowed") => Internet::Allow,
+            Some("block") | Some("blocked") => Internet::Block,
+            Some(other) => {
+                return Err(invalid(
+                    code::INVALID_POLICY,
+                    format!("internet must be \"allow\" or \"block\", got {other:?}"),
+                ))
+            }
+        };
+        let raw = self.schedules.unwrap_or_default();
+        if raw.len() > MAX_SCHEDULES {
+            return Err(invalid(
+                code::LIMIT_EXCEEDED,
+                format!("{} schedules; at most {MAX_SCHEDULES} per group", raw.len()),
+            ));
+        }
+        let schedules = raw
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| {
+                s.validate().map_err(|e| Invalid {
+                    code: e.code,
+                    message: format!("schedule {i}: {}", e.message),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if let Some(dns) = &self.dns {
+            if !(dns.is_object() || dns.is_null()) {
+                return Err(invalid(code::INVALID_POLICY, "dns must be an object"));
+            }
+        }
+        Ok(Policy {
+            bandwidth,
+            internet,
+            schedules,
+            dns: self.dns.filter(|d| !d.is_null()),
+        })
+    }
+}
+
+pub const DAY_NAMES: [&str; 7] = ["sun", "mon", "tue", "wed", "thu", "fri", "sat"];
+
+fn parse_day(s: &str) -> Option<u8> {
+    let l = s.trim().to_ascii_lowercase();
+    let full = [
+        "sunday",
+        "monday",
+        "tuesday",
+        "wednesday",
+        "thursday",
+        "friday",
+        "saturday",
+    ];
+    (0..7u8).find(|&i| l == DAY_NAMES[i as usize] || l == full[i as usize])
+}
+
+/// `HH:MM` (or `H:MM`) to minutes after midnight; `24:00` is accepted as an end.
+pub fn parse_time(what: &str, s: &str, allow_24: bool) -> Result<u16, Invalid> {
+    let bad = || {
+        invalid(
+            code::INVALID_SCHEDULE,
+            format!("{what} {s:?} is not a time of day HH:MM (00:00–23:59)"),
+        )
+    };
+    let (h, m) = s.trim().split_once(':').ok_or_else(bad)?;
+    if h.is_empty() || h.len() > 2 || m.len() != 2 {
+        return Err(bad());
+    }
+    let h: u16 = h.parse().map_err(|_| bad())?;
+    let m: u16 = m.parse().map_err(|_| bad())?;
+    if m > 59 || h > 24 || (h == 24 && (m != 0 || !allow_24)) {
+        return Err(bad());
+    }
+    Ok(h * 60 + m)
+}
+
+pub fn format_time(min: u16) -> String {
+    format!("{:02}:{:02}", min / 60, min % 60)
+}
+
+impl ScheduleIn {
+    fn validate(self) -> Result<Schedule, Invalid> {
+        let days = self
+            .days
+            .ok_or_else(|| invalid(code::INVALID_SCHEDULE, "days is required"))?;
+        let mut bits = 0u8;
+        for d in &days {
+            let i = parse_day(d).ok_or_else(|| {
+                invalid(
+                    code::INVALID_SCHEDULE,
+                    format!("unknown day {d:?}; use sun, mon, tue, wed, thu, fri, sat"),
+                )
+            })?;
+            bits |= 1 << i;
+        }
+        if bits == 0 {
+            return Err(invalid(code::INVALID_SCHEDULE, "days must not be empty"));
+        }
+        let start = parse_time(
+            "start",
+            self.start
+                .as_deref()
+                .ok_or_else(|| invalid(code::INVALID_SCHEDULE, "start is required"))?,
+            false,
+        )?;
+        let end = parse_time(
+            "end",
+            self.end
+                .as_deref()
+                .ok_or_else(|| invalid(code::INVALID_SCHEDULE, "end is required"))?,
+            true,
+        )?;
+        let end = end % 1440;
+        if start == end {
+            return Err(invalid(
+                code::INVALID_SCHEDULE,
+                "start and end are equal; the window would be empty",
+            ));
+        }
+        let action = match &self.action {
+            None => return Err(invalid(code::INVALID_SCHEDULE, "action is required")),
+            Some(serde_json::Value::String(s)) if s == "block" => Restriction::Block,
+            Some(serde_json::Value::Object(o)) if o.contains_key("limit") => {
+                let limit: BandwidthIn = serde_json::from_value(o["limit"].clone())
+                    .map_err(|e| invalid(code::INVALID_SCHEDULE, format!("action.limit: {e}")))?;
+                let b = limit.validate("action.limit")?;
+                if b.is_unlimited() {
+                    return Err(invalid(
+                        code::INVALID_SCHEDULE,
+                        "action.limit must limit at least one direction",
+                    ));
+                }
+                Restriction::Limit {
+                    down_kbps: b.down_kbps,
+                    up_kbps: b.up_kbps,
+                }
+            }
+            Some(other) => {
+                return Err(invalid(
+                    code::INVALID_SCHEDULE,
+                    format!("action must be \"block\" or {{\"limit\": {{…}}}}, got {other}"),
+                ))
+            }
+        };
+        Ok(Schedule {
+            window: LocalWindow {
+                days: Weekdays(bits),
+                start_min: start,
+                end_min: end,
+            },
+            action,
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Responses (snake_case, as the web app reads them).
+
+#[derive(Debug, Serialize)]
+pub struct GroupOut {
+    pub id: GroupId,
+    pub name: String,
+    pub devices: Vec<DeviceOut>,
+    pub policy: PolicyOut,
+    /// The conntrack-mark value and tc class the group's traffic carries.
+    pub mark: String,
+    pub class: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DeviceOut {
+    pub mac: Mac,
+    pub ip: Option<String>,
+    pub ipv6: Option<String>,
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BandwidthOut {
+    pub download_kbps: Option<u32>,
+    pub upload_kbps: Option<u32>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PolicyOut {
+    pub bandwidth: Option<BandwidthOut>,
+    pub internet: &'static str,
+    pub dns: Option<serde_json::Value>,
+    pub schedules: Vec<ScheduleOut>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ScheduleOut {
+    pub days: Vec<&'static str>,
+    pub start: String,
+    pub end: String,
+    pub action: serde_json::Value,
+}
+
+pub fn bandwidth_out(b: Bandwidth) -> Option<BandwidthOut> {
+    (!b.is_unlimited()).then_some(BandwidthOut {
+        download_kbps: b.down_kbps,
+        upload_kbps: b.up_kbps,
+    })
+}
+
+pub fn restriction_json(r: Restriction) -> serde_json::Value {
+    match r {
+        Restriction::Block => serde_json::json!("block"),
+        Restriction::Limit { down_kbps, up_kbps } => {
+            serde_json::json!({"limit": {"download_kbps": down_kbps, "upload_kbps": up_kbps}})
+        }
+    }
+}
+
+impl Policy {
+    pub fn to_out(&self) -> PolicyOut {
+        PolicyOut {
+            bandwidth: bandwidth_out(self.bandwidth),
+            internet: match self.internet {
+                Internet::Allow => "allow",
+                Internet::Block => "block",
+            },
+            dns: self.dns.clone(),
+            schedules: self
+                .schedules
+                .iter()
+                .map(|s| ScheduleOut {
+                    days: (0..7)
+                        .filter(|i| s.window.days.0 & (1 << i) != 0)
+                        .map(|i| DAY_NAMES[i])
+                        .collect(),
+                    start: format_time(s.window.start_min),
+                    end: format_time(s.window.end_min),
+                    action: restriction_json(s.action),
+                })
+                .collect(),
+        }
+    }
+}
+
+impl Device {
+    pub fn to_out(&self) -> DeviceOut {
+        DeviceOut {
+            mac: self.mac,
+            ip: self.ipv4.map(|a| a.to_string()),
+            ipv6: self.ipv6.map(|a| a.to_string()),
+            name: self.name.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn macs_in_every_common_notation_normalise() {
+        for s in [
+            "AA:BB:CC:DD:EE:F0",
+            "aa-bb-cc-dd-ee-f0",
+            "aabb.ccdd.eef0",
+            "AABBCCDDEEF0",
+            " aa:bb:cc:dd:ee:f0 ",
+        ] {
+            assert_eq!(
+                Mac::parse(s).unwrap().to_string(),
+                "aa:bb:cc:dd:ee:f0",
+                "{s}"
+            );
+        }
+        for (s, why) in [
+            ("", "not a MAC"),
+            ("aa:bb:cc:dd:ee", "not a MAC"),
+            ("aa:bb:cc:dd:ee:gg", "not hex"),
+            ("aa:bb-cc:dd:ee:ff", "six two-digit"),
+            ("ff:ff:ff:ff:ff:ff", "broadcast"),
+            ("01:00:5e:00:00:01", "multicast"),
+            ("00:00:00:00:00:00", "all-zero"),
+            ("aa:bb:cc:dd:ee:f0\n", "not a MAC"),
+            ("+a:bb:cc:dd:ee:f0", "not hex"),
+        ] {
+            let e = Mac::parse(s).unwrap_err();
+            assert_eq!(e.code, code::INVALID_MAC);
+            assert!(e.message.contains(why), "{s:?}: {}", e.message);
+        }
+    }
+
+    fn group(v: serde_json::Value) -> Result<Group, Invalid> {
+        serde_json::from_value::<GroupIn>(v).unwrap().validate(None)
+    }
+
+    #[test]
+    fn the_web_apps_group_shape_is_accepted() {
+        let g = group(json!({"id": 3, "name": "Kids",
+            "devices": [{"mac": "AA-BB-CC-DD-EE-01", "ip": "192.168.1.50", "name": "Tablet"}],
+            "policy": {"bandwidth": {"downloadKbps": 5000, "uploadKbps": 1000}, "internet": "allow",
+              "dns": {"categories": ["social"]},
+              "schedules": [{"days": ["mon","tue","wed","thu","fri"], "start": "22:00", "end": "06:30", "action": "block"},
+                            {"days": ["sat"], "start": "08:00", "end": "24:00", "action": {"limit": {"download_kbps": 1000}}}]}}))
+        .unwrap();
+        assert_eq!(g.id, 3);
+        assert_eq!(g.devices[0].mac.to_string(), "aa:bb:cc:dd:ee:01");
+        assert_eq!(g.devices[0].ipv4, Some(Ipv4Addr::new(192, 168, 1, 50)));
+        assert_eq!(g.policy.bandwidth.down_kbps, Some(5000));
+        assert_eq!(g.policy.schedules[0].window.days.0, 0b0011_1110);
+        assert_eq!(g.policy.schedules[0].window.start_min, 22 * 60);
+        assert_eq!(g.policy.schedules[0].window.end_min, 6 * 60 + 30);
+        assert_eq!(g.policy.schedules[1].window.end_min, 0);
+        assert_eq!(
+            g.policy.schedules[1].action,
+            Restriction::Limit {
+                down_kbps: Some(1000),
+                up_kbps: None
+            }
+        );
+        let unlimited =
+            group(json!({"id": 4, "name": "x", "policy": {"bandwidth": null}})).unwrap();
+        assert!(unlimited.policy.bandwidth.is_unlimited());
+    }
+
+    #[test]
+    fn bad_groups_get_precise_codes() {
+        let cases = [
+            (json!({"name": "x"}), code::INVALID_GROUP, "id is required"),
+            (
+                json!({"id": -1, "name": "x"}),
+                code::INVALID_GROUP,
+                "integer",
+            ),
+            (json!({"id": 1}), code::INVALID_NAME, "name is required"),
+            (
+                json!({"id": 1, "name": "a\nb"}),
+                code::INVALID_NAME,
+                "control",
+            ),
+            (
+                json!({"id": 1, "name": "x".repeat(65)}),
+                code::INVALID_NAME,
+                "65 bytes",
+            ),
+            (
+                json!({"id": 1, "name": "x", "devices": [{"mac": "zz"}]}),
+                code::INVALID_MAC,
+                "device 0",
+            ),
+            (
+                json!({"id": 1, "name": "x", "devices": [{"mac": "02:00:00:00:00:01", "ip": "300.1.1.1"}]}),
+                code::INVALID_IP,
+                "300.1.1.1",
+            ),
+            (
+                json!({"id": 1, "name": "x", "devices": [{"mac": "02:00:00:00:00:01"}, {"mac": "0200.0000.0001"}]}),
+                code::DUPLICATE_DEVICE,
+                "twice",
+            ),
+            (
+                json!({"id": 1, "name": "x", "policy": {"internet": "maybe"}}),
+                code::INVALID_POLICY,
+                "maybe",
+            ),
+            (
+                json!({"id": 1, "name": "x", "policy": {"bandwidth": {"downloadKbps": -5}}}),
+                code::INVALID_POLICY,
+                "whole number",
+            ),
+            (
+                json!({"id": 1, "name": "x", "policy": {"bandwidth": {"downloadKbps": 99_000_000}}}),
+                code::INVALID_POLICY,
+                "out of range",
+            ),
+            (
+                json!({"id": 1, "name": "x", "policy": {"schedules": [{"days": [], "start": "01:00", "end": "02:00", "action": "block"}]}}),
+                code::INVALID_SCHEDULE,
+                "must not be empty",
+            ),
+            (
+                json!({"id": 1, "name": "x", "policy": {"schedules": [{"days": ["mon"], "start": "25:00", "end": "02:00", "action": "block"}]}}),
+                code::INVALID_SCHEDULE,
+                "25:00",
+            ),
+            (
+                json!({"id": 1, "name": "x", "policy": {"schedules": [{"days": ["mon"], "start": "10:60", "end": "02:00", "action": "block"}]}}),
+                code::INVALID_SCHEDULE,
+                "10:60",
+            ),
+            (
+                json!({"id": 1, "name": "x", "policy": {"schedules": [{"days": ["funday"], "start": "01:00", "end": "02:00", "action": "block"}]}}),
+                code::INVALID_SCHEDULE,
+                "funday",
+            ),
+            (
+                json!({"id": 1, "name": "x", "policy": {"schedules": [{"days": ["mon"], "start": "01:00", "end": "01:00", "action": "block"}]}}),
+                code::INVALID_SCHEDULE,
+                "equal",
+            ),
+            (
+                json!({"id": 1, "name": "x", "policy": {"schedules": [{"days": ["mon"], "start": "01:00", "end": "02:00", "action": "nap"}]}}),
+                code::INVALID_SCHEDULE,
+                "action",
+            ),
+            (
+                json!({"id": 1, "name": "x", "policy": {"schedules": [{"days": ["mon"], "start": "01:00", "end": "02:00", "action": {"limit": {}}}]}}),
+                code::INVALID_SCHEDULE,
+                "at least one",
+            ),
+        ];
+        for (input, want_code, want_text) in cases {
+            let e = group(input.clone()).unwrap_err();
+            assert_eq!(e.code, want_code, "{input}: {}", e.message);
+            assert!(e.message.contains(want_text), "{input}: {}", e.message);
+        }
+    }
+
+    #[test]
+    fn names_with_quotes_unicode_and_keywords_are_kept_as_data() {
+        for name in [
+            "Kid's \"room\"",
+            "Çocuklar 👪",
+            "table inet fw4 { flush }",
+            "; reject",
+        ] {
+            let g = group(json!({"id": 1, "name": name})).unwrap();
+            assert_eq!(g.name, name.trim());
+        }
+    }
+
+    #[test]
+    fn targets_take_exactly_one_of_ip_or_mac() {
+        assert_eq!(
+            Target::from_parts(Some("192.168.1.9"), None)
+                .unwrap()
+                .to_string(),
+            "192.168.1.9"
+        );
+        assert_eq!(
+            Target::from_parts(None, Some("AABBCCDDEEF0"))
+                .unwrap()
+                .to_string(),
+            "aa:bb:cc:dd:ee:f0"
+        );
+        assert_eq!(
+            Target::from_parts(None, None).unwrap_err().code,
+            code::INVALID_TARGET
+        );
+        assert_eq!(
+            Target::from_parts(Some("1.2.3.4"), Some("aabbccddeeff"))
+                .unwrap_err()
+                .code,
+            code::INVALID_TARGET
+        );
+        assert_eq!(
+            Target::from_parts(Some("255.255.255.255"), None)
+                .unwrap_err()
+                .code,
+            code::INVALID_IP
+        );
+    }
+}
