@@ -37,6 +37,8 @@ pub struct App {
     pub link: Mutex<LinkState>,
     /// Starts recorded in the state database, this one included (0: not recorded).
     pub starts: u64,
+    /// The policy engine; `None` only in tests of other parts.
+    pub policy: Option<Arc<crate::policy::engine::Engine>>,
 }
 
 impl App {
@@ -48,7 +50,13 @@ impl App {
             started: Instant::now(),
             link: Mutex::new(LinkState::default()),
             starts: 0,
+            policy: None,
         }
+    }
+
+    pub fn with_policy(mut self, engine: Arc<crate::policy::engine::Engine>) -> Self {
+        self.policy = Some(engine);
+        self
     }
 
     pub fn with_starts(mut self, starts: u64) -> Self {

@@ -28,15 +28,58 @@ pub struct StepError {
     pub source: ProcessError,
 }
 
-/// Runs every removal step and returns what happened and what failed.
-pub async fn cleanup() -> (Vec<Outcome>, Vec<StepError>) {
+/// Runs every removal step and returns what happened and what failed. `devices`
+/// are the LAN and WAN devices whose NetPilot root qdisc is removed.
+pub async fn cleanup(devices: &[&str]) -> (Vec<Outcome>, Vec<StepError>) {
     let mut done = Vec::new();
     let mut failed = Vec::new();
     match remove_nft_table().await {
         Ok(o) => done.push(o),
         Err(e) => failed.push(e),
     }
+    for dev in devices {
+        match remove_qdisc(dev).await {
+            Ok(o) => done.push(o),
+            Err(e) => failed.push(e),
+        }
+    }
     (done, failed)
+}
+
+/// Removes the root qdisc of `dev` when it is NetPilot's (HTB with handle 1:);
+/// someone else's qdisc stays.
+async fn remove_qdisc(dev: &str) -> Result<Outcome, StepError> {
+    use crate::system::tc::{parse_observed, MAJOR};
+    let what = format!("tc root qdisc {MAJOR}: on {dev}");
+    let listing = match process::run(&["tc", "qdisc", "show", "dev", dev], None, TIMEOUT).await {
+        Ok(out) => out,
+        Err(e) if e.is_not_found() => {
+            return Ok(Outcome::Absent(format!("{what} (tc not installed)")))
+        }
+        // No such device: nothing of ours on it.
+        Err(ProcessError::Failed { .. }) => {
+            return Ok(Outcome::Absent(format!("{what} (no such device)")))
+        }
+        Err(source) => {
+            return Err(StepError {
+                step: "list qdiscs",
+                source,
+            })
+        }
+    };
+    let ours = parse_observed(&listing, "")
+        .map(|o| o.root_is_ours())
+        .unwrap_or(false);
+    if !ours {
+        return Ok(Outcome::Absent(what));
+    }
+    process::run(&["tc", "qdisc", "del", "dev", dev, "root"], None, TIMEOUT)
+        .await
+        .map_err(|source| StepError {
+            step: "delete root qdisc",
+            source,
+        })?;
+    Ok(Outcome::Removed(what))
 }
 
 async fn remove_nft_table() -> Result<Outcome, StepError> {

@@ -10,6 +10,7 @@ pub mod dial;
 pub mod enroll;
 pub mod identity;
 pub mod link;
+pub mod policy;
 pub mod settings;
 pub mod sim;
 pub mod store;
@@ -57,6 +58,16 @@ pub struct RunConfig {
     pub connect_timeout: Duration,
     pub backoff: BackoffConfig,
     pub max_concurrent_calls: u32,
+    /// The LAN bridge and WAN device; `None` reads them from UCI `network`.
+    pub lan_if: Option<String>,
+    pub wan_if: Option<String>,
+    /// POSIX TZ overriding the router's own.
+    pub timezone: Option<String>,
+    /// How often the policy engine compares the kernel with the desired state.
+    pub check_interval: Duration,
+    /// The `nft` and `tc` programs (name or path).
+    pub nft: String,
+    pub tc: String,
 }
 
 impl Default for RunConfig {
@@ -74,6 +85,12 @@ impl Default for RunConfig {
             connect_timeout: Duration::from_secs(15),
             backoff: BackoffConfig::default(),
             max_concurrent_calls: 256,
+            lan_if: None,
+            wan_if: None,
+            timezone: None,
+            check_interval: Duration::from_secs(60),
+            nft: "nft".into(),
+            tc: "tc".into(),
         }
     }
 }
@@ -88,6 +105,15 @@ impl RunConfig {
             if !addr.ip().is_loopback() {
                 anyhow::bail!("--api-listen must be a loopback address, got {addr}");
             }
+        }
+        for name in [&self.lan_if, &self.wan_if].into_iter().flatten() {
+            policy::interfaces::validate(name)?;
+        }
+        if let Some(tz) = &self.timezone {
+            policy::tz::Zone::parse(tz).map_err(|e| anyhow::anyhow!("--timezone {tz:?}: {e}"))?;
+        }
+        if self.check_interval < Duration::from_millis(100) {
+            anyhow::bail!("check-interval must be at least 100ms");
         }
         if self.backoff.cap < self.backoff.base {
             anyhow::bail!("backoff-cap must not be shorter than backoff-base");
@@ -127,8 +153,63 @@ pub async fn run(
     let Some(starts) = open_state(&config, &mut shutdown).await else {
         return Ok(());
     };
-    let app = Arc::new(App::new(mode, identity.router_id.clone(), files).with_starts(starts));
+    let engine = policy_engine(&config, mode, files.clone())?;
+    let app = Arc::new(
+        App::new(mode, identity.router_id.clone(), files)
+            .with_starts(starts)
+            .with_policy(engine),
+    );
     serve(app, &identity, &config, on_ready, shutdown).await
+}
+
+/// The policy engine over the real nft and tc, or in-memory ones when simulating.
+fn policy_engine(
+    config: &RunConfig,
+    mode: Mode,
+    files: Arc<dyn Files>,
+) -> anyhow::Result<Arc<policy::engine::Engine>> {
+    use system::{nft, tc};
+    let (nft, tc): (Arc<dyn nft::Firewall>, Arc<dyn tc::Shaper>) = match mode {
+        Mode::Real => (
+            Arc::new(nft::RealNft {
+                program: config.nft.clone(),
+                ..Default::default()
+            }),
+            Arc::new(tc::RealTc {
+                program: config.tc.clone(),
+                ..Default::default()
+            }),
+        ),
+        Mode::Simulated => (
+            Arc::new(nft::FakeNft::default()),
+            Arc::new(tc::FakeTc::default()),
+        ),
+    };
+    let (lan, wan) = policy::interfaces::resolve(
+        files.as_ref(),
+        config.lan_if.as_deref(),
+        config.wan_if.as_deref(),
+    );
+    let engine_config = policy::engine::EngineConfig {
+        lan_if: lan,
+        wan_if: wan,
+        timezone: config.timezone.clone(),
+        check_interval: config.check_interval,
+        kernel_minutes_west: match mode {
+            Mode::Real => Arc::new(system::clock::kernel_minutes_west),
+            Mode::Simulated => Arc::new(|| 0),
+        },
+    };
+    let store = store::Store::open(&config.state_dir)?;
+    let engine = policy::engine::Engine::new(
+        store,
+        nft,
+        tc,
+        files,
+        engine_config,
+        policy::engine::system_clock(),
+    )?;
+    Ok(Arc::new(engine))
 }
 
 /// Loads the identity; while the router is not enrolled (or the file is corrupt),
@@ -219,6 +300,11 @@ pub async fn serve(
         tasks.spawn(local_api(listener, app.clone(), stop_rx.clone()));
     }
     tracing::info!(router_id = %identity.router_id, mode = app.mode.as_str(), relay = %identity.relay_url, "agent started");
+    if let Some(engine) = app.policy.clone() {
+        // Start-up reconcile first thing: the kernel converges to the stored state
+        // whether or not the relay is reachable.
+        tasks.spawn(engine.run(stop_rx.clone()));
+    }
     tasks.spawn(link::run(link_config, app.clone(), stop_rx));
     on_ready(Ready {
         router_id: identity.router_id.clone(),

@@ -18,12 +18,16 @@ usage: netpilot-agent enroll --relay URL --token TOKEN [--ca FILE | --fingerprin
                           [--log FILTER] [--root DIR] [--identity-poll DUR]
                           [--ping-interval DUR] [--dead-after DUR] [--connect-timeout DUR]
                           [--backoff-base DUR] [--backoff-cap DUR] [--healthy-after DUR]
-                          [--start-delay-max DUR]
-       netpilot-agent cleanup
+                          [--start-delay-max DUR] [--lan-if IF] [--wan-if IF]
+                          [--timezone POSIX-TZ] [--check-interval DUR]
+                          [--nft PROGRAM] [--tc PROGRAM]
+       netpilot-agent cleanup [--lan-if IF] [--wan-if IF]
        netpilot-agent --version
 
 Every command also takes --config FILE (UCI, default /etc/config/netpilot); the
 command line wins over it. DIR defaults to /etc/netpilot. DUR is like 20s, 250ms, 1m.
+--lan-if/--wan-if default to UCI network.lan/network.wan devices (br-lan, wan).
+--timezone defaults to UCI system.timezone, then /etc/TZ, then UTC.
 --fingerprint is the SHA-256 of the relay certificate's DER, hex, colons optional.
 cleanup removes everything the agent put into the kernel and the system.";
 
@@ -86,6 +90,12 @@ fn real_main() -> anyhow::Result<()> {
             Long("healthy-after") => {
                 run.backoff.healthy_after = duration(&mut args, "healthy-after")?
             }
+            Long("lan-if") => run.lan_if = Some(args.value()?.string()?),
+            Long("wan-if") => run.wan_if = Some(args.value()?.string()?),
+            Long("timezone") => run.timezone = Some(args.value()?.string()?),
+            Long("check-interval") => run.check_interval = duration(&mut args, "check-interval")?,
+            Long("nft") => run.nft = args.value()?.string()?,
+            Long("tc") => run.tc = args.value()?.string()?,
             Long("start-delay-max") => start_delay = Some(duration(&mut args, "start-delay-max")?),
             Value(v) if command.is_none() => command = Some(v.string()?),
             _ => bail!("{}\n\n{USAGE}", arg.unexpected()),
@@ -156,7 +166,13 @@ fn real_main() -> anyhow::Result<()> {
             Ok(())
         }
         Some("cleanup") => {
-            let (done, failed) = rt.block_on(netpilot_agent::cleanup::cleanup());
+            let files = netpilot_agent::system::files::RealFiles::new(&run.root);
+            let (lan, wan) = netpilot_agent::policy::interfaces::resolve(
+                &files,
+                run.lan_if.as_deref(),
+                run.wan_if.as_deref(),
+            );
+            let (done, failed) = rt.block_on(netpilot_agent::cleanup::cleanup(&[&lan, &wan]));
             for d in &done {
                 match d {
                     Outcome::Removed(what) => println!("removed {what}"),

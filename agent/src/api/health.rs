@@ -14,8 +14,8 @@ pub struct Health {
     pub agent_uptime_s: u64,
     /// How often the agent has started on this router, from its state database.
     pub agent_starts: u64,
-    /// Whether the policy engine's kernel state is in place. No policy engine has
-    /// landed yet, so there is nothing to be ready.
+    /// Whether the policy engine's kernel state matches the stored policy (checked
+    /// at start-up, after every change and periodically).
     pub infrastructure_ready: bool,
     pub link_connected_since_unix: Option<u64>,
     pub link_connects: u64,
@@ -30,7 +30,10 @@ pub fn health(app: &App) -> Health {
         mode: app.mode.as_str(),
         agent_uptime_s: app.started.elapsed().as_secs(),
         agent_starts: app.starts,
-        infrastructure_ready: false,
+        infrastructure_ready: app.policy.as_ref().is_some_and(|e| {
+            let s = e.status();
+            s.in_sync && s.last_error.is_none()
+        }),
         link_connected_since_unix: link
             .connected_since
             .and_then(|t| t.duration_since(UNIX_EPOCH).ok())

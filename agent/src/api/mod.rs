@@ -3,6 +3,7 @@
 //! answer `501 NOT_IMPLEMENTED`; nothing here pretends.
 
 mod health;
+pub mod policy;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -14,7 +15,7 @@ use hyper::body::Incoming;
 use hyper::header::CONTENT_TYPE;
 use hyper::{Request, Response, StatusCode};
 use netpilot_proto::envelope::code;
-use netpilot_proto::link::{HEADER_REQUEST_ID, HEADER_SESSION_ID};
+use netpilot_proto::link::{HEADER_REQUEST_ID, HEADER_SESSION_ID, HEADER_USER_ID};
 use netpilot_proto::routes::{match_route, RouteError};
 use netpilot_proto::{Envelope, Meta};
 use serde::Serialize;
@@ -39,10 +40,26 @@ pub enum AgentError {
     /// The route exists in the API but its feature has not landed in this agent.
     #[error("{0} is not implemented by this agent version")]
     NotImplemented(&'static str),
+    /// Input the policy model refused, with its own code.
+    #[error("{0}")]
+    Rejected(crate::policy::model::Invalid),
+    /// A group the call names does not exist.
+    #[error("{0}")]
+    NoSuchGroup(String),
+    /// The kernel did not take a policy change; the previous state is in force.
+    #[error("{0}")]
+    ApplyFailed(String),
+    #[error("request body is larger than {0} bytes")]
+    PayloadTooLarge(usize),
     /// Anything else; the detail is logged.
     #[error("internal error: {0}")]
     Internal(String),
 }
+
+/// A policy change the kernel refused.
+pub const APPLY_FAILED: &str = "APPLY_FAILED";
+/// Bodies larger than this are refused; 16,384 devices of JSON fit well inside.
+const MAX_BODY: usize = 4 * 1024 * 1024;
 
 impl AgentError {
     /// The only mapping from an agent error to HTTP status and code.
@@ -54,6 +71,16 @@ impl AgentError {
                 (StatusCode::METHOD_NOT_ALLOWED, code::METHOD_NOT_ALLOWED)
             }
             AgentError::NotImplemented(_) => (StatusCode::NOT_IMPLEMENTED, code::NOT_IMPLEMENTED),
+            AgentError::Rejected(i) => (StatusCode::BAD_REQUEST, i.code),
+            // Its own code: NOT_FOUND would read as "no such route".
+            AgentError::NoSuchGroup(_) => (
+                StatusCode::NOT_FOUND,
+                crate::policy::model::code::GROUP_NOT_FOUND,
+            ),
+            AgentError::ApplyFailed(_) => (StatusCode::INTERNAL_SERVER_ERROR, APPLY_FAILED),
+            AgentError::PayloadTooLarge(_) => {
+                (StatusCode::PAYLOAD_TOO_LARGE, code::PAYLOAD_TOO_LARGE)
+            }
             AgentError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, code::INTERNAL),
         }
     }
@@ -131,8 +158,119 @@ async fn dispatch(app: &Arc<App>, req: Request<Incoming>) -> Result<Reply, Agent
                 .map_err(|e| AgentError::Internal(e.to_string()))?;
             Reply::ok(info)
         }
+        pattern if policy_route(pattern) => {
+            let engine = app
+                .policy
+                .clone()
+                .ok_or(AgentError::NotImplemented(pattern))?;
+            let call = call(route.route.method.as_str(), pattern, route.param("id"), req).await?;
+            policy::handle(&engine, call).await
+        }
         other => Err(AgentError::NotImplemented(other)),
     }
+}
+
+fn policy_route(pattern: &str) -> bool {
+    pattern.starts_with("/api/groups")
+        || matches!(
+            pattern,
+            "/api/infrastructure/status"
+                | "/api/blocked"
+                | "/api/block"
+                | "/api/unblock"
+                | "/api/reset"
+        )
+        || pattern.starts_with("/api/whitelist")
+        || pattern.starts_with("/api/blacklist")
+}
+
+/// Collects a call's arguments: query string, then the JSON body over it.
+async fn call(
+    method: &'static str,
+    pattern: &'static str,
+    path_id: Option<&str>,
+    req: Request<Incoming>,
+) -> Result<policy::Call, AgentError> {
+    use http_body_util::BodyExt;
+    let header = |name: &str| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let actor = crate::policy::persist::Actor {
+        session_id: header(HEADER_SESSION_ID),
+        user_id: header(HEADER_USER_ID).map(|u| percent_decode(&u)),
+        request_id: header(HEADER_REQUEST_ID),
+    };
+    let mut args = serde_json::Map::new();
+    for pair in req
+        .uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        args.insert(
+            percent_decode(k),
+            serde_json::Value::String(percent_decode(v)),
+        );
+    }
+    let limited = http_body_util::Limited::new(req.into_body(), MAX_BODY);
+    let bytes = limited
+        .collect()
+        .await
+        .map_err(|_| AgentError::PayloadTooLarge(MAX_BODY))?
+        .to_bytes();
+    if !bytes.iter().all(u8::is_ascii_whitespace) {
+        match serde_json::from_slice::<serde_json::Value>(&bytes) {
+            Ok(serde_json::Value::Object(m)) => args.extend(m),
+            Ok(_) => {
+                return Err(AgentError::InvalidParameter(
+                    "the body must be a JSON object".into(),
+                ))
+            }
+            Err(e) => {
+                return Err(AgentError::InvalidParameter(format!(
+                    "the body is not valid JSON: {e}"
+                )))
+            }
+        }
+    }
+    Ok(policy::Call {
+        method,
+        pattern,
+        path_id: path_id.map(percent_decode),
+        args,
+        actor,
+    })
+}
+
+/// `%41` → `A`, `+` → space; invalid escapes stay as written.
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' if i + 2 < b.len() => {
+                match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16)
+                {
+                    Ok(v) => {
+                        out.push(v);
+                        i += 3;
+                        continue;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn json<T: Serialize>(status: StatusCode, body: &T) -> Response<Body> {

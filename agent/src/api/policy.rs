@@ -1,0 +1,377 @@
+//! The policy endpoints: groups, their policies, the infrastructure status, and the
+//! block/whitelist/blacklist views — all thin handlers over the one engine.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use super::{AgentError, Reply};
+use crate::policy::engine::{ApplyReport, Engine, EngineError};
+use crate::policy::model::{
+    self, Desired, GroupId, GroupIn, GroupOut, Internet, ListKind, PolicyIn, Target,
+};
+use crate::policy::ops;
+use crate::policy::persist::Actor;
+
+/// A request as the handlers see it: path parameters, query and JSON body merged
+/// with the body winning, as the relay's legacy forms allow either.
+pub struct Call {
+    pub method: &'static str,
+    pub pattern: &'static str,
+    pub path_id: Option<String>,
+    pub args: serde_json::Map<String, Value>,
+    pub actor: Actor,
+}
+
+impl Call {
+    fn str_arg(&self, name: &str) -> Result<Option<&str>, AgentError> {
+        match self.args.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(other) => Err(AgentError::InvalidParameter(format!(
+                "{name} must be a string, got {other}"
+            ))),
+        }
+    }
+
+    fn target(&self) -> Result<Target, AgentError> {
+        Ok(Target::from_parts(
+            self.str_arg("ip")?,
+            self.str_arg("mac")?,
+        )?)
+    }
+
+    fn group_id(&self) -> Result<GroupId, AgentError> {
+        let raw = self.path_id.as_deref().unwrap_or_default();
+        Ok(model::group_id(&Value::String(raw.to_owned()))?)
+    }
+}
+
+impl From<model::Invalid> for AgentError {
+    fn from(e: model::Invalid) -> Self {
+        AgentError::Rejected(e)
+    }
+}
+
+impl From<EngineError> for AgentError {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::Invalid(i) => AgentError::Rejected(i),
+            EngineError::NoSuchGroup(id) => {
+                AgentError::NoSuchGroup(format!("group {id} does not exist"))
+            }
+            EngineError::Apply(m) => AgentError::ApplyFailed(m),
+            EngineError::Store(m) => AgentError::Internal(format!("state database: {m}")),
+        }
+    }
+}
+
+pub fn group_out(d: &Desired, id: GroupId) -> Option<GroupOut> {
+    let g = d.groups.get(&id)?;
+    let slot = d.slots.get(&id).copied().unwrap_or(0);
+    Some(GroupOut {
+        id,
+        name: g.name.clone(),
+        devices: g.devices.iter().map(|x| x.to_out()).collect(),
+        policy: g.policy.to_out(),
+        mark: format!("0x{:08x}", crate::policy::compile::mark_of(slot)),
+        class: crate::policy::compile::classid(crate::policy::compile::base_class(slot)),
+    })
+}
+
+fn with_apply(mut v: Value, report: &ApplyReport) -> Value {
+    if let Value::Object(m) = &mut v {
+        m.insert(
+            "apply".into(),
+            serde_json::to_value(report).unwrap_or(Value::Null),
+        );
+    }
+    v
+}
+
+/// Deserialises one part of the body with a precise message.
+fn parse<T: serde::de::DeserializeOwned>(what: &str, v: &Value) -> Result<T, AgentError> {
+    serde_json::from_value(v.clone())
+        .map_err(|e| AgentError::InvalidParameter(format!("{what}: {e}")))
+}
+
+pub async fn handle(engine: &Engine, call: Call) -> Result<Reply, AgentError> {
+    match (call.method, call.pattern) {
+        ("GET", "/api/groups") => {
+            let d = engine.desired().await;
+            let groups: Vec<GroupOut> = d
+                .groups
+                .keys()
+                .filter_map(|id| group_out(&d, *id))
+                .collect();
+            Reply::ok(json!({"groups": groups, "generation": engine.status().generation}))
+        }
+        ("GET", "/api/groups/{id}") => {
+            let id = call.group_id()?;
+            let d = engine.desired().await;
+            let g = group_out(&d, id)
+                .ok_or_else(|| AgentError::NoSuchGroup(format!("group {id} does not exist")))?;
+            Reply::ok(g)
+        }
+        ("POST", "/api/groups/sync") => {
+            let raw = call
+                .args
+                .get("group")
+                .cloned()
+                .unwrap_or_else(|| Value::Object(call.args.clone()));
+            let group = parse::<GroupIn>("group", &raw)?.validate(None)?;
+            let id = group.id;
+            let (_, report) = engine
+                .change(&call.actor, &format!("groups.sync group {id}"), |d| {
+                    ops::sync_group(d, group)
+                })
+                .await?;
+            let d = engine.desired().await;
+            Reply::ok(with_apply(json!({"group": group_out(&d, id)}), &report))
+        }
+        ("POST", "/api/groups/sync-all") => {
+            let raw = call.args.get("groups").ok_or_else(|| {
+                AgentError::InvalidParameter("groups is required (a list of groups)".into())
+            })?;
+            let list = raw
+                .as_array()
+                .ok_or_else(|| AgentError::InvalidParameter("groups must be a list".into()))?;
+            if list.len() > model::MAX_GROUPS {
+                return Err(model::Invalid {
+                    code: model::code::LIMIT_EXCEEDED,
+                    message: format!(
+                        "{} groups; a router holds at most {}",
+                        list.len(),
+                        model::MAX_GROUPS
+                    ),
+                }
+                .into());
+            }
+            let total: usize = list
+                .iter()
+                .map(|g| {
+                    g.get("devices")
+                        .and_then(Value::as_array)
+                        .map_or(0, Vec::len)
+                })
+                .sum();
+            // Refused before any per-device work: the limit is the answer, quickly.
+            if total > model::MAX_DEVICES {
+                return Err(model::too_many_devices(total).into());
+            }
+            let mut groups = Vec::with_capacity(list.len());
+            for (i, g) in list.iter().enumerate() {
+                let g = parse::<GroupIn>(&format!("groups[{i}]"), g)?.validate(None)?;
+                groups.push(g);
+            }
+            let n = groups.len();
+            let (_, report) = engine
+                .change(
+                    &call.actor,
+                    &format!("groups.sync-all {n} groups, {total} devices"),
+                    |d| ops::sync_all(d, groups),
+                )
+                .await?;
+            let d = engine.desired().await;
+            Reply::ok(with_apply(
+                json!({"groups": d.groups.len(), "devices": d.groups.values().map(|g| g.devices.len()).sum::<usize>()}),
+                &report,
+            ))
+        }
+        ("PUT", "/api/groups/{id}/policy") => {
+            let id = call.group_id()?;
+            let raw = call
+                .args
+                .get("policy")
+                .cloned()
+                .unwrap_or_else(|| Value::Object(call.args.clone()));
+            let policy = parse::<PolicyIn>("policy", &raw)?.validate()?;
+            let (_, report) = engine
+                .change(&call.actor, &format!("groups.policy group {id}"), |d| {
+                    ops::set_policy(d, id, policy)
+                })
+                .await?;
+            let d = engine.desired().await;
+            Reply::ok(with_apply(json!({"group": group_out(&d, id)}), &report))
+        }
+        ("DELETE", "/api/groups/{id}") => {
+            let id = call.group_id()?;
+            let ((), report) = engine
+                .change(&call.actor, &format!("groups.delete group {id}"), |d| {
+                    ops::delete_group(d, id)
+                })
+                .await?;
+            Reply::ok(with_apply(
+                json!({"deleted": id, "message": format!("group {id} deleted; its devices are guests now")}),
+                &report,
+            ))
+        }
+        ("GET", "/api/infrastructure/status") => {
+            let status = engine.status();
+            let audit = engine.audit_tail(20).await?;
+            Reply::ok(json!({"status": status, "recent_changes": audit}))
+        }
+        ("GET", "/api/blocked") => {
+            let d = engine.desired().await;
+            Reply::ok(blocked_view(&d))
+        }
+        ("POST", "/api/block") => list_change(engine, &call, ListKind::Block, true).await,
+        ("POST", "/api/unblock") => list_change(engine, &call, ListKind::Block, false).await,
+        ("GET", "/api/whitelist") => list_view(engine, ListKind::White).await,
+        ("POST", "/api/whitelist/add") => list_change(engine, &call, ListKind::White, true).await,
+        ("POST", "/api/whitelist/remove") => {
+            list_change(engine, &call, ListKind::White, false).await
+        }
+        ("GET", "/api/blacklist") => list_view(engine, ListKind::Black).await,
+        ("POST", "/api/blacklist/add") => list_change(engine, &call, ListKind::Black, true).await,
+        ("POST", "/api/blacklist/remove") => {
+            list_change(engine, &call, ListKind::Black, false).await
+        }
+        ("POST", "/api/reset") => {
+            let ((), report) = engine
+                .change(&call.actor, "reset", |d| {
+                    ops::reset(d);
+                    Ok(())
+                })
+                .await?;
+            Reply::ok(with_apply(
+                json!({"message": "All NetPilot rules, classes, groups and lists removed; enrollment kept"}),
+                &report,
+            ))
+        }
+        (_, other) => Err(AgentError::NotImplemented(other)),
+    }
+}
+
+#[derive(Serialize)]
+struct Entry {
+    target: String,
+    kind: &'static str,
+}
+
+fn entry(t: &Target) -> Entry {
+    Entry {
+        target: t.to_string(),
+        kind: match t {
+            Target::Mac(_) => "mac",
+            Target::Ip(_) => "ip",
+        },
+    }
+}
+
+async fn list_view(engine: &Engine, kind: ListKind) -> Result<Reply, AgentError> {
+    let d = engine.desired().await;
+    let entries: Vec<Entry> = d
+        .lists
+        .get(&kind)
+        .map_or(Vec::new(), |l| l.iter().map(entry).collect());
+    let mut v = json!({"entries": entries, "count": entries.len()});
+    if kind == ListKind::White {
+        // The web app needs to know the list is doing something.
+        v["active"] = json!(!entries.is_empty());
+    }
+    Reply::ok(v)
+}
+
+async fn list_change(
+    engine: &Engine,
+    call: &Call,
+    kind: ListKind,
+    add: bool,
+) -> Result<Reply, AgentError> {
+    let target = call.target()?;
+    let verb = if add { "add" } else { "remove" };
+    let (changed, report) = engine
+        .change(
+            &call.actor,
+            &format!("{}.{verb} {target}", kind.as_str()),
+            |d| {
+                if add {
+                    ops::list_add(d, kind, target)
+                } else {
+                    Ok(ops::list_remove(d, kind, target))
+                }
+            },
+        )
+        .await?;
+    let d = engine.desired().await;
+    let still = blocked_reasons(&d, &target);
+    let message = match (kind, add, changed) {
+        (ListKind::Block, true, true) => format!("{target} blocked"),
+        (ListKind::Block, true, false) => format!("{target} was already blocked"),
+        (ListKind::Block, false, true) => format!("{target} unblocked"),
+        (ListKind::Block, false, false) => format!("{target} was not on the block list"),
+        (k, true, true) => format!("{target} added to the {}", k.as_str()),
+        (k, true, false) => format!("{target} is already on the {}", k.as_str()),
+        (k, false, true) => format!("{target} removed from the {}", k.as_str()),
+        (k, false, false) => format!("{target} was not on the {}", k.as_str()),
+    };
+    Reply::ok(with_apply(
+        json!({"message": message, "target": target.to_string(), "changed": changed, "blocked_by": still}),
+        &report,
+    ))
+}
+
+/// Why a target is kept from the internet (block list, blacklist, its group, or a
+/// whitelist that does not name it); empty when it is not.
+fn blocked_reasons(d: &Desired, t: &Target) -> Vec<String> {
+    let mut why = Vec::new();
+    let on = |k: ListKind| d.lists.get(&k).is_some_and(|l| l.contains(t));
+    if on(ListKind::Block) {
+        why.push("block".to_owned());
+    }
+    if on(ListKind::Black) {
+        why.push("blacklist".to_owned());
+    }
+    let whitelist = d.lists.get(&ListKind::White).filter(|l| !l.is_empty());
+    if let Some(w) = whitelist {
+        if !w.contains(t) {
+            why.push("not on the whitelist".to_owned());
+        }
+    }
+    if let Target::Mac(m) = t {
+        for g in d.groups.values() {
+            if g.policy.internet == Internet::Block && g.devices.iter().any(|x| x.mac == *m) {
+                why.push(format!("group {}", g.id));
+            }
+        }
+    }
+    why
+}
+
+fn blocked_view(d: &Desired) -> Value {
+    let mut rows: BTreeMap<String, (Entry, Vec<String>)> = BTreeMap::new();
+    for kind in [ListKind::Block, ListKind::Black] {
+        for t in d.lists.get(&kind).map(Vec::as_slice).unwrap_or(&[]) {
+            rows.entry(t.to_string())
+                .or_insert_with(|| (entry(t), Vec::new()))
+                .1
+                .push(kind.as_str().to_owned());
+        }
+    }
+    for g in d
+        .groups
+        .values()
+        .filter(|g| g.policy.internet == Internet::Block)
+    {
+        for dev in &g.devices {
+            let t = Target::Mac(dev.mac);
+            rows.entry(t.to_string())
+                .or_insert_with(|| (entry(&t), Vec::new()))
+                .1
+                .push(format!("group {}", g.id));
+        }
+    }
+    let blocked: Vec<Value> = rows
+        .into_values()
+        .map(|(e, why)| json!({"target": e.target, "kind": e.kind, "reasons": why}))
+        .collect();
+    let whitelist = d.lists.get(&ListKind::White).map_or(0, Vec::len);
+    json!({
+        "blocked": blocked,
+        "count": blocked.len(),
+        "whitelist_active": whitelist > 0,
+        "whitelist_entries": whitelist,
+    })
+}
