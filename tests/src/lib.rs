@@ -4,6 +4,8 @@
 //! Child processes are killed when their handles drop, so a failing test leaves
 //! nothing running.
 
+pub mod lab;
+
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -308,7 +310,25 @@ impl Agent {
         Self::spawn(router, extra, false).await
     }
 
+    /// Starts `netpilot-agent run` inside a network namespace (see [`lab`]).
+    pub async fn start_in(
+        netns: &str,
+        router: &EnrolledRouter,
+        extra: &[&str],
+    ) -> anyhow::Result<Agent> {
+        Self::spawn_in(Some(netns), router, extra, true).await
+    }
+
     async fn spawn(
+        router: &EnrolledRouter,
+        extra: &[&str],
+        enrolled: bool,
+    ) -> anyhow::Result<Agent> {
+        Self::spawn_in(None, router, extra, enrolled).await
+    }
+
+    async fn spawn_in(
+        netns: Option<&str>,
         router: &EnrolledRouter,
         extra: &[&str],
         enrolled: bool,
@@ -321,7 +341,16 @@ impl Agent {
             .open(parent.join("agent.log"))?;
         // Tests never read this machine's /etc/config/netpilot; a test passing
         // --config later on the command line wins.
-        let mut child = Command::new(binary("netpilot-agent"))
+        // `ip netns exec` execs the agent, so the child is the agent itself.
+        let mut command = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(binary("netpilot-agent"));
+                c
+            }
+            None => Command::new(binary("netpilot-agent")),
+        };
+        let mut child = command
             .arg("run")
             .args(["--config", "/nonexistent/netpilot"])
             .arg("--state-dir")

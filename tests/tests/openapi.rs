@@ -987,6 +987,27 @@ fn random_uuid() -> String {
     session_id()
 }
 
+/// Creates the group the documented `groupId` example names, with syncGroup's
+/// documented example, so that an operation on `{groupId}` finds it: the calls before
+/// (a delete, a reset, sync-all) may have removed it.
+async fn sync_example_group(
+    run: &mut Run<'_>,
+    c: &Client,
+    ids: Option<(&str, &str)>,
+) -> anyhow::Result<()> {
+    let (m, p) = ("POST", "/api/groups/sync");
+    let r = Target::new(run, m, p, &[]).call(c, ids).await?;
+    run.expect(m, p, "the example group", &r, 200, None);
+    let want = &run.chk.pointer("#/components/parameters/GroupIdPath")["example"];
+    if &r.body["data"]["group"]["id"] != want {
+        run.fail(format!(
+            "POST {p}: the documented example creates group {}, the documented groupId is {want}",
+            r.body["data"]["group"]["id"]
+        ));
+    }
+    Ok(())
+}
+
 /// The ids of a router call.
 fn ids<'x>(session: &'x str, router: &'x str) -> Option<(&'x str, &'x str)> {
     Some((session, router))
@@ -1339,6 +1360,9 @@ async fn server_answers_as_documented() -> anyhow::Result<()> {
         run.expect(m, p, "unknown router", &r, 404, Some("ROUTER_NOT_FOUND"));
         let r = t.call(&c, ids(&alice, &offline)).await?;
         run.expect(m, p, "offline router", &r, 503, Some("ROUTER_OFFLINE"));
+        if implemented && template_params(p).contains(&"groupId") {
+            sync_example_group(&mut run, &c, ids(&alice, &online)).await?;
+        }
         let r = t.call(&c, ids(&alice, &online)).await?;
         if implemented {
             run.expect(m, p, "agent", &r, 200, None);

@@ -186,7 +186,7 @@ fn ipks_are_reproducible_and_bad_arches_refused() {
 }
 
 #[test]
-fn cleanup_removes_the_netpilot_table_and_nothing_else() {
+fn cleanup_removes_the_netpilot_table_and_qdiscs_and_nothing_else() {
     if !have("nft") || !have("unshare") {
         assert!(
             std::env::var_os("CI").is_none(),
@@ -203,10 +203,15 @@ fn cleanup_removes_the_netpilot_table_and_nothing_else() {
          nft add table inet fw4
          nft add table inet netpilot
          nft add chain inet netpilot forward '{{ type filter hook forward priority 0; }}'
-         {agent} cleanup
+         ip link add lan0 type veth peer name lan1
+         ip link add wan0 type veth peer name wan1
+         tc qdisc add dev lan0 root handle 1: htb
+         tc qdisc add dev wan0 root handle 2: htb
+         {agent} cleanup --lan-if lan0 --wan-if wan0
          nft list tables
+         tc qdisc show dev wan0
          echo ---
-         {agent} cleanup",
+         {agent} cleanup --lan-if lan0 --wan-if wan0",
         agent = agent.display()
     );
     let o = Command::new("unshare")
@@ -236,6 +241,11 @@ fn cleanup_removes_the_netpilot_table_and_nothing_else() {
         second.contains("absent nftables table inet netpilot"),
         "{out}"
     );
+    // NetPilot's root qdisc (HTB 1:) goes; another one (here HTB 2:) stays.
+    assert!(first.contains("removed tc root qdisc 1: on lan0"), "{out}");
+    assert!(first.contains("absent tc root qdisc 1: on wan0"), "{out}");
+    assert!(first.contains("qdisc htb 2: root"), "{out}");
+    assert!(second.contains("absent tc root qdisc 1: on lan0"), "{out}");
 }
 
 fn have(tool: &str) -> bool {

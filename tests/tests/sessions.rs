@@ -28,8 +28,9 @@ async fn lifecycle_start_status_refresh_end() {
     let d = &r.body["data"];
     assert_eq!(d["session_id"], json!(sid));
     assert_eq!(d["router_reachable"], json!(true));
-    // No policy engine has landed: the agent honestly reports not ready.
-    assert_eq!(d["infrastructure_ready"], json!(false));
+    // The agent's own answer (its start-up check may still be running); groups.rs
+    // checks it turns true once the policy is in force.
+    assert!(d["infrastructure_ready"].is_boolean(), "{d}");
     assert!(d["message"].is_string());
     assert_eq!(r.body["success"], json!(true));
     assert!(r.body["meta"]["duration_ms"].is_u64());

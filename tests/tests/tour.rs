@@ -18,6 +18,9 @@ fn the_tour_runs_end_to_end() {
         "\"hostname\": \"netpilot-sim\"",
         "\"code\": \"NOT_IMPLEMENTED\"",
         "\"code\": \"FORBIDDEN\"",
+        "\"class\": \"1:102\"",
+        "\"code\": \"INVALID_MAC\"",
+        "\"in_sync\": true",
         "netpilot_connected_agents 1",
         "Tour complete",
     ] {

@@ -161,7 +161,46 @@ async fn main() -> anyhow::Result<()> {
         "GET /api/wifi/status   (feature not built yet: the agent says so)",
     );
 
-    section("4. Isolation: another user's session cannot reach this router");
+    section("4. Device groups and blocking (the simulated router keeps rules in memory)");
+    show(
+        c.post(
+            "/api/groups/sync",
+            json!({"sessionId": sid, "routerId": router_id, "group": {
+                "id": 3, "name": "Kids",
+                "devices": [{"mac": "02:00:00:00:01:01", "name": "Tablet"}, {"mac": "02-00-00-00-01-02"}],
+                "policy": {"bandwidth": {"downloadKbps": 5000, "uploadKbps": 1000}, "internet": "allow",
+                    "schedules": [{"days": ["mon","tue","wed","thu","fri"], "start": "22:00", "end": "06:30", "action": "block"}]}}}),
+        )
+        .await?,
+        "POST /api/groups/sync {group: Kids, 5/1 Mbit/s, blocked school nights 22:00-06:30}",
+    );
+    show(
+        c.post(
+            "/api/block",
+            json!({"sessionId": sid, "routerId": router_id, "mac": "02:00:00:00:01:05"}),
+        )
+        .await?,
+        "POST /api/block {mac}",
+    );
+    show(
+        c.get(&q("/api/blocked", &sid, &router_id)).await?,
+        "GET /api/blocked",
+    );
+    show(
+        c.post(
+            "/api/groups/sync",
+            json!({"sessionId": sid, "routerId": router_id, "group": {"id": 4, "name": "x", "devices": [{"mac": "ff:ff:ff:ff:ff:ff"}]}}),
+        )
+        .await?,
+        "POST /api/groups/sync with a broadcast MAC (refused)",
+    );
+    show(
+        c.get(&q("/api/infrastructure/status", &sid, &router_id))
+            .await?,
+        "GET /api/infrastructure/status",
+    );
+
+    section("5. Isolation: another user's session cannot reach this router");
     let other = uuid::Uuid::new_v4().to_string();
     c.post(
         "/api/session/start",
@@ -173,7 +212,7 @@ async fn main() -> anyhow::Result<()> {
         "GET /api/scan/router as someone-else",
     );
 
-    section("5. Metrics");
+    section("6. Metrics");
     let m = c.get("/metrics").await?;
     for line in String::from_utf8_lossy(&m.raw)
         .lines()

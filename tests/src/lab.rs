@@ -1,0 +1,375 @@
+//! A router in network namespaces, for tests that prove enforcement by traffic.
+//!
+//! ```text
+//!  c1 (192.168.77.11, 02:4e:50:00:00:11) ─┐
+//!                                          ├─ br-lan 192.168.77.1 [router] wan0 10.77.0.1 ── eth0 10.77.0.2 [wan]
+//!  c2 (192.168.77.12, 02:4e:50:00:00:12) ─┘
+//! ```
+//!
+//! Every namespace is made by the lab and named after this process, so parallel
+//! tests never meet; dropping the lab kills what it started and deletes them, and a
+//! new lab sweeps namespaces left by a test process that died. All addresses live
+//! only inside these namespaces. Connections from a namespace are made in-process:
+//! a thread enters the namespace (`setns`) and opens the socket, which stays there.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use serde_json::Value;
+
+pub const LAN_IF: &str = "br-lan";
+pub const WAN_IF: &str = "wan0";
+pub const ROUTER_LAN: &str = "192.168.77.1";
+pub const ROUTER_WAN: &str = "10.77.0.1";
+pub const WAN_HOST: &str = "10.77.0.2";
+pub const C1_IP: &str = "192.168.77.11";
+pub const C2_IP: &str = "192.168.77.12";
+pub const C1_MAC: &str = "02:4e:50:00:00:11";
+pub const C2_MAC: &str = "02:4e:50:00:00:12";
+
+const PREFIX: &str = "npl";
+
+pub struct Lab {
+    pub router: String,
+    pub wan: String,
+    pub c1: String,
+    pub c2: String,
+    children: Mutex<Vec<Child>>,
+}
+
+/// What a TCP connection attempt met.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    Open,
+    /// RST, or an ICMP "administratively prohibited"/unreachable answer.
+    Refused,
+    TimedOut,
+}
+
+fn run(argv: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(argv[0])
+        .args(&argv[1..])
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("cannot run {argv:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{argv:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn pid_alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Deletes namespaces of earlier test processes that died before cleaning up.
+fn sweep() {
+    let Ok(dir) = std::fs::read_dir("/run/netns") else {
+        return;
+    };
+    for e in dir.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(PREFIX) else {
+            continue;
+        };
+        let pid: Option<u32> = rest.split('x').next().and_then(|p| p.parse().ok());
+        if pid.is_some_and(|p| !pid_alive(p)) {
+            let _ = run(&["ip", "netns", "del", &name]);
+        }
+    }
+}
+
+impl Lab {
+    pub fn new() -> anyhow::Result<Lab> {
+        if !nix::unistd::Uid::effective().is_root() {
+            bail!("the namespace lab needs root (CI runs as root)");
+        }
+        sweep();
+        static N: AtomicU32 = AtomicU32::new(0);
+        let id = format!(
+            "{PREFIX}{}x{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        let lab = Lab {
+            router: format!("{id}r"),
+            wan: format!("{id}w"),
+            c1: format!("{id}a"),
+            c2: format!("{id}b"),
+            children: Mutex::new(Vec::new()),
+        };
+        // From here on Drop removes whatever was made.
+        for ns in [&lab.router, &lab.wan, &lab.c1, &lab.c2] {
+            run(&["ip", "netns", "add", ns])?;
+            run(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
+        }
+        let r = lab.router.as_str();
+        run(&["ip", "-n", r, "link", "add", LAN_IF, "type", "bridge"])?;
+        run(&[
+            "ip",
+            "-n",
+            r,
+            "addr",
+            "add",
+            &format!("{ROUTER_LAN}/24"),
+            "dev",
+            LAN_IF,
+        ])?;
+        run(&["ip", "-n", r, "link", "set", LAN_IF, "up"])?;
+        for (ns, port, ip, mac) in [
+            (&lab.c1, "lan1", C1_IP, C1_MAC),
+            (&lab.c2, "lan2", C2_IP, C2_MAC),
+        ] {
+            run(&[
+                "ip", "-n", r, "link", "add", port, "type", "veth", "peer", "name", "eth0",
+                "netns", ns,
+            ])?;
+            run(&["ip", "-n", r, "link", "set", port, "master", LAN_IF, "up"])?;
+            run(&["ip", "-n", ns, "link", "set", "eth0", "address", mac])?;
+            run(&[
+                "ip",
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{ip}/24"),
+                "dev",
+                "eth0",
+            ])?;
+            run(&["ip", "-n", ns, "link", "set", "eth0", "up"])?;
+            run(&["ip", "-n", ns, "route", "add", "default", "via", ROUTER_LAN])?;
+        }
+        let w = lab.wan.as_str();
+        run(&[
+            "ip", "-n", r, "link", "add", WAN_IF, "type", "veth", "peer", "name", "eth0", "netns",
+            w,
+        ])?;
+        run(&[
+            "ip",
+            "-n",
+            r,
+            "addr",
+            "add",
+            &format!("{ROUTER_WAN}/24"),
+            "dev",
+            WAN_IF,
+        ])?;
+        run(&["ip", "-n", r, "link", "set", WAN_IF, "up"])?;
+        run(&[
+            "ip",
+            "-n",
+            w,
+            "addr",
+            "add",
+            &format!("{WAN_HOST}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        run(&["ip", "-n", w, "link", "set", "eth0", "up"])?;
+        run(&[
+            "ip",
+            "-n",
+            w,
+            "route",
+            "add",
+            "192.168.77.0/24",
+            "via",
+            ROUTER_WAN,
+        ])?;
+        run(&[
+            "ip",
+            "netns",
+            "exec",
+            r,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ])?;
+        Ok(lab)
+    }
+
+    /// Runs a program in a namespace to completion.
+    pub fn exec(&self, ns: &str, argv: &[&str]) -> anyhow::Result<String> {
+        let mut full = vec!["ip", "netns", "exec", ns];
+        full.extend_from_slice(argv);
+        run(&full)
+    }
+
+    /// Starts a program in a namespace; the lab kills it on drop.
+    pub fn spawn(&self, ns: &str, argv: &[&str]) -> anyhow::Result<()> {
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns])
+            .args(argv)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("cannot start {argv:?} in {ns}"))?;
+        self.children.lock().expect("children").push(child);
+        Ok(())
+    }
+
+    /// Runs `f` on a thread that has entered namespace `ns`.
+    fn in_ns<T: Send + 'static>(
+        &self,
+        ns: &str,
+        f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+    ) -> std::io::Result<T> {
+        let path = format!("/run/netns/{ns}");
+        std::thread::spawn(move || {
+            let file = File::open(&path)?;
+            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(std::io::Error::from)?;
+            f()
+        })
+        .join()
+        .map_err(|_| std::io::Error::other("namespace thread panicked"))?
+    }
+
+    /// A TCP connection opened from namespace `ns`.
+    pub fn connect(
+        &self,
+        ns: &str,
+        addr: SocketAddr,
+        timeout: Duration,
+    ) -> std::io::Result<TcpStream> {
+        self.in_ns(ns, move || TcpStream::connect_timeout(&addr, timeout))
+    }
+
+    /// Whether a TCP connection from `ns` to `addr` opens.
+    pub fn probe(&self, ns: &str, addr: SocketAddr) -> Probe {
+        match self.connect(ns, addr, Duration::from_secs(2)) {
+            Ok(_) => Probe::Open,
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => Probe::TimedOut,
+            Err(_) => Probe::Refused,
+        }
+    }
+
+    /// A listener in `ns` that accepts and closes connections, for probes.
+    pub fn listen(&self, ns: &str, ip: &str) -> anyhow::Result<SocketAddr> {
+        let bind: SocketAddr = format!("{ip}:0").parse()?;
+        let listener = self.in_ns(ns, move || TcpListener::bind(bind))?;
+        let addr = listener.local_addr()?;
+        std::thread::spawn(move || {
+            for c in listener.incoming() {
+                drop(c);
+            }
+        });
+        Ok(addr)
+    }
+
+    /// TCP throughput in Mbit/s measured by iperf3 between a client in `client_ns`
+    /// and a one-off server at `server_ip` in `server_ns`. `download` runs the data
+    /// from the server to the client.
+    pub fn throughput(
+        &self,
+        client_ns: &str,
+        server_ns: &str,
+        server_ip: &str,
+        download: bool,
+        seconds: u32,
+    ) -> anyhow::Result<f64> {
+        // A port free in the server's namespace (nothing else runs there).
+        let bind: SocketAddr = format!("{server_ip}:0").parse()?;
+        let port = self
+            .in_ns(server_ns, move || {
+                TcpListener::bind(bind).and_then(|l| l.local_addr())
+            })?
+            .port();
+        let port_s = port.to_string();
+        self.spawn(
+            server_ns,
+            &["iperf3", "-s", "-1", "-B", server_ip, "-p", &port_s],
+        )?;
+        // Ready once its socket listens. A probe connection would not do: the
+        // one-off server would take it for its one client.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let ss = self.exec(
+                server_ns,
+                &["ss", "-Htln", "sport", "=", &format!(":{port}")],
+            )?;
+            if !ss.trim().is_empty() {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("iperf3 server did not listen on {server_ip}:{port}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let secs = seconds.to_string();
+        let mut argv = vec![
+            "iperf3", "-c", server_ip, "-p", &port_s, "-t", &secs, "-O", "1", "-J",
+        ];
+        if download {
+            argv.push("-R");
+        }
+        let out = self.exec(client_ns, &argv)?;
+        let v: Value = serde_json::from_str(&out).context("iperf3 JSON")?;
+        let bps = v["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .ok_or_else(|| anyhow!("no throughput in iperf3 output: {out}"))?;
+        Ok(bps / 1e6)
+    }
+
+    /// One HTTP/1.1 call to the agent's local API inside the router namespace.
+    pub fn api(
+        &self,
+        addr: SocketAddr,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> anyhow::Result<(u16, Value)> {
+        let mut s = self.connect(&self.router, addr, Duration::from_secs(5))?;
+        s.set_read_timeout(Some(Duration::from_secs(60)))?;
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nhost: agent\r\nconnection: close\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )?;
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw)?;
+        let text = String::from_utf8_lossy(&raw);
+        let (head, payload) = text
+            .split_once("\r\n\r\n")
+            .ok_or_else(|| anyhow!("bad answer: {text}"))?;
+        let status: u16 = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| anyhow!("bad status line: {head}"))?;
+        // Bodies are small JSON; chunked framing is undone by finding the object.
+        let json = payload.find('{').map(|i| &payload[i..]).unwrap_or("");
+        let end = json.rfind('}').map(|i| &json[..=i]).unwrap_or("");
+        let v: Value = serde_json::from_str(end).with_context(|| format!("body: {payload}"))?;
+        Ok((status, v))
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for mut c in self
+            .children
+            .lock()
+            .map(|mut c| std::mem::take(&mut *c))
+            .unwrap_or_default()
+        {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for ns in [&self.router, &self.wan, &self.c1, &self.c2] {
+            let _ = run(&["ip", "netns", "del", ns]);
+        }
+    }
+}

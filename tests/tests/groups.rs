@@ -1,0 +1,333 @@
+//! The policy API end to end through the relay, against a simulated router (the
+//! engine with in-memory nft and tc): groups, policies, the block/white/black list
+//! views, reset, status, and the bad inputs of issue 4. Enforcement by real traffic
+//! is in `enforcement.rs`.
+
+use std::time::Instant;
+
+use netpilot_tests::{q, relay_with_agent, start_session, Client};
+use serde_json::{json, Value};
+
+struct Api {
+    c: Client,
+    sid: String,
+    rid: String,
+}
+
+impl Api {
+    async fn start() -> (Api, netpilot_tests::Relay, netpilot_tests::Agent) {
+        let (relay, router, agent) = relay_with_agent("", &["--simulate"]).await.unwrap();
+        let c = relay.client().await.unwrap();
+        let sid = start_session(&c, "alice", &router.router_id).await.unwrap();
+        (
+            Api {
+                c,
+                sid,
+                rid: router.router_id.clone(),
+            },
+            relay,
+            agent,
+        )
+    }
+
+    async fn get(&self, path: &str) -> netpilot_tests::Reply {
+        self.c.get(&q(path, &self.sid, &self.rid)).await.unwrap()
+    }
+
+    async fn delete(&self, path: &str) -> netpilot_tests::Reply {
+        self.c.delete(&q(path, &self.sid, &self.rid)).await.unwrap()
+    }
+
+    async fn send(&self, method: &str, path: &str, mut body: Value) -> netpilot_tests::Reply {
+        body["sessionId"] = json!(self.sid);
+        body["routerId"] = json!(self.rid);
+        self.c
+            .call(
+                method,
+                path,
+                Some(bytes::Bytes::from(body.to_string())),
+                Some("application/json"),
+            )
+            .await
+            .unwrap()
+    }
+
+    async fn post(&self, path: &str, body: Value) -> netpilot_tests::Reply {
+        self.send("POST", path, body).await
+    }
+}
+
+fn ok(r: &netpilot_tests::Reply) -> &Value {
+    assert_eq!(r.status, 200, "{}", r.body);
+    &r.body["data"]
+}
+
+fn kids() -> Value {
+    json!({"id": 3, "name": "Kids",
+        "devices": [{"mac": "AA-BB-CC-DD-EE-01", "ip": "192.168.1.50", "name": "Tablet"},
+                    {"mac": "aabb.ccdd.ee02"}],
+        "policy": {"bandwidth": {"downloadKbps": 5000, "uploadKbps": 1000}, "internet": "allow",
+            "schedules": [{"days": ["mon","tue","wed","thu","fri"], "start": "22:00", "end": "06:30", "action": "block"}]}})
+}
+
+#[tokio::test]
+async fn groups_round_trip_and_devices_fall_back_to_guests() {
+    let (api, _relay, _agent) = Api::start().await;
+    let groups = api.get("/api/groups").await;
+    let g = ok(&groups);
+    assert_eq!(
+        g["groups"].as_array().unwrap().len(),
+        1,
+        "only the guest group: {g}"
+    );
+    assert_eq!(g["groups"][0]["id"], json!(0));
+
+    let r = api.post("/api/groups/sync", json!({"group": kids()})).await;
+    let d = ok(&r);
+    assert_eq!(d["group"]["devices"][0]["mac"], json!("aa:bb:cc:dd:ee:01"));
+    assert_eq!(d["group"]["devices"][1]["mac"], json!("aa:bb:cc:dd:ee:02"));
+    assert_eq!(
+        d["group"]["policy"]["bandwidth"]["download_kbps"],
+        json!(5000)
+    );
+    assert_eq!(d["group"]["class"], json!("1:102"));
+    assert_eq!(d["apply"]["changed"], json!(true));
+    let generation = d["apply"]["generation"].as_u64().unwrap();
+
+    // The same sync again changes nothing.
+    let again = api.post("/api/groups/sync", json!({"group": kids()})).await;
+    assert_eq!(ok(&again)["apply"]["changed"], json!(false));
+    assert_eq!(ok(&again)["apply"]["generation"], json!(generation));
+
+    let one = api.get("/api/groups/3").await;
+    assert_eq!(ok(&one)["policy"]["schedules"][0]["end"], json!("06:30"));
+
+    let r = api
+        .send(
+            "PUT",
+            "/api/groups/3/policy",
+            json!({"policy": {"bandwidth": null, "internet": "block"}}),
+        )
+        .await;
+    assert_eq!(ok(&r)["group"]["policy"]["internet"], json!("block"));
+    assert_eq!(ok(&r)["group"]["policy"]["bandwidth"], Value::Null);
+
+    let blocked = api.get("/api/blocked").await;
+    let rows = ok(&blocked)["blocked"].as_array().unwrap().clone();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!(rows[0]["reasons"], json!(["group 3"]));
+
+    let status = api.get("/api/infrastructure/status").await;
+    let s = &ok(&status)["status"];
+    assert_eq!(s["table_present"], json!(true));
+    assert_eq!(s["in_sync"], json!(true));
+    assert_eq!(s["devices"], json!(2));
+    let changes = ok(&status)["recent_changes"].as_array().unwrap();
+    assert_eq!(changes[0]["action"], json!("groups.policy"));
+    assert_eq!(changes[0]["user_id"], json!("alice"));
+    assert_eq!(changes[0]["session_id"], json!(api.sid));
+
+    let r = api.delete("/api/groups/3").await;
+    ok(&r);
+    let guests = api.get("/api/groups/0").await;
+    assert_eq!(ok(&guests)["devices"].as_array().unwrap().len(), 2);
+    let gone = api.get("/api/groups/3").await;
+    assert_eq!((gone.status, gone.code()), (404, "GROUP_NOT_FOUND"));
+    let r = api.delete("/api/groups/0").await;
+    assert_eq!((r.status, r.code()), (400, "GUEST_GROUP"));
+
+    let health = api.get("/api/agent/health").await;
+    assert_eq!(ok(&health)["infrastructure_ready"], json!(true));
+}
+
+#[tokio::test]
+async fn block_white_and_black_lists_are_views_of_one_engine() {
+    let (api, _relay, _agent) = Api::start().await;
+    let r = api
+        .post("/api/block", json!({"mac": "02:4E:50:00:00:11"}))
+        .await;
+    assert_eq!(ok(&r)["message"], json!("02:4e:50:00:00:11 blocked"));
+    let r = api
+        .post("/api/block", json!({"mac": "024e.5000.0011"}))
+        .await;
+    assert_eq!(ok(&r)["changed"], json!(false));
+    let r = api
+        .post("/api/blacklist/add", json!({"ip": "192.168.77.12"}))
+        .await;
+    ok(&r);
+    let blocked = api.get("/api/blocked").await;
+    assert_eq!(ok(&blocked)["count"], json!(2));
+
+    // Unblocking what the blacklist also holds says so.
+    api.post("/api/block", json!({"ip": "192.168.77.12"})).await;
+    let r = api
+        .post("/api/unblock", json!({"ip": "192.168.77.12"}))
+        .await;
+    assert_eq!(ok(&r)["blocked_by"], json!(["blacklist"]));
+
+    let r = api
+        .post("/api/whitelist/add", json!({"mac": "02:4e:50:00:00:13"}))
+        .await;
+    assert_eq!(ok(&r)["blocked_by"], json!([]));
+    let w = api.get("/api/whitelist").await;
+    assert_eq!(ok(&w)["active"], json!(true));
+    let r = api
+        .post("/api/unblock", json!({"mac": "02:4e:50:00:00:11"}))
+        .await;
+    assert_eq!(ok(&r)["blocked_by"], json!(["not on the whitelist"]));
+
+    let r = api.post("/api/reset", json!({})).await;
+    ok(&r);
+    for path in ["/api/whitelist", "/api/blacklist"] {
+        let l = api.get(path).await;
+        assert_eq!(ok(&l)["count"], json!(0), "{path}");
+    }
+    let status = api.get("/api/infrastructure/status").await;
+    assert_eq!(ok(&status)["status"]["table_present"], json!(false));
+    assert_eq!(ok(&status)["status"]["idle"], json!(true));
+}
+
+#[tokio::test]
+async fn bad_input_gets_precise_400s() {
+    let (api, _relay, _agent) = Api::start().await;
+    let cases: Vec<(&str, &str, Value, &str)> = vec![
+        (
+            "POST",
+            "/api/groups/sync",
+            json!({"group": {"id": 5, "name": "x", "devices": [{"mac": "zz:zz"}]}}),
+            "INVALID_MAC",
+        ),
+        (
+            "POST",
+            "/api/groups/sync",
+            json!({"group": {"id": 5, "name": "x", "devices": [{"mac": "02:00:00:00:00:01", "ip": "1.2.3"}]}}),
+            "INVALID_IP",
+        ),
+        (
+            "POST",
+            "/api/groups/sync",
+            json!({"group": {"id": 5, "name": "x", "devices": [{"mac": "02:00:00:00:00:01"}, {"mac": "02-00-00-00-00-01"}]}}),
+            "DUPLICATE_DEVICE",
+        ),
+        (
+            "POST",
+            "/api/groups/sync",
+            json!({"group": {"id": 5, "name": "line\nbreak"}}),
+            "INVALID_NAME",
+        ),
+        (
+            "POST",
+            "/api/groups/sync",
+            json!({"group": {"id": 5, "name": "x", "policy": {"schedules": [{"days": ["mon"], "start": "25:00", "end": "06:00", "action": "block"}]}}}),
+            "INVALID_SCHEDULE",
+        ),
+        (
+            "POST",
+            "/api/groups/sync",
+            json!({"group": {"id": 5, "name": "x", "policy": {"schedules": [{"days": [], "start": "20:00", "end": "06:00", "action": "block"}]}}}),
+            "INVALID_SCHEDULE",
+        ),
+        (
+            "POST",
+            "/api/groups/sync",
+            json!({"group": {"id": "three", "name": "x"}}),
+            "INVALID_GROUP",
+        ),
+        (
+            "POST",
+            "/api/groups/sync-all",
+            json!({"groups": [{"id": 1, "name": "a", "devices": [{"mac": "02:00:00:00:00:01"}]}, {"id": 2, "name": "b", "devices": [{"mac": "02:00:00:00:00:01"}]}]}),
+            "DUPLICATE_DEVICE",
+        ),
+        (
+            "PUT",
+            "/api/groups/77/policy",
+            json!({"policy": {"internet": "block"}}),
+            "UNKNOWN_GROUP",
+        ),
+        (
+            "PUT",
+            "/api/groups/0/policy",
+            json!({"policy": {"internet": "sometimes"}}),
+            "INVALID_POLICY",
+        ),
+        (
+            "POST",
+            "/api/block",
+            json!({"mac": "ff:ff:ff:ff:ff:ff"}),
+            "INVALID_MAC",
+        ),
+        (
+            "POST",
+            "/api/block",
+            json!({"ip": "not-an-ip"}),
+            "INVALID_IP",
+        ),
+        (
+            "POST",
+            "/api/block",
+            json!({"ip": "10.0.0.1", "mac": "02:00:00:00:00:01"}),
+            "INVALID_TARGET",
+        ),
+    ];
+    for (method, path, body, code) in cases {
+        let r = api.send(method, path, body.clone()).await;
+        assert_eq!(
+            (r.status, r.code()),
+            (400, code),
+            "{method} {path} {body}: {}",
+            r.body
+        );
+        let message = r.body["error"]["message"].as_str().unwrap();
+        assert!(!message.is_empty());
+    }
+    // None of it changed anything.
+    let g = api.get("/api/groups").await;
+    assert_eq!(ok(&g)["groups"].as_array().unwrap().len(), 1);
+    assert_eq!(ok(&g)["generation"], json!(0));
+}
+
+fn many_devices(groups: u32, per_group: u32) -> Value {
+    let list: Vec<Value> = (1..=groups)
+        .map(|g| {
+            let devices: Vec<Value> = (0..per_group)
+                .map(|i| json!({"mac": format!("02:4e:{:02x}:{:02x}:{:02x}:{:02x}", g >> 8, g & 0xff, i >> 8, i & 0xff),
+                    "ip": format!("10.{}.{}.{}", g, i / 250, 1 + i % 250)}))
+                .collect();
+            json!({"id": g, "name": format!("group {g}"), "devices": devices,
+                "policy": {"bandwidth": {"downloadKbps": 1000 * g}}})
+        })
+        .collect();
+    json!({"groups": list})
+}
+
+#[tokio::test]
+async fn ten_thousand_devices_are_accepted_and_twenty_thousand_refused_quickly() {
+    let (api, _relay, _agent) = Api::start().await;
+    let started = Instant::now();
+    let r = api
+        .post("/api/groups/sync-all", many_devices(40, 250))
+        .await;
+    let d = ok(&r);
+    assert_eq!(d["devices"], json!(10_000));
+    println!(
+        "10,000 devices synced through the relay in {:?}",
+        started.elapsed()
+    );
+
+    // A clear refusal (not the relay's 408 for an agent that took too long).
+    let r = api
+        .post("/api/groups/sync-all", many_devices(80, 250))
+        .await;
+    assert_eq!((r.status, r.code()), (400, "LIMIT_EXCEEDED"), "{}", r.body);
+    assert!(r.body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("at most 16384"));
+    let g = api.get("/api/groups").await;
+    assert_eq!(
+        ok(&g)["groups"].as_array().unwrap().len(),
+        41,
+        "the accepted state stays"
+    );
+}
