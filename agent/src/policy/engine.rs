@@ -399,8 +399,30 @@ impl Engine {
         let mut inner = self.inner.lock().await;
         let started = Instant::now();
         let compiled = self.compile(&inner.desired, inner.pin())?;
-        let drift = self.observe_drift(compiled.as_ref()).await?;
         let now = (self.clock)();
+        // The same desired state compiled to other rules: time moved past a DST
+        // change the rules were guarded for. A planned refresh, not drift.
+        if let (Some(live), Some(want)) = (&inner.live, &compiled) {
+            if live.digest != want.digest {
+                tracing::info!(reason, "schedules refreshed for the next time change");
+                let result = self.apply(Some(want), None).await;
+                if let Err(e) = result {
+                    inner.live = None;
+                    self.after_failure(&e);
+                    return Err(e);
+                }
+                inner.live = compiled.clone();
+                let applied = Applied {
+                    generation: inner.generation,
+                    digest: want.digest.clone(),
+                    applied_unix: now,
+                    duration_ms: started.elapsed().as_millis() as u64,
+                };
+                self.record_applied(&inner, compiled.as_ref(), &applied);
+                return Ok(Vec::new());
+            }
+        }
+        let drift = self.observe_drift(compiled.as_ref()).await?;
         self.set_status(|s| s.last_check_unix = Some(now));
         if drift.is_empty() && compiled.as_ref().is_some_and(|c| c.moved > 0) {
             // Fold the moves into dev_group while nothing else is happening, so the
@@ -1056,6 +1078,52 @@ mod tests {
         assert!(drift.iter().any(|d| d.contains("missing")), "{drift:?}");
         assert!(e.reconcile("check").await.unwrap().is_empty());
         assert_eq!(fresh.tc.observe("wan").await.unwrap().classes[&0x102], 5000);
+    }
+
+    #[tokio::test]
+    async fn a_dst_change_refreshes_the_rules_without_calling_it_drift() {
+        let rig = Rig::new();
+        let now = Arc::new(std::sync::atomic::AtomicI64::new(1_806_062_400)); // 2027-03-26
+        let clock_now = now.clone();
+        let e = Engine::new(
+            Store::open(&rig.dir).unwrap(),
+            rig.nft.clone(),
+            rig.tc.clone(),
+            Arc::new(MemFiles::default()),
+            EngineConfig {
+                lan_if: "br-lan".into(),
+                wan_if: "wan".into(),
+                timezone: Some("CET-1CEST,M3.5.0,M10.5.0/3".into()),
+                check_interval: Duration::from_secs(60),
+                kernel_minutes_west: Arc::new(|| 0),
+            },
+            Arc::new(move || clock_now.load(std::sync::atomic::Ordering::Relaxed)),
+        )
+        .unwrap();
+        let mut g = kids(&[1], None);
+        g.policy.schedules = vec![crate::policy::model::Schedule {
+            window: crate::policy::schedule::LocalWindow {
+                days: crate::policy::schedule::Weekdays(0x7f),
+                start_min: 22 * 60,
+                end_min: 6 * 60,
+            },
+            action: crate::policy::schedule::Restriction::Block,
+        }];
+        sync(&e, g).await.unwrap();
+        let refresh = e
+            .status()
+            .next_refresh_unix
+            .expect("guarded at the March change");
+        now.store(refresh + 1, std::sync::atomic::Ordering::Relaxed);
+        let applies = rig.nft.applies();
+        assert!(e.reconcile("refresh").await.unwrap().is_empty());
+        assert_eq!(rig.nft.applies(), applies + 1, "recompiled and applied");
+        assert_eq!(e.status().drift_repairs, 0);
+        assert!(
+            e.status().next_refresh_unix > Some(refresh),
+            "now guarded at October"
+        );
+        assert!(e.reconcile("check").await.unwrap().is_empty());
     }
 
     #[tokio::test]
