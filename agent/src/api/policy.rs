@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use super::{AgentError, Reply};
 use crate::policy::engine::{ApplyReport, Engine, EngineError};
@@ -80,14 +80,71 @@ pub fn group_out(d: &Desired, id: GroupId) -> Option<GroupOut> {
     })
 }
 
-fn with_apply(mut v: Value, report: &ApplyReport) -> Value {
-    if let Value::Object(m) = &mut v {
-        m.insert(
-            "apply".into(),
-            serde_json::to_value(report).unwrap_or(Value::Null),
-        );
-    }
-    v
+// Typed answers rather than json! maps: the router's flash pays for every
+// expanded macro.
+#[derive(Serialize)]
+struct GroupList {
+    groups: Vec<GroupOut>,
+    generation: u64,
+}
+
+#[derive(Serialize)]
+struct GroupChange {
+    group: Option<GroupOut>,
+    apply: ApplyReport,
+}
+
+#[derive(Serialize)]
+struct SyncAllResult {
+    groups: usize,
+    devices: usize,
+    apply: ApplyReport,
+}
+
+#[derive(Serialize)]
+struct Done {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    deleted: Option<GroupId>,
+    message: String,
+    apply: ApplyReport,
+}
+
+#[derive(Serialize)]
+struct InfraStatus {
+    status: crate::policy::engine::Status,
+    recent_changes: Vec<crate::policy::persist::AuditEntry>,
+}
+
+#[derive(Serialize)]
+struct DeviceList {
+    entries: Vec<Entry>,
+    count: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    active: Option<bool>,
+}
+
+#[derive(Serialize)]
+struct ListChange {
+    message: String,
+    target: String,
+    changed: bool,
+    blocked_by: Vec<String>,
+    apply: ApplyReport,
+}
+
+#[derive(Serialize)]
+struct BlockedEntry {
+    target: String,
+    kind: &'static str,
+    reasons: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct BlockedList {
+    blocked: Vec<BlockedEntry>,
+    count: usize,
+    whitelist_active: bool,
+    whitelist_entries: usize,
 }
 
 /// Deserialises one part of the body with a precise message.
@@ -105,7 +162,10 @@ pub async fn handle(engine: &Engine, call: Call) -> Result<Reply, AgentError> {
                 .keys()
                 .filter_map(|id| group_out(&d, *id))
                 .collect();
-            Reply::ok(json!({"groups": groups, "generation": engine.status().generation}))
+            Reply::ok(GroupList {
+                groups,
+                generation: engine.status().generation,
+            })
         }
         ("GET", "/api/groups/{id}") => {
             let id = call.group_id()?;
@@ -128,7 +188,10 @@ pub async fn handle(engine: &Engine, call: Call) -> Result<Reply, AgentError> {
                 })
                 .await?;
             let d = engine.desired().await;
-            Reply::ok(with_apply(json!({"group": group_out(&d, id)}), &report))
+            Reply::ok(GroupChange {
+                group: group_out(&d, id),
+                apply: report,
+            })
         }
         ("POST", "/api/groups/sync-all") => {
             let raw = call.args.get("groups").ok_or_else(|| {
@@ -174,10 +237,11 @@ pub async fn handle(engine: &Engine, call: Call) -> Result<Reply, AgentError> {
                 )
                 .await?;
             let d = engine.desired().await;
-            Reply::ok(with_apply(
-                json!({"groups": d.groups.len(), "devices": d.groups.values().map(|g| g.devices.len()).sum::<usize>()}),
-                &report,
-            ))
+            Reply::ok(SyncAllResult {
+                groups: d.groups.len(),
+                devices: d.groups.values().map(|g| g.devices.len()).sum(),
+                apply: report,
+            })
         }
         ("PUT", "/api/groups/{id}/policy") => {
             let id = call.group_id()?;
@@ -193,7 +257,10 @@ pub async fn handle(engine: &Engine, call: Call) -> Result<Reply, AgentError> {
                 })
                 .await?;
             let d = engine.desired().await;
-            Reply::ok(with_apply(json!({"group": group_out(&d, id)}), &report))
+            Reply::ok(GroupChange {
+                group: group_out(&d, id),
+                apply: report,
+            })
         }
         ("DELETE", "/api/groups/{id}") => {
             let id = call.group_id()?;
@@ -202,15 +269,19 @@ pub async fn handle(engine: &Engine, call: Call) -> Result<Reply, AgentError> {
                     ops::delete_group(d, id)
                 })
                 .await?;
-            Reply::ok(with_apply(
-                json!({"deleted": id, "message": format!("group {id} deleted; its devices are guests now")}),
-                &report,
-            ))
+            Reply::ok(Done {
+                deleted: Some(id),
+                message: format!("group {id} deleted; its devices are guests now"),
+                apply: report,
+            })
         }
         ("GET", "/api/infrastructure/status") => {
             let status = engine.status();
             let audit = engine.audit_tail(20).await?;
-            Reply::ok(json!({"status": status, "recent_changes": audit}))
+            Reply::ok(InfraStatus {
+                status,
+                recent_changes: audit,
+            })
         }
         ("GET", "/api/blocked") => {
             let d = engine.desired().await;
@@ -235,10 +306,12 @@ pub async fn handle(engine: &Engine, call: Call) -> Result<Reply, AgentError> {
                     Ok(())
                 })
                 .await?;
-            Reply::ok(with_apply(
-                json!({"message": "All NetPilot rules, classes, groups and lists removed; enrollment kept"}),
-                &report,
-            ))
+            Reply::ok(Done {
+                deleted: None,
+                message: "All NetPilot rules, classes, groups and lists removed; enrollment kept"
+                    .into(),
+                apply: report,
+            })
         }
         (_, other) => Err(AgentError::NotImplemented(other)),
     }
@@ -266,12 +339,13 @@ async fn list_view(engine: &Engine, kind: ListKind) -> Result<Reply, AgentError>
         .lists
         .get(&kind)
         .map_or(Vec::new(), |l| l.iter().map(entry).collect());
-    let mut v = json!({"entries": entries, "count": entries.len()});
-    if kind == ListKind::White {
-        // The web app needs to know the list is doing something.
-        v["active"] = json!(!entries.is_empty());
-    }
-    Reply::ok(v)
+    // The web app needs to know a whitelist is doing something.
+    let active = (kind == ListKind::White).then_some(!entries.is_empty());
+    Reply::ok(DeviceList {
+        count: entries.len(),
+        entries,
+        active,
+    })
 }
 
 async fn list_change(
@@ -307,10 +381,13 @@ async fn list_change(
         (k, false, true) => format!("{target} removed from the {}", k.as_str()),
         (k, false, false) => format!("{target} was not on the {}", k.as_str()),
     };
-    Reply::ok(with_apply(
-        json!({"message": message, "target": target.to_string(), "changed": changed, "blocked_by": still}),
-        &report,
-    ))
+    Reply::ok(ListChange {
+        message,
+        target: target.to_string(),
+        changed,
+        blocked_by: still,
+        apply: report,
+    })
 }
 
 /// Why a target is kept from the internet (block list, blacklist, its group, or a
@@ -340,7 +417,7 @@ fn blocked_reasons(d: &Desired, t: &Target) -> Vec<String> {
     why
 }
 
-fn blocked_view(d: &Desired) -> Value {
+fn blocked_view(d: &Desired) -> BlockedList {
     let mut rows: BTreeMap<String, (Entry, Vec<String>)> = BTreeMap::new();
     for kind in [ListKind::Block, ListKind::Black] {
         for t in d.lists.get(&kind).map(Vec::as_slice).unwrap_or(&[]) {
@@ -363,15 +440,19 @@ fn blocked_view(d: &Desired) -> Value {
                 .push(format!("group {}", g.id));
         }
     }
-    let blocked: Vec<Value> = rows
+    let blocked: Vec<BlockedEntry> = rows
         .into_values()
-        .map(|(e, why)| json!({"target": e.target, "kind": e.kind, "reasons": why}))
+        .map(|(e, reasons)| BlockedEntry {
+            target: e.target,
+            kind: e.kind,
+            reasons,
+        })
         .collect();
     let whitelist = d.lists.get(&ListKind::White).map_or(0, Vec::len);
-    json!({
-        "blocked": blocked,
-        "count": blocked.len(),
-        "whitelist_active": whitelist > 0,
-        "whitelist_entries": whitelist,
-    })
+    BlockedList {
+        count: blocked.len(),
+        blocked,
+        whitelist_active: whitelist > 0,
+        whitelist_entries: whitelist,
+    }
 }

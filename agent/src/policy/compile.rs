@@ -222,7 +222,7 @@ pub fn compile(desired: &Desired, ctx: &Context<'_>) -> Result<Compiled, Compile
         .slots
         .get(&GUEST_GROUP)
         .ok_or(CompileError::NoSlot(GUEST_GROUP))?;
-    let mut wanted: Vec<(Mac, u8)> = Vec::new();
+    let mut wanted: BTreeMap<Mac, u8> = BTreeMap::new();
 
     for (id, group) in &desired.groups {
         let slot = *desired.slots.get(id).ok_or(CompileError::NoSlot(*id))?;
@@ -359,10 +359,8 @@ pub fn compile(desired: &Desired, ctx: &Context<'_>) -> Result<Compiled, Compile
         e.push_str("_up");
         set.insert(e);
     };
-    wanted.sort_unstable();
     let (pin, moved): (Pinned, BTreeMap<Mac, u8>) = match ctx.pinned {
         None => {
-            let wanted: BTreeMap<Mac, u8> = wanted.into_iter().collect();
             let mut set = BTreeSet::new();
             for (mac, slot) in &wanted {
                 push(&mut set, mac, *slot);

@@ -174,7 +174,7 @@ pub fn delete_group(d: &mut Desired, id: GroupId) -> Result<(), OpError> {
 /// Adds to a list; false when already there.
 pub fn list_add(d: &mut Desired, kind: ListKind, target: Target) -> Result<bool, OpError> {
     let list = d.lists.entry(kind).or_default();
-    if list.contains(&target) {
+    if list.binary_search(&target).is_ok() {
         return Ok(false);
     }
     if list.len() >= MAX_LIST_ENTRIES {
@@ -187,9 +187,20 @@ pub fn list_add(d: &mut Desired, kind: ListKind, target: Target) -> Result<bool,
         }
         .into());
     }
-    list.push(target);
-    list.sort();
+    insert_sorted(list, target);
     Ok(true)
+}
+
+/// Keeps a list sorted and free of repeats; false when `t` was already there.
+/// (A sort would cost far more code than this on the router.)
+pub fn insert_sorted(list: &mut Vec<Target>, t: Target) -> bool {
+    match list.binary_search(&t) {
+        Ok(_) => false,
+        Err(i) => {
+            list.insert(i, t);
+            true
+        }
+    }
 }
 
 /// Removes from a list; false when it was not there.

@@ -10,8 +10,6 @@ use rusqlite::{params, Connection, OptionalExtension};
 use super::model::{Desired, Device, Group, GroupId, ListKind, Mac, PolicyIn, Target};
 use crate::store::{Store, StoreError};
 
-const DEVICE_ROWS_PER_INSERT: usize = 200;
-
 /// Audit rows kept; older ones are dropped as new ones arrive.
 pub const AUDIT_KEEP: i64 = 1_000;
 
@@ -167,7 +165,7 @@ fn load(conn: &mut Connection) -> rusqlite::Result<(Desired, Option<Applied>)> {
             let kind: String = r.get(0)?;
             let target: String = r.get(1)?;
             if let (Some(kind), Some(t)) = (ListKind::parse(&kind), target_from_db(&target)) {
-                desired.lists.entry(kind).or_default().push(t);
+                super::ops::insert_sorted(desired.lists.entry(kind).or_default(), t);
             }
         }
     }
@@ -253,38 +251,31 @@ fn save(
                 ])?;
             }
         }
-        // Many rows per statement: a full sync writes thousands of devices, and the
-        // per-statement cost dominates single-row inserts.
-        let changed: Vec<(&Mac, &(GroupId, &Device))> = new
+        // One statement for all rows, handed over as a JSON array: a full sync
+        // writes thousands of devices, and per-statement and per-parameter costs
+        // dominate row-by-row inserts.
+        let rows: Vec<serde_json::Value> = new
             .iter()
             .filter(|(mac, v)| old.get(mac) != Some(v))
+            .map(|(mac, (gid, d))| {
+                serde_json::json!([
+                    mac.to_string(),
+                    gid,
+                    d.ipv4.map(|a| a.to_string()),
+                    d.ipv6.map(|a| a.to_string()),
+                    d.name
+                ])
+            })
             .collect();
-        for chunk in changed.chunks(DEVICE_ROWS_PER_INSERT) {
-            let mut sql = String::from(
-                "INSERT INTO policy_devices (mac, group_id, ipv4, ipv6, name) VALUES ",
-            );
-            for i in 0..chunk.len() {
-                sql.push_str(if i == 0 {
-                    "(?,?,?,?,?)"
-                } else {
-                    ",(?,?,?,?,?)"
-                });
-            }
-            sql.push_str(
-                " ON CONFLICT(mac) DO UPDATE SET group_id = excluded.group_id, ipv4 = excluded.ipv4, ipv6 = excluded.ipv6, name = excluded.name",
-            );
-            let mut values: Vec<Box<dyn rusqlite::ToSql>> = Vec::with_capacity(chunk.len() * 5);
-            for (mac, (gid, d)) in chunk {
-                values.push(Box::new(mac.to_string()));
-                values.push(Box::new(*gid));
-                values.push(Box::new(d.ipv4.map(|a| a.to_string())));
-                values.push(Box::new(d.ipv6.map(|a| a.to_string())));
-                values.push(Box::new(d.name.clone()));
-            }
-            tx.prepare_cached(&sql)?
-                .execute(rusqlite::params_from_iter(
-                    values.iter().map(|v| v.as_ref()),
-                ))?;
+        if !rows.is_empty() {
+            let rows = serde_json::to_string(&rows).expect("plain JSON");
+            tx.execute(
+                "INSERT INTO policy_devices (mac, group_id, ipv4, ipv6, name)
+                 SELECT value->>0, value->>1, value->>2, value->>3, value->>4 FROM json_each(?1) WHERE true
+                 ON CONFLICT(mac) DO UPDATE SET group_id = excluded.group_id, ipv4 = excluded.ipv4,
+                     ipv6 = excluded.ipv6, name = excluded.name",
+                params![rows],
+            )?;
         }
         let set = |d: &Desired| -> BTreeSet<(ListKind, Target)> {
             d.lists

@@ -152,7 +152,7 @@ fn pieces_for(
         }
         u = end;
     }
-    out.sort_by_key(|p| (p.day, p.from_sec));
+    // In UTC-week order: deterministic, so the rules compile to the same text.
     out
 }
 

@@ -224,9 +224,12 @@ impl Zone {
         // The start is given in standard time, the end in daylight time.
         let on = rule_local(year, start) - self.std as i64;
         let off = rule_local(year, end) - dst as i64;
-        let mut v = vec![(on, dst), (off, self.std)];
-        v.sort();
-        v
+        // Southern zones end DST before they start it in the calendar year.
+        if on <= off {
+            vec![(on, dst), (off, self.std)]
+        } else {
+            vec![(off, self.std), (on, dst)]
+        }
     }
 
     /// Seconds east of UTC in force at `unix`.
