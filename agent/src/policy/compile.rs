@@ -213,11 +213,14 @@ pub fn compile(desired: &Desired, ctx: &Context<'_>) -> Result<Compiled, Compile
     let mut chains = String::new();
     let mut ct_group = Vec::new();
     let mut refresh_at: Option<i64> = None;
-    let mut elements: BTreeMap<&'static str, BTreeSet<String>> = ELEMENT_SETS
-        .iter()
-        .filter(|s| **s != "dev_group")
-        .map(|s| (*s, BTreeSet::new()))
-        .collect();
+    // Indexed like ELEMENT_SETS.
+    let mut sets: Vec<BTreeSet<String>> = vec![BTreeSet::new(); ELEMENT_SETS.len()];
+    let set_index = |name: &str| {
+        ELEMENT_SETS
+            .iter()
+            .position(|s| *s == name)
+            .expect("known set")
+    };
     let guest_slot = *desired
         .slots
         .get(&GUEST_GROUP)
@@ -246,12 +249,13 @@ pub fn compile(desired: &Desired, ctx: &Context<'_>) -> Result<Compiled, Compile
 
         // One class per distinct effective limit while a schedule is active.
         let base = policy.bandwidth;
-        let mut limits: BTreeSet<Bandwidth> = BTreeSet::new();
+        // A few at most: a list, in the order the week meets them.
+        let mut limits: Vec<Bandwidth> = Vec::new();
         for p in &sched.pieces {
             if let Restriction::Limit { down_kbps, up_kbps } = p.restriction {
                 let eff = base.tighter(Bandwidth { down_kbps, up_kbps });
-                if eff != base {
-                    limits.insert(eff);
+                if eff != base && !limits.contains(&eff) {
+                    limits.push(eff);
                 }
             }
         }
@@ -262,7 +266,7 @@ pub fn compile(desired: &Desired, ctx: &Context<'_>) -> Result<Compiled, Compile
                 max: SCHEDULE_CLASSES_PER_GROUP,
             });
         }
-        let limit_class: BTreeMap<Bandwidth, u16> = limits
+        let limit_class: Vec<(Bandwidth, u16)> = limits
             .iter()
             .enumerate()
             .map(|(k, b)| {
@@ -272,6 +276,13 @@ pub fn compile(desired: &Desired, ctx: &Context<'_>) -> Result<Compiled, Compile
                 )
             })
             .collect();
+        let class_of = |b: Bandwidth| {
+            limit_class
+                .iter()
+                .find(|(l, _)| *l == b)
+                .map(|(_, minor)| *minor)
+                .expect("every limit has a class")
+        };
         let base_minor = base_class(slot);
         // A class per direction only where traffic is steered into it: the base
         // rate, and a schedule's rate where it is tighter than the base.
@@ -339,7 +350,7 @@ pub fn compile(desired: &Desired, ctx: &Context<'_>) -> Result<Compiled, Compile
                             if rate(eff) == rate(base) {
                                 continue;
                             }
-                            format!("{steer}meta priority set {}", classid(limit_class[&eff]))
+                            format!("{steer}meta priority set {}", classid(class_of(eff)))
                         }
                     };
                     let _ = writeln!(chains, "\t\t{}{action}", piece_match(p));
@@ -403,7 +414,7 @@ pub fn compile(desired: &Desired, ctx: &Context<'_>) -> Result<Compiled, Compile
             (pinned.clone(), moved)
         }
     };
-    let target = elements.get_mut("dev_moved").expect("known set");
+    let target = &mut sets[set_index("dev_moved")];
     for (mac, slot) in &moved {
         push(target, mac, *slot);
     }
@@ -423,11 +434,7 @@ pub fn compile(desired: &Desired, ctx: &Context<'_>) -> Result<Compiled, Compile
                 Target::Ip(std::net::IpAddr::V4(a)) => ("ip4", a.to_string()),
                 Target::Ip(std::net::IpAddr::V6(a)) => ("ip6", a.to_string()),
             };
-            let set = ELEMENT_SETS
-                .iter()
-                .find(|s| **s == format!("{prefix}_{suffix}"))
-                .expect("known set");
-            elements.get_mut(set).expect("known set").insert(value);
+            sets[set_index(&format!("{prefix}_{suffix}"))].insert(value);
         }
     }
 
@@ -510,11 +517,15 @@ pub fn compile(desired: &Desired, ctx: &Context<'_>) -> Result<Compiled, Compile
     structure.push_str(body.trim_end());
     structure.push_str("\n}\n");
 
-    let mut elements: BTreeMap<&'static str, Arc<BTreeSet<String>>> = elements
-        .into_iter()
-        .map(|(k, v)| (k, Arc::new(v)))
-        .collect();
-    elements.insert("dev_group", pin.dev_group.clone());
+    let mut elements: BTreeMap<&'static str, Arc<BTreeSet<String>>> = BTreeMap::new();
+    for (name, set) in ELEMENT_SETS.iter().zip(sets) {
+        let set = if *name == "dev_group" {
+            pin.dev_group.clone()
+        } else {
+            Arc::new(set)
+        };
+        elements.insert(name, set);
+    }
     let mut all = ring::digest::Context::new(&ring::digest::SHA256);
     let mut feed = |b: &[u8]| {
         all.update(&(b.len() as u64).to_le_bytes());

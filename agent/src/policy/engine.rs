@@ -672,8 +672,7 @@ impl Engine {
             (None, Some(_)) => drift.push("table inet netpilot is still there".to_owned()),
             (Some(_), None) => drift.push("table inet netpilot is missing".to_owned()),
             (Some(w), Some(have)) => {
-                let expected: std::collections::BTreeSet<String> =
-                    nft::rule_counts(&w.structure).into_keys().collect();
+                let expected = nft::set_of(nft::rule_counts(&w.structure).into_keys());
                 if have != expected {
                     drift.push(format!("chains {have:?}, expected {expected:?}"));
                 }

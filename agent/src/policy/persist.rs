@@ -188,10 +188,16 @@ fn load(conn: &mut Connection) -> rusqlite::Result<(Desired, Option<Applied>)> {
 
 /// Devices of the groups in `ids`.
 fn devices<'a>(d: &'a Desired, ids: &[GroupId]) -> BTreeMap<Mac, (GroupId, &'a Device)> {
-    ids.iter()
+    let mut out = BTreeMap::new();
+    for (id, g) in ids
+        .iter()
         .filter_map(|id| d.groups.get(id).map(|g| (*id, g)))
-        .flat_map(|(id, g)| g.devices.iter().map(move |dev| (dev.mac, (id, dev))))
-        .collect()
+    {
+        for dev in &g.devices {
+            out.insert(dev.mac, (id, dev));
+        }
+    }
+    out
 }
 
 fn save(
@@ -204,14 +210,15 @@ fn save(
     {
         // A device that changed group changed both groups, so only the devices of
         // changed groups need comparing.
-        let ids: BTreeSet<GroupId> = prev
+        let changed_groups: Vec<GroupId> = prev
             .groups
             .keys()
-            .chain(next.groups.keys())
+            .chain(
+                next.groups
+                    .keys()
+                    .filter(|id| !prev.groups.contains_key(id)),
+            )
             .copied()
-            .collect();
-        let changed_groups: Vec<GroupId> = ids
-            .into_iter()
             .filter(|id| prev.groups.get(id) != next.groups.get(id))
             .collect();
         let old = devices(prev, &changed_groups);
@@ -278,10 +285,13 @@ fn save(
             )?;
         }
         let set = |d: &Desired| -> BTreeSet<(ListKind, Target)> {
-            d.lists
-                .iter()
-                .flat_map(|(k, ts)| ts.iter().map(move |t| (*k, *t)))
-                .collect()
+            let mut s = BTreeSet::new();
+            for (k, ts) in &d.lists {
+                for t in ts {
+                    s.insert((*k, *t));
+                }
+            }
+            s
         };
         let (was, now) = (set(prev), set(next));
         let mut ldel =

@@ -108,13 +108,24 @@ pub fn parse_chains(json: &str) -> Result<Option<BTreeSet<String>>, NftError> {
     let items = v["nftables"]
         .as_array()
         .ok_or_else(|| NftError::Parse("no \"nftables\" array".into()))?;
-    let chains: BTreeSet<String> = items
-        .iter()
-        .filter_map(|i| i.get("chain"))
-        .filter(|c| c["table"] == TABLE && c["family"] == FAMILY)
-        .filter_map(|c| c["name"].as_str().map(str::to_owned))
-        .collect();
+    let chains = set_of(
+        items
+            .iter()
+            .filter_map(|i| i.get("chain"))
+            .filter(|c| c["table"] == TABLE && c["family"] == FAMILY)
+            .filter_map(|c| c["name"].as_str().map(str::to_owned)),
+    );
     Ok((!chains.is_empty()).then_some(chains))
+}
+
+/// Collects by inserting: `collect()` into a B-tree sorts first, and every sort
+/// instance costs kilobytes of the router's flash.
+pub fn set_of(items: impl IntoIterator<Item = String>) -> BTreeSet<String> {
+    let mut set = BTreeSet::new();
+    for i in items {
+        set.insert(i);
+    }
+    set
 }
 
 /// Reduces `nft -j list table` to what the engine compares.
@@ -256,10 +267,10 @@ impl FakeNft {
                 t.structure = structure;
                 t.flushed = false;
                 for (name, elems) in inline_elements(&t.structure) {
-                    let by_key = elems
-                        .into_iter()
-                        .map(|e| (key_of(&e).to_owned(), e))
-                        .collect();
+                    let mut by_key = BTreeMap::new();
+                    for e in elems {
+                        by_key.insert(key_of(&e).to_owned(), e);
+                    }
                     t.elements.insert(name, by_key);
                 }
             } else if let Some(rest) = line
@@ -309,7 +320,7 @@ impl Firewall for FakeNft {
             Ok(state
                 .table
                 .as_ref()
-                .map(|t| rule_counts(&t.structure).into_keys().collect()))
+                .map(|t| set_of(rule_counts(&t.structure).into_keys())))
         })
     }
 
@@ -336,14 +347,14 @@ impl Firewall for FakeNft {
                 if t.flushed {
                     chains.values_mut().for_each(|n| *n = 0);
                 }
+                let mut elements = BTreeMap::new();
+                for (name, m) in &t.elements {
+                    elements.insert(name.clone(), set_of(m.values().cloned()));
+                }
                 ObservedTable {
                     comment: comment_of(&t.structure),
                     chains,
-                    elements: t
-                        .elements
-                        .iter()
-                        .map(|(name, m)| (name.clone(), m.values().cloned().collect()))
-                        .collect(),
+                    elements,
                 }
             }))
         })
