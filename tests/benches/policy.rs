@@ -8,8 +8,11 @@
 //! database in a temporary directory. Each round starts from an empty kernel and
 //! an empty store:
 //!
-//! 1. **Full sync**: 50 groups × 250 devices (each group with a bandwidth limit
-//!    and one schedule) in one `sync-all`: compile, tc classes, one nft
+//! Two scenarios: every group with a bandwidth limit, then the same with one
+//! schedule each (school nights blocked in a zone with DST, so every window is
+//! emitted for both offsets, guarded by `meta time`).
+//!
+//! 1. **Full sync**: 50 groups × 250 devices in one `sync-all`: compile, tc classes, one nft
 //!    transaction, read-back verify, store. Beside it, a bare `nft -f` of the same
 //!    script into an empty namespace, which is the floor.
 //! 2. **One device moved** between groups, as `POST /api/groups/sync` of the
@@ -68,7 +71,7 @@ fn main() -> anyhow::Result<()> {
     rt.block_on(bench())
 }
 
-fn groups(moved: bool) -> Vec<Group> {
+fn groups(moved: bool, scheduled: bool) -> Vec<Group> {
     (1..=GROUPS)
         .map(|g| {
             let mut devices: Vec<Device> = (0..PER_GROUP)
@@ -106,14 +109,18 @@ fn groups(moved: bool) -> Vec<Group> {
                         down_kbps: Some(1000 * g),
                         up_kbps: Some(500 * g),
                     },
-                    schedules: vec![Schedule {
-                        window: LocalWindow {
-                            days: Weekdays(0b0011_1110),
-                            start_min: 22 * 60,
-                            end_min: 6 * 60 + 30,
-                        },
-                        action: Restriction::Block,
-                    }],
+                    schedules: if scheduled {
+                        vec![Schedule {
+                            window: LocalWindow {
+                                days: Weekdays(0b0011_1110),
+                                start_min: 22 * 60,
+                                end_min: 6 * 60 + 30,
+                            },
+                            action: Restriction::Block,
+                        }]
+                    } else {
+                        Vec::new()
+                    },
                     ..Policy::default()
                 },
             }
@@ -152,6 +159,7 @@ async fn clean() -> anyhow::Result<()> {
     Ok(())
 }
 
+#[derive(Default)]
 struct Series(Vec<f64>);
 
 impl Series {
@@ -172,7 +180,14 @@ fn ms(d: Duration) -> f64 {
 }
 
 async fn bench() -> anyhow::Result<()> {
+    scenario(false).await?;
+    println!();
+    scenario(true).await
+}
+
+async fn scenario(scheduled: bool) -> anyhow::Result<()> {
     let actor = Actor::default();
+    let mut phases: [Series; 5] = Default::default();
     let (mut full, mut bare, mut compile, mut moved, mut policy, mut check) = (
         Series(vec![]),
         Series(vec![]),
@@ -189,19 +204,27 @@ async fn bench() -> anyhow::Result<()> {
 
         let t = Instant::now();
         let (_, r) = e
-            .change(&actor, "bench full", |d| ops::sync_all(d, groups(false)))
+            .change(&actor, "bench full", |d| {
+                ops::sync_all(d, groups(false, scheduled))
+            })
             .await?;
         full.0.push(ms(t.elapsed()));
         anyhow::ensure!(r.nft == "table", "full sync applied {:?}", r.nft);
+        let p = &r.phases;
+        for (series, v) in
+            phases
+                .iter_mut()
+                .zip([p.compile_ms, p.tc_ms, p.nft_ms, p.verify_ms, p.store_ms])
+        {
+            series.0.push(v);
+        }
 
-        println!("full sync phases: {:?}", r.phases);
         // As the API moves a device: one group synced with the device added.
-        let target = groups(true).into_iter().nth(1).expect("group 2");
+        let target = groups(true, scheduled).into_iter().nth(1).expect("group 2");
         let t = Instant::now();
         let (_, r) = e
             .change(&actor, "bench move", |d| ops::sync_group(d, target))
             .await?;
-        println!("move phases: {:?}", r.phases);
         moved.0.push(ms(t.elapsed()));
         anyhow::ensure!(r.nft == "elements", "a move applied {:?}", r.nft);
 
@@ -247,11 +270,21 @@ async fn bench() -> anyhow::Result<()> {
     }
     clean().await?;
     println!(
-        "policy engine, {GROUPS} groups x {PER_GROUP} devices ({} devices), {ROUNDS} rounds, script {} KiB",
+        "policy engine, {GROUPS} groups x {PER_GROUP} devices ({} devices), each limited{}, {ROUNDS} rounds, script {} KiB",
         GROUPS * PER_GROUP,
+        if scheduled { " and scheduled (Mon-Fri 22:00-06:30 block, Berlin, DST-guarded)" } else { "" },
         script_bytes / 1024
     );
     full.line("full sync (sync-all, end to end)");
+    for (series, name) in phases.iter_mut().zip([
+        "compile",
+        "tc",
+        "nft",
+        "verify",
+        "store (beside tc, nft, verify)",
+    ]) {
+        series.line(&format!("  {name}"));
+    }
     bare.line("bare `nft -f` of the same table (floor)");
     compile.line("compile only");
     moved.line("one device moved (end to end)");
