@@ -284,7 +284,6 @@ impl Engine {
             return Ok((out, report));
         }
         let started = Instant::now();
-        // Not borrowing the guard inside: the connection in it is not Sync.
         let base = inner.live.clone();
         let pinned = inner.pin().cloned();
         let compiled = match self.compile(&next, pinned.as_ref()) {
@@ -325,7 +324,19 @@ impl Engine {
         let _ = decide_tx.send(result.is_ok().then(|| applied.clone()));
         let (prev, next, saved, store_time) = match save.await {
             Ok(r) => r,
-            Err(e) => return Err(EngineError::Store(format!("writer task: {e}"))),
+            Err(e) => {
+                // The writer died with both states: take the stored one back, and
+                // let the next check put the kernel in line with it.
+                if let Ok((mut stored, _)) = inner.store.load_policy() {
+                    if ops::normalize(&mut stored).is_ok() {
+                        inner.desired = stored;
+                    }
+                }
+                inner.live = None;
+                let e = EngineError::Store(format!("writer task: {e}"));
+                self.after_failure(&e);
+                return Err(e);
+            }
         };
         inner.desired = prev;
         let (nft_kind, tc_ops, mut phases) = match result {
