@@ -105,10 +105,6 @@ impl Store {
         Ok(store)
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// For the modules that keep their tables here (`policy::persist`).
     pub(crate) fn conn_mut(&mut self) -> &mut Connection {
         &mut self.conn

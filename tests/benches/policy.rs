@@ -276,13 +276,10 @@ async fn scenario(scheduled: bool) -> anyhow::Result<()> {
         script_bytes / 1024
     );
     full.line("full sync (sync-all, end to end)");
-    for (series, name) in phases.iter_mut().zip([
-        "compile",
-        "tc",
-        "nft",
-        "verify",
-        "store (beside tc, nft, verify)",
-    ]) {
+    for (series, name) in phases
+        .iter_mut()
+        .zip(["compile", "tc", "nft", "verify", "store"])
+    {
         series.line(&format!("  {name}"));
     }
     bare.line("bare `nft -f` of the same table (floor)");

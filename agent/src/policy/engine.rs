@@ -113,8 +113,6 @@ pub struct Phases {
     pub tc_ms: f64,
     pub nft_ms: f64,
     pub verify_ms: f64,
-    /// The store writer's time from start to commit; it runs beside tc, nft and
-    /// verify, so it overlaps them.
     pub store_ms: f64,
 }
 
@@ -148,9 +146,6 @@ impl Inner {
 
 pub struct Engine {
     inner: tokio::sync::Mutex<Inner>,
-    /// A second connection that writes a change's rows while the kernel applies it
-    /// (committed only once the kernel took it). Used only under `inner`'s lock.
-    writer: Arc<Mutex<Store>>,
     nft: Arc<dyn Firewall>,
     tc: Arc<dyn Shaper>,
     files: Arc<dyn Files>,
@@ -175,11 +170,6 @@ impl Engine {
             .map_err(|e| EngineError::Store(e.to_string()))?;
         ops::normalize(&mut desired)?;
         let generation = applied.as_ref().map_or(0, |a| a.generation);
-        let writer = Arc::new(Mutex::new(
-            store
-                .reopen()
-                .map_err(|e| EngineError::Store(e.to_string()))?,
-        ));
         let status = Status {
             generation,
             digest: applied
@@ -197,7 +187,6 @@ impl Engine {
                 generation,
                 live: None,
             }),
-            writer,
             nft,
             tc,
             files,
@@ -284,62 +273,20 @@ impl Engine {
             return Ok((out, report));
         }
         let started = Instant::now();
+        // Not borrowing the guard inside: the connection in it is not Sync.
         let base = inner.live.clone();
         let pinned = inner.pin().cloned();
-        let compiled = match self.compile(&next, pinned.as_ref()) {
-            Ok(c) => c,
-            Err(e) => {
-                self.audit(&mut inner, actor, what, &format!("refused: {e}"));
-                return Err(e);
-            }
-        };
-        let compile_ms = ms(started.elapsed());
-        // The rows are written on another thread while the kernel applies, and
-        // committed only if it took the change.
-        let prev = std::mem::take(&mut inner.desired);
-        let (decide_tx, decide_rx) = std::sync::mpsc::channel::<Option<Applied>>();
-        let writer = self.writer.clone();
-        let save = tokio::task::spawn_blocking(move || {
-            let started = Instant::now();
-            let saved = writer
-                .lock()
-                .map_err(|_| "writer lock poisoned".to_owned())
-                .and_then(|mut store| {
-                    store
-                        .save_policy_staged(&prev, &next, || decide_rx.recv().ok().flatten())
-                        .map_err(|e| e.to_string())
-                });
-            (prev, next, saved, started.elapsed())
-        });
-        let result = self.apply(compiled.as_ref(), base.as_ref()).await;
-        let applied = Applied {
-            generation: inner.generation + 1,
-            digest: compiled
-                .as_ref()
-                .map(|c| c.digest.clone())
-                .unwrap_or_default(),
-            applied_unix: (self.clock)(),
-            duration_ms: started.elapsed().as_millis() as u64,
-        };
-        let _ = decide_tx.send(result.is_ok().then(|| applied.clone()));
-        let (prev, next, saved, store_time) = match save.await {
-            Ok(r) => r,
-            Err(e) => {
-                // The writer died with both states: take the stored one back, and
-                // let the next check put the kernel in line with it.
-                if let Ok((mut stored, _)) = inner.store.load_policy() {
-                    if ops::normalize(&mut stored).is_ok() {
-                        inner.desired = stored;
-                    }
-                }
-                inner.live = None;
-                let e = EngineError::Store(format!("writer task: {e}"));
-                self.after_failure(&e);
-                return Err(e);
-            }
-        };
-        inner.desired = prev;
-        let (nft_kind, tc_ops, mut phases) = match result {
+        let result = async {
+            let t = Instant::now();
+            let compiled = self.compile(&next, pinned.as_ref())?;
+            let compile_ms = ms(t.elapsed());
+            let (nft_kind, tc_ops, mut phases) =
+                self.apply(compiled.as_ref(), base.as_ref()).await?;
+            phases.compile_ms = compile_ms;
+            Ok::<_, EngineError>((compiled, nft_kind, tc_ops, phases))
+        }
+        .await;
+        let (compiled, nft_kind, tc_ops, mut phases) = match result {
             Ok(r) => r,
             Err(e) => {
                 self.after_failure(&e);
@@ -349,25 +296,29 @@ impl Engine {
                 return Err(e);
             }
         };
-        phases.compile_ms = compile_ms;
-        // Most of the writing overlapped the kernel; this is all of it.
-        phases.store_ms = ms(store_time);
         let duration = started.elapsed();
-        match saved {
-            Ok(true) => {}
-            Ok(false) | Err(_) => {
-                let e = match saved {
-                    Err(e) => e,
-                    _ => "the change was not committed".to_owned(),
-                };
-                // Put the kernel back to what the store still says.
-                tracing::error!(error = %e, "cannot store the new policy; restoring the previous one");
-                let old = self.compile(&inner.desired, None).ok().flatten();
-                let _ = self.apply(old.as_ref(), compiled.as_ref()).await;
-                inner.live = None;
-                self.after_failure(&EngineError::Store(e.clone()));
-                return Err(EngineError::Store(e));
-            }
+        let applied = Applied {
+            generation: inner.generation + 1,
+            digest: compiled
+                .as_ref()
+                .map(|c| c.digest.clone())
+                .unwrap_or_default(),
+            applied_unix: (self.clock)(),
+            duration_ms: duration.as_millis() as u64,
+        };
+        let prev = std::mem::take(&mut inner.desired);
+        let t = Instant::now();
+        let saved = inner.store.save_policy(&prev, &next, &applied);
+        phases.store_ms = ms(t.elapsed());
+        if let Err(e) = saved {
+            inner.desired = prev.clone();
+            // Put the kernel back to what the store still says.
+            tracing::error!(error = %e, "cannot store the new policy; restoring the previous one");
+            let old = self.compile(&prev, None).ok().flatten();
+            let _ = self.apply(old.as_ref(), compiled.as_ref()).await;
+            inner.live = None;
+            self.after_failure(&EngineError::Store(e.to_string()));
+            return Err(EngineError::Store(e.to_string()));
         }
         tracing::info!(
             generation = applied.generation,

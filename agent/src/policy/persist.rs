@@ -61,29 +61,8 @@ impl Store {
         next: &Desired,
         applied: &Applied,
     ) -> Result<(), StoreError> {
-        let applied = applied.clone();
-        self.save_policy_staged(prev, next, move || Some(applied))
-            .map(|_| ())
-    }
-
-    /// Writes `next` over `prev` in a transaction, then asks `decide`: with an
-    /// [`Applied`] it commits (true), with `None` it rolls back (false). Lets the
-    /// writing overlap the kernel apply while committing only once that succeeded.
-    pub fn save_policy_staged(
-        &mut self,
-        prev: &Desired,
-        next: &Desired,
-        decide: impl FnOnce() -> Option<Applied>,
-    ) -> Result<bool, StoreError> {
-        let r = save(self.conn_mut(), prev, next, decide);
+        let r = save(self.conn_mut(), prev, next, applied);
         r.map_err(|e| self.err(e))
-    }
-
-    /// Another connection to the same database (WAL lets it write while this one
-    /// is idle).
-    pub fn reopen(&self) -> Result<Store, StoreError> {
-        let dir = self.path().parent().unwrap_or(std::path::Path::new("."));
-        Store::open(dir)
     }
 
     pub fn audit(
@@ -225,8 +204,8 @@ fn save(
     conn: &mut Connection,
     prev: &Desired,
     next: &Desired,
-    decide: impl FnOnce() -> Option<Applied>,
-) -> rusqlite::Result<bool> {
+    applied: &Applied,
+) -> rusqlite::Result<()> {
     let tx = conn.transaction()?;
     {
         // A device that changed group changed both groups, so only the devices of
@@ -325,9 +304,6 @@ fn save(
         for (k, t) in now.difference(&was) {
             ladd.execute(params![k.as_str(), t.to_string()])?;
         }
-        let Some(applied) = decide() else {
-            return Ok(false);
-        };
         tx.execute(
             "INSERT INTO policy_applied (id, generation, digest, applied_unix, duration_ms) VALUES (1, ?1, ?2, ?3, ?4)
              ON CONFLICT(id) DO UPDATE SET generation = excluded.generation, digest = excluded.digest,
@@ -335,8 +311,7 @@ fn save(
             params![applied.generation as i64, applied.digest, applied.applied_unix, applied.duration_ms as i64],
         )?;
     }
-    tx.commit()?;
-    Ok(true)
+    tx.commit()
 }
 
 #[cfg(test)]
