@@ -904,6 +904,10 @@ mod tests {
         }
 
         fn engine(&self) -> Engine {
+            self.engine_with("UTC0", Arc::new(|| 1_795_435_200))
+        }
+
+        fn engine_with(&self, tz: &str, clock: Clock) -> Engine {
             Engine::new(
                 Store::open(&self.dir).unwrap(),
                 self.nft.clone(),
@@ -912,11 +916,11 @@ mod tests {
                 EngineConfig {
                     lan_if: "br-lan".into(),
                     wan_if: "wan".into(),
-                    timezone: Some("UTC0".into()),
+                    timezone: Some(tz.into()),
                     check_interval: Duration::from_secs(60),
                     kernel_minutes_west: Arc::new(|| 0),
                 },
-                Arc::new(|| 1_795_435_200),
+                clock,
             )
             .unwrap()
         }
@@ -1084,21 +1088,10 @@ mod tests {
         let rig = Rig::new();
         let now = Arc::new(std::sync::atomic::AtomicI64::new(1_806_062_400)); // 2027-03-26
         let clock_now = now.clone();
-        let e = Engine::new(
-            Store::open(&rig.dir).unwrap(),
-            rig.nft.clone(),
-            rig.tc.clone(),
-            Arc::new(MemFiles::default()),
-            EngineConfig {
-                lan_if: "br-lan".into(),
-                wan_if: "wan".into(),
-                timezone: Some("CET-1CEST,M3.5.0,M10.5.0/3".into()),
-                check_interval: Duration::from_secs(60),
-                kernel_minutes_west: Arc::new(|| 0),
-            },
+        let e = rig.engine_with(
+            "CET-1CEST,M3.5.0,M10.5.0/3",
             Arc::new(move || clock_now.load(std::sync::atomic::Ordering::Relaxed)),
-        )
-        .unwrap();
+        );
         let mut g = kids(&[1], None);
         g.policy.schedules = vec![crate::policy::model::Schedule {
             window: crate::policy::schedule::LocalWindow {
