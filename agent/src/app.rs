@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
 use crate::system::files::Files;
+use crate::system::ubus::{RealUbus, Ubus};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -33,6 +34,8 @@ pub struct App {
     pub mode: Mode,
     pub router_id: String,
     pub files: Arc<dyn Files>,
+    /// hostapd's client lists, netifd's wireless status.
+    pub ubus: Arc<dyn Ubus>,
     pub started: Instant,
     pub link: Mutex<LinkState>,
     /// Starts recorded in the state database, this one included (0: not recorded).
@@ -47,6 +50,7 @@ impl App {
             mode,
             router_id,
             files,
+            ubus: Arc::new(RealUbus::default()),
             started: Instant::now(),
             link: Mutex::new(LinkState::default()),
             starts: 0,
@@ -56,6 +60,11 @@ impl App {
 
     pub fn with_policy(mut self, engine: Arc<crate::policy::engine::Engine>) -> Self {
         self.policy = Some(engine);
+        self
+    }
+
+    pub fn with_ubus(mut self, ubus: Arc<dyn Ubus>) -> Self {
+        self.ubus = ubus;
         self
     }
 

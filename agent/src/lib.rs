@@ -11,6 +11,7 @@ pub mod enroll;
 pub mod identity;
 pub mod link;
 pub mod policy;
+pub mod report;
 pub mod settings;
 pub mod sim;
 pub mod store;

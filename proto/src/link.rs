@@ -6,6 +6,13 @@ use serde::{Deserialize, Serialize};
 pub const CONNECT_PATH: &str = "/agent/v1/connect";
 /// Enrollment: trades a one-time token for the router id and secret.
 pub const ENROLL_PATH: &str = "/agent/v1/enroll";
+/// An agent's report to the relay over a fresh TLS connection (not the link):
+/// proves the relay is reachable right now and carries an [`AgentEvent`].
+pub const REPORT_PATH: &str = "/agent/v1/report";
+/// Speed-test endpoints the agent measures against (authenticated like the link).
+pub const SPEEDTEST_DOWNLOAD_PATH: &str = "/agent/v1/speedtest/download";
+pub const SPEEDTEST_UPLOAD_PATH: &str = "/agent/v1/speedtest/upload";
+pub const SPEEDTEST_PING_PATH: &str = "/agent/v1/speedtest/ping";
 /// Value of the `Upgrade` header on the connect request.
 pub const UPGRADE_PROTOCOL: &str = "netpilot-link/1";
 
@@ -16,6 +23,24 @@ pub const HEADER_AGENT_VERSION: &str = "x-netpilot-agent-version";
 pub const HEADER_SESSION_ID: &str = "x-netpilot-session-id";
 pub const HEADER_USER_ID: &str = "x-netpilot-user-id";
 pub const HEADER_REQUEST_ID: &str = "x-request-id";
+
+/// Something the agent tells the relay about itself, e.g. that a Wi-Fi change was
+/// confirmed or rolled back. Small and self-describing; the relay logs it, counts it
+/// and keeps the latest per router.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentEvent {
+    /// What it is about: `wifi_change`, …
+    pub kind: String,
+    /// The agent's id for the thing (a change id).
+    pub id: String,
+    /// `confirmed`, `rolled_back`, …
+    pub state: String,
+    /// Human-readable detail; never a secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// Unix seconds on the agent's clock when it happened.
+    pub at: u64,
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EnrollRequest {

@@ -7,3 +7,7 @@ pub mod nft;
 pub mod process;
 pub mod sysinfo;
 pub mod tc;
+pub mod ubus;
+
+/// A boxed future: what the system traits return, so they stay object safe.
+pub type Fut<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;

@@ -4,14 +4,12 @@
 //! simulated router.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use super::process::{self, ProcessError};
 
-pub type Fut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+pub use super::Fut;
 
 pub const FAMILY: &str = "inet";
 pub const TABLE: &str = "netpilot";
