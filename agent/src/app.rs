@@ -40,6 +40,8 @@ pub struct App {
     pub link: Mutex<LinkState>,
     /// Starts recorded in the state database, this one included (0: not recorded).
     pub starts: u64,
+    /// Device discovery; `None` only in tests of other parts.
+    pub scanner: Option<Arc<crate::scan::Scanner>>,
     /// The policy engine; `None` only in tests of other parts.
     pub policy: Option<Arc<crate::policy::engine::Engine>>,
 }
@@ -54,6 +56,7 @@ impl App {
             started: Instant::now(),
             link: Mutex::new(LinkState::default()),
             starts: 0,
+            scanner: None,
             policy: None,
         }
     }
@@ -65,6 +68,11 @@ impl App {
 
     pub fn with_ubus(mut self, ubus: Arc<dyn Ubus>) -> Self {
         self.ubus = ubus;
+        self
+    }
+
+    pub fn with_scanner(mut self, scanner: crate::scan::Scanner) -> Self {
+        self.scanner = Some(Arc::new(scanner));
         self
     }
 

@@ -12,6 +12,7 @@ pub mod identity;
 pub mod link;
 pub mod policy;
 pub mod report;
+pub mod scan;
 pub mod settings;
 pub mod sim;
 pub mod store;
@@ -36,6 +37,7 @@ use crate::backoff::BackoffConfig;
 use crate::dial::RelayAddr;
 use crate::identity::Identity;
 use crate::system::files::{Files, RealFiles};
+use crate::system::ubus::{RealUbus, Ubus};
 
 /// Everything `run` needs besides the stored identity.
 #[derive(Debug, Clone)]
@@ -69,6 +71,9 @@ pub struct RunConfig {
     /// The `nft` and `tc` programs (name or path).
     pub nft: String,
     pub tc: String,
+    /// The `ip` program (neighbour table) and the `ubus` CLI.
+    pub ip: String,
+    pub ubus: String,
 }
 
 impl Default for RunConfig {
@@ -92,6 +97,8 @@ impl Default for RunConfig {
             check_interval: Duration::from_secs(60),
             nft: "nft".into(),
             tc: "tc".into(),
+            ip: "ip".into(),
+            ubus: "ubus".into(),
         }
     }
 }
@@ -154,10 +161,38 @@ pub async fn run(
     let Some(starts) = open_state(&config, &mut shutdown).await else {
         return Ok(());
     };
-    let engine = policy_engine(&config, mode, files.clone())?;
+    let (lan_if, wan_if) = policy::interfaces::resolve(
+        files.as_ref(),
+        config.lan_if.as_deref(),
+        config.wan_if.as_deref(),
+    );
+    let (ubus, neighbours): (Arc<dyn Ubus>, _) = match mode {
+        Mode::Real => (
+            Arc::new(RealUbus {
+                program: config.ubus.clone(),
+                ..Default::default()
+            }),
+            scan::NeighbourSource::Ip {
+                program: config.ip.clone(),
+            },
+        ),
+        Mode::Simulated => (
+            Arc::new(sim::SimRouter::ubus()),
+            scan::NeighbourSource::ProcArp,
+        ),
+    };
+    let scanner = scan::Scanner::new(
+        files.clone(),
+        ubus.clone(),
+        neighbours,
+        Some(wan_if.clone()),
+    );
+    let engine = policy_engine(&config, mode, files.clone(), lan_if, wan_if)?;
     let app = Arc::new(
         App::new(mode, identity.router_id.clone(), files)
             .with_starts(starts)
+            .with_ubus(ubus)
+            .with_scanner(scanner)
             .with_policy(engine),
     );
     serve(app, &identity, &config, on_ready, shutdown).await
@@ -168,6 +203,8 @@ fn policy_engine(
     config: &RunConfig,
     mode: Mode,
     files: Arc<dyn Files>,
+    lan: String,
+    wan: String,
 ) -> anyhow::Result<Arc<policy::engine::Engine>> {
     use system::{nft, tc};
     let (nft, tc): (Arc<dyn nft::Firewall>, Arc<dyn tc::Shaper>) = match mode {
@@ -186,11 +223,6 @@ fn policy_engine(
             Arc::new(tc::FakeTc::default()),
         ),
     };
-    let (lan, wan) = policy::interfaces::resolve(
-        files.as_ref(),
-        config.lan_if.as_deref(),
-        config.wan_if.as_deref(),
-    );
     let engine_config = policy::engine::EngineConfig {
         lan_if: lan,
         wan_if: wan,

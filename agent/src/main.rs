@@ -20,7 +20,7 @@ usage: netpilot-agent enroll --relay URL --token TOKEN [--ca FILE | --fingerprin
                           [--backoff-base DUR] [--backoff-cap DUR] [--healthy-after DUR]
                           [--start-delay-max DUR] [--lan-if IF] [--wan-if IF]
                           [--timezone POSIX-TZ] [--check-interval DUR]
-                          [--nft PROGRAM] [--tc PROGRAM]
+                          [--nft PROGRAM] [--tc PROGRAM] [--ip PROGRAM] [--ubus PROGRAM]
        netpilot-agent cleanup [--lan-if IF] [--wan-if IF]
        netpilot-agent --version
 
@@ -96,6 +96,8 @@ fn real_main() -> anyhow::Result<()> {
             Long("check-interval") => run.check_interval = duration(&mut args, "check-interval")?,
             Long("nft") => run.nft = args.value()?.string()?,
             Long("tc") => run.tc = args.value()?.string()?,
+            Long("ip") => run.ip = args.value()?.string()?,
+            Long("ubus") => run.ubus = args.value()?.string()?,
             Long("start-delay-max") => start_delay = Some(duration(&mut args, "start-delay-max")?),
             Value(v) if command.is_none() => command = Some(v.string()?),
             _ => bail!("{}\n\n{USAGE}", arg.unexpected()),

@@ -7,6 +7,7 @@ use std::io;
 use std::time::Instant;
 
 use crate::system::files::Files;
+use crate::system::ubus::FakeUbus;
 
 /// One simulated LAN device.
 #[derive(Debug, Clone)]
@@ -108,7 +109,42 @@ impl Default for SimRouter {
     }
 }
 
+/// The simulated radios' access-point interfaces as hostapd names them, with their
+/// frequency (MHz): radio0 is 2.4 GHz channel 1, radio1 5 GHz channel 36.
+pub const SIM_APS: &[(&str, &str, u64)] =
+    &[("radio0", "phy0-ap0", 2412), ("radio1", "phy1-ap0", 5180)];
+
 impl SimRouter {
+    /// The simulated router's ubus: hostapd per access point, listing the wireless
+    /// devices of [`DEVICES`] as its stations (signal and connected time vary by
+    /// device so the answer looks like a real home).
+    pub fn ubus() -> FakeUbus {
+        let ubus = FakeUbus::default();
+        for (i, (radio, ifname, freq)) in SIM_APS.iter().enumerate() {
+            let mut clients = serde_json::Map::new();
+            for (n, d) in DEVICES
+                .iter()
+                .enumerate()
+                .filter(|(_, d)| d.radio == Some(radio))
+            {
+                clients.insert(
+                    d.mac.to_owned(),
+                    serde_json::json!({
+                        "auth": true, "assoc": true, "authorized": true,
+                        "signal": -42 - 9 * n as i64 - 4 * i as i64,
+                        "connected_time": 600 + 1800 * n as u64,
+                    }),
+                );
+            }
+            ubus.answer(
+                &format!("hostapd.{ifname}"),
+                "get_clients",
+                serde_json::json!({"freq": freq, "clients": clients}),
+            );
+        }
+        ubus
+    }
+
     fn uptime(&self) -> f64 {
         self.uptime_offset as f64 + self.booted.elapsed().as_secs_f64()
     }

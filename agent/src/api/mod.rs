@@ -158,6 +158,21 @@ async fn dispatch(app: &Arc<App>, req: Request<Incoming>) -> Result<Reply, Agent
                 .map_err(|e| AgentError::Internal(e.to_string()))?;
             Reply::ok(info)
         }
+        "/api/scan" => {
+            let scanner = app
+                .scanner
+                .clone()
+                .ok_or(AgentError::NotImplemented("/api/scan"))?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let gathered = scanner.gather().await;
+            let out = match &app.policy {
+                Some(engine) => engine.read(|d| scanner.finish(gathered, d, now)).await,
+                None => scanner.finish(gathered, &crate::policy::ops::initial(), now),
+            };
+            Reply::ok(out)
+        }
         pattern if policy_route(pattern) => {
             let engine = app
                 .policy

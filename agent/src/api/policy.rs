@@ -390,9 +390,12 @@ async fn list_change(
     })
 }
 
+/// The reason given when a non-empty whitelist does not name a target.
+pub(crate) const NOT_WHITELISTED: &str = "not on the whitelist";
+
 /// Why a target is kept from the internet (block list, blacklist, its group, or a
 /// whitelist that does not name it); empty when it is not.
-fn blocked_reasons(d: &Desired, t: &Target) -> Vec<String> {
+pub(crate) fn blocked_reasons(d: &Desired, t: &Target) -> Vec<String> {
     let mut why = Vec::new();
     let on = |k: ListKind| d.lists.get(&k).is_some_and(|l| l.contains(t));
     if on(ListKind::Block) {
@@ -404,7 +407,7 @@ fn blocked_reasons(d: &Desired, t: &Target) -> Vec<String> {
     let whitelist = d.lists.get(&ListKind::White).filter(|l| !l.is_empty());
     if let Some(w) = whitelist {
         if !w.contains(t) {
-            why.push("not on the whitelist".to_owned());
+            why.push(NOT_WHITELISTED.to_owned());
         }
     }
     if let Target::Mac(m) = t {

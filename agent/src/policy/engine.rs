@@ -209,6 +209,12 @@ impl Engine {
         self.inner.lock().await.desired.clone()
     }
 
+    /// Looks at the desired state without copying it (12,500 devices would be a
+    /// large copy for a handler that needs one group or a few devices).
+    pub async fn read<R>(&self, f: impl FnOnce(&Desired) -> R) -> R {
+        f(&self.inner.lock().await.desired)
+    }
+
     fn zone(&self) -> Zone {
         tz::router_zone(self.files.as_ref(), self.config.timezone.as_deref()).unwrap_or_else(|e| {
             tracing::warn!(error = %e, "cannot read the router's time zone; using UTC");

@@ -199,6 +199,10 @@ async fn main() -> anyhow::Result<()> {
             .await?,
         "GET /api/infrastructure/status",
     );
+    show(
+        c.get(&q("/api/scan", &sid, &router_id)).await?,
+        "GET /api/scan   (leases, neighbours and Wi-Fi clients, with their groups)",
+    );
 
     section("5. Isolation: another user's session cannot reach this router");
     let other = uuid::Uuid::new_v4().to_string();

@@ -1,0 +1,416 @@
+//! Device discovery (`GET /api/scan`): who is on the network, merged by MAC from
+//! dnsmasq's leases, the kernel's neighbour table and hostapd's client lists, with
+//! each device's group and blocked state from the policy engine. The merge is pure
+//! ([`merge`]); [`Scanner`] gathers the sources and remembers when each device was
+//! last seen. A missing source degrades the answer, which says which sources it had.
+
+pub mod parse;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::policy::model::{Desired, GroupId, Mac, Target};
+use crate::system::files::Files;
+use crate::system::process;
+use crate::system::ubus::Ubus;
+use parse::{Lease, Neighbour, Station};
+
+pub const LEASES_PATH: &str = "/tmp/dhcp.leases";
+pub const ARP_PATH: &str = "/proc/net/arp";
+
+/// How a source fared in one scan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "state", content = "detail")]
+pub enum SourceState {
+    Ok,
+    /// Not present on this router (no hostapd, no lease file): not an error.
+    Missing,
+    /// Present but unreadable; the detail says why.
+    Error(String),
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SourcesOut {
+    pub leases: SourceState,
+    pub neighbours: SourceState,
+    pub wireless: SourceState,
+}
+
+/// One access-point interface's stations, as hostapd reports them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WirelessIf {
+    pub ifname: String,
+    pub band: Option<&'static str>,
+    pub stations: Vec<Station>,
+}
+
+/// Everything a merge needs, gathered by the shell.
+#[derive(Debug, Default)]
+pub struct Inputs {
+    pub leases: Vec<Lease>,
+    pub neighbours: Vec<Neighbour>,
+    pub wireless: Vec<WirelessIf>,
+    /// Whether hostapd could be asked at all: without it, "wired" is unknowable.
+    pub wireless_known: bool,
+    /// Neighbours on these devices are not LAN devices (the upstream gateway).
+    pub exclude_devs: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct WirelessOut {
+    pub ifname: String,
+    pub band: Option<&'static str>,
+    pub signal_dbm: Option<i64>,
+    pub connected_s: Option<u64>,
+    pub authorized: bool,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct GroupRef {
+    pub id: GroupId,
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct DeviceOut {
+    pub mac: String,
+    /// The first IPv4 address, for clients that show one address.
+    pub ip: Option<IpAddr>,
+    /// Every address seen for the device (leases and neighbours), IPv4 first.
+    pub ips: Vec<IpAddr>,
+    pub hostname: Option<String>,
+    /// Where the router sees it: the hostapd interface, else the neighbour's device.
+    pub interface: Option<String>,
+    /// `wireless`, `wired`, or `unknown` when hostapd could not be asked.
+    pub connection: &'static str,
+    pub wireless: Option<WirelessOut>,
+    pub online: bool,
+    /// Unix seconds the agent last saw it online (`None`: not since the agent started).
+    pub last_seen: Option<u64>,
+    /// The DHCP lease's end (Unix seconds; 0 is an infinite lease).
+    pub lease_expires: Option<u64>,
+    /// The device's group; unknown devices are guests (group 0).
+    pub group: GroupRef,
+    pub blocked: bool,
+    /// Why it is kept from the internet (block list, blacklist, group, whitelist).
+    pub blocked_by: Vec<String>,
+}
+
+/// The policy's view of one device, given its MAC and addresses.
+pub struct PolicyFacts {
+    pub group: GroupRef,
+    pub blocked_by: Vec<String>,
+}
+
+/// Merges the sources by MAC. `seen` holds when each device was last online and is
+/// updated with this scan (`now`, Unix seconds). Devices come out sorted: online
+/// first, then by MAC, so repeated scans list them in a stable order.
+pub fn merge(
+    inputs: &Inputs,
+    now: u64,
+    seen: &mut HashMap<Mac, u64>,
+    policy: &dyn Fn(&Mac, &[IpAddr]) -> PolicyFacts,
+) -> Vec<DeviceOut> {
+    #[derive(Default)]
+    struct Acc<'a> {
+        ips: Vec<IpAddr>,
+        lease: Option<&'a Lease>,
+        neighbour_dev: Option<&'a str>,
+        fresh: bool,
+        station: Option<(&'a WirelessIf, &'a Station)>,
+    }
+    let mut by_mac: BTreeMap<Mac, Acc> = BTreeMap::new();
+    for l in &inputs.leases {
+        let a = by_mac.entry(l.mac).or_default();
+        push_ip(&mut a.ips, l.ip);
+        a.lease = Some(l);
+    }
+    for n in inputs
+        .neighbours
+        .iter()
+        .filter(|n| !inputs.exclude_devs.contains(&n.dev))
+    {
+        let a = by_mac.entry(n.mac).or_default();
+        push_ip(&mut a.ips, n.ip);
+        a.neighbour_dev.get_or_insert(&n.dev);
+        a.fresh |= n.is_fresh();
+    }
+    for w in &inputs.wireless {
+        for s in &w.stations {
+            by_mac.entry(s.mac).or_default().station = Some((w, s));
+        }
+    }
+    let mut out: Vec<DeviceOut> = by_mac
+        .into_iter()
+        .map(|(mac, mut a)| {
+            let online = a.fresh || a.station.is_some();
+            if online {
+                seen.insert(mac, now);
+            }
+            // IPv4 first, each family in address order: stable for the web app.
+            a.ips.sort_by_key(|ip| (ip.is_ipv6(), *ip));
+            let facts = policy(&mac, &a.ips);
+            DeviceOut {
+                mac: mac.to_string(),
+                ip: a.ips.iter().find(|ip| ip.is_ipv4()).copied(),
+                hostname: a.lease.and_then(|l| l.hostname.clone()),
+                interface: a
+                    .station
+                    .map(|(w, _)| w.ifname.clone())
+                    .or_else(|| a.neighbour_dev.map(str::to_owned)),
+                connection: match (a.station.is_some(), inputs.wireless_known) {
+                    (true, _) => "wireless",
+                    (false, true) => "wired",
+                    (false, false) => "unknown",
+                },
+                wireless: a.station.map(|(w, s)| WirelessOut {
+                    ifname: w.ifname.clone(),
+                    band: w.band,
+                    signal_dbm: s.signal,
+                    connected_s: s.connected_time,
+                    authorized: s.authorized,
+                }),
+                online,
+                last_seen: seen.get(&mac).copied(),
+                lease_expires: a.lease.map(|l| l.expiry),
+                blocked: !facts.blocked_by.is_empty(),
+                blocked_by: facts.blocked_by,
+                group: facts.group,
+                ips: a.ips,
+            }
+        })
+        .collect();
+    out.sort_by(|a, b| b.online.cmp(&a.online).then_with(|| a.mac.cmp(&b.mac)));
+    out
+}
+
+fn push_ip(ips: &mut Vec<IpAddr>, ip: IpAddr) {
+    if !ips.contains(&ip) {
+        ips.push(ip);
+    }
+}
+
+/// The policy facts of a device from the engine's desired state.
+pub fn policy_facts(d: &Desired, mac: &Mac, ips: &[IpAddr]) -> PolicyFacts {
+    let group = d
+        .groups
+        .values()
+        .find(|g| g.id != 0 && g.devices.iter().any(|x| x.mac == *mac))
+        .or_else(|| d.groups.get(&0));
+    let group = GroupRef {
+        id: group.map_or(0, |g| g.id),
+        name: group.map_or_else(|| "Guests".to_owned(), |g| g.name.clone()),
+    };
+    let mut blocked_by = crate::api::policy::blocked_reasons(d, &Target::Mac(*mac));
+    for ip in ips {
+        for why in crate::api::policy::blocked_reasons(d, &Target::Ip(*ip)) {
+            // The whitelist reason and group reasons repeat per address: keep one.
+            if !blocked_by.contains(&why) {
+                blocked_by.push(why);
+            }
+        }
+    }
+    // A device on the whitelist by MAC is not "not on the whitelist" by address.
+    let listed = |t: Target| {
+        d.lists
+            .get(&crate::policy::model::ListKind::White)
+            .is_some_and(|l| l.contains(&t))
+    };
+    if listed(Target::Mac(*mac)) || ips.iter().any(|ip| listed(Target::Ip(*ip))) {
+        blocked_by.retain(|w| w != crate::api::policy::NOT_WHITELISTED);
+    }
+    PolicyFacts { group, blocked_by }
+}
+
+/// Where the neighbour table comes from.
+pub enum NeighbourSource {
+    /// `ip -j neigh show` (IPv4 and IPv6), falling back to `/proc/net/arp` when the
+    /// program is missing or has no JSON output (a minimal `ip`).
+    Ip { program: String },
+    /// Only `/proc/net/arp` through the files seam (the simulated router).
+    ProcArp,
+}
+
+/// The sources as one scan read them.
+pub struct Gathered {
+    inputs: Inputs,
+    sources: SourcesOut,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ScanOut {
+    pub timestamp: u64,
+    pub total: usize,
+    pub online: usize,
+    pub devices: Vec<DeviceOut>,
+    pub sources: SourcesOut,
+}
+
+/// The shell around [`merge`]: reads each source with a timeout, never failing the
+/// scan for one source.
+pub struct Scanner {
+    pub files: Arc<dyn Files>,
+    pub ubus: Arc<dyn Ubus>,
+    pub neighbours: NeighbourSource,
+    /// The WAN device, whose neighbours are upstream, not LAN devices.
+    pub wan_if: Option<String>,
+    pub timeout: Duration,
+    seen: Mutex<HashMap<Mac, u64>>,
+}
+
+impl Scanner {
+    pub fn new(
+        files: Arc<dyn Files>,
+        ubus: Arc<dyn Ubus>,
+        neighbours: NeighbourSource,
+        wan_if: Option<String>,
+    ) -> Scanner {
+        Scanner {
+            files,
+            ubus,
+            neighbours,
+            wan_if,
+            timeout: Duration::from_secs(5),
+            seen: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Reads every source. Separate from [`Scanner::finish`] so the policy state is
+    /// only borrowed for the (synchronous) merge, never across the source reads.
+    pub async fn gather(&self) -> Gathered {
+        let (leases, leases_state) = self.leases();
+        let (neighbours, neighbours_state) = self.neighbours().await;
+        let (wireless, wireless_state) = self.wireless().await;
+        Gathered {
+            inputs: Inputs {
+                leases,
+                neighbours,
+                wireless,
+                wireless_known: wireless_state != SourceState::Missing,
+                exclude_devs: self.wan_if.iter().cloned().chain(["lo".into()]).collect(),
+            },
+            sources: SourcesOut {
+                leases: leases_state,
+                neighbours: neighbours_state,
+                wireless: wireless_state,
+            },
+        }
+    }
+
+    /// Merges what [`Scanner::gather`] read with the policy and this scan's time.
+    pub fn finish(&self, g: Gathered, desired: &Desired, now: u64) -> ScanOut {
+        let devices = {
+            let mut seen = self.seen.lock().expect("seen lock");
+            merge(&g.inputs, now, &mut seen, &|mac, ips| {
+                policy_facts(desired, mac, ips)
+            })
+        };
+        ScanOut {
+            timestamp: now,
+            total: devices.len(),
+            online: devices.iter().filter(|d| d.online).count(),
+            devices,
+            sources: g.sources,
+        }
+    }
+
+    /// [`Scanner::gather`] then [`Scanner::finish`].
+    pub async fn scan(&self, desired: &Desired, now: u64) -> ScanOut {
+        let g = self.gather().await;
+        self.finish(g, desired, now)
+    }
+
+    fn leases(&self) -> (Vec<Lease>, SourceState) {
+        match self.files.read_to_string(LEASES_PATH) {
+            Ok(text) => (parse::leases(&text), SourceState::Ok),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                (Vec::new(), SourceState::Missing)
+            }
+            Err(e) => (
+                Vec::new(),
+                SourceState::Error(format!("{LEASES_PATH}: {e}")),
+            ),
+        }
+    }
+
+    fn proc_arp(&self) -> (Vec<Neighbour>, SourceState) {
+        match self.files.read_to_string(ARP_PATH) {
+            Ok(text) => (parse::proc_arp(&text), SourceState::Ok),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                (Vec::new(), SourceState::Missing)
+            }
+            Err(e) => (Vec::new(), SourceState::Error(format!("{ARP_PATH}: {e}"))),
+        }
+    }
+
+    async fn neighbours(&self) -> (Vec<Neighbour>, SourceState) {
+        let NeighbourSource::Ip { program } = &self.neighbours else {
+            return self.proc_arp();
+        };
+        let argv = [program.as_str(), "-j", "neigh", "show"];
+        let failure = match process::run(&argv, None, self.timeout).await {
+            Ok(out) => match parse::ip_neigh_json(&out) {
+                Ok(n) => return (n, SourceState::Ok),
+                Err(e) => format!("`ip -j neigh` output: {e}"),
+            },
+            Err(e) => e.to_string(),
+        };
+        tracing::debug!(error = %failure, "no JSON neighbour table; reading {ARP_PATH}");
+        self.proc_arp()
+    }
+
+    async fn wireless(&self) -> (Vec<WirelessIf>, SourceState) {
+        let names = match self.ubus.list("hostapd.*").await {
+            Ok(names) => names,
+            Err(e) => return (Vec::new(), ubus_state(e)),
+        };
+        if names.is_empty() {
+            return (Vec::new(), SourceState::Missing);
+        }
+        let mut out = Vec::new();
+        let mut errors = Vec::new();
+        for object in names {
+            let ifname = object.trim_start_matches("hostapd.").to_owned();
+            match self
+                .ubus
+                .call(&object, "get_clients", &Value::Object(Default::default()))
+                .await
+            {
+                Ok(v) => {
+                    let (freq, stations) = parse::hostapd_clients(&v);
+                    out.push(WirelessIf {
+                        ifname,
+                        band: freq.and_then(parse::band_of),
+                        stations,
+                    });
+                }
+                // An interface that went away between list and call has no clients.
+                Err(crate::system::ubus::UbusError::NotFound(_)) => {}
+                Err(e) => errors.push(format!("{object}: {e}")),
+            }
+        }
+        let state = if errors.is_empty() {
+            SourceState::Ok
+        } else {
+            SourceState::Error(errors.join("; "))
+        };
+        (out, state)
+    }
+}
+
+fn ubus_state(e: crate::system::ubus::UbusError) -> SourceState {
+    use crate::system::ubus::UbusError;
+    match e {
+        UbusError::NotFound(_) => SourceState::Missing,
+        UbusError::Process(p) if p.is_not_found() => SourceState::Missing,
+        other => SourceState::Error(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests;

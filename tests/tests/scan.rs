@@ -1,0 +1,151 @@
+//! Device discovery (`GET /api/scan`) end to end: through the relay against the
+//! simulated router (leases, neighbours and hostapd stations merged, with the group
+//! and blocked state of the policy), and in network namespaces with the real kernel
+//! neighbour table read by the real `ip`, a lease file, and no hostapd at all.
+
+use netpilot_tests::lab::{self, Lab, C1_IP, C1_MAC, C2_MAC, LAN_IF, WAN_IF};
+use netpilot_tests::{q, relay_with_agent, start_session, Agent, Relay, RelayOptions};
+use serde_json::{json, Value};
+
+fn device<'a>(scan: &'a Value, mac: &str) -> &'a Value {
+    scan["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["mac"] == mac)
+        .unwrap_or_else(|| panic!("{mac} not in {scan}"))
+}
+
+#[tokio::test]
+async fn the_simulated_router_lists_its_devices_with_wireless_details_and_policy_state() {
+    let (relay, router, _agent) = relay_with_agent("", &["--simulate"]).await.unwrap();
+    let c = relay.client().await.unwrap();
+    let sid = start_session(&c, "alice", &router.router_id).await.unwrap();
+    let rid = &router.router_id;
+
+    let r = c
+        .post(
+            "/api/groups/sync",
+            json!({"sessionId": sid, "routerId": rid, "group": {"id": 4, "name": "Kids",
+                "devices": [{"mac": "02-00-00-00-01-03"}], "policy": {"internet": "block"}}}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = c
+        .post(
+            "/api/block",
+            json!({"sessionId": sid, "routerId": rid, "ip": "192.168.1.105"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+
+    let r = c.get(&q("/api/scan", &sid, rid)).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let scan = &r.body["data"];
+    assert_eq!(scan["total"], 5, "{scan}");
+    assert_eq!(scan["sources"]["leases"]["state"], "ok");
+    assert_eq!(scan["sources"]["wireless"]["state"], "ok");
+
+    let alice = device(scan, "02:00:00:00:01:01");
+    assert_eq!(alice["hostname"], "alice-laptop");
+    assert_eq!(alice["ip"], "192.168.1.101");
+    assert_eq!(alice["connection"], "wireless");
+    assert_eq!(alice["wireless"]["band"], "5g");
+    assert_eq!(alice["interface"], "phy1-ap0");
+    assert!(alice["wireless"]["signal_dbm"].as_i64().unwrap() < 0);
+    assert_eq!(alice["online"], true);
+    assert!(alice["last_seen"].as_u64().unwrap() > 1_700_000_000);
+    assert_eq!(alice["group"], json!({"id": 0, "name": "Guests"}));
+    assert_eq!(alice["blocked"], false);
+
+    let tablet = device(scan, "02:00:00:00:01:03");
+    assert_eq!(tablet["group"], json!({"id": 4, "name": "Kids"}));
+    assert_eq!(tablet["blocked"], true);
+    assert_eq!(tablet["blocked_by"], json!(["group 4"]));
+    assert_eq!(tablet["wireless"]["band"], "2g");
+
+    let printer = device(scan, "02:00:00:00:01:05");
+    assert_eq!(printer["connection"], "wired");
+    assert_eq!(printer["blocked_by"], json!(["block"]));
+}
+
+#[tokio::test]
+async fn real_neighbours_and_a_lease_file_without_hostapd() {
+    let lab = Lab::new().unwrap();
+    let relay = Relay::start(RelayOptions {
+        config: String::new(),
+    })
+    .await
+    .unwrap();
+    let router = relay.enrolled_router("alice").await.unwrap();
+    // The router's files under a root of the test's: a lease file for c1, c2 and a
+    // device that is not on the network now.
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(root.path().join("tmp")).unwrap();
+    std::fs::write(
+        root.path().join("tmp/dhcp.leases"),
+        format!(
+            "1900000000 {C1_MAC} {C1_IP} c1-laptop *\n\
+             1900000000 {C2_MAC} {} c2-phone *\n\
+             1900000000 02:4e:50:00:00:99 192.168.77.99 gone *\n",
+            lab::C2_IP
+        ),
+    )
+    .unwrap();
+    let root_arg = root.path().to_str().unwrap().to_owned();
+    let agent = Agent::start_in(
+        &lab.router,
+        &router,
+        &[
+            "--lan-if",
+            LAN_IF,
+            "--wan-if",
+            WAN_IF,
+            "--api-listen",
+            "127.0.0.1:0",
+            "--root",
+            &root_arg,
+            "--ubus",
+            "netpilot-no-such-ubus",
+        ],
+    )
+    .await
+    .unwrap();
+    let api = agent.api_addr.unwrap();
+    // c1 talks to the router, so the kernel resolves its address (a real
+    // neighbour entry); the router talks to the WAN host, whose entry is upstream.
+    let on_router = lab.listen(&lab.router, lab::ROUTER_LAN).unwrap();
+    assert_eq!(lab.probe(&lab.c1, on_router), lab::Probe::Open);
+    let wan = lab.listen(&lab.wan, lab::WAN_HOST).unwrap();
+    assert_eq!(lab.probe(&lab.router, wan), lab::Probe::Open);
+
+    let (status, body) = lab.api(api, "GET", "/api/scan", None).unwrap();
+    assert_eq!(status, 200, "{body}");
+    let scan = &body["data"];
+    assert_eq!(scan["sources"]["neighbours"]["state"], "ok", "{scan}");
+    assert_eq!(scan["sources"]["wireless"]["state"], "missing");
+    let c1 = device(scan, C1_MAC);
+    assert_eq!(c1["online"], true, "{c1}");
+    assert_eq!(c1["hostname"], "c1-laptop");
+    assert_eq!(c1["interface"], LAN_IF);
+    assert_eq!(
+        c1["connection"], "unknown",
+        "no hostapd: wired or not is unknown"
+    );
+    let gone = device(scan, "02:4e:50:00:00:99");
+    assert_eq!(gone["online"], false);
+    assert_eq!(gone["last_seen"], Value::Null);
+    // The WAN host's MAC (learnt on wan0) is not a LAN device.
+    let macs: Vec<&str> = scan["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["mac"].as_str().unwrap())
+        .collect();
+    let wan_mac = lab
+        .exec(&lab.wan, &["cat", "/sys/class/net/eth0/address"])
+        .unwrap();
+    assert!(!macs.contains(&wan_mac.trim()), "{macs:?}");
+}
