@@ -48,6 +48,14 @@
 # * Release profile as in the workspace Cargo.toml (opt-level z, fat LTO, one codegen
 #   unit, panic=abort, strip). `-Cpanic=immediate-abort` would save about 5% more,
 #   but a panic would then die without a word, so we do not use it.
+# * No unwind tables (`-C force-unwind-tables=no`): with panic=abort nothing ever
+#   unwinds and std (below) has no backtrace to print, yet the tables were 218 KB of
+#   a mipsel binary (.eh_frame 172 KB, .eh_frame_hdr 46 KB). Panic messages and
+#   their file:line still print.
+# * On mips the segments are aligned to 4 KiB instead of the ABI's default 64 KiB
+#   (`-z max-page-size=4096`): OpenWrt's MIPS kernels use 4 KiB pages, and the
+#   64 KiB alignment padded the file by up to 64 KiB (16 KB at the time), which is
+#   also why mips sizes used to move in 64 KiB steps.
 # * std is built without its default `backtrace` feature (STD_FEATURES below): that
 #   drops the symbolizer (gimli, addr2line, object, miniz; about 200 KB on mips), which
 #   could only print `<unknown>` in our stripped binaries. Panic messages and their
@@ -389,6 +397,17 @@ require_setup() {
     fi
 }
 
+# Size levers for target $1 (see the header): no unwind tables (panic=abort never
+# unwinds, and std has no backtrace to print), and on mips 4 KiB segment alignment
+# instead of 64 KiB (OpenWrt's MIPS kernels use 4 KiB pages).
+size_rustflags() {
+    local flags="-C force-unwind-tables=no"
+    if [[ $1 == mips* ]]; then
+        flags+=" -C link-arg=-Wl,-z,max-page-size=4096 -C link-arg=-Wl,-z,common-page-size=4096"
+    fi
+    printf '%s' "$flags"
+}
+
 # Print the env assignments (NAME=value, one per line) that build target $1.
 target_env() {
     local t=$1 dir var
@@ -396,7 +415,7 @@ target_env() {
     var=$(printf '%s' "$t" | tr 'a-z-' 'A-Z_')
     printf '%s\n' \
         "CARGO_TARGET_${var}_LINKER=${GNU[$t]}-gcc" \
-        "CARGO_TARGET_${var}_RUSTFLAGS=-C target-feature=+crt-static -L native=$dir/musl/lib -L native=$(gcc_lib_dir "$t") -L native=$dir/unwind ${NETPILOT_CROSS_RUSTFLAGS:-}" \
+        "CARGO_TARGET_${var}_RUSTFLAGS=-C target-feature=+crt-static -L native=$dir/musl/lib -L native=$(gcc_lib_dir "$t") -L native=$dir/unwind $(size_rustflags "$t") ${NETPILOT_CROSS_RUSTFLAGS:-}" \
         "CC_${t//-/_}=$dir/bin/cc" \
         "AR_${t//-/_}=${GNU[$t]}-ar"
 }
