@@ -42,6 +42,8 @@ pub struct App {
     pub starts: u64,
     /// The policy engine; `None` only in tests of other parts.
     pub policy: Option<Arc<crate::policy::engine::Engine>>,
+    /// The Wi-Fi service; `None` only in tests of other parts.
+    pub wifi: Option<Arc<crate::wifi::WifiService>>,
 }
 
 impl App {
@@ -55,11 +57,17 @@ impl App {
             link: Mutex::new(LinkState::default()),
             starts: 0,
             policy: None,
+            wifi: None,
         }
     }
 
     pub fn with_policy(mut self, engine: Arc<crate::policy::engine::Engine>) -> Self {
         self.policy = Some(engine);
+        self
+    }
+
+    pub fn with_wifi(mut self, wifi: Arc<crate::wifi::WifiService>) -> Self {
+        self.wifi = Some(wifi);
         self
     }
 

@@ -18,6 +18,7 @@ pub mod store;
 pub mod system;
 pub mod tls;
 pub mod uci;
+pub mod wifi;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -4,6 +4,7 @@
 
 mod health;
 pub mod policy;
+pub mod wifi;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -49,6 +50,12 @@ pub enum AgentError {
     /// The kernel did not take a policy change; the previous state is in force.
     #[error("{0}")]
     ApplyFailed(String),
+    /// A Wi-Fi change is still pending confirmation.
+    #[error("{0}")]
+    ChangePending(String),
+    /// The router's wireless configuration cannot be read (no uci, no radios).
+    #[error("{0}")]
+    WifiUnavailable(String),
     #[error("request body is larger than {0} bytes")]
     PayloadTooLarge(usize),
     /// Anything else; the detail is logged.
@@ -56,8 +63,11 @@ pub enum AgentError {
     Internal(String),
 }
 
-/// A policy change the kernel refused.
+/// A policy change the kernel refused, or a Wi-Fi change uci or `wifi` refused.
 pub const APPLY_FAILED: &str = "APPLY_FAILED";
+/// A Wi-Fi change while another waits for confirmation.
+pub const CHANGE_PENDING: &str = "CHANGE_PENDING";
+pub const WIFI_UNAVAILABLE: &str = "WIFI_UNAVAILABLE";
 /// Bodies larger than this are refused; 16,384 devices of JSON fit well inside.
 const MAX_BODY: usize = 4 * 1024 * 1024;
 
@@ -78,6 +88,8 @@ impl AgentError {
                 crate::policy::model::code::GROUP_NOT_FOUND,
             ),
             AgentError::ApplyFailed(_) => (StatusCode::INTERNAL_SERVER_ERROR, APPLY_FAILED),
+            AgentError::ChangePending(_) => (StatusCode::CONFLICT, CHANGE_PENDING),
+            AgentError::WifiUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, WIFI_UNAVAILABLE),
             AgentError::PayloadTooLarge(_) => {
                 (StatusCode::PAYLOAD_TOO_LARGE, code::PAYLOAD_TOO_LARGE)
             }
@@ -165,6 +177,14 @@ async fn dispatch(app: &Arc<App>, req: Request<Incoming>) -> Result<Reply, Agent
                 .ok_or(AgentError::NotImplemented(pattern))?;
             let call = call(route.route.method.as_str(), pattern, route.param("id"), req).await?;
             policy::handle(&engine, call).await
+        }
+        pattern if pattern.starts_with("/api/wifi/") => {
+            let service = app
+                .wifi
+                .clone()
+                .ok_or(AgentError::NotImplemented(pattern))?;
+            let call = call(route.route.method.as_str(), pattern, None, req).await?;
+            wifi::handle(&service, call).await
         }
         other => Err(AgentError::NotImplemented(other)),
     }
