@@ -4,6 +4,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
+use crate::report::{NoRelay, Reporter};
 use crate::system::files::Files;
 use crate::system::ubus::{RealUbus, Ubus};
 
@@ -42,6 +43,8 @@ pub struct App {
     pub starts: u64,
     /// The policy engine; `None` only in tests of other parts.
     pub policy: Option<Arc<crate::policy::engine::Engine>>,
+    /// Reports to the relay outside the link; [`NoRelay`] until one is given.
+    pub reporter: Arc<dyn Reporter>,
 }
 
 impl App {
@@ -55,11 +58,17 @@ impl App {
             link: Mutex::new(LinkState::default()),
             starts: 0,
             policy: None,
+            reporter: Arc::new(NoRelay),
         }
     }
 
     pub fn with_policy(mut self, engine: Arc<crate::policy::engine::Engine>) -> Self {
         self.policy = Some(engine);
+        self
+    }
+
+    pub fn with_reporter(mut self, reporter: Arc<dyn Reporter>) -> Self {
+        self.reporter = reporter;
         self
     }
 

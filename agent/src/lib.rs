@@ -155,12 +155,32 @@ pub async fn run(
         return Ok(());
     };
     let engine = policy_engine(&config, mode, files.clone())?;
+    let endpoint = relay_endpoint(&identity, &config)?;
+    let reporter = report::RelayReporter::new(endpoint.clone(), REPORT_TIMEOUT);
     let app = Arc::new(
         App::new(mode, identity.router_id.clone(), files)
             .with_starts(starts)
-            .with_policy(engine),
+            .with_policy(engine)
+            .with_reporter(Arc::new(reporter)),
     );
     serve(app, &identity, &config, on_ready, shutdown).await
+}
+
+/// A report's whole exchange (connect, TLS, request, answer) must fit in this.
+const REPORT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The relay and the router's credentials, for calls made outside the link.
+pub fn relay_endpoint(
+    identity: &Identity,
+    config: &RunConfig,
+) -> anyhow::Result<dial::RelayEndpoint> {
+    Ok(dial::RelayEndpoint::new(
+        RelayAddr::parse(&identity.relay_url)?,
+        tls::client_config(&identity.trust)?,
+        identity.router_id.clone(),
+        identity.router_secret.clone(),
+        config.connect_timeout,
+    ))
 }
 
 /// The policy engine over the real nft and tc, or in-memory ones when simulating.

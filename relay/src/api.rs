@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
-use netpilot_proto::link::{CONNECT_PATH, ENROLL_PATH, HEADER_REQUEST_ID};
+use netpilot_proto::link::{CONNECT_PATH, ENROLL_PATH, HEADER_REQUEST_ID, REPORT_PATH};
 use netpilot_proto::routes::{match_route, RouteError};
 use tracing::{field, Instrument};
 
@@ -15,7 +15,7 @@ use crate::error::ApiError;
 use crate::http::{self, Body, Ctx};
 use crate::metrics::Gauges;
 use crate::state::AppState;
-use crate::{admin, enroll, forward, link, session_api};
+use crate::{admin, enroll, forward, link, report, session_api};
 
 pub async fn handle(
     state: Arc<AppState>,
@@ -90,6 +90,10 @@ async fn dispatch(
         ENROLL_PATH => {
             only(&req, &[Method::POST])?;
             return enroll::enroll(state, req, peer, ctx).await;
+        }
+        REPORT_PATH => {
+            only(&req, &[Method::POST])?;
+            return report::report(state, req, ctx).await;
         }
         _ => {}
     }

@@ -12,6 +12,7 @@ pub mod link;
 pub mod links;
 pub mod metrics;
 pub mod ratelimit;
+pub mod report;
 pub mod server;
 pub mod session_api;
 pub mod sessions;

@@ -24,7 +24,13 @@ pub struct Metrics {
     pub link_connects: AtomicU64,
     pub link_rejects: AtomicU64,
     pub enrollments: AtomicU64,
+    /// Agent reports by (kind, state), label values already sanitised.
+    reports: Mutex<BTreeMap<(String, String), u64>>,
 }
+
+/// Distinct (kind, state) series kept for agent reports; later new pairs are counted
+/// as (`other`, `other`) so the scrape stays small whatever agents send.
+const MAX_REPORT_SERIES: usize = 64;
 
 /// Values read at scrape time from the live state.
 pub struct Gauges {
@@ -58,6 +64,20 @@ impl Metrics {
             .expect("metrics lock")
             .entry(code)
             .or_default() += 1;
+    }
+
+    pub fn record_report(&self, kind: &str, state: &str) {
+        let key = (
+            crate::report::label(kind).to_owned(),
+            crate::report::label(state).to_owned(),
+        );
+        let mut map = self.reports.lock().expect("metrics lock");
+        let key = if map.contains_key(&key) || map.len() < MAX_REPORT_SERIES {
+            key
+        } else {
+            ("other".to_owned(), "other".to_owned())
+        };
+        *map.entry(key).or_default() += 1;
     }
 
     pub fn render(&self, g: &Gauges) -> String {
@@ -99,6 +119,17 @@ impl Metrics {
             let _ = writeln!(
                 out,
                 "netpilot_forwarded_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP netpilot_agent_reports_total Reports received from agents, by kind and state."
+        );
+        let _ = writeln!(out, "# TYPE netpilot_agent_reports_total counter");
+        for ((kind, state), n) in self.reports.lock().expect("metrics lock").iter() {
+            let _ = writeln!(
+                out,
+                "netpilot_agent_reports_total{{kind=\"{kind}\",state=\"{state}\"}} {n}"
             );
         }
         let _ = writeln!(out, "# HELP netpilot_errors_total Error answers by code.");
@@ -160,5 +191,29 @@ mod tests {
         assert!(text.contains("netpilot_forward_duration_seconds_bucket{le=\"0.005\"} 2\n"));
         assert!(text.contains("netpilot_forward_duration_seconds_bucket{le=\"+Inf\"} 3\n"));
         assert!(text.contains("netpilot_forward_duration_seconds_count 3\n"));
+    }
+
+    #[test]
+    fn report_series_are_bounded() {
+        let m = Metrics::default();
+        m.record_report("wifi_change", "confirmed");
+        m.record_report("wifi_change", "confirmed");
+        m.record_report("Bad Kind", "x\"y");
+        for i in 0..200 {
+            m.record_report(&format!("k{i}"), "s");
+        }
+        let text = m.render(&Gauges {
+            connected_agents: 0,
+            sessions: 0,
+        });
+        assert!(text.contains(
+            "netpilot_agent_reports_total{kind=\"wifi_change\",state=\"confirmed\"} 2\n"
+        ));
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("netpilot_agent_reports_total{"))
+            .count();
+        assert!(series <= MAX_REPORT_SERIES + 1, "{series}");
+        assert!(!text.contains("Bad Kind"));
     }
 }
