@@ -45,6 +45,8 @@ pub struct App {
     pub policy: Option<Arc<crate::policy::engine::Engine>>,
     /// Reports to the relay outside the link; [`NoRelay`] until one is given.
     pub reporter: Arc<dyn Reporter>,
+    /// Measures the line against the relay; `None` (answering 501) without a relay.
+    pub speedtest: Option<Arc<crate::speedtest::SpeedTester>>,
 }
 
 impl App {
@@ -59,6 +61,7 @@ impl App {
             starts: 0,
             policy: None,
             reporter: Arc::new(NoRelay),
+            speedtest: None,
         }
     }
 
@@ -69,6 +72,11 @@ impl App {
 
     pub fn with_reporter(mut self, reporter: Arc<dyn Reporter>) -> Self {
         self.reporter = reporter;
+        self
+    }
+
+    pub fn with_speedtest(mut self, tester: Arc<crate::speedtest::SpeedTester>) -> Self {
+        self.speedtest = Some(tester);
         self
     }
 

@@ -78,7 +78,7 @@ impl RelayReporter {
 }
 
 /// `error.code: error.message` from an envelope, or the start of the raw body.
-fn error_message(body: &[u8]) -> String {
+pub(crate) fn error_message(body: &[u8]) -> String {
     #[derive(serde::Deserialize)]
     struct Env {
         error: Option<netpilot_proto::ErrorBody>,

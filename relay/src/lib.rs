@@ -16,6 +16,7 @@ pub mod report;
 pub mod server;
 pub mod session_api;
 pub mod sessions;
+pub mod speedtest;
 pub mod state;
 pub mod store;
 pub mod tls;

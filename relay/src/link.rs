@@ -63,7 +63,7 @@ pub fn connect(
         .status(StatusCode::SWITCHING_PROTOCOLS)
         .header(UPGRADE, UPGRADE_PROTOCOL)
         .header(CONNECTION, "upgrade")
-        .body(Full::new(Bytes::new()))
+        .body(http::full(Bytes::new()))
         .expect("static response parts"))
 }
 

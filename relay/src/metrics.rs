@@ -24,6 +24,9 @@ pub struct Metrics {
     pub link_connects: AtomicU64,
     pub link_rejects: AtomicU64,
     pub enrollments: AtomicU64,
+    /// Speed-test bytes served to agents and received from them.
+    pub speedtest_download_bytes: AtomicU64,
+    pub speedtest_upload_bytes: AtomicU64,
     /// Agent reports by (kind, state), label values already sanitised.
     reports: Mutex<BTreeMap<(String, String), u64>>,
 }
@@ -36,6 +39,7 @@ const MAX_REPORT_SERIES: usize = 64;
 pub struct Gauges {
     pub connected_agents: usize,
     pub sessions: usize,
+    pub speedtests: usize,
 }
 
 impl Metrics {
@@ -94,6 +98,27 @@ impl Metrics {
         );
         let _ = writeln!(out, "# TYPE netpilot_active_sessions gauge");
         let _ = writeln!(out, "netpilot_active_sessions {}", g.sessions);
+        let _ = writeln!(
+            out,
+            "# HELP netpilot_speedtest_active Speed-test transfers in progress."
+        );
+        let _ = writeln!(out, "# TYPE netpilot_speedtest_active gauge");
+        let _ = writeln!(out, "netpilot_speedtest_active {}", g.speedtests);
+        let _ = writeln!(
+            out,
+            "# HELP netpilot_speedtest_bytes_total Speed-test bytes moved, by direction as the router sees it."
+        );
+        let _ = writeln!(out, "# TYPE netpilot_speedtest_bytes_total counter");
+        let _ = writeln!(
+            out,
+            "netpilot_speedtest_bytes_total{{direction=\"download\"}} {}",
+            self.speedtest_download_bytes.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "netpilot_speedtest_bytes_total{{direction=\"upload\"}} {}",
+            self.speedtest_upload_bytes.load(Ordering::Relaxed)
+        );
         counter(
             &mut out,
             "netpilot_link_connects_total",
@@ -183,6 +208,7 @@ mod tests {
         let text = m.render(&Gauges {
             connected_agents: 2,
             sessions: 1,
+            speedtests: 0,
         });
         assert!(text.contains("netpilot_connected_agents 2\n"));
         assert!(text
@@ -205,6 +231,7 @@ mod tests {
         let text = m.render(&Gauges {
             connected_agents: 0,
             sessions: 0,
+            speedtests: 0,
         });
         assert!(text.contains(
             "netpilot_agent_reports_total{kind=\"wifi_change\",state=\"confirmed\"} 2\n"

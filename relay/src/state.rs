@@ -68,6 +68,8 @@ pub struct AppState {
     pub enroll_limiter: Mutex<RateLimiter>,
     /// The latest agent reports per router (`POST /agent/v1/report`).
     pub reports: Reports,
+    /// Speed-test transfers in progress (one per router, a global cap).
+    pub speedtests: crate::speedtest::Slots,
     pub fingerprint: String,
     pub clock: Arc<dyn Clock>,
 }
@@ -96,6 +98,7 @@ impl AppState {
             metrics: Metrics::default(),
             enroll_limiter: Mutex::new(limiter),
             reports: Reports::default(),
+            speedtests: Default::default(),
             fingerprint,
             clock,
         })

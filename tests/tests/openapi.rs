@@ -68,6 +68,11 @@ const AHEAD_OF_DOC: &[(&str, &str, &str, &str)] = &[(
     "recent_reports",
 )];
 
+/// Router operations whose agent feature has landed while the document still marks
+/// them `x-netpilot-implemented: false`: the agent answers 200. An entry the document
+/// has caught up with fails the test.
+const LANDED_AHEAD_OF_DOC: &[(&str, &str)] = &[("GET", "/api/speedtest")];
+
 const HTTP_METHODS: &[&str] = &[
     "get", "put", "post", "delete", "options", "head", "patch", "trace",
 ];
@@ -1369,7 +1374,14 @@ async fn server_answers_as_documented() -> anyhow::Result<()> {
         .collect();
     for (m, p) in &router_ops {
         let t = Target::new(&run, m, p, &[]);
-        let implemented = run.op(m, p).get(NOT_IMPLEMENTED_EXT) != Some(&Value::Bool(false));
+        let doc_implemented = run.op(m, p).get(NOT_IMPLEMENTED_EXT) != Some(&Value::Bool(false));
+        let landed = LANDED_AHEAD_OF_DOC.contains(&(m.as_str(), p.as_str()));
+        if doc_implemented && landed {
+            run.fail(format!(
+                "{m} {p} is documented as implemented now: remove it from LANDED_AHEAD_OF_DOC"
+            ));
+        }
+        let implemented = doc_implemented || landed;
         let r = t.call(&c, None).await?;
         run.expect(m, p, "no ids", &r, 400, Some("INVALID_PARAMETER"));
         let r = t.call(&anon, ids(&alice, &online)).await?;
