@@ -14,6 +14,7 @@ pub mod policy;
 pub mod report;
 pub mod settings;
 pub mod sim;
+pub mod speedtest;
 pub mod store;
 pub mod system;
 pub mod tls;
@@ -70,6 +71,8 @@ pub struct RunConfig {
     /// The `nft` and `tc` programs (name or path).
     pub nft: String,
     pub tc: String,
+    /// Per-direction bounds of `GET /api/speedtest`.
+    pub speedtest: speedtest::Limits,
 }
 
 impl Default for RunConfig {
@@ -93,6 +96,7 @@ impl Default for RunConfig {
             check_interval: Duration::from_secs(60),
             nft: "nft".into(),
             tc: "tc".into(),
+            speedtest: speedtest::Limits::default(),
         }
     }
 }
@@ -117,6 +121,7 @@ impl RunConfig {
         if self.check_interval < Duration::from_millis(100) {
             anyhow::bail!("check-interval must be at least 100ms");
         }
+        self.speedtest.validate().map_err(anyhow::Error::msg)?;
         if self.backoff.cap < self.backoff.base {
             anyhow::bail!("backoff-cap must not be shorter than backoff-base");
         }
@@ -156,12 +161,34 @@ pub async fn run(
         return Ok(());
     };
     let engine = policy_engine(&config, mode, files.clone())?;
+    let endpoint = relay_endpoint(&identity, &config)?;
+    let reporter = report::RelayReporter::new(endpoint.clone(), REPORT_TIMEOUT);
+    let tester = speedtest::SpeedTester::new(endpoint, config.speedtest.clone());
     let app = Arc::new(
         App::new(mode, identity.router_id.clone(), files)
             .with_starts(starts)
-            .with_policy(engine),
+            .with_policy(engine)
+            .with_reporter(Arc::new(reporter))
+            .with_speedtest(Arc::new(tester)),
     );
     serve(app, &identity, &config, on_ready, shutdown).await
+}
+
+/// A report's whole exchange (connect, TLS, request, answer) must fit in this.
+const REPORT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The relay and the router's credentials, for calls made outside the link.
+pub fn relay_endpoint(
+    identity: &Identity,
+    config: &RunConfig,
+) -> anyhow::Result<dial::RelayEndpoint> {
+    Ok(dial::RelayEndpoint::new(
+        RelayAddr::parse(&identity.relay_url)?,
+        tls::client_config(&identity.trust)?,
+        identity.router_id.clone(),
+        identity.router_secret.clone(),
+        config.connect_timeout,
+    ))
 }
 
 /// The policy engine over the real nft and tc, or in-memory ones when simulating.

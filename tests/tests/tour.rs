@@ -17,6 +17,7 @@ fn the_tour_runs_end_to_end() {
         "\"router_reachable\": true",
         "\"hostname\": \"netpilot-sim\"",
         "\"code\": \"NOT_IMPLEMENTED\"",
+        "\"method\": \"tls_connection\"",
         "\"code\": \"FORBIDDEN\"",
         "\"class\": \"1:102\"",
         "\"code\": \"INVALID_MAC\"",

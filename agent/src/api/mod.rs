@@ -58,9 +58,31 @@ pub enum AgentError {
     WifiUnavailable(String),
     #[error("request body is larger than {0} bytes")]
     PayloadTooLarge(usize),
+    /// A speed test is already running on this router.
+    #[error("a speed test is already running")]
+    SpeedtestRunning,
+    /// The relay serves its maximum of speed tests right now.
+    #[error("{0}")]
+    SpeedtestBusy(String),
+    /// The speed test could not be carried out against the relay.
+    #[error("{0}")]
+    SpeedtestFailed(String),
     /// Anything else; the detail is logged.
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+impl From<crate::speedtest::SpeedtestError> for AgentError {
+    fn from(e: crate::speedtest::SpeedtestError) -> Self {
+        use crate::speedtest::SpeedtestError as S;
+        match e {
+            S::Running => AgentError::SpeedtestRunning,
+            S::RelayBusy => AgentError::SpeedtestBusy(e.to_string()),
+            S::Unreachable(_) | S::Refused { .. } | S::Timeout(_) => {
+                AgentError::SpeedtestFailed(e.to_string())
+            }
+        }
+    }
 }
 
 /// A policy change the kernel refused, or a Wi-Fi change uci or `wifi` refused.
@@ -93,6 +115,10 @@ impl AgentError {
             AgentError::PayloadTooLarge(_) => {
                 (StatusCode::PAYLOAD_TOO_LARGE, code::PAYLOAD_TOO_LARGE)
             }
+            AgentError::SpeedtestRunning => (StatusCode::CONFLICT, code::SPEEDTEST_RUNNING),
+            AgentError::SpeedtestBusy(_) => (StatusCode::TOO_MANY_REQUESTS, code::SPEEDTEST_BUSY),
+            // The relay (the upstream of this measurement) failed us: a gateway error.
+            AgentError::SpeedtestFailed(_) => (StatusCode::BAD_GATEWAY, code::SPEEDTEST_FAILED),
             AgentError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, code::INTERNAL),
         }
     }
@@ -169,6 +195,15 @@ async fn dispatch(app: &Arc<App>, req: Request<Incoming>) -> Result<Reply, Agent
                 .await
                 .map_err(|e| AgentError::Internal(e.to_string()))?;
             Reply::ok(info)
+        }
+        "/api/speedtest" => {
+            let tester = app
+                .speedtest
+                .clone()
+                .ok_or(AgentError::NotImplemented("/api/speedtest"))?;
+            let args = crate::speedtest::parse_args(req.uri().query(), tester.limits())
+                .map_err(AgentError::InvalidParameter)?;
+            Reply::ok(tester.run(args).await?)
         }
         pattern if policy_route(pattern) => {
             let engine = app

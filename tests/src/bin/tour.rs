@@ -157,6 +157,11 @@ async fn main() -> anyhow::Result<()> {
         "GET /api/agent/health",
     );
     show(
+        c.get(&q("/api/speedtest?maxSeconds=2", &sid, &router_id))
+            .await?,
+        "GET /api/speedtest?maxSeconds=2   (measured against this relay on loopback)",
+    );
+    show(
         c.get(&q("/api/wifi/status", &sid, &router_id)).await?,
         "GET /api/wifi/status   (feature not built yet: the agent says so)",
     );
