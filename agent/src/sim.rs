@@ -7,6 +7,9 @@ use std::io;
 use std::time::Instant;
 
 use crate::system::files::Files;
+use crate::system::ubus::FakeUbus;
+use crate::system::uci::FakeUci;
+use crate::system::wifi::FakeWifi;
 
 /// One simulated LAN device.
 #[derive(Debug, Clone)]
@@ -155,6 +158,27 @@ impl Files for SimRouter {
     }
 }
 
+// ---- Wi-Fi -------------------------------------------------------------------
+// The simulated `uci` (seeded with WIRELESS), `wifi` and netifd/hostapd answers on
+// the simulated ubus, so `/api/wifi/*` runs its real code path.
+
+/// The simulated router's UCI and Wi-Fi control; registers `network.wireless` and
+/// the APs' `hostapd.<ifname>` objects on `ubus`, with the wireless DEVICES as
+/// their stations.
+pub fn wireless(ubus: &FakeUbus) -> (FakeUci, FakeWifi) {
+    let uci = FakeUci::with_package("wireless", WIRELESS);
+    let wifi = FakeWifi::new(uci.clone(), ubus.clone());
+    for radio in ["radio0", "radio1"] {
+        let macs: Vec<&str> = DEVICES
+            .iter()
+            .filter(|d| d.radio == Some(radio))
+            .map(|d| d.mac)
+            .collect();
+        wifi.set_clients(&format!("default_{radio}"), &macs);
+    }
+    (uci, wifi)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -172,5 +196,23 @@ mod tests {
         assert_eq!(leases.lines().count(), DEVICES.len());
         let wireless = sim.read_to_string("/etc/config/wireless").unwrap();
         assert_eq!(wireless.matches("config wifi-device").count(), 2);
+    }
+
+    #[tokio::test]
+    async fn simulated_wifi_answers_like_netifd_and_hostapd() {
+        use crate::system::ubus::Ubus;
+        let ubus = FakeUbus::default();
+        let (uci, _wifi) = wireless(&ubus);
+        assert_eq!(uci.committed("wireless").len(), 4);
+        let st = ubus
+            .call("network.wireless", "status", &serde_json::json!({}))
+            .await
+            .unwrap();
+        assert_eq!(st["radio1"]["interfaces"][0]["ifname"], "phy1-ap0");
+        let c = ubus
+            .call("hostapd.phy0-ap0", "get_clients", &serde_json::json!({}))
+            .await
+            .unwrap();
+        assert_eq!(c["clients"].as_object().unwrap().len(), 2);
     }
 }

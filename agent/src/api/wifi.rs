@@ -101,3 +101,81 @@ pub async fn handle(service: &WifiService, call: Call) -> Result<Reply, AgentErr
         (_, other) => Err(AgentError::NotFound(other.to_owned())),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn call(pattern: &'static str, args: Value) -> Call {
+        Call {
+            method: "POST",
+            pattern,
+            path_id: None,
+            args: args.as_object().cloned().unwrap_or_default(),
+            actor: Default::default(),
+        }
+    }
+
+    fn code_of(pattern: &'static str, args: Value) -> &'static str {
+        request(&call(pattern, args))
+            .unwrap_err()
+            .status_and_code()
+            .1
+    }
+
+    #[test]
+    fn arguments_are_validated_with_precise_codes() {
+        assert_eq!(code_of("/api/wifi/ssid", json!({})), "INVALID_SSID");
+        assert_eq!(
+            code_of("/api/wifi/ssid", json!({"ssid": "a\nb"})),
+            "INVALID_SSID"
+        );
+        assert_eq!(
+            code_of("/api/wifi/ssid", json!({"ssid": "x".repeat(33)})),
+            "INVALID_SSID"
+        );
+        assert_eq!(
+            code_of("/api/wifi/ssid", json!({"ssid": 5})),
+            "INVALID_PARAMETER"
+        );
+        assert_eq!(
+            code_of("/api/wifi/password", json!({"password": "seven77"})),
+            "INVALID_PASSWORD"
+        );
+        assert_eq!(
+            code_of("/api/wifi/password", json!({"password": "x".repeat(64)})),
+            "INVALID_PASSWORD"
+        );
+        assert_eq!(
+            code_of("/api/wifi/enable", json!({"radio": 0})),
+            "INVALID_PARAMETER"
+        );
+        // A password of the wrong type is not echoed back.
+        let e = request(&call(
+            "/api/wifi/password",
+            json!({"password": 1234567890123u64}),
+        ))
+        .unwrap_err();
+        assert!(!e.to_string().contains("1234567890123"), "{e}");
+        let ok = request(&call(
+            "/api/wifi/ssid",
+            json!({"ssid": "Café 🚀", "radio": "", "interface": "guest"}),
+        ))
+        .unwrap();
+        assert_eq!(
+            ok,
+            Request::Ssid {
+                ssid: Ssid::parse("Café 🚀").unwrap(),
+                radio: None,
+                interface: Some("guest".into())
+            }
+        );
+        assert_eq!(
+            request(&call("/api/wifi/disable", json!({"radio": "radio1"}))).unwrap(),
+            Request::Disable {
+                radio: Some("radio1".into())
+            }
+        );
+    }
+}

@@ -205,6 +205,17 @@ impl Default for RealUci {
 }
 
 impl RealUci {
+    /// Another adapter over the same program and directories.
+    pub fn clone_config(&self) -> RealUci {
+        RealUci {
+            program: self.program.clone(),
+            confdir: self.confdir.clone(),
+            savedir: self.savedir.clone(),
+            timeout: self.timeout,
+            env: self.env.clone(),
+        }
+    }
+
     async fn uci(
         &self,
         step: Step,

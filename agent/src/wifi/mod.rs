@@ -9,6 +9,8 @@ pub mod apply;
 pub mod model;
 pub mod persist;
 pub mod status;
+#[cfg(test)]
+mod tests;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
