@@ -71,7 +71,14 @@ const AHEAD_OF_DOC: &[(&str, &str, &str, &str)] = &[(
 /// Router operations whose agent feature has landed while the document still marks
 /// them `x-netpilot-implemented: false`: the agent answers 200. An entry the document
 /// has caught up with fails the test.
-const LANDED_AHEAD_OF_DOC: &[(&str, &str)] = &[("GET", "/api/speedtest")];
+const LANDED_AHEAD_OF_DOC: &[(&str, &str)] = &[
+    ("GET", "/api/speedtest"),
+    ("GET", "/api/wifi/status"),
+    ("POST", "/api/wifi/enable"),
+    ("POST", "/api/wifi/disable"),
+    ("POST", "/api/wifi/password"),
+    ("POST", "/api/wifi/ssid"),
+];
 
 const HTTP_METHODS: &[&str] = &[
     "get", "put", "post", "delete", "options", "head", "patch", "trace",
@@ -1016,6 +1023,22 @@ fn random_uuid() -> String {
 /// Creates the group the documented `groupId` example names, with syncGroup's
 /// documented example, so that an operation on `{groupId}` finds it: the calls before
 /// (a delete, a reset, sync-all) may have removed it.
+/// Waits until the agent's latest Wi-Fi change is no longer pending (the agent
+/// refuses a second one meanwhile with 409 CHANGE_PENDING).
+async fn wifi_settled(c: &Client, ids: Option<(&str, &str)>) -> anyhow::Result<()> {
+    let (session, router) = ids.expect("ids of the online router");
+    let path = format!("/api/wifi/status?sessionId={session}&routerId={router}");
+    eventually(
+        Duration::from_secs(20),
+        "the Wi-Fi change to settle",
+        || async {
+            let r = c.get(&path).await.ok()?;
+            (r.body["data"]["change"]["state"] != json!("pending")).then_some(())
+        },
+    )
+    .await
+}
+
 async fn sync_example_group(
     run: &mut Run<'_>,
     c: &Client,
@@ -1227,7 +1250,9 @@ async fn server_answers_as_documented() -> anyhow::Result<()> {
 
     // ---- a real agent on a simulated router
     let enrolled = relay.enrolled_router("alice").await?;
-    let mut agent = Agent::start(&enrolled, &["--simulate"]).await?;
+    // Wi-Fi changes confirm at once (no settle delay) so each documented call finds
+    // the previous one settled rather than answering 409 CHANGE_PENDING.
+    let mut agent = Agent::start(&enrolled, &["--simulate", "--wifi-settle", "0s"]).await?;
     let online = enrolled.router_id.clone();
     relay
         .wait_online(&online, true, Duration::from_secs(30))
@@ -1396,6 +1421,9 @@ async fn server_answers_as_documented() -> anyhow::Result<()> {
         run.expect(m, p, "offline router", &r, 503, Some("ROUTER_OFFLINE"));
         if implemented && template_params(p).contains(&"groupId") {
             sync_example_group(&mut run, &c, ids(&alice, &online)).await?;
+        }
+        if m == "POST" && p.starts_with("/api/wifi/") {
+            wifi_settled(&c, ids(&alice, &online)).await?;
         }
         let r = t.call(&c, ids(&alice, &online)).await?;
         if implemented {
