@@ -286,6 +286,15 @@ async fn every_forwarded_route_reaches_the_agent() {
             ("GET", "/api/groups" | "/api/infrastructure/status" | "/api/blocked")
             | ("GET", "/api/whitelist" | "/api/blacklist")
             | ("POST", "/api/reset") => Some((200, "")),
+            // From the issue5-speed merge; that branch may already carry this line.
+            ("GET", "/api/speedtest") => Some((200, "")),
+            // Wi-Fi: status; enable is already in effect (nothing applied); disable
+            // applies (pending); ssid and password without a value are refused.
+            ("GET", "/api/wifi/status") | ("POST", "/api/wifi/enable" | "/api/wifi/disable") => {
+                Some((200, ""))
+            }
+            ("POST", "/api/wifi/ssid") => Some((400, "INVALID_SSID")),
+            ("POST", "/api/wifi/password") => Some((400, "INVALID_PASSWORD")),
             ("GET" | "DELETE", "/api/groups/{id}") => Some((404, "GROUP_NOT_FOUND")),
             ("POST", "/api/groups/sync") => Some((400, "INVALID_GROUP")),
             ("POST", "/api/groups/sync-all") => Some((400, "INVALID_PARAMETER")),

@@ -92,7 +92,7 @@ async fn api(
     )
 }
 
-fn iface<'a>(status: &'a Value, radio: usize, i: usize) -> &'a Value {
+fn iface(status: &Value, radio: usize, i: usize) -> &Value {
     &status["data"]["radios"][radio]["interfaces"][i]
 }
 
