@@ -4,6 +4,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
+use crate::report::{NoRelay, Reporter};
 use crate::system::files::Files;
 use crate::system::ubus::{RealUbus, Ubus};
 
@@ -44,6 +45,12 @@ pub struct App {
     pub scanner: Option<Arc<crate::scan::Scanner>>,
     /// The policy engine; `None` only in tests of other parts.
     pub policy: Option<Arc<crate::policy::engine::Engine>>,
+    /// The Wi-Fi service; `None` only in tests of other parts.
+    pub wifi: Option<Arc<crate::wifi::WifiService>>,
+    /// Reports to the relay outside the link; [`NoRelay`] until one is given.
+    pub reporter: Arc<dyn Reporter>,
+    /// Measures the line against the relay; `None` (answering 501) without a relay.
+    pub speedtest: Option<Arc<crate::speedtest::SpeedTester>>,
 }
 
 impl App {
@@ -58,11 +65,29 @@ impl App {
             starts: 0,
             scanner: None,
             policy: None,
+            wifi: None,
+            reporter: Arc::new(NoRelay),
+            speedtest: None,
         }
     }
 
     pub fn with_policy(mut self, engine: Arc<crate::policy::engine::Engine>) -> Self {
         self.policy = Some(engine);
+        self
+    }
+
+    pub fn with_wifi(mut self, wifi: Arc<crate::wifi::WifiService>) -> Self {
+        self.wifi = Some(wifi);
+        self
+    }
+
+    pub fn with_reporter(mut self, reporter: Arc<dyn Reporter>) -> Self {
+        self.reporter = reporter;
+        self
+    }
+
+    pub fn with_speedtest(mut self, tester: Arc<crate::speedtest::SpeedTester>) -> Self {
+        self.speedtest = Some(tester);
         self
     }
 

@@ -1,5 +1,6 @@
 //! Opening a TLS connection to the relay: parse the relay URL, connect TCP within a
-//! deadline, then TLS. Shared by enrollment and the link.
+//! deadline, then TLS. Shared by enrollment, the link, reports and the speed test;
+//! [`RelayEndpoint`] adds the router's credentials for the calls made outside the link.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -103,9 +104,105 @@ pub async fn dial(
     }
 }
 
+/// Where the relay is and how this router proves who it is: what every call to the
+/// relay outside the link needs (reports, the speed test). Built once from the
+/// identity in `lib.rs::run`. The secret never appears in `Debug`.
+#[derive(Clone)]
+pub struct RelayEndpoint {
+    pub relay: RelayAddr,
+    pub tls: Arc<ClientConfig>,
+    pub router_id: String,
+    secret: String,
+    /// TCP connect and TLS handshake deadline, each.
+    pub connect_timeout: Duration,
+}
+
+impl std::fmt::Debug for RelayEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RelayEndpoint")
+            .field("relay", &self.relay.authority)
+            .field("router_id", &self.router_id)
+            .field("secret", &"<redacted>")
+            .finish()
+    }
+}
+
+impl RelayEndpoint {
+    pub fn new(
+        relay: RelayAddr,
+        tls: Arc<ClientConfig>,
+        router_id: String,
+        secret: String,
+        connect_timeout: Duration,
+    ) -> Self {
+        RelayEndpoint {
+            relay,
+            tls,
+            router_id,
+            secret,
+            connect_timeout,
+        }
+    }
+
+    /// A fresh TLS connection with an HTTP/1.1 client on it; the connection runs in
+    /// a task that ends when the returned sender is dropped (or the peer closes).
+    pub async fn http1<B>(&self) -> Result<hyper::client::conn::http1::SendRequest<B>, DialError>
+    where
+        B: hyper::body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let stream = dial(&self.relay, self.tls.clone(), self.connect_timeout).await?;
+        let (sender, conn) =
+            hyper::client::conn::http1::handshake::<_, B>(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|e| DialError::Connect {
+                    addr: self.relay.authority.clone(),
+                    message: e.to_string(),
+                })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "relay connection ended");
+            }
+        });
+        Ok(sender)
+    }
+
+    /// A request to the relay with the router's credentials on it.
+    pub fn request(&self, method: http::Method, path_and_query: &str) -> http::request::Builder {
+        http::Request::builder()
+            .method(method)
+            .uri(path_and_query)
+            .header(http::header::HOST, &self.relay.authority)
+            .header(
+                http::header::AUTHORIZATION,
+                format!("Bearer {}", self.secret),
+            )
+            .header(netpilot_proto::link::HEADER_ROUTER_ID, &self.router_id)
+            .header(
+                netpilot_proto::link::HEADER_AGENT_VERSION,
+                env!("CARGO_PKG_VERSION"),
+            )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn endpoint_debug_hides_the_secret() {
+        let tls =
+            crate::tls::client_config(&crate::tls::Trust::Fingerprint("ab".repeat(32))).unwrap();
+        let e = RelayEndpoint::new(
+            RelayAddr::parse("https://relay:1").unwrap(),
+            tls,
+            "r".into(),
+            "s3cr3t-value".into(),
+            Duration::from_secs(1),
+        );
+        assert!(!format!("{e:?}").contains("s3cr3t"));
+    }
 
     #[test]
     fn parses_relay_urls() {

@@ -15,10 +15,12 @@ pub mod report;
 pub mod scan;
 pub mod settings;
 pub mod sim;
+pub mod speedtest;
 pub mod store;
 pub mod system;
 pub mod tls;
 pub mod uci;
+pub mod wifi;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -37,7 +39,6 @@ use crate::backoff::BackoffConfig;
 use crate::dial::RelayAddr;
 use crate::identity::Identity;
 use crate::system::files::{Files, RealFiles};
-use crate::system::ubus::{RealUbus, Ubus};
 
 /// Everything `run` needs besides the stored identity.
 #[derive(Debug, Clone)]
@@ -74,6 +75,17 @@ pub struct RunConfig {
     /// The `ip` program (neighbour table) and the `ubus` CLI.
     pub ip: String,
     pub ubus: String,
+    /// Per-direction bounds of `GET /api/speedtest`.
+    pub speedtest: speedtest::Limits,
+    /// The `uci` program, and its `-c` config and `-t` save directories (`None`:
+    /// uci's own defaults, `/etc/config` and `/tmp/.uci`, as on the router).
+    pub uci: String,
+    pub uci_confdir: Option<PathBuf>,
+    pub uci_savedir: Option<PathBuf>,
+    /// The `wifi` program (OpenWrt's `/sbin/wifi`).
+    pub wifi: String,
+    /// Safe apply of Wi-Fi changes: grace period, settle delay, retry interval.
+    pub wifi_safe: wifi::WifiConfig,
 }
 
 impl Default for RunConfig {
@@ -99,6 +111,12 @@ impl Default for RunConfig {
             tc: "tc".into(),
             ip: "ip".into(),
             ubus: "ubus".into(),
+            speedtest: speedtest::Limits::default(),
+            uci: "uci".into(),
+            uci_confdir: None,
+            uci_savedir: None,
+            wifi: "wifi".into(),
+            wifi_safe: wifi::WifiConfig::default(),
         }
     }
 }
@@ -122,6 +140,14 @@ impl RunConfig {
         }
         if self.check_interval < Duration::from_millis(100) {
             anyhow::bail!("check-interval must be at least 100ms");
+        }
+        self.speedtest.validate().map_err(anyhow::Error::msg)?;
+        let w = &self.wifi_safe;
+        if w.settle >= w.grace {
+            anyhow::bail!("wifi-settle must be shorter than wifi-grace");
+        }
+        if w.retry < Duration::from_millis(100) {
+            anyhow::bail!("wifi-retry must be at least 100ms");
         }
         if self.backoff.cap < self.backoff.base {
             anyhow::bail!("backoff-cap must not be shorter than backoff-base");
@@ -166,20 +192,16 @@ pub async fn run(
         config.lan_if.as_deref(),
         config.wan_if.as_deref(),
     );
-    let (ubus, neighbours): (Arc<dyn Ubus>, _) = match mode {
-        Mode::Real => (
-            Arc::new(RealUbus {
-                program: config.ubus.clone(),
-                ..Default::default()
-            }),
-            scan::NeighbourSource::Ip {
-                program: config.ip.clone(),
-            },
-        ),
-        Mode::Simulated => (
-            Arc::new(sim::SimRouter::ubus()),
-            scan::NeighbourSource::ProcArp,
-        ),
+    let endpoint = relay_endpoint(&identity, &config)?;
+    let reporter: Arc<dyn report::Reporter> =
+        Arc::new(report::RelayReporter::new(endpoint.clone(), REPORT_TIMEOUT));
+    let tester = speedtest::SpeedTester::new(endpoint, config.speedtest.clone());
+    let (ubus, wifi) = wifi_service(&config, mode, reporter.clone())?;
+    let neighbours = match mode {
+        Mode::Real => scan::NeighbourSource::Ip {
+            program: config.ip.clone(),
+        },
+        Mode::Simulated => scan::NeighbourSource::ProcArp,
     };
     let scanner = scan::Scanner::new(
         files.clone(),
@@ -191,11 +213,79 @@ pub async fn run(
     let app = Arc::new(
         App::new(mode, identity.router_id.clone(), files)
             .with_starts(starts)
+            .with_policy(engine)
+            .with_reporter(reporter)
+            .with_speedtest(Arc::new(tester))
             .with_ubus(ubus)
             .with_scanner(scanner)
-            .with_policy(engine),
+            .with_wifi(wifi),
     );
     serve(app, &identity, &config, on_ready, shutdown).await
+}
+
+/// A report's whole exchange (connect, TLS, request, answer) must fit in this.
+const REPORT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The relay and the router's credentials, for calls made outside the link.
+pub fn relay_endpoint(
+    identity: &Identity,
+    config: &RunConfig,
+) -> anyhow::Result<dial::RelayEndpoint> {
+    Ok(dial::RelayEndpoint::new(
+        RelayAddr::parse(&identity.relay_url)?,
+        tls::client_config(&identity.trust)?,
+        identity.router_id.clone(),
+        identity.router_secret.clone(),
+        config.connect_timeout,
+    ))
+}
+
+/// The Wi-Fi service over the real uci, `wifi` and ubus, or the simulated
+/// router's; confirmations go through `reporter` (the relay's report endpoint).
+/// Returns the ubus the rest of the agent uses too.
+fn wifi_service(
+    config: &RunConfig,
+    mode: Mode,
+    reporter: Arc<dyn report::Reporter>,
+) -> anyhow::Result<(Arc<dyn system::ubus::Ubus>, Arc<wifi::WifiService>)> {
+    use system::{ubus, uci, wifi as control};
+    let (ubus, uci, control): (
+        Arc<dyn ubus::Ubus>,
+        Arc<dyn uci::Uci>,
+        Arc<dyn control::WifiControl>,
+    ) = match mode {
+        Mode::Real => (
+            Arc::new(ubus::RealUbus {
+                program: config.ubus.clone(),
+                ..Default::default()
+            }),
+            Arc::new(uci::RealUci {
+                program: config.uci.clone(),
+                confdir: config.uci_confdir.clone(),
+                savedir: config.uci_savedir.clone(),
+                ..Default::default()
+            }),
+            Arc::new(control::RealWifi {
+                program: config.wifi.clone(),
+                ..Default::default()
+            }),
+        ),
+        Mode::Simulated => {
+            let bus = ubus::FakeUbus::default();
+            let (uci, control) = sim::wireless(&bus);
+            (Arc::new(bus), Arc::new(uci), Arc::new(control))
+        }
+    };
+    let service = wifi::WifiService::new(
+        uci,
+        control,
+        ubus.clone(),
+        reporter,
+        store::Store::open(&config.state_dir)?,
+        config.wifi_safe.clone(),
+        policy::engine::system_clock(),
+    );
+    Ok((ubus, Arc::new(service)))
 }
 
 /// The policy engine over the real nft and tc, or in-memory ones when simulating.
@@ -337,6 +427,11 @@ pub async fn serve(
         // Start-up reconcile first thing: the kernel converges to the stored state
         // whether or not the relay is reachable.
         tasks.spawn(engine.run(stop_rx.clone()));
+    }
+    if let Some(wifi) = app.wifi.clone() {
+        // Resumes a change left pending by a restart, then confirms, rolls back
+        // and reports.
+        tasks.spawn(wifi.run(stop_rx.clone()));
     }
     tasks.spawn(link::run(link_config, app.clone(), stop_rx));
     on_ready(Ready {

@@ -21,6 +21,10 @@ usage: netpilot-agent enroll --relay URL --token TOKEN [--ca FILE | --fingerprin
                           [--start-delay-max DUR] [--lan-if IF] [--wan-if IF]
                           [--timezone POSIX-TZ] [--check-interval DUR]
                           [--nft PROGRAM] [--tc PROGRAM] [--ip PROGRAM] [--ubus PROGRAM]
+                          [--speedtest-duration DUR] [--speedtest-bytes N]
+                          [--uci PROGRAM] [--uci-confdir DIR] [--uci-savedir DIR]
+                          [--wifi PROGRAM] [--wifi-grace DUR] [--wifi-settle DUR]
+                          [--wifi-retry DUR]
        netpilot-agent cleanup [--lan-if IF] [--wan-if IF]
        netpilot-agent --version
 
@@ -29,6 +33,11 @@ command line wins over it. DIR defaults to /etc/netpilot. DUR is like 20s, 250ms
 --lan-if/--wan-if default to UCI network.lan/network.wan devices (br-lan, wan).
 --timezone defaults to UCI system.timezone, then /etc/TZ, then UTC.
 --fingerprint is the SHA-256 of the relay certificate's DER, hex, colons optional.
+--speedtest-duration/--speedtest-bytes bound each direction of a speed test
+(default 5s and 100000000; at most 10s); callers may ask for less.
+A Wi-Fi change is rolled back unless a report reaches the relay within --wifi-grace
+(default 90s); reports start --wifi-settle after the reload (10s) and repeat every
+--wifi-retry (5s). --uci-confdir/--uci-savedir are uci's -c/-t (default uci's own).
 cleanup removes everything the agent put into the kernel and the system.";
 
 fn main() -> std::process::ExitCode {
@@ -98,6 +107,22 @@ fn real_main() -> anyhow::Result<()> {
             Long("tc") => run.tc = args.value()?.string()?,
             Long("ip") => run.ip = args.value()?.string()?,
             Long("ubus") => run.ubus = args.value()?.string()?,
+            Long("uci") => run.uci = args.value()?.string()?,
+            Long("uci-confdir") => run.uci_confdir = Some(PathBuf::from(args.value()?)),
+            Long("uci-savedir") => run.uci_savedir = Some(PathBuf::from(args.value()?)),
+            Long("wifi") => run.wifi = args.value()?.string()?,
+            Long("wifi-grace") => run.wifi_safe.grace = duration(&mut args, "wifi-grace")?,
+            Long("wifi-settle") => run.wifi_safe.settle = duration(&mut args, "wifi-settle")?,
+            Long("wifi-retry") => run.wifi_safe.retry = duration(&mut args, "wifi-retry")?,
+            Long("speedtest-duration") => {
+                run.speedtest.max_duration = duration(&mut args, "speedtest-duration")?
+            }
+            Long("speedtest-bytes") => {
+                let v = args.value()?.string()?;
+                run.speedtest.max_bytes = v
+                    .parse()
+                    .with_context(|| format!("--speedtest-bytes {v:?} is not a byte count"))?;
+            }
             Long("start-delay-max") => start_delay = Some(duration(&mut args, "start-delay-max")?),
             Value(v) if command.is_none() => command = Some(v.string()?),
             _ => bail!("{}\n\n{USAGE}", arg.unexpected()),
@@ -212,7 +237,7 @@ fn duration(args: &mut lexopt::Parser, name: &str) -> anyhow::Result<Duration> {
     let v = args.value()?.string()?;
     let d = humantime::parse_duration(&v)
         .with_context(|| format!("--{name} {v:?} is not a duration"))?;
-    if d.is_zero() && name != "start-delay-max" {
+    if d.is_zero() && !matches!(name, "start-delay-max" | "wifi-settle") {
         bail!("--{name} must be positive");
     }
     Ok(d)

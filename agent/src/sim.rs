@@ -8,6 +8,8 @@ use std::time::Instant;
 
 use crate::system::files::Files;
 use crate::system::ubus::FakeUbus;
+use crate::system::uci::FakeUci;
+use crate::system::wifi::FakeWifi;
 
 /// One simulated LAN device.
 #[derive(Debug, Clone)]
@@ -109,42 +111,7 @@ impl Default for SimRouter {
     }
 }
 
-/// The simulated radios' access-point interfaces as hostapd names them, with their
-/// frequency (MHz): radio0 is 2.4 GHz channel 1, radio1 5 GHz channel 36.
-pub const SIM_APS: &[(&str, &str, u64)] =
-    &[("radio0", "phy0-ap0", 2412), ("radio1", "phy1-ap0", 5180)];
-
 impl SimRouter {
-    /// The simulated router's ubus: hostapd per access point, listing the wireless
-    /// devices of [`DEVICES`] as its stations (signal and connected time vary by
-    /// device so the answer looks like a real home).
-    pub fn ubus() -> FakeUbus {
-        let ubus = FakeUbus::default();
-        for (i, (radio, ifname, freq)) in SIM_APS.iter().enumerate() {
-            let mut clients = serde_json::Map::new();
-            for (n, d) in DEVICES
-                .iter()
-                .enumerate()
-                .filter(|(_, d)| d.radio == Some(radio))
-            {
-                clients.insert(
-                    d.mac.to_owned(),
-                    serde_json::json!({
-                        "auth": true, "assoc": true, "authorized": true,
-                        "signal": -42 - 9 * n as i64 - 4 * i as i64,
-                        "connected_time": 600 + 1800 * n as u64,
-                    }),
-                );
-            }
-            ubus.answer(
-                &format!("hostapd.{ifname}"),
-                "get_clients",
-                serde_json::json!({"freq": freq, "clients": clients}),
-            );
-        }
-        ubus
-    }
-
     fn uptime(&self) -> f64 {
         self.uptime_offset as f64 + self.booted.elapsed().as_secs_f64()
     }
@@ -191,6 +158,27 @@ impl Files for SimRouter {
     }
 }
 
+// ---- Wi-Fi -------------------------------------------------------------------
+// The simulated `uci` (seeded with WIRELESS), `wifi` and netifd/hostapd answers on
+// the simulated ubus, so `/api/wifi/*` runs its real code path.
+
+/// The simulated router's UCI and Wi-Fi control; registers `network.wireless` and
+/// the APs' `hostapd.<ifname>` objects on `ubus`, with the wireless DEVICES as
+/// their stations.
+pub fn wireless(ubus: &FakeUbus) -> (FakeUci, FakeWifi) {
+    let uci = FakeUci::with_package("wireless", WIRELESS);
+    let wifi = FakeWifi::new(uci.clone(), ubus.clone());
+    for radio in ["radio0", "radio1"] {
+        let macs: Vec<&str> = DEVICES
+            .iter()
+            .filter(|d| d.radio == Some(radio))
+            .map(|d| d.mac)
+            .collect();
+        wifi.set_clients(&format!("default_{radio}"), &macs);
+    }
+    (uci, wifi)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -208,5 +196,23 @@ mod tests {
         assert_eq!(leases.lines().count(), DEVICES.len());
         let wireless = sim.read_to_string("/etc/config/wireless").unwrap();
         assert_eq!(wireless.matches("config wifi-device").count(), 2);
+    }
+
+    #[tokio::test]
+    async fn simulated_wifi_answers_like_netifd_and_hostapd() {
+        use crate::system::ubus::Ubus;
+        let ubus = FakeUbus::default();
+        let (uci, _wifi) = wireless(&ubus);
+        assert_eq!(uci.committed("wireless").len(), 4);
+        let st = ubus
+            .call("network.wireless", "status", &serde_json::json!({}))
+            .await
+            .unwrap();
+        assert_eq!(st["radio1"]["interfaces"][0]["ifname"], "phy1-ap0");
+        let c = ubus
+            .call("hostapd.phy0-ap0", "get_clients", &serde_json::json!({}))
+            .await
+            .unwrap();
+        assert_eq!(c["clients"].as_object().unwrap().len(), 2);
     }
 }

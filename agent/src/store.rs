@@ -74,6 +74,23 @@ CREATE TABLE audit_log (
     result     TEXT NOT NULL
 );
 "#,
+    // Wi-Fi changes under safe apply (see wifi::persist).
+    r#"
+CREATE TABLE wifi_changes (
+    id            TEXT PRIMARY KEY,  -- random hex, the API's change id
+    action        TEXT NOT NULL,     -- enable, disable, ssid, password
+    detail        TEXT NOT NULL,     -- what changed, for people; never a password
+    reload        TEXT,              -- the radio `wifi reload` takes; NULL for all
+    created_unix  INTEGER NOT NULL,
+    deadline_unix INTEGER NOT NULL,  -- rolled back when not confirmed by then
+    state         TEXT NOT NULL CHECK (state IN ('pending', 'confirmed', 'rolled_back', 'failed')),
+    settled_unix  INTEGER,           -- when it left 'pending'
+    outcome       TEXT,              -- why it failed or was rolled back
+    reported      INTEGER NOT NULL DEFAULT 0, -- the final state reached the relay
+    snapshot      TEXT NOT NULL      -- `uci export wireless` before the change (holds keys, as
+                                     -- /etc/config/wireless does); emptied once settled
+);
+"#,
 ];
 
 pub struct Store {

@@ -1,6 +1,7 @@
-//! A reader for UCI configuration files (`/etc/config/*`): sections, options and
-//! lists with OpenWrt's quoting. Pure: the agent reads `/etc/config/netpilot` with it
-//! instead of starting `uci` for every value.
+//! A reader and writer for UCI configuration text (`/etc/config/*`, `uci export`):
+//! sections, options and lists with OpenWrt's quoting. Pure: the agent reads
+//! `/etc/config/netpilot` with it instead of starting `uci` for every value, and the
+//! in-memory UCI (`system::uci::FakeUci`) keeps its packages in this form.
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Section {
@@ -8,6 +9,8 @@ pub struct Section {
     pub name: Option<String>,
     /// Options and list entries in file order; a list repeats its key.
     pub values: Vec<(String, String)>,
+    /// Keys given as `list` rather than `option`.
+    pub lists: Vec<String>,
 }
 
 impl Section {
@@ -19,6 +22,46 @@ impl Section {
             .find(|(k, _)| k == key)
             .map(|(_, v)| v.as_str())
     }
+
+    /// Every value of a list (or the one value of an option), in order.
+    pub fn all(&self, key: &str) -> Vec<&str> {
+        self.values
+            .iter()
+            .filter(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
+    pub fn is_list(&self, key: &str) -> bool {
+        self.lists.iter().any(|k| k == key)
+    }
+}
+
+/// A value in UCI's single quotes: `'` becomes `'\''`, the form `uci export` writes
+/// and `uci batch` reads.
+pub fn quote(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "'\\''"))
+}
+
+/// `uci export <package>` text: a `package` line, then each section with its
+/// options and lists, a blank line after each, exactly as uci prints it.
+pub fn export(package: &str, sections: &[Section]) -> String {
+    let mut out = format!("package {package}\n\n");
+    for s in sections {
+        out.push_str("config ");
+        out.push_str(&s.kind);
+        if let Some(name) = &s.name {
+            out.push(' ');
+            out.push_str(&quote(name));
+        }
+        out.push('\n');
+        for (k, v) in &s.values {
+            let keyword = if s.is_list(k) { "list" } else { "option" };
+            out.push_str(&format!("\t{keyword} {k} {}\n", quote(v)));
+        }
+        out.push('\n');
+    }
+    out
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -42,11 +85,13 @@ pub fn parse(text: &str) -> Result<Vec<Section>, ParseError> {
                 kind: kind.clone(),
                 name: None,
                 values: Vec::new(),
+                lists: Vec::new(),
             }),
             ("config", [kind, name]) => sections.push(Section {
                 kind: kind.clone(),
                 name: Some(name.clone()),
                 values: Vec::new(),
+                lists: Vec::new(),
             }),
             ("option" | "list", [key, value]) => {
                 let section = sections
@@ -54,6 +99,9 @@ pub fn parse(text: &str) -> Result<Vec<Section>, ParseError> {
                     .ok_or_else(|| err(format!("{keyword} before any config section")))?;
                 if !valid_name(key) {
                     return Err(err(format!("invalid option name {key:?}")));
+                }
+                if *keyword == "list" && !section.is_list(key) {
+                    section.lists.push(key.clone());
                 }
                 section.values.push((key.clone(), value.clone()));
             }
@@ -136,6 +184,18 @@ mod tests {
         assert_eq!(s[2].get("key"), Some("changeme123"));
         let guest = &s[4];
         assert_eq!(guest.get("maclist"), Some("02:00:00:00:01:01"));
+    }
+
+    #[test]
+    fn export_writes_what_uci_export_prints() {
+        let fixture = include_str!("../../../shared/fixtures/uci/uci-export-wireless.txt");
+        let sections = parse(fixture).unwrap();
+        assert!(sections[4].is_list("maclist") && !sections[4].is_list("ssid"));
+        assert_eq!(export("wireless", &sections), fixture);
+        let odd = parse("config x 'y'\n\toption v 'it'\\''s \"q\"'\n").unwrap();
+        let text = export("p", &odd);
+        assert!(text.contains("option v 'it'\\''s \"q\"'"), "{text}");
+        assert_eq!(parse(&text).unwrap(), odd);
     }
 
     #[test]

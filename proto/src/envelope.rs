@@ -75,6 +75,14 @@ pub mod code {
     pub const BAD_GATEWAY: &str = "BAD_GATEWAY";
     pub const SERVICE_UNAVAILABLE: &str = "SERVICE_UNAVAILABLE";
     pub const INTERNAL: &str = "INTERNAL";
+    /// A speed test is already running for this router (agent and relay).
+    pub const SPEEDTEST_RUNNING: &str = "SPEEDTEST_RUNNING";
+    /// The relay serves its maximum of speed-test transfers; try again later.
+    pub const SPEEDTEST_BUSY: &str = "SPEEDTEST_BUSY";
+    /// A speed-test transfer went past the relay's time limit.
+    pub const SPEEDTEST_TIMEOUT: &str = "SPEEDTEST_TIMEOUT";
+    /// The agent could not measure against the relay (unreachable, refused).
+    pub const SPEEDTEST_FAILED: &str = "SPEEDTEST_FAILED";
 }
 
 #[cfg(test)]

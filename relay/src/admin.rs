@@ -14,6 +14,7 @@ use uuid::Uuid;
 use crate::api::only;
 use crate::error::ApiError;
 use crate::http::{self, Args, Body, Ctx};
+use crate::report::StoredReport;
 use crate::state::AppState;
 use crate::store::RouterRow;
 
@@ -37,7 +38,9 @@ pub async fn dispatch(
                     let row = state
                         .with_store(|s| s.router(id))?
                         .ok_or_else(|| ApiError::RouterNotFound(id.to_string()))?;
-                    Ok(http::ok(StatusCode::OK, view(state, &row), ctx))
+                    let mut one = view(state, &row);
+                    one.recent_reports = Some(state.reports.recent(id));
+                    Ok(http::ok(StatusCode::OK, one, ctx))
                 }
                 Method::DELETE => revoke(state, id, ctx),
                 _ => Err(ApiError::MethodNotAllowed("GET, DELETE".into())),
@@ -183,6 +186,11 @@ struct RouterView<'a> {
     enrolled_at: Option<String>,
     revoked: bool,
     revoked_at: Option<String>,
+    /// The latest agent reports (`POST /agent/v1/report`), newest first; in memory,
+    /// so empty after a relay restart. Only in the one-router view: a list of many
+    /// routers stays small.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    recent_reports: Option<Vec<StoredReport>>,
 }
 
 #[derive(Serialize)]
@@ -225,5 +233,6 @@ fn view<'a>(state: &AppState, r: &'a RouterRow) -> RouterView<'a> {
         enrolled_at: r.enrolled_at.map(http::rfc3339_ms),
         revoked: r.revoked_at.is_some(),
         revoked_at: r.revoked_at.map(http::rfc3339_ms),
+        recent_reports: None,
     }
 }

@@ -7,7 +7,10 @@ use std::sync::Arc;
 
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
-use netpilot_proto::link::{CONNECT_PATH, ENROLL_PATH, HEADER_REQUEST_ID};
+use netpilot_proto::link::{
+    CONNECT_PATH, ENROLL_PATH, HEADER_REQUEST_ID, REPORT_PATH, SPEEDTEST_DOWNLOAD_PATH,
+    SPEEDTEST_PING_PATH, SPEEDTEST_UPLOAD_PATH,
+};
 use netpilot_proto::routes::{match_route, RouteError};
 use tracing::{field, Instrument};
 
@@ -15,7 +18,7 @@ use crate::error::ApiError;
 use crate::http::{self, Body, Ctx};
 use crate::metrics::Gauges;
 use crate::state::AppState;
-use crate::{admin, enroll, forward, link, session_api};
+use crate::{admin, enroll, forward, link, report, session_api, speedtest};
 
 pub async fn handle(
     state: Arc<AppState>,
@@ -79,6 +82,7 @@ async fn dispatch(
             let gauges = Gauges {
                 connected_agents: state.links.len(),
                 sessions: state.sessions.lock().expect("sessions lock").len(),
+                speedtests: state.speedtests.active(),
             };
             return Ok(http::text(
                 StatusCode::OK,
@@ -90,6 +94,22 @@ async fn dispatch(
         ENROLL_PATH => {
             only(&req, &[Method::POST])?;
             return enroll::enroll(state, req, peer, ctx).await;
+        }
+        REPORT_PATH => {
+            only(&req, &[Method::POST])?;
+            return report::report(state, req, ctx).await;
+        }
+        SPEEDTEST_PING_PATH => {
+            only(&req, &[Method::GET])?;
+            return speedtest::ping(state, &req, ctx);
+        }
+        SPEEDTEST_DOWNLOAD_PATH => {
+            only(&req, &[Method::GET])?;
+            return speedtest::download(state, &req);
+        }
+        SPEEDTEST_UPLOAD_PATH => {
+            only(&req, &[Method::POST])?;
+            return speedtest::upload(state, req, ctx).await;
         }
         _ => {}
     }

@@ -79,6 +79,28 @@ impl Default for Timeouts {
     }
 }
 
+/// What the speed-test endpoints may cost the relay (`[limits]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpeedtestLimits {
+    /// Transfers (download or upload) served at once, all routers together; one
+    /// more is refused with 429 `SPEEDTEST_BUSY`. Each router gets one at a time.
+    pub concurrent: usize,
+    /// The most one download or upload may move.
+    pub max_bytes: u64,
+    /// The longest one download or upload may last.
+    pub max_duration: Duration,
+}
+
+impl Default for SpeedtestLimits {
+    fn default() -> Self {
+        SpeedtestLimits {
+            concurrent: 4,
+            max_bytes: 256 * 1024 * 1024,
+            max_duration: Duration::from_secs(20),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
@@ -96,6 +118,7 @@ pub struct Config {
     pub enroll_per_minute: u32,
     pub max_body_bytes: usize,
     pub max_connections: usize,
+    pub speedtest: SpeedtestLimits,
     /// `tracing` filter, e.g. `info` or `netpilot_relay=debug`.
     pub log: String,
 }
@@ -163,6 +186,9 @@ struct FileEnrollment {
 struct FileLimits {
     max_body_bytes: Option<usize>,
     max_connections: Option<usize>,
+    speedtest_concurrent: Option<usize>,
+    speedtest_max_bytes: Option<u64>,
+    speedtest_max_duration: Option<String>,
 }
 
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8443";
@@ -281,6 +307,32 @@ impl Config {
             ));
         }
 
+        let d = SpeedtestLimits::default();
+        let speedtest = SpeedtestLimits {
+            concurrent: file.limits.speedtest_concurrent.unwrap_or(d.concurrent),
+            max_bytes: file.limits.speedtest_max_bytes.unwrap_or(d.max_bytes),
+            max_duration: duration(
+                "limits.speedtest_max_duration",
+                file.limits.speedtest_max_duration,
+                d.max_duration,
+            )?,
+        };
+        if speedtest.concurrent > 1024 {
+            return Err(ConfigError::Invalid(
+                "limits.speedtest_concurrent must be 0..1024 (0 turns speed tests off)".into(),
+            ));
+        }
+        if !(64 * 1024..=4 * 1024 * 1024 * 1024).contains(&speedtest.max_bytes) {
+            return Err(ConfigError::Invalid(
+                "limits.speedtest_max_bytes must be 64 KiB..4 GiB".into(),
+            ));
+        }
+        if speedtest.max_duration > Duration::from_secs(120) {
+            return Err(ConfigError::Invalid(
+                "limits.speedtest_max_duration must be at most 2m".into(),
+            ));
+        }
+
         Ok(Config {
             listen,
             data_dir: cli
@@ -300,6 +352,7 @@ impl Config {
             enroll_per_minute: file.enrollment.per_minute.unwrap_or(30),
             max_body_bytes,
             max_connections,
+            speedtest,
             log: cli.log.or(file.log).unwrap_or_else(|| "info".to_owned()),
         })
     }
@@ -347,6 +400,33 @@ mod tests {
         assert_eq!(c.timeouts.ping_interval, Duration::from_secs(20));
         assert_eq!(c.timeouts.dead_after, Duration::from_secs(60));
         assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(c.speedtest, SpeedtestLimits::default());
+    }
+
+    #[test]
+    fn speedtest_limits_are_validated() {
+        let base = "api_key = \"0123456789abcdef\"\n[limits]\n";
+        let c = Config::parse_str(
+            &format!("{base}speedtest_concurrent = 2\nspeedtest_max_bytes = 1048576\nspeedtest_max_duration = \"5s\"\n"),
+            Path::new("x"),
+        )
+        .unwrap();
+        assert_eq!(
+            c.speedtest,
+            SpeedtestLimits {
+                concurrent: 2,
+                max_bytes: 1 << 20,
+                max_duration: Duration::from_secs(5)
+            }
+        );
+        for bad in [
+            "speedtest_max_bytes = 10",
+            "speedtest_max_duration = \"10m\"",
+            "speedtest_concurrent = 5000",
+        ] {
+            let err = Config::parse_str(&format!("{base}{bad}\n"), Path::new("x")).unwrap_err();
+            assert!(err.to_string().contains("speedtest"), "{bad}: {err}");
+        }
     }
 
     #[test]

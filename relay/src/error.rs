@@ -55,6 +55,15 @@ pub enum ApiError {
     /// The agent answered something that is not HTTP we understand.
     #[error("router sent an invalid answer: {0}")]
     BadGateway(String),
+    /// This router already has a speed-test transfer running.
+    #[error("a speed test is already running for this router")]
+    SpeedtestRunning,
+    /// The relay serves its configured maximum of speed-test transfers.
+    #[error("the relay is serving its maximum of {0} speed tests; try again later")]
+    SpeedtestBusy(usize),
+    /// An upload went on past the relay's limit.
+    #[error("speed-test transfer exceeded {0} ms")]
+    SpeedtestTooLong(u128),
     /// Anything else; details are logged, not sent.
     #[error("internal error")]
     Internal(String),
@@ -85,6 +94,9 @@ impl ApiError {
             TokenExpired => (StatusCode::UNAUTHORIZED, code::TOKEN_EXPIRED),
             RouterRevoked => (StatusCode::FORBIDDEN, code::ROUTER_REVOKED),
             BadGateway(_) => (StatusCode::BAD_GATEWAY, code::BAD_GATEWAY),
+            SpeedtestRunning => (StatusCode::CONFLICT, code::SPEEDTEST_RUNNING),
+            SpeedtestBusy(_) => (StatusCode::TOO_MANY_REQUESTS, code::SPEEDTEST_BUSY),
+            SpeedtestTooLong(_) => (StatusCode::REQUEST_TIMEOUT, code::SPEEDTEST_TIMEOUT),
             Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, code::INTERNAL),
         }
     }

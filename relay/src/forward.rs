@@ -100,7 +100,7 @@ pub async fn router_call(
         resp = resp.header(CONTENT_TYPE, ct);
     }
     resp.header(HEADER_REQUEST_ID, &ctx.request_id)
-        .body(Full::new(bytes))
+        .body(http::full(bytes))
         .map_err(|e| ApiError::Internal(e.to_string()))
 }
 

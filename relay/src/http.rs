@@ -2,7 +2,7 @@
 //! body reading with a size cap and content-type check, query parsing and ids.
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Request, Response, StatusCode};
@@ -16,7 +16,14 @@ use uuid::Uuid;
 
 use crate::error::ApiError;
 
-pub type Body = Full<Bytes>;
+/// Every relay response body: a whole buffer, or the speed test's generated stream.
+/// The one place that decides what a handler may answer with.
+pub type Body = Either<Full<Bytes>, crate::speedtest::Download>;
+
+/// A response body from bytes held in memory.
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Either::Left(Full::new(bytes.into()))
+}
 pub use hyper::http::response::Parts;
 
 /// Per-call facts every response needs.
@@ -61,7 +68,7 @@ pub fn json_response<T: Serialize>(status: StatusCode, body: &T, ctx: &Ctx) -> R
         .status(status)
         .header(CONTENT_TYPE, "application/json")
         .header("x-request-id", &ctx.request_id)
-        .body(Full::new(Bytes::from(bytes)))
+        .body(full(bytes))
         .expect("static response parts")
 }
 
@@ -88,7 +95,7 @@ pub fn text(status: StatusCode, content_type: &'static str, body: String) -> Res
     Response::builder()
         .status(status)
         .header(CONTENT_TYPE, content_type)
-        .body(Full::new(Bytes::from(body)))
+        .body(full(body))
         .expect("static response parts")
 }
 

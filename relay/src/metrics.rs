@@ -24,12 +24,22 @@ pub struct Metrics {
     pub link_connects: AtomicU64,
     pub link_rejects: AtomicU64,
     pub enrollments: AtomicU64,
+    /// Speed-test bytes served to agents and received from them.
+    pub speedtest_download_bytes: AtomicU64,
+    pub speedtest_upload_bytes: AtomicU64,
+    /// Agent reports by (kind, state), label values already sanitised.
+    reports: Mutex<BTreeMap<(String, String), u64>>,
 }
+
+/// Distinct (kind, state) series kept for agent reports; later new pairs are counted
+/// as (`other`, `other`) so the scrape stays small whatever agents send.
+const MAX_REPORT_SERIES: usize = 64;
 
 /// Values read at scrape time from the live state.
 pub struct Gauges {
     pub connected_agents: usize,
     pub sessions: usize,
+    pub speedtests: usize,
 }
 
 impl Metrics {
@@ -60,6 +70,20 @@ impl Metrics {
             .or_default() += 1;
     }
 
+    pub fn record_report(&self, kind: &str, state: &str) {
+        let key = (
+            crate::report::label(kind).to_owned(),
+            crate::report::label(state).to_owned(),
+        );
+        let mut map = self.reports.lock().expect("metrics lock");
+        let key = if map.contains_key(&key) || map.len() < MAX_REPORT_SERIES {
+            key
+        } else {
+            ("other".to_owned(), "other".to_owned())
+        };
+        *map.entry(key).or_default() += 1;
+    }
+
     pub fn render(&self, g: &Gauges) -> String {
         let mut out = String::with_capacity(4096);
         let _ = writeln!(
@@ -74,6 +98,27 @@ impl Metrics {
         );
         let _ = writeln!(out, "# TYPE netpilot_active_sessions gauge");
         let _ = writeln!(out, "netpilot_active_sessions {}", g.sessions);
+        let _ = writeln!(
+            out,
+            "# HELP netpilot_speedtest_active Speed-test transfers in progress."
+        );
+        let _ = writeln!(out, "# TYPE netpilot_speedtest_active gauge");
+        let _ = writeln!(out, "netpilot_speedtest_active {}", g.speedtests);
+        let _ = writeln!(
+            out,
+            "# HELP netpilot_speedtest_bytes_total Speed-test bytes moved, by direction as the router sees it."
+        );
+        let _ = writeln!(out, "# TYPE netpilot_speedtest_bytes_total counter");
+        let _ = writeln!(
+            out,
+            "netpilot_speedtest_bytes_total{{direction=\"download\"}} {}",
+            self.speedtest_download_bytes.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "netpilot_speedtest_bytes_total{{direction=\"upload\"}} {}",
+            self.speedtest_upload_bytes.load(Ordering::Relaxed)
+        );
         counter(
             &mut out,
             "netpilot_link_connects_total",
@@ -99,6 +144,17 @@ impl Metrics {
             let _ = writeln!(
                 out,
                 "netpilot_forwarded_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP netpilot_agent_reports_total Reports received from agents, by kind and state."
+        );
+        let _ = writeln!(out, "# TYPE netpilot_agent_reports_total counter");
+        for ((kind, state), n) in self.reports.lock().expect("metrics lock").iter() {
+            let _ = writeln!(
+                out,
+                "netpilot_agent_reports_total{{kind=\"{kind}\",state=\"{state}\"}} {n}"
             );
         }
         let _ = writeln!(out, "# HELP netpilot_errors_total Error answers by code.");
@@ -152,6 +208,7 @@ mod tests {
         let text = m.render(&Gauges {
             connected_agents: 2,
             sessions: 1,
+            speedtests: 0,
         });
         assert!(text.contains("netpilot_connected_agents 2\n"));
         assert!(text
@@ -160,5 +217,30 @@ mod tests {
         assert!(text.contains("netpilot_forward_duration_seconds_bucket{le=\"0.005\"} 2\n"));
         assert!(text.contains("netpilot_forward_duration_seconds_bucket{le=\"+Inf\"} 3\n"));
         assert!(text.contains("netpilot_forward_duration_seconds_count 3\n"));
+    }
+
+    #[test]
+    fn report_series_are_bounded() {
+        let m = Metrics::default();
+        m.record_report("wifi_change", "confirmed");
+        m.record_report("wifi_change", "confirmed");
+        m.record_report("Bad Kind", "x\"y");
+        for i in 0..200 {
+            m.record_report(&format!("k{i}"), "s");
+        }
+        let text = m.render(&Gauges {
+            connected_agents: 0,
+            sessions: 0,
+            speedtests: 0,
+        });
+        assert!(text.contains(
+            "netpilot_agent_reports_total{kind=\"wifi_change\",state=\"confirmed\"} 2\n"
+        ));
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("netpilot_agent_reports_total{"))
+            .count();
+        assert!(series <= MAX_REPORT_SERIES + 1, "{series}");
+        assert!(!text.contains("Bad Kind"));
     }
 }

@@ -14,6 +14,7 @@ use crate::error::ApiError;
 use crate::links::Links;
 use crate::metrics::Metrics;
 use crate::ratelimit::RateLimiter;
+use crate::report::Reports;
 use crate::sessions::Sessions;
 use crate::store::{RouterRow, Store};
 
@@ -65,6 +66,10 @@ pub struct AppState {
     pub links: Links,
     pub metrics: Metrics,
     pub enroll_limiter: Mutex<RateLimiter>,
+    /// The latest agent reports per router (`POST /agent/v1/report`).
+    pub reports: Reports,
+    /// Speed-test transfers in progress (one per router, a global cap).
+    pub speedtests: crate::speedtest::Slots,
     pub fingerprint: String,
     pub clock: Arc<dyn Clock>,
 }
@@ -92,6 +97,8 @@ impl AppState {
             links: Links::default(),
             metrics: Metrics::default(),
             enroll_limiter: Mutex::new(limiter),
+            reports: Reports::default(),
+            speedtests: Default::default(),
             fingerprint,
             clock,
         })

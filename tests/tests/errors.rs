@@ -282,10 +282,18 @@ async fn every_forwarded_route_reaches_the_agent() {
         // With only the ids, each built route answers from the agent with what it
         // makes of an empty call.
         let expect = match (method, route.pattern) {
-            (_, "/api/agent/health" | "/api/scan/router") => Some((200, "")),
+            (_, "/api/agent/health" | "/api/scan/router" | "/api/scan") => Some((200, "")),
             ("GET", "/api/groups" | "/api/infrastructure/status" | "/api/blocked")
             | ("GET", "/api/whitelist" | "/api/blacklist")
             | ("POST", "/api/reset") => Some((200, "")),
+            ("GET", "/api/speedtest") => Some((200, "")),
+            // Wi-Fi: status; enable is already in effect (nothing applied); disable
+            // applies (pending); ssid and password without a value are refused.
+            ("GET", "/api/wifi/status") | ("POST", "/api/wifi/enable" | "/api/wifi/disable") => {
+                Some((200, ""))
+            }
+            ("POST", "/api/wifi/ssid") => Some((400, "INVALID_SSID")),
+            ("POST", "/api/wifi/password") => Some((400, "INVALID_PASSWORD")),
             ("GET" | "DELETE", "/api/groups/{id}") => Some((404, "GROUP_NOT_FOUND")),
             ("POST", "/api/groups/sync") => Some((400, "INVALID_GROUP")),
             ("POST", "/api/groups/sync-all") => Some((400, "INVALID_PARAMETER")),

@@ -4,6 +4,7 @@
 
 mod health;
 pub mod policy;
+pub mod wifi;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -49,15 +50,46 @@ pub enum AgentError {
     /// The kernel did not take a policy change; the previous state is in force.
     #[error("{0}")]
     ApplyFailed(String),
+    /// A Wi-Fi change is still pending confirmation.
+    #[error("{0}")]
+    ChangePending(String),
+    /// The router's wireless configuration cannot be read (no uci, no radios).
+    #[error("{0}")]
+    WifiUnavailable(String),
     #[error("request body is larger than {0} bytes")]
     PayloadTooLarge(usize),
+    /// A speed test is already running on this router.
+    #[error("a speed test is already running")]
+    SpeedtestRunning,
+    /// The relay serves its maximum of speed tests right now.
+    #[error("{0}")]
+    SpeedtestBusy(String),
+    /// The speed test could not be carried out against the relay.
+    #[error("{0}")]
+    SpeedtestFailed(String),
     /// Anything else; the detail is logged.
     #[error("internal error: {0}")]
     Internal(String),
 }
 
-/// A policy change the kernel refused.
+impl From<crate::speedtest::SpeedtestError> for AgentError {
+    fn from(e: crate::speedtest::SpeedtestError) -> Self {
+        use crate::speedtest::SpeedtestError as S;
+        match e {
+            S::Running => AgentError::SpeedtestRunning,
+            S::RelayBusy => AgentError::SpeedtestBusy(e.to_string()),
+            S::Unreachable(_) | S::Refused { .. } | S::Timeout(_) => {
+                AgentError::SpeedtestFailed(e.to_string())
+            }
+        }
+    }
+}
+
+/// A policy change the kernel refused, or a Wi-Fi change uci or `wifi` refused.
 pub const APPLY_FAILED: &str = "APPLY_FAILED";
+/// A Wi-Fi change while another waits for confirmation.
+pub const CHANGE_PENDING: &str = "CHANGE_PENDING";
+pub const WIFI_UNAVAILABLE: &str = "WIFI_UNAVAILABLE";
 /// Bodies larger than this are refused; 16,384 devices of JSON fit well inside.
 const MAX_BODY: usize = 4 * 1024 * 1024;
 
@@ -78,9 +110,15 @@ impl AgentError {
                 crate::policy::model::code::GROUP_NOT_FOUND,
             ),
             AgentError::ApplyFailed(_) => (StatusCode::INTERNAL_SERVER_ERROR, APPLY_FAILED),
+            AgentError::ChangePending(_) => (StatusCode::CONFLICT, CHANGE_PENDING),
+            AgentError::WifiUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, WIFI_UNAVAILABLE),
             AgentError::PayloadTooLarge(_) => {
                 (StatusCode::PAYLOAD_TOO_LARGE, code::PAYLOAD_TOO_LARGE)
             }
+            AgentError::SpeedtestRunning => (StatusCode::CONFLICT, code::SPEEDTEST_RUNNING),
+            AgentError::SpeedtestBusy(_) => (StatusCode::TOO_MANY_REQUESTS, code::SPEEDTEST_BUSY),
+            // The relay (the upstream of this measurement) failed us: a gateway error.
+            AgentError::SpeedtestFailed(_) => (StatusCode::BAD_GATEWAY, code::SPEEDTEST_FAILED),
             AgentError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, code::INTERNAL),
         }
     }
@@ -173,6 +211,15 @@ async fn dispatch(app: &Arc<App>, req: Request<Incoming>) -> Result<Reply, Agent
             };
             Reply::ok(out)
         }
+        "/api/speedtest" => {
+            let tester = app
+                .speedtest
+                .clone()
+                .ok_or(AgentError::NotImplemented("/api/speedtest"))?;
+            let args = crate::speedtest::parse_args(req.uri().query(), tester.limits())
+                .map_err(AgentError::InvalidParameter)?;
+            Reply::ok(tester.run(args).await?)
+        }
         pattern if policy_route(pattern) => {
             let engine = app
                 .policy
@@ -180,6 +227,14 @@ async fn dispatch(app: &Arc<App>, req: Request<Incoming>) -> Result<Reply, Agent
                 .ok_or(AgentError::NotImplemented(pattern))?;
             let call = call(route.route.method.as_str(), pattern, route.param("id"), req).await?;
             policy::handle(&engine, call).await
+        }
+        pattern if pattern.starts_with("/api/wifi/") => {
+            let service = app
+                .wifi
+                .clone()
+                .ok_or(AgentError::NotImplemented(pattern))?;
+            let call = call(route.route.method.as_str(), pattern, None, req).await?;
+            wifi::handle(&service, call).await
         }
         other => Err(AgentError::NotImplemented(other)),
     }

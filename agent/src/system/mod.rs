@@ -8,6 +8,8 @@ pub mod process;
 pub mod sysinfo;
 pub mod tc;
 pub mod ubus;
+pub mod uci;
+pub mod wifi;
 
 /// A boxed future: what the system traits return, so they stay object safe.
 pub type Fut<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;

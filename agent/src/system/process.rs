@@ -75,6 +75,26 @@ pub async fn run_with_env(
     timeout: Duration,
     env: &[(&str, &str)],
 ) -> Result<String, ProcessError> {
+    run_capture(argv, stdin, timeout, env)
+        .await
+        .map(|o| o.stdout)
+}
+
+/// What a successful run printed. Some tools report failures on stderr with exit
+/// status 0 (`uci batch` does), so their adapters need both streams.
+#[derive(Debug)]
+pub struct Output {
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// [`run_with_env`], also returning stderr of a successful run.
+pub async fn run_capture(
+    argv: &[&str],
+    stdin: Option<&[u8]>,
+    timeout: Duration,
+    env: &[(&str, &str)],
+) -> Result<Output, ProcessError> {
     let owned = || argv.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     let (program, args) = argv.split_first().ok_or_else(|| ProcessError::Spawn {
         argv: Vec::new(),
@@ -139,7 +159,10 @@ pub async fn run_with_env(
             stderr: String::from_utf8_lossy(&stderr).trim().to_owned(),
         });
     }
-    Ok(String::from_utf8_lossy(&stdout).into_owned())
+    Ok(Output {
+        stdout: String::from_utf8_lossy(&stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&stderr).into_owned(),
+    })
 }
 
 async fn read_capped<R: tokio::io::AsyncRead + Unpin>(r: &mut R) -> std::io::Result<Vec<u8>> {

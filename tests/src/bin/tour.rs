@@ -119,6 +119,11 @@ async fn main() -> anyhow::Result<()> {
             start_delay_max: Duration::ZERO,
             ..Default::default()
         },
+        // A short settle so the tour sees its Wi-Fi change confirmed quickly.
+        wifi_safe: netpilot_agent::wifi::WifiConfig {
+            settle: Duration::from_secs(1),
+            ..Default::default()
+        },
         ..Default::default()
     };
     let agent = tokio::spawn(netpilot_agent::run(run_config, |_| {}, async move {
@@ -157,8 +162,45 @@ async fn main() -> anyhow::Result<()> {
         "GET /api/agent/health",
     );
     show(
+        c.get(&q("/api/speedtest?maxSeconds=2", &sid, &router_id))
+            .await?,
+        "GET /api/speedtest?maxSeconds=2   (measured against this relay on loopback)",
+    );
+
+    section("3b. Wi-Fi: every change is pending until the agent reaches the relay again");
+    show(
         c.get(&q("/api/wifi/status", &sid, &router_id)).await?,
-        "GET /api/wifi/status   (feature not built yet: the agent says so)",
+        "GET /api/wifi/status   (radios, SSIDs, encryption, clients; never the key)",
+    );
+    show(
+        c.post(
+            "/api/wifi/ssid",
+            json!({"sessionId": sid, "routerId": router_id, "ssid": "Home \u{2615}", "radio": "radio1"}),
+        )
+        .await?,
+        "POST /api/wifi/ssid {ssid: \"Home \u{2615}\", radio: radio1}   (applied, pending confirmation)",
+    );
+    show(
+        c.post(
+            "/api/wifi/ssid",
+            json!({"sessionId": sid, "routerId": router_id, "ssid": "Home\nNet"}),
+        )
+        .await?,
+        "POST /api/wifi/ssid {ssid: \"Home\\nNet\"}   (bad input: refused)",
+    );
+    let path = q("/api/wifi/status", &sid, &router_id);
+    let confirmed = netpilot_tests::eventually(
+        Duration::from_secs(30),
+        "the Wi-Fi change to be confirmed",
+        || async {
+            let r = c.get(&path).await.ok()?;
+            (r.body["data"]["change"]["state"] == json!("confirmed")).then_some(r)
+        },
+    )
+    .await?;
+    show(
+        confirmed,
+        "GET /api/wifi/status   (the agent reported to the relay: confirmed; otherwise it rolls back by itself)",
     );
 
     section("4. Device groups and blocking (the simulated router keeps rules in memory)");
