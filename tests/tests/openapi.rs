@@ -73,11 +73,6 @@ const AHEAD_OF_DOC: &[(&str, &str, &str, &str)] = &[(
 /// has caught up with fails the test.
 const LANDED_AHEAD_OF_DOC: &[(&str, &str)] = &[
     ("GET", "/api/speedtest"),
-    ("GET", "/api/wifi/status"),
-    ("POST", "/api/wifi/enable"),
-    ("POST", "/api/wifi/disable"),
-    ("POST", "/api/wifi/password"),
-    ("POST", "/api/wifi/ssid"),
 ];
 
 const HTTP_METHODS: &[&str] = &[
