@@ -19,6 +19,7 @@ pub mod store;
 pub mod system;
 pub mod tls;
 pub mod uci;
+pub mod usage;
 
 use std::future::Future;
 use std::net::SocketAddr;
