@@ -44,6 +44,8 @@ pub struct App {
     pub scanner: Option<Arc<crate::scan::Scanner>>,
     /// The policy engine; `None` only in tests of other parts.
     pub policy: Option<Arc<crate::policy::engine::Engine>>,
+    /// Device usage from nlbwmon; `None` only in tests of other parts.
+    pub usage: Option<Arc<crate::usage::Usage>>,
 }
 
 impl App {
@@ -58,11 +60,17 @@ impl App {
             starts: 0,
             scanner: None,
             policy: None,
+            usage: None,
         }
     }
 
     pub fn with_policy(mut self, engine: Arc<crate::policy::engine::Engine>) -> Self {
         self.policy = Some(engine);
+        self
+    }
+
+    pub fn with_usage(mut self, usage: Arc<crate::usage::Usage>) -> Self {
+        self.usage = Some(usage);
         self
     }
 
