@@ -282,11 +282,13 @@ async fn every_forwarded_route_reaches_the_agent() {
         // With only the ids, each built route answers from the agent with what it
         // makes of an empty call.
         let expect = match (method, route.pattern) {
-            (_, "/api/agent/health" | "/api/scan/router") => Some((200, "")),
+            (_, "/api/agent/health" | "/api/scan/router" | "/api/scan") => Some((200, "")),
             ("GET", "/api/groups" | "/api/infrastructure/status" | "/api/blocked")
             | ("GET", "/api/whitelist" | "/api/blacklist")
             | ("POST", "/api/reset") => Some((200, "")),
             ("GET" | "DELETE", "/api/groups/{id}") => Some((404, "GROUP_NOT_FOUND")),
+            ("GET", "/api/device-usage/device/{mac}") => Some((404, "DEVICE_NOT_FOUND")),
+            (_, p) if p.starts_with("/api/device-usage/") => Some((200, "")),
             ("POST", "/api/groups/sync") => Some((400, "INVALID_GROUP")),
             ("POST", "/api/groups/sync-all") => Some((400, "INVALID_PARAMETER")),
             ("PUT", "/api/groups/{id}/policy") => Some((400, "UNKNOWN_GROUP")),
