@@ -51,6 +51,8 @@ pub struct App {
     pub reporter: Arc<dyn Reporter>,
     /// Measures the line against the relay; `None` (answering 501) without a relay.
     pub speedtest: Option<Arc<crate::speedtest::SpeedTester>>,
+    /// Device usage from nlbwmon; `None` only in tests of other parts.
+    pub usage: Option<Arc<crate::usage::Usage>>,
 }
 
 impl App {
@@ -68,6 +70,7 @@ impl App {
             wifi: None,
             reporter: Arc::new(NoRelay),
             speedtest: None,
+            usage: None,
         }
     }
 
@@ -88,6 +91,11 @@ impl App {
 
     pub fn with_speedtest(mut self, tester: Arc<crate::speedtest::SpeedTester>) -> Self {
         self.speedtest = Some(tester);
+        self
+    }
+
+    pub fn with_usage(mut self, usage: Arc<crate::usage::Usage>) -> Self {
+        self.usage = Some(usage);
         self
     }
 

@@ -20,6 +20,7 @@ pub mod store;
 pub mod system;
 pub mod tls;
 pub mod uci;
+pub mod usage;
 pub mod wifi;
 
 use std::future::Future;
@@ -86,6 +87,12 @@ pub struct RunConfig {
     pub wifi: String,
     /// Safe apply of Wi-Fi changes: grace period, settle delay, retry interval.
     pub wifi_safe: wifi::WifiConfig,
+    /// The `nlbw` client and nlbwmon's init script. `None`: `nlbw`, or the simulated
+    /// nlbwmon when simulating (a given program is used even then: tests).
+    pub nlbw: Option<String>,
+    pub nlbw_init: String,
+    /// Device-usage cache, sampling, flush and retention.
+    pub usage: usage::UsageConfig,
 }
 
 impl Default for RunConfig {
@@ -117,6 +124,9 @@ impl Default for RunConfig {
             uci_savedir: None,
             wifi: "wifi".into(),
             wifi_safe: wifi::WifiConfig::default(),
+            nlbw: None,
+            nlbw_init: "/etc/init.d/nlbwmon".into(),
+            usage: usage::UsageConfig::default(),
         }
     }
 }
@@ -148,6 +158,14 @@ impl RunConfig {
         }
         if w.retry < Duration::from_millis(100) {
             anyhow::bail!("wifi-retry must be at least 100ms");
+        }
+        if !(1..=3650).contains(&self.usage.retention_days) {
+            anyhow::bail!("usage-retention-days must be from 1 to 3650");
+        }
+        if self.usage.sample_interval < Duration::from_secs(1)
+            || self.usage.flush_interval < Duration::from_secs(1)
+        {
+            anyhow::bail!("usage-sample and usage-flush must be at least 1s");
         }
         if self.backoff.cap < self.backoff.base {
             anyhow::bail!("backoff-cap must not be shorter than backoff-base");
@@ -210,12 +228,14 @@ pub async fn run(
         Some(wan_if.clone()),
     );
     let engine = policy_engine(&config, mode, files.clone(), lan_if, wan_if)?;
+    let usage = usage_service(&config, mode, files.clone())?;
     let app = Arc::new(
         App::new(mode, identity.router_id.clone(), files)
             .with_starts(starts)
             .with_policy(engine)
             .with_reporter(reporter)
             .with_speedtest(Arc::new(tester))
+            .with_usage(usage)
             .with_ubus(ubus)
             .with_scanner(scanner)
             .with_wifi(wifi),
@@ -335,6 +355,37 @@ fn policy_engine(
     Ok(Arc::new(engine))
 }
 
+/// Device usage over the real nlbw (or the simulated nlbwmon), with local days in
+/// the router's zone.
+fn usage_service(
+    config: &RunConfig,
+    mode: Mode,
+    files: Arc<dyn Files>,
+) -> anyhow::Result<Arc<usage::Usage>> {
+    use system::nlbw::{Nlbw, RealNlbw};
+    let nlbw: Arc<dyn Nlbw> = match (&config.nlbw, mode) {
+        (None, Mode::Simulated) => Arc::new(sim::SimNlbw::default()),
+        (program, _) => Arc::new(RealNlbw::new(
+            program.as_deref().unwrap_or("nlbw"),
+            config.nlbw_init.clone(),
+            config.root.clone(),
+        )),
+    };
+    // An invalid zone is the policy engine's error to report; usage days fall back
+    // to UTC rather than stopping the agent.
+    let zone = policy::tz::router_zone(files.as_ref(), config.timezone.as_deref())
+        .unwrap_or_else(|_| policy::tz::Zone::utc());
+    let service = usage::Usage::new(
+        nlbw,
+        files,
+        policy::engine::system_clock(),
+        Arc::new(move |t| zone.offset_at(t)),
+        store::Store::open(&config.state_dir)?,
+        config.usage.clone(),
+    )?;
+    Ok(Arc::new(service))
+}
+
 /// Loads the identity; while the router is not enrolled (or the file is corrupt),
 /// says so and looks again every `identity_poll`, so a service started before
 /// enrollment neither crash-loops nor needs a restart afterwards. `None` on shutdown.
@@ -432,6 +483,9 @@ pub async fn serve(
         // Resumes a change left pending by a restart, then confirms, rolls back
         // and reports.
         tasks.spawn(wifi.run(stop_rx.clone()));
+    }
+    if let Some(usage) = app.usage.clone() {
+        tasks.spawn(usage.run(stop_rx.clone()));
     }
     tasks.spawn(link::run(link_config, app.clone(), stop_rx));
     on_ready(Ready {

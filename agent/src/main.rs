@@ -25,6 +25,8 @@ usage: netpilot-agent enroll --relay URL --token TOKEN [--ca FILE | --fingerprin
                           [--uci PROGRAM] [--uci-confdir DIR] [--uci-savedir DIR]
                           [--wifi PROGRAM] [--wifi-grace DUR] [--wifi-settle DUR]
                           [--wifi-retry DUR]
+                          [--nlbw PROGRAM] [--nlbw-init PROGRAM] [--usage-cache DUR]
+                          [--usage-sample DUR] [--usage-flush DUR] [--usage-retention-days N]
        netpilot-agent cleanup [--lan-if IF] [--wan-if IF]
        netpilot-agent --version
 
@@ -122,6 +124,19 @@ fn real_main() -> anyhow::Result<()> {
                 run.speedtest.max_bytes = v
                     .parse()
                     .with_context(|| format!("--speedtest-bytes {v:?} is not a byte count"))?;
+            }
+            Long("nlbw") => run.nlbw = Some(args.value()?.string()?),
+            Long("nlbw-init") => run.nlbw_init = args.value()?.string()?,
+            Long("usage-cache") => run.usage.cache_ttl = duration(&mut args, "usage-cache")?,
+            Long("usage-sample") => {
+                run.usage.sample_interval = duration(&mut args, "usage-sample")?
+            }
+            Long("usage-flush") => run.usage.flush_interval = duration(&mut args, "usage-flush")?,
+            Long("usage-retention-days") => {
+                let v = args.value()?.string()?;
+                run.usage.retention_days = v
+                    .parse()
+                    .with_context(|| format!("--usage-retention-days {v:?} is not a number"))?;
             }
             Long("start-delay-max") => start_delay = Some(duration(&mut args, "start-delay-max")?),
             Value(v) if command.is_none() => command = Some(v.string()?),

@@ -7,9 +7,11 @@ use std::io;
 use std::time::Instant;
 
 use crate::system::files::Files;
+use crate::system::nlbw::{Control, Nlbw, NlbwError, Query};
 use crate::system::ubus::FakeUbus;
 use crate::system::uci::FakeUci;
 use crate::system::wifi::FakeWifi;
+use crate::system::Fut;
 
 /// One simulated LAN device.
 #[derive(Debug, Clone)]
@@ -87,6 +89,18 @@ config wifi-iface 'default_radio1'
 \toption key 'simulated-only'
 ";
 
+/// nlbwmon's UCI defaults as the OpenWrt package ships them.
+const NLBWMON: &str = "
+config nlbwmon
+\toption netlink_buffer_size '524288'
+\toption commit_interval '24h'
+\toption refresh_interval '30s'
+\toption database_directory '/var/lib/nlbwmon'
+\toption database_generations '10'
+\toption database_interval '1'
+\toption protocol_database '/usr/share/nlbwmon/protocols'
+";
+
 const RELEASE: &str = "DISTRIB_ID='OpenWrt'
 DISTRIB_RELEASE='23.05.5'
 DISTRIB_REVISION='r24106-10cc5fcd00'
@@ -152,6 +166,7 @@ impl Files for SimRouter {
             "/tmp/dhcp.leases" => self.leases(),
             "/proc/net/arp" => self.arp(),
             "/etc/config/wireless" => WIRELESS.to_owned(),
+            "/etc/config/nlbwmon" => NLBWMON.to_owned(),
             _ => return Err(io::Error::new(io::ErrorKind::NotFound, path.to_owned())),
         };
         Ok(s)
@@ -179,6 +194,154 @@ pub fn wireless(ubus: &FakeUbus) -> (FakeUci, FakeWifi) {
     (uci, wifi)
 }
 
+// ---- Device usage ----------------------------------------------------------------
+
+/// Per simulated device: download and upload rate (bytes/s) and its protocol mix
+/// (layer7 name or `None` for unclassified, share of the traffic in percent).
+/// (layer7, IP protocol, port, percent of the device's traffic)
+type Mix = &'static [(Option<&'static str>, &'static str, u16, u64)];
+
+const USAGE: &[(u64, u64, Mix)] = &[
+    (
+        180_000,
+        12_000,
+        &[
+            (Some("HTTPS"), "TCP", 443, 70),
+            (Some("QUIC"), "UDP", 443, 25),
+            (Some("DNS"), "UDP", 53, 5),
+        ],
+    ),
+    (
+        60_000,
+        9_000,
+        &[(Some("HTTPS"), "TCP", 443, 80), (None, "UDP", 0, 20)],
+    ),
+    (
+        95_000,
+        4_000,
+        &[
+            (Some("HTTPS"), "TCP", 443, 60),
+            (Some("QUIC"), "UDP", 443, 40),
+        ],
+    ),
+    (
+        420_000,
+        6_000,
+        &[
+            (Some("HTTPS"), "TCP", 443, 90),
+            (Some("HTTP"), "TCP", 80, 10),
+        ],
+    ),
+    (300, 150, &[(Some("IPP"), "TCP", 631, 100)]),
+];
+
+/// The simulated router's nlbwmon: counters that grow at each device's rate from a
+/// few days into the period, `nlbw`'s outputs generated from them, and an init
+/// script whose stop/start resets them the way deleting the database does.
+pub struct SimNlbw {
+    state: std::sync::Mutex<SimNlbwState>,
+}
+
+struct SimNlbwState {
+    running: bool,
+    /// Counting started here; seconds before it were already counted at start.
+    since: Instant,
+    head_start_s: u64,
+}
+
+impl Default for SimNlbw {
+    fn default() -> Self {
+        SimNlbw {
+            state: std::sync::Mutex::new(SimNlbwState {
+                running: true,
+                since: Instant::now(),
+                head_start_s: 3 * 3600,
+            }),
+        }
+    }
+}
+
+impl SimNlbw {
+    /// `nlbw -c json` in the default grouping for the counters now.
+    fn json(&self) -> String {
+        let s = self.state.lock().expect("sim nlbw");
+        let secs = s.head_start_s + s.since.elapsed().as_secs();
+        let mut rows = Vec::new();
+        for (d, (rx, tx, mix)) in DEVICES.iter().zip(USAGE) {
+            for (l7, proto, port, pct) in mix.iter() {
+                let r = rx * secs * pct / 100;
+                let t = tx * secs * pct / 100;
+                let l7 = l7.map_or("null".to_owned(), |l| format!("\"{l}\""));
+                rows.push(format!(
+                    "[4,\"{proto}\",{port},\"{}\",\"{}\",{},{r},{},{t},{},{l7}]",
+                    d.mac,
+                    d.ip,
+                    1 + secs / 600,
+                    r / 1200 + 1,
+                    t / 600 + 1
+                ));
+            }
+        }
+        format!("{{\"columns\":[\"family\",\"proto\",\"port\",\"mac\",\"ip\",\"conns\",\"rx_bytes\",\"rx_pkts\",\"tx_bytes\",\"tx_pkts\",\"layer7\"],\"data\":[{}]}}", rows.join(","))
+    }
+}
+
+impl Nlbw for SimNlbw {
+    fn query<'a>(&'a self, q: Query<'a>) -> Fut<'a, Result<String, NlbwError>> {
+        Box::pin(async move {
+            if !self.state.lock().expect("sim nlbw").running {
+                return Err(NlbwError::NotRunning {
+                    detail: "Error while processing command: No such file or directory".into(),
+                });
+            }
+            Ok(match q {
+                Query::Json { group_by: None, .. } => self.json(),
+                Query::List => "2026-11-01\n".to_owned(),
+                Query::Commit => "0 Ok\n".to_owned(),
+                other => {
+                    return Err(NlbwError::NotRunning {
+                        detail: format!("the simulated nlbw does not serve {:?}", other.args()),
+                    })
+                }
+            })
+        })
+    }
+
+    fn control(&self, action: Control) -> Fut<'_, Result<(), NlbwError>> {
+        Box::pin(async move {
+            let mut s = self.state.lock().expect("sim nlbw");
+            match action {
+                Control::Stop => s.running = false,
+                Control::Start => {
+                    s.running = true;
+                    s.since = Instant::now();
+                    s.head_start_s = 0;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn remove_files<'a>(
+        &'a self,
+        dir: &'a str,
+        matches: fn(&str) -> bool,
+    ) -> Fut<'a, Result<Vec<String>, NlbwError>> {
+        Box::pin(async move {
+            let name = if dir == crate::usage::DEFAULT_DATABASE_DIR {
+                "20261101.db.gz"
+            } else {
+                "0.db"
+            };
+            Ok(if matches(name) {
+                vec![name.to_owned()]
+            } else {
+                Vec::new()
+            })
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -194,6 +357,14 @@ mod tests {
         assert!(info.memory.is_some() && info.load.is_some());
         let leases = sim.read_to_string("/tmp/dhcp.leases").unwrap();
         assert_eq!(leases.lines().count(), DEVICES.len());
+        let usage = crate::usage::parse::aggregate(
+            &crate::usage::parse::json(&SimNlbw::default().json()).unwrap(),
+        );
+        assert_eq!(usage.devices.len(), DEVICES.len());
+        assert!(usage
+            .devices
+            .values()
+            .all(|d| d.rx_bytes > d.tx_bytes && d.conns > 0));
         let wireless = sim.read_to_string("/etc/config/wireless").unwrap();
         assert_eq!(wireless.matches("config wifi-device").count(), 2);
     }

@@ -91,6 +91,21 @@ CREATE TABLE wifi_changes (
                                      -- /etc/config/wireless does); emptied once settled
 );
 "#,
+    // Device usage history (see usage::history).
+    r#"
+CREATE TABLE usage_daily (
+    day      TEXT NOT NULL,     -- the router's local date, YYYY-MM-DD
+    mac      TEXT NOT NULL,     -- normalised aa:bb:cc:dd:ee:ff
+    rx_bytes INTEGER NOT NULL,  -- downloaded by the device that day
+    tx_bytes INTEGER NOT NULL,  -- uploaded by the device that day
+    PRIMARY KEY (day, mac)
+) WITHOUT ROWID;
+CREATE TABLE usage_baseline (
+    mac      TEXT PRIMARY KEY,  -- nlbwmon's counters at the last flush, already counted
+    rx_bytes INTEGER NOT NULL,
+    tx_bytes INTEGER NOT NULL
+) WITHOUT ROWID;
+"#,
 ];
 
 pub struct Store {

@@ -295,6 +295,8 @@ async fn every_forwarded_route_reaches_the_agent() {
             ("POST", "/api/wifi/ssid") => Some((400, "INVALID_SSID")),
             ("POST", "/api/wifi/password") => Some((400, "INVALID_PASSWORD")),
             ("GET" | "DELETE", "/api/groups/{id}") => Some((404, "GROUP_NOT_FOUND")),
+            ("GET", "/api/device-usage/device/{mac}") => Some((404, "DEVICE_NOT_FOUND")),
+            (_, p) if p.starts_with("/api/device-usage/") => Some((200, "")),
             ("POST", "/api/groups/sync") => Some((400, "INVALID_GROUP")),
             ("POST", "/api/groups/sync-all") => Some((400, "INVALID_PARAMETER")),
             ("PUT", "/api/groups/{id}/policy") => Some((400, "UNKNOWN_GROUP")),

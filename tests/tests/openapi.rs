@@ -71,9 +71,7 @@ const AHEAD_OF_DOC: &[(&str, &str, &str, &str)] = &[(
 /// Router operations whose agent feature has landed while the document still marks
 /// them `x-netpilot-implemented: false`: the agent answers 200. An entry the document
 /// has caught up with fails the test.
-const LANDED_AHEAD_OF_DOC: &[(&str, &str)] = &[
-    ("GET", "/api/speedtest"),
-];
+const LANDED_AHEAD_OF_DOC: &[(&str, &str)] = &[("GET", "/api/speedtest")];
 
 const HTTP_METHODS: &[&str] = &[
     "get", "put", "post", "delete", "options", "head", "patch", "trace",

@@ -24,6 +24,8 @@ fn the_tour_runs_end_to_end() {
         "\"class\": \"1:102\"",
         "\"code\": \"INVALID_MAC\"",
         "\"in_sync\": true",
+        "\"hostname\": \"living-room-tv\"",
+        "\"top_devices\"",
         "netpilot_connected_agents 1",
         "Tour complete",
     ] {

@@ -4,6 +4,7 @@
 
 mod health;
 pub mod policy;
+pub mod usage;
 pub mod wifi;
 
 use std::convert::Infallible;
@@ -56,6 +57,18 @@ pub enum AgentError {
     /// The router's wireless configuration cannot be read (no uci, no radios).
     #[error("{0}")]
     WifiUnavailable(String),
+    /// nlbwmon is not installed, not running or not answering.
+    #[error("{0}")]
+    UsageUnavailable(String),
+    /// nlbw answered something unusable.
+    #[error("{0}")]
+    UsageBadOutput(String),
+    /// No usage recorded for the device.
+    #[error("{0}")]
+    NoUsage(String),
+    /// A step of the usage reset failed; the message lists every one.
+    #[error("{0}")]
+    ResetFailed(String),
     #[error("request body is larger than {0} bytes")]
     PayloadTooLarge(usize),
     /// A speed test is already running on this router.
@@ -90,6 +103,14 @@ pub const APPLY_FAILED: &str = "APPLY_FAILED";
 /// A Wi-Fi change while another waits for confirmation.
 pub const CHANGE_PENDING: &str = "CHANGE_PENDING";
 pub const WIFI_UNAVAILABLE: &str = "WIFI_UNAVAILABLE";
+/// nlbwmon cannot be asked (not installed, not running, not answering).
+pub const NLBWMON_UNAVAILABLE: &str = "NLBWMON_UNAVAILABLE";
+/// nlbw's output could not be read.
+pub const NLBWMON_BAD_OUTPUT: &str = "NLBWMON_BAD_OUTPUT";
+/// The device has no usage in nlbwmon's current period.
+pub const DEVICE_NOT_FOUND: &str = "DEVICE_NOT_FOUND";
+/// Resetting nlbwmon failed part way.
+pub const USAGE_RESET_FAILED: &str = "USAGE_RESET_FAILED";
 /// Bodies larger than this are refused; 16,384 devices of JSON fit well inside.
 const MAX_BODY: usize = 4 * 1024 * 1024;
 
@@ -112,6 +133,12 @@ impl AgentError {
             AgentError::ApplyFailed(_) => (StatusCode::INTERNAL_SERVER_ERROR, APPLY_FAILED),
             AgentError::ChangePending(_) => (StatusCode::CONFLICT, CHANGE_PENDING),
             AgentError::WifiUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, WIFI_UNAVAILABLE),
+            AgentError::UsageUnavailable(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, NLBWMON_UNAVAILABLE)
+            }
+            AgentError::UsageBadOutput(_) => (StatusCode::BAD_GATEWAY, NLBWMON_BAD_OUTPUT),
+            AgentError::NoUsage(_) => (StatusCode::NOT_FOUND, DEVICE_NOT_FOUND),
+            AgentError::ResetFailed(_) => (StatusCode::INTERNAL_SERVER_ERROR, USAGE_RESET_FAILED),
             AgentError::PayloadTooLarge(_) => {
                 (StatusCode::PAYLOAD_TOO_LARGE, code::PAYLOAD_TOO_LARGE)
             }
@@ -146,7 +173,12 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Bo
             request_id: request_id.clone(),
         };
         let resp = match dispatch(&app, req).await {
-            Ok(Reply(status, value)) => json(status, &Envelope::ok(value, meta())),
+            Ok(Reply(status, Payload::Json(value))) => json(status, &Envelope::ok(value, meta())),
+            Ok(Reply(status, Payload::Raw(content_type, text))) => Response::builder()
+                .status(status)
+                .header(CONTENT_TYPE, content_type)
+                .body(Full::new(Bytes::from(text)))
+                .expect("static response parts"),
             Err(err) => {
                 let (status, code) = err.status_and_code();
                 if status.is_server_error() && status != StatusCode::NOT_IMPLEMENTED {
@@ -161,14 +193,24 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Bo
     .await
 }
 
-/// A handler's success: status and the `data` of the envelope.
-pub struct Reply(StatusCode, serde_json::Value);
+/// A handler's success: status and the `data` of the envelope, or a body in
+/// another format (the CSV export) sent as it is.
+pub struct Reply(StatusCode, Payload);
+
+pub enum Payload {
+    Json(serde_json::Value),
+    Raw(&'static str, String),
+}
 
 impl Reply {
     pub fn ok(data: impl Serialize) -> Result<Reply, AgentError> {
         serde_json::to_value(data)
-            .map(|v| Reply(StatusCode::OK, v))
+            .map(|v| Reply(StatusCode::OK, Payload::Json(v)))
             .map_err(|e| AgentError::Internal(e.to_string()))
+    }
+
+    pub fn raw(content_type: &'static str, body: String) -> Result<Reply, AgentError> {
+        Ok(Reply(StatusCode::OK, Payload::Raw(content_type, body)))
     }
 }
 
@@ -219,6 +261,20 @@ async fn dispatch(app: &Arc<App>, req: Request<Incoming>) -> Result<Reply, Agent
             let args = crate::speedtest::parse_args(req.uri().query(), tester.limits())
                 .map_err(AgentError::InvalidParameter)?;
             Reply::ok(tester.run(args).await?)
+        }
+        pattern if pattern.starts_with("/api/device-usage/") => {
+            let service = app
+                .usage
+                .clone()
+                .ok_or(AgentError::NotImplemented(pattern))?;
+            let call = call(
+                route.route.method.as_str(),
+                pattern,
+                route.param("mac"),
+                req,
+            )
+            .await?;
+            usage::handle(&service, call).await
         }
         pattern if policy_route(pattern) => {
             let engine = app

@@ -4,6 +4,7 @@
 pub mod clock;
 pub mod files;
 pub mod nft;
+pub mod nlbw;
 pub mod process;
 pub mod sysinfo;
 pub mod tc;

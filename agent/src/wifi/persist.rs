@@ -220,7 +220,7 @@ mod tests {
         };
         {
             let mut s = Store::open(&dir).unwrap();
-            assert_eq!(s.schema_version().unwrap(), 3);
+            assert!(s.schema_version().unwrap() >= 3, "the Wi-Fi migration ran");
             s.wifi_insert(&c).unwrap();
         }
         let mut s = Store::open(&dir).unwrap();

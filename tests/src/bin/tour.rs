@@ -245,6 +245,16 @@ async fn main() -> anyhow::Result<()> {
         c.get(&q("/api/scan", &sid, &router_id)).await?,
         "GET /api/scan   (leases, neighbours and Wi-Fi clients, with their groups)",
     );
+    show(
+        c.get(&q("/api/device-usage/current?limit=2", &sid, &router_id))
+            .await?,
+        "GET /api/device-usage/current?limit=2   (nlbwmon's counters, top two devices)",
+    );
+    show(
+        c.get(&q("/api/device-usage/summary?days=7", &sid, &router_id))
+            .await?,
+        "GET /api/device-usage/summary?days=7   (the agent's own daily history)",
+    );
 
     section("5. Isolation: another user's session cannot reach this router");
     let other = uuid::Uuid::new_v4().to_string();

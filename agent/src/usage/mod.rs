@@ -1,0 +1,721 @@
+//! Device usage from nlbwmon: the service behind `/api/device-usage/*`. It reads
+//! nlbwmon through the [`Nlbw`] seam (cached for a few seconds), names devices from
+//! the DHCP leases, folds every reading into the daily [`history::Ledger`] and
+//! writes that to SQLite a few times a day (flash wears), and resets nlbwmon by
+//! stopping it, removing its database files and starting it again. The clock,
+//! nlbw and files are injected; nothing here knows whether the router is real.
+
+pub mod history;
+pub mod parse;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::policy::engine::Clock;
+use crate::policy::model::Mac;
+use crate::store::{Store, StoreError};
+use crate::system::files::Files;
+use crate::system::nlbw::{self, Control, Nlbw, NlbwError, Query};
+use history::Ledger;
+use parse::Aggregate;
+
+pub const NLBWMON_CONFIG: &str = "/etc/config/nlbwmon";
+pub const DEFAULT_DATABASE_DIR: &str = "/var/lib/nlbwmon";
+/// nlbwmon's temp directory (not configurable in nlbwmon), holding `0.db`.
+pub const NLBWMON_TEMP_DIR: &str = "/tmp";
+const HINT: &str = "install and start nlbwmon on the router (opkg install nlbwmon; /etc/init.d/nlbwmon enable; /etc/init.d/nlbwmon start)";
+
+#[derive(Debug, thiserror::Error)]
+pub enum UsageError {
+    /// nlbwmon cannot be asked: not installed, not running, not answering.
+    #[error("{reason}; {HINT}")]
+    Unavailable { reason: String },
+    /// nlbw answered something that is not its output.
+    #[error("nlbw output is unusable: {0}")]
+    BadOutput(String),
+    /// The device has no traffic in nlbwmon's current period.
+    #[error("no usage recorded for {0} in the current period")]
+    NoSuchDevice(Mac),
+    #[error("usage history: {0}")]
+    Store(#[from] StoreError),
+    /// One or more reset steps failed; each is listed.
+    #[error("reset failed: {}", .0.join("; "))]
+    ResetFailed(Vec<String>),
+}
+
+impl From<NlbwError> for UsageError {
+    fn from(e: NlbwError) -> Self {
+        match e {
+            NlbwError::Failed(p) => UsageError::BadOutput(p.to_string()),
+            other => UsageError::Unavailable {
+                reason: other.to_string(),
+            },
+        }
+    }
+}
+
+impl From<parse::ParseError> for UsageError {
+    fn from(e: parse::ParseError) -> Self {
+        UsageError::BadOutput(e.to_string())
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct UsageConfig {
+    /// How long one reading of nlbwmon answers requests.
+    pub cache_ttl: Duration,
+    /// How often the background task reads nlbwmon into the ledger.
+    pub sample_interval: Duration,
+    /// How often the ledger is written to SQLite (also at shutdown and at a new day).
+    pub flush_interval: Duration,
+    pub retention_days: u32,
+    /// How long a reset waits for nlbwmon to stop and to answer again.
+    pub confirm_timeout: Duration,
+}
+
+impl Default for UsageConfig {
+    fn default() -> Self {
+        UsageConfig {
+            cache_ttl: Duration::from_secs(5),
+            sample_interval: Duration::from_secs(300),
+            flush_interval: Duration::from_secs(3 * 3600),
+            retention_days: 35,
+            confirm_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// One reading of nlbwmon.
+struct Live {
+    agg: Aggregate,
+    period: Option<String>,
+    read_unix: u64,
+}
+
+pub struct Usage {
+    nlbw: Arc<dyn Nlbw>,
+    files: Arc<dyn Files>,
+    clock: Clock,
+    /// The router's UTC offset (seconds east) at a Unix time: days are local.
+    offset: Arc<dyn Fn(i64) -> i32 + Send + Sync>,
+    store: Mutex<Store>,
+    ledger: Mutex<Ledger>,
+    /// One reading at a time; callers inside the TTL share it.
+    cache: tokio::sync::Mutex<Option<(tokio::time::Instant, Arc<Live>)>>,
+    last_flush: Mutex<Option<u64>>,
+    config: UsageConfig,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ProtocolOut {
+    pub name: String,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceUsage {
+    pub mac: Mac,
+    /// The first address, IPv4 first; `ips` has them all.
+    pub ip: Option<IpAddr>,
+    pub ips: Vec<IpAddr>,
+    pub hostname: Option<String>,
+    /// Downloaded by the device.
+    pub bytes_rx: u64,
+    /// Uploaded by the device.
+    pub bytes_tx: u64,
+    pub total_bytes: u64,
+    pub connections: u64,
+    /// Up to five, by bytes: the layer-7 name, else the IP protocol.
+    pub top_protocols: Vec<ProtocolOut>,
+    /// Unix seconds the agent last saw its counters grow; `None` when they have not
+    /// grown since the agent started watching.
+    pub last_seen: Option<u64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CurrentOut {
+    pub timestamp: u64,
+    /// nlbwmon's current period (its start date), when it lists one.
+    pub period: Option<String>,
+    pub devices: Vec<DeviceUsage>,
+    pub total_devices: usize,
+    pub total_bytes: u64,
+    /// Bytes nlbwmon could not attribute to a MAC.
+    pub unattributed_bytes: u64,
+    pub offset: usize,
+    pub limit: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DeviceOut {
+    pub timestamp: u64,
+    pub period: Option<String>,
+    pub device: DeviceUsage,
+}
+
+#[derive(Debug, Serialize)]
+pub struct StatusOut {
+    pub installed: bool,
+    pub running: bool,
+    /// Why not, when not running.
+    pub error: Option<String>,
+    pub database_directory: String,
+    /// UCI `database_interval`: the accounting period (a day of month, or
+    /// `YYYY-MM-DD/N` days).
+    pub period: Option<String>,
+    pub current_period: Option<String>,
+    pub periods: Vec<String>,
+    pub refresh_interval: Option<String>,
+    pub commit_interval: Option<String>,
+    pub history: HistoryStatus,
+}
+
+#[derive(Debug, Serialize)]
+pub struct HistoryStatus {
+    pub retention_days: u32,
+    pub last_flush: Option<u64>,
+    pub pending_entries: usize,
+}
+
+#[derive(Debug, Serialize, PartialEq, Eq)]
+pub struct DayOut {
+    pub date: String,
+    pub bytes_rx: u64,
+    pub bytes_tx: u64,
+    pub total_bytes: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DeviceHistory {
+    pub mac: Mac,
+    pub hostname: Option<String>,
+    pub total_bytes: u64,
+    pub days: Vec<DayOut>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DailyTotal {
+    pub date: String,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct HistoryOut {
+    pub days: u32,
+    pub from: String,
+    pub to: String,
+    pub devices: Vec<DeviceHistory>,
+    pub daily_totals: Vec<DailyTotal>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TopDevice {
+    pub mac: Mac,
+    pub hostname: Option<String>,
+    pub total_bytes: u64,
+    /// Share of `total_bytes`, 0–100 with two decimals.
+    pub percentage: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SummaryOut {
+    pub period_days: u32,
+    pub from: String,
+    pub to: String,
+    pub total_bytes: u64,
+    pub top_devices: Vec<TopDevice>,
+    pub daily_totals: Vec<DailyTotal>,
+    /// nlbwmon's current period and its total, live.
+    pub nlbwmon_period: Option<String>,
+    pub nlbwmon_period_bytes: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ResetOut {
+    pub removed_files: Vec<String>,
+    pub running: bool,
+    pub history_cleared: bool,
+}
+
+impl Usage {
+    pub fn new(
+        nlbw: Arc<dyn Nlbw>,
+        files: Arc<dyn Files>,
+        clock: Clock,
+        offset: Arc<dyn Fn(i64) -> i32 + Send + Sync>,
+        mut store: Store,
+        config: UsageConfig,
+    ) -> Result<Usage, UsageError> {
+        let ledger = history::load(&mut store)?;
+        Ok(Usage {
+            nlbw,
+            files,
+            clock,
+            offset,
+            store: Mutex::new(store),
+            ledger: Mutex::new(ledger),
+            cache: tokio::sync::Mutex::new(None),
+            last_flush: Mutex::new(None),
+            config,
+        })
+    }
+
+    fn now(&self) -> i64 {
+        (self.clock)()
+    }
+
+    fn today(&self) -> String {
+        let now = self.now();
+        history::date_of(now, (self.offset)(now))
+    }
+
+    /// The first day of an N-day window ending today.
+    fn first_day(&self, days: u32) -> String {
+        let now = self.now();
+        let local = now + (self.offset)(now) as i64;
+        history::civil(local.div_euclid(86_400) - (days as i64 - 1))
+    }
+
+    /// Reads nlbwmon (or returns the reading younger than the TTL) and folds it into
+    /// the ledger.
+    async fn live(&self) -> Result<Arc<Live>, UsageError> {
+        let mut cache = self.cache.lock().await;
+        if let Some((at, live)) = cache.as_ref() {
+            if at.elapsed() < self.config.cache_ttl {
+                return Ok(live.clone());
+            }
+        }
+        let periods = parse::list(&self.nlbw.query(Query::List).await?)?;
+        let text = self
+            .nlbw
+            .query(Query::Json {
+                group_by: None,
+                period: None,
+            })
+            .await?;
+        let agg = parse::aggregate(&parse::json(&text)?);
+        let now = self.now();
+        let period = periods.into_iter().next();
+        let today = self.today();
+        {
+            let mut ledger = self.ledger.lock().expect("usage ledger");
+            // A new local day: write the finished one out before counting into today.
+            let day_changed = ledger.pending.keys().any(|(d, _)| *d != today);
+            ledger.observe(
+                &today,
+                period.as_deref(),
+                now as u64,
+                agg.devices
+                    .iter()
+                    .map(|(m, d)| (*m, (d.rx_bytes, d.tx_bytes))),
+            );
+            if day_changed {
+                self.flush_locked(&mut ledger)?;
+            }
+        }
+        let live = Arc::new(Live {
+            agg,
+            period,
+            read_unix: now.max(0) as u64,
+        });
+        *cache = Some((tokio::time::Instant::now(), live.clone()));
+        Ok(live)
+    }
+
+    fn flush_locked(&self, ledger: &mut Ledger) -> Result<(), UsageError> {
+        let keep_from = self.first_day(self.config.retention_days);
+        let mut store = self.store.lock().expect("usage store");
+        history::flush(&mut store, ledger, &keep_from)?;
+        *self.last_flush.lock().expect("usage flush") = Some(self.now().max(0) as u64);
+        Ok(())
+    }
+
+    /// Writes the ledger to SQLite now.
+    pub fn flush(&self) -> Result<(), UsageError> {
+        let mut ledger = self.ledger.lock().expect("usage ledger");
+        self.flush_locked(&mut ledger)
+    }
+
+    /// MAC → hostname from dnsmasq's leases; a missing file names nobody.
+    fn hostnames(&self) -> HashMap<Mac, String> {
+        let text = self
+            .files
+            .read_to_string(crate::scan::LEASES_PATH)
+            .unwrap_or_default();
+        crate::scan::parse::leases(&text)
+            .into_iter()
+            .filter_map(|l| Some((l.mac, l.hostname?)))
+            .collect()
+    }
+
+    fn device_out(
+        mac: Mac,
+        d: &parse::DeviceTotals,
+        names: &HashMap<Mac, String>,
+        seen: &HashMap<Mac, u64>,
+    ) -> DeviceUsage {
+        DeviceUsage {
+            mac,
+            ip: d.ips.first().copied(),
+            ips: d.ips.clone(),
+            hostname: names.get(&mac).cloned(),
+            bytes_rx: d.rx_bytes,
+            bytes_tx: d.tx_bytes,
+            total_bytes: d.total(),
+            connections: d.conns,
+            top_protocols: d
+                .protocols
+                .iter()
+                .take(5)
+                .map(|(n, b)| ProtocolOut {
+                    name: n.clone(),
+                    bytes: *b,
+                })
+                .collect(),
+            last_seen: seen.get(&mac).copied(),
+        }
+    }
+
+    /// Every device of the current period, most traffic first, one page of them.
+    pub async fn current(&self, offset: usize, limit: usize) -> Result<CurrentOut, UsageError> {
+        let live = self.live().await?;
+        let names = self.hostnames();
+        let seen = self
+            .ledger
+            .lock()
+            .expect("usage ledger")
+            .last_change
+            .clone();
+        let mut all: Vec<(&Mac, &parse::DeviceTotals)> = live.agg.devices.iter().collect();
+        all.sort_by(|a, b| b.1.total().cmp(&a.1.total()).then(a.0.cmp(b.0)));
+        let total_bytes = all
+            .iter()
+            .fold(0u64, |s, (_, d)| s.saturating_add(d.total()));
+        Ok(CurrentOut {
+            timestamp: live.read_unix,
+            period: live.period.clone(),
+            total_devices: all.len(),
+            total_bytes,
+            unattributed_bytes: live.agg.unattributed_bytes,
+            devices: all
+                .iter()
+                .skip(offset)
+                .take(limit)
+                .map(|(m, d)| Self::device_out(**m, d, &names, &seen))
+                .collect(),
+            offset,
+            limit,
+        })
+    }
+
+    pub async fn device(&self, mac: Mac) -> Result<DeviceOut, UsageError> {
+        let live = self.live().await?;
+        let d = live
+            .agg
+            .devices
+            .get(&mac)
+            .ok_or(UsageError::NoSuchDevice(mac))?;
+        let seen = self
+            .ledger
+            .lock()
+            .expect("usage ledger")
+            .last_change
+            .clone();
+        Ok(DeviceOut {
+            timestamp: live.read_unix,
+            period: live.period.clone(),
+            device: Self::device_out(mac, d, &self.hostnames(), &seen),
+        })
+    }
+
+    /// nlbwmon's state and configuration; answers even when it is not running.
+    pub async fn status(&self) -> StatusOut {
+        let uci = self.nlbwmon_config();
+        let get = |k: &str| uci.get(k).cloned();
+        let (installed, running, error, periods) = match self.nlbw.query(Query::List).await {
+            Ok(text) => match parse::list(&text) {
+                Ok(p) => (true, true, None, p),
+                Err(e) => (true, true, Some(e.to_string()), Vec::new()),
+            },
+            Err(e @ NlbwError::NotInstalled { .. }) => (false, false, Some(e.to_string()), vec![]),
+            Err(e) => (true, false, Some(e.to_string()), Vec::new()),
+        };
+        let ledger = self.ledger.lock().expect("usage ledger");
+        StatusOut {
+            installed,
+            running,
+            error,
+            database_directory: self.database_dir(),
+            period: get("database_interval"),
+            current_period: periods.first().cloned(),
+            periods,
+            refresh_interval: get("refresh_interval"),
+            commit_interval: get("commit_interval"),
+            history: HistoryStatus {
+                retention_days: self.config.retention_days,
+                last_flush: *self.last_flush.lock().expect("usage flush"),
+                pending_entries: ledger.pending.len(),
+            },
+        }
+    }
+
+    /// Options of the first `nlbwmon` section of `/etc/config/nlbwmon`.
+    fn nlbwmon_config(&self) -> HashMap<String, String> {
+        let text = self
+            .files
+            .read_to_string(NLBWMON_CONFIG)
+            .unwrap_or_default();
+        crate::uci::parse(&text)
+            .ok()
+            .and_then(|s| s.into_iter().find(|s| s.kind == "nlbwmon"))
+            .map(|s| s.values.into_iter().collect())
+            .unwrap_or_default()
+    }
+
+    fn database_dir(&self) -> String {
+        self.nlbwmon_config()
+            .remove("database_directory")
+            .filter(|d| d.starts_with('/'))
+            .unwrap_or_else(|| DEFAULT_DATABASE_DIR.to_owned())
+    }
+
+    /// Per-day totals per device over the last `days` days (today included): the
+    /// stored days plus what is counted but not yet written, after a fresh reading.
+    /// nlbwmon being down leaves the stored history readable.
+    pub async fn history(&self, days: u32) -> Result<HistoryOut, UsageError> {
+        let live_ok = self.live().await;
+        let from = self.first_day(days);
+        let to = self.today();
+        let pending = self.ledger.lock().expect("usage ledger").pending.clone();
+        let rows = {
+            let mut store = self.store.lock().expect("usage store");
+            history::days(&mut store, &pending, &from)?
+        };
+        if rows.is_empty() {
+            // Nothing stored and nlbwmon down: say so rather than show "no traffic".
+            live_ok?;
+        }
+        let names = self.hostnames();
+        let mut per: BTreeMap<Mac, DeviceHistory> = BTreeMap::new();
+        let mut daily: BTreeMap<String, u64> = BTreeMap::new();
+        for ((day, mac), (rx, tx)) in rows {
+            let total = rx.saturating_add(tx);
+            let d = per.entry(mac).or_insert_with(|| DeviceHistory {
+                mac,
+                hostname: names.get(&mac).cloned(),
+                total_bytes: 0,
+                days: Vec::new(),
+            });
+            d.total_bytes = d.total_bytes.saturating_add(total);
+            let t = daily.entry(day.clone()).or_default();
+            *t = t.saturating_add(total);
+            d.days.push(DayOut {
+                date: day,
+                bytes_rx: rx,
+                bytes_tx: tx,
+                total_bytes: total,
+            });
+        }
+        let mut devices: Vec<DeviceHistory> = per.into_values().collect();
+        devices.sort_by(|a, b| b.total_bytes.cmp(&a.total_bytes).then(a.mac.cmp(&b.mac)));
+        Ok(HistoryOut {
+            days,
+            from,
+            to,
+            devices,
+            daily_totals: daily
+                .into_iter()
+                .map(|(date, bytes)| DailyTotal { date, bytes })
+                .collect(),
+        })
+    }
+
+    pub async fn summary(&self, days: u32) -> Result<SummaryOut, UsageError> {
+        let h = self.history(days).await?;
+        let live = self.live().await.ok();
+        let total = h
+            .devices
+            .iter()
+            .fold(0u64, |s, d| s.saturating_add(d.total_bytes));
+        let top_devices = h
+            .devices
+            .iter()
+            .take(10)
+            .map(|d| TopDevice {
+                mac: d.mac,
+                hostname: d.hostname.clone(),
+                total_bytes: d.total_bytes,
+                percentage: percentage(d.total_bytes, total),
+            })
+            .collect();
+        Ok(SummaryOut {
+            period_days: days,
+            from: h.from,
+            to: h.to,
+            total_bytes: total,
+            top_devices,
+            daily_totals: h.daily_totals,
+            nlbwmon_period: live.as_ref().and_then(|l| l.period.clone()),
+            nlbwmon_period_bytes: live.as_ref().map_or(0, |l| {
+                l.agg
+                    .devices
+                    .values()
+                    .fold(0u64, |s, d| s.saturating_add(d.total()))
+            }),
+        })
+    }
+
+    /// History as CSV: `date,mac,hostname,bytes_rx,bytes_tx,total_bytes`.
+    pub async fn history_csv(&self, days: u32) -> Result<String, UsageError> {
+        let h = self.history(days).await?;
+        let mut out = String::from("date,mac,hostname,bytes_rx,bytes_tx,total_bytes\n");
+        let mut rows: Vec<(&str, &DeviceHistory, &DayOut)> = h
+            .devices
+            .iter()
+            .flat_map(|d| d.days.iter().map(move |day| (day.date.as_str(), d, day)))
+            .collect();
+        rows.sort_by(|a, b| a.0.cmp(b.0).then(a.1.mac.cmp(&b.1.mac)));
+        for (date, d, day) in rows {
+            out.push_str(date);
+            out.push(',');
+            d.mac.push_to(&mut out);
+            out.push(',');
+            out.push_str(&csv_field(d.hostname.as_deref().unwrap_or("")));
+            out.push_str(&format!(
+                ",{},{},{}\n",
+                day.bytes_rx, day.bytes_tx, day.total_bytes
+            ));
+        }
+        Ok(out)
+    }
+
+    /// nlbwmon has no reset command: stop it, wait until it is gone (it saves its
+    /// database on the way out), remove its database files, start it and wait until
+    /// it answers. The agent's history is cleared too unless `keep_history`: a reset
+    /// means "count from zero". Every failing step is reported.
+    pub async fn reset(&self, keep_history: bool) -> Result<ResetOut, UsageError> {
+        let mut errors = Vec::new();
+        if keep_history {
+            // Count what nlbwmon has now, so the reset loses nothing of the history.
+            if let Err(e) = self.live_uncached().await.and_then(|_| self.flush()) {
+                errors.push(format!("saving history: {e}"));
+            }
+        }
+        if let Err(e) = self.nlbw.control(Control::Stop).await {
+            errors.push(e.to_string());
+        }
+        if !self.wait_running(false).await {
+            errors.push("nlbwmon still answers after stop".into());
+        }
+        let mut removed = Vec::new();
+        if errors.is_empty() {
+            let dir = self.database_dir();
+            for (d, m) in [
+                (dir.as_str(), nlbw::is_database_file as fn(&str) -> bool),
+                (NLBWMON_TEMP_DIR, nlbw::is_temp_state_file),
+            ] {
+                match self.nlbw.remove_files(d, m).await {
+                    Ok(names) => removed.extend(names.into_iter().map(|n| format!("{d}/{n}"))),
+                    Err(e) => errors.push(e.to_string()),
+                }
+            }
+        }
+        // Start again whatever happened: a reset must not leave accounting off.
+        if let Err(e) = self.nlbw.control(Control::Start).await {
+            errors.push(e.to_string());
+        }
+        let running = self.wait_running(true).await;
+        if !running {
+            errors.push("nlbwmon does not answer after start".into());
+        }
+        *self.cache.lock().await = None;
+        let history_cleared = !keep_history && errors.is_empty();
+        if history_cleared {
+            let mut ledger = self.ledger.lock().expect("usage ledger");
+            *ledger = Ledger::default();
+            let mut store = self.store.lock().expect("usage store");
+            history::clear(&mut store)?;
+        }
+        if !errors.is_empty() {
+            return Err(UsageError::ResetFailed(errors));
+        }
+        Ok(ResetOut {
+            removed_files: removed,
+            running,
+            history_cleared,
+        })
+    }
+
+    async fn live_uncached(&self) -> Result<Arc<Live>, UsageError> {
+        *self.cache.lock().await = None;
+        self.live().await
+    }
+
+    /// Polls `nlbw -c list` until it answers (`want`) or fails, for up to
+    /// `confirm_timeout`.
+    async fn wait_running(&self, want: bool) -> bool {
+        let tries = (self.config.confirm_timeout.as_millis() / 100).max(1);
+        for _ in 0..tries {
+            let up = self.nlbw.query(Query::List).await.is_ok();
+            if up == want {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    }
+
+    /// The background task: reads nlbwmon every `sample_interval` so growth lands
+    /// on the right day, writes the ledger every `flush_interval`, and once more
+    /// when asked to stop.
+    pub async fn run(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let mut sample = tokio::time::interval(self.config.sample_interval);
+        let mut flush = tokio::time::interval(self.config.flush_interval);
+        sample.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        flush.tick().await;
+        loop {
+            tokio::select! {
+                _ = sample.tick() => {
+                    if let Err(e) = self.live().await {
+                        tracing::debug!(error = %e, "usage sample skipped");
+                    }
+                }
+                _ = flush.tick() => {
+                    if let Err(e) = self.flush() {
+                        tracing::warn!(error = %e, "usage history not written");
+                    }
+                }
+                _ = crate::link::stopped(&mut stop) => {
+                    if let Err(e) = self.flush() {
+                        tracing::warn!(error = %e, "usage history not written at shutdown");
+                    }
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn percentage(part: u64, total: u64) -> f64 {
+    if total == 0 {
+        return 0.0;
+    }
+    ((part as f64 / total as f64) * 10_000.0).round() / 100.0
+}
+
+/// RFC 4180 quoting: fields with a comma, quote or line break are quoted, quotes
+/// doubled. Hostnames are cleaned at parse, but the format must not depend on that.
+pub fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,210 @@
+//! Device usage end to end through the real relay and agent binaries: the simulated
+//! router's nlbwmon for every endpoint's shape and the bad-input answers, and
+//! stand-in `nlbw` programs (`--nlbw`) for a daemon that is down (503) and one that
+//! prints truncated JSON (502).
+
+use std::os::unix::fs::PermissionsExt;
+
+use netpilot_tests::{q, relay_with_agent, start_session};
+use serde_json::Value;
+
+/// Writes an executable stand-in `nlbw` that runs `body` (a test's own script).
+fn fake_nlbw(dir: &std::path::Path, body: &str) -> String {
+    let path = dir.join("nlbw");
+    std::fs::write(&path, format!("#!/bin/sh\n{body}")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+#[tokio::test]
+async fn every_usage_endpoint_answers_with_its_shape_on_the_simulated_router() {
+    let (relay, router, _agent) = relay_with_agent("", &["--simulate"]).await.unwrap();
+    let c = relay.client().await.unwrap();
+    let sid = start_session(&c, "alice", &router.router_id).await.unwrap();
+    let rid = &router.router_id;
+    let get = |path: &str| {
+        let url = q(path, &sid, rid);
+        let c = c.clone();
+        async move { c.get(&url).await }
+    };
+
+    let r = get("/api/device-usage/current").await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let d = &r.body["data"];
+    assert_eq!(d["total_devices"], 5, "{d}");
+    assert!(d["timestamp"].as_u64().unwrap() > 1_700_000_000);
+    let devices = d["devices"].as_array().unwrap();
+    let sum: u64 = devices
+        .iter()
+        .map(|x| x["total_bytes"].as_u64().unwrap())
+        .sum();
+    assert_eq!(d["total_bytes"].as_u64().unwrap(), sum);
+    let tv = &devices[0];
+    assert_eq!(tv["hostname"], "living-room-tv", "most traffic first: {d}");
+    assert_eq!(tv["ip"], "192.168.1.104");
+    for k in ["bytes_rx", "bytes_tx", "connections"] {
+        assert!(tv[k].as_u64().unwrap() > 0, "{k} in {tv}");
+    }
+    assert_eq!(tv["top_protocols"][0]["name"], "HTTPS");
+    assert!(tv.get("last_seen").is_some());
+
+    let r = get("/api/device-usage/current?limit=2&offset=1")
+        .await
+        .unwrap();
+    assert_eq!(r.body["data"]["devices"].as_array().unwrap().len(), 2);
+    assert_eq!(r.body["data"]["total_devices"], 5);
+
+    let r = get("/api/device-usage/device/02-00-00-00-01-01")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["data"]["device"]["mac"], "02:00:00:00:01:01");
+    assert_eq!(r.body["data"]["device"]["hostname"], "alice-laptop");
+
+    let r = get("/api/device-usage/status").await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let s = &r.body["data"];
+    assert_eq!(
+        (s["installed"].clone(), s["running"].clone()),
+        (Value::Bool(true), Value::Bool(true))
+    );
+    assert_eq!(s["database_directory"], "/var/lib/nlbwmon");
+    assert_eq!(s["refresh_interval"], "30s");
+    assert_eq!(s["current_period"], "2026-11-01");
+
+    let r = get("/api/device-usage/history?days=7").await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let h = &r.body["data"];
+    assert_eq!(h["days"], 7);
+    assert_eq!(h["devices"].as_array().unwrap().len(), 5);
+    assert!(h["devices"][0]["days"][0]["date"].as_str().unwrap().len() == 10);
+
+    let r = get("/api/device-usage/history?days=7&format=csv")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    let text = String::from_utf8(r.raw.to_vec()).unwrap();
+    assert!(r.headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/csv"));
+    assert_eq!(
+        text.lines().next(),
+        Some("date,mac,hostname,bytes_rx,bytes_tx,total_bytes")
+    );
+    assert_eq!(text.lines().count(), 6, "{text}");
+
+    let r = get("/api/device-usage/summary?days=7").await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let s = &r.body["data"];
+    assert_eq!(s["period_days"], 7);
+    assert!(s["total_bytes"].as_u64().unwrap() > 0);
+    assert_eq!(s["top_devices"][0]["hostname"], "living-room-tv");
+    assert!(s["top_devices"][0]["percentage"].as_f64().unwrap() > 20.0);
+    assert_eq!(s["daily_totals"].as_array().unwrap().len(), 1);
+
+    for bad in [
+        "/api/device-usage/history?days=0",
+        "/api/device-usage/history?days=100000",
+        "/api/device-usage/history?days=seven",
+        "/api/device-usage/history?format=xml",
+        "/api/device-usage/summary?days=366",
+        "/api/device-usage/current?limit=0",
+        "/api/device-usage/current?offset=-1",
+        "/api/device-usage/device/not-a-mac",
+        "/api/device-usage/device/ff:ff:ff:ff:ff:ff",
+    ] {
+        let r = get(bad).await.unwrap();
+        assert_eq!(r.status, 400, "{bad}: {}", r.body);
+    }
+    let r = get("/api/device-usage/device/02:00:00:00:09:09")
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status, r.code()),
+        (404, "DEVICE_NOT_FOUND"),
+        "{}",
+        r.body
+    );
+
+    let r = c
+        .post(
+            "/api/device-usage/reset",
+            serde_json::json!({"sessionId": sid, "routerId": rid}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["data"]["running"], true);
+    assert_eq!(r.body["data"]["history_cleared"], true);
+    assert_eq!(
+        r.body["data"]["removed_files"],
+        serde_json::json!(["/var/lib/nlbwmon/20261101.db.gz", "/tmp/0.db"])
+    );
+    let r = get("/api/device-usage/current").await.unwrap();
+    let after = r.body["data"]["total_bytes"].as_u64().unwrap();
+    assert!(
+        after < sum,
+        "counters start again after the reset: {after} vs {sum}"
+    );
+}
+
+#[tokio::test]
+async fn nlbwmon_down_is_503_and_truncated_output_is_502() {
+    let dir = tempfile::tempdir().unwrap();
+    let down = fake_nlbw(
+        dir.path(),
+        "echo 'Error while processing command: No such file or directory' >&2\nexit 2\n",
+    );
+    let (relay, router, _agent) = relay_with_agent("", &["--simulate", "--nlbw", &down])
+        .await
+        .unwrap();
+    let c = relay.client().await.unwrap();
+    let sid = start_session(&c, "alice", &router.router_id).await.unwrap();
+    for path in [
+        "/api/device-usage/current",
+        "/api/device-usage/device/02:00:00:00:01:01",
+        "/api/device-usage/history?days=7",
+        "/api/device-usage/summary",
+    ] {
+        let r = c.get(&q(path, &sid, &router.router_id)).await.unwrap();
+        assert_eq!(
+            (r.status, r.code()),
+            (503, "NLBWMON_UNAVAILABLE"),
+            "{path}: {}",
+            r.body
+        );
+        assert!(r.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("nlbwmon"));
+    }
+    let r = c
+        .get(&q("/api/device-usage/status", &sid, &router.router_id))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["data"]["installed"], true);
+    assert_eq!(r.body["data"]["running"], false);
+
+    let dir2 = tempfile::tempdir().unwrap();
+    let cut = fake_nlbw(
+        dir2.path(),
+        "case \"$*\" in\n'-c list') echo 2026-11-01 ;;\n*) printf '{\"columns\":[\"mac\",\"rx_bytes\"' ;;\nesac\n",
+    );
+    let (relay, router, _agent) = relay_with_agent("", &["--simulate", "--nlbw", &cut])
+        .await
+        .unwrap();
+    let c = relay.client().await.unwrap();
+    let sid = start_session(&c, "alice", &router.router_id).await.unwrap();
+    let r = c
+        .get(&q("/api/device-usage/current", &sid, &router.router_id))
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status, r.code()),
+        (502, "NLBWMON_BAD_OUTPUT"),
+        "{}",
+        r.body
+    );
+}
