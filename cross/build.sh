@@ -56,6 +56,14 @@
 #   (`-z max-page-size=4096`): OpenWrt's MIPS kernels use 4 KiB pages, and the
 #   64 KiB alignment padded the file by up to 64 KiB (16 KB at the time), which is
 #   also why mips sizes used to move in 64 KiB steps.
+# * `-Z fmt-debug=shallow`: `#[derive(Debug)]` prints only the type or variant name
+#   (61 KB on mipsel). The agent's errors and logs go through Display (thiserror) and
+#   hand-written Debug impls (std's strings, numbers, durations, collections), which
+#   are unaffected; what a router log loses is the fields of a derived type logged
+#   with `?`, e.g. `Some` instead of `Some("br-lan")`.
+# * Router builds have no simulated router (`--no-default-features` turns off the
+#   agent's `simulate` feature): its in-memory uci, wifi, nft, tc and nlbwmon were
+#   about 50 KB no router uses. The smoke test runs the real code instead.
 # * std is built without its default `backtrace` feature (STD_FEATURES below): that
 #   drops the symbolizer (gimli, addr2line, object, miniz; about 200 KB on mips), which
 #   could only print `<unknown>` in our stripped binaries. Panic messages and their
@@ -398,10 +406,11 @@ require_setup() {
 }
 
 # Size levers for target $1 (see the header): no unwind tables (panic=abort never
-# unwinds, and std has no backtrace to print), and on mips 4 KiB segment alignment
-# instead of 64 KiB (OpenWrt's MIPS kernels use 4 KiB pages).
+# unwinds, and std has no backtrace to print), derived Debug printing only type
+# names, and on mips 4 KiB segment alignment instead of 64 KiB (OpenWrt's MIPS
+# kernels use 4 KiB pages).
 size_rustflags() {
-    local flags="-C force-unwind-tables=no"
+    local flags="-C force-unwind-tables=no -Z fmt-debug=shallow"
     if [[ $1 == mips* ]]; then
         flags+=" -C link-arg=-Wl,-z,max-page-size=4096 -C link-arg=-Wl,-z,common-page-size=4096"
     fi
@@ -459,8 +468,9 @@ build_one() {
     read -ra extra <<<"${NETPILOT_CROSS_CARGO_ARGS:-}"
     log "$t: cargo build (release, build-std)"
     start=$(date +%s)
+    # --no-default-features: router builds leave the simulated router out.
     (cd "$ROOT" && with_debian_rust "$t" /usr/bin/cargo build --locked --release \
-        -p netpilot-agent --target "$t" -Z build-std=std,panic_abort \
+        -p netpilot-agent --no-default-features --target "$t" -Z build-std=std,panic_abort \
         "-Zbuild-std-features=$STD_FEATURES" "${extra[@]}")
     secs=$(($(date +%s) - start))
     mkdir -p "$DIST"
@@ -570,9 +580,19 @@ wait_online() {
     die "$SMOKE_TARGET: the relay never saw the router online=$want: $(tail -n 20 "$SMOKE_WORK/run.err")"
 }
 
-# Start `run` with the simulated router in the background.
+# Start `run` in the background: the real router code (router builds have no
+# simulated router), reading its files under a root of the smoke test's and
+# pointed at programs that do not exist, so it degrades everywhere and never
+# touches this machine's firewall, shaper or configuration.
 start_agent() {
-    "${AGENT[@]}" run --state-dir "$SMOKE_WORK/agent" --simulate --start-delay-max 0s \
+    mkdir -p "$SMOKE_WORK/root/proc/sys/kernel"
+    echo "smoke-${OPENWRT_ARCH[$SMOKE_TARGET]}" >"$SMOKE_WORK/root/proc/sys/kernel/hostname"
+    local tool args=()
+    for tool in nft tc ip ubus uci wifi nlbw; do
+        args+=("--$tool" "netpilot-smoke-no-$tool")
+    done
+    "${AGENT[@]}" run --state-dir "$SMOKE_WORK/agent" --root "$SMOKE_WORK/root" \
+        --lan-if br-smoke --wan-if wan-smoke --start-delay-max 0s "${args[@]}" \
         >>"$SMOKE_WORK/run.out" 2>>"$SMOKE_WORK/run.err" &
     AGENT_PID=$!
     SMOKE_PIDS+=("$AGENT_PID")
@@ -616,7 +636,7 @@ smoke_enroll() {
     echo "  enroll: $(cat "$SMOKE_WORK/enroll.out")"
 }
 
-# Run the simulated agent until the relay lists the router as online.
+# Run the agent until the relay lists the router as online.
 smoke_online() {
     local start=$SECONDS
     start_agent
@@ -625,7 +645,8 @@ smoke_online() {
 }
 
 # Calls forwarded by the relay over the link (HTTP/2 served by the agent): the
-# simulated router's facts, and health, which reports the starts counted in SQLite.
+# router's facts (its hostname from the smoke root), and health, which reports the
+# starts counted in SQLite.
 smoke_call() {
     local data starts
     SESSION_ID=$(cat /proc/sys/kernel/random/uuid)
@@ -633,6 +654,8 @@ smoke_call() {
         -d "{\"sessionId\": \"$SESSION_ID\", \"userId\": \"smoke\", \"routerId\": \"$ROUTER_ID\"}" \
         "$RELAY_URL/api/session/start" >/dev/null
     data=$(router_get /api/scan/router)
+    [ "$(jq -r .hostname <<<"$data")" = "smoke-${OPENWRT_ARCH[$SMOKE_TARGET]}" ] ||
+        die "$SMOKE_TARGET: GET /api/scan/router answered $data"
     echo "  call: GET /api/scan/router -> hostname $(jq -r .hostname <<<"$data")"
     starts=$(router_get /api/agent/health | jq -r .agent_starts)
     [ "$starts" = 1 ] || die "$SMOKE_TARGET: health reports agent_starts=$starts after the first start, want 1"

@@ -7,6 +7,7 @@ pub mod app;
 pub mod backoff;
 pub mod cleanup;
 pub mod dial;
+pub mod duration;
 pub mod enroll;
 pub mod identity;
 pub mod link;
@@ -14,6 +15,7 @@ pub mod policy;
 pub mod report;
 pub mod scan;
 pub mod settings;
+#[cfg(feature = "simulate")]
 pub mod sim;
 pub mod speedtest;
 pub mod store;
@@ -197,14 +199,26 @@ pub async fn run(
     if let Some(trust) = &config.trust {
         identity.trust = trust.clone();
     }
-    let (mode, files): (Mode, Arc<dyn Files>) = if config.simulate {
-        (Mode::Simulated, Arc::new(sim::SimRouter::default()))
+    let backends = if config.simulate {
+        simulated_backends(&config)?
     } else {
-        (Mode::Real, Arc::new(RealFiles::new(&config.root)))
+        real_backends(&config)
     };
     let Some(starts) = open_state(&config, &mut shutdown).await else {
         return Ok(());
     };
+    let Backends {
+        mode,
+        files,
+        ubus,
+        uci,
+        wifi,
+        nft,
+        tc,
+        nlbw,
+        neighbours,
+        kernel_minutes_west,
+    } = backends;
     let (lan_if, wan_if) = policy::interfaces::resolve(
         files.as_ref(),
         config.lan_if.as_deref(),
@@ -214,21 +228,37 @@ pub async fn run(
     let reporter: Arc<dyn report::Reporter> =
         Arc::new(report::RelayReporter::new(endpoint.clone(), REPORT_TIMEOUT));
     let tester = speedtest::SpeedTester::new(endpoint, config.speedtest.clone());
-    let (ubus, wifi) = wifi_service(&config, mode, reporter.clone())?;
-    let neighbours = match mode {
-        Mode::Real => scan::NeighbourSource::Ip {
-            program: config.ip.clone(),
-        },
-        Mode::Simulated => scan::NeighbourSource::ProcArp,
-    };
+    let wifi = Arc::new(wifi::WifiService::new(
+        uci,
+        wifi,
+        ubus.clone(),
+        reporter.clone(),
+        store::Store::open(&config.state_dir)?,
+        config.wifi_safe.clone(),
+        policy::engine::system_clock(),
+    ));
     let scanner = scan::Scanner::new(
         files.clone(),
         ubus.clone(),
         neighbours,
         Some(wan_if.clone()),
     );
-    let engine = policy_engine(&config, mode, files.clone(), lan_if, wan_if)?;
-    let usage = usage_service(&config, mode, files.clone())?;
+    let engine_config = policy::engine::EngineConfig {
+        lan_if,
+        wan_if,
+        timezone: config.timezone.clone(),
+        check_interval: config.check_interval,
+        kernel_minutes_west,
+    };
+    let engine = Arc::new(policy::engine::Engine::new(
+        store::Store::open(&config.state_dir)?,
+        nft,
+        tc,
+        files.clone(),
+        engine_config,
+        policy::engine::system_clock(),
+    )?);
+    let usage = usage_service(&config, nlbw, files.clone())?;
     let app = Arc::new(
         App::new(mode, identity.router_id.clone(), files)
             .with_starts(starts)
@@ -260,117 +290,102 @@ pub fn relay_endpoint(
     ))
 }
 
-/// The Wi-Fi service over the real uci, `wifi` and ubus, or the simulated
-/// router's; confirmations go through `reporter` (the relay's report endpoint).
-/// Returns the ubus the rest of the agent uses too.
-fn wifi_service(
-    config: &RunConfig,
-    mode: Mode,
-    reporter: Arc<dyn report::Reporter>,
-) -> anyhow::Result<(Arc<dyn system::ubus::Ubus>, Arc<wifi::WifiService>)> {
-    use system::{ubus, uci, wifi as control};
-    let (ubus, uci, control): (
-        Arc<dyn ubus::Ubus>,
-        Arc<dyn uci::Uci>,
-        Arc<dyn control::WifiControl>,
-    ) = match mode {
-        Mode::Real => (
-            Arc::new(ubus::RealUbus {
-                program: config.ubus.clone(),
-                ..Default::default()
-            }),
-            Arc::new(uci::RealUci {
-                program: config.uci.clone(),
-                confdir: config.uci_confdir.clone(),
-                savedir: config.uci_savedir.clone(),
-                ..Default::default()
-            }),
-            Arc::new(control::RealWifi {
-                program: config.wifi.clone(),
-                ..Default::default()
-            }),
-        ),
-        Mode::Simulated => {
-            let bus = ubus::FakeUbus::default();
-            let (uci, control) = sim::wireless(&bus);
-            (Arc::new(bus), Arc::new(uci), Arc::new(control))
-        }
-    };
-    let service = wifi::WifiService::new(
-        uci,
-        control,
-        ubus.clone(),
-        reporter,
-        store::Store::open(&config.state_dir)?,
-        config.wifi_safe.clone(),
-        policy::engine::system_clock(),
-    );
-    Ok((ubus, Arc::new(service)))
+/// Everything the agent drives on the router, chosen once: the router's own tools,
+/// or the simulated router (`--simulate`). The rest of the agent runs the same code
+/// over either.
+pub struct Backends {
+    pub mode: Mode,
+    pub files: Arc<dyn Files>,
+    pub ubus: Arc<dyn system::ubus::Ubus>,
+    pub uci: Arc<dyn system::uci::Uci>,
+    pub wifi: Arc<dyn system::wifi::WifiControl>,
+    pub nft: Arc<dyn system::nft::Firewall>,
+    pub tc: Arc<dyn system::tc::Shaper>,
+    pub nlbw: Arc<dyn system::nlbw::Nlbw>,
+    pub neighbours: scan::NeighbourSource,
+    pub kernel_minutes_west: Arc<dyn Fn() -> i32 + Send + Sync>,
 }
 
-/// The policy engine over the real nft and tc, or in-memory ones when simulating.
-fn policy_engine(
-    config: &RunConfig,
-    mode: Mode,
-    files: Arc<dyn Files>,
-    lan: String,
-    wan: String,
-) -> anyhow::Result<Arc<policy::engine::Engine>> {
-    use system::{nft, tc};
-    let (nft, tc): (Arc<dyn nft::Firewall>, Arc<dyn tc::Shaper>) = match mode {
-        Mode::Real => (
-            Arc::new(nft::RealNft {
-                program: config.nft.clone(),
-                ..Default::default()
-            }),
-            Arc::new(tc::RealTc {
-                program: config.tc.clone(),
-                ..Default::default()
-            }),
-        ),
-        Mode::Simulated => (
-            Arc::new(nft::FakeNft::default()),
-            Arc::new(tc::FakeTc::default()),
-        ),
-    };
-    let engine_config = policy::engine::EngineConfig {
-        lan_if: lan,
-        wan_if: wan,
-        timezone: config.timezone.clone(),
-        check_interval: config.check_interval,
-        kernel_minutes_west: match mode {
-            Mode::Real => Arc::new(system::clock::kernel_minutes_west),
-            Mode::Simulated => Arc::new(|| 0),
+/// The router's own programs and files, named by the configuration.
+fn real_backends(config: &RunConfig) -> Backends {
+    use system::{nft, tc, ubus, uci, wifi};
+    Backends {
+        mode: Mode::Real,
+        files: Arc::new(RealFiles::new(&config.root)),
+        ubus: Arc::new(ubus::RealUbus {
+            program: config.ubus.clone(),
+            ..Default::default()
+        }),
+        uci: Arc::new(uci::RealUci {
+            program: config.uci.clone(),
+            confdir: config.uci_confdir.clone(),
+            savedir: config.uci_savedir.clone(),
+            ..Default::default()
+        }),
+        wifi: Arc::new(wifi::RealWifi {
+            program: config.wifi.clone(),
+            ..Default::default()
+        }),
+        nft: Arc::new(nft::RealNft {
+            program: config.nft.clone(),
+            ..Default::default()
+        }),
+        tc: Arc::new(tc::RealTc {
+            program: config.tc.clone(),
+            ..Default::default()
+        }),
+        nlbw: real_nlbw(config),
+        neighbours: scan::NeighbourSource::Ip {
+            program: config.ip.clone(),
         },
-    };
-    let store = store::Store::open(&config.state_dir)?;
-    let engine = policy::engine::Engine::new(
-        store,
-        nft,
-        tc,
-        files,
-        engine_config,
-        policy::engine::system_clock(),
-    )?;
-    Ok(Arc::new(engine))
+        kernel_minutes_west: Arc::new(system::clock::kernel_minutes_west),
+    }
 }
 
-/// Device usage over the real nlbw (or the simulated nlbwmon), with local days in
-/// the router's zone.
+fn real_nlbw(config: &RunConfig) -> Arc<dyn system::nlbw::Nlbw> {
+    Arc::new(system::nlbw::RealNlbw::new(
+        config.nlbw.as_deref().unwrap_or("nlbw"),
+        config.nlbw_init.clone(),
+        config.root.clone(),
+    ))
+}
+
+/// The simulated router (see [`sim`]): in-memory files, uci, wifi, ubus, nft, tc and
+/// nlbwmon. A given `--nlbw` is used even then (tests drive a failing nlbwmon).
+#[cfg(feature = "simulate")]
+fn simulated_backends(config: &RunConfig) -> anyhow::Result<Backends> {
+    let bus = system::ubus::FakeUbus::default();
+    let (uci, wifi) = sim::wireless(&bus);
+    let nlbw: Arc<dyn system::nlbw::Nlbw> = match config.nlbw {
+        None => Arc::new(sim::SimNlbw::default()),
+        Some(_) => real_nlbw(config),
+    };
+    Ok(Backends {
+        mode: Mode::Simulated,
+        files: Arc::new(sim::SimRouter::default()),
+        ubus: Arc::new(bus),
+        uci: Arc::new(uci),
+        wifi: Arc::new(wifi),
+        nft: Arc::new(system::nft::FakeNft::default()),
+        tc: Arc::new(system::tc::FakeTc::default()),
+        nlbw,
+        neighbours: scan::NeighbourSource::ProcArp,
+        kernel_minutes_west: Arc::new(|| 0),
+    })
+}
+
+/// Router builds leave the simulated router out (it is dead weight on 16 MB of flash).
+#[cfg(not(feature = "simulate"))]
+fn simulated_backends(_: &RunConfig) -> anyhow::Result<Backends> {
+    anyhow::bail!("this build has no simulated router (built without the `simulate` feature)")
+}
+
+/// Device usage over `nlbw`, with local days in the router's zone.
 fn usage_service(
     config: &RunConfig,
-    mode: Mode,
+    nlbw: Arc<dyn system::nlbw::Nlbw>,
     files: Arc<dyn Files>,
 ) -> anyhow::Result<Arc<usage::Usage>> {
-    use system::nlbw::{Nlbw, RealNlbw};
-    let nlbw: Arc<dyn Nlbw> = match (&config.nlbw, mode) {
-        (None, Mode::Simulated) => Arc::new(sim::SimNlbw::default()),
-        (program, _) => Arc::new(RealNlbw::new(
-            program.as_deref().unwrap_or("nlbw"),
-            config.nlbw_init.clone(),
-            config.root.clone(),
-        )),
-    };
     // An invalid zone is the policy engine's error to report; usage days fall back
     // to UTC rather than stopping the agent.
     let zone = policy::tz::router_zone(files.as_ref(), config.timezone.as_deref())

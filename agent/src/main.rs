@@ -250,7 +250,7 @@ fn real_main() -> anyhow::Result<()> {
 fn duration(args: &mut lexopt::Parser, name: &str) -> anyhow::Result<Duration> {
     use lexopt::ValueExt;
     let v = args.value()?.string()?;
-    let d = humantime::parse_duration(&v)
+    let d = netpilot_agent::duration::parse(&v)
         .with_context(|| format!("--{name} {v:?} is not a duration"))?;
     if d.is_zero() && !matches!(name, "start-delay-max" | "wifi-settle") {
         bail!("--{name} must be positive");

@@ -122,7 +122,7 @@ impl Settings {
         s.start_delay = match text("start_delay") {
             None => None,
             Some(v) => Some(
-                humantime::parse_duration(&v)
+                crate::duration::parse(&v)
                     .map_err(|e| invalid("start_delay", format!("{v:?}: {e}")))?,
             ),
         };
