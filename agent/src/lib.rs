@@ -70,8 +70,6 @@ pub struct RunConfig {
     /// The `nft` and `tc` programs (name or path).
     pub nft: String,
     pub tc: String,
-    /// Per-direction bounds of `GET /api/speedtest`.
-    pub speedtest: speedtest::Limits,
 }
 
 impl Default for RunConfig {
@@ -95,7 +93,6 @@ impl Default for RunConfig {
             check_interval: Duration::from_secs(60),
             nft: "nft".into(),
             tc: "tc".into(),
-            speedtest: speedtest::Limits::default(),
         }
     }
 }
@@ -120,7 +117,6 @@ impl RunConfig {
         if self.check_interval < Duration::from_millis(100) {
             anyhow::bail!("check-interval must be at least 100ms");
         }
-        self.speedtest.validate().map_err(anyhow::Error::msg)?;
         if self.backoff.cap < self.backoff.base {
             anyhow::bail!("backoff-cap must not be shorter than backoff-base");
         }
@@ -162,7 +158,7 @@ pub async fn run(
     let engine = policy_engine(&config, mode, files.clone())?;
     let endpoint = relay_endpoint(&identity, &config)?;
     let reporter = report::RelayReporter::new(endpoint.clone(), REPORT_TIMEOUT);
-    let tester = speedtest::SpeedTester::new(endpoint, config.speedtest.clone());
+    let tester = speedtest::SpeedTester::new(endpoint, speedtest::Limits::default());
     let app = Arc::new(
         App::new(mode, identity.router_id.clone(), files)
             .with_starts(starts)

@@ -21,7 +21,6 @@ usage: netpilot-agent enroll --relay URL --token TOKEN [--ca FILE | --fingerprin
                           [--start-delay-max DUR] [--lan-if IF] [--wan-if IF]
                           [--timezone POSIX-TZ] [--check-interval DUR]
                           [--nft PROGRAM] [--tc PROGRAM]
-                          [--speedtest-duration DUR] [--speedtest-bytes N]
        netpilot-agent cleanup [--lan-if IF] [--wan-if IF]
        netpilot-agent --version
 
@@ -30,8 +29,6 @@ command line wins over it. DIR defaults to /etc/netpilot. DUR is like 20s, 250ms
 --lan-if/--wan-if default to UCI network.lan/network.wan devices (br-lan, wan).
 --timezone defaults to UCI system.timezone, then /etc/TZ, then UTC.
 --fingerprint is the SHA-256 of the relay certificate's DER, hex, colons optional.
---speedtest-duration/--speedtest-bytes bound each direction of a speed test
-(default 5s and 100000000; at most 10s); callers may ask for less.
 cleanup removes everything the agent put into the kernel and the system.";
 
 fn main() -> std::process::ExitCode {
@@ -99,15 +96,6 @@ fn real_main() -> anyhow::Result<()> {
             Long("check-interval") => run.check_interval = duration(&mut args, "check-interval")?,
             Long("nft") => run.nft = args.value()?.string()?,
             Long("tc") => run.tc = args.value()?.string()?,
-            Long("speedtest-duration") => {
-                run.speedtest.max_duration = duration(&mut args, "speedtest-duration")?
-            }
-            Long("speedtest-bytes") => {
-                let v = args.value()?.string()?;
-                run.speedtest.max_bytes = v
-                    .parse()
-                    .with_context(|| format!("--speedtest-bytes {v:?} is not a byte count"))?;
-            }
             Long("start-delay-max") => start_delay = Some(duration(&mut args, "start-delay-max")?),
             Value(v) if command.is_none() => command = Some(v.string()?),
             _ => bail!("{}\n\n{USAGE}", arg.unexpected()),
