@@ -4,15 +4,13 @@
 use std::path::Path;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper::header::{CONTENT_TYPE, HOST};
 use hyper::Request;
-use hyper_util::rt::TokioIo;
 use netpilot_proto::link::{EnrollRequest, EnrollResponse, ENROLL_PATH};
 use netpilot_proto::Envelope;
 
-use crate::dial::{dial, DialError, RelayAddr};
+use crate::dial::{http1, DialError, RelayAddr, RelayBody};
 use crate::identity::{Identity, IdentityError};
 use crate::tls::{client_config, TlsError, Trust};
 
@@ -56,12 +54,7 @@ pub async fn enroll(args: EnrollArgs<'_>) -> Result<Identity, EnrollError> {
     let tls = client_config(&args.trust)?;
     // A token works once: never spend it on a state directory that cannot keep it.
     Identity::check_writable(args.state_dir)?;
-    let stream = dial(&relay, tls, Duration::from_secs(15)).await?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(stream))
-            .await
-            .map_err(|e| EnrollError::Http(e.to_string()))?;
-    let conn_task = tokio::spawn(conn);
+    let mut sender = http1(&relay, tls, Duration::from_secs(15)).await?;
     let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .map(|h| h.trim().to_owned());
@@ -76,7 +69,7 @@ pub async fn enroll(args: EnrollArgs<'_>) -> Result<Identity, EnrollError> {
         .uri(ENROLL_PATH)
         .header(HOST, &relay.authority)
         .header(CONTENT_TYPE, "application/json")
-        .body(Full::new(Bytes::from(body)))
+        .body(RelayBody::full(body))
         .expect("static request parts");
     let result = async {
         let resp = sender
@@ -101,7 +94,8 @@ pub async fn enroll(args: EnrollArgs<'_>) -> Result<Identity, EnrollError> {
         }
     }
     .await;
-    conn_task.abort();
+    // Dropping the sender ends the connection's task.
+    drop(sender);
     let data = result?;
     let identity = Identity {
         router_id: data.router_id,

@@ -78,8 +78,6 @@ pub struct RunConfig {
     /// The `ip` program (neighbour table) and the `ubus` CLI.
     pub ip: String,
     pub ubus: String,
-    /// Per-direction bounds of `GET /api/speedtest`.
-    pub speedtest: speedtest::Limits,
     /// The `uci` program, and its `-c` config and `-t` save directories (`None`:
     /// uci's own defaults, `/etc/config` and `/tmp/.uci`, as on the router).
     pub uci: String,
@@ -120,7 +118,6 @@ impl Default for RunConfig {
             tc: "tc".into(),
             ip: "ip".into(),
             ubus: "ubus".into(),
-            speedtest: speedtest::Limits::default(),
             uci: "uci".into(),
             uci_confdir: None,
             uci_savedir: None,
@@ -153,7 +150,6 @@ impl RunConfig {
         if self.check_interval < Duration::from_millis(100) {
             anyhow::bail!("check-interval must be at least 100ms");
         }
-        self.speedtest.validate().map_err(anyhow::Error::msg)?;
         let w = &self.wifi_safe;
         if w.settle >= w.grace {
             anyhow::bail!("wifi-settle must be shorter than wifi-grace");
@@ -227,7 +223,7 @@ pub async fn run(
     let endpoint = relay_endpoint(&identity, &config)?;
     let reporter: Arc<dyn report::Reporter> =
         Arc::new(report::RelayReporter::new(endpoint.clone(), REPORT_TIMEOUT));
-    let tester = speedtest::SpeedTester::new(endpoint, config.speedtest.clone());
+    let tester = speedtest::SpeedTester::new(endpoint, speedtest::Limits::default());
     let wifi = Arc::new(wifi::WifiService::new(
         uci,
         wifi,

@@ -6,8 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper::header::{AUTHORIZATION, CONNECTION, HOST, UPGRADE};
 use hyper::service::service_fn;
 use hyper::{Request, StatusCode};
@@ -20,7 +19,7 @@ use tokio::sync::watch;
 
 use crate::app::App;
 use crate::backoff::{random_unit, Backoff, BackoffConfig};
-use crate::dial::{dial, DialError, RelayAddr};
+use crate::dial::{dial, DialError, RelayAddr, RelayBody};
 
 #[derive(Clone)]
 pub struct LinkConfig {
@@ -115,7 +114,7 @@ async fn connect_and_serve(
 ) -> Result<(), LinkError> {
     let tls = dial(&config.relay, config.tls.clone(), config.connect_timeout).await?;
     let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
-        .handshake::<_, Empty<Bytes>>(TokioIo::new(tls))
+        .handshake::<_, RelayBody>(TokioIo::new(tls))
         .await
         .map_err(LinkError::Http)?;
     let conn_task = tokio::spawn(conn.with_upgrades());
@@ -128,7 +127,7 @@ async fn connect_and_serve(
         .header(AUTHORIZATION, format!("Bearer {}", config.secret))
         .header(HEADER_ROUTER_ID, &config.router_id)
         .header(HEADER_AGENT_VERSION, env!("CARGO_PKG_VERSION"))
-        .body(Empty::new())
+        .body(RelayBody::empty())
         .expect("static request parts");
     let resp = match tokio::time::timeout(config.connect_timeout, sender.send_request(req)).await {
         Ok(r) => r.map_err(LinkError::Http)?,
@@ -160,12 +159,7 @@ async fn connect_and_serve(
 
     let service_app = app.clone();
     let service = service_fn(move |req| crate::api::handle(service_app.clone(), req));
-    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .keep_alive_interval(Some(config.ping_interval))
-        .keep_alive_timeout(config.dead_after.saturating_sub(config.ping_interval))
-        .max_concurrent_streams(config.max_concurrent_calls)
-        .serve_connection(upgraded, service);
+    let conn = h2_server(config).serve_connection(upgraded, service);
     app.set_link(|l| {
         l.connected_since = Some(SystemTime::now());
         l.connects += 1;
@@ -187,7 +181,20 @@ async fn connect_and_serve(
     Ok(())
 }
 
-fn parse_error(body: &[u8]) -> (String, String) {
+/// The agent's end of every link: the HTTP/2 server. Flow-control windows are
+/// hyper's defaults (1 MiB stream and connection window for what the relay sends).
+/// Public so the speed-test bench measures this very configuration.
+pub fn h2_server(config: &LinkConfig) -> hyper::server::conn::http2::Builder<TokioExecutor> {
+    let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    b.timer(TokioTimer::new())
+        .keep_alive_interval(Some(config.ping_interval))
+        .keep_alive_timeout(config.dead_after.saturating_sub(config.ping_interval))
+        .max_concurrent_streams(config.max_concurrent_calls);
+    b
+}
+
+/// `(error.code, error.message)` of a relay envelope, or the start of the raw body.
+pub(crate) fn parse_error(body: &[u8]) -> (String, String) {
     let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
     let code = v["error"]["code"].as_str().unwrap_or("UNKNOWN").to_owned();
     let message = v["error"]["message"]

@@ -21,7 +21,6 @@ usage: netpilot-agent enroll --relay URL --token TOKEN [--ca FILE | --fingerprin
                           [--start-delay-max DUR] [--lan-if IF] [--wan-if IF]
                           [--timezone POSIX-TZ] [--check-interval DUR]
                           [--nft PROGRAM] [--tc PROGRAM] [--ip PROGRAM] [--ubus PROGRAM]
-                          [--speedtest-duration DUR] [--speedtest-bytes N]
                           [--uci PROGRAM] [--uci-confdir DIR] [--uci-savedir DIR]
                           [--wifi PROGRAM] [--wifi-grace DUR] [--wifi-settle DUR]
                           [--wifi-retry DUR]
@@ -35,8 +34,6 @@ command line wins over it. DIR defaults to /etc/netpilot. DUR is like 20s, 250ms
 --lan-if/--wan-if default to UCI network.lan/network.wan devices (br-lan, wan).
 --timezone defaults to UCI system.timezone, then /etc/TZ, then UTC.
 --fingerprint is the SHA-256 of the relay certificate's DER, hex, colons optional.
---speedtest-duration/--speedtest-bytes bound each direction of a speed test
-(default 5s and 100000000; at most 10s); callers may ask for less.
 A Wi-Fi change is rolled back unless a report reaches the relay within --wifi-grace
 (default 90s); reports start --wifi-settle after the reload (10s) and repeat every
 --wifi-retry (5s). --uci-confdir/--uci-savedir are uci's -c/-t (default uci's own).
@@ -116,15 +113,6 @@ fn real_main() -> anyhow::Result<()> {
             Long("wifi-grace") => run.wifi_safe.grace = duration(&mut args, "wifi-grace")?,
             Long("wifi-settle") => run.wifi_safe.settle = duration(&mut args, "wifi-settle")?,
             Long("wifi-retry") => run.wifi_safe.retry = duration(&mut args, "wifi-retry")?,
-            Long("speedtest-duration") => {
-                run.speedtest.max_duration = duration(&mut args, "speedtest-duration")?
-            }
-            Long("speedtest-bytes") => {
-                let v = args.value()?.string()?;
-                run.speedtest.max_bytes = v
-                    .parse()
-                    .with_context(|| format!("--speedtest-bytes {v:?} is not a byte count"))?;
-            }
             Long("nlbw") => run.nlbw = Some(args.value()?.string()?),
             Long("nlbw-init") => run.nlbw_init = args.value()?.string()?,
             Long("usage-cache") => run.usage.cache_ttl = duration(&mut args, "usage-cache")?,

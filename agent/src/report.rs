@@ -6,13 +6,11 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
 use hyper::header::CONTENT_TYPE;
 pub use netpilot_proto::link::AgentEvent;
 use netpilot_proto::link::REPORT_PATH;
 
-use crate::dial::RelayEndpoint;
+use crate::dial::{Exchange, RelayBody, RelayEndpoint};
 use crate::system::Fut;
 
 #[derive(Debug, thiserror::Error)]
@@ -33,7 +31,8 @@ pub trait Reporter: Send + Sync {
 /// The real reporter: one fresh TLS connection per report (never the link: a
 /// delivered report must prove that the relay can be reached *now*), HTTP/1.1
 /// `POST /agent/v1/report` with the router secret, the whole exchange bounded by
-/// `timeout`.
+/// `timeout`. It does not log: the caller knows what the report was for and logs
+/// the outcome.
 pub struct RelayReporter {
     endpoint: RelayEndpoint,
     timeout: Duration,
@@ -48,66 +47,32 @@ impl RelayReporter {
         let body = serde_json::to_vec(event).expect("an event serialises");
         let mut sender = self
             .endpoint
-            .http1::<Full<Bytes>>()
+            .http1()
             .await
             .map_err(|e| ReportError::Unreachable(e.to_string()))?;
         let req = self
             .endpoint
             .request(http::Method::POST, REPORT_PATH)
             .header(CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(body)))
+            .body(RelayBody::full(body))
             .expect("static request parts");
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|e| ReportError::Unreachable(e.to_string()))?;
-        let status = resp.status();
-        if status.is_success() {
-            return Ok(());
+        match RelayEndpoint::exchange(&mut sender, req).await {
+            Ok(_) => Ok(()),
+            Err(Exchange::Unreachable(m)) => Err(ReportError::Unreachable(m)),
+            Err(Exchange::Refused { status, message }) => {
+                Err(ReportError::Refused { status, message })
+            }
         }
-        let bytes = Limited::new(resp.into_body(), 16 * 1024)
-            .collect()
-            .await
-            .map(|c| c.to_bytes())
-            .unwrap_or_default();
-        Err(ReportError::Refused {
-            status: status.as_u16(),
-            message: error_message(&bytes),
-        })
-    }
-}
-
-/// `error.code: error.message` from an envelope, or the start of the raw body.
-pub(crate) fn error_message(body: &[u8]) -> String {
-    #[derive(serde::Deserialize)]
-    struct Env {
-        error: Option<netpilot_proto::ErrorBody>,
-    }
-    match serde_json::from_slice::<Env>(body) {
-        Ok(Env { error: Some(e) }) => format!("{}: {}", e.code, e.message),
-        _ => String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned(),
     }
 }
 
 impl Reporter for RelayReporter {
     fn report<'a>(&'a self, event: &'a AgentEvent) -> Fut<'a, Result<(), ReportError>> {
         Box::pin(async move {
-            let result = match tokio::time::timeout(self.timeout, self.deliver(event)).await {
+            match tokio::time::timeout(self.timeout, self.deliver(event)).await {
                 Ok(r) => r,
-                Err(_) => Err(ReportError::Unreachable(format!(
-                    "no answer within {:?}",
-                    self.timeout
-                ))),
-            };
-            match &result {
-                Ok(()) => {
-                    tracing::info!(kind = %event.kind, id = %event.id, state = %event.state, "report delivered")
-                }
-                Err(e) => {
-                    tracing::info!(kind = %event.kind, id = %event.id, error = %e, "report not delivered")
-                }
+                Err(_) => Err(ReportError::Unreachable("no answer in time".into())),
             }
-            result
         })
     }
 }
@@ -161,17 +126,5 @@ impl Reporter for FakeReporter {
             Ok(())
         };
         Box::pin(async move { result })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn refusals_carry_the_relays_error() {
-        let body = br#"{"success":false,"error":{"code":"ROUTER_REVOKED","message":"router was revoked"},"meta":{"duration_ms":0}}"#;
-        assert_eq!(error_message(body), "ROUTER_REVOKED: router was revoked");
-        assert_eq!(error_message(b"plain text"), "plain text");
     }
 }

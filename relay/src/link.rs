@@ -109,12 +109,7 @@ async fn run_link(
             return;
         }
     };
-    let t = &state.config.timeouts;
-    let handshake = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .keep_alive_interval(t.ping_interval)
-        .keep_alive_timeout(t.dead_after - t.ping_interval)
-        .keep_alive_while_idle(true)
+    let handshake = h2_client(&state.config.timeouts)
         .handshake::<_, Full<Bytes>>(upgraded)
         .await;
     let (sender, conn) = match handshake {
@@ -142,6 +137,21 @@ async fn run_link(
     }
     state.links.remove(router_id, generation);
     touch(&state, router_id, None);
+}
+
+/// The relay's end of every link: the HTTP/2 client, PINGing while idle. Flow-control
+/// windows are hyper's defaults (a 2 MiB stream and 5 MiB connection window for
+/// what the agent sends). Public so the speed-test bench measures this very
+/// configuration.
+pub fn h2_client(
+    t: &crate::config::Timeouts,
+) -> hyper::client::conn::http2::Builder<TokioExecutor> {
+    let mut b = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
+    b.timer(TokioTimer::new())
+        .keep_alive_interval(t.ping_interval)
+        .keep_alive_timeout(t.dead_after - t.ping_interval)
+        .keep_alive_while_idle(true);
+    b
 }
 
 fn touch(state: &AppState, router_id: Uuid, version: Option<&str>) {

@@ -101,8 +101,8 @@ impl Slots {
 
 /// The download's body: frames cut from the shared block until `remaining` is 0 or
 /// the deadline passes. The slot goes with it, so a client that disconnects frees
-/// it when hyper drops the body; a finished transfer frees it before its last frame
-/// is sent, so the agent's next request never finds its own slot still taken.
+/// it when hyper drops the body; a finished transfer frees it when it hands out its
+/// last frame, so the agent's next request never finds its own slot still taken.
 pub struct Download {
     remaining: u64,
     deadline: Instant,
@@ -127,6 +127,11 @@ impl hyper::body::Body for Download {
         let chunk = block().slice(self.offset..self.offset + n);
         self.offset = (self.offset + n) % BLOCK;
         self.remaining -= n as u64;
+        if self.remaining == 0 {
+            // Freed with the last frame, before hyper writes it: the client cannot
+            // see the end of this transfer before the slot is free.
+            self.slot = None;
+        }
         self.state
             .metrics
             .speedtest_download_bytes

@@ -7,8 +7,8 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use netpilot_agent::dial::{RelayAddr, RelayEndpoint};
+use http_body_util::BodyExt;
+use netpilot_agent::dial::{RelayAddr, RelayBody, RelayEndpoint};
 use netpilot_agent::identity::Identity;
 use netpilot_agent::report::{AgentEvent, RelayReporter, ReportError, Reporter};
 use netpilot_proto::link::REPORT_PATH;
@@ -38,11 +38,11 @@ fn event(state: &str) -> AgentEvent {
 
 /// One raw POST with the router's credentials: status and parsed body.
 async fn post_raw(e: &RelayEndpoint, content_type: &str, body: &'static [u8]) -> (u16, Value) {
-    let mut sender = e.http1::<Full<Bytes>>().await.unwrap();
+    let mut sender = e.http1().await.unwrap();
     let req = e
         .request(http::Method::POST, REPORT_PATH)
         .header("content-type", content_type)
-        .body(Full::new(Bytes::from_static(body)))
+        .body(RelayBody::full(Bytes::from_static(body)))
         .unwrap();
     let resp = sender.send_request(req).await.unwrap();
     let status = resp.status().as_u16();

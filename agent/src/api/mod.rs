@@ -75,8 +75,8 @@ pub enum AgentError {
     #[error("a speed test is already running")]
     SpeedtestRunning,
     /// The relay serves its maximum of speed tests right now.
-    #[error("{0}")]
-    SpeedtestBusy(String),
+    #[error("the relay is busy with other speed tests; try again later")]
+    SpeedtestBusy,
     /// The speed test could not be carried out against the relay.
     #[error("{0}")]
     SpeedtestFailed(String),
@@ -90,8 +90,8 @@ impl From<crate::speedtest::SpeedtestError> for AgentError {
         use crate::speedtest::SpeedtestError as S;
         match e {
             S::Running => AgentError::SpeedtestRunning,
-            S::RelayBusy => AgentError::SpeedtestBusy(e.to_string()),
-            S::Unreachable(_) | S::Refused { .. } | S::Timeout(_) => {
+            S::RelayBusy => AgentError::SpeedtestBusy,
+            S::Unreachable(_) | S::Refused { .. } | S::Timeout => {
                 AgentError::SpeedtestFailed(e.to_string())
             }
         }
@@ -143,7 +143,7 @@ impl AgentError {
                 (StatusCode::PAYLOAD_TOO_LARGE, code::PAYLOAD_TOO_LARGE)
             }
             AgentError::SpeedtestRunning => (StatusCode::CONFLICT, code::SPEEDTEST_RUNNING),
-            AgentError::SpeedtestBusy(_) => (StatusCode::TOO_MANY_REQUESTS, code::SPEEDTEST_BUSY),
+            AgentError::SpeedtestBusy => (StatusCode::TOO_MANY_REQUESTS, code::SPEEDTEST_BUSY),
             // The relay (the upstream of this measurement) failed us: a gateway error.
             AgentError::SpeedtestFailed(_) => (StatusCode::BAD_GATEWAY, code::SPEEDTEST_FAILED),
             AgentError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, code::INTERNAL),
@@ -259,7 +259,7 @@ async fn dispatch(app: &Arc<App>, req: Request<Incoming>) -> Result<Reply, Agent
                 .clone()
                 .ok_or(AgentError::NotImplemented("/api/speedtest"))?;
             let args = crate::speedtest::parse_args(req.uri().query(), tester.limits())
-                .map_err(AgentError::InvalidParameter)?;
+                .map_err(|m| AgentError::InvalidParameter(m.into()))?;
             Reply::ok(tester.run(args).await?)
         }
         pattern if pattern.starts_with("/api/device-usage/") => {
