@@ -567,6 +567,24 @@ pub async fn relay_with_agent(
     Ok((relay, router, agent))
 }
 
+/// The relay as an enrolled router's agent reaches it outside the link (reports,
+/// speed tests), with the router's own secret or `secret` instead.
+pub fn relay_endpoint(
+    relay: &Relay,
+    router: &EnrolledRouter,
+    secret: Option<&str>,
+) -> netpilot_agent::dial::RelayEndpoint {
+    let id =
+        netpilot_agent::identity::Identity::load(&router.state_dir).expect("enrolled identity");
+    netpilot_agent::dial::RelayEndpoint::new(
+        netpilot_agent::dial::RelayAddr::parse(&relay.url()).expect("the relay's URL"),
+        netpilot_agent::tls::client_config(&id.trust).expect("the identity's TLS trust"),
+        id.router_id,
+        secret.map(str::to_owned).unwrap_or(id.router_secret),
+        Duration::from_secs(5),
+    )
+}
+
 /// A new random session id.
 pub fn session_id() -> String {
     uuid::Uuid::new_v4().to_string()

@@ -27,7 +27,8 @@ use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use hyper_util::rt::TokioIo;
 use netpilot_proto::link::{
-    CONNECT_PATH, ENROLL_PATH, HEADER_AGENT_VERSION, HEADER_ROUTER_ID, UPGRADE_PROTOCOL,
+    CONNECT_PATH, ENROLL_PATH, HEADER_AGENT_VERSION, HEADER_ROUTER_ID, REPORT_PATH,
+    SPEEDTEST_DOWNLOAD_PATH, SPEEDTEST_PING_PATH, SPEEDTEST_UPLOAD_PATH, UPGRADE_PROTOCOL,
 };
 use netpilot_proto::routes::ROUTES;
 use netpilot_tests::{eventually, session_id, Agent, Client, Relay, RelayOptions, Reply};
@@ -55,23 +56,11 @@ const RELAY_ONLY: &[(&str, &str)] = &[
     ("GET", "/api/session/status"),
     ("POST", ENROLL_PATH),
     ("GET", CONNECT_PATH),
+    ("POST", REPORT_PATH),
+    ("GET", SPEEDTEST_PING_PATH),
+    ("GET", SPEEDTEST_DOWNLOAD_PATH),
+    ("POST", SPEEDTEST_UPLOAD_PATH),
 ];
-
-/// Server changes that landed before the document caught up (the document is updated
-/// when the branch is merged; each entry names what to document). An entry is
-/// `(METHOD, path, JSON location, property)`: that property is not yet documented
-/// there. An entry the run never needs fails the test, so the list empties itself.
-const AHEAD_OF_DOC: &[(&str, &str, &str, &str)] = &[(
-    "GET",
-    "/api/admin/routers/{routerId}",
-    "$.data",
-    "recent_reports",
-)];
-
-/// Router operations whose agent feature has landed while the document still marks
-/// them `x-netpilot-implemented: false`: the agent answers 200. An entry the document
-/// has caught up with fails the test.
-const LANDED_AHEAD_OF_DOC: &[(&str, &str)] = &[("GET", "/api/speedtest")];
 
 const HTTP_METHODS: &[&str] = &[
     "get", "put", "post", "delete", "options", "head", "patch", "trace",
@@ -744,8 +733,6 @@ struct Run<'a> {
     chk: Checker<'a>,
     failures: Vec<String>,
     seen: BTreeMap<(String, String), BTreeSet<u16>>,
-    /// Which [`AHEAD_OF_DOC`] entries were needed.
-    ahead_used: BTreeSet<usize>,
 }
 
 impl<'a> Run<'a> {
@@ -799,10 +786,10 @@ impl<'a> Run<'a> {
             return;
         };
         let resp = self.chk.resolve(resp);
-        self.check_content(&ctx, (method, path), resp, r);
+        self.check_content(&ctx, resp, r);
     }
 
-    fn check_content(&mut self, ctx: &str, op: (&str, &str), resp: &Value, r: &Reply) {
+    fn check_content(&mut self, ctx: &str, resp: &Value, r: &Reply) {
         let Some(content) = resp.get("content").and_then(Value::as_object) else {
             if !r.raw.is_empty() {
                 self.fail(format!(
@@ -841,15 +828,7 @@ impl<'a> Run<'a> {
         match serde_json::from_slice::<Value>(&r.raw) {
             Ok(body) => {
                 for e in self.chk.validate(&media_obj["schema"], &body) {
-                    let ahead = AHEAD_OF_DOC.iter().position(|(m, p, at, k)| {
-                        (*m, *p) == op && e == format!("{at}: property {k:?} is not documented")
-                    });
-                    match ahead {
-                        Some(i) => {
-                            self.ahead_used.insert(i);
-                        }
-                        None => self.fail(format!("{ctx}: {e}")),
-                    }
+                    self.fail(format!("{ctx}: {e}"));
                 }
             }
             Err(e) => self.fail(format!("{ctx}: body is not JSON ({e})")),
@@ -1013,9 +992,6 @@ fn random_uuid() -> String {
     session_id()
 }
 
-/// Creates the group the documented `groupId` example names, with syncGroup's
-/// documented example, so that an operation on `{groupId}` finds it: the calls before
-/// (a delete, a reset, sync-all) may have removed it.
 /// Waits until the agent's latest Wi-Fi change is no longer pending (the agent
 /// refuses a second one meanwhile with 409 CHANGE_PENDING).
 async fn wifi_settled(c: &Client, ids: Option<(&str, &str)>) -> anyhow::Result<()> {
@@ -1032,6 +1008,9 @@ async fn wifi_settled(c: &Client, ids: Option<(&str, &str)>) -> anyhow::Result<(
     .await
 }
 
+/// Creates the group the documented `groupId` example names, with syncGroup's
+/// documented example, so that an operation on `{groupId}` finds it: the calls before
+/// (a delete, a reset, sync-all) may have removed it.
 async fn sync_example_group(
     run: &mut Run<'_>,
     c: &Client,
@@ -1062,7 +1041,6 @@ async fn server_answers_as_documented() -> anyhow::Result<()> {
         chk: Checker { doc: &doc },
         failures: Vec::new(),
         seen: BTreeMap::new(),
-        ahead_used: BTreeSet::new(),
     };
     let config = format!(
         "[timeouts]\ncommand = \"{COMMAND_TIMEOUT}\"\n[enrollment]\nper_minute = {ENROLL_PER_MINUTE}\n[limits]\nmax_body_bytes = {MAX_BODY_BYTES}\n"
@@ -1209,6 +1187,104 @@ async fn server_answers_as_documented() -> anyhow::Result<()> {
         ));
     }
 
+    // ---- the other agent-facing endpoints, with the router secret
+    let as_router = anon.with_key(Some(&secret));
+    let router_hdr = [(HEADER_ROUTER_ID, probe.as_str())];
+    let wrong = anon.with_key(Some("0000"));
+    let event =
+        json!({"kind": "wifi_change", "id": "c1", "state": "confirmed", "at": 1_796_155_844u64});
+    let r = as_router
+        .call_with(
+            post,
+            REPORT_PATH,
+            json_body(event.clone()),
+            Some("application/json"),
+            &router_hdr,
+        )
+        .await?;
+    run.expect(post, REPORT_PATH, "report", &r, 200, None);
+    let r = wrong
+        .call_with(
+            post,
+            REPORT_PATH,
+            json_body(event.clone()),
+            Some("application/json"),
+            &router_hdr,
+        )
+        .await?;
+    run.expect(
+        post,
+        REPORT_PATH,
+        "wrong secret",
+        &r,
+        401,
+        Some("UNAUTHORIZED"),
+    );
+    let r = as_router
+        .call_with(
+            post,
+            REPORT_PATH,
+            json_body(json!({"kind": 1})),
+            Some("application/json"),
+            &router_hdr,
+        )
+        .await?;
+    run.expect(
+        post,
+        REPORT_PATH,
+        "not a report",
+        &r,
+        400,
+        Some("INVALID_PARAMETER"),
+    );
+    let r = as_router
+        .call_with(get, SPEEDTEST_PING_PATH, None, None, &router_hdr)
+        .await?;
+    run.expect(get, SPEEDTEST_PING_PATH, "ping", &r, 200, None);
+    let r = wrong
+        .call_with(get, SPEEDTEST_PING_PATH, None, None, &router_hdr)
+        .await?;
+    run.expect(
+        get,
+        SPEEDTEST_PING_PATH,
+        "wrong secret",
+        &r,
+        401,
+        Some("UNAUTHORIZED"),
+    );
+    let down = format!("{SPEEDTEST_DOWNLOAD_PATH}?bytes=65536");
+    let r = as_router
+        .call_with(get, &down, None, None, &router_hdr)
+        .await?;
+    run.expect(get, SPEEDTEST_DOWNLOAD_PATH, "download", &r, 200, None);
+    if r.raw.len() != 65_536 {
+        run.fail(format!("GET {down}: {} bytes, want 65536", r.raw.len()));
+    }
+    let r = as_router
+        .call_with(get, SPEEDTEST_DOWNLOAD_PATH, None, None, &router_hdr)
+        .await?;
+    run.expect(
+        get,
+        SPEEDTEST_DOWNLOAD_PATH,
+        "no bytes",
+        &r,
+        400,
+        Some("INVALID_PARAMETER"),
+    );
+    let r = as_router
+        .call_with(
+            post,
+            SPEEDTEST_UPLOAD_PATH,
+            Some(Bytes::from(vec![7u8; 100_000])),
+            Some("application/octet-stream"),
+            &router_hdr,
+        )
+        .await?;
+    run.expect(post, SPEEDTEST_UPLOAD_PATH, "upload", &r, 200, None);
+    if r.body["data"]["bytes"] != json!(100_000) {
+        run.fail(format!("POST {SPEEDTEST_UPLOAD_PATH}: {}", r.body));
+    }
+
     let (d, p) = ("DELETE", "/api/admin/routers/{routerId}");
     let r = c.delete(&format!("/api/admin/routers/{probe}")).await?;
     run.expect(d, p, "revoke", &r, 200, None);
@@ -1224,6 +1300,15 @@ async fn server_answers_as_documented() -> anyhow::Result<()> {
     run.expect(d, p, "no key", &r, 401, Some("UNAUTHORIZED"));
     let r = connect_h1(&relay, &probe, Some(&secret)).await?;
     run.expect(get, k, "revoked", &r, 403, Some("ROUTER_REVOKED"));
+    for (m, p) in [
+        (post, REPORT_PATH),
+        (get, SPEEDTEST_PING_PATH),
+        (get, SPEEDTEST_DOWNLOAD_PATH),
+        (post, SPEEDTEST_UPLOAD_PATH),
+    ] {
+        let r = as_router.call_with(m, p, None, None, &router_hdr).await?;
+        run.expect(m, p, "revoked", &r, 403, Some("ROUTER_REVOKED"));
+    }
     let r = c
         .call(
             post,
@@ -1392,14 +1477,7 @@ async fn server_answers_as_documented() -> anyhow::Result<()> {
         .collect();
     for (m, p) in &router_ops {
         let t = Target::new(&run, m, p, &[]);
-        let doc_implemented = run.op(m, p).get(NOT_IMPLEMENTED_EXT) != Some(&Value::Bool(false));
-        let landed = LANDED_AHEAD_OF_DOC.contains(&(m.as_str(), p.as_str()));
-        if doc_implemented && landed {
-            run.fail(format!(
-                "{m} {p} is documented as implemented now: remove it from LANDED_AHEAD_OF_DOC"
-            ));
-        }
-        let implemented = doc_implemented || landed;
+        let implemented = run.op(m, p).get(NOT_IMPLEMENTED_EXT) != Some(&Value::Bool(false));
         let r = t.call(&c, None).await?;
         run.expect(m, p, "no ids", &r, 400, Some("INVALID_PARAMETER"));
         let r = t.call(&anon, ids(&alice, &online)).await?;
@@ -1510,7 +1588,7 @@ async fn server_answers_as_documented() -> anyhow::Result<()> {
         if allow != methods {
             run.fail(format!("{ctx}: Allow {allow:?}, documented {methods:?}"));
         }
-        run.check_content(&ctx, ("", ""), not_allowed, &r);
+        run.check_content(&ctx, not_allowed, &r);
     }
 
     // ---- unknown paths: 404 NOT_FOUND (behind the API key under /api/)
@@ -1580,13 +1658,6 @@ async fn server_answers_as_documented() -> anyhow::Result<()> {
     let never: Vec<_> = doc_operations(&doc).difference(&called).cloned().collect();
     if !never.is_empty() {
         run.fail(format!("documented operations never called: {never:?}"));
-    }
-    for (i, entry) in AHEAD_OF_DOC.iter().enumerate() {
-        if !run.ahead_used.contains(&i) {
-            run.fail(format!(
-                "AHEAD_OF_DOC entry {entry:?} is documented now (or no longer served): remove it"
-            ));
-        }
     }
     assert!(
         run.failures.is_empty(),

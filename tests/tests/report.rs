@@ -12,19 +12,8 @@ use netpilot_agent::dial::{RelayAddr, RelayBody, RelayEndpoint};
 use netpilot_agent::identity::Identity;
 use netpilot_agent::report::{AgentEvent, RelayReporter, ReportError, Reporter};
 use netpilot_proto::link::REPORT_PATH;
-use netpilot_tests::{EnrolledRouter, Relay, RelayOptions};
+use netpilot_tests::{relay_endpoint as endpoint, Relay, RelayOptions};
 use serde_json::Value;
-
-fn endpoint(relay: &Relay, router: &EnrolledRouter, secret: Option<&str>) -> RelayEndpoint {
-    let id = Identity::load(&router.state_dir).expect("enrolled identity");
-    RelayEndpoint::new(
-        RelayAddr::parse(&relay.url()).unwrap(),
-        netpilot_agent::tls::client_config(&id.trust).unwrap(),
-        id.router_id,
-        secret.map(str::to_owned).unwrap_or(id.router_secret),
-        Duration::from_secs(5),
-    )
-}
 
 fn event(state: &str) -> AgentEvent {
     AgentEvent {

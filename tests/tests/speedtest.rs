@@ -9,24 +9,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
-use netpilot_agent::dial::{RelayAddr, RelayBody, RelayEndpoint};
-use netpilot_agent::identity::Identity;
+use netpilot_agent::dial::{RelayBody, RelayEndpoint};
 use netpilot_proto::link::{SPEEDTEST_DOWNLOAD_PATH, SPEEDTEST_PING_PATH, SPEEDTEST_UPLOAD_PATH};
 use netpilot_tests::{
-    eventually, q, relay_with_agent, start_session, Agent, EnrolledRouter, Relay, RelayOptions,
+    eventually, q, relay_endpoint as endpoint, relay_with_agent, start_session, Agent, Relay,
+    RelayOptions,
 };
 use serde_json::Value;
-
-fn endpoint(relay: &Relay, router: &EnrolledRouter, secret: Option<&str>) -> RelayEndpoint {
-    let id = Identity::load(&router.state_dir).expect("enrolled identity");
-    RelayEndpoint::new(
-        RelayAddr::parse(&relay.url()).unwrap(),
-        netpilot_agent::tls::client_config(&id.trust).unwrap(),
-        id.router_id,
-        secret.map(str::to_owned).unwrap_or(id.router_secret),
-        Duration::from_secs(5),
-    )
-}
 
 /// A request to the relay on a fresh connection; the answer's head, body unread.
 async fn open(
