@@ -132,6 +132,12 @@ impl Default for RunConfig {
 
 impl RunConfig {
     pub fn validate(&self) -> anyhow::Result<()> {
+        if self.simulate && !cfg!(feature = "simulate") {
+            // Said at once, not after waiting for an enrollment.
+            anyhow::bail!(
+                "this build has no simulated router (built without the `simulate` feature)"
+            );
+        }
         if self.dead_after <= self.ping_interval {
             anyhow::bail!("dead-after must be longer than ping-interval");
         }
