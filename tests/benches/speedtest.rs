@@ -228,20 +228,9 @@ async fn scenario(one_way_ms: u64) -> anyhow::Result<Scenario> {
         },
         None,
     )?;
-    let (ready_tx, ready_rx) = oneshot::channel();
-    let (_stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(netpilot_relay::run(
-        config,
-        listener,
-        Arc::new(netpilot_relay::state::SystemClock),
-        move |r| {
-            let _ = ready_tx.send(r);
-        },
-        async move {
-            let _ = stopped.await;
-        },
-    ));
-    let ready = ready_rx.await.context("relay did not start")?;
+    // Dropped at the end of the scenario, which stops the relay.
+    let relay = netpilot_tests::in_process_relay(config, listener).await?;
+    let ready = &relay.ready;
     let c = netpilot_tests::Client::connect(addr, &ready.fingerprint, API_KEY).await?;
     let r = c
         .post(

@@ -585,6 +585,36 @@ pub fn relay_endpoint(
     )
 }
 
+/// A relay in this process (the tour, the speed-test bench): `netpilot_relay::run` on
+/// `listener`, returned once it has announced itself. Sending on (or dropping) `stop`
+/// shuts it down; `task` ends with the relay's result.
+pub struct InProcessRelay {
+    pub ready: netpilot_relay::Ready,
+    pub stop: tokio::sync::oneshot::Sender<()>,
+    pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+pub async fn in_process_relay(
+    config: netpilot_relay::config::Config,
+    listener: tokio::net::TcpListener,
+) -> anyhow::Result<InProcessRelay> {
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(netpilot_relay::run(
+        config,
+        listener,
+        Arc::new(netpilot_relay::state::SystemClock),
+        move |r| {
+            let _ = ready_tx.send(r);
+        },
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let ready = ready_rx.await.context("relay did not start")?;
+    Ok(InProcessRelay { ready, stop, task })
+}
+
 /// A new random session id.
 pub fn session_id() -> String {
     uuid::Uuid::new_v4().to_string()

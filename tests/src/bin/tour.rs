@@ -4,7 +4,6 @@
 //! you can try the API with curl; `--once` exits after the tour; `--listen ADDR`
 //! picks the address (default 127.0.0.1:8443, or any free port if that is taken).
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -51,20 +50,8 @@ async fn main() -> anyhow::Result<()> {
         },
         None,
     )?;
-    let (ready_tx, ready_rx) = oneshot::channel();
-    let (stop_relay, relay_stopped) = oneshot::channel::<()>();
-    let relay = tokio::spawn(netpilot_relay::run(
-        config,
-        listener,
-        Arc::new(netpilot_relay::state::SystemClock),
-        move |r| {
-            let _ = ready_tx.send(r);
-        },
-        async move {
-            let _ = relay_stopped.await;
-        },
-    ));
-    let ready = ready_rx.await.context("relay failed to start")?;
+    let relay = netpilot_tests::in_process_relay(config, listener).await?;
+    let ready = &relay.ready;
     let url = format!("https://{}", ready.addr);
     section("Relay");
     println!("listening on {url}");
@@ -290,8 +277,8 @@ async fn main() -> anyhow::Result<()> {
     }
     let _ = stop_agent.send(());
     agent.await??;
-    let _ = stop_relay.send(());
-    relay.await??;
+    let _ = relay.stop.send(());
+    relay.task.await??;
     Ok(())
 }
 
