@@ -134,9 +134,7 @@ impl RunConfig {
     pub fn validate(&self) -> anyhow::Result<()> {
         if self.simulate && !cfg!(feature = "simulate") {
             // Said at once, not after waiting for an enrollment.
-            anyhow::bail!(
-                "this build has no simulated router (built without the `simulate` feature)"
-            );
+            anyhow::bail!(NO_SIMULATED_ROUTER);
         }
         if self.dead_after <= self.ping_interval {
             anyhow::bail!("dead-after must be longer than ping-interval");
@@ -244,6 +242,7 @@ pub async fn run(
         ubus.clone(),
         neighbours,
         Some(wan_if.clone()),
+        policy::engine::system_clock(),
     );
     let engine_config = policy::engine::EngineConfig {
         lan_if,
@@ -376,10 +375,14 @@ fn simulated_backends(config: &RunConfig) -> anyhow::Result<Backends> {
     })
 }
 
-/// Router builds leave the simulated router out (it is dead weight on 16 MB of flash).
+const NO_SIMULATED_ROUTER: &str =
+    "this build has no simulated router (built without the `simulate` feature)";
+
+/// Router builds leave the simulated router out (it is dead weight on 16 MB of flash);
+/// `RunConfig::validate` refuses `--simulate` there before this is reached.
 #[cfg(not(feature = "simulate"))]
 fn simulated_backends(_: &RunConfig) -> anyhow::Result<Backends> {
-    anyhow::bail!("this build has no simulated router (built without the `simulate` feature)")
+    anyhow::bail!(NO_SIMULATED_ROUTER)
 }
 
 /// Device usage over `nlbw`, with local days in the router's zone.

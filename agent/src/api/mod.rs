@@ -243,10 +243,8 @@ async fn dispatch(app: &Arc<App>, req: Request<Incoming>) -> Result<Reply, Agent
                 .scanner
                 .clone()
                 .ok_or(AgentError::NotImplemented("/api/scan"))?;
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
             let gathered = scanner.gather().await;
+            let now = scanner.now();
             let out = match &app.policy {
                 Some(engine) => engine.read(|d| scanner.finish(gathered, d, now)).await,
                 None => scanner.finish(gathered, &crate::policy::ops::initial(), now),

@@ -14,6 +14,7 @@ use std::time::Duration;
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::policy::engine::Clock;
 use crate::policy::model::{Desired, GroupId, Mac, Target};
 use crate::system::files::Files;
 use crate::system::process;
@@ -260,6 +261,8 @@ pub struct Scanner {
     /// The WAN device, whose neighbours are upstream, not LAN devices.
     pub wan_if: Option<String>,
     pub timeout: Duration,
+    /// "Now" for `timestamp` and `last_seen`.
+    pub clock: Clock,
     seen: Mutex<HashMap<Mac, u64>>,
 }
 
@@ -269,6 +272,7 @@ impl Scanner {
         ubus: Arc<dyn Ubus>,
         neighbours: NeighbourSource,
         wan_if: Option<String>,
+        clock: Clock,
     ) -> Scanner {
         Scanner {
             files,
@@ -276,8 +280,14 @@ impl Scanner {
             neighbours,
             wan_if,
             timeout: Duration::from_secs(5),
+            clock,
             seen: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Unix seconds from the injected clock.
+    pub fn now(&self) -> u64 {
+        u64::try_from((self.clock)()).unwrap_or(0)
     }
 
     /// Reads every source. Separate from [`Scanner::finish`] so the policy state is
