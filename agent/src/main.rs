@@ -26,6 +26,8 @@ usage: netpilot-agent enroll --relay URL --token TOKEN [--ca FILE | --fingerprin
                           [--wifi-retry DUR]
                           [--nlbw PROGRAM] [--nlbw-init PROGRAM] [--usage-cache DUR]
                           [--usage-sample DUR] [--usage-flush DUR] [--usage-retention-days N]
+                          [--dnsmasq PROGRAM] [--dns-dir DIR] [--dns-upstream ADDR[#PORT]]...
+                          [--dns-port-base PORT] [--doh-list FILE]
        netpilot-agent cleanup [--lan-if IF] [--wan-if IF]
        netpilot-agent --version
 
@@ -37,6 +39,9 @@ command line wins over it. DIR defaults to /etc/netpilot. DUR is like 20s, 250ms
 A Wi-Fi change is rolled back unless a report reaches the relay within --wifi-grace
 (default 90s); reports start --wifi-settle after the reload (10s) and repeat every
 --wifi-retry (5s). --uci-confdir/--uci-savedir are uci's -c/-t (default uci's own).
+Filtered groups get their own dnsmasq on --dns-port-base (5400) + slot, forwarding
+to --dns-upstream (127.0.0.1, the router's dnsmasq); state in --dns-dir
+(/var/run/netpilot/dns). --doh-list replaces the shipped DoH names and addresses.
 cleanup removes everything the agent put into the kernel and the system.";
 
 fn main() -> std::process::ExitCode {
@@ -57,6 +62,8 @@ fn real_main() -> anyhow::Result<()> {
     let mut log: Option<String> = None;
     let mut state_dir: Option<PathBuf> = None;
     let mut start_delay: Option<Duration> = None;
+    // The first --dns-upstream replaces the default; more add to it.
+    let mut dns_upstream_given = false;
     let mut config_path = PathBuf::from(netpilot_agent::settings::DEFAULT_PATH);
     let (mut relay, mut token, mut ca, mut fingerprint, mut force) =
         (None, None, None, None, false);
@@ -115,6 +122,23 @@ fn real_main() -> anyhow::Result<()> {
             Long("wifi-retry") => run.wifi_safe.retry = duration(&mut args, "wifi-retry")?,
             Long("nlbw") => run.nlbw = Some(args.value()?.string()?),
             Long("nlbw-init") => run.nlbw_init = args.value()?.string()?,
+            Long("dnsmasq") => run.dnsmasq = args.value()?.string()?,
+            Long("dns-dir") => run.dns_dir = PathBuf::from(args.value()?),
+            Long("dns-upstream") => {
+                let v = args.value()?.string()?;
+                if !dns_upstream_given {
+                    run.dns_upstreams.clear();
+                    dns_upstream_given = true;
+                }
+                run.dns_upstreams.push(v);
+            }
+            Long("dns-port-base") => {
+                let v = args.value()?.string()?;
+                run.dns_port_base = v
+                    .parse()
+                    .with_context(|| format!("--dns-port-base {v:?} is not a port number"))?;
+            }
+            Long("doh-list") => run.doh_list = Some(PathBuf::from(args.value()?)),
             Long("usage-cache") => run.usage.cache_ttl = duration(&mut args, "usage-cache")?,
             Long("usage-sample") => {
                 run.usage.sample_interval = duration(&mut args, "usage-sample")?

@@ -106,6 +106,16 @@ CREATE TABLE usage_baseline (
     tx_bytes INTEGER NOT NULL
 ) WITHOUT ROWID;
 "#,
+    // DNS category lists replaced or added through the API (see policy::persist);
+    // the shipped ones are not stored.
+    r#"
+CREATE TABLE dns_categories (
+    name         TEXT PRIMARY KEY,
+    description  TEXT NOT NULL,
+    domains      TEXT NOT NULL,     -- normalised names, one per line, sorted
+    updated_unix INTEGER NOT NULL
+) WITHOUT ROWID;
+"#,
 ];
 
 pub struct Store {

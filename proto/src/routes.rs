@@ -83,6 +83,7 @@ pub const ROUTES: &[Route] = routes![
     Get "/api/device-usage/status",
     Post "/api/device-usage/reset",
     Get "/api/dns/categories",
+    Get "/api/dns/categories/{name}",
     Put "/api/dns/categories/{name}",
 ];
 

@@ -133,6 +133,8 @@ fn engine(dir: &std::path::Path) -> anyhow::Result<Engine> {
         Store::open(dir)?,
         Arc::new(RealNft::default()),
         Arc::new(RealTc::default()),
+        // The bench's groups filter no DNS: no resolver is started.
+        Arc::new(netpilot_agent::system::dnsmasq::FakeResolver::default()),
         Arc::new(MemFiles::default()),
         EngineConfig {
             lan_if: "lan0".into(),
@@ -140,6 +142,7 @@ fn engine(dir: &std::path::Path) -> anyhow::Result<Engine> {
             timezone: Some("CET-1CEST,M3.5.0,M10.5.0/3".into()),
             check_interval: Duration::from_secs(3600),
             kernel_minutes_west: Arc::new(|| 0),
+            dns: Default::default(),
         },
         netpilot_agent::policy::engine::system_clock(),
     )?)
@@ -257,6 +260,7 @@ async fn scenario(scheduled: bool) -> anyhow::Result<()> {
             now_unix: 1_795_435_200,
             kernel_minutes_west: 0,
             pinned: None,
+            dns: None,
         };
         let t = Instant::now();
         let compiled = netpilot_agent::policy::compile::compile(&desired, &ctx)?;

@@ -2,6 +2,7 @@
 //! one dispatcher over the shared route table. Routes whose feature has not landed
 //! answer `501 NOT_IMPLEMENTED`; nothing here pretends.
 
+pub mod dns;
 mod health;
 pub mod policy;
 pub mod usage;
@@ -281,6 +282,20 @@ async fn dispatch(app: &Arc<App>, req: Request<Incoming>) -> Result<Reply, Agent
                 .ok_or(AgentError::NotImplemented(pattern))?;
             let call = call(route.route.method.as_str(), pattern, route.param("id"), req).await?;
             policy::handle(&engine, call).await
+        }
+        pattern if pattern.starts_with("/api/dns/") => {
+            let engine = app
+                .policy
+                .clone()
+                .ok_or(AgentError::NotImplemented(pattern))?;
+            let call = call(
+                route.route.method.as_str(),
+                pattern,
+                route.param("name"),
+                req,
+            )
+            .await?;
+            dns::handle(&engine, call, engine.now()).await
         }
         pattern if pattern.starts_with("/api/wifi/") => {
             let service = app

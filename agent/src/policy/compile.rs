@@ -18,6 +18,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::{self, Write as _};
 use std::sync::Arc;
 
+use super::dnsfilter::{self, DnsConfig, DnsPlan};
 use super::model::{Bandwidth, Desired, GroupId, Internet, ListKind, Mac, Target, GUEST_GROUP};
 use super::schedule::{self, KernelSchedule, Restriction};
 use super::tz::Zone;
@@ -34,8 +35,9 @@ const SCHEDULE_CLASSES_PER_GROUP: u16 = 64;
 
 /// Sets and maps whose elements change with devices and lists; they are applied
 /// incrementally when the rest of the table is unchanged.
-pub const ELEMENT_SETS: [&str; 8] = [
+pub const ELEMENT_SETS: [&str; 9] = [
     "dev_group",
+    "dns_dev",
     "dev_moved",
     "block_mac",
     "block_ip4",
@@ -59,6 +61,15 @@ pub struct Context<'a> {
     /// the table (16 ms at 12,500 devices), so moves are adds; `None` compiles
     /// everything into `dev_group` (the engine compacts that way).
     pub pinned: Option<&'a Pinned>,
+    /// DNS filtering; `None` compiles no DNS enforcement at all.
+    pub dns: Option<DnsContext<'a>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct DnsContext<'a> {
+    pub config: &'a DnsConfig,
+    /// The plan live now, whose servers files are reused where nothing changed.
+    pub previous: Option<&'a DnsPlan>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -123,6 +134,8 @@ pub struct Compiled {
     pub pin: Pinned,
     /// Entries in `dev_moved`.
     pub moved: usize,
+    /// The filtering resolvers the rules redirect to.
+    pub dns: DnsPlan,
     /// Digest over everything above: equal digests, equal kernel state.
     pub digest: String,
 }
@@ -171,6 +184,64 @@ impl Compiled {
             }
         }
         Some(s)
+    }
+}
+
+/// In a filtered group's upload chain: the ways around its resolver are refused.
+/// TCP gets a reset so clients give up at once and fall back to plain DNS.
+fn push_dns_refusals(chains: &mut String, block_quic: bool, ctx: &Context<'_>) {
+    let doh = ctx.dns.map(|d| &d.config.doh);
+    // DNS over TLS, and DNS over QUIC on the same port.
+    let _ = writeln!(chains, "\t\ttcp dport 853 reject with tcp reset");
+    let _ = writeln!(chains, "\t\tudp dport 853 reject");
+    if doh.is_some_and(|d| !d.v4.is_empty()) {
+        let _ = writeln!(chains, "\t\tip daddr @doh_ip4 tcp dport 443 reject with tcp reset");
+        let _ = writeln!(chains, "\t\tip daddr @doh_ip4 udp dport 443 reject");
+    }
+    if doh.is_some_and(|d| !d.v6.is_empty()) {
+        let _ = writeln!(chains, "\t\tip6 daddr @doh_ip6 tcp dport 443 reject with tcp reset");
+        let _ = writeln!(chains, "\t\tip6 daddr @doh_ip6 udp dport 443 reject");
+    }
+    if block_quic {
+        let _ = writeln!(chains, "\t\tudp dport 443 reject");
+    }
+}
+
+/// The redirect of filtered groups' port-53 traffic, whatever resolver it asks,
+/// to the group's own resolver on the router; and the DoH address sets.
+fn push_dns_chains(body: &mut String, dns: &DnsPlan, guest: Option<u8>, ctx: &Context<'_>) {
+    if let Some(doh) = ctx.dns.map(|d| &d.config.doh) {
+        for (name, ty, addrs) in [
+            ("doh_ip4", "ipv4_addr", doh.v4.iter().map(|a| a.to_string()).collect::<Vec<_>>()),
+            ("doh_ip6", "ipv6_addr", doh.v6.iter().map(|a| a.to_string()).collect()),
+        ] {
+            if !addrs.is_empty() {
+                let _ = writeln!(
+                    body,
+                    "\tset {name} {{\n\t\ttype {ty}\n\t\telements = {{ {} }}\n\t}}\n",
+                    addrs.join(", ")
+                );
+            }
+        }
+    }
+    // dstnat - 5: before fw4's own dstnat rules (port forwards), which must not
+    // see a filtered device's DNS first.
+    let _ = writeln!(
+        body,
+        "\tchain dns_nat {{\n\t\ttype nat hook prerouting priority dstnat - 5; policy accept;\n\t\tiifname \"{}\" meta l4proto {{ tcp, udp }} th dport 53 jump dns_from_lan\n\t}}\n",
+        ctx.lan_if
+    );
+    let _ = writeln!(body, "\tchain dns_from_lan {{\n\t\tether saddr vmap @dns_dev");
+    if let Some(g) = guest {
+        let _ = writeln!(body, "\t\tgoto dns_g{g}");
+    }
+    let _ = writeln!(body, "\t}}\n");
+    for (slot, p) in &dns.instances {
+        let _ = writeln!(
+            body,
+            "\tchain dns_g{slot} {{\n\t\t# group {}\n\t\tmeta l4proto {{ tcp, udp }} redirect to :{}\n\t}}\n",
+            p.group, p.spec.port
+        );
     }
 }
 
@@ -226,6 +297,10 @@ pub fn compile(desired: &Desired, ctx: &Context<'_>) -> Result<Compiled, Compile
         .get(&GUEST_GROUP)
         .ok_or(CompileError::NoSlot(GUEST_GROUP))?;
     let mut wanted: BTreeMap<Mac, u8> = BTreeMap::new();
+    let dns = match ctx.dns {
+        Some(d) => dnsfilter::plan(desired, d.config, ctx.lan_if, d.previous),
+        None => DnsPlan::default(),
+    };
 
     for (id, group) in &desired.groups {
         let slot = *desired.slots.get(id).ok_or(CompileError::NoSlot(*id))?;
@@ -330,6 +405,9 @@ pub fn compile(desired: &Desired, ctx: &Context<'_>) -> Result<Compiled, Compile
                     "\t\tct mark set ct mark and 0x{:08x} or 0x{mark:08x}",
                     !CT_MASK
                 );
+                if dns.instances.contains_key(&slot) {
+                    push_dns_refusals(&mut chains, policy.dns.block_quic, ctx);
+                }
             }
             if policy.internet == Internet::Block {
                 let _ = writeln!(chains, "\t\t{verdict_block}");
@@ -360,6 +438,30 @@ pub fn compile(desired: &Desired, ctx: &Context<'_>) -> Result<Compiled, Compile
         }
 
         wanted.extend(group.devices.iter().map(|d| (d.mac, slot)));
+    }
+
+    // Which devices' DNS is redirected: those of filtered groups, and when the guest
+    // group filters, everyone else except the devices of unfiltered groups.
+    let guest_filters = dns.instances.contains_key(&guest_slot);
+    if !dns.instances.is_empty() {
+        let target = &mut sets[set_index("dns_dev")];
+        for (mac, slot) in &wanted {
+            let verdict = if dns.instances.contains_key(slot) {
+                if *slot == guest_slot {
+                    continue;
+                }
+                format!("goto dns_g{slot}")
+            } else if guest_filters {
+                "return".to_owned()
+            } else {
+                continue;
+            };
+            let mut e = String::with_capacity(32);
+            mac.push_to(&mut e);
+            e.push_str(" : ");
+            e.push_str(&verdict);
+            target.insert(e);
+        }
     }
 
     let push = |set: &mut BTreeSet<String>, mac: &Mac, slot: u8| {
@@ -448,6 +550,13 @@ pub fn compile(desired: &Desired, ctx: &Context<'_>) -> Result<Compiled, Compile
         body,
         "\tmap dev_moved {{\n\t\ttype ether_addr : verdict\n\t}}\n"
     );
+    if !dns.instances.is_empty() {
+        let _ = writeln!(
+            body,
+            "\tmap dns_dev {{\n\t\ttype ether_addr : verdict\n\t}}\n"
+        );
+        push_dns_chains(&mut body, &dns, guest_filters.then_some(guest_slot), ctx);
+    }
     let _ = writeln!(
         body,
         "\tmap ct_group {{\n\t\ttype mark : verdict\n\t\telements = {{ {} }}\n\t}}\n",
@@ -519,6 +628,10 @@ pub fn compile(desired: &Desired, ctx: &Context<'_>) -> Result<Compiled, Compile
 
     let mut elements: BTreeMap<&'static str, Arc<BTreeSet<String>>> = BTreeMap::new();
     for (name, set) in ELEMENT_SETS.iter().zip(sets) {
+        // Declared only while some group filters.
+        if *name == "dns_dev" && dns.instances.is_empty() {
+            continue;
+        }
         let set = if *name == "dev_group" {
             pin.dev_group.clone()
         } else {
@@ -548,6 +661,10 @@ pub fn compile(desired: &Desired, ctx: &Context<'_>) -> Result<Compiled, Compile
             feed(format!("{side} {minor} {kbps}").as_bytes());
         }
     }
+    for (slot, p) in &dns.instances {
+        let s = &p.spec;
+        feed(format!("dns {slot} {} {} {} {:?}", s.port, p.key, s.interface, s.upstreams).as_bytes());
+    }
     let whole = hex8(all.finish().as_ref());
     Ok(Compiled {
         structure,
@@ -556,6 +673,7 @@ pub fn compile(desired: &Desired, ctx: &Context<'_>) -> Result<Compiled, Compile
         tc,
         refresh_at,
         moved: moved.len(),
+        dns,
         pin,
         digest: whole,
     })
@@ -722,7 +840,7 @@ mod tests {
                         },
                     },
                 ],
-                dns: None,
+                dns: Default::default(),
             },
         };
         ops::sync_group(&mut d, kids).unwrap();
@@ -762,6 +880,7 @@ mod tests {
                 now_unix: now,
                 kernel_minutes_west: 0,
                 pinned: None,
+                dns: None,
             },
         )
         .unwrap()
@@ -791,6 +910,99 @@ mod tests {
         assert_eq!(c.tc.down, BTreeMap::from([(0x102, 5000), (0x1080, 1000)]));
         assert_eq!(c.tc.up, BTreeMap::from([(0x102, 1000)]));
         assert_eq!(c.refresh_at, None);
+    }
+
+    fn dns_config() -> DnsConfig {
+        DnsConfig {
+            port_base: 5400,
+            upstreams: vec!["127.0.0.1".into()],
+            doh: crate::dns::categories::parse_doh("dns.example\n10.77.0.3\nfd77::3\n").unwrap(),
+            cache_size: 1000,
+        }
+    }
+
+    fn dns_policy(categories: &[&str], block: &[&str], allow: &[&str]) -> super::super::model::DnsPolicy {
+        let list = |l: &[&str]| {
+            l.iter()
+                .map(|s| crate::dns::domain::normalize(s).unwrap())
+                .collect()
+        };
+        super::super::model::DnsPolicy {
+            categories: categories.iter().map(|s| s.to_string()).collect(),
+            block: list(block),
+            allow: list(allow),
+            block_quic: false,
+        }
+    }
+
+    #[test]
+    fn golden_dns_filtering() {
+        let mut d = home();
+        let kids = d.groups.get_mut(&3).unwrap();
+        kids.policy.dns = dns_policy(&["social"], &["example.com"], &["ok.example.com"]);
+        kids.policy.dns.block_quic = true;
+        // The guest group filters too: devices of unfiltered groups are let out.
+        d.groups.get_mut(&GUEST_GROUP).unwrap().policy.dns = dns_policy(&[], &["guest.example"], &[]);
+        ops::normalize(&mut d).unwrap();
+        let zone = Zone::parse("UTC0").unwrap();
+        let cfg = dns_config();
+        let c = compile(
+            &d,
+            &Context {
+                lan_if: "br-lan",
+                wan_if: "wan0",
+                zone: &zone,
+                now_unix: NOW,
+                kernel_minutes_west: 0,
+                pinned: None,
+                dns: Some(DnsContext {
+                    config: &cfg,
+                    previous: None,
+                }),
+            },
+        )
+        .unwrap();
+        golden("dns.nft", &c.full_script());
+        let kids_slot = d.slots[&3];
+        let kids_dns = &c.dns.instances[&kids_slot];
+        assert_eq!(kids_dns.spec.port, 5400 + kids_slot as u16);
+        golden("dns-kids.servers", &kids_dns.spec.servers);
+        assert_eq!(c.dns.instances.len(), 2, "kids and guests");
+        // The unfiltered work group's device is let out of the guests' redirect.
+        assert!(c.elements["dns_dev"].contains("02:4e:50:00:00:12 : return"));
+
+        // Unchanged inputs reuse the servers file (the same allocation).
+        let again = compile(
+            &d,
+            &Context {
+                lan_if: "br-lan",
+                wan_if: "wan0",
+                zone: &zone,
+                now_unix: NOW,
+                kernel_minutes_west: 0,
+                pinned: None,
+                dns: Some(DnsContext {
+                    config: &cfg,
+                    previous: Some(&c.dns),
+                }),
+            },
+        )
+        .unwrap();
+        assert!(std::sync::Arc::ptr_eq(
+            &again.dns.instances[&kids_slot].spec.servers,
+            &kids_dns.spec.servers
+        ));
+        assert_eq!(again.digest, c.digest);
+    }
+
+    #[test]
+    fn no_dns_filter_no_dns_rules() {
+        let mut d = home();
+        d.groups.get_mut(&3).unwrap().policy.dns = dns_policy(&[], &[], &["ok.example.com"]);
+        let c = compile_in(&d, "UTC0", NOW);
+        assert!(c.dns.instances.is_empty());
+        assert!(!c.structure.contains("dns"), "{}", c.structure);
+        assert!(!c.elements.contains_key("dns_dev"));
     }
 
     #[test]
@@ -839,6 +1051,7 @@ mod tests {
             now_unix: NOW,
             kernel_minutes_west: 0,
             pinned: Some(pinned),
+            dns: None,
         };
         let c = compile(&moved, &pinned_ctx(&a.pin)).unwrap();
         assert_eq!(c.pin, a.pin);

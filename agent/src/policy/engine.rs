@@ -11,12 +11,14 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::compile::{self, Compiled, Context, Side};
+use super::compile::{self, Compiled, Context, DnsContext, Side};
+use super::dnsfilter::{DnsConfig, DnsPlan};
 use super::model::{Desired, Invalid};
 use super::ops::{self, OpError};
 use super::persist::{Actor, Applied};
 use super::tz::{self, Zone};
 use crate::store::Store;
+use crate::system::dnsmasq::{InstanceSpec, Resolver};
 use crate::system::files::Files;
 use crate::system::nft::{self, Firewall, ObservedTable};
 use crate::system::tc::{ObservedShaper, Shaper, TcOp};
@@ -43,6 +45,7 @@ pub struct EngineConfig {
     pub check_interval: Duration,
     /// Reads the kernel's `sys_tz` minutes west, which `meta day` uses.
     pub kernel_minutes_west: Arc<dyn Fn() -> i32 + Send + Sync>,
+    pub dns: DnsConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +95,8 @@ pub struct Status {
     pub groups: usize,
     pub timezone: String,
     pub next_refresh_unix: Option<i64>,
+    /// Filtering resolvers wanted (one per filtered group).
+    pub dns_resolvers: usize,
 }
 
 /// How one change went.
@@ -112,6 +117,7 @@ pub struct Phases {
     pub compile_ms: f64,
     pub tc_ms: f64,
     pub nft_ms: f64,
+    pub dns_ms: f64,
     pub verify_ms: f64,
     pub store_ms: f64,
 }
@@ -127,6 +133,12 @@ struct Inner {
     /// The last compiled state known to be live (verified or applied); the base for
     /// incremental element changes.
     live: Option<Compiled>,
+}
+
+/// How to take back a resolver change of an apply that failed later.
+enum DnsUndo {
+    Restore(InstanceSpec),
+    Stop(String),
 }
 
 /// `dev_moved` entries that make a change compact `dev_group` right away rather
@@ -148,6 +160,7 @@ pub struct Engine {
     inner: tokio::sync::Mutex<Inner>,
     nft: Arc<dyn Firewall>,
     tc: Arc<dyn Shaper>,
+    dns: Arc<dyn Resolver>,
     files: Arc<dyn Files>,
     config: EngineConfig,
     clock: Clock,
@@ -157,10 +170,12 @@ pub struct Engine {
 }
 
 impl Engine {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         mut store: Store,
         nft: Arc<dyn Firewall>,
         tc: Arc<dyn Shaper>,
+        dns: Arc<dyn Resolver>,
         files: Arc<dyn Files>,
         config: EngineConfig,
         clock: Clock,
@@ -189,6 +204,7 @@ impl Engine {
             }),
             nft,
             tc,
+            dns,
             files,
             config,
             clock,
@@ -215,6 +231,15 @@ impl Engine {
         f(&self.inner.lock().await.desired)
     }
 
+    pub fn dns_config(&self) -> &DnsConfig {
+        &self.config.dns
+    }
+
+    /// The injected clock's "now", for handlers that stamp what they change.
+    pub fn now(&self) -> i64 {
+        (self.clock)()
+    }
+
     fn zone(&self) -> Zone {
         tz::router_zone(self.files.as_ref(), self.config.timezone.as_deref()).unwrap_or_else(|e| {
             tracing::warn!(error = %e, "cannot read the router's time zone; using UTC");
@@ -226,6 +251,7 @@ impl Engine {
         &self,
         desired: &Desired,
         pinned: Option<&compile::Pinned>,
+        previous_dns: Option<&DnsPlan>,
     ) -> Result<Option<Compiled>, EngineError> {
         if ops::is_trivial(desired) {
             return Ok(None);
@@ -238,6 +264,10 @@ impl Engine {
             now_unix: (self.clock)(),
             kernel_minutes_west: (self.config.kernel_minutes_west)(),
             pinned,
+            dns: Some(DnsContext {
+                config: &self.config.dns,
+                previous: previous_dns,
+            }),
         };
         compile::compile(desired, &ctx).map(Some).map_err(|e| {
             EngineError::Invalid(Invalid {
@@ -284,7 +314,7 @@ impl Engine {
         let pinned = inner.pin().cloned();
         let result = async {
             let t = Instant::now();
-            let compiled = self.compile(&next, pinned.as_ref())?;
+            let compiled = self.compile(&next, pinned.as_ref(), base.as_ref().map(|b| &b.dns))?;
             let compile_ms = ms(t.elapsed());
             let (nft_kind, tc_ops, mut phases) =
                 self.apply(compiled.as_ref(), base.as_ref()).await?;
@@ -320,7 +350,7 @@ impl Engine {
             inner.desired = prev.clone();
             // Put the kernel back to what the store still says.
             tracing::error!(error = %e, "cannot store the new policy; restoring the previous one");
-            let old = self.compile(&prev, None).ok().flatten();
+            let old = self.compile(&prev, None, None).ok().flatten();
             let _ = self.apply(old.as_ref(), compiled.as_ref()).await;
             inner.live = None;
             self.after_failure(&EngineError::Store(e.to_string()));
@@ -396,6 +426,7 @@ impl Engine {
             s.groups = inner.desired.groups.len();
             s.timezone = zone;
             s.next_refresh_unix = compiled.and_then(|c| c.refresh_at);
+            s.dns_resolvers = compiled.map_or(0, |c| c.dns.instances.len());
         });
     }
 
@@ -404,7 +435,11 @@ impl Engine {
     pub async fn reconcile(&self, reason: &str) -> Result<Vec<String>, EngineError> {
         let mut inner = self.inner.lock().await;
         let started = Instant::now();
-        let compiled = self.compile(&inner.desired, inner.pin())?;
+        let compiled = self.compile(
+            &inner.desired,
+            inner.pin(),
+            inner.live.as_ref().map(|l| &l.dns),
+        )?;
         let now = (self.clock)();
         // The same desired state compiled to other rules: time moved past a DST
         // change the rules were guarded for. A planned refresh, not drift.
@@ -433,7 +468,7 @@ impl Engine {
         if drift.is_empty() && compiled.as_ref().is_some_and(|c| c.moved > 0) {
             // Fold the moves into dev_group while nothing else is happening, so the
             // override map stays small and a device can move again with an add.
-            let compact = self.compile(&inner.desired, None)?;
+            let compact = self.compile(&inner.desired, None, compiled.as_ref().map(|c| &c.dns))?;
             match self.apply(compact.as_ref(), compiled.as_ref()).await {
                 Ok(_) => {
                     inner.live = compact;
@@ -532,7 +567,51 @@ impl Engine {
             let plan = want.map_or(&empty, |c| c.tc.side(side));
             drift.extend(tc_drift(dev, plan, &live));
         }
+        drift.extend(self.dns_drift(want.map(|c| &c.dns)).await?);
         Ok(drift)
+    }
+
+    /// What differs between the running filtering resolvers and the plan.
+    async fn dns_drift(&self, want: Option<&DnsPlan>) -> Result<Vec<String>, EngineError> {
+        let live = self
+            .dns
+            .observe()
+            .await
+            .map_err(|e| EngineError::Apply(e.to_string()))?;
+        let empty = DnsPlan::default();
+        let want = want.unwrap_or(&empty);
+        let mut drift = Vec::new();
+        for p in want.instances.values() {
+            let id = &p.spec.id;
+            match live.iter().find(|o| &o.id == id) {
+                None => drift.push(format!("dns resolver {id} is missing")),
+                Some(o) if !o.running => drift.push(format!("dns resolver {id} is not running")),
+                Some(o) if o.servers.as_deref() != Some(p.spec.servers.as_str()) => {
+                    drift.push(format!("dns resolver {id}: its block list differs"))
+                }
+                Some(_) => {}
+            }
+        }
+        for o in &live {
+            if !want.instances.values().any(|p| p.spec.id == o.id) {
+                drift.push(format!("dns resolver {} is not wanted", o.id));
+            }
+        }
+        Ok(drift)
+    }
+
+    /// Undoes step 0 of an apply that failed later, as far as the state before it
+    /// is known; otherwise the reconcile that follows every failure repairs it.
+    async fn undo_dns(&self, undo: &[DnsUndo]) {
+        for u in undo.iter().rev() {
+            let r = match u {
+                DnsUndo::Restore(spec) => self.dns.ensure(spec).await.map(|_| ()),
+                DnsUndo::Stop(id) => self.dns.stop(id).await,
+            };
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "cannot undo a dns resolver change");
+            }
+        }
     }
 
     fn dev(&self, side: Side) -> &str {
@@ -553,6 +632,40 @@ impl Engine {
         let apply_err = |e: String| EngineError::Apply(e);
         let mut phases = Phases::default();
         let tc_unchanged = matches!((want, base), (Some(w), Some(b)) if w.tc == b.tc);
+        let empty_dns = DnsPlan::default();
+        let want_dns = want.map_or(&empty_dns, |w| &w.dns);
+        let dns_unchanged = base.is_some_and(|b| &b.dns == want_dns);
+
+        // 0. DNS, make: the resolvers the new redirects will point at, with their
+        // new lists (a reload where only the list changed).
+        let t = Instant::now();
+        let mut dns_undo: Vec<DnsUndo> = Vec::new();
+        let mut dns_live = Vec::new();
+        if !dns_unchanged {
+            dns_live = self
+                .dns
+                .observe()
+                .await
+                .map_err(|e| apply_err(e.to_string()))?;
+            for p in want_dns.instances.values() {
+                let before = base.and_then(|b| b.dns.instances.values().find(|o| o.spec.id == p.spec.id));
+                let known = dns_live.iter().any(|o| o.id == p.spec.id);
+                match self.dns.ensure(&p.spec).await {
+                    Ok(_) => {}
+                    Err(e) => {
+                        self.undo_dns(&dns_undo).await;
+                        return Err(apply_err(format!("dns resolver {}: {e}", p.spec.id)));
+                    }
+                }
+                match before {
+                    Some(b) if b.spec != p.spec => dns_undo.push(DnsUndo::Restore(b.spec.clone())),
+                    Some(_) => {}
+                    None if !known => dns_undo.push(DnsUndo::Stop(p.spec.id.clone())),
+                    None => {}
+                }
+            }
+        }
+        phases.dns_ms += ms(t.elapsed());
 
         // 1. tc, make: roots and classes the new rules will point at.
         let t = Instant::now();
@@ -612,6 +725,7 @@ impl Engine {
             // Some of the batch may have run: undo all of it (undoing what did not
             // happen fails harmlessly).
             self.undo_tc(&undo).await;
+            self.undo_dns(&dns_undo).await;
             return Err(apply_err(e.to_string()));
         }
         phases.tc_ms += ms(t.elapsed());
@@ -622,10 +736,22 @@ impl Engine {
             Ok(k) => k,
             Err(e) => {
                 self.undo_tc(&undo).await;
+                self.undo_dns(&dns_undo).await;
                 return Err(e);
             }
         };
         phases.nft_ms = ms(t.elapsed());
+
+        // 3a. DNS, break: resolvers no redirect points at any more.
+        let t = Instant::now();
+        for o in &dns_live {
+            if !want_dns.instances.values().any(|p| p.spec.id == o.id) {
+                if let Err(e) = self.dns.stop(&o.id).await {
+                    tracing::warn!(error = %e, id = %o.id, "cannot stop an unused dns resolver");
+                }
+            }
+        }
+        phases.dns_ms += ms(t.elapsed());
 
         // 3. tc, break: what nothing points at any more.
         let t = Instant::now();
@@ -696,6 +822,9 @@ impl Engine {
                     &live,
                 ));
             }
+        }
+        if !dns_unchanged {
+            drift.extend(self.dns_drift(Some(want_dns)).await?);
         }
         phases.verify_ms = ms(t.elapsed());
         if !drift.is_empty() {
@@ -882,6 +1011,7 @@ pub fn tc_drift(
 mod tests {
     use super::*;
     use crate::policy::model::{Bandwidth, Device, Group, Mac, Policy};
+    use crate::system::dnsmasq::FakeResolver;
     use crate::system::files::MemFiles;
     use crate::system::nft::FakeNft;
     use crate::system::tc::FakeTc;
@@ -890,6 +1020,7 @@ mod tests {
         dir: std::path::PathBuf,
         nft: Arc<FakeNft>,
         tc: Arc<FakeTc>,
+        dns: Arc<FakeResolver>,
     }
 
     impl Rig {
@@ -906,6 +1037,7 @@ mod tests {
                 dir,
                 nft: Arc::new(FakeNft::default()),
                 tc: Arc::new(FakeTc::default()),
+                dns: Arc::new(FakeResolver::default()),
             }
         }
 
@@ -918,6 +1050,7 @@ mod tests {
                 Store::open(&self.dir).unwrap(),
                 self.nft.clone(),
                 self.tc.clone(),
+                self.dns.clone(),
                 Arc::new(MemFiles::default()),
                 EngineConfig {
                     lan_if: "br-lan".into(),
@@ -925,6 +1058,7 @@ mod tests {
                     timezone: Some(tz.into()),
                     check_interval: Duration::from_secs(60),
                     kernel_minutes_west: Arc::new(|| 0),
+                    dns: DnsConfig::default(),
                 },
                 clock,
             )
@@ -1081,6 +1215,7 @@ mod tests {
             dir: rig.dir.clone(),
             nft: Arc::new(FakeNft::default()),
             tc: Arc::new(FakeTc::default()),
+            dns: Arc::new(FakeResolver::default()),
         };
         let e = fresh.engine();
         let drift = e.reconcile("start").await.unwrap();

@@ -4,6 +4,7 @@
 //! atomically and verifies.
 
 pub mod compile;
+pub mod dnsfilter;
 pub mod engine;
 pub mod interfaces;
 pub mod model;

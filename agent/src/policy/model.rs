@@ -3,12 +3,15 @@
 //! rely on the invariants checked here: MACs are unicast and normalised, a device is in
 //! at most one group, times are real, limits are within what the kernel can shape.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+
+use crate::dns::domain::{self, Domain};
 
 use super::schedule::{LocalWindow, Restriction, Weekdays};
 
@@ -23,6 +26,12 @@ pub const MAX_GROUPS: usize = 250;
 pub const MAX_SCHEDULES: usize = 32;
 pub const MAX_NAME_BYTES: usize = 64;
 pub const MAX_LIST_ENTRIES: usize = 4_096;
+/// A group's own blocked or allowed domains; bigger lists belong in a category.
+pub const MAX_GROUP_DOMAINS: usize = 4_096;
+pub const MAX_GROUP_CATEGORIES: usize = 32;
+/// Categories including the shipped ones; each filtered group's resolver holds the
+/// union of its categories, so the number of lists is not what costs memory.
+pub const MAX_CATEGORIES: usize = 64;
 /// 10 Gbit/s: above any home uplink, and far from HTB's rate overflow.
 pub const MAX_KBPS: u32 = 10_000_000;
 /// HTB cannot shape meaningfully below this.
@@ -54,6 +63,9 @@ pub mod code {
     pub const LIMIT_EXCEEDED: &str = "LIMIT_EXCEEDED";
     pub const INVALID_TARGET: &str = "INVALID_TARGET";
     pub const GROUP_NOT_FOUND: &str = "GROUP_NOT_FOUND";
+    pub const INVALID_DOMAIN: &str = "INVALID_DOMAIN";
+    pub const UNKNOWN_CATEGORY: &str = "UNKNOWN_CATEGORY";
+    pub const INVALID_CATEGORY: &str = "INVALID_CATEGORY";
 }
 
 fn invalid(code: &'static str, message: impl Into<String>) -> Invalid {
@@ -197,8 +209,7 @@ pub struct Policy {
     pub bandwidth: Bandwidth,
     pub internet: Internet,
     pub schedules: Vec<Schedule>,
-    /// DNS filtering settings, kept verbatim until DNS filtering lands.
-    pub dns: Option<serde_json::Value>,
+    pub dns: DnsPolicy,
 }
 
 impl Default for Policy {
@@ -207,9 +218,50 @@ impl Default for Policy {
             bandwidth: Bandwidth::default(),
             internet: Internet::Allow,
             schedules: Vec::new(),
-            dns: None,
+            dns: DnsPolicy::default(),
         }
     }
+}
+
+/// A group's DNS filtering: the categories it blocks and its own domains, each
+/// covering its subdomains; an allowed domain wins over every block.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DnsPolicy {
+    pub categories: BTreeSet<String>,
+    /// Sorted, without duplicates.
+    pub block: Vec<Domain>,
+    pub allow: Vec<Domain>,
+    /// Also refuse QUIC (udp/443), so browsers fall back to TCP, where DoH
+    /// addresses are refused and HTTPS to filtered names was never resolved.
+    pub block_quic: bool,
+}
+
+impl DnsPolicy {
+    /// Whether the group's DNS goes through its own filtering resolver. Allowed
+    /// domains alone filter nothing.
+    pub fn filters(&self) -> bool {
+        !self.categories.is_empty() || !self.block.is_empty()
+    }
+
+    pub fn is_default(&self) -> bool {
+        *self == DnsPolicy::default()
+    }
+}
+
+/// A named block list. The shipped ones come with the agent; a `PUT` replaces one
+/// or adds a new one, and only those differences are stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Category {
+    pub name: String,
+    pub description: String,
+    /// Sorted, without duplicates.
+    pub domains: Arc<Vec<Domain>>,
+    /// Shipped with the agent (possibly replaced since).
+    pub builtin: bool,
+    /// When the list was last replaced through the API; `None`: as shipped.
+    pub updated_unix: Option<i64>,
+    /// Over the domains, computed once: what the compiler keys its cache on.
+    pub digest: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -304,6 +356,8 @@ pub struct Desired {
     /// Conntrack-mark slot per group (1..=MAX_GROUPS), stable while the group exists.
     pub slots: BTreeMap<GroupId, u8>,
     pub lists: BTreeMap<ListKind, Vec<Target>>,
+    /// DNS block lists by name; Arc'd so a copy of the state shares them.
+    pub categories: BTreeMap<String, Arc<Category>>,
 }
 
 // ---------------------------------------------------------------------------
@@ -338,6 +392,71 @@ pub struct PolicyIn {
     pub dns: Option<serde_json::Value>,
     #[serde(default)]
     pub schedules: Option<Vec<ScheduleIn>>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct DnsIn {
+    #[serde(default)]
+    pub categories: Option<Vec<String>>,
+    #[serde(rename = "blockDomains", alias = "block_domains", default)]
+    pub block_domains: Option<Vec<String>>,
+    #[serde(rename = "allowDomains", alias = "allow_domains", default)]
+    pub allow_domains: Option<Vec<String>>,
+    #[serde(rename = "blockQuic", alias = "block_quic", default)]
+    pub block_quic: Option<bool>,
+}
+
+impl DnsIn {
+    /// Whether the categories exist is checked against the whole state
+    /// (`ops::normalize`); here only their names.
+    pub fn validate(self) -> Result<DnsPolicy, Invalid> {
+        let mut categories = BTreeSet::new();
+        for c in self.categories.unwrap_or_default() {
+            let c = c.trim().to_ascii_lowercase();
+            crate::dns::categories::validate_name(&c)
+                .map_err(|e| invalid(code::INVALID_CATEGORY, format!("dns.categories: {e}")))?;
+            categories.insert(c);
+        }
+        if categories.len() > MAX_GROUP_CATEGORIES {
+            return Err(invalid(
+                code::LIMIT_EXCEEDED,
+                format!(
+                    "dns.categories has {}; at most {MAX_GROUP_CATEGORIES}",
+                    categories.len()
+                ),
+            ));
+        }
+        Ok(DnsPolicy {
+            categories,
+            block: domains("dns.blockDomains", self.block_domains)?,
+            allow: domains("dns.allowDomains", self.allow_domains)?,
+            block_quic: self.block_quic.unwrap_or(false),
+        })
+    }
+}
+
+fn domains(what: &str, list: Option<Vec<String>>) -> Result<Vec<Domain>, Invalid> {
+    let list = list.unwrap_or_default();
+    if list.len() > MAX_GROUP_DOMAINS {
+        return Err(invalid(
+            code::LIMIT_EXCEEDED,
+            format!(
+                "{what} has {} entries; at most {MAX_GROUP_DOMAINS} (use a category for more)",
+                list.len()
+            ),
+        ));
+    }
+    let mut out = list
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            domain::normalize(s)
+                .map_err(|e| invalid(code::INVALID_DOMAIN, format!("{what}[{i}]: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    out.sort();
+    out.dedup();
+    Ok(out)
 }
 
 #[derive(Debug, Deserialize)]
@@ -560,16 +679,18 @@ impl PolicyIn {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        if let Some(dns) = &self.dns {
-            if !(dns.is_object() || dns.is_null()) {
-                return Err(invalid(code::INVALID_POLICY, "dns must be an object"));
-            }
-        }
+        let dns = match self.dns {
+            None | Some(serde_json::Value::Null) => DnsPolicy::default(),
+            Some(v @ serde_json::Value::Object(_)) => serde_json::from_value::<DnsIn>(v)
+                .map_err(|e| invalid(code::INVALID_POLICY, format!("dns: {e}")))?
+                .validate()?,
+            Some(_) => return Err(invalid(code::INVALID_POLICY, "dns must be an object")),
+        };
         Ok(Policy {
             bandwidth,
             internet,
             schedules,
-            dns: self.dns.filter(|d| !d.is_null()),
+            dns,
         })
     }
 }
@@ -721,8 +842,32 @@ pub struct BandwidthOut {
 pub struct PolicyOut {
     pub bandwidth: Option<BandwidthOut>,
     pub internet: &'static str,
-    pub dns: Option<serde_json::Value>,
+    pub dns: Option<DnsOut>,
     pub schedules: Vec<ScheduleOut>,
+}
+
+/// Read back by the store through [`DnsIn`], so the names are ones it accepts.
+#[derive(Debug, Serialize)]
+pub struct DnsOut {
+    pub categories: Vec<String>,
+    pub block_domains: Vec<String>,
+    pub allow_domains: Vec<String>,
+    pub block_quic: bool,
+    /// Whether the group's DNS is forced through its filtering resolver.
+    pub filtering: bool,
+}
+
+impl DnsPolicy {
+    pub fn to_out(&self) -> Option<DnsOut> {
+        let names = |l: &[Domain]| l.iter().map(|d| d.as_str().to_owned()).collect();
+        (!self.is_default()).then(|| DnsOut {
+            categories: self.categories.iter().cloned().collect(),
+            block_domains: names(&self.block),
+            allow_domains: names(&self.allow),
+            block_quic: self.block_quic,
+            filtering: self.filters(),
+        })
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -757,7 +902,7 @@ impl Policy {
                 Internet::Allow => "allow",
                 Internet::Block => "block",
             },
-            dns: self.dns.clone(),
+            dns: self.dns.to_out(),
             schedules: self
                 .schedules
                 .iter()

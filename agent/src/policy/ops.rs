@@ -5,8 +5,8 @@
 use std::collections::{BTreeMap, HashSet};
 
 use super::model::{
-    code, too_many_devices, Desired, Group, GroupId, Invalid, ListKind, Policy, Target,
-    GUEST_GROUP, MAX_DEVICES, MAX_GROUPS, MAX_LIST_ENTRIES,
+    code, too_many_devices, Category, Desired, Group, GroupId, Invalid, ListKind, Policy, Target,
+    GUEST_GROUP, MAX_CATEGORIES, MAX_DEVICES, MAX_GROUPS, MAX_LIST_ENTRIES,
 };
 
 /// A change that names a group that does not exist.
@@ -69,6 +69,42 @@ pub fn normalize(d: &mut Desired) -> Result<(), Invalid> {
         }
     }
     d.lists.retain(|_, v| !v.is_empty());
+    for (name, c) in super::dnsfilter::builtin_categories() {
+        d.categories.entry(name).or_insert(c);
+    }
+    for g in d.groups.values() {
+        if let Some(c) = g
+            .policy
+            .dns
+            .categories
+            .iter()
+            .find(|c| !d.categories.contains_key(*c))
+        {
+            let known: Vec<&str> = d.categories.keys().map(String::as_str).collect();
+            return Err(Invalid {
+                code: code::UNKNOWN_CATEGORY,
+                message: format!(
+                    "group {}: DNS category {c:?} does not exist; known: {}",
+                    g.id,
+                    known.join(", ")
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Replaces a DNS category's list, or adds a new category.
+pub fn set_category(d: &mut Desired, category: Category) -> Result<(), OpError> {
+    if !d.categories.contains_key(&category.name) && d.categories.len() >= MAX_CATEGORIES {
+        return Err(Invalid {
+            code: code::LIMIT_EXCEEDED,
+            message: format!("{MAX_CATEGORIES} categories exist; at most {MAX_CATEGORIES}"),
+        }
+        .into());
+    }
+    d.categories
+        .insert(category.name.clone(), std::sync::Arc::new(category));
     Ok(())
 }
 
@@ -216,8 +252,12 @@ pub fn list_remove(d: &mut Desired, kind: ListKind, target: Target) -> bool {
 }
 
 /// Every group, device and list entry gone; only the default guest group is left.
+/// Removes groups, devices and lists. The DNS categories stay: they are the
+/// library policies draw on, not rules.
 pub fn reset(d: &mut Desired) {
+    let categories = std::mem::take(&mut d.categories);
     *d = initial();
+    d.categories = categories;
 }
 
 /// Nothing to enforce: then NetPilot keeps no table and no qdisc at all.
@@ -227,6 +267,7 @@ pub fn is_trivial(d: &Desired) -> bool {
             g.policy.bandwidth.is_unlimited()
                 && g.policy.internet == super::model::Internet::Allow
                 && g.policy.schedules.is_empty()
+                && !g.policy.dns.filters()
         })
 }
 

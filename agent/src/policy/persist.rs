@@ -169,6 +169,29 @@ fn load(conn: &mut Connection) -> rusqlite::Result<(Desired, Option<Applied>)> {
             }
         }
     }
+    {
+        let mut st =
+            conn.prepare("SELECT name, description, domains, updated_unix FROM dns_categories")?;
+        let mut rows = st.query([])?;
+        while let Some(r) = rows.next()? {
+            let name: String = r.get(0)?;
+            let text: String = r.get(2)?;
+            // Written normalised by this module; a hand-edited bad line is dropped.
+            let parsed = crate::dns::list::parse_text(&text);
+            if parsed.error_count > 0 {
+                tracing::error!(category = %name, errors = parsed.error_count, "stored DNS category has invalid lines; they are skipped");
+            }
+            let builtin = crate::dns::categories::builtin(&name).is_some();
+            let c = super::dnsfilter::category(
+                &name,
+                &r.get::<_, String>(1)?,
+                parsed.domains,
+                builtin,
+                Some(r.get(3)?),
+            );
+            desired.categories.insert(name, std::sync::Arc::new(c));
+        }
+    }
     let applied = conn
         .query_row(
             "SELECT generation, digest, applied_unix, duration_ms FROM policy_applied WHERE id = 1",
@@ -318,6 +341,34 @@ fn save(
             tx.prepare_cached("INSERT OR IGNORE INTO policy_lists (kind, target) VALUES (?1, ?2)")?;
         for (k, t) in now.difference(&was) {
             ladd.execute(params![k.as_str(), t.to_string()])?;
+        }
+        // A category as shipped is not stored; one replaced or added is, whole.
+        let mut cdel = tx.prepare_cached("DELETE FROM dns_categories WHERE name = ?1")?;
+        for name in prev.categories.keys().filter(|n| !next.categories.contains_key(*n)) {
+            cdel.execute(params![name])?;
+        }
+        let mut cup = tx.prepare_cached(
+            "INSERT INTO dns_categories (name, description, domains, updated_unix) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(name) DO UPDATE SET description = excluded.description,
+                 domains = excluded.domains, updated_unix = excluded.updated_unix",
+        )?;
+        for (name, c) in &next.categories {
+            if prev.categories.get(name) == Some(c) {
+                continue;
+            }
+            match c.updated_unix {
+                None => {
+                    cdel.execute(params![name])?;
+                }
+                Some(at) => {
+                    let mut text = String::with_capacity(c.domains.len() * 16);
+                    for d in c.domains.iter() {
+                        text.push_str(d.as_str());
+                        text.push('\n');
+                    }
+                    cup.execute(params![name, c.description, text, at])?;
+                }
+            }
         }
         tx.execute(
             "INSERT INTO policy_applied (id, generation, digest, applied_unix, duration_ms) VALUES (1, ?1, ?2, ?3, ?4)

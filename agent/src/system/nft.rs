@@ -185,6 +185,10 @@ fn verdict(v: &serde_json::Value) -> Result<String, NftError> {
     }
     match v {
         serde_json::Value::String(s) => Ok(s.clone()),
+        // A verdict without a target reads back as `{"return": null}`.
+        serde_json::Value::Object(o) if o.len() == 1 && o.values().all(|x| x.is_null()) => {
+            Ok(o.keys().next().cloned().unwrap_or_default())
+        }
         other => scalar(other),
     }
 }
