@@ -268,6 +268,35 @@ impl Lab {
         Ok(addr)
     }
 
+    /// [`Lab::listen`] on a given port: a service's own port (DoT's 853) inside a
+    /// namespace this lab made, where nothing else can hold it.
+    pub fn listen_on(&self, ns: &str, ip: &str, port: u16) -> anyhow::Result<SocketAddr> {
+        let bind: SocketAddr = format!("{ip}:{port}").parse()?;
+        let listener = self.in_ns(ns, move || TcpListener::bind(bind))?;
+        std::thread::spawn(move || {
+            for c in listener.incoming() {
+                drop(c);
+            }
+        });
+        Ok(bind)
+    }
+
+    /// Waits until something listens on TCP `port` in `ns` (a server started with
+    /// [`Lab::spawn`] is ready).
+    pub fn wait_listening(&self, ns: &str, port: u16) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let ss = self.exec(ns, &["ss", "-Hln", "sport", "=", &format!(":{port}")])?;
+            if !ss.trim().is_empty() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("nothing listens on port {port} in {ns}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// TCP throughput in Mbit/s measured by iperf3 between a client in `client_ns`
     /// and a one-off server at `server_ip` in `server_ns`. `download` runs the data
     /// from the server to the client.
