@@ -9,3 +9,4 @@
 //! `docs/dns-lists.md`.
 
 pub mod domain;
+pub mod list;
