@@ -8,5 +8,6 @@
 //! the system layer and the policy engine. The list format is documented in
 //! `docs/dns-lists.md`.
 
+pub mod categories;
 pub mod domain;
 pub mod list;
