@@ -10,4 +10,5 @@
 
 pub mod categories;
 pub mod domain;
+pub mod filter;
 pub mod list;
