@@ -14,10 +14,9 @@
 //! block needs no line. Equal inputs give byte-equal text, so the shell can compare
 //! it with the file on disk before reloading dnsmasq.
 
-use std::collections::HashSet;
 use std::fmt::Write;
 
-use super::domain::{ancestors, Domain};
+use super::domain::Domain;
 
 /// A compiled filter: the file's text and its line counts.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,18 +34,26 @@ pub struct FilterFile {
 /// blocked entry covers it (equal or subdomain) and no allowed entry covers it —
 /// allowed wins outright.
 pub fn compile(blocked: &[&[Domain]], allowed: &[Domain]) -> FilterFile {
-    let allow = minimal_cover(allowed.iter());
-    let allow_set: HashSet<&str> = allow.iter().map(|e| e.name).collect();
-    let block: Vec<Entry> = minimal_cover(blocked.iter().flat_map(|list| list.iter()))
-        .into_iter()
-        .filter(|e| !ancestors(e.name).any(|a| allow_set.contains(a)))
-        .collect();
-    let block_set: HashSet<&str> = block.iter().map(|e| e.name).collect();
-    // Only an allowed name strictly inside a remaining block needs its own line; the
-    // block set holds no name equal to an allowed one (those were dropped above).
-    let holes: Vec<&Entry> = allow
+    let allow = Cover::of(allowed.iter());
+    let all_blocks = Cover::of(blocked.iter().flat_map(|list| list.iter()));
+    // Both sides are minimal covers in key order: one merge pass each.
+    let allow_entries: Vec<&Entry> = allow.entries.iter().collect();
+    let mut next_allow = Walker::new(&allow.keys, &allow_entries);
+    let block: Vec<&Entry> = all_blocks
+        .entries
         .iter()
-        .filter(|e| ancestors(e.name).skip(1).any(|a| block_set.contains(a)))
+        .filter(|e| !next_allow.covered(all_blocks.key(e)))
+        .collect();
+    let mut next_block = Walker::new(&all_blocks.keys, &block);
+    // An allowed name needs a line only strictly inside a remaining block (one
+    // equal to a block removed that block above).
+    let holes: Vec<&Entry> = allow_entries
+        .iter()
+        .copied()
+        .filter(|e| {
+            let key = allow.key(e);
+            next_block.covered(key) && next_block.candidate_len() < key.len()
+        })
         .collect();
 
     let size: usize = block.iter().map(|e| e.name.len() + 10).sum::<usize>()
@@ -76,40 +83,96 @@ pub fn compile(blocked: &[&[Domain]], allowed: &[Domain]) -> FilterFile {
     }
 }
 
-/// A name with its sort key: the labels in reverse order, each followed by a 0 byte
-/// (`ads.example.com` → `com\0example\0ads\0`). Sorted by key, a name's subdomains
-/// follow it directly (a 0 sorts before every label byte, so `example-x.com` cannot
-/// fall between `example.com` and `ads.example.com`), and "covered by" is "the key
-/// starts with", which makes the minimal cover one linear pass.
+/// A name and where its sort key lies in [`Cover::keys`]. The key is the labels in
+/// reverse order, each followed by a 0 byte (`ads.example.com` →
+/// `com\0example\0ads\0`). Sorted by key, a name's subdomains follow it directly (0
+/// sorts before every label byte, so `example-x.com` cannot fall between
+/// `example.com` and `ads.example.com`), and "covered by" is "the key starts with",
+/// which makes both the minimal cover and the comparison of two covers linear passes.
 struct Entry<'a> {
-    key: Vec<u8>,
+    start: usize,
+    end: usize,
     name: &'a str,
 }
 
-impl<'a> Entry<'a> {
-    fn new(name: &'a str) -> Self {
-        let mut key = Vec::with_capacity(name.len() + 1);
-        for label in name.rsplit('.') {
-            key.extend_from_slice(label.as_bytes());
-            key.push(0);
+/// Names sorted by key, without duplicates and without any name covered by another
+/// of them. All keys share one buffer: one allocation, not one per name.
+struct Cover<'a> {
+    keys: Vec<u8>,
+    entries: Vec<Entry<'a>>,
+}
+
+impl<'a> Cover<'a> {
+    fn of(names: impl Iterator<Item = &'a Domain>) -> Self {
+        let mut keys = Vec::new();
+        let mut entries = Vec::new();
+        for d in names {
+            let start = keys.len();
+            for label in d.as_str().rsplit('.') {
+                keys.extend_from_slice(label.as_bytes());
+                keys.push(0);
+            }
+            entries.push(Entry {
+                start,
+                end: keys.len(),
+                name: d.as_str(),
+            });
         }
-        Entry { key, name }
+        let key = |e: &Entry| &keys[e.start..e.end];
+        entries.sort_unstable_by(|a, b| key(a).cmp(key(b)));
+        let mut kept: Vec<Entry> = Vec::with_capacity(entries.len());
+        for e in entries {
+            match kept.last() {
+                Some(last) if key(&e).starts_with(key(last)) => {}
+                _ => kept.push(e),
+            }
+        }
+        Cover {
+            keys,
+            entries: kept,
+        }
+    }
+
+    fn key(&self, e: &Entry) -> &[u8] {
+        &self.keys[e.start..e.end]
     }
 }
 
-/// The names sorted by key, without duplicates and without any name covered by
-/// another of them.
-fn minimal_cover<'a>(names: impl Iterator<Item = &'a Domain>) -> Vec<Entry<'a>> {
-    let mut entries: Vec<Entry> = names.map(|d| Entry::new(d.as_str())).collect();
-    entries.sort_unstable_by(|a, b| a.key.cmp(&b.key));
-    let mut kept: Vec<Entry> = Vec::with_capacity(entries.len());
-    for e in entries {
-        match kept.last() {
-            Some(last) if e.key.starts_with(&last.key) => {}
-            _ => kept.push(e),
+/// Answers "is this key covered by an entry of the cover?" for keys asked in
+/// ascending order. In a minimal cover the only entry that can cover a key is the
+/// greatest one not above it (an entry between it and the key would lie inside it).
+struct Walker<'k> {
+    keys: &'k [u8],
+    entries: &'k [&'k Entry<'k>],
+    next: usize,
+    candidate: Option<&'k [u8]>,
+}
+
+impl<'k> Walker<'k> {
+    fn new(keys: &'k [u8], entries: &'k [&'k Entry<'k>]) -> Self {
+        Walker {
+            keys,
+            entries,
+            next: 0,
+            candidate: None,
         }
     }
-    kept
+
+    fn covered(&mut self, key: &[u8]) -> bool {
+        while let Some(e) = self.entries.get(self.next) {
+            let k = &self.keys[e.start..e.end];
+            if k > key {
+                break;
+            }
+            self.candidate = Some(k);
+            self.next += 1;
+        }
+        self.candidate.is_some_and(|c| key.starts_with(c))
+    }
+
+    fn candidate_len(&self) -> usize {
+        self.candidate.map_or(0, <[u8]>::len)
+    }
 }
 
 #[cfg(test)]
