@@ -122,7 +122,10 @@ pub(crate) fn check(input: &str) -> Result<Domain, String> {
     if s.is_empty() {
         return Err("empty name".into());
     }
-    if s.parse::<IpAddr>().is_ok() || (s.starts_with('[') && s.ends_with(']')) {
+    // Parsing as an address is the slowest step for an ordinary name; only what
+    // could be one is tried.
+    let maybe_address = s.starts_with(|c: char| c.is_ascii_digit() || c == '[') || s.contains(':');
+    if maybe_address && (s.parse::<IpAddr>().is_ok() || (s.starts_with('[') && s.ends_with(']'))) {
         return Err(
             "an IP address, not a domain name: a domain list blocks names, not addresses".into(),
         );
@@ -138,13 +141,16 @@ pub(crate) fn check(input: &str) -> Result<Domain, String> {
     if s.is_empty() {
         return Err("no name besides the wildcard or dots".into());
     }
-    for c in s.chars() {
-        if let Some(reason) = refused_char(c) {
+    let plain = s
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if !plain {
+        if let Some(reason) = s.chars().find_map(refused_char) {
             return Err(reason);
         }
     }
     // UTS 46 maps the full stops of other scripts to '.'; users paste them.
-    let s: Cow<str> = if s.contains(['\u{3002}', '\u{ff0e}', '\u{ff61}']) {
+    let s: Cow<str> = if !s.is_ascii() && s.contains(['\u{3002}', '\u{ff0e}', '\u{ff61}']) {
         Cow::Owned(s.replace(['\u{3002}', '\u{ff0e}', '\u{ff61}'], "."))
     } else {
         Cow::Borrowed(s)
@@ -231,7 +237,9 @@ fn refused_char(c: char) -> Option<String> {
 /// Appends one label, lower-cased, as ASCII (punycode when it is not ASCII).
 fn push_label(out: &mut String, label: &str) -> Result<(), String> {
     if label.is_ascii() {
-        out.extend(label.chars().map(|c| c.to_ascii_lowercase()));
+        let start = out.len();
+        out.push_str(label);
+        out[start..].make_ascii_lowercase();
         return Ok(());
     }
     let chars: Vec<char> = label.chars().flat_map(char::to_lowercase).collect();
