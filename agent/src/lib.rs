@@ -7,6 +7,7 @@ pub mod app;
 pub mod backoff;
 pub mod cleanup;
 pub mod dial;
+pub mod dns;
 pub mod duration;
 pub mod enroll;
 pub mod identity;
