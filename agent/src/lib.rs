@@ -94,6 +94,16 @@ pub struct RunConfig {
     pub nlbw_init: String,
     /// Device-usage cache, sampling, flush and retention.
     pub usage: usage::UsageConfig,
+    /// The `dnsmasq` program the filtering resolvers run, and their state directory
+    /// (configuration, block lists, pid files; tmpfs on a router).
+    pub dnsmasq: String,
+    pub dns_dir: PathBuf,
+    /// Where filtering resolvers forward what they do not block (dnsmasq `server=`
+    /// syntax, `addr` or `addr#port`); the router's own dnsmasq by default.
+    pub dns_upstreams: Vec<String>,
+    pub dns_port_base: u16,
+    /// A file replacing the shipped list of DoH names and addresses.
+    pub doh_list: Option<PathBuf>,
 }
 
 impl Default for RunConfig {
@@ -127,6 +137,11 @@ impl Default for RunConfig {
             nlbw: None,
             nlbw_init: "/etc/init.d/nlbwmon".into(),
             usage: usage::UsageConfig::default(),
+            dnsmasq: "dnsmasq".into(),
+            dns_dir: PathBuf::from("/var/run/netpilot/dns"),
+            dns_upstreams: policy::dnsfilter::DnsConfig::default().upstreams,
+            dns_port_base: policy::dnsfilter::DnsConfig::default().port_base,
+            doh_list: None,
         }
     }
 }
@@ -217,6 +232,7 @@ pub async fn run(
         nft,
         tc,
         nlbw,
+        dns,
         neighbours,
         kernel_minutes_west,
     } = backends;
@@ -251,11 +267,13 @@ pub async fn run(
         timezone: config.timezone.clone(),
         check_interval: config.check_interval,
         kernel_minutes_west,
+        dns: dns_config(&config)?,
     };
     let engine = Arc::new(policy::engine::Engine::new(
         store::Store::open(&config.state_dir)?,
         nft,
         tc,
+        dns,
         files.clone(),
         engine_config,
         policy::engine::system_clock(),
@@ -304,6 +322,7 @@ pub struct Backends {
     pub nft: Arc<dyn system::nft::Firewall>,
     pub tc: Arc<dyn system::tc::Shaper>,
     pub nlbw: Arc<dyn system::nlbw::Nlbw>,
+    pub dns: Arc<dyn system::dnsmasq::Resolver>,
     pub neighbours: scan::NeighbourSource,
     pub kernel_minutes_west: Arc<dyn Fn() -> i32 + Send + Sync>,
 }
@@ -337,6 +356,11 @@ fn real_backends(config: &RunConfig) -> Backends {
             ..Default::default()
         }),
         nlbw: real_nlbw(config),
+        dns: Arc::new(system::dnsmasq::RealDnsmasq {
+            program: config.dnsmasq.clone(),
+            dir: config.dns_dir.clone(),
+            ..Default::default()
+        }),
         neighbours: scan::NeighbourSource::Ip {
             program: config.ip.clone(),
         },
@@ -371,6 +395,7 @@ fn simulated_backends(config: &RunConfig) -> anyhow::Result<Backends> {
         nft: Arc::new(system::nft::FakeNft::default()),
         tc: Arc::new(system::tc::FakeTc::default()),
         nlbw,
+        dns: Arc::new(system::dnsmasq::FakeResolver::default()),
         neighbours: scan::NeighbourSource::ProcArp,
         kernel_minutes_west: Arc::new(|| 0),
     })
@@ -384,6 +409,26 @@ const NO_SIMULATED_ROUTER: &str =
 #[cfg(not(feature = "simulate"))]
 fn simulated_backends(_: &RunConfig) -> anyhow::Result<Backends> {
     anyhow::bail!(NO_SIMULATED_ROUTER)
+}
+
+/// The filtering resolvers' settings; a bad upstream or DoH list stops the start
+/// with the reason rather than producing resolvers that cannot work.
+fn dns_config(config: &RunConfig) -> anyhow::Result<policy::dnsfilter::DnsConfig> {
+    let mut dns = policy::dnsfilter::DnsConfig {
+        port_base: config.dns_port_base,
+        upstreams: config.dns_upstreams.clone(),
+        ..Default::default()
+    };
+    for u in &dns.upstreams {
+        policy::dnsfilter::validate_upstream(u)?;
+    }
+    if let Some(path) = &config.doh_list {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the DoH list {}", path.display()))?;
+        dns.doh = dns::categories::parse_doh(&text)
+            .map_err(|e| anyhow::anyhow!("DoH list {}: {e}", path.display()))?;
+    }
+    Ok(dns)
 }
 
 /// Device usage over `nlbw`, with local days in the router's zone.
