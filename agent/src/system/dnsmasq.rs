@@ -14,6 +14,10 @@
 //!   clears its cache then, so a newly blocked name is not answered from the cache).
 //!   A changed list is a SIGHUP, not a restart. A servers file can only hold
 //!   `server=`/`rev-server=` lines, so it cannot smuggle in other options.
+//! - The parent exits before the daemon has read the servers file (100,000 lines:
+//!   `ensure` returns after ~15 ms, the list is in force ~130 ms later). Queries
+//!   sent meanwhile wait in the socket and are answered from the full list, not
+//!   forwarded unfiltered (the ignored `dnsmasq_100k_figures` test checks this).
 //! - The pid file is how a later agent process finds an instance: instances
 //!   deliberately outlive the agent, so filtering holds while it restarts. A pid is
 //!   signalled only when `/proc/<pid>/cmdline` shows it is dnsmasq started with this
@@ -1150,6 +1154,74 @@ mod tests {
                 .mode();
             assert_eq!(mode & 0o777, 0o755);
             assert_eq!(std::fs::read_dir(&rig.dns.dir).unwrap().count(), 0);
+        });
+    }
+
+    /// Figures for a 100,000-line block list (printed; run with
+    /// `cargo test -p netpilot-agent dnsmasq_100k -- --ignored --nocapture`).
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn dnsmasq_100k_figures() {
+        in_netns(|program| async move {
+            let scratch = Scratch::new("dns-100k");
+            start_upstream(&program, &scratch.0, 5399).await;
+            let dns = RealDnsmasq {
+                program,
+                dir: scratch.0.join("dns"),
+                user: None,
+                timeout: Duration::from_secs(30),
+            };
+            // A cheap deterministic generator: names like `k3v9q1x0aa.com`.
+            let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+            let mut list = String::new();
+            for _ in 0..100_000 {
+                list.push_str("server=/");
+                for _ in 0..12 {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    list.push((b'a' + (x % 26) as u8) as char);
+                }
+                list.push_str(".com/\n");
+            }
+            // Last in the file: answered NXDOMAIN even by the first query after a
+            // start, or dnsmasq would be serving before it has read the whole list.
+            list.push_str("server=/blocked.example.com/\n");
+            let mut s = spec("g1", 5301, "127.0.0.1#5399", &list);
+            println!("servers file: {} bytes", list.len());
+            for round in 0..3 {
+                let t = Instant::now();
+                assert_eq!(dns.ensure(&s).await.unwrap(), Ensured::Started);
+                let started = t.elapsed();
+                // Queries wait in the socket until the list is read; none may be
+                // answered from upstream meanwhile. Only timeouts are retried.
+                let first = loop {
+                    match query(5301, "blocked.example.com") {
+                        None if t.elapsed() < Duration::from_secs(10) => continue,
+                        got => break got,
+                    }
+                };
+                assert_eq!(first, Some(Answer::NxDomain));
+                let answering = t.elapsed();
+                println!(
+                    "start {round}: ensure returned after {started:?}, first answer (NXDOMAIN for the last name listed) after {answering:?}, RSS {} KiB",
+                    dns.memory_kib("g1").unwrap()
+                );
+                let name = format!("new{round}.example.com");
+                wait_for(5301, &name, Answer::Resolved).await;
+                let mut more = (*s.servers).clone();
+                more.push_str(&format!("server=/{name}/\n"));
+                s.servers = Arc::new(more);
+                let t = Instant::now();
+                assert_eq!(dns.ensure(&s).await.unwrap(), Ensured::Reloaded);
+                let sent = t.elapsed();
+                let blocked = sent + wait_for(5301, &name, Answer::NxDomain).await;
+                println!(
+                    "reload {round}: ensure (write + SIGHUP) {sent:?}, new name NXDOMAIN after {blocked:?}, RSS {} KiB",
+                    dns.memory_kib("g1").unwrap()
+                );
+                dns.stop("g1").await.unwrap();
+            }
         });
     }
 }
