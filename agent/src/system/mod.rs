@@ -2,6 +2,7 @@
 //! runs, with the real adapters here and the simulated router in `crate::sim`.
 
 pub mod clock;
+pub mod dnsmasq;
 pub mod files;
 pub mod nft;
 pub mod nlbw;
