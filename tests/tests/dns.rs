@@ -162,6 +162,30 @@ impl Rig {
         v["data"].clone()
     }
 
+    /// A request whose body the agent may stop reading: written from another
+    /// thread (its write errors once the agent answers and closes are expected),
+    /// while this one reads the answer.
+    fn raw_put(&self, path: &str, body: String) -> String {
+        use std::io::{Read, Write};
+        let mut s = self
+            .lab
+            .connect(&self.lab.router, self.api, Duration::from_secs(5))
+            .unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut w = s.try_clone().unwrap();
+        let head = format!(
+            "PUT {path} HTTP/1.1\r\nhost: agent\r\nconnection: close\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        let writer = std::thread::spawn(move || {
+            let _ = w.write_all(head.as_bytes()).and_then(|_| w.write_all(body.as_bytes()));
+        });
+        let mut raw = Vec::new();
+        let _ = s.read_to_end(&mut raw);
+        let _ = writer.join();
+        String::from_utf8_lossy(&raw).into_owned()
+    }
+
     fn dig(&self, ns: &str, server: &str, name: &str, tcp: bool) -> Answer {
         let mut argv = vec!["dig", "+tries=1", "+time=2", "+nocookie"];
         if tcp {
@@ -321,6 +345,12 @@ async fn bad_domains_and_lists_are_refused_with_reasons_and_nothing_changes() {
         kids(json!({"categories": ["nosuch"]})),
     );
     assert_eq!((status, v["error"]["code"].clone()), (400, json!("UNKNOWN_CATEGORY")), "{v}");
+    // A 10 MB upload is refused whole, before anything is parsed.
+    let huge: String = (0..600_000).map(|i| format!("n{i}.example.com\n")).collect();
+    assert!(huge.len() > 10_000_000);
+    let answer = rig.raw_put("/api/dns/categories/social", json!({ "list": huge }).to_string());
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("PAYLOAD_TOO_LARGE"), "{answer}");
     // Nothing was applied: no resolver runs.
     assert!(resolver_pids(&rig.dns_dir).is_empty());
     let cats = rig.ok("GET", "/api/dns/categories", json!({}));

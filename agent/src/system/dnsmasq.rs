@@ -44,8 +44,12 @@ pub struct InstanceSpec {
     pub id: String,
     /// The port it answers on, e.g. 5353 + slot.
     pub port: u16,
-    /// Addresses to bind (the LAN bridge's addresses); empty is refused.
+    /// Addresses to bind; with `interface` set they may be empty.
     pub listen: Vec<IpAddr>,
+    /// An interface whose addresses to bind, following them as they change (the
+    /// LAN bridge: nftables' redirect sends to its primary address, whichever that
+    /// is). Empty: only `listen`.
+    pub interface: String,
     /// dnsmasq `server=` values: `127.0.0.1`, `10.77.0.2#53`, `::1#5353`.
     pub upstreams: Vec<String>,
     /// The servers-file body (escaped and validated by the caller).
@@ -142,9 +146,17 @@ pub fn validate(spec: &InstanceSpec) -> Result<(), DnsError> {
         // dnsmasq reads port=0 as "no DNS at all".
         return bad(format!("{}: port 0", spec.id));
     }
-    if spec.listen.is_empty() {
-        // With no listen-address dnsmasq would answer on every interface.
-        return bad(format!("{}: no listen address", spec.id));
+    if spec.listen.is_empty() && spec.interface.is_empty() {
+        // With neither dnsmasq would answer on every interface.
+        return bad(format!("{}: no listen address or interface", spec.id));
+    }
+    let if_ok = spec.interface.len() <= 15
+        && spec
+            .interface
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if !if_ok {
+        return bad(format!("{}: interface {:?}", spec.id, spec.interface));
     }
     if spec.upstreams.is_empty() {
         // Every name not on the block list would be REFUSED: no DNS for the group.
@@ -197,9 +209,14 @@ pub fn render_conf(
     for a in &spec.listen {
         s.push_str(&format!("listen-address={a}\n"));
     }
-    // Bind only the listen addresses, so instances on other ports and the router's
-    // own dnsmasq on port 53 keep theirs. No dhcp-range: no DHCP.
-    s.push_str("bind-interfaces\n");
+    // Bind only these addresses, so instances on other ports and the router's own
+    // dnsmasq on port 53 keep theirs; an interface's addresses are followed as they
+    // come and go (bind-dynamic). No dhcp-range: no DHCP.
+    if spec.interface.is_empty() {
+        s.push_str("bind-interfaces\n");
+    } else {
+        s.push_str(&format!("interface={}\nbind-dynamic\n", spec.interface));
+    }
     // Answers come only from the servers file and the upstreams: not from the
     // router's resolv.conf (which may point back at an instance) or /etc/hosts.
     s.push_str("no-resolv\nno-hosts\n");
@@ -671,10 +688,38 @@ mod tests {
             id: id.into(),
             port,
             listen: vec![IpAddr::V4(Ipv4Addr::LOCALHOST)],
+            interface: String::new(),
             upstreams: vec![upstream.into()],
             servers: Arc::new(servers.into()),
             cache_size: 150,
         }
+    }
+
+    #[test]
+    fn an_interface_is_followed_with_bind_dynamic() {
+        let s = InstanceSpec {
+            listen: Vec::new(),
+            interface: "br-lan".into(),
+            ..spec("g3", 5403, "127.0.0.1", "")
+        };
+        let conf = render_conf(&s, Path::new("/var/run/netpilot/dns"), None).unwrap();
+        assert!(conf.contains("\ninterface=br-lan\nbind-dynamic\n"), "{conf}");
+        assert!(!conf.contains("bind-interfaces"), "{conf}");
+        for bad in ["br lan", "br-lan\nport=53", "*", "a-name-longer-than-15"] {
+            let s = InstanceSpec {
+                interface: bad.into(),
+                ..s.clone()
+            };
+            assert!(
+                matches!(validate(&s), Err(DnsError::Invalid(_))),
+                "{bad:?}"
+            );
+        }
+        let neither = InstanceSpec {
+            interface: String::new(),
+            ..s
+        };
+        assert!(matches!(validate(&neither), Err(DnsError::Invalid(_))));
     }
 
     #[test]
