@@ -1178,6 +1178,118 @@ mod tests {
         assert!(audit[0].result.starts_with("failed"), "{audit:?}");
     }
 
+    fn filtered(devices: &[u8], block: &[&str]) -> Group {
+        let mut g = kids(devices, None);
+        g.policy.dns.block = block
+            .iter()
+            .map(|b| crate::dns::domain::normalize(b).unwrap())
+            .collect();
+        g
+    }
+
+    async fn servers(rig: &Rig, id: &str) -> Option<String> {
+        rig.dns
+            .observe()
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|o| o.id == id && o.running)
+            .and_then(|o| o.servers)
+    }
+
+    #[tokio::test]
+    async fn dns_filtering_starts_reloads_and_stops_its_resolver_with_the_policy() {
+        let rig = Rig::new();
+        let e = rig.engine();
+        sync(&e, filtered(&[1], &["blocked.test"])).await.unwrap();
+        let slot = e.read(|d| d.slots[&3]).await;
+        let id = format!("g{slot}");
+        assert_eq!(rig.dns.starts(&id), 1);
+        let text = servers(&rig, &id).await.expect("resolver running");
+        assert!(text.contains("server=/blocked.test/\n"), "{text}");
+        assert!(text.contains("server=/use-application-dns.net/\n"), "{text}");
+        let table = rig.nft.observe().await.unwrap().unwrap();
+        assert!(
+            table.elements["dns_dev"].contains(&format!("02:00:00:00:00:01 : goto dns_g{slot}")),
+            "{:?}",
+            table.elements["dns_dev"]
+        );
+        assert_eq!(e.status().dns_resolvers, 1);
+
+        // A category the group uses is replaced: the same resolver re-reads its list.
+        let mut g = filtered(&[1], &["blocked.test"]);
+        g.policy.dns.categories.insert("social".into());
+        sync(&e, g).await.unwrap();
+        assert_eq!((rig.dns.starts(&id), rig.dns.reloads(&id)), (1, 1));
+        let social = super::super::dnsfilter::category(
+            "social",
+            "Social media",
+            vec![crate::dns::domain::normalize("new.social.test").unwrap()],
+            true,
+            Some(1),
+        );
+        e.change(&Actor::default(), "test", |d| ops::set_category(d, social))
+            .await
+            .unwrap();
+        assert_eq!(rig.dns.reloads(&id), 2);
+        let text = servers(&rig, &id).await.unwrap();
+        assert!(text.contains("server=/new.social.test/\n"), "{text}");
+        assert!(!text.contains("facebook.com"), "the shipped list is replaced");
+        // A change elsewhere leaves the resolver alone.
+        let mut other = kids(&[9], Some(1000));
+        other.id = 4;
+        sync(&e, other).await.unwrap();
+        assert_eq!((rig.dns.starts(&id), rig.dns.reloads(&id)), (1, 2));
+
+        // A dead resolver is drift: reported, and started again.
+        rig.dns.crash(&id);
+        let drift = e.reconcile("check").await.unwrap();
+        assert!(drift.iter().any(|d| d.contains("not running")), "{drift:?}");
+        assert_eq!(rig.dns.starts(&id), 2);
+        assert!(e.reconcile("check").await.unwrap().is_empty());
+
+        // Filtering off: the resolver is stopped.
+        sync(&e, kids(&[1], None)).await.unwrap();
+        assert!(rig.dns.observe().await.unwrap().is_empty());
+        assert_eq!(e.status().dns_resolvers, 0);
+    }
+
+    #[tokio::test]
+    async fn a_refused_nft_transaction_takes_back_the_resolver_change() {
+        let rig = Rig::new();
+        let e = rig.engine();
+        sync(&e, filtered(&[1], &["a.test"])).await.unwrap();
+        let id = format!("g{}", e.read(|d| d.slots[&3]).await);
+        rig.nft.fail_next(2);
+        assert!(sync(&e, filtered(&[1, 2], &["b.test"])).await.is_err());
+        let text = servers(&rig, &id).await.unwrap();
+        assert!(text.contains("server=/a.test/\n") && !text.contains("b.test"), "{text}");
+        // A new filtered group whose rules are refused leaves no resolver behind.
+        let mut g = filtered(&[7], &["c.test"]);
+        g.id = 5;
+        // New chains: one whole-table transaction, refused.
+        rig.nft.fail_next(1);
+        assert!(sync(&e, g).await.is_err());
+        let ids: Vec<String> = rig.dns.observe().await.unwrap().into_iter().map(|o| o.id).collect();
+        assert_eq!(ids, vec![id]);
+        assert!(e.reconcile("check").await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_resolver_that_cannot_start_leaves_the_kernel_and_the_store_alone() {
+        let rig = Rig::new();
+        let e = rig.engine();
+        sync(&e, kids(&[1], Some(5000))).await.unwrap();
+        let applies = rig.nft.applies();
+        // Slot 1 is the guests'; the group's is the next.
+        rig.dns.fail_next("g2");
+        let err = sync(&e, filtered(&[1], &["a.test"])).await.unwrap_err();
+        assert!(matches!(err, EngineError::Apply(_)), "{err}");
+        assert!(err.to_string().contains("g2"), "{err}");
+        assert_eq!(rig.nft.applies(), applies, "nft untouched");
+        assert!(!e.desired().await.groups[&3].policy.dns.filters());
+    }
+
     #[tokio::test]
     async fn a_tc_failure_midway_is_undone_and_nft_untouched() {
         let rig = Rig::new();
