@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use crate::system::dnsmasq::{DnsError, Resolver};
 use crate::system::process::{self, ProcessError};
 
 /// NetPilot's own nftables table (DESIGN §5): never fw4's.
@@ -25,14 +26,42 @@ pub enum Outcome {
 pub struct StepError {
     pub step: &'static str,
     #[source]
-    pub source: ProcessError,
+    pub source: StepCause,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StepCause {
+    #[error(transparent)]
+    Process(#[from] ProcessError),
+    #[error(transparent)]
+    Dns(#[from] DnsError),
 }
 
 /// Runs every removal step and returns what happened and what failed. `devices`
-/// are the LAN and WAN devices whose NetPilot root qdisc is removed.
-pub async fn cleanup(devices: &[&str]) -> (Vec<Outcome>, Vec<StepError>) {
+/// are the LAN and WAN devices whose NetPilot root qdisc is removed; `dns` holds the
+/// filtering resolvers, which outlive the agent by design and so must be stopped.
+pub async fn cleanup(devices: &[&str], dns: &dyn Resolver) -> (Vec<Outcome>, Vec<StepError>) {
     let mut done = Vec::new();
     let mut failed = Vec::new();
+    match dns.observe().await {
+        Ok(instances) => {
+            for i in instances {
+                let what = format!("DNS filter resolver {}", i.id);
+                match dns.stop(&i.id).await {
+                    Ok(()) if i.running => done.push(Outcome::Removed(what)),
+                    Ok(()) => done.push(Outcome::Removed(format!("{what} (files; not running)"))),
+                    Err(e) => failed.push(StepError {
+                        step: "stop a DNS filter resolver",
+                        source: e.into(),
+                    }),
+                }
+            }
+        }
+        Err(e) => failed.push(StepError {
+            step: "list DNS filter resolvers",
+            source: e.into(),
+        }),
+    }
     match remove_nft_table().await {
         Ok(o) => done.push(o),
         Err(e) => failed.push(e),
@@ -63,7 +92,7 @@ async fn remove_qdisc(dev: &str) -> Result<Outcome, StepError> {
         Err(source) => {
             return Err(StepError {
                 step: "list qdiscs",
-                source,
+                source: source.into(),
             })
         }
     };
@@ -77,7 +106,7 @@ async fn remove_qdisc(dev: &str) -> Result<Outcome, StepError> {
         .await
         .map_err(|source| StepError {
             step: "delete root qdisc",
-            source,
+            source: source.into(),
         })?;
     Ok(Outcome::Removed(what))
 }
@@ -93,7 +122,7 @@ async fn remove_nft_table() -> Result<Outcome, StepError> {
         Err(source) => {
             return Err(StepError {
                 step: "list nftables tables",
-                source,
+                source: source.into(),
             })
         }
     };
@@ -109,7 +138,7 @@ async fn remove_nft_table() -> Result<Outcome, StepError> {
     .await
     .map_err(|source| StepError {
         step: "delete nftables table",
-        source,
+        source: source.into(),
     })?;
     Ok(Outcome::Removed(what))
 }

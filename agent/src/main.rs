@@ -28,7 +28,7 @@ usage: netpilot-agent enroll --relay URL --token TOKEN [--ca FILE | --fingerprin
                           [--usage-sample DUR] [--usage-flush DUR] [--usage-retention-days N]
                           [--dnsmasq PROGRAM] [--dns-dir DIR] [--dns-upstream ADDR[#PORT]]...
                           [--dns-port-base PORT] [--doh-list FILE]
-       netpilot-agent cleanup [--lan-if IF] [--wan-if IF]
+       netpilot-agent cleanup [--lan-if IF] [--wan-if IF] [--dns-dir DIR]
        netpilot-agent --version
 
 Every command also takes --config FILE (UCI, default /etc/config/netpilot); the
@@ -226,7 +226,11 @@ fn real_main() -> anyhow::Result<()> {
                 run.lan_if.as_deref(),
                 run.wan_if.as_deref(),
             );
-            let (done, failed) = rt.block_on(netpilot_agent::cleanup::cleanup(&[&lan, &wan]));
+            let dns = netpilot_agent::system::dnsmasq::RealDnsmasq {
+                dir: run.dns_dir.clone(),
+                ..Default::default()
+            };
+            let (done, failed) = rt.block_on(netpilot_agent::cleanup::cleanup(&[&lan, &wan], &dns));
             for d in &done {
                 match d {
                     Outcome::Removed(what) => println!("removed {what}"),

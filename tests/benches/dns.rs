@@ -27,7 +27,7 @@ use anyhow::{bail, Context};
 use netpilot_agent::dns::domain::{normalize, Domain};
 use netpilot_agent::policy::dnsfilter::{self, DnsConfig};
 use netpilot_agent::policy::engine::{Engine, EngineConfig};
-use netpilot_agent::policy::model::{DnsPolicy, Device, Group, Mac, Policy};
+use netpilot_agent::policy::model::{Device, DnsPolicy, Group, Mac, Policy};
 use netpilot_agent::policy::ops;
 use netpilot_agent::policy::persist::Actor;
 use netpilot_agent::store::Store;
@@ -50,8 +50,12 @@ fn main() -> anyhow::Result<()> {
         .context("cannot enter a new network namespace")?;
     for argv in [
         &["ip", "link", "set", "lo", "up"][..],
-        &["ip", "link", "add", "lan0", "type", "veth", "peer", "name", "lan1"],
-        &["ip", "link", "add", "wan0", "type", "veth", "peer", "name", "wan1"],
+        &[
+            "ip", "link", "add", "lan0", "type", "veth", "peer", "name", "lan1",
+        ],
+        &[
+            "ip", "link", "add", "wan0", "type", "veth", "peer", "name", "wan1",
+        ],
         &["ip", "addr", "add", "192.168.77.1/24", "dev", "lan0"],
         &["ip", "link", "set", "lan0", "up"],
         &["ip", "link", "set", "lan1", "up"],
@@ -81,7 +85,11 @@ fn main() -> anyhow::Result<()> {
     for entry in std::fs::read_dir(tmp.path())?.flatten() {
         kill_pidfile(&entry.path());
     }
-    for entry in std::fs::read_dir(tmp.path().join("dns")).into_iter().flatten().flatten() {
+    for entry in std::fs::read_dir(tmp.path().join("dns"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         kill_pidfile(&entry.path());
     }
     result
@@ -102,7 +110,9 @@ fn kill_pidfile(path: &std::path::Path) {
 }
 
 fn run(argv: &[&str]) -> anyhow::Result<()> {
-    let st = std::process::Command::new(argv[0]).args(&argv[1..]).status()?;
+    let st = std::process::Command::new(argv[0])
+        .args(&argv[1..])
+        .status()?;
     if !st.success() {
         bail!("{argv:?} failed");
     }
@@ -124,12 +134,18 @@ fn domains(seed: u64, n: usize) -> Vec<Domain> {
         let r = next();
         let len = 6 + (r % 12) as usize;
         let name: String = (0..len)
-            .map(|i| b"abcdefghijklmnopqrstuvwxyz0123456789"[((r >> (i * 2)) % 36) as usize] as char)
+            .map(|i| {
+                b"abcdefghijklmnopqrstuvwxyz0123456789"[((r >> (i * 2)) % 36) as usize] as char
+            })
             .collect();
         let sub = if r % 5 == 0 { "ads." } else { "" };
         out.push(
-            normalize(&format!("{sub}{name}{}.{}", r % 1000, tlds[(r >> 40) as usize % tlds.len()]))
-                .expect("generated names are valid"),
+            normalize(&format!(
+                "{sub}{name}{}.{}",
+                r % 1000,
+                tlds[(r >> 40) as usize % tlds.len()]
+            ))
+            .expect("generated names are valid"),
         );
     }
     out.sort();
@@ -240,7 +256,12 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-fn latency(sock: &UdpSocket, to: SocketAddr, names: &[String], want: u8) -> anyhow::Result<(f64, f64)> {
+fn latency(
+    sock: &UdpSocket,
+    to: SocketAddr,
+    names: &[String],
+    want: u8,
+) -> anyhow::Result<(f64, f64)> {
     let mut s = Series(Vec::with_capacity(names.len()));
     for (i, n) in names.iter().enumerate() {
         let (r, d) = query(sock, to, i as u16, n)?;
@@ -262,8 +283,12 @@ async fn bench(dir: &std::path::Path) -> anyhow::Result<()> {
         "DNS filtering, one group, a category of {} domains (median of {ROUNDS} rounds)",
         list_a.len()
     );
-    let (mut apply, mut loaded, mut replace, mut reloaded) =
-        (Series(vec![]), Series(vec![]), Series(vec![]), Series(vec![]));
+    let (mut apply, mut loaded, mut replace, mut reloaded) = (
+        Series(vec![]),
+        Series(vec![]),
+        Series(vec![]),
+        Series(vec![]),
+    );
     let (mut p_compile, mut p_dns, mut p_nft) = (Series(vec![]), Series(vec![]), Series(vec![]));
     let mut rss_big = 0;
     let mut servers_bytes = 0;
@@ -284,20 +309,23 @@ async fn bench(dir: &std::path::Path) -> anyhow::Result<()> {
         p_nft.0.push(r.phases.nft_ms);
         let slot = e.read(|d| d.slots[&1]).await;
         let at: SocketAddr = format!("{LAN_IP}:{}", dnsfilter::port_of(PORT_BASE, slot)).parse()?;
-        loaded.0.push(ms(t.elapsed() + until(&sock, at, list_a[round * 7].as_str(), NXDOMAIN)?));
+        loaded.0.push(ms(
+            t.elapsed() + until(&sock, at, list_a[round * 7].as_str(), NXDOMAIN)?
+        ));
         rss_big = dns.memory_kib(&dnsfilter::instance_id(slot)).unwrap_or(0);
-        servers_bytes = std::fs::metadata(state.path().join("dns").join(format!("g{slot}.servers")))
-            .map(|m| m.len())
-            .unwrap_or(0);
+        servers_bytes =
+            std::fs::metadata(state.path().join("dns").join(format!("g{slot}.servers")))
+                .map(|m| m.len())
+                .unwrap_or(0);
 
         let next = dnsfilter::category("big", "bench", list_b.clone(), false, Some(1));
         let t = Instant::now();
         e.change(&actor, "bench replace", |d| ops::set_category(d, next))
             .await?;
         replace.0.push(ms(t.elapsed()));
-        reloaded
-            .0
-            .push(ms(t.elapsed() + until(&sock, at, list_b[round * 7].as_str(), NXDOMAIN)?));
+        reloaded.0.push(ms(
+            t.elapsed() + until(&sock, at, list_b[round * 7].as_str(), NXDOMAIN)?
+        ));
 
         if round + 1 == ROUNDS {
             latencies(&e, &dns, &sock, at, &list_b).await?;
@@ -308,13 +336,37 @@ async fn bench(dir: &std::path::Path) -> anyhow::Result<()> {
         })
         .await?;
     }
-    println!("apply (compile, start resolver, nft, verify, store)  {:>8.1} ms", apply.pct(0.5));
-    println!("  of which compile {:.1} ms, resolver {:.1} ms, nft {:.1} ms", p_compile.pct(0.5), p_dns.pct(0.5), p_nft.pct(0.5));
-    println!("apply until the list answers                         {:>8.1} ms", loaded.pct(0.5));
-    println!("replace the list (write, SIGHUP)                     {:>8.1} ms", replace.pct(0.5));
-    println!("replace until the new list answers                   {:>8.1} ms", reloaded.pct(0.5));
-    println!("servers file                                         {:>8.1} MB", servers_bytes as f64 / 1e6);
-    println!("resolver resident memory, {} domains            {:>8.1} MB", list_a.len(), rss_big as f64 / 1024.0);
+    println!(
+        "apply (compile, start resolver, nft, verify, store)  {:>8.1} ms",
+        apply.pct(0.5)
+    );
+    println!(
+        "  of which compile {:.1} ms, resolver {:.1} ms, nft {:.1} ms",
+        p_compile.pct(0.5),
+        p_dns.pct(0.5),
+        p_nft.pct(0.5)
+    );
+    println!(
+        "apply until the list answers                         {:>8.1} ms",
+        loaded.pct(0.5)
+    );
+    println!(
+        "replace the list (write, SIGHUP)                     {:>8.1} ms",
+        replace.pct(0.5)
+    );
+    println!(
+        "replace until the new list answers                   {:>8.1} ms",
+        reloaded.pct(0.5)
+    );
+    println!(
+        "servers file                                         {:>8.1} MB",
+        servers_bytes as f64 / 1e6
+    );
+    println!(
+        "resolver resident memory, {} domains            {:>8.1} MB",
+        list_a.len(),
+        rss_big as f64 / 1024.0
+    );
     Ok(())
 }
 
@@ -327,7 +379,13 @@ async fn latencies(
 ) -> anyhow::Result<()> {
     let actor = Actor::default();
     // A second group with a one-domain list: the same resolver without the list.
-    let one = dnsfilter::category("one", "bench", vec![normalize("only.example")?], false, Some(0));
+    let one = dnsfilter::category(
+        "one",
+        "bench",
+        vec![normalize("only.example")?],
+        false,
+        Some(0),
+    );
     e.change(&actor, "bench small", |d| {
         ops::set_category(d, one)?;
         ops::sync_group(d, group(2, "one"))
@@ -343,7 +401,9 @@ async fn latencies(
         .map(|i| format!("x{i}.{}", list[(i * 37) % list.len()]))
         .collect();
     let allowed = |tag: &str| -> Vec<String> {
-        (0..QUERIES).map(|i| format!("n{i}.{tag}.allowed.example")).collect()
+        (0..QUERIES)
+            .map(|i| format!("n{i}.{tag}.allowed.example"))
+            .collect()
     };
     let (b50, b99) = latency(sock, at, &blocked, NXDOMAIN)?;
     let (a50, a99) = latency(sock, at, &allowed("big"), 0)?;
@@ -354,7 +414,13 @@ async fn latencies(
     println!("  allowed name, 100k list (forwarded, not cached) {a50:>7.0} {a99:>8.0}");
     println!("  allowed name, 1-domain list (forwarded)        {s50:>8.0} {s99:>8.0}");
     println!("  upstream asked directly (floor)                {u50:>8.0} {u99:>8.0}");
-    println!("  allowed 100k / 1-domain p50 ratio              {:>8.2}", a50 / s50);
-    println!("resolver resident memory, 1 domain               {:>8.1} MB", rss_small as f64 / 1024.0);
+    println!(
+        "  allowed 100k / 1-domain p50 ratio              {:>8.2}",
+        a50 / s50
+    );
+    println!(
+        "resolver resident memory, 1 domain               {:>8.1} MB",
+        rss_small as f64 / 1024.0
+    );
     Ok(())
 }

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use netpilot_tests::lab::{Lab, Probe, C1_IP, C1_MAC, C2_MAC, LAN_IF, ROUTER_LAN, WAN_HOST, WAN_IF};
+use netpilot_tests::lab::{Lab, Probe, C1_MAC, LAN_IF, ROUTER_LAN, WAN_HOST, WAN_IF};
 use netpilot_tests::{Agent, Relay, RelayOptions};
 use serde_json::{json, Value};
 
@@ -38,6 +38,15 @@ impl Drop for Rig {
     }
 }
 
+/// A process that exists and has not exited: a daemon's exit leaves a zombie until
+/// whoever adopted it reaps it, which is not ours to wait for.
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')))
+        .unwrap_or(false)
+}
+
 fn resolver_pids(dir: &Path) -> Vec<i32> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
@@ -54,8 +63,18 @@ async fn rig() -> Rig {
     let lab = Lab::new().unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let w = lab.wan.clone();
-    lab.exec(&w, &["ip", "addr", "add", &format!("{DOH_ADDR}/24"), "dev", "eth0"])
-        .unwrap();
+    lab.exec(
+        &w,
+        &[
+            "ip",
+            "addr",
+            "add",
+            &format!("{DOH_ADDR}/24"),
+            "dev",
+            "eth0",
+        ],
+    )
+    .unwrap();
     // The "internet's" resolver: every name is the WAN host.
     lab.spawn(
         &w,
@@ -78,7 +97,17 @@ async fn rig() -> Rig {
     let key = tmp.path().join("key.pem");
     let cert = tmp.path().join("cert.pem");
     let out = std::process::Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=wan.test"])
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=wan.test",
+        ])
         .arg("-keyout")
         .arg(&key)
         .arg("-out")
@@ -108,7 +137,11 @@ async fn rig() -> Rig {
     lab.listen_on(&w, WAN_HOST, 853).unwrap();
 
     let doh = tmp.path().join("doh.txt");
-    std::fs::write(&doh, format!("# the test's DoH servers\ndoh.test\n{DOH_ADDR}\n")).unwrap();
+    std::fs::write(
+        &doh,
+        format!("# the test's DoH servers\ndoh.test\n{DOH_ADDR}\n"),
+    )
+    .unwrap();
     let dns_dir = tmp.path().join("dns");
     let relay = Relay::start(RelayOptions {
         config: String::new(),
@@ -178,7 +211,9 @@ impl Rig {
             body.len()
         );
         let writer = std::thread::spawn(move || {
-            let _ = w.write_all(head.as_bytes()).and_then(|_| w.write_all(body.as_bytes()));
+            let _ = w
+                .write_all(head.as_bytes())
+                .and_then(|_| w.write_all(body.as_bytes()));
         });
         let mut raw = Vec::new();
         let _ = s.read_to_end(&mut raw);
@@ -193,7 +228,10 @@ impl Rig {
         }
         let at = format!("@{server}");
         argv.extend([at.as_str(), name, "A"]);
-        let out = self.lab.exec(ns, &argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+        let out = self
+            .lab
+            .exec(ns, &argv)
+            .unwrap_or_else(|e| panic!("{argv:?}: {e}"));
         let status = out
             .split("status: ")
             .nth(1)
@@ -223,7 +261,10 @@ impl Rig {
     fn wait_blocked(&self, ns: &str, name: &str, want: bool) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while self.blocked(ns, WAN_HOST, name, false) != want {
-            assert!(Instant::now() < deadline, "{name} never became blocked={want}");
+            assert!(
+                Instant::now() < deadline,
+                "{name} never became blocked={want}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -232,7 +273,17 @@ impl Rig {
     /// 7 connection refused.
     fn https(&self, ns: &str, ip: &str) -> i32 {
         let st = std::process::Command::new("ip")
-            .args(["netns", "exec", ns, "curl", "-sk", "-o", "/dev/null", "--max-time", "5"])
+            .args([
+                "netns",
+                "exec",
+                ns,
+                "curl",
+                "-sk",
+                "-o",
+                "/dev/null",
+                "--max-time",
+                "5",
+            ])
             .arg(format!("https://{ip}/"))
             .status()
             .unwrap();
@@ -256,8 +307,10 @@ async fn a_filtered_group_cannot_resolve_or_bypass_its_blocked_names_and_others_
     let v = rig.ok(
         "POST",
         "/api/groups/sync",
-        kids(json!({"categories": ["social"], "blockDomains": ["Blocked.TEST."],
-            "allowDomains": ["ok.blocked.test"]})),
+        kids(
+            json!({"categories": ["social"], "blockDomains": ["Blocked.TEST."],
+            "allowDomains": ["ok.blocked.test"]}),
+        ),
     );
     assert_eq!(v["group"]["policy"]["dns"]["filtering"], true, "{v}");
     assert_eq!(
@@ -269,11 +322,25 @@ async fn a_filtered_group_cannot_resolve_or_bypass_its_blocked_names_and_others_
     for tcp in [false, true] {
         // Whatever resolver the client asks: the WAN one directly, or the router.
         for server in [WAN_HOST, ROUTER_LAN] {
-            for name in ["blocked.test", "www.sub.blocked.test", "facebook.com", "m.facebook.com"] {
-                assert!(rig.blocked(&c1, server, name, tcp), "{name} via {server} tcp={tcp}");
+            for name in [
+                "blocked.test",
+                "www.sub.blocked.test",
+                "facebook.com",
+                "m.facebook.com",
+            ] {
+                assert!(
+                    rig.blocked(&c1, server, name, tcp),
+                    "{name} via {server} tcp={tcp}"
+                );
             }
-            assert!(!rig.blocked(&c1, server, "ok.blocked.test", tcp), "allowed wins");
-            assert!(!rig.blocked(&c1, server, "a.ok.blocked.test", tcp), "allowed covers subdomains");
+            assert!(
+                !rig.blocked(&c1, server, "ok.blocked.test", tcp),
+                "allowed wins"
+            );
+            assert!(
+                !rig.blocked(&c1, server, "a.ok.blocked.test", tcp),
+                "allowed covers subdomains"
+            );
             assert!(!rig.blocked(&c1, server, "example.org", tcp));
         }
         // Firefox's canary, and the DoH names of the list.
@@ -307,23 +374,68 @@ async fn a_filtered_group_cannot_resolve_or_bypass_its_blocked_names_and_others_
     rig.wait_blocked(&c1, "facebook.com", false);
     assert_eq!(resolver_pids(&rig.dns_dir), before, "reloaded in place");
 
+    // Uninstalling (`cleanup`) stops the resolvers the agent left running; the
+    // running agent sees that as drift and starts its resolver again.
+    let agent_bin = netpilot_tests::binary("netpilot-agent");
+    let dir_arg = rig.dns_dir.to_str().unwrap().to_owned();
+    let out = rig
+        .lab
+        .exec(
+            &rig.lab.router,
+            &[
+                agent_bin.to_str().unwrap(),
+                "cleanup",
+                "--lan-if",
+                LAN_IF,
+                "--wan-if",
+                WAN_IF,
+                "--dns-dir",
+                &dir_arg,
+            ],
+        )
+        .unwrap();
+    assert!(out.contains("removed DNS filter resolver"), "{out}");
+    assert!(
+        !before.iter().any(|p| alive(*p)),
+        "cleanup waits for the resolver to exit"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let before = loop {
+        let now = resolver_pids(&rig.dns_dir);
+        if now.len() == 1 && now != before && alive(now[0]) {
+            break now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not restart its resolver"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    rig.wait_blocked(&c1, "newsocial.test", true);
+
     // Filtering off: the resolver goes, names resolve again.
     rig.ok("POST", "/api/groups/sync", kids(json!(null)));
     rig.wait_blocked(&c1, "blocked.test", false);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while before.iter().any(|p| Path::new(&format!("/proc/{p}")).exists()) {
-        assert!(Instant::now() < deadline, "the unused resolver was not stopped");
+    while before.iter().any(|p| alive(*p)) {
+        assert!(
+            Instant::now() < deadline,
+            "the unused resolver was not stopped"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(rig.lab.probe(&c1, dot), Probe::Open);
-    let _ = C1_IP;
-    let _ = C2_MAC;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_domains_and_lists_are_refused_with_reasons_and_nothing_changes() {
     let rig = rig().await;
-    for bad in ["bad domain.test", "evil.test/#", "a;b.test", "x".repeat(64).as_str()] {
+    for bad in [
+        "bad domain.test",
+        "evil.test/#",
+        "a;b.test",
+        "x".repeat(64).as_str(),
+    ] {
         let (status, v) = rig.call(
             "POST",
             "/api/groups/sync",
@@ -338,17 +450,29 @@ async fn bad_domains_and_lists_are_refused_with_reasons_and_nothing_changes() {
         json!({"list": "ok.test\nserver=/x/1.2.3.4\nfine.test\n"}),
     );
     assert_eq!(status, 400, "{v}");
-    assert!(v["error"]["message"].as_str().unwrap().contains("line 2"), "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("line 2"),
+        "{v}"
+    );
     let (status, v) = rig.call(
         "POST",
         "/api/groups/sync",
         kids(json!({"categories": ["nosuch"]})),
     );
-    assert_eq!((status, v["error"]["code"].clone()), (400, json!("UNKNOWN_CATEGORY")), "{v}");
+    assert_eq!(
+        (status, v["error"]["code"].clone()),
+        (400, json!("UNKNOWN_CATEGORY")),
+        "{v}"
+    );
     // A 10 MB upload is refused whole, before anything is parsed.
-    let huge: String = (0..600_000).map(|i| format!("n{i}.example.com\n")).collect();
+    let huge: String = (0..600_000)
+        .map(|i| format!("n{i}.example.com\n"))
+        .collect();
     assert!(huge.len() > 10_000_000);
-    let answer = rig.raw_put("/api/dns/categories/social", json!({ "list": huge }).to_string());
+    let answer = rig.raw_put(
+        "/api/dns/categories/social",
+        json!({ "list": huge }).to_string(),
+    );
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     assert!(answer.contains("PAYLOAD_TOO_LARGE"), "{answer}");
     // Nothing was applied: no resolver runs.

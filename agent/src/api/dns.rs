@@ -197,10 +197,7 @@ pub async fn handle(engine: &Engine, call: Call, now_unix: i64) -> Result<Reply,
                 crate::dns::categories::builtin(&name).is_some(),
                 Some(now_unix),
             );
-            let what = format!(
-                "dns.category {name}: {} domains",
-                category.domains.len()
-            );
+            let what = format!("dns.category {name}: {} domains", category.domains.len());
             let ((), report) = engine
                 .change(&call.actor, &what, |d| ops::set_category(d, category))
                 .await?;

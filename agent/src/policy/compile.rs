@@ -195,11 +195,17 @@ fn push_dns_refusals(chains: &mut String, block_quic: bool, ctx: &Context<'_>) {
     let _ = writeln!(chains, "\t\ttcp dport 853 reject with tcp reset");
     let _ = writeln!(chains, "\t\tudp dport 853 reject");
     if doh.is_some_and(|d| !d.v4.is_empty()) {
-        let _ = writeln!(chains, "\t\tip daddr @doh_ip4 tcp dport 443 reject with tcp reset");
+        let _ = writeln!(
+            chains,
+            "\t\tip daddr @doh_ip4 tcp dport 443 reject with tcp reset"
+        );
         let _ = writeln!(chains, "\t\tip daddr @doh_ip4 udp dport 443 reject");
     }
     if doh.is_some_and(|d| !d.v6.is_empty()) {
-        let _ = writeln!(chains, "\t\tip6 daddr @doh_ip6 tcp dport 443 reject with tcp reset");
+        let _ = writeln!(
+            chains,
+            "\t\tip6 daddr @doh_ip6 tcp dport 443 reject with tcp reset"
+        );
         let _ = writeln!(chains, "\t\tip6 daddr @doh_ip6 udp dport 443 reject");
     }
     if block_quic {
@@ -212,8 +218,16 @@ fn push_dns_refusals(chains: &mut String, block_quic: bool, ctx: &Context<'_>) {
 fn push_dns_chains(body: &mut String, dns: &DnsPlan, guest: Option<u8>, ctx: &Context<'_>) {
     if let Some(doh) = ctx.dns.map(|d| &d.config.doh) {
         for (name, ty, addrs) in [
-            ("doh_ip4", "ipv4_addr", doh.v4.iter().map(|a| a.to_string()).collect::<Vec<_>>()),
-            ("doh_ip6", "ipv6_addr", doh.v6.iter().map(|a| a.to_string()).collect()),
+            (
+                "doh_ip4",
+                "ipv4_addr",
+                doh.v4.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+            ),
+            (
+                "doh_ip6",
+                "ipv6_addr",
+                doh.v6.iter().map(|a| a.to_string()).collect(),
+            ),
         ] {
             if !addrs.is_empty() {
                 let _ = writeln!(
@@ -231,7 +245,10 @@ fn push_dns_chains(body: &mut String, dns: &DnsPlan, guest: Option<u8>, ctx: &Co
         "\tchain dns_nat {{\n\t\ttype nat hook prerouting priority dstnat - 5; policy accept;\n\t\tiifname \"{}\" meta l4proto {{ tcp, udp }} th dport 53 jump dns_from_lan\n\t}}\n",
         ctx.lan_if
     );
-    let _ = writeln!(body, "\tchain dns_from_lan {{\n\t\tether saddr vmap @dns_dev");
+    let _ = writeln!(
+        body,
+        "\tchain dns_from_lan {{\n\t\tether saddr vmap @dns_dev"
+    );
     if let Some(g) = guest {
         let _ = writeln!(body, "\t\tgoto dns_g{g}");
     }
@@ -663,7 +680,13 @@ pub fn compile(desired: &Desired, ctx: &Context<'_>) -> Result<Compiled, Compile
     }
     for (slot, p) in &dns.instances {
         let s = &p.spec;
-        feed(format!("dns {slot} {} {} {} {:?}", s.port, p.key, s.interface, s.upstreams).as_bytes());
+        feed(
+            format!(
+                "dns {slot} {} {} {} {:?}",
+                s.port, p.key, s.interface, s.upstreams
+            )
+            .as_bytes(),
+        );
     }
     let whole = hex8(all.finish().as_ref());
     Ok(Compiled {
@@ -921,7 +944,11 @@ mod tests {
         }
     }
 
-    fn dns_policy(categories: &[&str], block: &[&str], allow: &[&str]) -> super::super::model::DnsPolicy {
+    fn dns_policy(
+        categories: &[&str],
+        block: &[&str],
+        allow: &[&str],
+    ) -> super::super::model::DnsPolicy {
         let list = |l: &[&str]| {
             l.iter()
                 .map(|s| crate::dns::domain::normalize(s).unwrap())
@@ -942,7 +969,8 @@ mod tests {
         kids.policy.dns = dns_policy(&["social"], &["example.com"], &["ok.example.com"]);
         kids.policy.dns.block_quic = true;
         // The guest group filters too: devices of unfiltered groups are let out.
-        d.groups.get_mut(&GUEST_GROUP).unwrap().policy.dns = dns_policy(&[], &["guest.example"], &[]);
+        d.groups.get_mut(&GUEST_GROUP).unwrap().policy.dns =
+            dns_policy(&[], &["guest.example"], &[]);
         ops::normalize(&mut d).unwrap();
         let zone = Zone::parse("UTC0").unwrap();
         let cfg = dns_config();

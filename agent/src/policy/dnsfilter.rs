@@ -160,11 +160,7 @@ pub fn plan(
             k.update(c.digest.as_bytes());
             k.update(b";");
         }
-        for (tag, l) in [
-            ("b", &dns.block),
-            ("a", &dns.allow),
-            ("d", &cfg.doh.names),
-        ] {
+        for (tag, l) in [("b", &dns.block), ("a", &dns.allow), ("d", &cfg.doh.names)] {
             k.update(tag.as_bytes());
             k.update(digest_domains(l).as_bytes());
         }
@@ -178,7 +174,8 @@ pub fn plan(
         let (servers, blocked, allowed) = match reuse {
             Some(p) => (p.spec.servers.clone(), p.blocked, p.allowed),
             None => {
-                let mut blocks: Vec<&[Domain]> = lists.iter().map(|c| c.domains.as_slice()).collect();
+                let mut blocks: Vec<&[Domain]> =
+                    lists.iter().map(|c| c.domains.as_slice()).collect();
                 blocks.push(&dns.block);
                 blocks.push(&cfg.doh.names);
                 blocks.push(std::slice::from_ref(&use_app));

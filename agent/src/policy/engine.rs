@@ -648,7 +648,8 @@ impl Engine {
                 .await
                 .map_err(|e| apply_err(e.to_string()))?;
             for p in want_dns.instances.values() {
-                let before = base.and_then(|b| b.dns.instances.values().find(|o| o.spec.id == p.spec.id));
+                let before =
+                    base.and_then(|b| b.dns.instances.values().find(|o| o.spec.id == p.spec.id));
                 let known = dns_live.iter().any(|o| o.id == p.spec.id);
                 match self.dns.ensure(&p.spec).await {
                     Ok(_) => {}
@@ -1207,7 +1208,10 @@ mod tests {
         assert_eq!(rig.dns.starts(&id), 1);
         let text = servers(&rig, &id).await.expect("resolver running");
         assert!(text.contains("server=/blocked.test/\n"), "{text}");
-        assert!(text.contains("server=/use-application-dns.net/\n"), "{text}");
+        assert!(
+            text.contains("server=/use-application-dns.net/\n"),
+            "{text}"
+        );
         let table = rig.nft.observe().await.unwrap().unwrap();
         assert!(
             table.elements["dns_dev"].contains(&format!("02:00:00:00:00:01 : goto dns_g{slot}")),
@@ -1234,7 +1238,10 @@ mod tests {
         assert_eq!(rig.dns.reloads(&id), 2);
         let text = servers(&rig, &id).await.unwrap();
         assert!(text.contains("server=/new.social.test/\n"), "{text}");
-        assert!(!text.contains("facebook.com"), "the shipped list is replaced");
+        assert!(
+            !text.contains("facebook.com"),
+            "the shipped list is replaced"
+        );
         // A change elsewhere leaves the resolver alone.
         let mut other = kids(&[9], Some(1000));
         other.id = 4;
@@ -1263,14 +1270,24 @@ mod tests {
         rig.nft.fail_next(2);
         assert!(sync(&e, filtered(&[1, 2], &["b.test"])).await.is_err());
         let text = servers(&rig, &id).await.unwrap();
-        assert!(text.contains("server=/a.test/\n") && !text.contains("b.test"), "{text}");
+        assert!(
+            text.contains("server=/a.test/\n") && !text.contains("b.test"),
+            "{text}"
+        );
         // A new filtered group whose rules are refused leaves no resolver behind.
         let mut g = filtered(&[7], &["c.test"]);
         g.id = 5;
         // New chains: one whole-table transaction, refused.
         rig.nft.fail_next(1);
         assert!(sync(&e, g).await.is_err());
-        let ids: Vec<String> = rig.dns.observe().await.unwrap().into_iter().map(|o| o.id).collect();
+        let ids: Vec<String> = rig
+            .dns
+            .observe()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|o| o.id)
+            .collect();
         assert_eq!(ids, vec![id]);
         assert!(e.reconcile("check").await.unwrap().is_empty());
     }

@@ -344,7 +344,11 @@ fn save(
         }
         // A category as shipped is not stored; one replaced or added is, whole.
         let mut cdel = tx.prepare_cached("DELETE FROM dns_categories WHERE name = ?1")?;
-        for name in prev.categories.keys().filter(|n| !next.categories.contains_key(*n)) {
+        for name in prev
+            .categories
+            .keys()
+            .filter(|n| !next.categories.contains_key(*n))
+        {
             cdel.execute(params![name])?;
         }
         let mut cup = tx.prepare_cached(

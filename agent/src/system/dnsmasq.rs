@@ -703,17 +703,17 @@ mod tests {
             ..spec("g3", 5403, "127.0.0.1", "")
         };
         let conf = render_conf(&s, Path::new("/var/run/netpilot/dns"), None).unwrap();
-        assert!(conf.contains("\ninterface=br-lan\nbind-dynamic\n"), "{conf}");
+        assert!(
+            conf.contains("\ninterface=br-lan\nbind-dynamic\n"),
+            "{conf}"
+        );
         assert!(!conf.contains("bind-interfaces"), "{conf}");
         for bad in ["br lan", "br-lan\nport=53", "*", "a-name-longer-than-15"] {
             let s = InstanceSpec {
                 interface: bad.into(),
                 ..s.clone()
             };
-            assert!(
-                matches!(validate(&s), Err(DnsError::Invalid(_))),
-                "{bad:?}"
-            );
+            assert!(matches!(validate(&s), Err(DnsError::Invalid(_))), "{bad:?}");
         }
         let neither = InstanceSpec {
             interface: String::new(),
