@@ -422,6 +422,25 @@ fn collect_refs<'v>(v: &'v Value, out: &mut Vec<&'v str>) {
     }
 }
 
+/// Every value of an `enum` under a `code` property anywhere in `v`, with where.
+fn collect_code_enums<'v>(v: &'v Value, at: &str, out: &mut Vec<(String, &'v Value)>) {
+    match v {
+        Value::Object(m) => {
+            if let Some(Value::Array(e)) = m.get("properties").and_then(|p| p["code"].get("enum")) {
+                out.extend(e.iter().map(|c| (at.to_owned(), c)));
+            }
+            for (k, x) in m {
+                collect_code_enums(x, &format!("{at}/{k}"), out);
+            }
+        }
+        Value::Array(a) => a
+            .iter()
+            .enumerate()
+            .for_each(|(i, x)| collect_code_enums(x, &format!("{at}/{i}"), out)),
+        _ => {}
+    }
+}
+
 /// Lints every schema outside `components/schemas`: values of a `schema` key.
 fn lint_embedded_schemas(chk: &Checker<'_>, v: &Value, at: &str, errs: &mut Vec<String>) {
     match v {
@@ -498,6 +517,20 @@ fn document_is_well_formed() {
         chk.lint_schema(s, &format!("#/components/schemas/{name}"), &mut errs);
     }
     lint_embedded_schemas(&chk, &doc, "#", &mut errs);
+    // A code an error response narrows `ErrorBody` to must be one `ErrorBody` lists,
+    // else an answer with it could never validate.
+    let codes = &doc["components"]["schemas"]["ErrorBody"]["properties"]["code"]["enum"];
+    let mut narrowed = Vec::new();
+    collect_code_enums(
+        &doc["components"]["responses"],
+        "#/components/responses",
+        &mut narrowed,
+    );
+    for (at, code) in narrowed {
+        if !codes.as_array().is_some_and(|c| c.contains(code)) {
+            errs.push(format!("{at}: code {code} is not in ErrorBody's enum"));
+        }
+    }
 
     let mut op_ids = BTreeSet::new();
     for (path, item) in doc["paths"].as_object().expect("paths") {
