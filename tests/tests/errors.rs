@@ -300,6 +300,10 @@ async fn every_forwarded_route_reaches_the_agent() {
             ("POST", "/api/groups/sync") => Some((400, "INVALID_GROUP")),
             ("POST", "/api/groups/sync-all") => Some((400, "INVALID_PARAMETER")),
             ("PUT", "/api/groups/{id}/policy") => Some((400, "UNKNOWN_GROUP")),
+            // DNS categories: the list, a shipped category; a replacement without a
+            // list (neither `domains` nor `list`) is refused.
+            ("GET", "/api/dns/categories" | "/api/dns/categories/{name}") => Some((200, "")),
+            ("PUT", "/api/dns/categories/{name}") => Some((400, "INVALID_PARAMETER")),
             ("POST", "/api/block" | "/api/unblock")
             | ("POST", "/api/whitelist/add" | "/api/whitelist/remove")
             | ("POST", "/api/blacklist/add" | "/api/blacklist/remove") => {

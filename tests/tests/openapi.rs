@@ -422,6 +422,25 @@ fn collect_refs<'v>(v: &'v Value, out: &mut Vec<&'v str>) {
     }
 }
 
+/// Every value of an `enum` under a `code` property anywhere in `v`, with where.
+fn collect_code_enums<'v>(v: &'v Value, at: &str, out: &mut Vec<(String, &'v Value)>) {
+    match v {
+        Value::Object(m) => {
+            if let Some(Value::Array(e)) = m.get("properties").and_then(|p| p["code"].get("enum")) {
+                out.extend(e.iter().map(|c| (at.to_owned(), c)));
+            }
+            for (k, x) in m {
+                collect_code_enums(x, &format!("{at}/{k}"), out);
+            }
+        }
+        Value::Array(a) => a
+            .iter()
+            .enumerate()
+            .for_each(|(i, x)| collect_code_enums(x, &format!("{at}/{i}"), out)),
+        _ => {}
+    }
+}
+
 /// Lints every schema outside `components/schemas`: values of a `schema` key.
 fn lint_embedded_schemas(chk: &Checker<'_>, v: &Value, at: &str, errs: &mut Vec<String>) {
     match v {
@@ -498,6 +517,20 @@ fn document_is_well_formed() {
         chk.lint_schema(s, &format!("#/components/schemas/{name}"), &mut errs);
     }
     lint_embedded_schemas(&chk, &doc, "#", &mut errs);
+    // A code an error response narrows `ErrorBody` to must be one `ErrorBody` lists,
+    // else an answer with it could never validate.
+    let codes = &doc["components"]["schemas"]["ErrorBody"]["properties"]["code"]["enum"];
+    let mut narrowed = Vec::new();
+    collect_code_enums(
+        &doc["components"]["responses"],
+        "#/components/responses",
+        &mut narrowed,
+    );
+    for (at, code) in narrowed {
+        if !codes.as_array().is_some_and(|c| c.contains(code)) {
+            errs.push(format!("{at}: code {code} is not in ErrorBody's enum"));
+        }
+    }
 
     let mut op_ids = BTreeSet::new();
     for (path, item) in doc["paths"].as_object().expect("paths") {
@@ -835,6 +868,24 @@ impl<'a> Run<'a> {
         }
     }
 
+    /// Checks a request body this test sends against the operation's documented
+    /// request schema, so that what the agent accepts is what the document says.
+    fn check_request(&mut self, method: &str, path: &str, what: &str, body: &Value) {
+        let ctx = format!("{method} {path} [{what}] request");
+        let op = self.op(method, path);
+        let schema = &op["requestBody"]["content"]["application/json"]["schema"];
+        if schema.is_null() {
+            self.fail(format!("{ctx}: no documented JSON request body"));
+            return;
+        }
+        let mut body = body.clone();
+        body["sessionId"] = json!(random_uuid());
+        body["routerId"] = json!(random_uuid());
+        for e in self.chk.validate(schema, &body) {
+            self.fail(format!("{ctx}: {e}"));
+        }
+    }
+
     /// A documented path with its path parameters set to their documented examples,
     /// or to `overrides`.
     fn concrete_path(&self, path: &str, op: &Value, overrides: &[(&str, &str)]) -> String {
@@ -1024,6 +1075,310 @@ async fn sync_example_group(
         run.fail(format!(
             "POST {p}: the documented example creates group {}, the documented groupId is {want}",
             r.body["data"]["group"]["id"]
+        ));
+    }
+    Ok(())
+}
+
+/// A router operation called with these ids: in the query string for GET, merged
+/// into the JSON body for PUT/POST.
+async fn router_call(
+    c: &Client,
+    method: &str,
+    path: &str,
+    (session, router): (&str, &str),
+    body: Option<Value>,
+) -> anyhow::Result<Reply> {
+    match body {
+        None => {
+            let uri = with_query(
+                path,
+                &[
+                    ("sessionId".into(), session.into()),
+                    ("routerId".into(), router.into()),
+                ],
+            );
+            c.call(method, &uri, None, None).await
+        }
+        Some(mut b) => {
+            b["sessionId"] = json!(session);
+            b["routerId"] = json!(router);
+            c.call(method, path, json_body(b), Some("application/json"))
+                .await
+        }
+    }
+}
+
+/// The names of the categories in a `DnsCategoryList` answer.
+fn category_names(r: &Reply) -> BTreeSet<String> {
+    r.body["data"]["categories"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| c["name"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// One category of a `DnsCategoryList` answer.
+fn category_in<'r>(r: &'r Reply, name: &str) -> &'r Value {
+    r.body["data"]["categories"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["name"] == name)
+        .unwrap_or(&Value::Null)
+}
+
+/// DNS filtering through the API: the categories (list, one, replaced by `domains`
+/// and by `list`, refusals), and a group policy's `dns` as sent and read back.
+async fn exercise_dns(run: &mut Run<'_>, c: &Client, ids: (&str, &str)) -> anyhow::Result<()> {
+    let (get, put) = ("GET", "PUT");
+    let (list_p, one_p) = ("/api/dns/categories", "/api/dns/categories/{category}");
+    let one = |name: &str| format!("/api/dns/categories/{name}");
+
+    let r = router_call(c, get, list_p, ids, None).await?;
+    run.expect(get, list_p, "list", &r, 200, None);
+    let names = category_names(&r);
+    for want in ["social", "ads", "adult", "gaming", "gambling"] {
+        if !names.contains(want) {
+            run.fail(format!("GET {list_p}: no {want:?} category: {names:?}"));
+        }
+    }
+    let gambling_description = category_in(&r, "gambling")["description"].clone();
+
+    let r = router_call(c, get, &one("ads"), ids, None).await?;
+    run.expect(get, one_p, "shipped category", &r, 200, None);
+    let data = &r.body["data"];
+    let listed = data["list"].as_array().map(Vec::len);
+    if data["name"] != "ads"
+        || listed.is_none()
+        || data["domains"].as_u64() != listed.map(|n| n as u64)
+    {
+        run.fail(format!("GET {}: {}", one("ads"), r.body));
+    }
+
+    // Replaced by an array of names, normalised.
+    let body = json!({"domains": ["Games.Example.", "roblox.com"], "description": "Games"});
+    run.check_request(put, one_p, "domains", &body);
+    let r = router_call(c, put, &one("gaming"), ids, Some(body)).await?;
+    run.expect(put, one_p, "domains", &r, 200, None);
+    let cat = &r.body["data"]["category"];
+    if cat["domains"] != 2
+        || cat["modified"] != true
+        || cat["description"] != "Games"
+        || !cat["updated_unix"].is_i64()
+    {
+        run.fail(format!("PUT {}: {}", one("gaming"), r.body));
+    }
+    let r = router_call(c, get, &one("gaming"), ids, None).await?;
+    run.expect(get, one_p, "replaced category", &r, 200, None);
+    if r.body["data"]["list"] != json!(["games.example", "roblox.com"]) {
+        run.fail(format!("GET {}: {}", one("gaming"), r.body));
+    }
+
+    // Replaced by text; comments and blank lines skipped, the description kept.
+    let body = json!({"list": "# a test list\n\nbet.example\nwww.casino.example\n"});
+    run.check_request(put, one_p, "list", &body);
+    let r = router_call(c, put, &one("gambling"), ids, Some(body)).await?;
+    run.expect(put, one_p, "list", &r, 200, None);
+    let cat = &r.body["data"]["category"];
+    if cat["domains"] != 2 || cat["description"] != gambling_description {
+        run.fail(format!("PUT {}: {}", one("gambling"), r.body));
+    }
+
+    // Refusals: nothing changes.
+    let r = router_call(
+        c,
+        put,
+        &one("gaming"),
+        ids,
+        Some(json!({"domains": ["ok.example", "bad domain.example"]})),
+    )
+    .await?;
+    run.expect(put, one_p, "bad domain", &r, 400, Some("INVALID_DOMAIN"));
+    let r = router_call(
+        c,
+        put,
+        &one("gaming"),
+        ids,
+        Some(json!({"list": "ok.example\nbad domain.example\n"})),
+    )
+    .await?;
+    run.expect(put, one_p, "bad line", &r, 400, Some("INVALID_DOMAIN"));
+    if !r.body["error"]["message"]
+        .as_str()
+        .unwrap_or("")
+        .contains("line 2")
+    {
+        run.fail(format!(
+            "PUT {}: the bad line is not named: {}",
+            one("gaming"),
+            r.body
+        ));
+    }
+    let r = router_call(
+        c,
+        put,
+        &one("gaming"),
+        ids,
+        Some(json!({"domains": ["a.example"], "list": "b.example"})),
+    )
+    .await?;
+    run.expect(
+        put,
+        one_p,
+        "domains and list",
+        &r,
+        400,
+        Some("INVALID_PARAMETER"),
+    );
+    let r = router_call(c, get, &one("gaming"), ids, None).await?;
+    if r.body["data"]["list"] != json!(["games.example", "roblox.com"]) {
+        run.fail(format!(
+            "GET {}: changed by a refused upload: {}",
+            one("gaming"),
+            r.body
+        ));
+    }
+    let r = router_call(c, get, &one("nosuch"), ids, None).await?;
+    run.expect(
+        get,
+        one_p,
+        "unknown category",
+        &r,
+        400,
+        Some("UNKNOWN_CATEGORY"),
+    );
+    let r = router_call(c, get, &one("no%20such"), ids, None).await?;
+    run.expect(
+        get,
+        one_p,
+        "malformed name",
+        &r,
+        400,
+        Some("INVALID_CATEGORY"),
+    );
+
+    // A group policy's dns: sent in camelCase, stored normalised, shown in snake_case.
+    sync_example_group(run, c, Some(ids)).await?;
+    let policy_p = "/api/groups/{groupId}/policy";
+    let group = scalar(&run.chk.pointer("#/components/parameters/GroupIdPath")["example"]);
+    let set_policy = format!("/api/groups/{group}/policy");
+    let body = json!({"policy": {"dns": {"categories": ["Gaming", "social"],
+        "blockDomains": ["Blocked.Example."], "allowDomains": ["ok.blocked.example"], "blockQuic": true}}});
+    run.check_request(put, policy_p, "dns", &body);
+    let r = router_call(c, put, &set_policy, ids, Some(body)).await?;
+    run.expect(put, policy_p, "dns", &r, 200, None);
+    let want = json!({"categories": ["gaming", "social"], "block_domains": ["blocked.example"],
+        "allow_domains": ["ok.blocked.example"], "block_quic": true, "filtering": true});
+    if r.body["data"]["group"]["policy"]["dns"] != want {
+        run.fail(format!(
+            "PUT {set_policy}: dns {}, want {want}",
+            r.body["data"]["group"]["policy"]["dns"]
+        ));
+    }
+    let r = router_call(c, get, &format!("/api/groups/{group}"), ids, None).await?;
+    run.expect(get, "/api/groups/{groupId}", "dns", &r, 200, None);
+    if r.body["data"]["policy"]["dns"] != want {
+        run.fail(format!(
+            "GET /api/groups/{group}: dns not as stored: {}",
+            r.body
+        ));
+    }
+    let r = router_call(c, get, list_p, ids, None).await?;
+    run.expect(get, list_p, "used by a group", &r, 200, None);
+    let used_by = &category_in(&r, "gaming")["used_by"];
+    if !used_by
+        .as_array()
+        .is_some_and(|g| g.iter().any(|g| scalar(g) == group))
+    {
+        run.fail(format!(
+            "GET {list_p}: gaming used_by {used_by}, want group {group}"
+        ));
+    }
+    let r = router_call(c, get, "/api/infrastructure/status", ids, None).await?;
+    run.expect(get, "/api/infrastructure/status", "dns", &r, 200, None);
+    if r.body["data"]["status"]["dns_resolvers"]
+        .as_u64()
+        .unwrap_or(0)
+        < 1
+    {
+        run.fail(format!(
+            "GET /api/infrastructure/status: no filtering resolver: {}",
+            r.body
+        ));
+    }
+    // Replacing a category a group uses re-applies it.
+    let r = router_call(
+        c,
+        put,
+        &one("gaming"),
+        ids,
+        Some(json!({"domains": ["roblox.com"]})),
+    )
+    .await?;
+    run.expect(put, one_p, "used category", &r, 200, None);
+    let data = &r.body["data"];
+    if data["apply"]["changed"] != true
+        || !data["category"]["used_by"]
+            .as_array()
+            .is_some_and(|g| g.iter().any(|g| scalar(g) == group))
+    {
+        run.fail(format!("PUT {}: {}", one("gaming"), r.body));
+    }
+
+    // snake_case accepted; both spellings, unknown categories and bad domains refused.
+    let body = json!({"policy": {"dns": {"block_domains": ["a.example"], "block_quic": false}}});
+    run.check_request(put, policy_p, "dns snake_case", &body);
+    let r = router_call(c, put, &set_policy, ids, Some(body)).await?;
+    run.expect(put, policy_p, "dns snake_case", &r, 200, None);
+    let dns = &r.body["data"]["group"]["policy"]["dns"];
+    if dns["block_domains"] != json!(["a.example"])
+        || dns["categories"] != json!([])
+        || dns["filtering"] != true
+    {
+        run.fail(format!("PUT {set_policy}: snake_case dns {dns}"));
+    }
+    for (what, dns, code) in [
+        (
+            "both spellings",
+            json!({"blockDomains": ["a.example"], "block_domains": ["b.example"]}),
+            "INVALID_POLICY",
+        ),
+        (
+            "unknown category",
+            json!({"categories": ["nosuch"]}),
+            "UNKNOWN_CATEGORY",
+        ),
+        (
+            "bad domain",
+            json!({"allowDomains": ["bad domain.example"]}),
+            "INVALID_DOMAIN",
+        ),
+    ] {
+        let r = router_call(
+            c,
+            put,
+            &set_policy,
+            ids,
+            Some(json!({"policy": {"dns": dns}})),
+        )
+        .await?;
+        run.expect(put, policy_p, what, &r, 400, Some(code));
+    }
+    let r = router_call(
+        c,
+        put,
+        &set_policy,
+        ids,
+        Some(json!({"policy": {"dns": null}})),
+    )
+    .await?;
+    run.expect(put, policy_p, "no dns", &r, 200, None);
+    if !r.body["data"]["group"]["policy"]["dns"].is_null() {
+        run.fail(format!(
+            "PUT {set_policy}: dns null is not shown as null: {}",
+            r.body
         ));
     }
     Ok(())
@@ -1532,6 +1887,9 @@ async fn server_answers_as_documented() -> anyhow::Result<()> {
             );
         }
     }
+
+    // ---- DNS filtering: categories and a group's DNS policy, beyond the examples
+    exercise_dns(&mut run, &c, (alice.as_str(), online.as_str())).await?;
 
     // ---- 408: a stopped agent keeps its link but cannot answer
     let health = Target::new(&run, "GET", "/api/agent/health", &[]);
