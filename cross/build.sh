@@ -61,6 +61,11 @@
 #   hand-written Debug impls (std's strings, numbers, durations, collections), which
 #   are unaffected; what a router log loses is the fields of a derived type logged
 #   with `?`, e.g. `Some` instead of `Some("br-lan")`.
+# * On mips only, `-Z location-detail=none`: panics (and `#[track_caller]`) carry no
+#   file:line:column (65 KB on mipsel). A panic still prints its message and aborts;
+#   what a MIPS router's log loses is where in the source it happened. Needed since
+#   DNS filtering (issue 7); the other targets are far inside their budgets and keep
+#   their locations.
 # * Router builds have no simulated router (`--no-default-features` turns off the
 #   agent's `simulate` feature): its in-memory uci, wifi, nft, tc and nlbwmon were
 #   about 50 KB no router uses. The smoke test runs the real code instead.
@@ -408,11 +413,12 @@ require_setup() {
 # Size levers for target $1 (see the header): no unwind tables (panic=abort never
 # unwinds, and std has no backtrace to print), derived Debug printing only type
 # names, and on mips 4 KiB segment alignment instead of 64 KiB (OpenWrt's MIPS
-# kernels use 4 KiB pages).
+# kernels use 4 KiB pages) and panic locations left out.
 size_rustflags() {
     local flags="-C force-unwind-tables=no -Z fmt-debug=shallow"
     if [[ $1 == mips* ]]; then
         flags+=" -C link-arg=-Wl,-z,max-page-size=4096 -C link-arg=-Wl,-z,common-page-size=4096"
+        flags+=" -Z location-detail=none"
     fi
     printf '%s' "$flags"
 }

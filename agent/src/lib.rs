@@ -10,6 +10,7 @@ pub mod dial;
 pub mod dns;
 pub mod duration;
 pub mod enroll;
+pub mod error;
 pub mod identity;
 pub mod link;
 pub mod policy;
@@ -32,7 +33,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
+use crate::error::Context;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
@@ -147,46 +148,47 @@ impl Default for RunConfig {
 }
 
 impl RunConfig {
-    pub fn validate(&self) -> anyhow::Result<()> {
+    pub fn validate(&self) -> crate::error::Result<()> {
         if self.simulate && !cfg!(feature = "simulate") {
             // Said at once, not after waiting for an enrollment.
-            anyhow::bail!(NO_SIMULATED_ROUTER);
+            crate::bail!("{NO_SIMULATED_ROUTER}");
         }
         if self.dead_after <= self.ping_interval {
-            anyhow::bail!("dead-after must be longer than ping-interval");
+            crate::bail!("dead-after must be longer than ping-interval");
         }
         if let Some(addr) = self.api_listen {
             // The local listener has no authentication: never expose it.
             if !addr.ip().is_loopback() {
-                anyhow::bail!("--api-listen must be a loopback address, got {addr}");
+                crate::bail!("--api-listen must be a loopback address, got {addr}");
             }
         }
         for name in [&self.lan_if, &self.wan_if].into_iter().flatten() {
             policy::interfaces::validate(name)?;
         }
         if let Some(tz) = &self.timezone {
-            policy::tz::Zone::parse(tz).map_err(|e| anyhow::anyhow!("--timezone {tz:?}: {e}"))?;
+            policy::tz::Zone::parse(tz)
+                .map_err(|e| crate::error::Error::msg(format!("--timezone {tz:?}: {e}")))?;
         }
         if self.check_interval < Duration::from_millis(100) {
-            anyhow::bail!("check-interval must be at least 100ms");
+            crate::bail!("check-interval must be at least 100ms");
         }
         let w = &self.wifi_safe;
         if w.settle >= w.grace {
-            anyhow::bail!("wifi-settle must be shorter than wifi-grace");
+            crate::bail!("wifi-settle must be shorter than wifi-grace");
         }
         if w.retry < Duration::from_millis(100) {
-            anyhow::bail!("wifi-retry must be at least 100ms");
+            crate::bail!("wifi-retry must be at least 100ms");
         }
         if !(1..=3650).contains(&self.usage.retention_days) {
-            anyhow::bail!("usage-retention-days must be from 1 to 3650");
+            crate::bail!("usage-retention-days must be from 1 to 3650");
         }
         if self.usage.sample_interval < Duration::from_secs(1)
             || self.usage.flush_interval < Duration::from_secs(1)
         {
-            anyhow::bail!("usage-sample and usage-flush must be at least 1s");
+            crate::bail!("usage-sample and usage-flush must be at least 1s");
         }
         if self.backoff.cap < self.backoff.base {
-            anyhow::bail!("backoff-cap must not be shorter than backoff-base");
+            crate::bail!("backoff-cap must not be shorter than backoff-base");
         }
         Ok(())
     }
@@ -203,7 +205,7 @@ pub async fn run(
     config: RunConfig,
     on_ready: impl FnOnce(Ready),
     shutdown: impl Future<Output = ()>,
-) -> anyhow::Result<()> {
+) -> crate::error::Result<()> {
     config.validate()?;
     tokio::pin!(shutdown);
     let Some(mut identity) = wait_for_identity(&config, &mut shutdown).await else {
@@ -300,7 +302,7 @@ const REPORT_TIMEOUT: Duration = Duration::from_secs(15);
 pub fn relay_endpoint(
     identity: &Identity,
     config: &RunConfig,
-) -> anyhow::Result<dial::RelayEndpoint> {
+) -> crate::error::Result<dial::RelayEndpoint> {
     Ok(dial::RelayEndpoint::new(
         RelayAddr::parse(&identity.relay_url)?,
         tls::client_config(&identity.trust)?,
@@ -379,7 +381,7 @@ fn real_nlbw(config: &RunConfig) -> Arc<dyn system::nlbw::Nlbw> {
 /// The simulated router (see [`sim`]): in-memory files, uci, wifi, ubus, nft, tc and
 /// nlbwmon. A given `--nlbw` is used even then (tests drive a failing nlbwmon).
 #[cfg(feature = "simulate")]
-fn simulated_backends(config: &RunConfig) -> anyhow::Result<Backends> {
+fn simulated_backends(config: &RunConfig) -> crate::error::Result<Backends> {
     let bus = system::ubus::FakeUbus::default();
     let (uci, wifi) = sim::wireless(&bus);
     let nlbw: Arc<dyn system::nlbw::Nlbw> = match config.nlbw {
@@ -407,13 +409,13 @@ const NO_SIMULATED_ROUTER: &str =
 /// Router builds leave the simulated router out (it is dead weight on 16 MB of flash);
 /// `RunConfig::validate` refuses `--simulate` there before this is reached.
 #[cfg(not(feature = "simulate"))]
-fn simulated_backends(_: &RunConfig) -> anyhow::Result<Backends> {
-    anyhow::bail!(NO_SIMULATED_ROUTER)
+fn simulated_backends(_: &RunConfig) -> crate::error::Result<Backends> {
+    crate::bail!("{NO_SIMULATED_ROUTER}")
 }
 
 /// The filtering resolvers' settings; a bad upstream or DoH list stops the start
 /// with the reason rather than producing resolvers that cannot work.
-fn dns_config(config: &RunConfig) -> anyhow::Result<policy::dnsfilter::DnsConfig> {
+fn dns_config(config: &RunConfig) -> crate::error::Result<policy::dnsfilter::DnsConfig> {
     let mut dns = policy::dnsfilter::DnsConfig {
         port_base: config.dns_port_base,
         upstreams: config.dns_upstreams.clone(),
@@ -426,7 +428,7 @@ fn dns_config(config: &RunConfig) -> anyhow::Result<policy::dnsfilter::DnsConfig
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading the DoH list {}", path.display()))?;
         dns.doh = dns::categories::parse_doh(&text)
-            .map_err(|e| anyhow::anyhow!("DoH list {}: {e}", path.display()))?;
+            .map_err(|e| crate::error::Error::msg(format!("DoH list {}: {e}", path.display())))?;
     }
     Ok(dns)
 }
@@ -436,7 +438,7 @@ fn usage_service(
     config: &RunConfig,
     nlbw: Arc<dyn system::nlbw::Nlbw>,
     files: Arc<dyn Files>,
-) -> anyhow::Result<Arc<usage::Usage>> {
+) -> crate::error::Result<Arc<usage::Usage>> {
     // An invalid zone is the policy engine's error to report; usage days fall back
     // to UTC rather than stopping the agent.
     let zone = policy::tz::router_zone(files.as_ref(), config.timezone.as_deref())
@@ -515,7 +517,7 @@ pub async fn serve(
     config: &RunConfig,
     on_ready: impl FnOnce(Ready),
     shutdown: impl Future<Output = ()>,
-) -> anyhow::Result<()> {
+) -> crate::error::Result<()> {
     config.validate()?;
     let link_config = link::LinkConfig {
         relay: RelayAddr::parse(&identity.relay_url)?,

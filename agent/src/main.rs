@@ -3,9 +3,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use netpilot_agent::bail;
 use netpilot_agent::cleanup::Outcome;
 use netpilot_agent::enroll::{enroll, EnrollArgs};
+use netpilot_agent::error::Context;
 use netpilot_agent::settings::Settings;
 use netpilot_agent::tls::{parse_fingerprint, Trust};
 use netpilot_agent::RunConfig;
@@ -54,7 +55,7 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn real_main() -> anyhow::Result<()> {
+fn real_main() -> netpilot_agent::error::Result<()> {
     use lexopt::prelude::*;
     let mut args = lexopt::Parser::from_env();
     let mut command: Option<String> = None;
@@ -263,7 +264,7 @@ fn real_main() -> anyhow::Result<()> {
     }
 }
 
-fn duration(args: &mut lexopt::Parser, name: &str) -> anyhow::Result<Duration> {
+fn duration(args: &mut lexopt::Parser, name: &str) -> netpilot_agent::error::Result<Duration> {
     use lexopt::ValueExt;
     let v = args.value()?.string()?;
     let d = netpilot_agent::duration::parse(&v)
@@ -277,7 +278,7 @@ fn duration(args: &mut lexopt::Parser, name: &str) -> anyhow::Result<Duration> {
 /// Logging to stderr (procd hands it to logd). `Targets` takes `info` or
 /// `warn,netpilot_agent=debug`; unlike EnvFilter it needs no regex engine, which
 /// keeps a few hundred KB off the router's flash.
-fn init_logging(filter: &str) -> anyhow::Result<()> {
+fn init_logging(filter: &str) -> netpilot_agent::error::Result<()> {
     use tracing_subscriber::prelude::*;
     let targets: tracing_subscriber::filter::Targets = filter
         .parse()

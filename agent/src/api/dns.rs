@@ -83,7 +83,8 @@ fn name_of(call: &Call) -> Result<String, AgentError> {
 /// The list from the body: `domains` (an array of names) or `list` (text in the
 /// list format, one entry per line), not both.
 fn parse_body(call: &Call) -> Result<ParsedList, AgentError> {
-    let parsed = match (call.args.get("domains"), call.args.get("list")) {
+    let given = |k: &str| call.args.get(k).filter(|v| !v.is_null());
+    let parsed = match (given("domains"), given("list")) {
         (Some(Value::Array(items)), None) => {
             let mut names = Vec::with_capacity(items.len());
             for (i, v) in items.iter().enumerate() {
@@ -111,6 +112,14 @@ fn parse_body(call: &Call) -> Result<ParsedList, AgentError> {
             ))
         }
     };
+    if parsed.over_limit {
+        let why = parsed
+            .errors
+            .last()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        return Err(rejected(code::LIMIT_EXCEEDED, why));
+    }
     if parsed.error_count > 0 {
         let shown: Vec<String> = parsed
             .errors
@@ -143,12 +152,13 @@ fn description(call: &Call, current: Option<&Category>, name: &str) -> Result<St
             .or_else(|| crate::dns::categories::builtin(name).map(|b| b.description.to_owned()))
             .unwrap_or_default()),
         Some(Value::String(s)) => {
+            let s = s.trim();
             if s.len() > MAX_DESCRIPTION_BYTES || s.chars().any(char::is_control) {
                 return Err(AgentError::InvalidParameter(format!(
                     "description must be at most {MAX_DESCRIPTION_BYTES} bytes without control characters"
                 )));
             }
-            Ok(s.trim().to_owned())
+            Ok(s.to_owned())
         }
         Some(other) => Err(AgentError::InvalidParameter(format!(
             "description must be a string, got {other}"
@@ -190,12 +200,23 @@ pub async fn handle(engine: &Engine, call: Call, now_unix: i64) -> Result<Reply,
             let parsed = parse_body(&call)?;
             let current = engine.read(|d| d.categories.get(&name).cloned()).await;
             let description = description(&call, current.as_deref(), &name)?;
+            // The same list again changes nothing (and keeps its timestamp), like
+            // any other change that changes nothing.
+            let unchanged = current.as_deref().is_some_and(|c| {
+                c.updated_unix.is_some()
+                    && c.description == description
+                    && *c.domains == parsed.domains
+            });
+            let stamp = match &current {
+                Some(c) if unchanged => c.updated_unix,
+                _ => Some(now_unix),
+            };
             let category = dnsfilter::category(
                 &name,
                 &description,
                 parsed.domains,
                 crate::dns::categories::builtin(&name).is_some(),
-                Some(now_unix),
+                stamp,
             );
             let what = format!("dns.category {name}: {} domains", category.domains.len());
             let ((), report) = engine

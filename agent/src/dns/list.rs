@@ -46,6 +46,8 @@ pub struct ParsedList {
     pub error_count: usize,
     /// Entries that normalised to a name seen before.
     pub duplicates: usize,
+    /// Refused as a whole for its size (bytes or names), not for an entry.
+    pub over_limit: bool,
 }
 
 impl ParsedList {
@@ -122,6 +124,7 @@ struct Parser {
     domains: Vec<Domain>,
     errors: Vec<LineError>,
     error_count: usize,
+    over_limit: bool,
 }
 
 impl Parser {
@@ -227,6 +230,7 @@ impl Parser {
             if self.errors.len() == MAX_REPORTED_ERRORS {
                 self.errors.pop();
             }
+            self.over_limit = true;
             self.error(line, input, reason);
             return false;
         }
@@ -244,6 +248,7 @@ impl Parser {
     }
 
     fn whole_list(&mut self, reason: String) {
+        self.over_limit = true;
         self.error(0, "", reason);
     }
 
@@ -263,6 +268,7 @@ impl Parser {
             mut domains,
             errors,
             error_count,
+            over_limit,
         } = self;
         let entries = domains.len();
         // Unstable sort: equal names are identical, so order among them is moot.
@@ -273,6 +279,7 @@ impl Parser {
             domains,
             errors,
             error_count,
+            over_limit,
         }
     }
 }
@@ -409,6 +416,7 @@ a/b.example.com
             )
         );
         assert!(list.domains.is_empty());
+        assert!(list.over_limit);
 
         let body: String = (0..=MAX_LIST_DOMAINS)
             .map(|i| format!("d{i}.example\n"))
@@ -418,6 +426,11 @@ a/b.example.com
         assert_eq!(list.errors[0].line, MAX_LIST_DOMAINS + 1);
         assert!(list.errors[0].reason.starts_with("more than 200000 names"));
         assert_eq!(list.domains.len(), MAX_LIST_DOMAINS);
+        assert!(list.over_limit);
+        assert!(
+            !parse_text("bad/\n").over_limit,
+            "a bad entry is not a limit"
+        );
 
         // Even behind a full page of other errors, the limit is what gets reported last.
         let mut body: String = (0..30).map(|i| format!("bad{i}/\n")).collect();

@@ -10,14 +10,14 @@ pub const DEFAULT_WAN: &str = "wan";
 
 /// Interface names go into nft scripts and tc batches: only the characters Linux
 /// interface names use in practice, at most 15 bytes.
-pub fn validate(name: &str) -> anyhow::Result<()> {
+pub fn validate(name: &str) -> crate::error::Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 15
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b'@'));
     if !ok {
-        anyhow::bail!("invalid interface name {name:?}");
+        crate::bail!("invalid interface name {name:?}");
     }
     Ok(())
 }

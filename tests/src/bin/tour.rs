@@ -276,7 +276,9 @@ async fn main() -> anyhow::Result<()> {
         tokio::signal::ctrl_c().await?;
     }
     let _ = stop_agent.send(());
-    agent.await??;
+    agent
+        .await?
+        .map_err(|e| anyhow::anyhow!("the agent: {e}"))?;
     let _ = relay.stop.send(());
     relay.task.await??;
     Ok(())
