@@ -85,6 +85,7 @@ pub const ROUTES: &[Route] = routes![
     Get "/api/dns/categories",
     Get "/api/dns/categories/{name}",
     Put "/api/dns/categories/{name}",
+    Delete "/api/dns/categories/{name}",
 ];
 
 #[derive(Debug, PartialEq, Eq)]

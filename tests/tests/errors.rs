@@ -304,6 +304,9 @@ async fn every_forwarded_route_reaches_the_agent() {
             // list (neither `domains` nor `list`) is refused.
             ("GET", "/api/dns/categories" | "/api/dns/categories/{name}") => Some((200, "")),
             ("PUT", "/api/dns/categories/{name}") => Some((400, "INVALID_PARAMETER")),
+            // An empty call names the route's own example category, which is shipped
+            // and unmodified: nothing to put back, nothing changes.
+            ("DELETE", "/api/dns/categories/{name}") => Some((200, "")),
             ("POST", "/api/block" | "/api/unblock")
             | ("POST", "/api/whitelist/add" | "/api/whitelist/remove")
             | ("POST", "/api/blacklist/add" | "/api/blacklist/remove") => {

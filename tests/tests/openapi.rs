@@ -1327,6 +1327,51 @@ async fn exercise_dns(run: &mut Run<'_>, c: &Client, ids: (&str, &str)) -> anyho
         run.fail(format!("PUT {}: {}", one("gaming"), r.body));
     }
 
+    // Delete: an added category goes once no group blocks it; a shipped one is put
+    // back to its shipped list.
+    let del = "DELETE";
+    let r = router_call(
+        c,
+        put,
+        &one("school"),
+        ids,
+        Some(json!({"domains": ["homework-answers.example"], "description": "Cheating"})),
+    )
+    .await?;
+    run.expect(put, one_p, "new category", &r, 200, None);
+    let body = json!({"policy": {"dns": {"categories": ["school"]}}});
+    let r = router_call(c, put, &set_policy, ids, Some(body)).await?;
+    run.expect(put, policy_p, "dns new category", &r, 200, None);
+    let r = router_call(c, del, &one("school"), ids, None).await?;
+    run.expect(del, one_p, "in use", &r, 409, Some("CATEGORY_IN_USE"));
+    let body = json!({"policy": {"dns": {"categories": ["gaming"]}}});
+    let r = router_call(c, put, &set_policy, ids, Some(body)).await?;
+    run.expect(put, policy_p, "dns without it", &r, 200, None);
+    let r = router_call(c, del, &one("school"), ids, None).await?;
+    run.expect(del, one_p, "added category", &r, 200, None);
+    if r.body["data"]["restored"] != false || r.body["data"]["apply"]["changed"] != true {
+        run.fail(format!("DELETE {}: {}", one("school"), r.body));
+    }
+    let r = router_call(c, get, &one("school"), ids, None).await?;
+    run.expect(get, one_p, "deleted", &r, 400, Some("UNKNOWN_CATEGORY"));
+    let r = router_call(c, del, &one("gaming"), ids, None).await?;
+    run.expect(del, one_p, "shipped category", &r, 200, None);
+    if r.body["data"]["restored"] != true {
+        run.fail(format!("DELETE {}: {}", one("gaming"), r.body));
+    }
+    let r = router_call(c, get, &one("gaming"), ids, None).await?;
+    if r.body["data"]["modified"] != false
+        || r.body["data"]["list"].as_array().map_or(0, Vec::len) < 30
+    {
+        run.fail(format!(
+            "GET {}: not the shipped list: {}",
+            one("gaming"),
+            r.body
+        ));
+    }
+    let r = router_call(c, del, &one("nosuch"), ids, None).await?;
+    run.expect(del, one_p, "unknown", &r, 400, Some("UNKNOWN_CATEGORY"));
+
     // snake_case accepted; both spellings, unknown categories and bad domains refused.
     let body = json!({"policy": {"dns": {"block_domains": ["a.example"], "block_quic": false}}});
     run.check_request(put, policy_p, "dns snake_case", &body);

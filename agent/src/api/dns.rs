@@ -1,5 +1,5 @@
 //! The DNS category endpoints: list the categories, show one, replace one (or add
-//! a new one). Groups choose categories in their policy; the engine applies a
+//! a new one), delete an added one or put a shipped one back. Groups choose categories in their policy; the engine applies a
 //! replaced list to every group using it, like any other policy change.
 
 use serde::Serialize;
@@ -60,6 +60,14 @@ struct DohOut {
     names: usize,
     ipv4: usize,
     ipv6: usize,
+}
+
+#[derive(Serialize)]
+struct Removed {
+    name: String,
+    /// A shipped category is not deleted: it is back to the list it shipped with.
+    restored: bool,
+    apply: ApplyReport,
 }
 
 #[derive(Serialize)]
@@ -229,6 +237,19 @@ pub async fn handle(engine: &Engine, call: Call, now_unix: i64) -> Result<Reply,
             Reply::ok(Replaced {
                 category: shown,
                 duplicates: parsed.duplicates,
+                apply: report,
+            })
+        }
+        ("DELETE", "/api/dns/categories/{name}") => {
+            let name = name_of(&call)?;
+            let ((), report) = engine
+                .change(&call.actor, &format!("dns.category.delete {name}"), |d| {
+                    ops::remove_category(d, &name)
+                })
+                .await?;
+            Reply::ok(Removed {
+                restored: crate::dns::categories::builtin(&name).is_some(),
+                name,
                 apply: report,
             })
         }

@@ -125,6 +125,9 @@ impl AgentError {
                 (StatusCode::METHOD_NOT_ALLOWED, code::METHOD_NOT_ALLOWED)
             }
             AgentError::NotImplemented(_) => (StatusCode::NOT_IMPLEMENTED, code::NOT_IMPLEMENTED),
+            AgentError::Rejected(i) if i.code == crate::policy::model::code::CATEGORY_IN_USE => {
+                (StatusCode::CONFLICT, i.code)
+            }
             AgentError::Rejected(i) => (StatusCode::BAD_REQUEST, i.code),
             // Its own code: NOT_FOUND would read as "no such route".
             AgentError::NoSuchGroup(_) => (

@@ -66,6 +66,8 @@ pub mod code {
     pub const INVALID_DOMAIN: &str = "INVALID_DOMAIN";
     pub const UNKNOWN_CATEGORY: &str = "UNKNOWN_CATEGORY";
     pub const INVALID_CATEGORY: &str = "INVALID_CATEGORY";
+    /// A category some group's policy still blocks cannot be deleted (409).
+    pub const CATEGORY_IN_USE: &str = "CATEGORY_IN_USE";
 }
 
 fn invalid(code: &'static str, message: impl Into<String>) -> Invalid {

@@ -252,6 +252,41 @@ pub fn list_remove(d: &mut Desired, kind: ListKind, target: Target) -> bool {
 }
 
 /// Every group, device and list entry gone; only the default guest group is left.
+/// Deletes an added category, or puts a shipped one back to the list it came
+/// with. Refused while a group's policy blocks it (a shipped one can always go
+/// back: its name stays).
+pub fn remove_category(d: &mut Desired, name: &str) -> Result<(), OpError> {
+    let unknown = || Invalid {
+        code: code::UNKNOWN_CATEGORY,
+        message: format!("DNS category {name:?} does not exist"),
+    };
+    let current = d.categories.get(name).ok_or_else(unknown)?;
+    if current.builtin {
+        if let Some(shipped) = super::dnsfilter::builtin_categories().remove(name) {
+            d.categories.insert(name.to_owned(), shipped);
+        }
+        return Ok(());
+    }
+    let users: Vec<String> = d
+        .groups
+        .values()
+        .filter(|g| g.policy.dns.categories.contains(name))
+        .map(|g| g.id.to_string())
+        .collect();
+    if !users.is_empty() {
+        return Err(Invalid {
+            code: code::CATEGORY_IN_USE,
+            message: format!(
+                "DNS category {name:?} is blocked by group(s) {}; remove it from their policy first",
+                users.join(", ")
+            ),
+        }
+        .into());
+    }
+    d.categories.remove(name);
+    Ok(())
+}
+
 /// Removes groups, devices and lists. The DNS categories stay: they are the
 /// library policies draw on, not rules.
 pub fn reset(d: &mut Desired) {
@@ -292,6 +327,52 @@ mod tests {
             devices: devs.iter().map(|d| dev(*d)).collect(),
             policy: Policy::default(),
         }
+    }
+
+    #[test]
+    fn an_added_category_goes_when_unused_and_a_shipped_one_goes_back() {
+        let mut d = initial();
+        let list = |names: &[&str]| {
+            names
+                .iter()
+                .map(|n| crate::dns::domain::normalize(n).unwrap())
+                .collect::<Vec<_>>()
+        };
+        let shipped = d.categories["social"].clone();
+        set_category(
+            &mut d,
+            super::super::dnsfilter::category(
+                "social",
+                "mine",
+                list(&["a.example"]),
+                true,
+                Some(1),
+            ),
+        )
+        .unwrap();
+        set_category(
+            &mut d,
+            super::super::dnsfilter::category("school", "", list(&["b.example"]), false, Some(1)),
+        )
+        .unwrap();
+        let mut g = group(3, &[1]);
+        g.policy.dns.categories.insert("school".into());
+        sync_group(&mut d, g).unwrap();
+        let e = remove_category(&mut d, "school").unwrap_err();
+        assert!(
+            matches!(&e, OpError::Invalid(i) if i.code == code::CATEGORY_IN_USE && i.message.contains("group(s) 3")),
+            "{e}"
+        );
+        sync_group(&mut d, group(3, &[1])).unwrap();
+        remove_category(&mut d, "school").unwrap();
+        assert!(!d.categories.contains_key("school"));
+        // Shipped: back to its list, even while used.
+        remove_category(&mut d, "social").unwrap();
+        assert_eq!(d.categories["social"], shipped);
+        assert!(matches!(
+            remove_category(&mut d, "nosuch"),
+            Err(OpError::Invalid(i)) if i.code == code::UNKNOWN_CATEGORY
+        ));
     }
 
     #[test]
