@@ -292,6 +292,7 @@ async fn bench(dir: &std::path::Path) -> anyhow::Result<()> {
     let (mut p_compile, mut p_dns, mut p_nft) = (Series(vec![]), Series(vec![]), Series(vec![]));
     let mut rss_big = 0;
     let mut servers_bytes = 0;
+    let mut latency_report = String::new();
     for round in 0..ROUNDS {
         let state = tempfile::tempdir_in(dir)?;
         let (e, dns) = engine(state.path())?;
@@ -328,7 +329,7 @@ async fn bench(dir: &std::path::Path) -> anyhow::Result<()> {
         ));
 
         if round + 1 == ROUNDS {
-            latencies(&e, &dns, &sock, at, &list_b).await?;
+            latency_report = latencies(&e, &dns, &sock, at, &list_b).await?;
         }
         e.change(&actor, "bench reset", |d| {
             ops::reset(d);
@@ -367,6 +368,7 @@ async fn bench(dir: &std::path::Path) -> anyhow::Result<()> {
         list_a.len(),
         rss_big as f64 / 1024.0
     );
+    print!("{latency_report}");
     Ok(())
 }
 
@@ -376,7 +378,8 @@ async fn latencies(
     sock: &UdpSocket,
     at: SocketAddr,
     list: &[Domain],
-) -> anyhow::Result<()> {
+) -> anyhow::Result<String> {
+    use std::fmt::Write as _;
     let actor = Actor::default();
     // A second group with a one-domain list: the same resolver without the list.
     let one = dnsfilter::category(
@@ -409,18 +412,36 @@ async fn latencies(
     let (a50, a99) = latency(sock, at, &allowed("big"), 0)?;
     let (s50, s99) = latency(sock, small, &allowed("small"), 0)?;
     let (u50, u99) = latency(sock, upstream, &allowed("up"), 0)?;
-    println!("query latency over UDP, {QUERIES} queries each (µs)        p50      p99");
-    println!("  blocked name, 100k list (answered locally)     {b50:>8.0} {b99:>8.0}");
-    println!("  allowed name, 100k list (forwarded, not cached) {a50:>7.0} {a99:>8.0}");
-    println!("  allowed name, 1-domain list (forwarded)        {s50:>8.0} {s99:>8.0}");
-    println!("  upstream asked directly (floor)                {u50:>8.0} {u99:>8.0}");
-    println!(
+    let mut out = String::new();
+    writeln!(
+        out,
+        "query latency over UDP, {QUERIES} queries each (µs)        p50      p99"
+    )?;
+    writeln!(
+        out,
+        "  blocked name, 100k list (answered locally)     {b50:>8.0} {b99:>8.0}"
+    )?;
+    writeln!(
+        out,
+        "  allowed name, 100k list (forwarded, not cached) {a50:>7.0} {a99:>8.0}"
+    )?;
+    writeln!(
+        out,
+        "  allowed name, 1-domain list (forwarded)        {s50:>8.0} {s99:>8.0}"
+    )?;
+    writeln!(
+        out,
+        "  upstream asked directly (floor)                {u50:>8.0} {u99:>8.0}"
+    )?;
+    writeln!(
+        out,
         "  allowed 100k / 1-domain p50 ratio              {:>8.2}",
         a50 / s50
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "resolver resident memory, 1 domain               {:>8.1} MB",
         rss_small as f64 / 1024.0
-    );
-    Ok(())
+    )?;
+    Ok(out)
 }
