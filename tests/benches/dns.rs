@@ -43,26 +43,7 @@ const LAN_IP: &str = "192.168.77.1";
 const PORT_BASE: u16 = 5400;
 
 fn main() -> anyhow::Result<()> {
-    if !nix::unistd::Uid::effective().is_root() {
-        bail!("the DNS benchmark needs root (network namespaces, nft, dnsmasq)");
-    }
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
-        .context("cannot enter a new network namespace")?;
-    for argv in [
-        &["ip", "link", "set", "lo", "up"][..],
-        &[
-            "ip", "link", "add", "lan0", "type", "veth", "peer", "name", "lan1",
-        ],
-        &[
-            "ip", "link", "add", "wan0", "type", "veth", "peer", "name", "wan1",
-        ],
-        &["ip", "addr", "add", "192.168.77.1/24", "dev", "lan0"],
-        &["ip", "link", "set", "lan0", "up"],
-        &["ip", "link", "set", "lan1", "up"],
-        &["ip", "link", "set", "wan0", "up"],
-    ] {
-        run(argv)?;
-    }
+    netpilot_tests::enter_bench_namespace("DNS", Some("192.168.77.1/24"))?;
     let tmp = tempfile::tempdir()?;
     let upstream_pid = tmp.path().join("upstream.pid");
     run(&[

@@ -26,7 +26,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
 use netpilot_agent::policy::engine::{Engine, EngineConfig};
 use netpilot_agent::policy::model::{Bandwidth, Device, Group, Mac, Policy, Schedule};
 use netpilot_agent::policy::ops;
@@ -42,29 +41,7 @@ const PER_GROUP: u32 = 250;
 const ROUNDS: usize = 7;
 
 fn main() -> anyhow::Result<()> {
-    if !nix::unistd::Uid::effective().is_root() {
-        bail!("the policy benchmark needs root (network namespaces, nft, tc)");
-    }
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
-        .context("cannot enter a new network namespace")?;
-    for argv in [
-        &["ip", "link", "set", "lo", "up"][..],
-        &[
-            "ip", "link", "add", "lan0", "type", "veth", "peer", "name", "lan1",
-        ],
-        &[
-            "ip", "link", "add", "wan0", "type", "veth", "peer", "name", "wan1",
-        ],
-        &["ip", "link", "set", "lan0", "up"],
-        &["ip", "link", "set", "wan0", "up"],
-    ] {
-        let st = std::process::Command::new(argv[0])
-            .args(&argv[1..])
-            .status()?;
-        if !st.success() {
-            bail!("{argv:?} failed");
-        }
-    }
+    netpilot_tests::enter_bench_namespace("policy", None)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

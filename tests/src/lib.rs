@@ -658,3 +658,40 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// For benchmarks run as root: moves this process into a fresh network namespace
+/// (nothing outside it is touched) with loopback up and the router's two devices,
+/// `lan0` and `wan0` (veth pairs with `lan1`/`wan1` as the far ends, all up), and
+/// `lan_addr` (CIDR) on `lan0` if given.
+pub fn enter_bench_namespace(what: &str, lan_addr: Option<&str>) -> anyhow::Result<()> {
+    if !nix::unistd::Uid::effective().is_root() {
+        bail!("the {what} benchmark needs root (network namespaces)");
+    }
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+        .context("cannot enter a new network namespace")?;
+    let mut steps: Vec<Vec<&str>> = vec![
+        vec!["ip", "link", "set", "lo", "up"],
+        vec![
+            "ip", "link", "add", "lan0", "type", "veth", "peer", "name", "lan1",
+        ],
+        vec![
+            "ip", "link", "add", "wan0", "type", "veth", "peer", "name", "wan1",
+        ],
+    ];
+    if let Some(a) = lan_addr {
+        steps.push(vec!["ip", "addr", "add", a, "dev", "lan0"]);
+    }
+    for dev in ["lan0", "lan1", "wan0", "wan1"] {
+        steps.push(vec!["ip", "link", "set", dev, "up"]);
+    }
+    for argv in steps {
+        let st = std::process::Command::new(argv[0])
+            .args(&argv[1..])
+            .status()
+            .with_context(|| format!("cannot run {argv:?}"))?;
+        if !st.success() {
+            bail!("{argv:?} failed");
+        }
+    }
+    Ok(())
+}

@@ -974,22 +974,25 @@ mod tests {
         ops::normalize(&mut d).unwrap();
         let zone = Zone::parse("UTC0").unwrap();
         let cfg = dns_config();
-        let c = compile(
-            &d,
-            &Context {
-                lan_if: "br-lan",
-                wan_if: "wan0",
-                zone: &zone,
-                now_unix: NOW,
-                kernel_minutes_west: 0,
-                pinned: None,
-                dns: Some(DnsContext {
-                    config: &cfg,
-                    previous: None,
-                }),
-            },
-        )
-        .unwrap();
+        let with = |previous| {
+            compile(
+                &d,
+                &Context {
+                    lan_if: "br-lan",
+                    wan_if: "wan0",
+                    zone: &zone,
+                    now_unix: NOW,
+                    kernel_minutes_west: 0,
+                    pinned: None,
+                    dns: Some(DnsContext {
+                        config: &cfg,
+                        previous,
+                    }),
+                },
+            )
+            .unwrap()
+        };
+        let c = with(None);
         golden("dns.nft", &c.full_script());
         let kids_slot = d.slots[&3];
         let kids_dns = &c.dns.instances[&kids_slot];
@@ -1000,22 +1003,7 @@ mod tests {
         assert!(c.elements["dns_dev"].contains("02:4e:50:00:00:12 : return"));
 
         // Unchanged inputs reuse the servers file (the same allocation).
-        let again = compile(
-            &d,
-            &Context {
-                lan_if: "br-lan",
-                wan_if: "wan0",
-                zone: &zone,
-                now_unix: NOW,
-                kernel_minutes_west: 0,
-                pinned: None,
-                dns: Some(DnsContext {
-                    config: &cfg,
-                    previous: Some(&c.dns),
-                }),
-            },
-        )
-        .unwrap();
+        let again = with(Some(&c.dns));
         assert!(std::sync::Arc::ptr_eq(
             &again.dns.instances[&kids_slot].spec.servers,
             &kids_dns.spec.servers

@@ -198,10 +198,15 @@ async fn main() -> anyhow::Result<()> {
                 "id": 3, "name": "Kids",
                 "devices": [{"mac": "02:00:00:00:01:01", "name": "Tablet"}, {"mac": "02-00-00-00-01-02"}],
                 "policy": {"bandwidth": {"downloadKbps": 5000, "uploadKbps": 1000}, "internet": "allow",
+                    "dns": {"categories": ["social", "adult"], "blockDomains": ["Example.COM."]},
                     "schedules": [{"days": ["mon","tue","wed","thu","fri"], "start": "22:00", "end": "06:30", "action": "block"}]}}}),
         )
         .await?,
-        "POST /api/groups/sync {group: Kids, 5/1 Mbit/s, blocked school nights 22:00-06:30}",
+        "POST /api/groups/sync {group: Kids, 5/1 Mbit/s, school nights blocked 22:00-06:30, DNS: social, adult, example.com}",
+    );
+    show(
+        c.get(&q("/api/dns/categories", &sid, &router_id)).await?,
+        "GET /api/dns/categories   (shipped lists; PUT /api/dns/categories/{name} replaces or adds one)",
     );
     show(
         c.post(
