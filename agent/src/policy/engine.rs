@@ -651,18 +651,17 @@ impl Engine {
                 let before =
                     base.and_then(|b| b.dns.instances.values().find(|o| o.spec.id == p.spec.id));
                 let known = dns_live.iter().any(|o| o.id == p.spec.id);
-                match self.dns.ensure(&p.spec).await {
-                    Ok(_) => {}
-                    Err(e) => {
-                        self.undo_dns(&dns_undo).await;
-                        return Err(apply_err(format!("dns resolver {}: {e}", p.spec.id)));
-                    }
-                }
+                // Before the ensure: one that fails half way (files written, no
+                // process) is taken back too.
                 match before {
                     Some(b) if b.spec != p.spec => dns_undo.push(DnsUndo::Restore(b.spec.clone())),
                     Some(_) => {}
                     None if !known => dns_undo.push(DnsUndo::Stop(p.spec.id.clone())),
                     None => {}
+                }
+                if let Err(e) = self.dns.ensure(&p.spec).await {
+                    self.undo_dns(&dns_undo).await;
+                    return Err(apply_err(format!("dns resolver {}: {e}", p.spec.id)));
                 }
             }
         }
@@ -1305,6 +1304,11 @@ mod tests {
         assert!(err.to_string().contains("g2"), "{err}");
         assert_eq!(rig.nft.applies(), applies, "nft untouched");
         assert!(!e.desired().await.groups[&3].policy.dns.filters());
+        assert!(
+            rig.dns.observe().await.unwrap().is_empty(),
+            "the resolver that could not start is taken back"
+        );
+        assert!(e.reconcile("check").await.unwrap().is_empty());
     }
 
     #[tokio::test]
