@@ -277,7 +277,7 @@ async fn bench(dir: &std::path::Path) -> anyhow::Result<()> {
     for round in 0..ROUNDS {
         let state = tempfile::tempdir_in(dir)?;
         let (e, dns) = engine(state.path())?;
-        let big = dnsfilter::category("big", "bench", list_a.clone(), false, Some(0));
+        let big = dnsfilter::category("big", "bench", list_a.clone(), Some(0));
         let t = Instant::now();
         let (_, r) = e
             .change(&actor, "bench apply", |d| {
@@ -300,7 +300,7 @@ async fn bench(dir: &std::path::Path) -> anyhow::Result<()> {
                 .map(|m| m.len())
                 .unwrap_or(0);
 
-        let next = dnsfilter::category("big", "bench", list_b.clone(), false, Some(1));
+        let next = dnsfilter::category("big", "bench", list_b.clone(), Some(1));
         let t = Instant::now();
         e.change(&actor, "bench replace", |d| ops::set_category(d, next))
             .await?;
@@ -363,13 +363,7 @@ async fn latencies(
     use std::fmt::Write as _;
     let actor = Actor::default();
     // A second group with a one-domain list: the same resolver without the list.
-    let one = dnsfilter::category(
-        "one",
-        "bench",
-        vec![normalize("only.example")?],
-        false,
-        Some(0),
-    );
+    let one = dnsfilter::category("one", "bench", vec![normalize("only.example")?], Some(0));
     e.change(&actor, "bench small", |d| {
         ops::set_category(d, one)?;
         ops::sync_group(d, group(2, "one"))

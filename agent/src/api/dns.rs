@@ -153,12 +153,11 @@ fn parse_body(call: &Call) -> Result<ParsedList, AgentError> {
     Ok(parsed)
 }
 
-fn description(call: &Call, current: Option<&Category>, name: &str) -> Result<String, AgentError> {
+/// The body's description, else the category's current one (shipped categories
+/// always exist, so theirs is kept).
+fn description(call: &Call, current: Option<&Category>) -> Result<String, AgentError> {
     match call.args.get("description") {
-        None | Some(Value::Null) => Ok(current
-            .map(|c| c.description.clone())
-            .or_else(|| crate::dns::categories::builtin(name).map(|b| b.description.to_owned()))
-            .unwrap_or_default()),
+        None | Some(Value::Null) => Ok(current.map(|c| c.description.clone()).unwrap_or_default()),
         Some(Value::String(s)) => {
             let s = s.trim();
             if s.len() > MAX_DESCRIPTION_BYTES || s.chars().any(char::is_control) {
@@ -207,7 +206,7 @@ pub async fn handle(engine: &Engine, call: Call, now_unix: i64) -> Result<Reply,
             let name = name_of(&call)?;
             let parsed = parse_body(&call)?;
             let current = engine.read(|d| d.categories.get(&name).cloned()).await;
-            let description = description(&call, current.as_deref(), &name)?;
+            let description = description(&call, current.as_deref())?;
             // The same list again changes nothing (and keeps its timestamp), like
             // any other change that changes nothing.
             let unchanged = current.as_deref().is_some_and(|c| {
@@ -219,13 +218,7 @@ pub async fn handle(engine: &Engine, call: Call, now_unix: i64) -> Result<Reply,
                 Some(c) if unchanged => c.updated_unix,
                 _ => Some(now_unix),
             };
-            let category = dnsfilter::category(
-                &name,
-                &description,
-                parsed.domains,
-                crate::dns::categories::builtin(&name).is_some(),
-                stamp,
-            );
+            let category = dnsfilter::category(&name, &description, parsed.domains, stamp);
             let what = format!("dns.category {name}: {} domains", category.domains.len());
             let ((), report) = engine
                 .change(&call.actor, &what, |d| ops::set_category(d, category))

@@ -66,11 +66,11 @@ pub fn digest_domains(domains: &[Domain]) -> String {
         .collect()
 }
 
+/// A category named `name`; it is `builtin` when the agent ships one of that name.
 pub fn category(
     name: &str,
     description: &str,
     domains: Vec<Domain>,
-    builtin: bool,
     updated_unix: Option<i64>,
 ) -> Category {
     Category {
@@ -78,7 +78,7 @@ pub fn category(
         description: description.to_owned(),
         digest: digest_domains(&domains),
         domains: Arc::new(domains),
-        builtin,
+        builtin: categories::builtin(name).is_some(),
         updated_unix,
     }
 }
@@ -98,7 +98,7 @@ fn parse_builtin() -> BTreeMap<String, Arc<Category>> {
             debug_assert_eq!(parsed.error_count, 0, "shipped list {} parses", b.name);
             (
                 b.name.to_owned(),
-                Arc::new(category(b.name, b.description, parsed.domains, true, None)),
+                Arc::new(category(b.name, b.description, parsed.domains, None)),
             )
         })
         .collect()

@@ -1228,7 +1228,6 @@ mod tests {
             "social",
             "Social media",
             vec![crate::dns::domain::normalize("new.social.test").unwrap()],
-            true,
             Some(1),
         );
         e.change(&Actor::default(), "test", |d| ops::set_category(d, social))

@@ -341,18 +341,12 @@ mod tests {
         let shipped = d.categories["social"].clone();
         set_category(
             &mut d,
-            super::super::dnsfilter::category(
-                "social",
-                "mine",
-                list(&["a.example"]),
-                true,
-                Some(1),
-            ),
+            super::super::dnsfilter::category("social", "mine", list(&["a.example"]), Some(1)),
         )
         .unwrap();
         set_category(
             &mut d,
-            super::super::dnsfilter::category("school", "", list(&["b.example"]), false, Some(1)),
+            super::super::dnsfilter::category("school", "", list(&["b.example"]), Some(1)),
         )
         .unwrap();
         let mut g = group(3, &[1]);

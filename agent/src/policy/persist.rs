@@ -181,12 +181,10 @@ fn load(conn: &mut Connection) -> rusqlite::Result<(Desired, Option<Applied>)> {
             if parsed.error_count > 0 {
                 tracing::error!(category = %name, errors = parsed.error_count, "stored DNS category has invalid lines; they are skipped");
             }
-            let builtin = crate::dns::categories::builtin(&name).is_some();
             let c = super::dnsfilter::category(
                 &name,
                 &r.get::<_, String>(1)?,
                 parsed.domains,
-                builtin,
                 Some(r.get(3)?),
             );
             desired.categories.insert(name, std::sync::Arc::new(c));
