@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use netpilot_agent::dns::categories::{builtin_doh, BUILTIN, USE_APPLICATION_DNS};
 use netpilot_agent::dns::domain::{normalize, Domain};
-use netpilot_agent::dns::filter::compile;
 use netpilot_agent::dns::list::parse_text;
+use netpilot_agent::dns::servers_file::compile;
 
 const DOMAINS: usize = 100_000;
 const SUBDOMAINS: usize = 5_000;

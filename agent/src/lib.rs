@@ -15,6 +15,7 @@ pub mod identity;
 pub mod link;
 pub mod policy;
 pub mod report;
+pub mod runtime;
 pub mod scan;
 pub mod settings;
 #[cfg(feature = "simulate")]
@@ -140,8 +141,8 @@ impl Default for RunConfig {
             usage: usage::UsageConfig::default(),
             dnsmasq: "dnsmasq".into(),
             dns_dir: PathBuf::from("/var/run/netpilot/dns"),
-            dns_upstreams: policy::dnsfilter::DnsConfig::default().upstreams,
-            dns_port_base: policy::dnsfilter::DnsConfig::default().port_base,
+            dns_upstreams: policy::compile::resolvers::DnsConfig::default().upstreams,
+            dns_port_base: policy::compile::resolvers::DnsConfig::default().port_base,
             doh_list: None,
         }
     }
@@ -254,14 +255,14 @@ pub async fn run(
         reporter.clone(),
         store::Store::open(&config.state_dir)?,
         config.wifi_safe.clone(),
-        policy::engine::system_clock(),
+        runtime::clock::system_clock(),
     ));
     let scanner = scan::Scanner::new(
         files.clone(),
         ubus.clone(),
         neighbours,
         Some(wan_if.clone()),
-        policy::engine::system_clock(),
+        runtime::clock::system_clock(),
     );
     let engine_config = policy::engine::EngineConfig {
         lan_if,
@@ -273,12 +274,10 @@ pub async fn run(
     };
     let engine = Arc::new(policy::engine::Engine::new(
         store::Store::open(&config.state_dir)?,
-        nft,
-        tc,
-        dns,
+        policy::execute::Enforcers { nft, tc, dns },
         files.clone(),
         engine_config,
-        policy::engine::system_clock(),
+        runtime::clock::system_clock(),
     )?);
     let usage = usage_service(&config, nlbw, files.clone())?;
     let app = Arc::new(
@@ -415,14 +414,14 @@ fn simulated_backends(_: &RunConfig) -> crate::error::Result<Backends> {
 
 /// The filtering resolvers' settings; a bad upstream or DoH list stops the start
 /// with the reason rather than producing resolvers that cannot work.
-fn dns_config(config: &RunConfig) -> crate::error::Result<policy::dnsfilter::DnsConfig> {
-    let mut dns = policy::dnsfilter::DnsConfig {
+fn dns_config(config: &RunConfig) -> crate::error::Result<policy::compile::resolvers::DnsConfig> {
+    let mut dns = policy::compile::resolvers::DnsConfig {
         port_base: config.dns_port_base,
         upstreams: config.dns_upstreams.clone(),
         ..Default::default()
     };
     for u in &dns.upstreams {
-        policy::dnsfilter::validate_upstream(u)?;
+        policy::compile::resolvers::validate_upstream(u)?;
     }
     if let Some(path) = &config.doh_list {
         let text = std::fs::read_to_string(path)
@@ -446,7 +445,7 @@ fn usage_service(
     let service = usage::Usage::new(
         nlbw,
         files,
-        policy::engine::system_clock(),
+        runtime::clock::system_clock(),
         Arc::new(move |t| zone.offset_at(t)),
         store::Store::open(&config.state_dir)?,
         config.usage.clone(),
@@ -586,7 +585,7 @@ async fn local_api(listener: TcpListener, app: Arc<App>, mut stop: watch::Receiv
                     continue;
                 }
             },
-            _ = link::stopped(&mut stop) => return,
+            _ = runtime::shutdown::stopped(&mut stop) => return,
         };
         let _ = tcp.set_nodelay(true);
         let app = app.clone();

@@ -97,16 +97,12 @@ pub async fn run(config: LinkConfig, app: Arc<App>, mut shutdown: watch::Receive
 async fn wait_or_shutdown(d: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
     tokio::select! {
         _ = tokio::time::sleep(d) => {}
-        _ = stopped(shutdown) => return true,
+        _ = crate::runtime::shutdown::stopped(shutdown) => return true,
     }
     *shutdown.borrow()
 }
 
 /// Resolves when shutdown is signalled (or its sender is gone).
-pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|s| *s).await;
-}
-
 async fn connect_and_serve(
     config: &LinkConfig,
     app: &Arc<App>,
@@ -173,7 +169,7 @@ async fn connect_and_serve(
                 tracing::info!(error = %e, "link lost");
             }
         }
-        _ = stopped(shutdown) => {
+        _ = crate::runtime::shutdown::stopped(shutdown) => {
             conn.as_mut().graceful_shutdown();
             let _ = tokio::time::timeout(Duration::from_secs(2), conn).await;
         }

@@ -25,8 +25,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use netpilot_agent::dns::domain::{normalize, Domain};
-use netpilot_agent::policy::dnsfilter::{self, DnsConfig};
+use netpilot_agent::policy::categories;
+use netpilot_agent::policy::compile::resolvers::{self, DnsConfig};
 use netpilot_agent::policy::engine::{Engine, EngineConfig};
+use netpilot_agent::policy::execute::Enforcers;
 use netpilot_agent::policy::model::{Device, DnsPolicy, Group, Mac, Policy};
 use netpilot_agent::policy::ops;
 use netpilot_agent::policy::persist::Actor;
@@ -142,9 +144,11 @@ fn engine(dir: &std::path::Path) -> anyhow::Result<(Engine, Arc<RealDnsmasq>)> {
     });
     let engine = Engine::new(
         Store::open(dir)?,
-        Arc::new(RealNft::default()),
-        Arc::new(RealTc::default()),
-        dns.clone(),
+        Enforcers {
+            nft: Arc::new(RealNft::default()),
+            tc: Arc::new(RealTc::default()),
+            dns: dns.clone(),
+        },
         Arc::new(MemFiles::default()),
         EngineConfig {
             lan_if: "lan0".into(),
@@ -158,7 +162,7 @@ fn engine(dir: &std::path::Path) -> anyhow::Result<(Engine, Arc<RealDnsmasq>)> {
                 ..Default::default()
             },
         },
-        netpilot_agent::policy::engine::system_clock(),
+        netpilot_agent::runtime::clock::system_clock(),
     )?;
     Ok((engine, dns))
 }
@@ -277,7 +281,7 @@ async fn bench(dir: &std::path::Path) -> anyhow::Result<()> {
     for round in 0..ROUNDS {
         let state = tempfile::tempdir_in(dir)?;
         let (e, dns) = engine(state.path())?;
-        let big = dnsfilter::category("big", "bench", list_a.clone(), Some(0));
+        let big = categories::category("big", "bench", list_a.clone(), Some(0));
         let t = Instant::now();
         let (_, r) = e
             .change(&actor, "bench apply", |d| {
@@ -290,17 +294,17 @@ async fn bench(dir: &std::path::Path) -> anyhow::Result<()> {
         p_dns.0.push(r.phases.dns_ms);
         p_nft.0.push(r.phases.nft_ms);
         let slot = e.read(|d| d.slots[&1]).await;
-        let at: SocketAddr = format!("{LAN_IP}:{}", dnsfilter::port_of(PORT_BASE, slot)).parse()?;
+        let at: SocketAddr = format!("{LAN_IP}:{}", resolvers::port_of(PORT_BASE, slot)).parse()?;
         loaded.0.push(ms(
             t.elapsed() + until(&sock, at, list_a[round * 7].as_str(), NXDOMAIN)?
         ));
-        rss_big = dns.memory_kib(&dnsfilter::instance_id(slot)).unwrap_or(0);
+        rss_big = dns.memory_kib(&resolvers::instance_id(slot)).unwrap_or(0);
         servers_bytes =
             std::fs::metadata(state.path().join("dns").join(format!("g{slot}.servers")))
                 .map(|m| m.len())
                 .unwrap_or(0);
 
-        let next = dnsfilter::category("big", "bench", list_b.clone(), Some(1));
+        let next = categories::category("big", "bench", list_b.clone(), Some(1));
         let t = Instant::now();
         e.change(&actor, "bench replace", |d| ops::set_category(d, next))
             .await?;
@@ -363,16 +367,16 @@ async fn latencies(
     use std::fmt::Write as _;
     let actor = Actor::default();
     // A second group with a one-domain list: the same resolver without the list.
-    let one = dnsfilter::category("one", "bench", vec![normalize("only.example")?], Some(0));
+    let one = categories::category("one", "bench", vec![normalize("only.example")?], Some(0));
     e.change(&actor, "bench small", |d| {
         ops::set_category(d, one)?;
         ops::sync_group(d, group(2, "one"))
     })
     .await?;
     let slot2 = e.read(|d| d.slots[&2]).await;
-    let small: SocketAddr = format!("{LAN_IP}:{}", dnsfilter::port_of(PORT_BASE, slot2)).parse()?;
+    let small: SocketAddr = format!("{LAN_IP}:{}", resolvers::port_of(PORT_BASE, slot2)).parse()?;
     until(sock, small, "only.example", NXDOMAIN)?;
-    let rss_small = dns.memory_kib(&dnsfilter::instance_id(slot2)).unwrap_or(0);
+    let rss_small = dns.memory_kib(&resolvers::instance_id(slot2)).unwrap_or(0);
     let upstream: SocketAddr = "127.0.0.1:53".parse()?;
 
     let blocked: Vec<String> = (0..QUERIES)

@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use netpilot_agent::policy::engine::{Engine, EngineConfig};
+use netpilot_agent::policy::execute::Enforcers;
 use netpilot_agent::policy::model::{Bandwidth, Device, Group, Mac, Policy, Schedule};
 use netpilot_agent::policy::ops;
 use netpilot_agent::policy::persist::Actor;
@@ -108,10 +109,12 @@ fn groups(moved: bool, scheduled: bool) -> Vec<Group> {
 fn engine(dir: &std::path::Path) -> anyhow::Result<Engine> {
     Ok(Engine::new(
         Store::open(dir)?,
-        Arc::new(RealNft::default()),
-        Arc::new(RealTc::default()),
-        // The bench's groups filter no DNS: no resolver is started.
-        Arc::new(netpilot_agent::system::dnsmasq::FakeResolver::default()),
+        Enforcers {
+            nft: Arc::new(RealNft::default()),
+            tc: Arc::new(RealTc::default()),
+            // The bench's groups filter no DNS: no resolver is started.
+            dns: Arc::new(netpilot_agent::system::dnsmasq::FakeResolver::default()),
+        },
         Arc::new(MemFiles::default()),
         EngineConfig {
             lan_if: "lan0".into(),
@@ -121,7 +124,7 @@ fn engine(dir: &std::path::Path) -> anyhow::Result<Engine> {
             kernel_minutes_west: Arc::new(|| 0),
             dns: Default::default(),
         },
-        netpilot_agent::policy::engine::system_clock(),
+        netpilot_agent::runtime::clock::system_clock(),
     )?)
 }
 

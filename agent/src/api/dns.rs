@@ -10,7 +10,7 @@ use super::{AgentError, Reply};
 use crate::dns::list::{self, ParsedList};
 use crate::policy::engine::{ApplyReport, Engine};
 use crate::policy::model::{code, Category, Desired, GroupId, Invalid};
-use crate::policy::{dnsfilter, ops};
+use crate::policy::{categories, ops};
 
 /// A description is shown, never written into a resolver's configuration.
 const MAX_DESCRIPTION_BYTES: usize = 200;
@@ -218,7 +218,7 @@ pub async fn handle(engine: &Engine, call: Call, now_unix: i64) -> Result<Reply,
                 Some(c) if unchanged => c.updated_unix,
                 _ => Some(now_unix),
             };
-            let category = dnsfilter::category(&name, &description, parsed.domains, stamp);
+            let category = categories::category(&name, &description, parsed.domains, stamp);
             let what = format!("dns.category {name}: {} domains", category.domains.len());
             let ((), report) = engine
                 .change(&call.actor, &what, |d| ops::set_category(d, category))

@@ -56,13 +56,16 @@ impl From<model::Invalid> for AgentError {
 
 impl From<EngineError> for AgentError {
     fn from(e: EngineError) -> Self {
-        match e {
-            EngineError::Invalid(i) => AgentError::Rejected(i),
+        match &e {
+            EngineError::Invalid(i) => AgentError::Rejected(i.clone()),
             EngineError::NoSuchGroup(id) => {
                 AgentError::NoSuchGroup(format!("group {id} does not exist"))
             }
-            EngineError::Apply(m) => AgentError::ApplyFailed(m),
-            EngineError::Store(m) => AgentError::Internal(format!("state database: {m}")),
+            EngineError::Observe(_)
+            | EngineError::Step(_)
+            | EngineError::Verify(_)
+            | EngineError::Unrepaired(_) => AgentError::ApplyFailed(e.to_string()),
+            EngineError::Store(_) => AgentError::Internal(e.to_string()),
         }
     }
 }

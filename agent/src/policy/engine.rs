@@ -1,39 +1,27 @@
-//! The engine: owns the desired state, and turns a change into kernel state with
-//! compile → diff against what is live → apply → verify, never leaving it
-//! half-applied. tc classes are made before nft points traffic at them and removed
-//! after; a refused nft transaction leaves the old table and the tc changes are
-//! undone. The store is written only after the kernel took the change, so the two
-//! agree; a crash in between is repaired by the reconcile at start-up, which also
-//! runs periodically (drift), at DST changes and after any failed apply.
+//! The engine: owns the desired state and turns a change into kernel state. Every
+//! change goes compile → [`plan`](super::plan) (from the state last applied and
+//! what is live) → [execute](super::execute) → verify by reading back; a step that
+//! fails takes back the ones before it, so the kernel is never left half-applied.
+//! The store is written only after the kernel took the change, so the two agree; a
+//! crash in between is repaired by the reconcile at start-up, which also runs
+//! periodically (drift), at DST changes and after any failed apply.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::compile::{self, Compiled, Context, DnsContext, Side};
-use super::dnsfilter::{DnsConfig, DnsPlan};
+use super::compile::{self, Compiled, Context, DnsConfig, DnsContext};
+use super::execute::{Enforcers, Executed, ObserveError, ReadTimes, StepError};
 use super::model::{Desired, Invalid};
 use super::ops::{self, OpError};
 use super::persist::{Actor, Applied};
+use super::plan::{self, Devices, Observed, Reads};
 use super::tz::{self, Zone};
-use crate::store::Store;
-use crate::system::dnsmasq::{InstanceSpec, Resolver};
+use crate::runtime::clock::Clock;
+use crate::runtime::shutdown::{self, Shutdown};
+use crate::store::{Store, StoreError};
 use crate::system::files::Files;
-use crate::system::nft::{self, Firewall, ObservedTable};
-use crate::system::tc::{ObservedShaper, Shaper, TcOp};
-
-/// Seconds since the epoch, injected so tests control "now".
-pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
-
-pub fn system_clock() -> Clock {
-    Arc::new(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0)
-    })
-}
 
 #[derive(Clone)]
 pub struct EngineConfig {
@@ -50,15 +38,34 @@ pub struct EngineConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
+    /// The change is not acceptable; nothing was touched.
     #[error(transparent)]
     Invalid(#[from] Invalid),
     #[error("group {0} does not exist")]
     NoSuchGroup(u32),
-    /// The kernel did not take the change; the previous state is in force.
+    /// The live state could not be read; nothing was changed.
     #[error("applying the policy failed: {0}")]
-    Apply(String),
+    Observe(#[source] ObserveError),
+    /// A step failed; the steps before it were taken back, the previous state is
+    /// in force.
+    #[error("applying the policy failed: {0}")]
+    Step(#[source] Box<StepError>),
+    /// Every step ran, but the read-back differs from what was applied.
+    #[error("applying the policy failed: read-back differs: {}", .0.join("; "))]
+    Verify(Vec<String>),
+    /// Drift was repaired, but the system still differs afterwards.
+    #[error("still differs after repair: {}", .0.join("; "))]
+    Unrepaired(Vec<String>),
     #[error("state database: {0}")]
-    Store(String),
+    Store(#[source] StoreError),
+}
+
+impl EngineError {
+    /// The kernel may be in another state than believed: the next apply observes
+    /// first, the status shows the error and a reconcile follows soon.
+    fn leaves_state_unknown(&self) -> bool {
+        !matches!(self, EngineError::Invalid(_) | EngineError::NoSuchGroup(_))
+    }
 }
 
 impl From<OpError> for EngineError {
@@ -67,6 +74,12 @@ impl From<OpError> for EngineError {
             OpError::Invalid(i) => EngineError::Invalid(i),
             OpError::NoSuchGroup(id) => EngineError::NoSuchGroup(id),
         }
+    }
+}
+
+impl From<ObserveError> for EngineError {
+    fn from(e: ObserveError) -> Self {
+        EngineError::Observe(e)
     }
 }
 
@@ -111,6 +124,20 @@ pub struct ApplyReport {
     pub phases: Phases,
 }
 
+impl ApplyReport {
+    /// A change that left the desired state as it was: nothing applied.
+    fn unchanged(generation: u64) -> ApplyReport {
+        ApplyReport {
+            changed: false,
+            generation,
+            duration_ms: 0.0,
+            nft: "none",
+            tc_ops: 0,
+            phases: Phases::default(),
+        }
+    }
+}
+
 /// Where an apply's time went, in milliseconds.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Phases {
@@ -126,6 +153,28 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+/// The record of a compiled state put in force.
+fn applied(
+    generation: u64,
+    compiled: Option<&Compiled>,
+    at_unix: i64,
+    duration_ms: u64,
+) -> Applied {
+    Applied {
+        generation,
+        digest: compiled.map(|c| c.digest.clone()).unwrap_or_default(),
+        applied_unix: at_unix,
+        duration_ms,
+    }
+}
+
+/// One carried-out plan: how the table changed, tc operations, timings.
+struct Outcome {
+    nft: &'static str,
+    tc_ops: usize,
+    phases: Phases,
+}
+
 struct Inner {
     store: Store,
     desired: Desired,
@@ -133,12 +182,6 @@ struct Inner {
     /// The last compiled state known to be live (verified or applied); the base for
     /// incremental element changes.
     live: Option<Compiled>,
-}
-
-/// How to take back a resolver change of an apply that failed later.
-enum DnsUndo {
-    Restore(InstanceSpec),
-    Stop(String),
 }
 
 /// `dev_moved` entries that make a change compact `dev_group` right away rather
@@ -158,9 +201,8 @@ impl Inner {
 
 pub struct Engine {
     inner: tokio::sync::Mutex<Inner>,
-    nft: Arc<dyn Firewall>,
-    tc: Arc<dyn Shaper>,
-    dns: Arc<dyn Resolver>,
+    enforcers: Enforcers,
+    devices: Devices,
     files: Arc<dyn Files>,
     config: EngineConfig,
     clock: Clock,
@@ -170,19 +212,14 @@ pub struct Engine {
 }
 
 impl Engine {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         mut store: Store,
-        nft: Arc<dyn Firewall>,
-        tc: Arc<dyn Shaper>,
-        dns: Arc<dyn Resolver>,
+        enforcers: Enforcers,
         files: Arc<dyn Files>,
         config: EngineConfig,
         clock: Clock,
     ) -> Result<Engine, EngineError> {
-        let (mut desired, applied) = store
-            .load_policy()
-            .map_err(|e| EngineError::Store(e.to_string()))?;
+        let (mut desired, applied) = store.load_policy().map_err(EngineError::Store)?;
         ops::normalize(&mut desired)?;
         let generation = applied.as_ref().map_or(0, |a| a.generation);
         let status = Status {
@@ -202,9 +239,11 @@ impl Engine {
                 generation,
                 live: None,
             }),
-            nft,
-            tc,
-            dns,
+            enforcers,
+            devices: Devices {
+                down: config.lan_if.clone(),
+                up: config.wan_if.clone(),
+            },
             files,
             config,
             clock,
@@ -243,7 +282,7 @@ impl Engine {
     fn zone(&self) -> Zone {
         tz::router_zone(self.files.as_ref(), self.config.timezone.as_deref()).unwrap_or_else(|e| {
             tracing::warn!(error = %e, "cannot read the router's time zone; using UTC");
-            Zone::parse("UTC0").expect("UTC0 parses")
+            Zone::utc()
         })
     }
 
@@ -251,7 +290,7 @@ impl Engine {
         &self,
         desired: &Desired,
         pinned: Option<&compile::Pinned>,
-        previous_dns: Option<&DnsPlan>,
+        previous_dns: Option<&compile::DnsPlan>,
     ) -> Result<Option<Compiled>, EngineError> {
         if ops::is_trivial(desired) {
             return Ok(None);
@@ -261,7 +300,7 @@ impl Engine {
             lan_if: &self.config.lan_if,
             wan_if: &self.config.wan_if,
             zone: &zone,
-            now_unix: (self.clock)(),
+            now_unix: self.now(),
             kernel_minutes_west: (self.config.kernel_minutes_west)(),
             pinned,
             dns: Some(DnsContext {
@@ -277,6 +316,62 @@ impl Engine {
         })
     }
 
+    /// Puts `want` into the system, `last` being the state believed live (`None`:
+    /// unknown, so everything is read and replaced): plan, execute, verify.
+    /// `observed` is a reading already made for this plan, if any.
+    async fn apply(
+        &self,
+        want: Option<&Compiled>,
+        last: Option<&Compiled>,
+        observed: Option<Observed>,
+    ) -> Result<Outcome, EngineError> {
+        let (observed, read) = match observed {
+            Some(o) => (o, ReadTimes::default()),
+            None => {
+                self.enforcers
+                    .observe(plan::reads(want, last), &self.devices)
+                    .await?
+            }
+        };
+        let plan = plan::plan(want, last, &observed, &self.devices);
+        tracing::debug!("plan:\n{plan}");
+        let done: Executed = self
+            .enforcers
+            .execute(&plan)
+            .await
+            .map_err(|e| EngineError::Step(Box::new(e)))?;
+        let t = Instant::now();
+        let (back, _) = self.enforcers.observe(plan.verify, &self.devices).await?;
+        let drift = plan::verify(&plan, &back, &self.devices);
+        let verify_ms = ms(t.elapsed());
+        if !drift.is_empty() {
+            return Err(EngineError::Verify(drift));
+        }
+        Ok(Outcome {
+            nft: done.nft,
+            tc_ops: done.tc_ops,
+            phases: Phases {
+                compile_ms: 0.0,
+                tc_ms: read.tc_ms + done.tc_ms,
+                nft_ms: read.nft_ms + done.nft_ms,
+                dns_ms: read.dns_ms + done.dns_ms,
+                verify_ms,
+                store_ms: 0.0,
+            },
+        })
+    }
+
+    /// Gives up on an apply: the live state is unknown now, so the next apply
+    /// observes it first, and the reconcile is woken to repair it.
+    fn fail(&self, inner: &mut Inner, e: EngineError) -> EngineError {
+        inner.live = None;
+        if e.leaves_state_unknown() {
+            self.set_status(|s| s.last_error = Some(e.to_string()));
+            self.wake.notify_one();
+        }
+        e
+    }
+
     /// Runs `change` on a copy of the desired state, applies the result and keeps it
     /// only when the kernel took it. `what` names the action in the audit log.
     pub async fn change<T>(
@@ -285,7 +380,9 @@ impl Engine {
         what: &str,
         change: impl FnOnce(&mut Desired) -> Result<T, OpError>,
     ) -> Result<(T, ApplyReport), EngineError> {
-        let mut inner = self.inner.lock().await;
+        let mut guard = self.inner.lock().await;
+        // Borrowed through the guard once, so its fields can be borrowed apart.
+        let inner = &mut *guard;
         let mut next = inner.desired.clone();
         let out = match change(&mut next).map_err(EngineError::from).and_then(|v| {
             ops::normalize(&mut next)?;
@@ -293,96 +390,76 @@ impl Engine {
         }) {
             Ok(v) => v,
             Err(e) => {
-                self.audit(&mut inner, actor, what, &format!("refused: {e}"));
+                self.audit(inner, actor, what, &format!("refused: {e}"));
                 return Err(e);
             }
         };
         if next == inner.desired {
-            let report = ApplyReport {
-                changed: false,
-                generation: inner.generation,
-                duration_ms: 0.0,
-                nft: "none",
-                tc_ops: 0,
-                phases: Phases::default(),
-            };
-            return Ok((out, report));
+            return Ok((out, ApplyReport::unchanged(inner.generation)));
         }
         let started = Instant::now();
         // Not borrowing the guard inside: the connection in it is not Sync.
-        let base = inner.live.clone();
+        let last = inner.live.clone();
         let pinned = inner.pin().cloned();
         let result = async {
             let t = Instant::now();
-            let compiled = self.compile(&next, pinned.as_ref(), base.as_ref().map(|b| &b.dns))?;
+            let compiled = self.compile(&next, pinned.as_ref(), last.as_ref().map(|b| &b.dns))?;
             let compile_ms = ms(t.elapsed());
-            let (nft_kind, tc_ops, mut phases) =
-                self.apply(compiled.as_ref(), base.as_ref()).await?;
-            phases.compile_ms = compile_ms;
-            Ok::<_, EngineError>((compiled, nft_kind, tc_ops, phases))
+            let mut outcome = self.apply(compiled.as_ref(), last.as_ref(), None).await?;
+            outcome.phases.compile_ms = compile_ms;
+            Ok::<_, EngineError>((compiled, outcome))
         }
         .await;
-        let (compiled, nft_kind, tc_ops, mut phases) = match result {
+        let (compiled, mut outcome) = match result {
             Ok(r) => r,
             Err(e) => {
-                self.after_failure(&e);
-                // The live state is unknown now; the next apply observes it first.
-                inner.live = None;
-                self.audit(&mut inner, actor, what, &format!("failed: {e}"));
-                return Err(e);
+                self.audit(inner, actor, what, &format!("failed: {e}"));
+                return Err(self.fail(inner, e));
             }
         };
         let duration = started.elapsed();
-        let applied = Applied {
-            generation: inner.generation + 1,
-            digest: compiled
-                .as_ref()
-                .map(|c| c.digest.clone())
-                .unwrap_or_default(),
-            applied_unix: (self.clock)(),
-            duration_ms: duration.as_millis() as u64,
-        };
-        let prev = std::mem::take(&mut inner.desired);
+        let record = applied(
+            inner.generation + 1,
+            compiled.as_ref(),
+            self.now(),
+            duration.as_millis() as u64,
+        );
         let t = Instant::now();
-        let saved = inner.store.save_policy(&prev, &next, &applied);
-        phases.store_ms = ms(t.elapsed());
+        let saved = inner.store.save_policy(&inner.desired, &next, &record);
+        outcome.phases.store_ms = ms(t.elapsed());
         if let Err(e) = saved {
-            inner.desired = prev.clone();
             // Put the kernel back to what the store still says.
             tracing::error!(error = %e, "cannot store the new policy; restoring the previous one");
-            let old = self.compile(&prev, None, None).ok().flatten();
-            let _ = self.apply(old.as_ref(), compiled.as_ref()).await;
-            inner.live = None;
-            self.after_failure(&EngineError::Store(e.to_string()));
-            return Err(EngineError::Store(e.to_string()));
+            let old = self.compile(&inner.desired, None, None).ok().flatten();
+            let _ = self.apply(old.as_ref(), compiled.as_ref(), None).await;
+            return Err(self.fail(inner, EngineError::Store(e)));
         }
         tracing::info!(
-            generation = applied.generation,
-            ms = applied.duration_ms,
-            nft = nft_kind,
-            tc_ops,
+            generation = record.generation,
+            ms = record.duration_ms,
+            nft = outcome.nft,
+            tc_ops = outcome.tc_ops,
             "policy applied\n{next}"
         );
         inner.desired = next;
-        inner.generation = applied.generation;
-        inner.live = compiled.clone();
-        self.audit(&mut inner, actor, what, "ok");
-        self.record_applied(&inner, compiled.as_ref(), &applied);
+        inner.generation = record.generation;
+        self.audit(inner, actor, what, "ok");
+        self.record_live(inner, compiled, &record);
         Ok((
             out,
             ApplyReport {
                 changed: true,
-                generation: applied.generation,
-                duration_ms: duration.as_secs_f64() * 1000.0,
-                nft: nft_kind,
-                tc_ops,
-                phases,
+                generation: record.generation,
+                duration_ms: ms(duration),
+                nft: outcome.nft,
+                tc_ops: outcome.tc_ops,
+                phases: outcome.phases,
             },
         ))
     }
 
     fn audit(&self, inner: &mut Inner, actor: &Actor, what: &str, result: &str) {
-        let now = (self.clock)();
+        let now = self.now();
         let (action, detail) = what.split_once(' ').unwrap_or((what, ""));
         if let Err(e) = inner.store.audit(actor, now, action, detail, result) {
             tracing::warn!(error = %e, "cannot write the audit log");
@@ -398,27 +475,24 @@ impl Engine {
             .await
             .store
             .audit_tail(limit)
-            .map_err(|e| EngineError::Store(e.to_string()))
+            .map_err(EngineError::Store)
     }
 
-    fn after_failure(&self, e: &EngineError) {
-        if matches!(e, EngineError::Apply(_) | EngineError::Store(_)) {
-            self.set_status(|s| s.last_error = Some(e.to_string()));
-            self.wake.notify_one();
-        }
-    }
-
-    fn record_applied(&self, inner: &Inner, compiled: Option<&Compiled>, applied: &Applied) {
+    /// `compiled` is live now, as `record` says: the base of the next change, and
+    /// what the status shows.
+    fn record_live(&self, inner: &mut Inner, compiled: Option<Compiled>, record: &Applied) {
+        inner.live = compiled;
+        let compiled = inner.live.as_ref();
         let zone = self.zone().to_string();
         self.set_status(|s| {
             s.table_present = compiled.is_some();
             s.idle = compiled.is_none();
             s.in_sync = true;
             s.drift.clear();
-            s.generation = applied.generation;
-            s.digest = applied.digest.clone();
-            s.last_apply_unix = Some(applied.applied_unix);
-            s.last_apply_ms = Some(applied.duration_ms);
+            s.generation = record.generation;
+            s.digest = record.digest.clone();
+            s.last_apply_unix = Some(record.applied_unix);
+            s.last_apply_ms = Some(record.duration_ms);
             s.last_error = None;
             s.classes_down = compiled.map_or(0, |c| c.tc.down.len());
             s.classes_up = compiled.map_or(0, |c| c.tc.up.len());
@@ -440,59 +514,49 @@ impl Engine {
             inner.pin(),
             inner.live.as_ref().map(|l| &l.dns),
         )?;
-        let now = (self.clock)();
+        let now = self.now();
         // The same desired state compiled to other rules: time moved past a DST
         // change the rules were guarded for. A planned refresh, not drift.
         if let (Some(live), Some(want)) = (&inner.live, &compiled) {
             if live.digest != want.digest {
                 tracing::info!(reason, "schedules refreshed for the next time change");
-                let result = self.apply(Some(want), None).await;
-                if let Err(e) = result {
-                    inner.live = None;
-                    self.after_failure(&e);
-                    return Err(e);
+                if let Err(e) = self.apply(Some(want), None, None).await {
+                    return Err(self.fail(&mut inner, e));
                 }
-                inner.live = compiled.clone();
-                let applied = Applied {
-                    generation: inner.generation,
-                    digest: want.digest.clone(),
-                    applied_unix: now,
-                    duration_ms: started.elapsed().as_millis() as u64,
-                };
-                self.record_applied(&inner, compiled.as_ref(), &applied);
+                let record = applied(
+                    inner.generation,
+                    compiled.as_ref(),
+                    now,
+                    started.elapsed().as_millis() as u64,
+                );
+                self.record_live(&mut inner, compiled, &record);
                 return Ok(Vec::new());
             }
         }
-        let drift = self.observe_drift(compiled.as_ref()).await?;
+        let (observed, _) = self.enforcers.observe(Reads::ALL, &self.devices).await?;
+        let drift = plan::drift(compiled.as_ref(), &observed, &self.devices);
         self.set_status(|s| s.last_check_unix = Some(now));
-        if drift.is_empty() && compiled.as_ref().is_some_and(|c| c.moved > 0) {
-            // Fold the moves into dev_group while nothing else is happening, so the
-            // override map stays small and a device can move again with an add.
-            let compact = self.compile(&inner.desired, None, compiled.as_ref().map(|c| &c.dns))?;
-            match self.apply(compact.as_ref(), compiled.as_ref()).await {
-                Ok(_) => {
-                    inner.live = compact;
-                    return Ok(drift);
-                }
-                Err(e) => {
-                    inner.live = None;
-                    self.after_failure(&e);
-                    return Err(e);
-                }
-            }
-        }
         if drift.is_empty() {
-            inner.live = compiled.clone();
-            let applied = Applied {
-                generation: inner.generation,
-                digest: compiled
-                    .as_ref()
-                    .map(|c| c.digest.clone())
-                    .unwrap_or_default(),
-                applied_unix: self.status().last_apply_unix.unwrap_or(now),
-                duration_ms: self.status().last_apply_ms.unwrap_or(0),
-            };
-            self.record_applied(&inner, compiled.as_ref(), &applied);
+            if compiled.as_ref().is_some_and(|c| c.moved > 0) {
+                // Fold the moves into dev_group while nothing else is happening, so
+                // the override map stays small and a device can move again with an
+                // add.
+                let compact =
+                    self.compile(&inner.desired, None, compiled.as_ref().map(|c| &c.dns))?;
+                if let Err(e) = self.apply(compact.as_ref(), compiled.as_ref(), None).await {
+                    return Err(self.fail(&mut inner, e));
+                }
+                inner.live = compact;
+                return Ok(drift);
+            }
+            let status = self.status();
+            let record = applied(
+                inner.generation,
+                compiled.as_ref(),
+                status.last_apply_unix.unwrap_or(now),
+                status.last_apply_ms.unwrap_or(0),
+            );
+            self.record_live(&mut inner, compiled, &record);
             return Ok(drift);
         }
         tracing::warn!(reason, drift = ?drift, "live state differs from the desired state; repairing");
@@ -500,36 +564,29 @@ impl Engine {
             s.in_sync = false;
             s.drift = drift.clone();
         });
-        // Whatever is live, replace it whole, then compare everything again.
-        let repaired = match self.apply(compiled.as_ref(), None).await {
-            Ok(_) => self.observe_drift(compiled.as_ref()).await,
+        // Whatever is live, replace it whole (planned from the reading just made),
+        // then compare everything again.
+        let repaired = match self.apply(compiled.as_ref(), None, Some(observed)).await {
+            Ok(_) => self
+                .enforcers
+                .observe(Reads::ALL, &self.devices)
+                .await
+                .map(|(o, _)| plan::drift(compiled.as_ref(), &o, &self.devices))
+                .map_err(EngineError::from),
             Err(e) => Err(e),
         };
-        let still = match repaired {
-            Ok(still) => still,
-            Err(e) => {
-                inner.live = None;
-                self.after_failure(&e);
-                return Err(e);
-            }
-        };
-        if !still.is_empty() {
-            inner.live = None;
-            let e = EngineError::Apply(format!("still differs after repair: {}", still.join("; ")));
-            self.after_failure(&e);
-            return Err(e);
+        match repaired {
+            Ok(still) if still.is_empty() => {}
+            Ok(still) => return Err(self.fail(&mut inner, EngineError::Unrepaired(still))),
+            Err(e) => return Err(self.fail(&mut inner, e)),
         }
-        inner.live = compiled.clone();
-        let applied = Applied {
-            generation: inner.generation,
-            digest: compiled
-                .as_ref()
-                .map(|c| c.digest.clone())
-                .unwrap_or_default(),
-            applied_unix: now,
-            duration_ms: started.elapsed().as_millis() as u64,
-        };
-        self.record_applied(&inner, compiled.as_ref(), &applied);
+        let record = applied(
+            inner.generation,
+            compiled.as_ref(),
+            now,
+            started.elapsed().as_millis() as u64,
+        );
+        self.record_live(&mut inner, compiled, &record);
         self.set_status(|s| {
             s.drift_repairs += 1;
             s.last_drift = drift.clone();
@@ -539,361 +596,9 @@ impl Engine {
         Ok(drift)
     }
 
-    /// What differs between the kernel and `want` (nothing wanted: no table, no
-    /// NetPilot qdisc).
-    async fn observe_drift(&self, want: Option<&Compiled>) -> Result<Vec<String>, EngineError> {
-        let table = self
-            .nft
-            .observe()
-            .await
-            .map_err(|e| EngineError::Apply(e.to_string()))?;
-        let mut drift = Vec::new();
-        match (want, &table) {
-            (None, Some(_)) => {
-                drift.push("table inet netpilot exists but nothing is to be enforced".into())
-            }
-            (Some(_), None) => drift.push("table inet netpilot is missing".into()),
-            (Some(c), Some(t)) => drift.extend(table_drift(c, t)),
-            (None, None) => {}
-        }
-        for side in [Side::Down, Side::Up] {
-            let dev = self.dev(side);
-            let live = self
-                .tc
-                .observe(dev)
-                .await
-                .map_err(|e| EngineError::Apply(e.to_string()))?;
-            let empty = Default::default();
-            let plan = want.map_or(&empty, |c| c.tc.side(side));
-            drift.extend(tc_drift(dev, plan, &live));
-        }
-        drift.extend(self.dns_drift(want.map(|c| &c.dns)).await?);
-        Ok(drift)
-    }
-
-    /// What differs between the running filtering resolvers and the plan.
-    async fn dns_drift(&self, want: Option<&DnsPlan>) -> Result<Vec<String>, EngineError> {
-        let live = self
-            .dns
-            .observe()
-            .await
-            .map_err(|e| EngineError::Apply(e.to_string()))?;
-        let empty = DnsPlan::default();
-        let want = want.unwrap_or(&empty);
-        let mut drift = Vec::new();
-        for p in want.instances.values() {
-            let id = &p.spec.id;
-            match live.iter().find(|o| &o.id == id) {
-                None => drift.push(format!("dns resolver {id} is missing")),
-                Some(o) if !o.running => drift.push(format!("dns resolver {id} is not running")),
-                Some(o) if o.servers.as_deref() != Some(p.spec.servers.as_str()) => {
-                    drift.push(format!("dns resolver {id}: its block list differs"))
-                }
-                Some(_) => {}
-            }
-        }
-        for o in &live {
-            if !want.instances.values().any(|p| p.spec.id == o.id) {
-                drift.push(format!("dns resolver {} is not wanted", o.id));
-            }
-        }
-        Ok(drift)
-    }
-
-    /// Undoes step 0 of an apply that failed later, as far as the state before it
-    /// is known; otherwise the reconcile that follows every failure repairs it.
-    async fn undo_dns(&self, undo: &[DnsUndo]) {
-        for u in undo.iter().rev() {
-            let r = match u {
-                DnsUndo::Restore(spec) => self.dns.ensure(spec).await.map(|_| ()),
-                DnsUndo::Stop(id) => self.dns.stop(id).await,
-            };
-            if let Err(e) = r {
-                tracing::warn!(error = %e, "cannot undo a dns resolver change");
-            }
-        }
-    }
-
-    fn dev(&self, side: Side) -> &str {
-        match side {
-            Side::Down => &self.config.lan_if,
-            Side::Up => &self.config.wan_if,
-        }
-    }
-
-    /// Puts `want` into the kernel. `base` is the state believed live (last
-    /// verified or applied): with it, an unchanged tc plan is left alone and nft
-    /// changes only the elements that differ; `None` observes and replaces.
-    async fn apply(
-        &self,
-        want: Option<&Compiled>,
-        base: Option<&Compiled>,
-    ) -> Result<(&'static str, usize, Phases), EngineError> {
-        let apply_err = |e: String| EngineError::Apply(e);
-        let mut phases = Phases::default();
-        let tc_unchanged = matches!((want, base), (Some(w), Some(b)) if w.tc == b.tc);
-        let empty_dns = DnsPlan::default();
-        let want_dns = want.map_or(&empty_dns, |w| &w.dns);
-        let dns_unchanged = base.is_some_and(|b| &b.dns == want_dns);
-
-        // 0. DNS, make: the resolvers the new redirects will point at, with their
-        // new lists (a reload where only the list changed).
-        let t = Instant::now();
-        let mut dns_undo: Vec<DnsUndo> = Vec::new();
-        let mut dns_live = Vec::new();
-        if !dns_unchanged {
-            dns_live = self
-                .dns
-                .observe()
-                .await
-                .map_err(|e| apply_err(e.to_string()))?;
-            for p in want_dns.instances.values() {
-                let before =
-                    base.and_then(|b| b.dns.instances.values().find(|o| o.spec.id == p.spec.id));
-                let known = dns_live.iter().any(|o| o.id == p.spec.id);
-                // Before the ensure: one that fails half way (files written, no
-                // process) is taken back too.
-                match before {
-                    Some(b) if b.spec != p.spec => dns_undo.push(DnsUndo::Restore(b.spec.clone())),
-                    Some(_) => {}
-                    None if !known => dns_undo.push(DnsUndo::Stop(p.spec.id.clone())),
-                    None => {}
-                }
-                if let Err(e) = self.dns.ensure(&p.spec).await {
-                    self.undo_dns(&dns_undo).await;
-                    return Err(apply_err(format!("dns resolver {}: {e}", p.spec.id)));
-                }
-            }
-        }
-        phases.dns_ms += ms(t.elapsed());
-
-        // 1. tc, make: roots and classes the new rules will point at.
-        let t = Instant::now();
-        let mut undo: Vec<TcOp> = Vec::new();
-        let mut tc_ops = 0;
-        let mut observed: Vec<(Side, ObservedShaper)> = Vec::new();
-        if !tc_unchanged {
-            let (down, up) = tokio::join!(
-                self.tc.observe(self.dev(Side::Down)),
-                self.tc.observe(self.dev(Side::Up))
-            );
-            observed.push((Side::Down, down.map_err(|e| apply_err(e.to_string()))?));
-            observed.push((Side::Up, up.map_err(|e| apply_err(e.to_string()))?));
-        }
-        let mut make = Vec::new();
-        for (side, live) in &observed {
-            let dev = self.dev(*side).to_owned();
-            let empty = Default::default();
-            let plan = want.map_or(&empty, |c| c.tc.side(*side));
-            if plan.is_empty() {
-                continue;
-            }
-            if !live.root_is_ours() {
-                make.push(TcOp::ReplaceRoot { dev: dev.clone() });
-                undo.push(TcOp::DeleteRoot { dev: dev.clone() });
-            }
-            for (minor, kbps) in plan {
-                let was = if live.root_is_ours() {
-                    live.classes.get(minor)
-                } else {
-                    None
-                };
-                if was != Some(kbps) {
-                    make.push(TcOp::SetClass {
-                        dev: dev.clone(),
-                        minor: *minor,
-                        kbps: *kbps,
-                    });
-                    if live.root_is_ours() {
-                        undo.push(match was {
-                            Some(old) => TcOp::SetClass {
-                                dev: dev.clone(),
-                                minor: *minor,
-                                kbps: *old,
-                            },
-                            None => TcOp::DeleteClass {
-                                dev: dev.clone(),
-                                minor: *minor,
-                            },
-                        });
-                    }
-                }
-            }
-        }
-        tc_ops += make.len();
-        if let Err(e) = self.tc.run(&make).await {
-            // Some of the batch may have run: undo all of it (undoing what did not
-            // happen fails harmlessly).
-            self.undo_tc(&undo).await;
-            self.undo_dns(&dns_undo).await;
-            return Err(apply_err(e.to_string()));
-        }
-        phases.tc_ms += ms(t.elapsed());
-
-        // 2. nft: one transaction.
-        let t = Instant::now();
-        let nft_kind = match self.apply_nft(want, base).await {
-            Ok(k) => k,
-            Err(e) => {
-                self.undo_tc(&undo).await;
-                self.undo_dns(&dns_undo).await;
-                return Err(e);
-            }
-        };
-        phases.nft_ms = ms(t.elapsed());
-
-        // 3a. DNS, break: resolvers no redirect points at any more.
-        let t = Instant::now();
-        for o in &dns_live {
-            if !want_dns.instances.values().any(|p| p.spec.id == o.id) {
-                if let Err(e) = self.dns.stop(&o.id).await {
-                    tracing::warn!(error = %e, id = %o.id, "cannot stop an unused dns resolver");
-                }
-            }
-        }
-        phases.dns_ms += ms(t.elapsed());
-
-        // 3. tc, break: what nothing points at any more.
-        let t = Instant::now();
-        let mut ops = Vec::new();
-        for (side, live) in observed {
-            let dev = self.dev(side).to_owned();
-            let empty = Default::default();
-            let plan = want.map_or(&empty, |c| c.tc.side(side));
-            if plan.is_empty() {
-                if live.root_is_ours() {
-                    ops.push(TcOp::DeleteRoot { dev });
-                }
-            } else if live.root_is_ours() {
-                for minor in live.classes.keys().filter(|m| !plan.contains_key(m)) {
-                    ops.push(TcOp::DeleteClass {
-                        dev: dev.clone(),
-                        minor: *minor,
-                    });
-                }
-            }
-        }
-        tc_ops += ops.len();
-        // The new rules are in force; a leftover class only costs memory, so a
-        // failure here is reported by the verify below rather than undone.
-        if let Err(e) = self.tc.run(&ops).await {
-            tracing::warn!(error = %e, "cannot remove unused tc classes");
-        }
-        phases.tc_ms += ms(t.elapsed());
-
-        // 4. verify by reading back. tc has no transactions: every class is read
-        // back. An nft transaction is all or nothing and the kernel acknowledged
-        // it, so the table's chains are read back (a listing of rules or elements
-        // costs a fetch of every element); the periodic check compares everything.
-        let t = Instant::now();
-        let mut drift = Vec::new();
-        let chains = self.nft.chains();
-        let tc_read = async {
-            if tc_unchanged {
-                return None;
-            }
-            let (down, up) = tokio::join!(
-                self.tc.observe(self.dev(Side::Down)),
-                self.tc.observe(self.dev(Side::Up))
-            );
-            Some((down, up))
-        };
-        let (chains, tc_read) = tokio::join!(chains, tc_read);
-        let chains = chains.map_err(|e| apply_err(e.to_string()))?;
-        match (want, chains) {
-            (None, Some(_)) => drift.push("table inet netpilot is still there".to_owned()),
-            (Some(_), None) => drift.push("table inet netpilot is missing".to_owned()),
-            (Some(w), Some(have)) => {
-                let expected = nft::set_of(nft::rule_counts(&w.structure).into_keys());
-                if have != expected {
-                    drift.push(format!("chains {have:?}, expected {expected:?}"));
-                }
-            }
-            (None, None) => {}
-        }
-        if let Some((down, up)) = tc_read {
-            for (side, live) in [(Side::Down, down), (Side::Up, up)] {
-                let live = live.map_err(|e| apply_err(e.to_string()))?;
-                let empty = Default::default();
-                let dev = self.dev(side);
-                drift.extend(tc_drift(
-                    dev,
-                    want.map_or(&empty, |c| c.tc.side(side)),
-                    &live,
-                ));
-            }
-        }
-        if !dns_unchanged {
-            drift.extend(self.dns_drift(Some(want_dns)).await?);
-        }
-        phases.verify_ms = ms(t.elapsed());
-        if !drift.is_empty() {
-            return Err(apply_err(format!(
-                "read-back differs: {}",
-                drift.join("; ")
-            )));
-        }
-        Ok((nft_kind, tc_ops, phases))
-    }
-
-    async fn undo_tc(&self, undo: &[TcOp]) {
-        for op in undo.iter().rev() {
-            if let Err(e) = self.tc.run(std::slice::from_ref(op)).await {
-                tracing::warn!(error = %e, ?op, "cannot undo a tc change");
-            }
-        }
-    }
-
-    async fn apply_nft(
-        &self,
-        want: Option<&Compiled>,
-        base: Option<&Compiled>,
-    ) -> Result<&'static str, EngineError> {
-        let apply_err = |e: String| EngineError::Apply(e);
-        let Some(want) = want else {
-            let present = self
-                .nft
-                .observe()
-                .await
-                .map_err(|e| apply_err(e.to_string()))?;
-            if present.is_none() {
-                return Ok("none");
-            }
-            let script = format!("delete table {} {}\n", nft::FAMILY, nft::TABLE);
-            self.nft
-                .apply(&script)
-                .await
-                .map_err(|e| apply_err(e.to_string()))?;
-            return Ok("table");
-        };
-        if let Some(base) = base {
-            if base.digest == want.digest {
-                return Ok("none");
-            }
-            if let Some(delta) = want.element_delta(base) {
-                if delta.is_empty() {
-                    // Only tc rates changed.
-                    return Ok("none");
-                }
-                match self.nft.apply(&delta).await {
-                    Ok(()) => return Ok("elements"),
-                    // The table is not what we believed: replace it whole.
-                    Err(e) => {
-                        tracing::warn!(error = %e, "incremental nft change refused; replacing the table")
-                    }
-                }
-            }
-        }
-        self.nft
-            .apply(&want.full_script())
-            .await
-            .map_err(|e| apply_err(e.to_string()))?;
-        Ok("table")
-    }
-
     /// The background task: reconcile at start-up, then every `check_interval`, at
     /// DST changes, and soon after a failure.
-    pub async fn run(self: Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    pub async fn run(self: Arc<Self>, mut stop: Shutdown) {
         let mut retry = Duration::from_secs(1);
         loop {
             let wait = match self.reconcile("check").await {
@@ -901,7 +606,7 @@ impl Engine {
                     retry = Duration::from_secs(1);
                     let mut wait = self.config.check_interval;
                     if let Some(t) = self.status().next_refresh_unix {
-                        let until = (t - (self.clock)()).max(0) as u64 + 1;
+                        let until = (t - self.now()).max(0) as u64 + 1;
                         wait = wait.min(Duration::from_secs(until));
                     }
                     wait
@@ -917,104 +622,24 @@ impl Engine {
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = self.wake.notified() => {}
-                _ = crate::link::stopped(&mut stop) => return,
+                _ = shutdown::stopped(&mut stop) => return,
             }
         }
     }
-}
-
-/// Differences between a compiled table and a read-back, in words.
-pub fn table_drift(want: &Compiled, live: &ObservedTable) -> Vec<String> {
-    let mut out = Vec::new();
-    let comment = format!("netpilot {}", want.structure_digest);
-    match live.comment.as_deref() {
-        Some(c) if c == comment => {}
-        // Its rule is gone too; the rule counts below say what else is.
-        None => out.push("the digest rule is missing".into()),
-        Some(c) => {
-            out.push(format!("rule set {c:?} is live, {comment:?} is wanted"));
-            return out;
-        }
-    }
-    let rules = nft::rule_counts(&want.structure);
-    if rules != live.chains {
-        for (chain, n) in &rules {
-            let have = live.chains.get(chain).copied();
-            if have != Some(*n) {
-                out.push(format!(
-                    "chain {chain}: {} rules, expected {n}",
-                    have.map_or("no".into(), |h| h.to_string())
-                ));
-            }
-        }
-        for chain in live.chains.keys().filter(|c| !rules.contains_key(*c)) {
-            out.push(format!("unexpected chain {chain}"));
-        }
-    }
-    let mut sets = nft::inline_elements(&want.structure);
-    for (name, elems) in &want.elements {
-        sets.insert((*name).to_owned(), std::collections::BTreeSet::clone(elems));
-    }
-    for (name, elems) in &sets {
-        match live.elements.get(name) {
-            None => out.push(format!("set {name} is missing")),
-            Some(have) if have != elems => {
-                let missing = elems.difference(have).count();
-                let extra = have.difference(elems).count();
-                out.push(format!(
-                    "set {name}: {missing} element(s) missing, {extra} unexpected"
-                ));
-            }
-            Some(_) => {}
-        }
-    }
-    out
-}
-
-pub fn tc_drift(
-    dev: &str,
-    plan: &std::collections::BTreeMap<u16, u32>,
-    live: &ObservedShaper,
-) -> Vec<String> {
-    let mut out = Vec::new();
-    if plan.is_empty() {
-        if live.root_is_ours() {
-            out.push(format!(
-                "{dev}: NetPilot's qdisc is present but nothing is shaped"
-            ));
-        }
-        return out;
-    }
-    if !live.root_is_ours() {
-        out.push(format!(
-            "{dev}: NetPilot's HTB root qdisc is missing (root is {:?})",
-            live.root
-        ));
-        return out;
-    }
-    for (minor, kbps) in plan {
-        match live.classes.get(minor) {
-            None => out.push(format!("{dev}: class 1:{minor:x} is missing")),
-            Some(k) if k.abs_diff(*kbps) * 200 > *kbps => out.push(format!(
-                "{dev}: class 1:{minor:x} is {k} kbit/s, expected {kbps}"
-            )),
-            Some(_) => {}
-        }
-    }
-    for minor in live.classes.keys().filter(|m| !plan.contains_key(m)) {
-        out.push(format!("{dev}: unexpected class 1:{minor:x}"));
-    }
-    out
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::plan::Phase;
     use super::*;
     use crate::policy::model::{Bandwidth, Device, Group, Mac, Policy};
     use crate::system::dnsmasq::FakeResolver;
+    use crate::system::dnsmasq::Resolver as _;
     use crate::system::files::MemFiles;
     use crate::system::nft::FakeNft;
+    use crate::system::nft::Firewall as _;
     use crate::system::tc::FakeTc;
+    use crate::system::tc::Shaper as _;
 
     struct Rig {
         dir: std::path::PathBuf,
@@ -1048,9 +673,11 @@ mod tests {
         fn engine_with(&self, tz: &str, clock: Clock) -> Engine {
             Engine::new(
                 Store::open(&self.dir).unwrap(),
-                self.nft.clone(),
-                self.tc.clone(),
-                self.dns.clone(),
+                Enforcers {
+                    nft: self.nft.clone(),
+                    tc: self.tc.clone(),
+                    dns: self.dns.clone(),
+                },
                 Arc::new(MemFiles::default()),
                 EngineConfig {
                     lan_if: "br-lan".into(),
@@ -1154,7 +781,10 @@ mod tests {
         rig.nft.fail_next(2);
         // A new device and a changed rate: elements, then (refused) the whole table.
         let err = sync(&e, kids(&[1, 2], Some(700))).await.unwrap_err();
-        assert!(matches!(err, EngineError::Apply(_)), "{err}");
+        assert!(
+            matches!(&err, EngineError::Step(s) if s.phase == Phase::Firewall),
+            "{err}"
+        );
         assert_eq!(
             rig.tc.observe("br-lan").await.unwrap(),
             before_tc,
@@ -1224,7 +854,7 @@ mod tests {
         g.policy.dns.categories.insert("social".into());
         sync(&e, g).await.unwrap();
         assert_eq!((rig.dns.starts(&id), rig.dns.reloads(&id)), (1, 1));
-        let social = super::super::dnsfilter::category(
+        let social = crate::policy::categories::category(
             "social",
             "Social media",
             vec![crate::dns::domain::normalize("new.social.test").unwrap()],
@@ -1299,7 +929,10 @@ mod tests {
         // Slot 1 is the guests'; the group's is the next.
         rig.dns.fail_next("g2");
         let err = sync(&e, filtered(&[1], &["a.test"])).await.unwrap_err();
-        assert!(matches!(err, EngineError::Apply(_)), "{err}");
+        assert!(
+            matches!(&err, EngineError::Step(s) if s.phase == Phase::MakeResolver),
+            "{err}"
+        );
         assert!(err.to_string().contains("g2"), "{err}");
         assert_eq!(rig.nft.applies(), applies, "nft untouched");
         assert!(!e.desired().await.groups[&3].policy.dns.filters());

@@ -933,6 +933,60 @@ impl Device {
     }
 }
 
+impl fmt::Display for Desired {
+    /// One line per group and list: what the router is asked to enforce.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let rate = |k: Option<u32>| k.map_or("unlimited".to_owned(), |k| format!("{k} kbit/s"));
+        for (id, g) in &self.groups {
+            let slot = self.slots.get(id).copied().unwrap_or(0);
+            write!(
+                f,
+                "group {id} {:?} (slot {slot}): {} device(s), down {}, up {}, internet {}",
+                g.name,
+                g.devices.len(),
+                rate(g.policy.bandwidth.down_kbps),
+                rate(g.policy.bandwidth.up_kbps),
+                match g.policy.internet {
+                    Internet::Allow => "allowed",
+                    Internet::Block => "blocked",
+                }
+            )?;
+            for s in &g.policy.schedules {
+                let days: Vec<&str> = (0..7)
+                    .filter(|i| s.window.days.0 & (1 << i) != 0)
+                    .map(|i| DAY_NAMES[i])
+                    .collect();
+                write!(
+                    f,
+                    "; {} {}–{} {}",
+                    days.join(","),
+                    format_time(s.window.start_min),
+                    format_time(s.window.end_min),
+                    match s.action {
+                        Restriction::Block => "block".to_owned(),
+                        Restriction::Limit { down_kbps, up_kbps } =>
+                            format!("limit down {} up {}", rate(down_kbps), rate(up_kbps)),
+                    }
+                )?;
+            }
+            writeln!(f)?;
+        }
+        for (kind, targets) in &self.lists {
+            if targets.is_empty() {
+                continue;
+            }
+            let shown: Vec<String> = targets.iter().take(8).map(|t| t.to_string()).collect();
+            let more = targets.len().saturating_sub(8);
+            write!(f, "{}: {}", kind.as_str(), shown.join(", "))?;
+            if more > 0 {
+                write!(f, " and {more} more")?;
+            }
+            writeln!(f)?;
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -69,7 +69,7 @@ pub fn normalize(d: &mut Desired) -> Result<(), Invalid> {
         }
     }
     d.lists.retain(|_, v| !v.is_empty());
-    for (name, c) in super::dnsfilter::builtin_categories() {
+    for (name, c) in super::categories::builtin_categories() {
         d.categories.entry(name).or_insert(c);
     }
     for g in d.groups.values() {
@@ -262,7 +262,7 @@ pub fn remove_category(d: &mut Desired, name: &str) -> Result<(), OpError> {
     };
     let current = d.categories.get(name).ok_or_else(unknown)?;
     if current.builtin {
-        if let Some(shipped) = super::dnsfilter::builtin_categories().remove(name) {
+        if let Some(shipped) = super::categories::builtin_categories().remove(name) {
             d.categories.insert(name.to_owned(), shipped);
         }
         return Ok(());
@@ -341,12 +341,12 @@ mod tests {
         let shipped = d.categories["social"].clone();
         set_category(
             &mut d,
-            super::super::dnsfilter::category("social", "mine", list(&["a.example"]), Some(1)),
+            super::super::categories::category("social", "mine", list(&["a.example"]), Some(1)),
         )
         .unwrap();
         set_category(
             &mut d,
-            super::super::dnsfilter::category("school", "", list(&["b.example"]), Some(1)),
+            super::super::categories::category("school", "", list(&["b.example"]), Some(1)),
         )
         .unwrap();
         let mut g = group(3, &[1]);

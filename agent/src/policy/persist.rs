@@ -181,7 +181,7 @@ fn load(conn: &mut Connection) -> rusqlite::Result<(Desired, Option<Applied>)> {
             if parsed.error_count > 0 {
                 tracing::error!(category = %name, errors = parsed.error_count, "stored DNS category has invalid lines; they are skipped");
             }
-            let c = super::dnsfilter::category(
+            let c = super::categories::category(
                 &name,
                 &r.get::<_, String>(1)?,
                 parsed.domains,

@@ -222,7 +222,7 @@ pub fn local_active(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::tz::days_from_civil;
+    use crate::runtime::clock::days_from_civil;
 
     const LIMIT: Restriction = Restriction::Limit {
         down_kbps: Some(1000),

@@ -5,6 +5,7 @@
 
 use std::fmt;
 
+use crate::runtime::clock::days_from_civil;
 use crate::system::files::Files;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -303,17 +304,6 @@ fn rule_local(year: i64, rule: Rule) -> i64 {
 
 fn is_leap(y: i64) -> bool {
     y % 4 == 0 && (y % 100 != 0 || y % 400 == 0)
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
-pub fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
 }
 
 fn year_of(unix: i64) -> i64 {

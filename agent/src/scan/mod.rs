@@ -14,8 +14,8 @@ use std::time::Duration;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::policy::engine::Clock;
 use crate::policy::model::{Desired, GroupId, Mac, Target};
+use crate::runtime::clock::Clock;
 use crate::system::files::Files;
 use crate::system::process;
 use crate::system::ubus::Ubus;

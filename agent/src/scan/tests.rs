@@ -40,7 +40,7 @@ fn scanner(files: MemFiles, ubus: FakeUbus) -> Scanner {
         Arc::new(ubus),
         NeighbourSource::ProcArp,
         Some("wan".into()),
-        crate::policy::engine::system_clock(),
+        crate::runtime::clock::system_clock(),
     )
 }
 
@@ -234,7 +234,7 @@ async fn the_real_ip_neighbour_table_parses() {
             program: "ip".into(),
         },
         None,
-        crate::policy::engine::system_clock(),
+        crate::runtime::clock::system_clock(),
     );
     let (_, state) = s.neighbours().await;
     assert_eq!(state, SourceState::Ok);
@@ -246,7 +246,7 @@ async fn the_real_ip_neighbour_table_parses() {
             program: "netpilot-no-such-ip".into(),
         },
         None,
-        crate::policy::engine::system_clock(),
+        crate::runtime::clock::system_clock(),
     );
     assert_eq!(s.neighbours().await.1, SourceState::Missing);
 }

@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::policy::engine::Clock;
 use crate::policy::model::Mac;
+use crate::runtime::clock::Clock;
 use crate::store::{Store, StoreError};
 use crate::system::files::Files;
 use crate::system::nlbw::{self, Control, Nlbw, NlbwError, Query};
@@ -277,7 +277,7 @@ impl Usage {
     fn first_day(&self, days: u32) -> String {
         let now = self.now();
         let local = now + (self.offset)(now) as i64;
-        history::civil(local.div_euclid(86_400) - (days as i64 - 1))
+        crate::runtime::clock::ymd(local.div_euclid(86_400) - (days as i64 - 1))
     }
 
     /// Reads nlbwmon (or returns the reading younger than the TTL) and folds it into
@@ -689,7 +689,7 @@ impl Usage {
                         tracing::warn!(error = %e, "usage history not written");
                     }
                 }
-                _ = crate::link::stopped(&mut stop) => {
+                _ = crate::runtime::shutdown::stopped(&mut stop) => {
                     if let Err(e) = self.flush() {
                         tracing::warn!(error = %e, "usage history not written at shutdown");
                     }

@@ -18,9 +18,9 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::policy::engine::Clock;
 use crate::policy::model::Invalid;
 use crate::report::Reporter;
+use crate::runtime::clock::Clock;
 use crate::store::Store;
 use crate::system::ubus::Ubus;
 use crate::system::uci::Uci;

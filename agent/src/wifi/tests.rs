@@ -536,7 +536,7 @@ async fn safe_apply_over_the_real_uci_commits_quotes_and_restores_the_file() {
             settle: Duration::ZERO,
             retry: Duration::from_millis(200),
         },
-        crate::policy::engine::system_clock(),
+        crate::runtime::clock::system_clock(),
     ));
     let (stop, rx) = watch::channel(false);
     let task = tokio::spawn(svc.clone().run(rx));

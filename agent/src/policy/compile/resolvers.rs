@@ -1,16 +1,16 @@
-//! DNS filtering inside the policy engine: the category lists (shipped ones and
-//! those replaced through the API) and the pure plan of which filtered group gets
-//! which resolver instance, on which port, with which servers file. The nftables
-//! side (redirects, DoT/DoH/QUIC refusals) is in `compile`; running the resolvers is
+//! The DNS half of the compiler: which filtered group gets which resolver
+//! instance, on which port, with which servers file. The nftables side (the port-53
+//! redirect, DoT/DoH/QUIC refusals) is in [`super::table`]; running the resolvers is
 //! `system::dnsmasq`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::model::{Category, Desired, GroupId};
 use crate::dns::categories::{self, DohList};
 use crate::dns::domain::{self, Domain};
-use crate::dns::filter;
+use crate::dns::servers_file;
+use crate::policy::categories::digest_domains;
+use crate::policy::model::{Category, Desired, GroupId};
 use crate::system::dnsmasq::InstanceSpec;
 
 /// How filtered groups' resolvers are run; from the agent's configuration.
@@ -53,56 +53,6 @@ pub fn validate_upstream(u: &str) -> Result<(), UpstreamError> {
 #[derive(Debug, thiserror::Error)]
 #[error("DNS upstream {0:?} is not an IP address with an optional #port")]
 pub struct UpstreamError(String);
-
-pub fn digest_domains(domains: &[Domain]) -> String {
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    for d in domains {
-        ctx.update(d.as_str().as_bytes());
-        ctx.update(b"\n");
-    }
-    ctx.finish().as_ref()[..8]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
-/// A category named `name`; it is `builtin` when the agent ships one of that name.
-pub fn category(
-    name: &str,
-    description: &str,
-    domains: Vec<Domain>,
-    updated_unix: Option<i64>,
-) -> Category {
-    Category {
-        name: name.to_owned(),
-        description: description.to_owned(),
-        digest: digest_domains(&domains),
-        domains: Arc::new(domains),
-        builtin: categories::builtin(name).is_some(),
-        updated_unix,
-    }
-}
-
-/// The lists the agent ships, parsed once.
-pub fn builtin_categories() -> BTreeMap<String, Arc<Category>> {
-    static PARSED: std::sync::OnceLock<BTreeMap<String, Arc<Category>>> =
-        std::sync::OnceLock::new();
-    PARSED.get_or_init(parse_builtin).clone()
-}
-
-fn parse_builtin() -> BTreeMap<String, Arc<Category>> {
-    categories::BUILTIN
-        .iter()
-        .map(|b| {
-            let parsed = crate::dns::list::parse_text(b.text);
-            debug_assert_eq!(parsed.error_count, 0, "shipped list {} parses", b.name);
-            (
-                b.name.to_owned(),
-                Arc::new(category(b.name, b.description, parsed.domains, None)),
-            )
-        })
-        .collect()
-}
 
 /// One filtered group's resolver.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -179,7 +129,7 @@ pub fn plan(
                 blocks.push(&dns.block);
                 blocks.push(&cfg.doh.names);
                 blocks.push(std::slice::from_ref(&use_app));
-                let f = filter::compile(&blocks, &dns.allow);
+                let f = servers_file::compile(&blocks, &dns.allow);
                 (Arc::new(f.text), f.blocked, f.allowed)
             }
         };
