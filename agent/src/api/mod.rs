@@ -5,6 +5,7 @@
 pub mod dns;
 mod health;
 pub mod policy;
+mod scan;
 pub mod usage;
 pub mod wifi;
 
@@ -25,7 +26,6 @@ use serde::Serialize;
 use tracing::Instrument;
 
 use crate::app::App;
-use crate::system::sysinfo;
 
 pub type Body = Full<Bytes>;
 
@@ -235,26 +235,8 @@ async fn dispatch(app: &Arc<App>, req: Request<Incoming>) -> Result<Reply, Agent
     };
     match route.route.pattern {
         "/api/agent/health" => Reply::ok(health::health(app)),
-        "/api/scan/router" => {
-            let files = app.files.clone();
-            let info = tokio::task::spawn_blocking(move || sysinfo::collect(files.as_ref()))
-                .await
-                .map_err(|e| AgentError::Internal(e.to_string()))?;
-            Reply::ok(info)
-        }
-        "/api/scan" => {
-            let scanner = app
-                .scanner
-                .clone()
-                .ok_or(AgentError::NotImplemented("/api/scan"))?;
-            let gathered = scanner.gather().await;
-            let now = scanner.now();
-            let out = match &app.policy {
-                Some(engine) => engine.read(|d| scanner.finish(gathered, d, now)).await,
-                None => scanner.finish(gathered, &crate::policy::ops::initial(), now),
-            };
-            Reply::ok(out)
-        }
+        "/api/scan/router" => scan::router(app).await,
+        "/api/scan" => scan::devices(app).await,
         "/api/speedtest" => {
             let tester = app
                 .speedtest

@@ -373,7 +373,7 @@ async fn list_change(
         )
         .await?;
     let d = engine.desired().await;
-    let still = blocked_reasons(&d, &target);
+    let still = d.blocked_reasons(&target);
     let message = match (kind, add, changed) {
         (ListKind::Block, true, true) => format!("{target} blocked"),
         (ListKind::Block, true, false) => format!("{target} was already blocked"),
@@ -391,36 +391,6 @@ async fn list_change(
         blocked_by: still,
         apply: report,
     })
-}
-
-/// The reason given when a non-empty whitelist does not name a target.
-pub(crate) const NOT_WHITELISTED: &str = "not on the whitelist";
-
-/// Why a target is kept from the internet (block list, blacklist, its group, or a
-/// whitelist that does not name it); empty when it is not.
-pub(crate) fn blocked_reasons(d: &Desired, t: &Target) -> Vec<String> {
-    let mut why = Vec::new();
-    let on = |k: ListKind| d.lists.get(&k).is_some_and(|l| l.contains(t));
-    if on(ListKind::Block) {
-        why.push("block".to_owned());
-    }
-    if on(ListKind::Black) {
-        why.push("blacklist".to_owned());
-    }
-    let whitelist = d.lists.get(&ListKind::White).filter(|l| !l.is_empty());
-    if let Some(w) = whitelist {
-        if !w.contains(t) {
-            why.push(NOT_WHITELISTED.to_owned());
-        }
-    }
-    if let Target::Mac(m) = t {
-        for g in d.groups.values() {
-            if g.policy.internet == Internet::Block && g.devices.iter().any(|x| x.mac == *m) {
-                why.push(format!("group {}", g.id));
-            }
-        }
-    }
-    why
 }
 
 fn blocked_view(d: &Desired) -> BlockedList {

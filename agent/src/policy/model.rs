@@ -933,6 +933,38 @@ impl Device {
     }
 }
 
+/// The reason given when a non-empty whitelist does not name a target.
+pub const NOT_WHITELISTED: &str = "not on the whitelist";
+
+impl Desired {
+    /// Why a target is kept from the internet (block list, blacklist, its group, or a
+    /// whitelist that does not name it); empty when it is not.
+    pub fn blocked_reasons(&self, t: &Target) -> Vec<String> {
+        let mut why = Vec::new();
+        let on = |k: ListKind| self.lists.get(&k).is_some_and(|l| l.contains(t));
+        if on(ListKind::Block) {
+            why.push("block".to_owned());
+        }
+        if on(ListKind::Black) {
+            why.push("blacklist".to_owned());
+        }
+        let whitelist = self.lists.get(&ListKind::White).filter(|l| !l.is_empty());
+        if let Some(w) = whitelist {
+            if !w.contains(t) {
+                why.push(NOT_WHITELISTED.to_owned());
+            }
+        }
+        if let Target::Mac(m) = t {
+            for g in self.groups.values() {
+                if g.policy.internet == Internet::Block && g.devices.iter().any(|x| x.mac == *m) {
+                    why.push(format!("group {}", g.id));
+                }
+            }
+        }
+        why
+    }
+}
+
 impl fmt::Display for Desired {
     /// One line per group and list: what the router is asked to enforce.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -207,9 +207,9 @@ pub fn policy_facts(d: &Desired, mac: &Mac, ips: &[IpAddr]) -> PolicyFacts {
         id: group.map_or(0, |g| g.id),
         name: group.map_or_else(|| "Guests".to_owned(), |g| g.name.clone()),
     };
-    let mut blocked_by = crate::api::policy::blocked_reasons(d, &Target::Mac(*mac));
+    let mut blocked_by = d.blocked_reasons(&Target::Mac(*mac));
     for ip in ips {
-        for why in crate::api::policy::blocked_reasons(d, &Target::Ip(*ip)) {
+        for why in d.blocked_reasons(&Target::Ip(*ip)) {
             // The whitelist reason and group reasons repeat per address: keep one.
             if !blocked_by.contains(&why) {
                 blocked_by.push(why);
@@ -223,7 +223,7 @@ pub fn policy_facts(d: &Desired, mac: &Mac, ips: &[IpAddr]) -> PolicyFacts {
             .is_some_and(|l| l.contains(&t))
     };
     if listed(Target::Mac(*mac)) || ips.iter().any(|ip| listed(Target::Ip(*ip))) {
-        blocked_by.retain(|w| w != crate::api::policy::NOT_WHITELISTED);
+        blocked_by.retain(|w| w != crate::policy::model::NOT_WHITELISTED);
     }
     PolicyFacts { group, blocked_by }
 }

@@ -220,7 +220,7 @@ fn whitelisting_by_mac_clears_the_whitelist_reason_for_its_addresses() {
     let ip: IpAddr = "192.168.1.101".parse().unwrap();
     assert!(policy_facts(&d, &m, &[ip]).blocked_by.is_empty());
     let other = policy_facts(&d, &mac("02:00:00:00:01:02"), &[]);
-    assert_eq!(other.blocked_by, [crate::api::policy::NOT_WHITELISTED]);
+    assert_eq!(other.blocked_by, [crate::policy::model::NOT_WHITELISTED]);
 }
 
 #[tokio::test]

@@ -1,0 +1,31 @@
+//! `GET /api/scan` (the devices on the network, with what the policy says of each)
+//! and `GET /api/scan/router` (the router itself).
+
+use std::sync::Arc;
+
+use super::{AgentError, Reply};
+use crate::app::App;
+use crate::system::sysinfo;
+
+pub async fn devices(app: &Arc<App>) -> Result<Reply, AgentError> {
+    let scanner = app
+        .scanner
+        .clone()
+        .ok_or(AgentError::NotImplemented("/api/scan"))?;
+    let gathered = scanner.gather().await;
+    let now = scanner.now();
+    let out = match &app.policy {
+        Some(engine) => engine.read(|d| scanner.finish(gathered, d, now)).await,
+        None => scanner.finish(gathered, &crate::policy::ops::initial(), now),
+    };
+    Reply::ok(out)
+}
+
+/// Reading `/proc` and friends blocks; it runs off the async threads.
+pub async fn router(app: &Arc<App>) -> Result<Reply, AgentError> {
+    let files = app.files.clone();
+    let info = tokio::task::spawn_blocking(move || sysinfo::collect(files.as_ref()))
+        .await
+        .map_err(|e| AgentError::Internal(e.to_string()))?;
+    Reply::ok(info)
+}
