@@ -39,7 +39,8 @@ pub async fn handle(
         let resp = match result {
             Ok(resp) => resp,
             Err(err) => {
-                let (status, code) = err.status_and_code();
+                let code = err.code();
+                let status = err.status();
                 state.metrics.record_error(code);
                 match &err {
                     ApiError::Internal(detail) => tracing::error!(%detail, "internal error"),
@@ -144,7 +145,7 @@ async fn dispatch(
     let result = forward::router_call(state, req, route, ctx).await;
     let status = match &result {
         Ok(r) => r.status(),
-        Err(e) => e.status_and_code().0,
+        Err(e) => e.status(),
     };
     state
         .metrics

@@ -77,10 +77,9 @@ pub fn ok<T: Serialize>(status: StatusCode, data: T, ctx: &Ctx) -> Response<Body
 }
 
 pub fn error(err: &ApiError, ctx: &Ctx) -> Response<Body> {
-    let (status, code) = err.status_and_code();
     let mut resp = json_response(
-        status,
-        &Envelope::err(code, err.to_string(), ctx.meta()),
+        err.status(),
+        &Envelope::err(err.code(), err.to_string(), ctx.meta()),
         ctx,
     );
     if let ApiError::MethodNotAllowed(allowed) = err {

@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use netpilot_proto::ErrorCode;
+
 /// Upper bounds of the forwarded-call latency histogram, in seconds.
 const BUCKETS: [f64; 12] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
@@ -16,7 +18,8 @@ const BUCKETS: [f64; 12] = [
 pub struct Metrics {
     /// Forwarded calls by route pattern and status.
     forwarded: Mutex<BTreeMap<(&'static str, u16), u64>>,
-    /// Error answers by code, whatever the endpoint.
+    /// Error answers by code, whatever the endpoint. Keyed by the wire string so the
+    /// scrape lists codes alphabetically, not in the enum's order.
     errors: Mutex<BTreeMap<&'static str, u64>>,
     latency_buckets: [AtomicU64; BUCKETS.len()],
     latency_count: AtomicU64,
@@ -61,12 +64,12 @@ impl Metrics {
             .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
     }
 
-    pub fn record_error(&self, code: &'static str) {
+    pub fn record_error(&self, code: ErrorCode) {
         *self
             .errors
             .lock()
             .expect("metrics lock")
-            .entry(code)
+            .entry(code.as_str())
             .or_default() += 1;
     }
 
