@@ -11,9 +11,8 @@ use serde::Serialize;
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::api::only;
 use crate::error::ApiError;
-use crate::http::{self, Args, Body, Ctx};
+use crate::http::{self, only, Args, Body, Ctx};
 use crate::report::StoredReport;
 use crate::state::AppState;
 use crate::store::RouterRow;

@@ -15,7 +15,7 @@ use netpilot_proto::routes::{match_route, RouteError};
 use tracing::{field, Instrument};
 
 use crate::error::ApiError;
-use crate::http::{self, Body, Ctx};
+use crate::http::{self, only, Body, Ctx};
 use crate::metrics::Gauges;
 use crate::state::AppState;
 use crate::{admin, enroll, forward, link, report, session_api, speedtest};
@@ -151,13 +151,4 @@ async fn dispatch(
         .metrics
         .record_forward(pattern, status.as_u16(), ctx.started.elapsed());
     result
-}
-
-pub fn only(req: &Request<Incoming>, methods: &[Method]) -> Result<(), ApiError> {
-    if methods.contains(req.method()) {
-        Ok(())
-    } else {
-        let allowed: Vec<&str> = methods.iter().map(|m| m.as_str()).collect();
-        Err(ApiError::MethodNotAllowed(allowed.join(", ")))
-    }
 }

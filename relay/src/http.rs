@@ -1,11 +1,15 @@
-//! HTTP plumbing shared by the handlers: the per-call context, envelope responses,
-//! body reading with a size cap and content-type check, query parsing and ids.
+//! HTTP plumbing shared by the handlers: the response body type, the per-call
+//! context, envelope responses, method checks, body reading with a size cap and
+//! content-type check, query parsing and ids.
+
+use std::convert::Infallible;
 
 use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
-use hyper::{Request, Response, StatusCode};
+use hyper::{Method, Request, Response, StatusCode};
 use netpilot_proto::{Envelope, Meta};
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -16,13 +20,24 @@ use uuid::Uuid;
 
 use crate::error::ApiError;
 
-/// Every relay response body: a whole buffer, or the speed test's generated stream.
-/// The one place that decides what a handler may answer with.
-pub type Body = Either<Full<Bytes>, crate::speedtest::Download>;
+/// Every relay response body: a whole buffer, or a stream made as it is sent (the
+/// speed test's download). The one place that decides what a handler may answer
+/// with. Buffers stay unboxed: every forwarded call answers with one, and boxing
+/// would cost an allocation per call; only a stream pays for its box.
+pub type Body = Either<Full<Bytes>, BoxBody<Bytes, Infallible>>;
 
 /// A response body from bytes held in memory.
 pub fn full(bytes: impl Into<Bytes>) -> Body {
     Either::Left(Full::new(bytes.into()))
+}
+
+/// A response body produced frame by frame; its size hint and end of stream pass
+/// through the box, so a stream without a length is still sent chunked.
+pub fn stream<B>(body: B) -> Body
+where
+    B: hyper::body::Body<Data = Bytes, Error = Infallible> + Send + Sync + 'static,
+{
+    Either::Right(BoxBody::new(body))
 }
 pub use hyper::http::response::Parts;
 
@@ -145,6 +160,16 @@ pub async fn read_json(
             "request body must be a JSON object".into(),
         )),
         Err(e) => Err(ApiError::InvalidParameter(format!("malformed JSON: {e}"))),
+    }
+}
+
+/// Refuses a request whose method is not one of `methods` (405, with `Allow`).
+pub fn only(req: &Request<Incoming>, methods: &[Method]) -> Result<(), ApiError> {
+    if methods.contains(req.method()) {
+        Ok(())
+    } else {
+        let allowed: Vec<&str> = methods.iter().map(|m| m.as_str()).collect();
+        Err(ApiError::MethodNotAllowed(allowed.join(", ")))
     }
 }
 

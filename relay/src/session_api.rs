@@ -7,10 +7,9 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::api::only;
 use crate::error::ApiError;
 use crate::forward;
-use crate::http::{self, Args, Body, Ctx};
+use crate::http::{self, only, Args, Body, Ctx};
 use crate::sessions::SessionError;
 use crate::state::AppState;
 

@@ -20,7 +20,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Either};
+use http_body_util::BodyExt;
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Request, Response, StatusCode};
@@ -231,7 +231,7 @@ pub fn download(
         .header(CONTENT_TYPE, "application/octet-stream")
         // Random bytes gain nothing from compression; ask intermediaries not to try.
         .header("cache-control", "no-store, no-transform")
-        .body(Either::Right(body))
+        .body(http::stream(body))
         .map_err(|e| ApiError::Internal(e.to_string()))
 }
 
