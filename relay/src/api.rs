@@ -18,7 +18,7 @@ use crate::error::ApiError;
 use crate::http::{self, only, Body, Ctx};
 use crate::metrics::Gauges;
 use crate::state::AppState;
-use crate::{admin, enroll, forward, link, report, session_api, speedtest};
+use crate::{admin, auth, enroll, forward, link, report, session_api, speedtest};
 
 pub async fn handle(
     state: Arc<AppState>,
@@ -117,11 +117,7 @@ async fn dispatch(
     if !path.starts_with("/api/") {
         return Err(ApiError::NotFound(path));
     }
-    let key_ok = http::bearer(&req)
-        .is_some_and(|k| http::ct_eq(k.as_bytes(), state.config.api_key.expose().as_bytes()));
-    if !key_ok {
-        return Err(ApiError::Unauthorized);
-    }
+    auth::check_api_key(&req, &state.config.api_key)?;
     if let Some(rest) = path.strip_prefix("/api/admin/routers") {
         return admin::dispatch(state, req, rest, ctx).await;
     }

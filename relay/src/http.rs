@@ -272,40 +272,6 @@ fn to_snake(camel: &str) -> String {
     out
 }
 
-/// Constant-time equality for secrets of equal length.
-pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-pub fn sha256(bytes: &[u8]) -> [u8; 32] {
-    let d = ring::digest::digest(&ring::digest::SHA256, bytes);
-    let mut out = [0u8; 32];
-    out.copy_from_slice(d.as_ref());
-    out
-}
-
-/// 32 random bytes as 64 hex characters: enrollment tokens and router secrets.
-pub fn random_hex32() -> Result<String, ApiError> {
-    use ring::rand::SecureRandom;
-    let mut b = [0u8; 32];
-    ring::rand::SystemRandom::new()
-        .fill(&mut b)
-        .map_err(|_| ApiError::Internal("system random number generator failed".into()))?;
-    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
-}
-
-pub fn bearer(req: &Request<Incoming>) -> Option<&str> {
-    req.headers()
-        .get(hyper::header::AUTHORIZATION)?
-        .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")
-        .map(str::trim)
-}
-
 pub fn rfc3339_ms(ms: i64) -> String {
     let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
     humantime::format_rfc3339_seconds(t).to_string()
@@ -350,12 +316,5 @@ mod tests {
         };
         assert!(args.label("name", 64).is_err());
         assert_eq!(args.label("userId", 64).unwrap(), "42");
-    }
-
-    #[test]
-    fn constant_time_compare() {
-        assert!(ct_eq(b"abc", b"abc"));
-        assert!(!ct_eq(b"abc", b"abd"));
-        assert!(!ct_eq(b"abc", b"ab"));
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod auth;
 pub mod config;
 pub mod enroll;
 pub mod error;

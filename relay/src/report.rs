@@ -13,6 +13,7 @@ use netpilot_proto::link::AgentEvent;
 use serde::Serialize;
 use uuid::Uuid;
 
+use crate::auth;
 use crate::error::ApiError;
 use crate::http::{self, Body, Ctx};
 use crate::state::AppState;
@@ -74,7 +75,7 @@ pub async fn report(
     req: Request<Incoming>,
     ctx: &Ctx,
 ) -> Result<Response<Body>, ApiError> {
-    let router_id = crate::link::authenticate_router(state, &req)?;
+    let router_id = auth::authenticate_router(&req, |id| state.router_meta(id))?;
     let (bytes, _) = http::read_json(req, MAX_REPORT_BYTES).await?;
     let event: AgentEvent = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::InvalidParameter(format!("not a report: {e}")))?;

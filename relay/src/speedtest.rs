@@ -28,6 +28,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 use uuid::Uuid;
 
+use crate::auth;
 use crate::error::ApiError;
 use crate::http::{self, Body, Ctx};
 use crate::state::AppState;
@@ -170,7 +171,7 @@ pub fn ping(
     req: &Request<Incoming>,
     ctx: &Ctx,
 ) -> Result<Response<Body>, ApiError> {
-    crate::link::authenticate_router(state, req)?;
+    auth::authenticate_router(req, |id| state.router_meta(id))?;
     Ok(http::ok(StatusCode::OK, Pong { pong: true }, ctx))
 }
 
@@ -213,7 +214,7 @@ pub fn download(
     state: &Arc<AppState>,
     req: &Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    let router_id = crate::link::authenticate_router(state, req)?;
+    let router_id = auth::authenticate_router(req, |id| state.router_meta(id))?;
     let limits = &state.config.speedtest;
     let (bytes, duration) =
         download_args(req.uri().query(), limits.max_bytes, limits.max_duration)?;
@@ -240,7 +241,7 @@ pub async fn upload(
     req: Request<Incoming>,
     ctx: &Ctx,
 ) -> Result<Response<Body>, ApiError> {
-    let router_id = crate::link::authenticate_router(state, &req)?;
+    let router_id = auth::authenticate_router(&req, |id| state.router_meta(id))?;
     let limits = &state.config.speedtest;
     let declared = req
         .headers()

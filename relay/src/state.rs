@@ -9,6 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::time::Instant;
 use uuid::Uuid;
 
+use crate::auth::RouterMeta;
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::links::Links;
@@ -38,14 +39,6 @@ impl Clock for SystemClock {
     fn instant(&self) -> Instant {
         Instant::now()
     }
-}
-
-/// What every forwarded call needs about a router, kept in memory.
-#[derive(Debug, Clone)]
-pub struct RouterMeta {
-    pub owner_user_id: String,
-    pub secret_hash: Option<[u8; 32]>,
-    pub revoked: bool,
 }
 
 impl From<&RouterRow> for RouterMeta {
