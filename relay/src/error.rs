@@ -1,5 +1,7 @@
 //! Every way a relay call can fail, and the one place that maps a failure to its
-//! envelope error code (which carries the HTTP status).
+//! envelope error code (which carries the HTTP status). The registry's and the
+//! sessions' own errors turn into these beside their definitions, so this module
+//! depends on nothing else in the crate and every module can use it.
 
 use hyper::StatusCode;
 use netpilot_proto::ErrorCode;
@@ -101,19 +103,5 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         // Every code's status is a valid one; a test in proto keeps them in 400..600.
         StatusCode::from_u16(self.code().status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
-    }
-}
-
-impl From<crate::store::StoreError> for ApiError {
-    fn from(e: crate::store::StoreError) -> Self {
-        use crate::store::StoreError as S;
-        match e {
-            S::TokenInvalid => ApiError::TokenInvalid,
-            S::TokenUsed => ApiError::TokenUsed,
-            S::TokenExpired => ApiError::TokenExpired,
-            S::Revoked => ApiError::RouterRevoked,
-            S::NotFound => ApiError::RouterNotFound(String::new()),
-            S::Sqlite(e) => ApiError::Internal(e.to_string()),
-        }
     }
 }
