@@ -14,7 +14,7 @@ use uuid::Uuid;
 use crate::auth;
 use crate::error::ApiError;
 use crate::http::{self, only, Args, Body, Ctx};
-use crate::report::StoredReport;
+use crate::recent_reports::StoredReport;
 use crate::state::AppState;
 use crate::store::RouterRow;
 

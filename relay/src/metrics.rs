@@ -1,5 +1,6 @@
-//! Prometheus counters and the latency histogram, rendered as text on `/metrics`.
-//! Hand-written: a few counters and one histogram do not need a metrics framework.
+//! Prometheus counters and the latency histogram, rendered as text on `/metrics`,
+//! and the label values made safe from agent-chosen text. Hand-written: a few
+//! counters and one histogram do not need a metrics framework.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -74,10 +75,7 @@ impl Metrics {
     }
 
     pub fn record_report(&self, kind: &str, state: &str) {
-        let key = (
-            crate::report::label(kind).to_owned(),
-            crate::report::label(state).to_owned(),
-        );
+        let key = (label(kind).to_owned(), label(state).to_owned());
         let mut map = self.reports.lock().expect("metrics lock");
         let key = if map.contains_key(&key) || map.len() < MAX_REPORT_SERIES {
             key
@@ -192,6 +190,22 @@ impl Metrics {
     }
 }
 
+/// A metric label value from agent-chosen text: lower-case letters, digits and `_`,
+/// at most 32 of them; anything else counts as `other`, so an agent cannot inject
+/// label syntax or blow up the number of series with long or odd values.
+fn label(value: &str) -> &str {
+    let ok = !value.is_empty()
+        && value.len() <= 32
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if ok {
+        value
+    } else {
+        "other"
+    }
+}
+
 fn counter(out: &mut String, name: &str, help: &str, v: &AtomicU64) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} counter");
@@ -201,6 +215,16 @@ fn counter(out: &mut String, name: &str, help: &str, v: &AtomicU64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn labels_are_a_safe_charset_or_other() {
+        assert_eq!(label("wifi_change"), "wifi_change");
+        assert_eq!(label("rolled_back"), "rolled_back");
+        assert_eq!(label("Wifi"), "other");
+        assert_eq!(label("a\"} 1\nx{"), "other");
+        assert_eq!(label(&"a".repeat(33)), "other");
+        assert_eq!(label(""), "other");
+    }
 
     #[test]
     fn histogram_is_cumulative() {

@@ -15,8 +15,9 @@ use crate::error::ApiError;
 use crate::links::Links;
 use crate::metrics::Metrics;
 use crate::ratelimit::RateLimiter;
-use crate::report::Reports;
+use crate::recent_reports::Reports;
 use crate::sessions::Sessions;
+use crate::speedtest_slots::Slots;
 use crate::store::{RouterRow, Store};
 
 /// Time as the relay sees it. Injected so tests can drive it.
@@ -62,7 +63,7 @@ pub struct AppState {
     /// The latest agent reports per router (`POST /agent/v1/report`).
     pub reports: Reports,
     /// Speed-test transfers in progress (one per router, a global cap).
-    pub speedtests: crate::speedtest::Slots,
+    pub speedtests: Slots,
     pub fingerprint: String,
     pub clock: Arc<dyn Clock>,
 }
