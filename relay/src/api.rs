@@ -18,7 +18,7 @@ use crate::error::ApiError;
 use crate::http::{self, only, Body, Ctx};
 use crate::metrics::Gauges;
 use crate::state::AppState;
-use crate::{admin, auth, enroll, forward, link, report, session_api, speedtest};
+use crate::{admin, agent_link, auth, enroll, forward, report, session_api, speedtest};
 
 pub async fn handle(
     state: Arc<AppState>,
@@ -91,7 +91,7 @@ async fn dispatch(
                 state.metrics.render(&gauges),
             ));
         }
-        CONNECT_PATH => return link::connect(state, req, peer),
+        CONNECT_PATH => return agent_link::connect(state, req, peer),
         ENROLL_PATH => {
             only(&req, &[Method::POST])?;
             return enroll::enroll(state, req, peer, ctx).await;

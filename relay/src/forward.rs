@@ -16,7 +16,7 @@ use uuid::Uuid;
 
 use crate::error::ApiError;
 use crate::http::{self, Args, Body, Ctx};
-use crate::links::LinkSender;
+use crate::link_registry::LinkSender;
 use crate::state::AppState;
 
 /// The most a router's answer may hold (CSV exports are the largest).

@@ -2,6 +2,7 @@
 //! routes each REST call to the router's agent over its reverse HTTP/2 link.
 
 pub mod admin;
+pub mod agent_link;
 pub mod api;
 pub mod auth;
 pub mod config;
@@ -9,8 +10,7 @@ pub mod enroll;
 pub mod error;
 pub mod forward;
 pub mod http;
-pub mod link;
-pub mod links;
+pub mod link_registry;
 pub mod metrics;
 pub mod ratelimit;
 pub mod recent_reports;

@@ -12,7 +12,7 @@ use uuid::Uuid;
 use crate::auth::RouterMeta;
 use crate::config::Config;
 use crate::error::ApiError;
-use crate::links::Links;
+use crate::link_registry::Links;
 use crate::metrics::Metrics;
 use crate::ratelimit::RateLimiter;
 use crate::recent_reports::Reports;

@@ -42,7 +42,7 @@ const DOC: &str = include_str!("../../docs/openapi.json");
 const PARAM_NAMES: &[(&str, &str)] = &[("id", "groupId"), ("mac", "mac"), ("name", "category")];
 
 /// What the relay serves itself (`relay/src/api.rs`, `admin.rs`, `session_api.rs`,
-/// `enroll.rs`, `link.rs`), as the document names it.
+/// `enroll.rs`, `agent_link.rs`), as the document names it.
 const RELAY_ONLY: &[(&str, &str)] = &[
     ("GET", "/health"),
     ("GET", "/metrics"),

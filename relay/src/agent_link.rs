@@ -1,6 +1,7 @@
 //! The agent side of the shared port: authenticate `GET /agent/v1/connect`, answer
 //! `101`, and run the link — the relay becomes the HTTP/2 client on the upgraded
-//! stream — until it dies, is replaced by a newer link, or is revoked.
+//! stream — until it dies, is replaced by a newer link, or is revoked. The running
+//! link is entered in the link registry, where calls find it.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
