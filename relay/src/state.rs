@@ -1,6 +1,7 @@
 //! The relay's shared state, built once in `run` and handed to every handler: config,
 //! registry (SQLite plus an in-memory cache of what the hot path needs), sessions,
-//! links, metrics and the injected clock.
+//! the link registry, metrics, recent reports, speed-test slots and the injected
+//! clock.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -42,6 +43,7 @@ impl Clock for SystemClock {
     }
 }
 
+// Here, where the registry and its cache meet: auth, below both, knows no rows.
 impl From<&RouterRow> for RouterMeta {
     fn from(r: &RouterRow) -> Self {
         RouterMeta {
