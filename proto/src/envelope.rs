@@ -1,6 +1,8 @@
-//! The one response envelope every API answer uses (DESIGN §4) and the error codes.
+//! The one response envelope every API answer uses (DESIGN §4).
 
 use serde::{Deserialize, Serialize};
+
+use crate::ErrorCode;
 
 /// `{"success": …, "data" | "error": …, "meta": {"duration_ms": …}}`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -15,6 +17,9 @@ pub struct Envelope<T> {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
+    /// An [`ErrorCode`]'s wire string. Kept as text: an answer from an older or newer
+    /// peer may carry a code this build does not know and must still decode;
+    /// [`ErrorCode::parse`] reads it.
     pub code: String,
     pub message: String,
 }
@@ -39,50 +44,17 @@ impl<T> Envelope<T> {
 }
 
 impl Envelope<()> {
-    pub fn err(code: &str, message: impl Into<String>, meta: Meta) -> Self {
+    pub fn err(code: ErrorCode, message: impl Into<String>, meta: Meta) -> Self {
         Envelope {
             success: false,
             data: None,
             error: Some(ErrorBody {
-                code: code.to_owned(),
+                code: code.as_str().to_owned(),
                 message: message.into(),
             }),
             meta,
         }
     }
-}
-
-/// Error codes carried in `error.code`. The HTTP status for each is decided in one
-/// place on each side (the relay's and the agent's error modules).
-pub mod code {
-    pub const INVALID_PARAMETER: &str = "INVALID_PARAMETER";
-    pub const UNAUTHORIZED: &str = "UNAUTHORIZED";
-    pub const SESSION_INVALID: &str = "SESSION_INVALID";
-    pub const FORBIDDEN: &str = "FORBIDDEN";
-    pub const ROUTER_NOT_FOUND: &str = "ROUTER_NOT_FOUND";
-    pub const COMMAND_TIMEOUT: &str = "COMMAND_TIMEOUT";
-    pub const ROUTER_OFFLINE: &str = "ROUTER_OFFLINE";
-    pub const NOT_IMPLEMENTED: &str = "NOT_IMPLEMENTED";
-    pub const NOT_FOUND: &str = "NOT_FOUND";
-    pub const METHOD_NOT_ALLOWED: &str = "METHOD_NOT_ALLOWED";
-    pub const PAYLOAD_TOO_LARGE: &str = "PAYLOAD_TOO_LARGE";
-    pub const UNSUPPORTED_MEDIA_TYPE: &str = "UNSUPPORTED_MEDIA_TYPE";
-    pub const RATE_LIMITED: &str = "RATE_LIMITED";
-    pub const TOKEN_INVALID: &str = "TOKEN_INVALID";
-    pub const TOKEN_EXPIRED: &str = "TOKEN_EXPIRED";
-    pub const TOKEN_USED: &str = "TOKEN_USED";
-    pub const ROUTER_REVOKED: &str = "ROUTER_REVOKED";
-    pub const BAD_GATEWAY: &str = "BAD_GATEWAY";
-    pub const SERVICE_UNAVAILABLE: &str = "SERVICE_UNAVAILABLE";
-    pub const INTERNAL: &str = "INTERNAL";
-    /// A speed test is already running for this router (agent and relay).
-    pub const SPEEDTEST_RUNNING: &str = "SPEEDTEST_RUNNING";
-    /// The relay serves its maximum of speed-test transfers; try again later.
-    pub const SPEEDTEST_BUSY: &str = "SPEEDTEST_BUSY";
-    /// A speed-test transfer went past the relay's time limit.
-    pub const SPEEDTEST_TIMEOUT: &str = "SPEEDTEST_TIMEOUT";
-    /// The agent could not measure against the relay (unreachable, refused).
-    pub const SPEEDTEST_FAILED: &str = "SPEEDTEST_FAILED";
 }
 
 #[cfg(test)]
@@ -91,11 +63,20 @@ mod tests {
 
     #[test]
     fn error_envelope_has_no_data_field() {
-        let e = Envelope::err(code::FORBIDDEN, "nope", Meta::default());
+        let e = Envelope::err(ErrorCode::Forbidden, "nope", Meta::default());
         let v = serde_json::to_value(&e).unwrap();
         assert_eq!(v["success"], false);
         assert_eq!(v["error"]["code"], "FORBIDDEN");
         assert!(v.get("data").is_none());
         assert_eq!(v["meta"]["duration_ms"], 0);
+    }
+
+    #[test]
+    fn an_unknown_code_still_decodes() {
+        let body = r#"{"success":false,"error":{"code":"FROM_A_NEWER_PEER","message":"m"},"meta":{"duration_ms":1}}"#;
+        let e: Envelope<()> = serde_json::from_str(body).unwrap();
+        let err = e.error.unwrap();
+        assert_eq!(err.code, "FROM_A_NEWER_PEER");
+        assert_eq!(ErrorCode::parse(&err.code), None);
     }
 }

@@ -3,7 +3,9 @@
 //! paths. No I/O and no HTTP stack: both sides map these onto hyper themselves.
 
 pub mod envelope;
+pub mod error_code;
 pub mod link;
 pub mod routes;
 
 pub use envelope::{Envelope, ErrorBody, Meta};
+pub use error_code::ErrorCode;

@@ -11,10 +11,10 @@ use serde::Serialize;
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::api::only;
+use crate::auth;
 use crate::error::ApiError;
-use crate::http::{self, Args, Body, Ctx};
-use crate::report::StoredReport;
+use crate::http::{self, only, Args, Body, Ctx};
+use crate::recent_reports::StoredReport;
 use crate::state::AppState;
 use crate::store::RouterRow;
 
@@ -73,7 +73,7 @@ async fn create(
     let owner = args.label("ownerUserId", 128)?;
     let name = args.label("name", 64)?;
     let id = Uuid::new_v4();
-    let token = http::random_hex32()?;
+    let token = auth::random_hex32()?;
     let now = state.clock.now_ms();
     let expires_at = now + state.config.enrollment_token_ttl.as_millis() as i64;
     let row = state.with_store(|s| {
@@ -81,7 +81,7 @@ async fn create(
             id,
             &name,
             &owner,
-            &http::sha256(token.as_bytes()),
+            &auth::sha256(token.as_bytes()),
             expires_at,
             now,
         )
@@ -149,11 +149,11 @@ fn revoke(state: &Arc<AppState>, id: Uuid, ctx: &Ctx) -> Result<Response<Body>, 
 }
 
 fn new_token(state: &Arc<AppState>, id: Uuid, ctx: &Ctx) -> Result<Response<Body>, ApiError> {
-    let token = http::random_hex32()?;
+    let token = auth::random_hex32()?;
     let now = state.clock.now_ms();
     let expires_at = now + state.config.enrollment_token_ttl.as_millis() as i64;
     state
-        .with_store(|s| s.add_token(id, &http::sha256(token.as_bytes()), expires_at))
+        .with_store(|s| s.add_token(id, &auth::sha256(token.as_bytes()), expires_at))
         .map_err(|e| match e {
             ApiError::RouterNotFound(_) => ApiError::RouterNotFound(id.to_string()),
             other => other,

@@ -15,10 +15,10 @@ use netpilot_proto::routes::{match_route, RouteError};
 use tracing::{field, Instrument};
 
 use crate::error::ApiError;
-use crate::http::{self, Body, Ctx};
+use crate::http::{self, only, Body, Ctx};
 use crate::metrics::Gauges;
 use crate::state::AppState;
-use crate::{admin, enroll, forward, link, report, session_api, speedtest};
+use crate::{admin, agent_link, auth, enroll, forward, report, session_api, speedtest};
 
 pub async fn handle(
     state: Arc<AppState>,
@@ -39,7 +39,8 @@ pub async fn handle(
         let resp = match result {
             Ok(resp) => resp,
             Err(err) => {
-                let (status, code) = err.status_and_code();
+                let code = err.code();
+                let status = err.status();
                 state.metrics.record_error(code);
                 match &err {
                     ApiError::Internal(detail) => tracing::error!(%detail, "internal error"),
@@ -90,7 +91,7 @@ async fn dispatch(
                 state.metrics.render(&gauges),
             ));
         }
-        CONNECT_PATH => return link::connect(state, req, peer),
+        CONNECT_PATH => return agent_link::connect(state, req, peer),
         ENROLL_PATH => {
             only(&req, &[Method::POST])?;
             return enroll::enroll(state, req, peer, ctx).await;
@@ -116,11 +117,7 @@ async fn dispatch(
     if !path.starts_with("/api/") {
         return Err(ApiError::NotFound(path));
     }
-    let key_ok = http::bearer(&req)
-        .is_some_and(|k| http::ct_eq(k.as_bytes(), state.config.api_key.expose().as_bytes()));
-    if !key_ok {
-        return Err(ApiError::Unauthorized);
-    }
+    auth::check_api_key(&req, &state.config.api_key)?;
     if let Some(rest) = path.strip_prefix("/api/admin/routers") {
         return admin::dispatch(state, req, rest, ctx).await;
     }
@@ -144,19 +141,10 @@ async fn dispatch(
     let result = forward::router_call(state, req, route, ctx).await;
     let status = match &result {
         Ok(r) => r.status(),
-        Err(e) => e.status_and_code().0,
+        Err(e) => e.status(),
     };
     state
         .metrics
         .record_forward(pattern, status.as_u16(), ctx.started.elapsed());
     result
-}
-
-pub fn only(req: &Request<Incoming>, methods: &[Method]) -> Result<(), ApiError> {
-    if methods.contains(req.method()) {
-        Ok(())
-    } else {
-        let allowed: Vec<&str> = methods.iter().map(|m| m.as_str()).collect();
-        Err(ApiError::MethodNotAllowed(allowed.join(", ")))
-    }
 }

@@ -9,6 +9,7 @@ use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use netpilot_proto::link::EnrollResponse;
 
+use crate::auth;
 use crate::error::ApiError;
 use crate::http::{self, Args, Body, Ctx};
 use crate::state::AppState;
@@ -36,9 +37,9 @@ pub async fn enroll(
     if token.len() != 64 || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(ApiError::TokenInvalid);
     }
-    let secret = http::random_hex32()?;
-    let token_hash = http::sha256(token.to_ascii_lowercase().as_bytes());
-    let secret_hash = http::sha256(secret.as_bytes());
+    let secret = auth::random_hex32()?;
+    let token_hash = auth::sha256(token.to_ascii_lowercase().as_bytes());
+    let secret_hash = auth::sha256(secret.as_bytes());
     let now = state.clock.now_ms();
     let row = state.with_store(|s| s.redeem_token(&token_hash, &secret_hash, now))?;
     state.cache_router(&row);

@@ -1,8 +1,10 @@
-//! Every way a relay call can fail, and the one place that maps a failure to an HTTP
-//! status and an envelope error code.
+//! Every way a relay call can fail, and the one place that maps a failure to its
+//! envelope error code (which carries the HTTP status). The registry's and the
+//! sessions' own errors turn into these beside their definitions, so this module
+//! depends on nothing else in the crate and every module can use it.
 
 use hyper::StatusCode;
-use netpilot_proto::envelope::code;
+use netpilot_proto::ErrorCode;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -70,48 +72,36 @@ pub enum ApiError {
 }
 
 impl ApiError {
-    /// The only mapping from an error to HTTP status and code.
-    pub fn status_and_code(&self) -> (StatusCode, &'static str) {
+    /// The only mapping from an error to its code; the status follows from the code.
+    pub fn code(&self) -> ErrorCode {
         use ApiError::*;
         match self {
-            InvalidParameter(_) => (StatusCode::BAD_REQUEST, code::INVALID_PARAMETER),
-            Unauthorized => (StatusCode::UNAUTHORIZED, code::UNAUTHORIZED),
-            SessionInvalid(_) => (StatusCode::UNAUTHORIZED, code::SESSION_INVALID),
-            Forbidden(_) => (StatusCode::FORBIDDEN, code::FORBIDDEN),
-            RouterNotFound(_) => (StatusCode::NOT_FOUND, code::ROUTER_NOT_FOUND),
-            CommandTimeout(_) => (StatusCode::REQUEST_TIMEOUT, code::COMMAND_TIMEOUT),
-            RouterOffline(_) => (StatusCode::SERVICE_UNAVAILABLE, code::ROUTER_OFFLINE),
-            NotFound(_) => (StatusCode::NOT_FOUND, code::NOT_FOUND),
-            MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, code::METHOD_NOT_ALLOWED),
-            PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, code::PAYLOAD_TOO_LARGE),
-            UnsupportedMediaType => (
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                code::UNSUPPORTED_MEDIA_TYPE,
-            ),
-            RateLimited => (StatusCode::TOO_MANY_REQUESTS, code::RATE_LIMITED),
-            TokenInvalid => (StatusCode::UNAUTHORIZED, code::TOKEN_INVALID),
-            TokenUsed => (StatusCode::UNAUTHORIZED, code::TOKEN_USED),
-            TokenExpired => (StatusCode::UNAUTHORIZED, code::TOKEN_EXPIRED),
-            RouterRevoked => (StatusCode::FORBIDDEN, code::ROUTER_REVOKED),
-            BadGateway(_) => (StatusCode::BAD_GATEWAY, code::BAD_GATEWAY),
-            SpeedtestRunning => (StatusCode::CONFLICT, code::SPEEDTEST_RUNNING),
-            SpeedtestBusy(_) => (StatusCode::TOO_MANY_REQUESTS, code::SPEEDTEST_BUSY),
-            SpeedtestTooLong(_) => (StatusCode::REQUEST_TIMEOUT, code::SPEEDTEST_TIMEOUT),
-            Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, code::INTERNAL),
+            InvalidParameter(_) => ErrorCode::InvalidParameter,
+            Unauthorized => ErrorCode::Unauthorized,
+            SessionInvalid(_) => ErrorCode::SessionInvalid,
+            Forbidden(_) => ErrorCode::Forbidden,
+            RouterNotFound(_) => ErrorCode::RouterNotFound,
+            CommandTimeout(_) => ErrorCode::CommandTimeout,
+            RouterOffline(_) => ErrorCode::RouterOffline,
+            NotFound(_) => ErrorCode::NotFound,
+            MethodNotAllowed(_) => ErrorCode::MethodNotAllowed,
+            PayloadTooLarge(_) => ErrorCode::PayloadTooLarge,
+            UnsupportedMediaType => ErrorCode::UnsupportedMediaType,
+            RateLimited => ErrorCode::RateLimited,
+            TokenInvalid => ErrorCode::TokenInvalid,
+            TokenUsed => ErrorCode::TokenUsed,
+            TokenExpired => ErrorCode::TokenExpired,
+            RouterRevoked => ErrorCode::RouterRevoked,
+            BadGateway(_) => ErrorCode::BadGateway,
+            SpeedtestRunning => ErrorCode::SpeedtestRunning,
+            SpeedtestBusy(_) => ErrorCode::SpeedtestBusy,
+            SpeedtestTooLong(_) => ErrorCode::SpeedtestTimeout,
+            Internal(_) => ErrorCode::Internal,
         }
     }
-}
 
-impl From<crate::store::StoreError> for ApiError {
-    fn from(e: crate::store::StoreError) -> Self {
-        use crate::store::StoreError as S;
-        match e {
-            S::TokenInvalid => ApiError::TokenInvalid,
-            S::TokenUsed => ApiError::TokenUsed,
-            S::TokenExpired => ApiError::TokenExpired,
-            S::Revoked => ApiError::RouterRevoked,
-            S::NotFound => ApiError::RouterNotFound(String::new()),
-            S::Sqlite(e) => ApiError::Internal(e.to_string()),
-        }
+    pub fn status(&self) -> StatusCode {
+        // Every code's status is a valid one; a test in proto keeps them in 400..600.
+        StatusCode::from_u16(self.code().status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
     }
 }

@@ -16,8 +16,7 @@ use uuid::Uuid;
 
 use crate::error::ApiError;
 use crate::http::{self, Args, Body, Ctx};
-use crate::links::LinkSender;
-use crate::session_api::session_err;
+use crate::link_registry::LinkSender;
 use crate::state::AppState;
 
 /// The most a router's answer may hold (CSV exports are the largest).
@@ -54,14 +53,14 @@ pub async fn router_call(
         .lock()
         .expect("sessions lock")
         .touch(session_id, now)
-        .map_err(|e| session_err(e, session_id))?;
+        .map_err(|e| e.into_api_error(session_id))?;
     check_owner(state, router_id, &user)?;
     state
         .sessions
         .lock()
         .expect("sessions lock")
         .attach(session_id, router_id, now)
-        .map_err(|e| session_err(e, session_id))?;
+        .map_err(|e| e.into_api_error(session_id))?;
 
     // The agent does not need the relay's ids; everything else passes as it came.
     let kept: Vec<&(String, String)> = query

@@ -1,11 +1,15 @@
-//! HTTP plumbing shared by the handlers: the per-call context, envelope responses,
-//! body reading with a size cap and content-type check, query parsing and ids.
+//! HTTP plumbing shared by the handlers: the response body type, the per-call
+//! context, envelope responses, method checks, body reading with a size cap and
+//! content-type check, query parsing and ids.
+
+use std::convert::Infallible;
 
 use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
-use hyper::{Request, Response, StatusCode};
+use hyper::{Method, Request, Response, StatusCode};
 use netpilot_proto::{Envelope, Meta};
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -16,13 +20,24 @@ use uuid::Uuid;
 
 use crate::error::ApiError;
 
-/// Every relay response body: a whole buffer, or the speed test's generated stream.
-/// The one place that decides what a handler may answer with.
-pub type Body = Either<Full<Bytes>, crate::speedtest::Download>;
+/// Every relay response body: a whole buffer, or a stream made as it is sent (the
+/// speed test's download). The one place that decides what a handler may answer
+/// with. Buffers stay unboxed: every forwarded call answers with one, and boxing
+/// would cost an allocation per call; only a stream pays for its box.
+pub type Body = Either<Full<Bytes>, BoxBody<Bytes, Infallible>>;
 
 /// A response body from bytes held in memory.
 pub fn full(bytes: impl Into<Bytes>) -> Body {
     Either::Left(Full::new(bytes.into()))
+}
+
+/// A response body produced frame by frame; its size hint and end of stream pass
+/// through the box, so a stream without a length is still sent chunked.
+pub fn stream<B>(body: B) -> Body
+where
+    B: hyper::body::Body<Data = Bytes, Error = Infallible> + Send + Sync + 'static,
+{
+    Either::Right(BoxBody::new(body))
 }
 pub use hyper::http::response::Parts;
 
@@ -77,10 +92,9 @@ pub fn ok<T: Serialize>(status: StatusCode, data: T, ctx: &Ctx) -> Response<Body
 }
 
 pub fn error(err: &ApiError, ctx: &Ctx) -> Response<Body> {
-    let (status, code) = err.status_and_code();
     let mut resp = json_response(
-        status,
-        &Envelope::err(code, err.to_string(), ctx.meta()),
+        err.status(),
+        &Envelope::err(err.code(), err.to_string(), ctx.meta()),
         ctx,
     );
     if let ApiError::MethodNotAllowed(allowed) = err {
@@ -146,6 +160,16 @@ pub async fn read_json(
             "request body must be a JSON object".into(),
         )),
         Err(e) => Err(ApiError::InvalidParameter(format!("malformed JSON: {e}"))),
+    }
+}
+
+/// Refuses a request whose method is not one of `methods` (405, with `Allow`).
+pub fn only(req: &Request<Incoming>, methods: &[Method]) -> Result<(), ApiError> {
+    if methods.contains(req.method()) {
+        Ok(())
+    } else {
+        let allowed: Vec<&str> = methods.iter().map(|m| m.as_str()).collect();
+        Err(ApiError::MethodNotAllowed(allowed.join(", ")))
     }
 }
 
@@ -248,40 +272,6 @@ fn to_snake(camel: &str) -> String {
     out
 }
 
-/// Constant-time equality for secrets of equal length.
-pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-pub fn sha256(bytes: &[u8]) -> [u8; 32] {
-    let d = ring::digest::digest(&ring::digest::SHA256, bytes);
-    let mut out = [0u8; 32];
-    out.copy_from_slice(d.as_ref());
-    out
-}
-
-/// 32 random bytes as 64 hex characters: enrollment tokens and router secrets.
-pub fn random_hex32() -> Result<String, ApiError> {
-    use ring::rand::SecureRandom;
-    let mut b = [0u8; 32];
-    ring::rand::SystemRandom::new()
-        .fill(&mut b)
-        .map_err(|_| ApiError::Internal("system random number generator failed".into()))?;
-    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
-}
-
-pub fn bearer(req: &Request<Incoming>) -> Option<&str> {
-    req.headers()
-        .get(hyper::header::AUTHORIZATION)?
-        .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")
-        .map(str::trim)
-}
-
 pub fn rfc3339_ms(ms: i64) -> String {
     let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
     humantime::format_rfc3339_seconds(t).to_string()
@@ -326,12 +316,5 @@ mod tests {
         };
         assert!(args.label("name", 64).is_err());
         assert_eq!(args.label("userId", 64).unwrap(), "42");
-    }
-
-    #[test]
-    fn constant_time_compare() {
-        assert!(ct_eq(b"abc", b"abc"));
-        assert!(!ct_eq(b"abc", b"abd"));
-        assert!(!ct_eq(b"abc", b"ab"));
     }
 }

@@ -2,21 +2,24 @@
 //! routes each REST call to the router's agent over its reverse HTTP/2 link.
 
 pub mod admin;
+pub mod agent_link;
 pub mod api;
+pub mod auth;
 pub mod config;
 pub mod enroll;
 pub mod error;
 pub mod forward;
 pub mod http;
-pub mod link;
-pub mod links;
+pub mod link_registry;
 pub mod metrics;
 pub mod ratelimit;
+pub mod recent_reports;
 pub mod report;
 pub mod server;
 pub mod session_api;
 pub mod sessions;
 pub mod speedtest;
+pub mod speedtest_slots;
 pub mod state;
 pub mod store;
 pub mod tls;

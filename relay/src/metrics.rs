@@ -1,11 +1,14 @@
-//! Prometheus counters and the latency histogram, rendered as text on `/metrics`.
-//! Hand-written: a few counters and one histogram do not need a metrics framework.
+//! Prometheus counters and the latency histogram, rendered as text on `/metrics`,
+//! and the label values made safe from agent-chosen text. Hand-written: a few
+//! counters and one histogram do not need a metrics framework.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
+
+use netpilot_proto::ErrorCode;
 
 /// Upper bounds of the forwarded-call latency histogram, in seconds.
 const BUCKETS: [f64; 12] = [
@@ -16,7 +19,8 @@ const BUCKETS: [f64; 12] = [
 pub struct Metrics {
     /// Forwarded calls by route pattern and status.
     forwarded: Mutex<BTreeMap<(&'static str, u16), u64>>,
-    /// Error answers by code, whatever the endpoint.
+    /// Error answers by code, whatever the endpoint. Keyed by the wire string so the
+    /// scrape lists codes alphabetically, not in the enum's order.
     errors: Mutex<BTreeMap<&'static str, u64>>,
     latency_buckets: [AtomicU64; BUCKETS.len()],
     latency_count: AtomicU64,
@@ -61,20 +65,17 @@ impl Metrics {
             .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
     }
 
-    pub fn record_error(&self, code: &'static str) {
+    pub fn record_error(&self, code: ErrorCode) {
         *self
             .errors
             .lock()
             .expect("metrics lock")
-            .entry(code)
+            .entry(code.as_str())
             .or_default() += 1;
     }
 
     pub fn record_report(&self, kind: &str, state: &str) {
-        let key = (
-            crate::report::label(kind).to_owned(),
-            crate::report::label(state).to_owned(),
-        );
+        let key = (label(kind).to_owned(), label(state).to_owned());
         let mut map = self.reports.lock().expect("metrics lock");
         let key = if map.contains_key(&key) || map.len() < MAX_REPORT_SERIES {
             key
@@ -189,6 +190,22 @@ impl Metrics {
     }
 }
 
+/// A metric label value from agent-chosen text: lower-case letters, digits and `_`,
+/// at most 32 of them; anything else counts as `other`, so an agent cannot inject
+/// label syntax or blow up the number of series with long or odd values.
+fn label(value: &str) -> &str {
+    let ok = !value.is_empty()
+        && value.len() <= 32
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if ok {
+        value
+    } else {
+        "other"
+    }
+}
+
 fn counter(out: &mut String, name: &str, help: &str, v: &AtomicU64) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} counter");
@@ -198,6 +215,16 @@ fn counter(out: &mut String, name: &str, help: &str, v: &AtomicU64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn labels_are_a_safe_charset_or_other() {
+        assert_eq!(label("wifi_change"), "wifi_change");
+        assert_eq!(label("rolled_back"), "rolled_back");
+        assert_eq!(label("Wifi"), "other");
+        assert_eq!(label("a\"} 1\nx{"), "other");
+        assert_eq!(label(&"a".repeat(33)), "other");
+        assert_eq!(label(""), "other");
+    }
 
     #[test]
     fn histogram_is_cumulative() {

@@ -7,11 +7,9 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::api::only;
 use crate::error::ApiError;
 use crate::forward;
-use crate::http::{self, Args, Body, Ctx};
-use crate::sessions::SessionError;
+use crate::http::{self, only, Args, Body, Ctx};
 use crate::state::AppState;
 
 pub async fn dispatch(
@@ -47,7 +45,7 @@ pub async fn dispatch(
                 .lock()
                 .expect("sessions lock")
                 .touch(session_id, now)
-                .map_err(|e| session_err(e, session_id))?;
+                .map_err(|e| e.into_api_error(session_id))?;
             Ok(http::ok(
                 StatusCode::OK,
                 json!({"message": format!("Session {session_id} refreshed")}),
@@ -55,15 +53,6 @@ pub async fn dispatch(
             ))
         }
         _ => status(state, session_id, ctx),
-    }
-}
-
-pub fn session_err(e: SessionError, id: Uuid) -> ApiError {
-    match e {
-        SessionError::Invalid => ApiError::SessionInvalid(id.to_string()),
-        SessionError::OtherUser => {
-            ApiError::Forbidden(format!("session {id} belongs to another user"))
-        }
     }
 }
 
@@ -85,11 +74,11 @@ async fn start(
         let mut sessions = state.sessions.lock().expect("sessions lock");
         sessions
             .start(session_id, &user_id, restart, now)
-            .map_err(|e| session_err(e, session_id))?;
+            .map_err(|e| e.into_api_error(session_id))?;
         if let Some(r) = router_id {
             sessions
                 .attach(session_id, r, now)
-                .map_err(|e| session_err(e, session_id))?;
+                .map_err(|e| e.into_api_error(session_id))?;
         }
     }
     let (reachable, ready, message) = match router_id {
@@ -145,7 +134,7 @@ fn end(
         .lock()
         .expect("sessions lock")
         .end(session_id, router_id, now)
-        .map_err(|e| session_err(e, session_id))?;
+        .map_err(|e| e.into_api_error(session_id))?;
     let message = match router_id {
         None => "Session ended".to_owned(),
         Some(r) => format!("Router {r} detached from session"),
@@ -160,7 +149,7 @@ fn status(state: &Arc<AppState>, session_id: Uuid, ctx: &Ctx) -> Result<Response
         .lock()
         .expect("sessions lock")
         .status(session_id, now)
-        .map_err(|e| session_err(e, session_id))?;
+        .map_err(|e| e.into_api_error(session_id))?;
     let routers: Vec<_> = view
         .routers
         .iter()

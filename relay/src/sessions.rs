@@ -8,6 +8,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 use uuid::Uuid;
 
+use crate::error::ApiError;
+
 #[derive(Debug)]
 struct Session {
     user_id: String,
@@ -28,6 +30,18 @@ pub enum SessionError {
     Invalid,
     /// The session id is held by another user.
     OtherUser,
+}
+
+impl SessionError {
+    /// The answer to a call on session `id` that failed this way.
+    pub fn into_api_error(self, id: Uuid) -> ApiError {
+        match self {
+            SessionError::Invalid => ApiError::SessionInvalid(id.to_string()),
+            SessionError::OtherUser => {
+                ApiError::Forbidden(format!("session {id} belongs to another user"))
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -12,24 +12,24 @@
 //! all (429 `SPEEDTEST_BUSY`); each is capped in bytes and time by `[limits]`.
 //! The download never holds N bytes: it hands out slices of one shared random block.
 
-use std::collections::HashSet;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Either};
+use http_body_util::BodyExt;
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Request, Response, StatusCode};
 use serde::Serialize;
 use tokio::time::Instant;
-use uuid::Uuid;
 
+use crate::auth;
 use crate::error::ApiError;
 use crate::http::{self, Body, Ctx};
+use crate::speedtest_slots::Slot;
 use crate::state::AppState;
 
 /// Size of the shared random block and of each download frame.
@@ -53,50 +53,6 @@ fn block() -> &'static Bytes {
         }
         Bytes::from(b)
     })
-}
-
-/// Who holds a transfer right now. One lock for both limits: the set is small
-/// (at most `concurrent` entries) and taken twice per transfer.
-#[derive(Default)]
-pub struct Slots {
-    busy: Arc<Mutex<HashSet<Uuid>>>,
-}
-
-/// A held transfer slot; dropping it frees the slot.
-pub struct Slot {
-    busy: Arc<Mutex<HashSet<Uuid>>>,
-    router: Uuid,
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.busy
-            .lock()
-            .expect("speedtest slots lock")
-            .remove(&self.router);
-    }
-}
-
-impl Slots {
-    pub fn acquire(&self, router: Uuid, max: usize) -> Result<Slot, ApiError> {
-        let mut busy = self.busy.lock().expect("speedtest slots lock");
-        if busy.contains(&router) {
-            return Err(ApiError::SpeedtestRunning);
-        }
-        if busy.len() >= max {
-            return Err(ApiError::SpeedtestBusy(max));
-        }
-        busy.insert(router);
-        Ok(Slot {
-            busy: self.busy.clone(),
-            router,
-        })
-    }
-
-    /// Transfers in progress, for `/metrics`.
-    pub fn active(&self) -> usize {
-        self.busy.lock().expect("speedtest slots lock").len()
-    }
 }
 
 /// The download's body: frames cut from the shared block until `remaining` is 0 or
@@ -170,7 +126,7 @@ pub fn ping(
     req: &Request<Incoming>,
     ctx: &Ctx,
 ) -> Result<Response<Body>, ApiError> {
-    crate::link::authenticate_router(state, req)?;
+    auth::authenticate_router(req, |id| state.router_meta(id))?;
     Ok(http::ok(StatusCode::OK, Pong { pong: true }, ctx))
 }
 
@@ -213,7 +169,7 @@ pub fn download(
     state: &Arc<AppState>,
     req: &Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    let router_id = crate::link::authenticate_router(state, req)?;
+    let router_id = auth::authenticate_router(req, |id| state.router_meta(id))?;
     let limits = &state.config.speedtest;
     let (bytes, duration) =
         download_args(req.uri().query(), limits.max_bytes, limits.max_duration)?;
@@ -231,7 +187,7 @@ pub fn download(
         .header(CONTENT_TYPE, "application/octet-stream")
         // Random bytes gain nothing from compression; ask intermediaries not to try.
         .header("cache-control", "no-store, no-transform")
-        .body(Either::Right(body))
+        .body(http::stream(body))
         .map_err(|e| ApiError::Internal(e.to_string()))
 }
 
@@ -240,7 +196,7 @@ pub async fn upload(
     req: Request<Incoming>,
     ctx: &Ctx,
 ) -> Result<Response<Body>, ApiError> {
-    let router_id = crate::link::authenticate_router(state, &req)?;
+    let router_id = auth::authenticate_router(&req, |id| state.router_meta(id))?;
     let limits = &state.config.speedtest;
     let declared = req
         .headers()
@@ -300,29 +256,6 @@ pub async fn upload(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn one_transfer_per_router_and_a_global_cap() {
-        let slots = Slots::default();
-        let (a, b, c) = (Uuid::from_u128(1), Uuid::from_u128(2), Uuid::from_u128(3));
-        let sa = slots.acquire(a, 2).unwrap();
-        assert!(matches!(
-            slots.acquire(a, 2),
-            Err(ApiError::SpeedtestRunning)
-        ));
-        let _sb = slots.acquire(b, 2).unwrap();
-        assert!(matches!(
-            slots.acquire(c, 2),
-            Err(ApiError::SpeedtestBusy(2))
-        ));
-        assert_eq!(slots.active(), 2);
-        drop(sa);
-        assert!(slots.acquire(c, 2).is_ok());
-        assert!(matches!(
-            slots.acquire(a, 0),
-            Err(ApiError::SpeedtestBusy(0))
-        ));
-    }
 
     #[test]
     fn download_arguments_are_bounded() {

@@ -1,6 +1,7 @@
 //! The relay's shared state, built once in `run` and handed to every handler: config,
 //! registry (SQLite plus an in-memory cache of what the hot path needs), sessions,
-//! links, metrics and the injected clock.
+//! the link registry, metrics, recent reports, speed-test slots and the injected
+//! clock.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -9,13 +10,15 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::time::Instant;
 use uuid::Uuid;
 
+use crate::auth::RouterMeta;
 use crate::config::Config;
 use crate::error::ApiError;
-use crate::links::Links;
+use crate::link_registry::Links;
 use crate::metrics::Metrics;
 use crate::ratelimit::RateLimiter;
-use crate::report::Reports;
+use crate::recent_reports::Reports;
 use crate::sessions::Sessions;
+use crate::speedtest_slots::Slots;
 use crate::store::{RouterRow, Store};
 
 /// Time as the relay sees it. Injected so tests can drive it.
@@ -40,14 +43,7 @@ impl Clock for SystemClock {
     }
 }
 
-/// What every forwarded call needs about a router, kept in memory.
-#[derive(Debug, Clone)]
-pub struct RouterMeta {
-    pub owner_user_id: String,
-    pub secret_hash: Option<[u8; 32]>,
-    pub revoked: bool,
-}
-
+// Here, where the registry and its cache meet: auth, below both, knows no rows.
 impl From<&RouterRow> for RouterMeta {
     fn from(r: &RouterRow) -> Self {
         RouterMeta {
@@ -69,7 +65,7 @@ pub struct AppState {
     /// The latest agent reports per router (`POST /agent/v1/report`).
     pub reports: Reports,
     /// Speed-test transfers in progress (one per router, a global cap).
-    pub speedtests: crate::speedtest::Slots,
+    pub speedtests: Slots,
     pub fingerprint: String,
     pub clock: Arc<dyn Clock>,
 }

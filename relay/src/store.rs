@@ -7,6 +7,8 @@ use std::path::Path;
 use rusqlite::{params, Connection, OptionalExtension};
 use uuid::Uuid;
 
+use crate::error::ApiError;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// SQLite failed (open, migrate, query).
@@ -253,6 +255,21 @@ fn router_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RouterRow> {
         last_seen: r.get(7)?,
         agent_version: r.get(8)?,
     })
+}
+
+/// Token and revocation failures keep their own codes, so the router's owner knows
+/// what to do; SQLite's detail is logged, not sent.
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::TokenInvalid => ApiError::TokenInvalid,
+            StoreError::TokenUsed => ApiError::TokenUsed,
+            StoreError::TokenExpired => ApiError::TokenExpired,
+            StoreError::Revoked => ApiError::RouterRevoked,
+            StoreError::NotFound => ApiError::RouterNotFound(String::new()),
+            StoreError::Sqlite(e) => ApiError::Internal(e.to_string()),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! Speed-test benchmark: which transport measures a router's line better — its own
 //! TLS connection to the relay's speed-test endpoints (what the product does), or
 //! bulk data on an HTTP/2 stream of a connection configured like the link (the same
-//! hyper builders, `netpilot_relay::link::h2_client` and
+//! hyper builders, `netpilot_relay::agent_link::h2_client` and
 //! `netpilot_agent::link::h2_server`, so the same flow-control windows and PINGs).
 //! A program that prints figures (`cargo bench -p netpilot-tests --bench
 //! speedtest`); it never asserts on timing.
@@ -383,7 +383,7 @@ impl LinkPair {
                 .serve_connection(TokioIo::new(agent_tls), service),
         );
         let timeouts = netpilot_relay::config::Timeouts::default();
-        let (sender, conn) = netpilot_relay::link::h2_client(&timeouts)
+        let (sender, conn) = netpilot_relay::agent_link::h2_client(&timeouts)
             .handshake::<_, Gen>(TokioIo::new(relay_tls))
             .await?;
         tokio::spawn(conn);

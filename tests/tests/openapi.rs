@@ -31,6 +31,7 @@ use netpilot_proto::link::{
     SPEEDTEST_DOWNLOAD_PATH, SPEEDTEST_PING_PATH, SPEEDTEST_UPLOAD_PATH, UPGRADE_PROTOCOL,
 };
 use netpilot_proto::routes::ROUTES;
+use netpilot_proto::ErrorCode;
 use netpilot_tests::{eventually, session_id, Agent, Client, Relay, RelayOptions, Reply};
 use serde_json::{json, Map, Value};
 
@@ -41,7 +42,7 @@ const DOC: &str = include_str!("../../docs/openapi.json");
 const PARAM_NAMES: &[(&str, &str)] = &[("id", "groupId"), ("mac", "mac"), ("name", "category")];
 
 /// What the relay serves itself (`relay/src/api.rs`, `admin.rs`, `session_api.rs`,
-/// `enroll.rs`, `link.rs`), as the document names it.
+/// `enroll.rs`, `agent_link.rs`), as the document names it.
 const RELAY_ONLY: &[(&str, &str)] = &[
     ("GET", "/health"),
     ("GET", "/metrics"),
@@ -531,6 +532,24 @@ fn document_is_well_formed() {
             errs.push(format!("{at}: code {code} is not in ErrorBody's enum"));
         }
     }
+    // ErrorBody's enum is exactly the codes the servers send: `ErrorCode::ALL`.
+    let documented: BTreeSet<&str> = codes
+        .as_array()
+        .map(|c| c.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let sent: BTreeSet<&str> = ErrorCode::ALL.iter().map(|c| c.as_str()).collect();
+    let missing: Vec<_> = sent.difference(&documented).collect();
+    if !missing.is_empty() {
+        errs.push(format!(
+            "ErrorBody's code enum lacks {missing:?}, which ErrorCode (proto/src/error_code.rs) has"
+        ));
+    }
+    let extra: Vec<_> = documented.difference(&sent).collect();
+    if !extra.is_empty() {
+        errs.push(format!(
+            "ErrorBody's code enum lists {extra:?}, which ErrorCode (proto/src/error_code.rs) lacks: no server sends them"
+        ));
+    }
 
     let mut op_ids = BTreeSet::new();
     for (path, item) in doc["paths"].as_object().expect("paths") {
@@ -616,6 +635,20 @@ fn document_is_well_formed() {
                     if !schema.contains("#/components/schemas/ErrorEnvelope") {
                         errs.push(format!(
                             "{at} {status}: error answer without the ErrorEnvelope schema"
+                        ));
+                    }
+                }
+                // Each error code comes with one status, the one `ErrorCode` gives it.
+                let mut listed = Vec::new();
+                collect_code_enums(resp, "", &mut listed);
+                for (_, c) in listed {
+                    let Some(c) = c.as_str().and_then(ErrorCode::parse) else {
+                        continue;
+                    };
+                    if c.status() != code {
+                        errs.push(format!(
+                            "{at} {status}: lists {c}, which always comes with {}",
+                            c.status()
                         ));
                     }
                 }

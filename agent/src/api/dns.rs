@@ -2,6 +2,7 @@
 //! a new one), delete an added one or put a shipped one back. Groups choose categories in their policy; the engine applies a
 //! replaced list to every group using it, like any other policy change.
 
+use netpilot_proto::ErrorCode;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -9,7 +10,7 @@ use super::policy::Call;
 use super::{AgentError, Reply};
 use crate::dns::list::{self, ParsedList};
 use crate::policy::engine::{ApplyReport, Engine};
-use crate::policy::model::{code, Category, Desired, GroupId, Invalid};
+use crate::policy::model::{Category, Desired, GroupId, Invalid};
 use crate::policy::{categories, ops};
 
 /// A description is shown, never written into a resolver's configuration.
@@ -77,14 +78,14 @@ struct Replaced {
     apply: ApplyReport,
 }
 
-fn rejected(code: &'static str, message: String) -> AgentError {
+fn rejected(code: ErrorCode, message: String) -> AgentError {
     AgentError::Rejected(Invalid { code, message })
 }
 
 fn name_of(call: &Call) -> Result<String, AgentError> {
     let name = call.path_id.as_deref().unwrap_or_default().to_owned();
     crate::dns::categories::validate_name(&name)
-        .map_err(|e| rejected(code::INVALID_CATEGORY, e))?;
+        .map_err(|e| rejected(ErrorCode::InvalidCategory, e))?;
     Ok(name)
 }
 
@@ -100,7 +101,7 @@ fn parse_body(call: &Call) -> Result<ParsedList, AgentError> {
                     Value::String(s) => names.push(s.clone()),
                     other => {
                         return Err(rejected(
-                            code::INVALID_DOMAIN,
+                            ErrorCode::InvalidDomain,
                             format!("domains[{i}] must be a string, got {other}"),
                         ))
                     }
@@ -126,7 +127,7 @@ fn parse_body(call: &Call) -> Result<ParsedList, AgentError> {
             .last()
             .map(|e| e.to_string())
             .unwrap_or_default();
-        return Err(rejected(code::LIMIT_EXCEEDED, why));
+        return Err(rejected(ErrorCode::LimitExceeded, why));
     }
     if parsed.error_count > 0 {
         let shown: Vec<String> = parsed
@@ -136,7 +137,7 @@ fn parse_body(call: &Call) -> Result<ParsedList, AgentError> {
             .collect();
         let more = parsed.error_count.saturating_sub(parsed.errors.len());
         return Err(rejected(
-            code::INVALID_DOMAIN,
+            ErrorCode::InvalidDomain,
             format!(
                 "{} entr{} refused, nothing changed: {}{}",
                 parsed.error_count,
@@ -196,7 +197,7 @@ pub async fn handle(engine: &Engine, call: Call, now_unix: i64) -> Result<Reply,
                 .await;
             let found = found.ok_or_else(|| {
                 rejected(
-                    code::UNKNOWN_CATEGORY,
+                    ErrorCode::UnknownCategory,
                     format!("DNS category {name:?} does not exist"),
                 )
             })?;

@@ -18,10 +18,9 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::CONTENT_TYPE;
 use hyper::{Request, Response, StatusCode};
-use netpilot_proto::envelope::code;
 use netpilot_proto::link::{HEADER_REQUEST_ID, HEADER_SESSION_ID, HEADER_USER_ID};
 use netpilot_proto::routes::{match_route, RouteError};
-use netpilot_proto::{Envelope, Meta};
+use netpilot_proto::{Envelope, ErrorCode, Meta};
 use serde::Serialize;
 use tracing::Instrument;
 
@@ -99,59 +98,39 @@ impl From<crate::speedtest::SpeedtestError> for AgentError {
     }
 }
 
-/// A policy change the kernel refused, or a Wi-Fi change uci or `wifi` refused.
-pub const APPLY_FAILED: &str = "APPLY_FAILED";
-/// A Wi-Fi change while another waits for confirmation.
-pub const CHANGE_PENDING: &str = "CHANGE_PENDING";
-pub const WIFI_UNAVAILABLE: &str = "WIFI_UNAVAILABLE";
-/// nlbwmon cannot be asked (not installed, not running, not answering).
-pub const NLBWMON_UNAVAILABLE: &str = "NLBWMON_UNAVAILABLE";
-/// nlbw's output could not be read.
-pub const NLBWMON_BAD_OUTPUT: &str = "NLBWMON_BAD_OUTPUT";
-/// The device has no usage in nlbwmon's current period.
-pub const DEVICE_NOT_FOUND: &str = "DEVICE_NOT_FOUND";
-/// Resetting nlbwmon failed part way.
-pub const USAGE_RESET_FAILED: &str = "USAGE_RESET_FAILED";
 /// Bodies larger than this are refused; 16,384 devices of JSON fit well inside.
 const MAX_BODY: usize = 4 * 1024 * 1024;
 
 impl AgentError {
-    /// The only mapping from an agent error to HTTP status and code.
-    pub fn status_and_code(&self) -> (StatusCode, &'static str) {
+    /// The only mapping from an agent error to its code; the status follows from it.
+    pub fn code(&self) -> ErrorCode {
         match self {
-            AgentError::InvalidParameter(_) => (StatusCode::BAD_REQUEST, code::INVALID_PARAMETER),
-            AgentError::NotFound(_) => (StatusCode::NOT_FOUND, code::NOT_FOUND),
-            AgentError::MethodNotAllowed(_) => {
-                (StatusCode::METHOD_NOT_ALLOWED, code::METHOD_NOT_ALLOWED)
-            }
-            AgentError::NotImplemented(_) => (StatusCode::NOT_IMPLEMENTED, code::NOT_IMPLEMENTED),
-            AgentError::Rejected(i) if i.code == crate::policy::model::code::CATEGORY_IN_USE => {
-                (StatusCode::CONFLICT, i.code)
-            }
-            AgentError::Rejected(i) => (StatusCode::BAD_REQUEST, i.code),
+            AgentError::InvalidParameter(_) => ErrorCode::InvalidParameter,
+            AgentError::NotFound(_) => ErrorCode::NotFound,
+            AgentError::MethodNotAllowed(_) => ErrorCode::MethodNotAllowed,
+            AgentError::NotImplemented(_) => ErrorCode::NotImplemented,
+            AgentError::Rejected(i) => i.code,
             // Its own code: NOT_FOUND would read as "no such route".
-            AgentError::NoSuchGroup(_) => (
-                StatusCode::NOT_FOUND,
-                crate::policy::model::code::GROUP_NOT_FOUND,
-            ),
-            AgentError::ApplyFailed(_) => (StatusCode::INTERNAL_SERVER_ERROR, APPLY_FAILED),
-            AgentError::ChangePending(_) => (StatusCode::CONFLICT, CHANGE_PENDING),
-            AgentError::WifiUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, WIFI_UNAVAILABLE),
-            AgentError::UsageUnavailable(_) => {
-                (StatusCode::SERVICE_UNAVAILABLE, NLBWMON_UNAVAILABLE)
-            }
-            AgentError::UsageBadOutput(_) => (StatusCode::BAD_GATEWAY, NLBWMON_BAD_OUTPUT),
-            AgentError::NoUsage(_) => (StatusCode::NOT_FOUND, DEVICE_NOT_FOUND),
-            AgentError::ResetFailed(_) => (StatusCode::INTERNAL_SERVER_ERROR, USAGE_RESET_FAILED),
-            AgentError::PayloadTooLarge(_) => {
-                (StatusCode::PAYLOAD_TOO_LARGE, code::PAYLOAD_TOO_LARGE)
-            }
-            AgentError::SpeedtestRunning => (StatusCode::CONFLICT, code::SPEEDTEST_RUNNING),
-            AgentError::SpeedtestBusy => (StatusCode::TOO_MANY_REQUESTS, code::SPEEDTEST_BUSY),
+            AgentError::NoSuchGroup(_) => ErrorCode::GroupNotFound,
+            AgentError::ApplyFailed(_) => ErrorCode::ApplyFailed,
+            AgentError::ChangePending(_) => ErrorCode::ChangePending,
+            AgentError::WifiUnavailable(_) => ErrorCode::WifiUnavailable,
+            AgentError::UsageUnavailable(_) => ErrorCode::NlbwmonUnavailable,
+            AgentError::UsageBadOutput(_) => ErrorCode::NlbwmonBadOutput,
+            AgentError::NoUsage(_) => ErrorCode::DeviceNotFound,
+            AgentError::ResetFailed(_) => ErrorCode::UsageResetFailed,
+            AgentError::PayloadTooLarge(_) => ErrorCode::PayloadTooLarge,
+            AgentError::SpeedtestRunning => ErrorCode::SpeedtestRunning,
+            AgentError::SpeedtestBusy => ErrorCode::SpeedtestBusy,
             // The relay (the upstream of this measurement) failed us: a gateway error.
-            AgentError::SpeedtestFailed(_) => (StatusCode::BAD_GATEWAY, code::SPEEDTEST_FAILED),
-            AgentError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, code::INTERNAL),
+            AgentError::SpeedtestFailed(_) => ErrorCode::SpeedtestFailed,
+            AgentError::Internal(_) => ErrorCode::Internal,
         }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        // Every code's status is a valid one; a test in proto keeps them in 400..600.
+        StatusCode::from_u16(self.code().status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
     }
 }
 
@@ -184,7 +163,7 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Bo
                 .body(Full::new(Bytes::from(text)))
                 .expect("static response parts"),
             Err(err) => {
-                let (status, code) = err.status_and_code();
+                let (status, code) = (err.status(), err.code());
                 if status.is_server_error() && status != StatusCode::NOT_IMPLEMENTED {
                     tracing::warn!(%code, error = %err, "call failed");
                 }

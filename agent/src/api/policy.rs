@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use netpilot_proto::ErrorCode;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -205,7 +206,7 @@ pub async fn handle(engine: &Engine, call: Call) -> Result<Reply, AgentError> {
                 .ok_or_else(|| AgentError::InvalidParameter("groups must be a list".into()))?;
             if list.len() > model::MAX_GROUPS {
                 return Err(model::Invalid {
-                    code: model::code::LIMIT_EXCEEDED,
+                    code: ErrorCode::LimitExceeded,
                     message: format!(
                         "{} groups; a router holds at most {}",
                         list.len(),

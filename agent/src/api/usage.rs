@@ -1,5 +1,5 @@
 //! The device-usage endpoints: argument checking and error mapping over
-//! [`crate::usage::Usage`]. Statuses come from `AgentError::status_and_code`.
+//! [`crate::usage::Usage`]. Statuses come from the codes `AgentError::code` gives.
 
 use serde_json::Value;
 

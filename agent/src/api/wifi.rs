@@ -1,12 +1,13 @@
 //! The Wi-Fi endpoints: thin handlers that validate the call's arguments into a
 //! [`Request`] and hand it to the [`WifiService`].
 
+use netpilot_proto::ErrorCode;
 use serde_json::Value;
 
 use super::policy::Call;
 use super::{AgentError, Reply};
 use crate::policy::model::Invalid;
-use crate::wifi::model::{code, Password, Request, Ssid};
+use crate::wifi::model::{Password, Request, Ssid};
 use crate::wifi::{WifiError, WifiService};
 
 impl From<WifiError> for AgentError {
@@ -21,7 +22,7 @@ impl From<WifiError> for AgentError {
     }
 }
 
-fn bad(code: &'static str, message: impl Into<String>) -> AgentError {
+fn bad(code: ErrorCode, message: impl Into<String>) -> AgentError {
     AgentError::Rejected(Invalid {
         code,
         message: message.into(),
@@ -71,7 +72,7 @@ pub fn request(call: &Call) -> Result<Request, AgentError> {
         },
         "/api/wifi/ssid" => {
             let ssid = opt_str(call, "ssid")?
-                .ok_or_else(|| bad(code::INVALID_SSID, "ssid is required"))?;
+                .ok_or_else(|| bad(ErrorCode::InvalidSsid, "ssid is required"))?;
             Request::Ssid {
                 ssid: Ssid::parse(ssid)?,
                 radio: radio(call)?,
@@ -80,7 +81,7 @@ pub fn request(call: &Call) -> Result<Request, AgentError> {
         }
         "/api/wifi/password" => {
             let password = opt_str(call, "password")?
-                .ok_or_else(|| bad(code::INVALID_PASSWORD, "password is required"))?;
+                .ok_or_else(|| bad(ErrorCode::InvalidPassword, "password is required"))?;
             Request::Password {
                 password: Password::parse(password)?,
                 radio: radio(call)?,
@@ -118,10 +119,7 @@ mod tests {
     }
 
     fn code_of(pattern: &'static str, args: Value) -> &'static str {
-        request(&call(pattern, args))
-            .unwrap_err()
-            .status_and_code()
-            .1
+        request(&call(pattern, args)).unwrap_err().code().as_str()
     }
 
     #[test]

@@ -9,6 +9,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use netpilot_proto::ErrorCode;
 use serde::Serialize;
 
 use super::compile::{self, Compiled, Context, DnsConfig, DnsContext};
@@ -310,7 +311,7 @@ impl Engine {
         };
         compile::compile(desired, &ctx).map(Some).map_err(|e| {
             EngineError::Invalid(Invalid {
-                code: super::model::code::INVALID_POLICY,
+                code: ErrorCode::InvalidPolicy,
                 message: e.to_string(),
             })
         })

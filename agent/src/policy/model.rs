@@ -9,6 +9,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::str::FromStr;
 use std::sync::Arc;
 
+use netpilot_proto::ErrorCode;
 use serde::{Deserialize, Serialize};
 
 use crate::dns::domain::{self, Domain};
@@ -42,35 +43,16 @@ pub type GroupId = u32;
 /// created but never addressed again.
 pub const MAX_GROUP_ID: GroupId = 999_999_999;
 
-/// A rejected input: a stable code for programs and a message for people.
+/// A rejected input: a stable code for programs and a message for people. The answer's
+/// status is the code's own (400 for most, 409 for `CATEGORY_IN_USE`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
 pub struct Invalid {
-    pub code: &'static str,
+    pub code: ErrorCode,
     pub message: String,
 }
 
-pub mod code {
-    pub const INVALID_MAC: &str = "INVALID_MAC";
-    pub const INVALID_IP: &str = "INVALID_IP";
-    pub const DUPLICATE_DEVICE: &str = "DUPLICATE_DEVICE";
-    pub const UNKNOWN_GROUP: &str = "UNKNOWN_GROUP";
-    pub const GUEST_GROUP: &str = "GUEST_GROUP";
-    pub const INVALID_GROUP: &str = "INVALID_GROUP";
-    pub const INVALID_NAME: &str = "INVALID_NAME";
-    pub const INVALID_POLICY: &str = "INVALID_POLICY";
-    pub const INVALID_SCHEDULE: &str = "INVALID_SCHEDULE";
-    pub const LIMIT_EXCEEDED: &str = "LIMIT_EXCEEDED";
-    pub const INVALID_TARGET: &str = "INVALID_TARGET";
-    pub const GROUP_NOT_FOUND: &str = "GROUP_NOT_FOUND";
-    pub const INVALID_DOMAIN: &str = "INVALID_DOMAIN";
-    pub const UNKNOWN_CATEGORY: &str = "UNKNOWN_CATEGORY";
-    pub const INVALID_CATEGORY: &str = "INVALID_CATEGORY";
-    /// A category some group's policy still blocks cannot be deleted (409).
-    pub const CATEGORY_IN_USE: &str = "CATEGORY_IN_USE";
-}
-
-fn invalid(code: &'static str, message: impl Into<String>) -> Invalid {
+fn invalid(code: ErrorCode, message: impl Into<String>) -> Invalid {
     Invalid {
         code,
         message: message.into(),
@@ -86,7 +68,7 @@ impl Mac {
     /// `aabbccddeeff`, any case. Broadcast, multicast and all-zero are refused: no
     /// device sends from them.
     pub fn parse(s: &str) -> Result<Mac, Invalid> {
-        let bad = |why: &str| invalid(code::INVALID_MAC, format!("invalid MAC {s:?}: {why}"));
+        let bad = |why: &str| invalid(ErrorCode::InvalidMac, format!("invalid MAC {s:?}: {why}"));
         // Spaces around are forgiven; anything else (a newline) is not a MAC.
         let t = s.trim_matches(' ');
         let hex: String = if t.len() == 17 && (t.contains(':') || t.contains('-')) {
@@ -286,10 +268,10 @@ impl Target {
     pub fn from_parts(ip: Option<&str>, mac: Option<&str>) -> Result<Target, Invalid> {
         match (ip.filter(|s| !s.is_empty()), mac.filter(|s| !s.is_empty())) {
             (Some(_), Some(_)) => Err(invalid(
-                code::INVALID_TARGET,
+                ErrorCode::InvalidTarget,
                 "give either ip or mac, not both",
             )),
-            (None, None) => Err(invalid(code::INVALID_TARGET, "missing ip or mac")),
+            (None, None) => Err(invalid(ErrorCode::InvalidTarget, "missing ip or mac")),
             (None, Some(m)) => Mac::parse(m).map(Target::Mac),
             (Some(i), None) => parse_ip(i).map(Target::Ip),
         }
@@ -307,14 +289,14 @@ impl fmt::Display for Target {
 
 fn parse_ip(s: &str) -> Result<IpAddr, Invalid> {
     let ip = IpAddr::from_str(s.trim())
-        .map_err(|_| invalid(code::INVALID_IP, format!("invalid IP address {s:?}")))?;
+        .map_err(|_| invalid(ErrorCode::InvalidIp, format!("invalid IP address {s:?}")))?;
     let usable = match ip {
         IpAddr::V4(v4) => !(v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast()),
         IpAddr::V6(v6) => !(v6.is_unspecified() || v6.is_multicast()),
     };
     if !usable {
         return Err(invalid(
-            code::INVALID_IP,
+            ErrorCode::InvalidIp,
             format!("{s:?} is not a device address"),
         ));
     }
@@ -416,12 +398,12 @@ impl DnsIn {
         for c in self.categories.unwrap_or_default() {
             let c = c.trim().to_ascii_lowercase();
             crate::dns::categories::validate_name(&c)
-                .map_err(|e| invalid(code::INVALID_CATEGORY, format!("dns.categories: {e}")))?;
+                .map_err(|e| invalid(ErrorCode::InvalidCategory, format!("dns.categories: {e}")))?;
             categories.insert(c);
         }
         if categories.len() > MAX_GROUP_CATEGORIES {
             return Err(invalid(
-                code::LIMIT_EXCEEDED,
+                ErrorCode::LimitExceeded,
                 format!(
                     "dns.categories has {}; at most {MAX_GROUP_CATEGORIES}",
                     categories.len()
@@ -441,7 +423,7 @@ fn domains(what: &str, list: Option<Vec<String>>) -> Result<Vec<Domain>, Invalid
     let list = list.unwrap_or_default();
     if list.len() > MAX_GROUP_DOMAINS {
         return Err(invalid(
-            code::LIMIT_EXCEEDED,
+            ErrorCode::LimitExceeded,
             format!(
                 "{what} has {} entries; at most {MAX_GROUP_DOMAINS} (use a category for more)",
                 list.len()
@@ -453,7 +435,7 @@ fn domains(what: &str, list: Option<Vec<String>>) -> Result<Vec<Domain>, Invalid
         .enumerate()
         .map(|(i, s)| {
             domain::normalize(s)
-                .map_err(|e| invalid(code::INVALID_DOMAIN, format!("{what}[{i}]: {e}")))
+                .map_err(|e| invalid(ErrorCode::InvalidDomain, format!("{what}[{i}]: {e}")))
         })
         .collect::<Result<Vec<_>, _>>()?;
     out.sort();
@@ -489,7 +471,7 @@ pub fn group_id(v: &serde_json::Value) -> Result<GroupId, Invalid> {
         .map(|n| n as GroupId)
         .ok_or_else(|| {
             invalid(
-                code::INVALID_GROUP,
+                ErrorCode::InvalidGroup,
                 format!(
                     "group id must be an integer from 0 to {}, got {v}",
                     MAX_GROUP_ID
@@ -503,13 +485,13 @@ pub fn validate_name(what: &str, name: &str) -> Result<String, Invalid> {
     // a display or a log line is refused.
     if name.len() > MAX_NAME_BYTES {
         return Err(invalid(
-            code::INVALID_NAME,
+            ErrorCode::InvalidName,
             format!("{what} is {} bytes; at most {MAX_NAME_BYTES}", name.len()),
         ));
     }
     if name.chars().any(char::is_control) {
         return Err(invalid(
-            code::INVALID_NAME,
+            ErrorCode::InvalidName,
             format!("{what} {name:?} contains a control character (newline, tab, …)"),
         ));
     }
@@ -523,14 +505,14 @@ impl GroupIn {
         let id = match (&self.id, path_id) {
             (Some(v), _) => group_id(v)?,
             (None, Some(id)) => id,
-            (None, None) => return Err(invalid(code::INVALID_GROUP, "group.id is required")),
+            (None, None) => return Err(invalid(ErrorCode::InvalidGroup, "group.id is required")),
         };
         let name = match self.name {
             Some(n) => validate_name("group name", &n)?,
             None if id == GUEST_GROUP => "Guests".to_owned(),
             None => {
                 return Err(invalid(
-                    code::INVALID_NAME,
+                    ErrorCode::InvalidName,
                     format!("group {id}: name is required"),
                 ))
             }
@@ -544,7 +526,7 @@ impl GroupIn {
             })?;
             if !seen.insert(device.mac) {
                 return Err(invalid(
-                    code::DUPLICATE_DEVICE,
+                    ErrorCode::DuplicateDevice,
                     format!("group {id}: device {} is listed twice", device.mac),
                 ));
             }
@@ -571,7 +553,7 @@ impl GroupIn {
 
 pub fn too_many_devices(n: usize) -> Invalid {
     invalid(
-        code::LIMIT_EXCEEDED,
+        ErrorCode::LimitExceeded,
         format!("{n} devices; a router holds at most {MAX_DEVICES}"),
     )
 }
@@ -581,7 +563,7 @@ impl DeviceIn {
         let mac = Mac::parse(
             self.mac
                 .as_deref()
-                .ok_or_else(|| invalid(code::INVALID_MAC, "mac is required"))?,
+                .ok_or_else(|| invalid(ErrorCode::InvalidMac, "mac is required"))?,
         )?;
         let mut ipv4 = None;
         let mut ipv6 = None;
@@ -595,7 +577,7 @@ impl DeviceIn {
                 IpAddr::V6(a) if ipv6.is_none() => ipv6 = Some(a),
                 _ => {
                     return Err(invalid(
-                        code::INVALID_IP,
+                        ErrorCode::InvalidIp,
                         format!("two addresses of the same family for {mac}"),
                     ))
                 }
@@ -621,7 +603,7 @@ fn kbps(what: &str, v: &Option<serde_json::Value>) -> Result<Option<u32>, Invali
     }
     let n = v.as_u64().ok_or_else(|| {
         invalid(
-            code::INVALID_POLICY,
+            ErrorCode::InvalidPolicy,
             format!("{what} must be a whole number of kbit/s or null, got {v}"),
         )
     })?;
@@ -632,7 +614,7 @@ fn kbps(what: &str, v: &Option<serde_json::Value>) -> Result<Option<u32>, Invali
     }
     if n < MIN_KBPS as u64 || n > MAX_KBPS as u64 {
         return Err(invalid(
-            code::INVALID_POLICY,
+            ErrorCode::InvalidPolicy,
             format!("{what} {n} is out of range {MIN_KBPS}..={MAX_KBPS} kbit/s"),
         ));
     }
@@ -659,7 +641,7 @@ impl PolicyIn {
             Some("block") | Some("blocked") => Internet::Block,
             Some(other) => {
                 return Err(invalid(
-                    code::INVALID_POLICY,
+                    ErrorCode::InvalidPolicy,
                     format!("internet must be \"allow\" or \"block\", got {other:?}"),
                 ))
             }
@@ -667,7 +649,7 @@ impl PolicyIn {
         let raw = self.schedules.unwrap_or_default();
         if raw.len() > MAX_SCHEDULES {
             return Err(invalid(
-                code::LIMIT_EXCEEDED,
+                ErrorCode::LimitExceeded,
                 format!("{} schedules; at most {MAX_SCHEDULES} per group", raw.len()),
             ));
         }
@@ -684,9 +666,9 @@ impl PolicyIn {
         let dns = match self.dns {
             None | Some(serde_json::Value::Null) => DnsPolicy::default(),
             Some(v @ serde_json::Value::Object(_)) => serde_json::from_value::<DnsIn>(v)
-                .map_err(|e| invalid(code::INVALID_POLICY, format!("dns: {e}")))?
+                .map_err(|e| invalid(ErrorCode::InvalidPolicy, format!("dns: {e}")))?
                 .validate()?,
-            Some(_) => return Err(invalid(code::INVALID_POLICY, "dns must be an object")),
+            Some(_) => return Err(invalid(ErrorCode::InvalidPolicy, "dns must be an object")),
         };
         Ok(Policy {
             bandwidth,
@@ -717,7 +699,7 @@ fn parse_day(s: &str) -> Option<u8> {
 pub fn parse_time(what: &str, s: &str, allow_24: bool) -> Result<u16, Invalid> {
     let bad = || {
         invalid(
-            code::INVALID_SCHEDULE,
+            ErrorCode::InvalidSchedule,
             format!("{what} {s:?} is not a time of day HH:MM (00:00–23:59)"),
         )
     };
@@ -741,51 +723,56 @@ impl ScheduleIn {
     fn validate(self) -> Result<Schedule, Invalid> {
         let days = self
             .days
-            .ok_or_else(|| invalid(code::INVALID_SCHEDULE, "days is required"))?;
+            .ok_or_else(|| invalid(ErrorCode::InvalidSchedule, "days is required"))?;
         let mut bits = 0u8;
         for d in &days {
             let i = parse_day(d).ok_or_else(|| {
                 invalid(
-                    code::INVALID_SCHEDULE,
+                    ErrorCode::InvalidSchedule,
                     format!("unknown day {d:?}; use sun, mon, tue, wed, thu, fri, sat"),
                 )
             })?;
             bits |= 1 << i;
         }
         if bits == 0 {
-            return Err(invalid(code::INVALID_SCHEDULE, "days must not be empty"));
+            return Err(invalid(
+                ErrorCode::InvalidSchedule,
+                "days must not be empty",
+            ));
         }
         let start = parse_time(
             "start",
             self.start
                 .as_deref()
-                .ok_or_else(|| invalid(code::INVALID_SCHEDULE, "start is required"))?,
+                .ok_or_else(|| invalid(ErrorCode::InvalidSchedule, "start is required"))?,
             false,
         )?;
         let end = parse_time(
             "end",
             self.end
                 .as_deref()
-                .ok_or_else(|| invalid(code::INVALID_SCHEDULE, "end is required"))?,
+                .ok_or_else(|| invalid(ErrorCode::InvalidSchedule, "end is required"))?,
             true,
         )?;
         let end = end % 1440;
         if start == end {
             return Err(invalid(
-                code::INVALID_SCHEDULE,
+                ErrorCode::InvalidSchedule,
                 "start and end are equal; the window would be empty",
             ));
         }
         let action = match &self.action {
-            None => return Err(invalid(code::INVALID_SCHEDULE, "action is required")),
+            None => return Err(invalid(ErrorCode::InvalidSchedule, "action is required")),
             Some(serde_json::Value::String(s)) if s == "block" => Restriction::Block,
             Some(serde_json::Value::Object(o)) if o.contains_key("limit") => {
-                let limit: BandwidthIn = serde_json::from_value(o["limit"].clone())
-                    .map_err(|e| invalid(code::INVALID_SCHEDULE, format!("action.limit: {e}")))?;
+                let limit: BandwidthIn =
+                    serde_json::from_value(o["limit"].clone()).map_err(|e| {
+                        invalid(ErrorCode::InvalidSchedule, format!("action.limit: {e}"))
+                    })?;
                 let b = limit.validate("action.limit")?;
                 if b.is_unlimited() {
                     return Err(invalid(
-                        code::INVALID_SCHEDULE,
+                        ErrorCode::InvalidSchedule,
                         "action.limit must limit at least one direction",
                     ));
                 }
@@ -796,7 +783,7 @@ impl ScheduleIn {
             }
             Some(other) => {
                 return Err(invalid(
-                    code::INVALID_SCHEDULE,
+                    ErrorCode::InvalidSchedule,
                     format!("action must be \"block\" or {{\"limit\": {{…}}}}, got {other}"),
                 ))
             }
@@ -1051,7 +1038,7 @@ mod tests {
             ("+a:bb:cc:dd:ee:f0", "not hex"),
         ] {
             let e = Mac::parse(s).unwrap_err();
-            assert_eq!(e.code, code::INVALID_MAC);
+            assert_eq!(e.code, ErrorCode::InvalidMac);
             assert!(e.message.contains(why), "{s:?}: {}", e.message);
         }
     }
@@ -1092,86 +1079,90 @@ mod tests {
     #[test]
     fn bad_groups_get_precise_codes() {
         let cases = [
-            (json!({"name": "x"}), code::INVALID_GROUP, "id is required"),
+            (
+                json!({"name": "x"}),
+                ErrorCode::InvalidGroup,
+                "id is required",
+            ),
             (
                 json!({"id": -1, "name": "x"}),
-                code::INVALID_GROUP,
+                ErrorCode::InvalidGroup,
                 "integer",
             ),
-            (json!({"id": 1}), code::INVALID_NAME, "name is required"),
+            (json!({"id": 1}), ErrorCode::InvalidName, "name is required"),
             (
                 json!({"id": 1, "name": "a\nb"}),
-                code::INVALID_NAME,
+                ErrorCode::InvalidName,
                 "control",
             ),
             (
                 json!({"id": 1, "name": "x".repeat(65)}),
-                code::INVALID_NAME,
+                ErrorCode::InvalidName,
                 "65 bytes",
             ),
             (
                 json!({"id": 1, "name": "x", "devices": [{"mac": "zz"}]}),
-                code::INVALID_MAC,
+                ErrorCode::InvalidMac,
                 "device 0",
             ),
             (
                 json!({"id": 1, "name": "x", "devices": [{"mac": "02:00:00:00:00:01", "ip": "300.1.1.1"}]}),
-                code::INVALID_IP,
+                ErrorCode::InvalidIp,
                 "300.1.1.1",
             ),
             (
                 json!({"id": 1, "name": "x", "devices": [{"mac": "02:00:00:00:00:01"}, {"mac": "0200.0000.0001"}]}),
-                code::DUPLICATE_DEVICE,
+                ErrorCode::DuplicateDevice,
                 "twice",
             ),
             (
                 json!({"id": 1, "name": "x", "policy": {"internet": "maybe"}}),
-                code::INVALID_POLICY,
+                ErrorCode::InvalidPolicy,
                 "maybe",
             ),
             (
                 json!({"id": 1, "name": "x", "policy": {"bandwidth": {"downloadKbps": -5}}}),
-                code::INVALID_POLICY,
+                ErrorCode::InvalidPolicy,
                 "whole number",
             ),
             (
                 json!({"id": 1, "name": "x", "policy": {"bandwidth": {"downloadKbps": 99_000_000}}}),
-                code::INVALID_POLICY,
+                ErrorCode::InvalidPolicy,
                 "out of range",
             ),
             (
                 json!({"id": 1, "name": "x", "policy": {"schedules": [{"days": [], "start": "01:00", "end": "02:00", "action": "block"}]}}),
-                code::INVALID_SCHEDULE,
+                ErrorCode::InvalidSchedule,
                 "must not be empty",
             ),
             (
                 json!({"id": 1, "name": "x", "policy": {"schedules": [{"days": ["mon"], "start": "25:00", "end": "02:00", "action": "block"}]}}),
-                code::INVALID_SCHEDULE,
+                ErrorCode::InvalidSchedule,
                 "25:00",
             ),
             (
                 json!({"id": 1, "name": "x", "policy": {"schedules": [{"days": ["mon"], "start": "10:60", "end": "02:00", "action": "block"}]}}),
-                code::INVALID_SCHEDULE,
+                ErrorCode::InvalidSchedule,
                 "10:60",
             ),
             (
                 json!({"id": 1, "name": "x", "policy": {"schedules": [{"days": ["funday"], "start": "01:00", "end": "02:00", "action": "block"}]}}),
-                code::INVALID_SCHEDULE,
+                ErrorCode::InvalidSchedule,
                 "funday",
             ),
             (
                 json!({"id": 1, "name": "x", "policy": {"schedules": [{"days": ["mon"], "start": "01:00", "end": "01:00", "action": "block"}]}}),
-                code::INVALID_SCHEDULE,
+                ErrorCode::InvalidSchedule,
                 "equal",
             ),
             (
                 json!({"id": 1, "name": "x", "policy": {"schedules": [{"days": ["mon"], "start": "01:00", "end": "02:00", "action": "nap"}]}}),
-                code::INVALID_SCHEDULE,
+                ErrorCode::InvalidSchedule,
                 "action",
             ),
             (
                 json!({"id": 1, "name": "x", "policy": {"schedules": [{"days": ["mon"], "start": "01:00", "end": "02:00", "action": {"limit": {}}}]}}),
-                code::INVALID_SCHEDULE,
+                ErrorCode::InvalidSchedule,
                 "at least one",
             ),
         ];
@@ -1211,19 +1202,19 @@ mod tests {
         );
         assert_eq!(
             Target::from_parts(None, None).unwrap_err().code,
-            code::INVALID_TARGET
+            ErrorCode::InvalidTarget
         );
         assert_eq!(
             Target::from_parts(Some("1.2.3.4"), Some("aabbccddeeff"))
                 .unwrap_err()
                 .code,
-            code::INVALID_TARGET
+            ErrorCode::InvalidTarget
         );
         assert_eq!(
             Target::from_parts(Some("255.255.255.255"), None)
                 .unwrap_err()
                 .code,
-            code::INVALID_IP
+            ErrorCode::InvalidIp
         );
     }
 }

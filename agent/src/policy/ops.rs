@@ -4,8 +4,10 @@
 
 use std::collections::{BTreeMap, HashSet};
 
+use netpilot_proto::ErrorCode;
+
 use super::model::{
-    code, too_many_devices, Category, Desired, Group, GroupId, Invalid, ListKind, Policy, Target,
+    too_many_devices, Category, Desired, Group, GroupId, Invalid, ListKind, Policy, Target,
     GUEST_GROUP, MAX_CATEGORIES, MAX_DEVICES, MAX_GROUPS, MAX_LIST_ENTRIES,
 };
 
@@ -40,7 +42,7 @@ pub fn normalize(d: &mut Desired) -> Result<(), Invalid> {
     d.groups.entry(GUEST_GROUP).or_insert_with(guest);
     if d.groups.len() > MAX_GROUPS {
         return Err(Invalid {
-            code: code::LIMIT_EXCEEDED,
+            code: ErrorCode::LimitExceeded,
             message: format!(
                 "{} groups; a router holds at most {MAX_GROUPS}",
                 d.groups.len()
@@ -82,7 +84,7 @@ pub fn normalize(d: &mut Desired) -> Result<(), Invalid> {
         {
             let known: Vec<&str> = d.categories.keys().map(String::as_str).collect();
             return Err(Invalid {
-                code: code::UNKNOWN_CATEGORY,
+                code: ErrorCode::UnknownCategory,
                 message: format!(
                     "group {}: DNS category {c:?} does not exist; known: {}",
                     g.id,
@@ -98,7 +100,7 @@ pub fn normalize(d: &mut Desired) -> Result<(), Invalid> {
 pub fn set_category(d: &mut Desired, category: Category) -> Result<(), OpError> {
     if !d.categories.contains_key(&category.name) && d.categories.len() >= MAX_CATEGORIES {
         return Err(Invalid {
-            code: code::LIMIT_EXCEEDED,
+            code: ErrorCode::LimitExceeded,
             message: format!("{MAX_CATEGORIES} categories exist; at most {MAX_CATEGORIES}"),
         }
         .into());
@@ -130,7 +132,7 @@ pub fn sync_all(d: &mut Desired, groups: Vec<Group>) -> Result<(), OpError> {
     for g in &groups {
         if !ids.insert(g.id) {
             return Err(Invalid {
-                code: code::INVALID_GROUP,
+                code: ErrorCode::InvalidGroup,
                 message: format!("group {} is listed twice", g.id),
             }
             .into());
@@ -138,7 +140,7 @@ pub fn sync_all(d: &mut Desired, groups: Vec<Group>) -> Result<(), OpError> {
         for dev in &g.devices {
             if let Some(other) = seen.insert(dev.mac, g.id) {
                 return Err(Invalid {
-                    code: code::DUPLICATE_DEVICE,
+                    code: ErrorCode::DuplicateDevice,
                     message: format!("device {} is in group {other} and group {}", dev.mac, g.id),
                 }
                 .into());
@@ -181,7 +183,7 @@ pub fn sync_all(d: &mut Desired, groups: Vec<Group>) -> Result<(), OpError> {
 
 pub fn set_policy(d: &mut Desired, id: GroupId, policy: Policy) -> Result<(), OpError> {
     let g = d.groups.get_mut(&id).ok_or(Invalid {
-        code: code::UNKNOWN_GROUP,
+        code: ErrorCode::UnknownGroup,
         message: format!("group {id} does not exist; create it with POST /api/groups/sync"),
     })?;
     g.policy = policy;
@@ -192,7 +194,7 @@ pub fn set_policy(d: &mut Desired, id: GroupId, policy: Policy) -> Result<(), Op
 pub fn delete_group(d: &mut Desired, id: GroupId) -> Result<(), OpError> {
     if id == GUEST_GROUP {
         return Err(Invalid {
-            code: code::GUEST_GROUP,
+            code: ErrorCode::GuestGroup,
             message: "group 0 is the guest group; it cannot be deleted".into(),
         }
         .into());
@@ -215,7 +217,7 @@ pub fn list_add(d: &mut Desired, kind: ListKind, target: Target) -> Result<bool,
     }
     if list.len() >= MAX_LIST_ENTRIES {
         return Err(Invalid {
-            code: code::LIMIT_EXCEEDED,
+            code: ErrorCode::LimitExceeded,
             message: format!(
                 "the {} holds at most {MAX_LIST_ENTRIES} entries",
                 kind.as_str()
@@ -257,7 +259,7 @@ pub fn list_remove(d: &mut Desired, kind: ListKind, target: Target) -> bool {
 /// back: its name stays).
 pub fn remove_category(d: &mut Desired, name: &str) -> Result<(), OpError> {
     let unknown = || Invalid {
-        code: code::UNKNOWN_CATEGORY,
+        code: ErrorCode::UnknownCategory,
         message: format!("DNS category {name:?} does not exist"),
     };
     let current = d.categories.get(name).ok_or_else(unknown)?;
@@ -275,7 +277,7 @@ pub fn remove_category(d: &mut Desired, name: &str) -> Result<(), OpError> {
         .collect();
     if !users.is_empty() {
         return Err(Invalid {
-            code: code::CATEGORY_IN_USE,
+            code: ErrorCode::CategoryInUse,
             message: format!(
                 "DNS category {name:?} is blocked by group(s) {}; remove it from their policy first",
                 users.join(", ")
@@ -354,7 +356,7 @@ mod tests {
         sync_group(&mut d, g).unwrap();
         let e = remove_category(&mut d, "school").unwrap_err();
         assert!(
-            matches!(&e, OpError::Invalid(i) if i.code == code::CATEGORY_IN_USE && i.message.contains("group(s) 3")),
+            matches!(&e, OpError::Invalid(i) if i.code == ErrorCode::CategoryInUse && i.message.contains("group(s) 3")),
             "{e}"
         );
         sync_group(&mut d, group(3, &[1])).unwrap();
@@ -365,7 +367,7 @@ mod tests {
         assert_eq!(d.categories["social"], shipped);
         assert!(matches!(
             remove_category(&mut d, "nosuch"),
-            Err(OpError::Invalid(i)) if i.code == code::UNKNOWN_CATEGORY
+            Err(OpError::Invalid(i)) if i.code == ErrorCode::UnknownCategory
         ));
     }
 
@@ -393,7 +395,7 @@ mod tests {
         assert_eq!(
             delete_group(&mut d, 0).unwrap_err(),
             OpError::Invalid(Invalid {
-                code: code::GUEST_GROUP,
+                code: ErrorCode::GuestGroup,
                 message: "group 0 is the guest group; it cannot be deleted".into()
             })
         );
@@ -417,7 +419,7 @@ mod tests {
             matches!(
                 err,
                 OpError::Invalid(Invalid {
-                    code: code::DUPLICATE_DEVICE,
+                    code: ErrorCode::DuplicateDevice,
                     ..
                 })
             ),
@@ -427,7 +429,7 @@ mod tests {
         assert!(matches!(
             err,
             OpError::Invalid(Invalid {
-                code: code::UNKNOWN_GROUP,
+                code: ErrorCode::UnknownGroup,
                 ..
             })
         ));

@@ -4,6 +4,8 @@
 
 use std::fmt;
 
+use netpilot_proto::ErrorCode;
+
 use crate::policy::model::Invalid;
 use crate::system::uci::UciCmd;
 use crate::uci::{self, Section};
@@ -16,18 +18,7 @@ pub const PACKAGE: &str = "wireless";
 pub const MAIN_NETWORK: &str = "lan";
 pub const MAX_SSID_BYTES: usize = 32;
 
-pub mod code {
-    pub const INVALID_SSID: &str = "INVALID_SSID";
-    pub const INVALID_PASSWORD: &str = "INVALID_PASSWORD";
-    /// The interface's encryption takes no passphrase (open, OWE, enterprise, WEP).
-    pub const PASSWORD_NOT_APPLICABLE: &str = "PASSWORD_NOT_APPLICABLE";
-    pub const UNKNOWN_RADIO: &str = "UNKNOWN_RADIO";
-    pub const UNKNOWN_INTERFACE: &str = "UNKNOWN_INTERFACE";
-    /// The selection holds no AP interface to change.
-    pub const NO_AP_INTERFACE: &str = "NO_AP_INTERFACE";
-}
-
-fn invalid(code: &'static str, message: impl Into<String>) -> Invalid {
+fn invalid(code: ErrorCode, message: impl Into<String>) -> Invalid {
     Invalid {
         code,
         message: message.into(),
@@ -42,11 +33,11 @@ pub struct Ssid(String);
 impl Ssid {
     pub fn parse(s: &str) -> Result<Ssid, Invalid> {
         if s.is_empty() {
-            return Err(invalid(code::INVALID_SSID, "the SSID is empty"));
+            return Err(invalid(ErrorCode::InvalidSsid, "the SSID is empty"));
         }
         if s.len() > MAX_SSID_BYTES {
             return Err(invalid(
-                code::INVALID_SSID,
+                ErrorCode::InvalidSsid,
                 format!(
                     "the SSID is {} bytes of UTF-8; at most {MAX_SSID_BYTES} fit",
                     s.len()
@@ -55,7 +46,7 @@ impl Ssid {
         }
         if s.chars().any(char::is_control) {
             return Err(invalid(
-                code::INVALID_SSID,
+                ErrorCode::InvalidSsid,
                 "the SSID contains a control character (newline, tab, …)",
             ));
         }
@@ -88,7 +79,7 @@ impl Password {
     pub fn parse(s: &str) -> Result<Password, Invalid> {
         let bad = |why: &str| {
             invalid(
-                code::INVALID_PASSWORD,
+                ErrorCode::InvalidPassword,
                 format!(
                     "{why}: a WPA password is 8 to 63 printable ASCII characters, or exactly 64 hex digits"
                 ),
@@ -247,7 +238,7 @@ impl Wireless {
     fn check_radio(&self, radio: Option<&str>) -> Result<(), Invalid> {
         match radio {
             Some(r) if self.radio(r).is_none() => Err(invalid(
-                code::UNKNOWN_RADIO,
+                ErrorCode::UnknownRadio,
                 format!(
                     "no radio {r:?}; this router has {}",
                     self.radios
@@ -276,19 +267,19 @@ impl Wireless {
                 .find(|i| i.section == name)
                 .ok_or_else(|| {
                     invalid(
-                        code::UNKNOWN_INTERFACE,
+                        ErrorCode::UnknownInterface,
                         format!("no wireless interface {name:?}"),
                     )
                 })?;
             if radio.is_some_and(|r| r != i.radio) {
                 return Err(invalid(
-                    code::UNKNOWN_INTERFACE,
+                    ErrorCode::UnknownInterface,
                     format!("interface {name:?} is on radio {:?}", i.radio),
                 ));
             }
             if !i.is_ap() {
                 return Err(invalid(
-                    code::NO_AP_INTERFACE,
+                    ErrorCode::NoApInterface,
                     format!(
                         "interface {name:?} is in {} mode, not an access point",
                         i.mode
@@ -305,7 +296,7 @@ impl Wireless {
             .collect();
         if out.is_empty() {
             return Err(invalid(
-                code::NO_AP_INTERFACE,
+                ErrorCode::NoApInterface,
                 format!(
                     "no access point on network {MAIN_NETWORK}{}; name one with `interface`",
                     radio.map(|r| format!(" of {r}")).unwrap_or_default()
@@ -389,7 +380,7 @@ pub fn plan(w: &Wireless, req: &Request) -> Result<Plan, Invalid> {
                 .filter(|r| radio.as_deref().is_none_or(|n| r.name == n))
                 .collect();
             if radios.is_empty() {
-                return Err(invalid(code::UNKNOWN_RADIO, "this router has no radio"));
+                return Err(invalid(ErrorCode::UnknownRadio, "this router has no radio"));
             }
             let changed: Vec<&str> = radios
                 .iter()
@@ -451,7 +442,7 @@ pub fn plan(w: &Wireless, req: &Request) -> Result<Plan, Invalid> {
                     KeyKind::Psk => {}
                     KeyKind::Sae if password.is_hex_psk() => {
                         return Err(invalid(
-                            code::INVALID_PASSWORD,
+                            ErrorCode::InvalidPassword,
                             format!(
                                 "interface {:?} uses WPA3 ({}), which has no 64-hex-digit key form; use an 8 to 63 character passphrase",
                                 i.section, i.encryption
@@ -461,7 +452,7 @@ pub fn plan(w: &Wireless, req: &Request) -> Result<Plan, Invalid> {
                     KeyKind::Sae => {}
                     KeyKind::NotApplicable => {
                         return Err(invalid(
-                            code::PASSWORD_NOT_APPLICABLE,
+                            ErrorCode::PasswordNotApplicable,
                             format!(
                                 "interface {:?} uses encryption {:?}, which takes no WPA password; the agent keeps each interface's encryption mode",
                                 i.section, i.encryption
@@ -543,7 +534,7 @@ mod tests {
         ];
         for (s, why) in bad {
             let e = Ssid::parse(s).unwrap_err();
-            assert_eq!(e.code, code::INVALID_SSID, "{why}");
+            assert_eq!(e.code, ErrorCode::InvalidSsid, "{why}");
         }
     }
 
@@ -566,7 +557,7 @@ mod tests {
         ];
         for p in bad {
             let e = Password::parse(p).unwrap_err();
-            assert_eq!(e.code, code::INVALID_PASSWORD, "{p:?}");
+            assert_eq!(e.code, ErrorCode::InvalidPassword, "{p:?}");
             if p.len() >= 3 {
                 assert!(!e.message.contains(p), "the message quotes the input: {e}");
             }
@@ -585,11 +576,11 @@ mod tests {
         };
         // sae-mixed (the fixture's main APs): no 64-hex form.
         let e = plan(&w, &req(&hex, None)).unwrap_err();
-        assert_eq!(e.code, code::INVALID_PASSWORD);
+        assert_eq!(e.code, ErrorCode::InvalidPassword);
         assert!(e.message.contains("WPA3"), "{e}");
         // The open guest AP takes no password.
         let e = plan(&w, &req(&pass, Some("guest"))).unwrap_err();
-        assert_eq!(e.code, code::PASSWORD_NOT_APPLICABLE);
+        assert_eq!(e.code, ErrorCode::PasswordNotApplicable);
         for (enc, kind) in [
             ("psk2+ccmp", KeyKind::Psk),
             ("psk-mixed+tkip+ccmp", KeyKind::Psk),
@@ -634,12 +625,12 @@ mod tests {
             .cmds
             .is_empty());
         let e = plan(&w, &ssid("Home", Some("radio7"), None)).unwrap_err();
-        assert_eq!(e.code, code::UNKNOWN_RADIO);
+        assert_eq!(e.code, ErrorCode::UnknownRadio);
         assert!(e.message.contains("radio0, radio1"), "{e}");
         let e = plan(&w, &ssid("Home", None, Some("nosuch"))).unwrap_err();
-        assert_eq!(e.code, code::UNKNOWN_INTERFACE);
+        assert_eq!(e.code, ErrorCode::UnknownInterface);
         let e = plan(&w, &ssid("Home", Some("radio1"), Some("guest"))).unwrap_err();
-        assert_eq!(e.code, code::UNKNOWN_INTERFACE);
+        assert_eq!(e.code, ErrorCode::UnknownInterface);
 
         let p = plan(&w, &Request::Disable { radio: None }).unwrap();
         assert_eq!(
@@ -660,6 +651,6 @@ mod tests {
             },
         )
         .unwrap_err();
-        assert_eq!(e.code, code::UNKNOWN_RADIO);
+        assert_eq!(e.code, ErrorCode::UnknownRadio);
     }
 }

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use netpilot_proto::ErrorCode;
 use tokio::sync::watch;
 
 use super::model::{Password, Request, Ssid};
@@ -361,7 +362,7 @@ async fn unchanged_requests_and_bad_radios_touch_nothing() {
         )
         .await
         .unwrap_err();
-    assert!(matches!(&err, WifiError::Invalid(i) if i.code == "UNKNOWN_RADIO"));
+    assert!(matches!(&err, WifiError::Invalid(i) if i.code == ErrorCode::UnknownRadio));
     assert_eq!(r.uci.commits(), 0);
     assert!(r.wifi.reloads().is_empty());
     assert!(svc.latest_change().unwrap().is_none());

@@ -1,6 +1,7 @@
 //! The agent side of the shared port: authenticate `GET /agent/v1/connect`, answer
 //! `101`, and run the link — the relay becomes the HTTP/2 client on the upgraded
-//! stream — until it dies, is replaced by a newer link, or is revoked.
+//! stream — until it dies, is replaced by a newer link, or is revoked. The running
+//! link is entered in the link registry, where calls find it.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -12,10 +13,11 @@ use hyper::body::Incoming;
 use hyper::header::{CONNECTION, UPGRADE};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use netpilot_proto::link::{HEADER_AGENT_VERSION, HEADER_ROUTER_ID, UPGRADE_PROTOCOL};
+use netpilot_proto::link::{HEADER_AGENT_VERSION, UPGRADE_PROTOCOL};
 use tracing::Instrument;
 use uuid::Uuid;
 
+use crate::auth;
 use crate::error::ApiError;
 use crate::http::{self, Body};
 use crate::state::AppState;
@@ -47,7 +49,7 @@ pub fn connect(
         .filter(|c| c.is_ascii_graphic())
         .take(64)
         .collect();
-    let router_id = match authenticate_router(state, &req) {
+    let router_id = match auth::authenticate_router(&req, |id| state.router_meta(id)) {
         Ok(id) => id,
         Err(e) => {
             state.metrics.link_rejects.fetch_add(1, Ordering::Relaxed);
@@ -65,35 +67,6 @@ pub fn connect(
         .header(CONNECTION, "upgrade")
         .body(http::full(Bytes::new()))
         .expect("static response parts"))
-}
-
-/// Who is calling an agent endpoint (the link, reports, speed tests): the router id
-/// header and the router secret as a bearer token. Records the router id on the
-/// request span. A malformed id is 400, an unknown router or wrong secret 401, a
-/// revoked router 403.
-pub fn authenticate_router(state: &AppState, req: &Request<Incoming>) -> Result<Uuid, ApiError> {
-    let router_id = req
-        .headers()
-        .get(HEADER_ROUTER_ID)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| Uuid::parse_str(v).ok())
-        .ok_or_else(|| ApiError::InvalidParameter(format!("{HEADER_ROUTER_ID} must be a UUID")))?;
-    tracing::Span::current().record("router_id", tracing::field::display(router_id));
-    authenticate(state, router_id, http::bearer(req))?;
-    Ok(router_id)
-}
-
-fn authenticate(state: &AppState, router_id: Uuid, secret: Option<&str>) -> Result<(), ApiError> {
-    let secret = secret.ok_or(ApiError::Unauthorized)?;
-    let meta = state.router_meta(router_id).ok_or(ApiError::Unauthorized)?;
-    if meta.revoked {
-        return Err(ApiError::RouterRevoked);
-    }
-    let stored = meta.secret_hash.ok_or(ApiError::Unauthorized)?;
-    if !http::ct_eq(&http::sha256(secret.as_bytes()), &stored) {
-        return Err(ApiError::Unauthorized);
-    }
-    Ok(())
 }
 
 async fn run_link(

@@ -1,6 +1,7 @@
-//! The live agent links: one h2 client handle per connected router. Registration is
-//! guarded by a generation number so the cleanup of a replaced link never removes
-//! the link that replaced it.
+//! The registry of live agent links: one h2 client handle per connected router,
+//! entered by the task that runs the link (`agent_link`) and looked up by every
+//! forwarded call. Registration is guarded by a generation number so the cleanup of
+//! a replaced link never removes the link that replaced it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};

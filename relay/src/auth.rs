@@ -1,0 +1,104 @@
+//! Who is calling: the web-app backend by its API key, a router by its id header and
+//! secret; and the secret material itself (making enrollment tokens and router
+//! secrets, hashing them for the registry, comparing in constant time). The checks
+//! take what the caller looked up about the router, so this module sits below the
+//! shared state and every handler can reach it.
+
+use hyper::body::Incoming;
+use hyper::Request;
+use netpilot_proto::link::HEADER_ROUTER_ID;
+use uuid::Uuid;
+
+use crate::config::Secret;
+use crate::error::ApiError;
+
+/// What checking a router's secret and its owner needs, kept in memory for every call.
+#[derive(Debug, Clone)]
+pub struct RouterMeta {
+    pub owner_user_id: String,
+    pub secret_hash: Option<[u8; 32]>,
+    pub revoked: bool,
+}
+
+/// A call on `/api/`: `Authorization: Bearer` with the relay's API key.
+pub fn check_api_key(req: &Request<Incoming>, key: &Secret) -> Result<(), ApiError> {
+    let ok = bearer(req).is_some_and(|k| ct_eq(k.as_bytes(), key.expose().as_bytes()));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::Unauthorized)
+    }
+}
+
+/// Who is calling an agent endpoint (the link, reports, speed tests): the router id
+/// header and the router secret as a bearer token, checked against what `lookup`
+/// knows of that router. Records the router id on the request span. A malformed id
+/// is 400, an unknown router or wrong secret 401, a revoked router 403.
+pub fn authenticate_router(
+    req: &Request<Incoming>,
+    lookup: impl FnOnce(Uuid) -> Option<RouterMeta>,
+) -> Result<Uuid, ApiError> {
+    let router_id = req
+        .headers()
+        .get(HEADER_ROUTER_ID)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| Uuid::parse_str(v).ok())
+        .ok_or_else(|| ApiError::InvalidParameter(format!("{HEADER_ROUTER_ID} must be a UUID")))?;
+    tracing::Span::current().record("router_id", tracing::field::display(router_id));
+    let secret = bearer(req).ok_or(ApiError::Unauthorized)?;
+    let meta = lookup(router_id).ok_or(ApiError::Unauthorized)?;
+    if meta.revoked {
+        return Err(ApiError::RouterRevoked);
+    }
+    let stored = meta.secret_hash.ok_or(ApiError::Unauthorized)?;
+    if !ct_eq(&sha256(secret.as_bytes()), &stored) {
+        return Err(ApiError::Unauthorized);
+    }
+    Ok(router_id)
+}
+
+fn bearer(req: &Request<Incoming>) -> Option<&str> {
+    req.headers()
+        .get(hyper::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+}
+
+/// Constant-time equality for secrets of equal length.
+pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let d = ring::digest::digest(&ring::digest::SHA256, bytes);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(d.as_ref());
+    out
+}
+
+/// 32 random bytes as 64 hex characters: enrollment tokens and router secrets.
+pub fn random_hex32() -> Result<String, ApiError> {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 32];
+    ring::rand::SystemRandom::new()
+        .fill(&mut b)
+        .map_err(|_| ApiError::Internal("system random number generator failed".into()))?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn constant_time_compare() {
+        assert!(ct_eq(b"abc", b"abc"));
+        assert!(!ct_eq(b"abc", b"abd"));
+        assert!(!ct_eq(b"abc", b"ab"));
+    }
+}
