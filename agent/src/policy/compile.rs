@@ -23,12 +23,11 @@ use super::model::{Bandwidth, Desired, GroupId, Internet, ListKind, Mac, Target,
 use super::schedule::{self, KernelSchedule, Restriction};
 use super::tz::Zone;
 
-pub const TABLE: &str = "netpilot";
-pub const FAMILY: &str = "inet";
+pub use crate::system::nft::{FAMILY, TABLE};
+/// tc handle major of NetPilot's root HTB qdiscs (the shaper seam owns it).
+pub use crate::system::tc::MAJOR as TC_MAJOR;
 /// The conntrack-mark bits NetPilot owns.
 pub const CT_MASK: u32 = 0x00ff_0000;
-/// tc handle major of NetPilot's root HTB qdiscs.
-pub const TC_MAJOR: u16 = 1;
 const BASE_CLASS: u16 = 0x100;
 const SCHEDULE_CLASS: u16 = 0x1000;
 const SCHEDULE_CLASSES_PER_GROUP: u16 = 64;
