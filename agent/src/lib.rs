@@ -330,7 +330,7 @@ pub struct Backends {
 }
 
 /// The router's own programs and files, named by the configuration.
-fn real_backends(config: &RunConfig) -> Backends {
+pub(crate) fn real_backends(config: &RunConfig) -> Backends {
     use system::{nft, tc, ubus, uci, wifi};
     Backends {
         mode: Mode::Real,

@@ -221,17 +221,7 @@ fn real_main() -> netpilot_agent::error::Result<()> {
             Ok(())
         }
         Some("cleanup") => {
-            let files = netpilot_agent::system::files::RealFiles::new(&run.root);
-            let (lan, wan) = netpilot_agent::policy::interfaces::resolve(
-                &files,
-                run.lan_if.as_deref(),
-                run.wan_if.as_deref(),
-            );
-            let dns = netpilot_agent::system::dnsmasq::RealDnsmasq {
-                dir: run.dns_dir.clone(),
-                ..Default::default()
-            };
-            let (done, failed) = rt.block_on(netpilot_agent::cleanup::cleanup(&[&lan, &wan], &dns));
+            let (done, failed) = rt.block_on(netpilot_agent::cleanup::run(&run));
             for d in &done {
                 match d {
                     Outcome::Removed(what) => println!("removed {what}"),
