@@ -23,7 +23,7 @@ pub mod speedtest;
 pub mod store;
 pub mod system;
 pub mod tls;
-pub mod uci;
+pub mod uci_format;
 pub mod usage;
 pub mod wifi;
 

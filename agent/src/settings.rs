@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::uci;
+use crate::uci_format;
 
 /// Default location on OpenWrt.
 pub const DEFAULT_PATH: &str = "/etc/config/netpilot";
@@ -50,7 +50,7 @@ pub enum SettingsError {
     Parse {
         path: PathBuf,
         #[source]
-        source: uci::ParseError,
+        source: uci_format::ParseError,
     },
     #[error("{path}: option {option}: {message}")]
     Invalid {
@@ -74,7 +74,7 @@ impl Settings {
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Settings, SettingsError> {
-        let sections = uci::parse(text).map_err(|source| SettingsError::Parse {
+        let sections = uci_format::parse(text).map_err(|source| SettingsError::Parse {
             path: path.to_owned(),
             source,
         })?;
