@@ -144,7 +144,7 @@ mod tests {
 
     #[test]
     fn the_packaged_config_parses() {
-        let text = include_str!("../../openwrt-package/files/netpilot.config");
+        let text = include_str!("../../../openwrt-package/files/netpilot.config");
         let s = Settings::parse(text, Path::new("netpilot.config")).unwrap();
         assert_eq!(s.enabled, Some(true));
         assert_eq!(s.log_level.as_deref(), Some("info"));
