@@ -1,18 +1,14 @@
 //! `netpilot-agent cleanup`: remove everything the agent put into the kernel and the
 //! system, whatever exists at the time, so uninstalling leaves the router as it was.
+//! It goes through the same seams as the policy engine (firewall, shaper, resolvers),
+//! so `--nft`, `--tc`, `--dnsmasq` and `--dns-dir` apply and the fakes can test it.
 //! Every step runs even when an earlier one fails; all failures are reported.
 //! Features that add kernel or system state add their removal here.
 
-use std::time::Duration;
-
 use crate::system::dnsmasq::{DnsError, Resolver};
-use crate::system::process::{self, ProcessError};
-
-/// NetPilot's own nftables table (DESIGN §5): never fw4's.
-pub const NFT_FAMILY: &str = "inet";
-pub const NFT_TABLE: &str = "netpilot";
-
-const TIMEOUT: Duration = Duration::from_secs(15);
+use crate::system::nft::{self, Firewall, NftError};
+use crate::system::tc::{self, Shaper, TcError};
+use crate::RunConfig;
 
 /// What one step did.
 #[derive(Debug, PartialEq, Eq)]
@@ -32,15 +28,40 @@ pub struct StepError {
 #[derive(Debug, thiserror::Error)]
 pub enum StepCause {
     #[error(transparent)]
-    Process(#[from] ProcessError),
+    Nft(#[from] NftError),
+    #[error(transparent)]
+    Tc(#[from] TcError),
     #[error(transparent)]
     Dns(#[from] DnsError),
+}
+
+/// Cleans up this router: the programs and directories the configuration names
+/// (as `run` would drive them), and the LAN and WAN devices it would shape.
+pub async fn run(config: &RunConfig) -> (Vec<Outcome>, Vec<StepError>) {
+    let system = crate::real_backends(config);
+    let (lan, wan) = crate::policy::interfaces::resolve(
+        system.files.as_ref(),
+        config.lan_if.as_deref(),
+        config.wan_if.as_deref(),
+    );
+    cleanup(
+        system.nft.as_ref(),
+        system.tc.as_ref(),
+        system.dns.as_ref(),
+        &[&lan, &wan],
+    )
+    .await
 }
 
 /// Runs every removal step and returns what happened and what failed. `devices`
 /// are the LAN and WAN devices whose NetPilot root qdisc is removed; `dns` holds the
 /// filtering resolvers, which outlive the agent by design and so must be stopped.
-pub async fn cleanup(devices: &[&str], dns: &dyn Resolver) -> (Vec<Outcome>, Vec<StepError>) {
+pub async fn cleanup(
+    firewall: &dyn Firewall,
+    shaper: &dyn Shaper,
+    dns: &dyn Resolver,
+    devices: &[&str],
+) -> (Vec<Outcome>, Vec<StepError>) {
     let mut done = Vec::new();
     let mut failed = Vec::new();
     match dns.observe().await {
@@ -62,12 +83,12 @@ pub async fn cleanup(devices: &[&str], dns: &dyn Resolver) -> (Vec<Outcome>, Vec
             source: e.into(),
         }),
     }
-    match remove_nft_table().await {
+    match remove_table(firewall).await {
         Ok(o) => done.push(o),
         Err(e) => failed.push(e),
     }
     for dev in devices {
-        match remove_qdisc(dev).await {
+        match remove_root(shaper, dev).await {
             Ok(o) => done.push(o),
             Err(e) => failed.push(e),
         }
@@ -75,70 +96,228 @@ pub async fn cleanup(devices: &[&str], dns: &dyn Resolver) -> (Vec<Outcome>, Vec
     (done, failed)
 }
 
-/// Removes the root qdisc of `dev` when it is NetPilot's (HTB with handle 1:);
-/// someone else's qdisc stays.
-async fn remove_qdisc(dev: &str) -> Result<Outcome, StepError> {
-    use crate::system::tc::{parse_observed, MAJOR};
-    let what = format!("tc root qdisc {MAJOR}: on {dev}");
-    let listing = match process::run(&["tc", "qdisc", "show", "dev", dev], None, TIMEOUT).await {
-        Ok(out) => out,
-        Err(e) if e.is_not_found() => {
-            return Ok(Outcome::Absent(format!("{what} (tc not installed)")))
+async fn remove_table(firewall: &dyn Firewall) -> Result<Outcome, StepError> {
+    let what = format!("nftables table {} {}", nft::FAMILY, nft::TABLE);
+    match firewall.delete_table().await {
+        Ok(true) => Ok(Outcome::Removed(what)),
+        Ok(false) => Ok(Outcome::Absent(what)),
+        // No nft, no table of ours.
+        Err(NftError::Process(e)) if e.is_not_found() => {
+            Ok(Outcome::Absent(format!("{what} (nft not installed)")))
         }
-        // No such device: nothing of ours on it.
-        Err(ProcessError::Failed { .. }) => {
-            return Ok(Outcome::Absent(format!("{what} (no such device)")))
-        }
-        Err(source) => {
-            return Err(StepError {
-                step: "list qdiscs",
-                source: source.into(),
-            })
-        }
-    };
-    let ours = parse_observed(&listing, "")
-        .map(|o| o.root_is_ours())
-        .unwrap_or(false);
-    if !ours {
-        return Ok(Outcome::Absent(what));
+        Err(e) => Err(StepError {
+            step: "delete nftables table",
+            source: e.into(),
+        }),
     }
-    process::run(&["tc", "qdisc", "del", "dev", dev, "root"], None, TIMEOUT)
-        .await
-        .map_err(|source| StepError {
-            step: "delete root qdisc",
-            source: source.into(),
-        })?;
-    Ok(Outcome::Removed(what))
 }
 
-async fn remove_nft_table() -> Result<Outcome, StepError> {
-    let what = format!("nftables table {NFT_FAMILY} {NFT_TABLE}");
-    let listing = match process::run(&["nft", "list", "tables", NFT_FAMILY], None, TIMEOUT).await {
-        Ok(out) => out,
-        // No nft, no table of ours.
-        Err(e) if e.is_not_found() => {
-            return Ok(Outcome::Absent(format!("{what} (nft not installed)")))
+/// Someone else's root qdisc on `dev` stays (the shaper only removes its own).
+async fn remove_root(shaper: &dyn Shaper, dev: &str) -> Result<Outcome, StepError> {
+    let what = format!("tc root qdisc {}: on {dev}", tc::MAJOR);
+    match shaper.remove_root(dev).await {
+        Ok(true) => Ok(Outcome::Removed(what)),
+        Ok(false) => Ok(Outcome::Absent(what)),
+        Err(TcError::Process(e)) if e.is_not_found() => {
+            Ok(Outcome::Absent(format!("{what} (tc not installed)")))
         }
-        Err(source) => {
-            return Err(StepError {
-                step: "list nftables tables",
-                source: source.into(),
-            })
-        }
-    };
-    let ours = format!("table {NFT_FAMILY} {NFT_TABLE}");
-    if !listing.lines().any(|l| l.trim() == ours) {
-        return Ok(Outcome::Absent(what));
+        Err(TcError::NoDevice(_)) => Ok(Outcome::Absent(format!("{what} (no such device)"))),
+        Err(e) => Err(StepError {
+            step: "delete root qdisc",
+            source: e.into(),
+        }),
     }
-    process::run(
-        &["nft", "delete", "table", NFT_FAMILY, NFT_TABLE],
-        None,
-        TIMEOUT,
-    )
-    .await
-    .map_err(|source| StepError {
-        step: "delete nftables table",
-        source: source.into(),
-    })?;
-    Ok(Outcome::Removed(what))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr};
+    use std::path::PathBuf;
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::system::dnsmasq::{FakeResolver, InstanceSpec, RealDnsmasq};
+    use crate::system::nft::{FakeNft, RealNft};
+    use crate::system::tc::{FakeTc, RealTc, TcOp};
+
+    const DEVICES: &[&str] = &["br-lan", "wan"];
+
+    /// A router the agent has been enforcing on: its table, its root qdisc on both
+    /// devices and two filtering resolvers, one of which has died.
+    async fn enforcing() -> (FakeNft, FakeTc, FakeResolver) {
+        let nft = FakeNft::default();
+        nft.apply("table inet netpilot {}\n").await.unwrap();
+        let tc = FakeTc::default();
+        for dev in DEVICES {
+            tc.run(&[TcOp::ReplaceRoot { dev: (*dev).into() }])
+                .await
+                .unwrap();
+        }
+        let dns = FakeResolver::default();
+        for (id, port) in [("g1", 5401), ("g2", 5402)] {
+            dns.ensure(&InstanceSpec {
+                id: id.into(),
+                port,
+                listen: vec![IpAddr::V4(Ipv4Addr::LOCALHOST)],
+                interface: String::new(),
+                upstreams: vec!["127.0.0.1".into()],
+                servers: Arc::new(String::new()),
+                cache_size: 150,
+            })
+            .await
+            .unwrap();
+        }
+        dns.crash("g2");
+        (nft, tc, dns)
+    }
+
+    fn lines(done: &[Outcome]) -> Vec<String> {
+        done.iter()
+            .map(|o| match o {
+                Outcome::Removed(w) => format!("removed {w}"),
+                Outcome::Absent(w) => format!("absent {w}"),
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn removes_everything_once_and_then_finds_it_absent() {
+        let (nft, tc, dns) = enforcing().await;
+        let (done, failed) = cleanup(&nft, &tc, &dns, DEVICES).await;
+        assert!(failed.is_empty(), "{failed:?}");
+        assert_eq!(
+            lines(&done),
+            [
+                "removed DNS filter resolver g1",
+                "removed DNS filter resolver g2 (files; not running)",
+                "removed nftables table inet netpilot",
+                "removed tc root qdisc 1: on br-lan",
+                "removed tc root qdisc 1: on wan",
+            ]
+        );
+        assert!(nft.observe().await.unwrap().is_none());
+        for dev in DEVICES {
+            assert_eq!(tc.observe(dev).await.unwrap().root, None);
+        }
+        assert!(dns.observe().await.unwrap().is_empty());
+
+        let (done, failed) = cleanup(&nft, &tc, &dns, DEVICES).await;
+        assert!(failed.is_empty(), "{failed:?}");
+        assert_eq!(
+            lines(&done),
+            [
+                "absent nftables table inet netpilot",
+                "absent tc root qdisc 1: on br-lan",
+                "absent tc root qdisc 1: on wan",
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_foreign_root_and_a_missing_device_are_left_alone() {
+        let (nft, tc, dns) = enforcing().await;
+        tc.set_foreign_root("wan", "htb");
+        tc.remove_device("br-lan");
+        let (done, failed) = cleanup(&nft, &tc, &dns, DEVICES).await;
+        assert!(failed.is_empty(), "{failed:?}");
+        let done = lines(&done);
+        assert!(
+            done.contains(&"absent tc root qdisc 1: on br-lan (no such device)".into()),
+            "{done:?}"
+        );
+        assert!(
+            done.contains(&"absent tc root qdisc 1: on wan".into()),
+            "{done:?}"
+        );
+        let wan = tc.observe("wan").await.unwrap();
+        assert_eq!(wan.root, Some(("htb".into(), "8001:".into())));
+    }
+
+    #[tokio::test]
+    async fn a_failing_step_does_not_stop_the_others() {
+        let (nft, tc, dns) = enforcing().await;
+        nft.fail_next(1);
+        // The first tc operation, br-lan's root removal, fails; wan's still goes.
+        tc.fail_op_after(0);
+        let (done, failed) = cleanup(&nft, &tc, &dns, DEVICES).await;
+        let steps: Vec<_> = failed.iter().map(|e| e.step).collect();
+        assert_eq!(steps, ["delete nftables table", "delete root qdisc"]);
+        assert!(
+            failed[0].to_string().contains("injected failure"),
+            "{}",
+            failed[0]
+        );
+        assert_eq!(
+            lines(&done),
+            [
+                "removed DNS filter resolver g1",
+                "removed DNS filter resolver g2 (files; not running)",
+                "removed tc root qdisc 1: on wan",
+            ]
+        );
+        assert!(dns.observe().await.unwrap().is_empty());
+        assert!(nft.observe().await.unwrap().is_some(), "nft refused");
+        assert!(tc.observe("br-lan").await.unwrap().root_is_ours());
+        assert_eq!(tc.observe("wan").await.unwrap().root, None);
+
+        // Resolvers that cannot even be listed do not keep the table or qdiscs.
+        let (nft, tc, _) = enforcing().await;
+        let unlistable = RealDnsmasq {
+            dir: PathBuf::from("/dev/null"),
+            ..Default::default()
+        };
+        let (done, failed) = cleanup(&nft, &tc, &unlistable, DEVICES).await;
+        let steps: Vec<_> = failed.iter().map(|e| e.step).collect();
+        assert_eq!(steps, ["list DNS filter resolvers"]);
+        assert_eq!(done.len(), 3, "{done:?}");
+        assert!(nft.observe().await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn missing_tools_mean_nothing_of_ours_is_there() {
+        let nft = RealNft {
+            program: "netpilot-no-such-nft".into(),
+            ..Default::default()
+        };
+        let tc = RealTc {
+            program: "netpilot-no-such-tc".into(),
+            ..Default::default()
+        };
+        let dns = RealDnsmasq {
+            dir: PathBuf::from("/nonexistent/netpilot/dns"),
+            ..Default::default()
+        };
+        let (done, failed) = cleanup(&nft, &tc, &dns, &["lan0"]).await;
+        assert!(failed.is_empty(), "{failed:?}");
+        assert_eq!(
+            lines(&done),
+            [
+                "absent nftables table inet netpilot (nft not installed)",
+                "absent tc root qdisc 1: on lan0 (tc not installed)",
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn the_command_uses_the_configured_programs_and_devices() {
+        let config = RunConfig {
+            nft: "netpilot-no-such-nft".into(),
+            tc: "netpilot-no-such-tc".into(),
+            dns_dir: PathBuf::from("/nonexistent/netpilot/dns"),
+            root: PathBuf::from("/nonexistent/netpilot/root"),
+            lan_if: Some("lan0".into()),
+            ..Default::default()
+        };
+        let (done, failed) = run(&config).await;
+        assert!(failed.is_empty(), "{failed:?}");
+        assert_eq!(
+            lines(&done),
+            [
+                "absent nftables table inet netpilot (nft not installed)",
+                "absent tc root qdisc 1: on lan0 (tc not installed)",
+                // No UCI network under the root: OpenWrt's usual WAN name.
+                "absent tc root qdisc 1: on wan (tc not installed)",
+            ]
+        );
+    }
 }

@@ -3,7 +3,7 @@
 //! they come from UCI `network`; elsewhere from the command line or the config file.
 
 use crate::system::files::Files;
-use crate::uci;
+use crate::uci_format;
 
 pub const DEFAULT_LAN: &str = "br-lan";
 pub const DEFAULT_WAN: &str = "wan";
@@ -24,7 +24,7 @@ pub fn validate(name: &str) -> crate::error::Result<()> {
 
 /// The device of a UCI `interface` section: `device` (21.02+) or `ifname`;
 /// PPPoE's traffic leaves through `pppoe-<name>`.
-fn uci_device(sections: &[uci::Section], name: &str) -> Option<String> {
+fn uci_device(sections: &[uci_format::Section], name: &str) -> Option<String> {
     let s = sections
         .iter()
         .find(|s| s.kind == "interface" && s.name.as_deref() == Some(name))?;
@@ -43,7 +43,7 @@ pub fn resolve(files: &dyn Files, lan: Option<&str>, wan: Option<&str>) -> (Stri
     let sections = files
         .read_to_string("/etc/config/network")
         .ok()
-        .and_then(|t| uci::parse(&t).ok())
+        .and_then(|t| uci_format::parse(&t).ok())
         .unwrap_or_default();
     let lan = lan
         .map(str::to_owned)

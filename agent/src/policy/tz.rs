@@ -318,7 +318,7 @@ pub fn router_zone(files: &dyn Files, override_tz: Option<&str>) -> Result<Zone,
         return Zone::parse(tz);
     }
     if let Ok(text) = files.read_to_string("/etc/config/system") {
-        if let Ok(sections) = crate::uci::parse(&text) {
+        if let Ok(sections) = crate::uci_format::parse(&text) {
             if let Some(tz) = sections
                 .iter()
                 .find(|s| s.kind == "system")

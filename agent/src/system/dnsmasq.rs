@@ -36,7 +36,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::process::{self, ProcessError};
+use super::process::{self, ProcessError, Signal};
 pub use super::Fut;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -347,14 +347,15 @@ impl RealDnsmasq {
     /// SIGTERM, wait until gone; SIGKILL when it outlives the timeout.
     async fn terminate(&self, id: &str, pid: i32) -> Result<(), DnsError> {
         for (sig, wait) in [
-            (libc::SIGTERM, self.timeout),
-            (libc::SIGKILL, Duration::from_secs(1)),
+            (Signal::Terminate, self.timeout),
+            (Signal::Kill, Duration::from_secs(1)),
         ] {
             // Checked again right before signalling: the pid may have been reused.
             if !self.is_ours(pid, id) {
                 return Ok(());
             }
-            let _ = signal(pid, sig);
+            // Gone in between is what we want; anything else shows as the timeout.
+            let _ = process::signal(pid, sig);
             let deadline = Instant::now() + wait;
             while Instant::now() < deadline {
                 if !self.is_ours(pid, id) {
@@ -367,16 +368,6 @@ impl RealDnsmasq {
             id: id.to_owned(),
             pid,
         })
-    }
-}
-
-/// `kill(2)`; libc is already linked, nix's `signal` feature would add code.
-fn signal(pid: i32, sig: libc::c_int) -> std::io::Result<()> {
-    // SAFETY: kill takes plain integers and touches no memory of ours.
-    if unsafe { libc::kill(pid, sig) } == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
     }
 }
 
@@ -497,9 +488,9 @@ impl Resolver for RealDnsmasq {
                 self.start(id).await?;
                 Ok(Ensured::Started)
             } else if servers_changed {
-                signal(pid, libc::SIGHUP).map_err(|e| DnsError::NotRunning {
+                process::signal(pid, Signal::Hangup).map_err(|e| DnsError::NotRunning {
                     id: id.clone(),
-                    detail: format!("SIGHUP to {pid}: {e}"),
+                    detail: e.to_string(),
                 })?;
                 Ok(Ensured::Reloaded)
             } else {
@@ -1056,7 +1047,7 @@ mod tests {
                     };
                     let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
                     if String::from_utf8_lossy(&cmd).contains(self.0.to_str().unwrap()) {
-                        let _ = signal(pid, libc::SIGKILL);
+                        let _ = process::signal(pid, Signal::Kill);
                     }
                 }
             }
@@ -1142,7 +1133,7 @@ mod tests {
         }
         fn crash(&self, id: &str) {
             if let Some(pid) = self.dns.running_pid(id) {
-                signal(pid, libc::SIGKILL).unwrap();
+                process::signal(pid, Signal::Kill).unwrap();
                 // Gone once init has reaped it (a zombie's cmdline is empty).
                 let deadline = Instant::now() + Duration::from_secs(5);
                 while self.dns.is_ours(pid, id) {

@@ -11,6 +11,8 @@ use super::process::{self, ProcessError};
 
 pub use super::Fut;
 
+/// NetPilot's own nftables table (DESIGN §5), never fw4's: the one definition that
+/// the compiler, the engine and `cleanup` use.
 pub const FAMILY: &str = "inet";
 pub const TABLE: &str = "netpilot";
 
@@ -42,6 +44,8 @@ pub trait Firewall: Send + Sync {
     fn observe(&self) -> Fut<'_, Result<Option<ObservedTable>, NftError>>;
     /// Only the table's chain names: cheap, as it fetches no set elements.
     fn chains(&self) -> Fut<'_, Result<Option<BTreeSet<String>>, NftError>>;
+    /// Deletes the whole table in one command; `false` when there was none.
+    fn delete_table(&self) -> Fut<'_, Result<bool, NftError>>;
 }
 
 pub struct RealNft {
@@ -80,11 +84,7 @@ impl Firewall for RealNft {
             let argv = [&self.program, "-j", "-s", "list", "table", FAMILY, TABLE];
             match process::run_with_env(&argv, None, self.timeout, ENV).await {
                 Ok(out) => parse_listing(&out).map(Some),
-                Err(ProcessError::Failed { stderr, .. })
-                    if stderr.contains("No such file or directory") =>
-                {
-                    Ok(None)
-                }
+                Err(e) if no_such_table(&e) => Ok(None),
                 Err(e) => Err(e.into()),
             }
         })
@@ -97,6 +97,23 @@ impl Firewall for RealNft {
             parse_chains(&out)
         })
     }
+
+    fn delete_table(&self) -> Fut<'_, Result<bool, NftError>> {
+        Box::pin(async move {
+            // One command rather than list-then-delete: nothing can slip in between.
+            let argv = [&self.program, "delete", "table", FAMILY, TABLE];
+            match process::run_with_env(&argv, None, self.timeout, ENV).await {
+                Ok(_) => Ok(true),
+                Err(e) if no_such_table(&e) => Ok(false),
+                Err(e) => Err(e.into()),
+            }
+        })
+    }
+}
+
+/// nft's answer for a table that does not exist (ENOENT from the kernel).
+fn no_such_table(e: &ProcessError) -> bool {
+    matches!(e, ProcessError::Failed { stderr, .. } if stderr.contains("No such file or directory"))
 }
 
 /// The chains of our table in `nft -j list chains` output; `None` without any.
@@ -221,7 +238,7 @@ fn key_of(e: &str) -> &str {
 }
 
 impl FakeNft {
-    /// The next `n` applies fail as if the kernel refused them.
+    /// The next `n` applies (or table deletions) fail as if the kernel refused them.
     pub fn fail_next(&self, n: usize) {
         self.state.lock().expect("fake nft").fail_next = n;
     }
@@ -338,6 +355,17 @@ impl Firewall for FakeNft {
             next.applies += 1;
             *state = next;
             Ok(())
+        })
+    }
+
+    fn delete_table(&self) -> Fut<'_, Result<bool, NftError>> {
+        Box::pin(async move {
+            let mut state = self.state.lock().expect("fake nft");
+            if state.fail_next > 0 {
+                state.fail_next -= 1;
+                return Err(NftError::Refused("injected failure".into()));
+            }
+            Ok(state.table.take().is_some())
         })
     }
 

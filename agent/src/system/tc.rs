@@ -3,14 +3,15 @@
 //! transactions, so the engine orders the steps and restores on failure; this module
 //! only runs them. [`FakeTc`] keeps the same state in memory.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use super::nft::Fut;
 use super::process::{self, ProcessError};
 
-/// Handle major of NetPilot's root qdisc (`1:`), the classes are `1:<minor>`.
+/// Handle major of NetPilot's root qdisc (`1:`), the classes are `1:<minor>`: the one
+/// definition, which the compiler and `cleanup` use too.
 pub const MAJOR: u16 = 1;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,12 +59,19 @@ pub enum TcError {
     Parse(String),
     #[error("tc refused: {0}")]
     Refused(String),
+    /// The device does not exist (yet, or any more), so nothing of ours is on it.
+    #[error("no such device {0:?}")]
+    NoDevice(String),
 }
 
 pub trait Shaper: Send + Sync {
     /// Runs the operations in order, stopping at the first failure.
     fn run<'a>(&'a self, ops: &'a [TcOp]) -> Fut<'a, Result<(), TcError>>;
     fn observe<'a>(&'a self, dev: &'a str) -> Fut<'a, Result<ObservedShaper, TcError>>;
+    /// Removes the root qdisc of `dev` only when it is NetPilot's (HTB, handle
+    /// `MAJOR:`), so the kernel's default comes back; someone else's root stays.
+    /// Returns whether there was one of ours.
+    fn remove_root<'a>(&'a self, dev: &'a str) -> Fut<'a, Result<bool, TcError>>;
 }
 
 pub struct RealTc {
@@ -142,20 +150,38 @@ impl Shaper for RealTc {
 
     fn observe<'a>(&'a self, dev: &'a str) -> Fut<'a, Result<ObservedShaper, TcError>> {
         Box::pin(async move {
-            let qdiscs = process::run(
-                &[&self.program, "qdisc", "show", "dev", dev],
-                None,
-                self.timeout,
-            )
-            .await?;
-            let classes = process::run(
-                &[&self.program, "class", "show", "dev", dev],
-                None,
-                self.timeout,
-            )
-            .await?;
+            let qdiscs = self.show("qdisc", dev).await?;
+            let classes = self.show("class", dev).await?;
             parse_observed(&qdiscs, &classes)
         })
+    }
+
+    fn remove_root<'a>(&'a self, dev: &'a str) -> Fut<'a, Result<bool, TcError>> {
+        Box::pin(async move {
+            let qdiscs = self.show("qdisc", dev).await?;
+            if !parse_observed(&qdiscs, "")?.root_is_ours() {
+                return Ok(false);
+            }
+            self.run(&[TcOp::DeleteRoot {
+                dev: dev.to_owned(),
+            }])
+            .await?;
+            Ok(true)
+        })
+    }
+}
+
+impl RealTc {
+    /// `tc <what> show dev <dev>`, with a missing device told apart from a failure.
+    async fn show(&self, what: &str, dev: &str) -> Result<String, TcError> {
+        let argv = [&self.program, what, "show", "dev", dev];
+        match process::run(&argv, None, self.timeout).await {
+            Ok(out) => Ok(out),
+            Err(ProcessError::Failed { stderr, .. }) if stderr.contains("Cannot find device") => {
+                Err(TcError::NoDevice(dev.to_owned()))
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 }
 
@@ -221,6 +247,8 @@ pub struct FakeTc {
 #[derive(Default)]
 struct FakeTcState {
     devs: BTreeMap<String, ObservedShaper>,
+    /// Devices that do not exist; every other name does.
+    missing: BTreeSet<String>,
     /// Fail the op with this index (counted across runs) to test restores.
     fail_at: Option<usize>,
     ops: usize,
@@ -230,6 +258,13 @@ impl FakeTc {
     pub fn fail_op_after(&self, n: usize) {
         let mut s = self.state.lock().expect("fake tc");
         s.fail_at = Some(s.ops + n);
+    }
+
+    /// `dev` does not exist: observing or changing it fails with [`TcError::NoDevice`].
+    pub fn remove_device(&self, dev: &str) {
+        let mut s = self.state.lock().expect("fake tc");
+        s.devs.remove(dev);
+        s.missing.insert(dev.to_owned());
     }
 
     pub fn set_foreign_root(&self, dev: &str, kind: &str) {
@@ -254,6 +289,13 @@ impl Shaper for FakeTc {
                     return Err(TcError::Refused(format!("injected failure at {op:?}")));
                 }
                 s.ops += 1;
+                let (TcOp::ReplaceRoot { dev }
+                | TcOp::DeleteRoot { dev }
+                | TcOp::SetClass { dev, .. }
+                | TcOp::DeleteClass { dev, .. }) = op;
+                if s.missing.contains(dev) {
+                    return Err(TcError::NoDevice(dev.clone()));
+                }
                 match op {
                     TcOp::ReplaceRoot { dev } => {
                         s.devs.insert(
@@ -294,14 +336,24 @@ impl Shaper for FakeTc {
 
     fn observe<'a>(&'a self, dev: &'a str) -> Fut<'a, Result<ObservedShaper, TcError>> {
         Box::pin(async move {
-            Ok(self
-                .state
-                .lock()
-                .expect("fake tc")
-                .devs
-                .get(dev)
-                .cloned()
-                .unwrap_or_default())
+            let s = self.state.lock().expect("fake tc");
+            if s.missing.contains(dev) {
+                return Err(TcError::NoDevice(dev.to_owned()));
+            }
+            Ok(s.devs.get(dev).cloned().unwrap_or_default())
+        })
+    }
+
+    fn remove_root<'a>(&'a self, dev: &'a str) -> Fut<'a, Result<bool, TcError>> {
+        Box::pin(async move {
+            let ours = self.observe(dev).await?.root_is_ours();
+            if ours {
+                self.run(&[TcOp::DeleteRoot {
+                    dev: dev.to_owned(),
+                }])
+                .await?;
+            }
+            Ok(ours)
         })
     }
 }
@@ -325,6 +377,25 @@ mod tests {
         assert_eq!(parse_rate_kbps("1.5Mbit").unwrap(), 1500);
         assert_eq!(parse_rate_kbps("10Gbit").unwrap(), 10_000_000);
         assert!(parse_rate_kbps("fast").is_err());
+    }
+
+    #[tokio::test]
+    async fn the_real_tc_tells_a_missing_device_apart() {
+        // Only reads: no namespace needed.
+        let tc = RealTc::default();
+        match tc.observe("np-nosuch0").await {
+            Err(TcError::NoDevice(dev)) => assert_eq!(dev, "np-nosuch0"),
+            Err(TcError::Process(e)) if e.is_not_found() => {
+                assert!(std::env::var_os("CI").is_none(), "CI must have tc");
+                eprintln!("SKIPPED: tc is not installed");
+                return;
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            tc.remove_root("np-nosuch0").await,
+            Err(TcError::NoDevice(_))
+        ));
     }
 
     #[test]

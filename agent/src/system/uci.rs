@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use super::process::{self, ProcessError};
 use super::Fut;
-use crate::uci::{self as text, Section};
+use crate::uci_format::{self as text, Section};
 
 /// One line of a `uci batch`. Paths are `package.section[.option]` with named
 /// sections only; values are checked by [`batch_script`] before any reach uci.

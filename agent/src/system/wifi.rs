@@ -32,7 +32,7 @@ use super::process::{self, ProcessError};
 use super::ubus::FakeUbus;
 use super::uci::FakeUci;
 use super::Fut;
-use crate::uci::Section;
+use crate::uci_format::Section;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WifiError {

@@ -469,7 +469,7 @@ impl Usage {
             .files
             .read_to_string(NLBWMON_CONFIG)
             .unwrap_or_default();
-        crate::uci::parse(&text)
+        crate::uci_format::parse(&text)
             .ok()
             .and_then(|s| s.into_iter().find(|s| s.kind == "nlbwmon"))
             .map(|s| s.values.into_iter().collect())

@@ -8,7 +8,7 @@ use netpilot_proto::ErrorCode;
 
 use crate::policy::model::Invalid;
 use crate::system::uci::UciCmd;
-use crate::uci::{self, Section};
+use crate::uci_format::{self as uci, Section};
 
 /// The UCI package the Wi-Fi feature owns.
 pub const PACKAGE: &str = "wireless";

@@ -555,8 +555,8 @@ async fn safe_apply_over_the_real_uci_commits_quotes_and_restores_the_file() {
     assert_eq!(rig.uci.export("wireless").await.unwrap(), EXPORT);
     assert_ne!(std::fs::read_to_string(&file).unwrap(), "");
     assert_eq!(
-        crate::uci::parse(&std::fs::read_to_string(&file).unwrap()).unwrap(),
-        crate::uci::parse(&before).unwrap()
+        crate::uci_format::parse(&std::fs::read_to_string(&file).unwrap()).unwrap(),
+        crate::uci_format::parse(&before).unwrap()
     );
     let _ = stop.send(true);
     task.abort();

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::uci;
+use crate::uci_format;
 
 /// Default location on OpenWrt.
 pub const DEFAULT_PATH: &str = "/etc/config/netpilot";
@@ -50,7 +50,7 @@ pub enum SettingsError {
     Parse {
         path: PathBuf,
         #[source]
-        source: uci::ParseError,
+        source: uci_format::ParseError,
     },
     #[error("{path}: option {option}: {message}")]
     Invalid {
@@ -74,7 +74,7 @@ impl Settings {
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Settings, SettingsError> {
-        let sections = uci::parse(text).map_err(|source| SettingsError::Parse {
+        let sections = uci_format::parse(text).map_err(|source| SettingsError::Parse {
             path: path.to_owned(),
             source,
         })?;
@@ -144,7 +144,7 @@ mod tests {
 
     #[test]
     fn the_packaged_config_parses() {
-        let text = include_str!("../../openwrt-package/files/netpilot.config");
+        let text = include_str!("../../../openwrt-package/files/netpilot.config");
         let s = Settings::parse(text, Path::new("netpilot.config")).unwrap();
         assert_eq!(s.enabled, Some(true));
         assert_eq!(s.log_level.as_deref(), Some("info"));

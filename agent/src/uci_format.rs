@@ -1,7 +1,8 @@
 //! A reader and writer for UCI configuration text (`/etc/config/*`, `uci export`):
 //! sections, options and lists with OpenWrt's quoting. Pure: the agent reads
 //! `/etc/config/netpilot` with it instead of starting `uci` for every value, and the
-//! in-memory UCI (`system::uci::FakeUci`) keeps its packages in this form.
+//! in-memory UCI (`system::uci::FakeUci`) keeps its packages in this form. Only the
+//! text format: `system::uci` is the seam that drives the `uci` program.
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Section {

@@ -1,0 +1,360 @@
+//! Precedence as plain values: the command line over the UCI file over the defaults.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::*;
+
+/// A UCI file with `text` for [`load`], removed when dropped.
+struct Uci(PathBuf);
+
+fn uci(text: &str) -> Uci {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let path = std::env::temp_dir().join(format!(
+        "np-config-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::write(&path, text).unwrap();
+    Uci(path)
+}
+
+impl std::ops::Deref for Uci {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Uci {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+const NO_FILE: &str = "/nonexistent/netpilot";
+
+fn load(args: &[&str], file: &Path) -> Result<AgentConfig, ConfigError> {
+    AgentConfig::load(args.iter().map(OsString::from), file)
+}
+
+fn run_config(args: &[&str], file: &Path) -> (RunConfig, AgentConfig) {
+    let mut config = load(args, file).unwrap();
+    let Command::Run(run) = std::mem::replace(&mut config.command, Command::Help) else {
+        panic!("not run: {config:?}");
+    };
+    (run, config)
+}
+
+const FINGERPRINT: &str = "abababababababababababababababababababababababababababababababab";
+const OTHER_FINGERPRINT: &str = "cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd";
+
+fn full_file() -> Uci {
+    uci(&format!(
+        "config agent 'main'\n\
+         \toption relay_url 'https://uci.example:8443'\n\
+         \toption fingerprint '{FINGERPRINT}'\n\
+         \toption log_level 'warn'\n\
+         \toption state_dir '/uci/state'\n\
+         \toption start_delay '7s'\n"
+    ))
+}
+
+#[test]
+fn defaults_without_file_or_options() {
+    let (run, config) = run_config(&["run"], Path::new(NO_FILE));
+    let defaults = RunConfig::default();
+    assert_eq!(run.state_dir, Path::new("/etc/netpilot"));
+    assert_eq!(run.relay_url, None);
+    assert_eq!(run.trust, None);
+    assert_eq!(
+        run.backoff.start_delay_max,
+        defaults.backoff.start_delay_max
+    );
+    assert_eq!(run.dns_upstreams, defaults.dns_upstreams);
+    assert_eq!(config.log, "info");
+    assert!(config.warnings.is_empty(), "{:?}", config.warnings);
+}
+
+#[test]
+fn the_uci_file_beats_the_defaults() {
+    let (run, config) = run_config(&["run"], &full_file());
+    assert_eq!(run.state_dir, Path::new("/uci/state"));
+    assert_eq!(run.relay_url.as_deref(), Some("https://uci.example:8443"));
+    assert_eq!(run.trust, Some(Trust::Fingerprint(FINGERPRINT.into())));
+    assert_eq!(run.backoff.start_delay_max, Duration::from_secs(7));
+    assert_eq!(config.log, "warn");
+    assert!(config.warnings.is_empty(), "{:?}", config.warnings);
+
+    let ca = uci("config agent\n\toption ca_file '/uci/ca.pem'\n");
+    let (run, _) = run_config(&["run"], &ca);
+    assert_eq!(run.trust, Some(Trust::CaFile("/uci/ca.pem".into())));
+}
+
+#[test]
+fn the_command_line_beats_the_uci_file() {
+    let file = full_file();
+    let (run, config) = run_config(
+        &[
+            "run",
+            "--state-dir",
+            "/cli/state",
+            "--relay",
+            "https://cli.example",
+            "--ca",
+            "/cli/ca.pem",
+            "--log",
+            "debug",
+            "--start-delay-max",
+            "0s",
+        ],
+        &file,
+    );
+    assert_eq!(run.state_dir, Path::new("/cli/state"));
+    assert_eq!(run.relay_url.as_deref(), Some("https://cli.example"));
+    // --ca replaces the file's fingerprint rather than clashing with it.
+    assert_eq!(run.trust, Some(Trust::CaFile("/cli/ca.pem".into())));
+    assert_eq!(run.backoff.start_delay_max, Duration::ZERO);
+    assert_eq!(config.log, "debug");
+
+    let ca = uci("config agent\n\toption ca_file '/uci/ca.pem'\n");
+    let (run, _) = run_config(&["run", "--fingerprint", OTHER_FINGERPRINT], &ca);
+    assert_eq!(
+        run.trust,
+        Some(Trust::Fingerprint(OTHER_FINGERPRINT.into()))
+    );
+}
+
+#[test]
+fn enroll_resolves_the_same_way() {
+    let file = full_file();
+    let Command::Enroll(e) = load(&["enroll", "--token", "t", "--force"], &file)
+        .unwrap()
+        .command
+    else {
+        panic!("not enroll");
+    };
+    let args = e.args().unwrap();
+    assert_eq!(args.relay_url, "https://uci.example:8443");
+    assert_eq!(args.token, "t");
+    assert_eq!(args.trust, Trust::Fingerprint(FINGERPRINT.into()));
+    assert_eq!(args.state_dir, Path::new("/uci/state"));
+    assert!(args.force);
+
+    // Without anything: the system's CA bundle, and the required ones asked for in
+    // the order they always were.
+    let Command::Enroll(e) = load(&["enroll"], Path::new(NO_FILE)).unwrap().command else {
+        panic!("not enroll");
+    };
+    assert_eq!(e.trust, Trust::System);
+    assert!(!e.force);
+    let err = e.args().err().unwrap().to_string();
+    assert_eq!(err, "enroll needs --relay URL (or relay_url in the config)");
+    let Command::Enroll(e) = load(&["enroll", "--relay", "https://r"], Path::new(NO_FILE))
+        .unwrap()
+        .command
+    else {
+        panic!("not enroll");
+    };
+    assert_eq!(
+        e.args().err().unwrap().to_string(),
+        "enroll needs --token TOKEN"
+    );
+}
+
+#[test]
+fn ca_with_fingerprint_is_refused_and_a_fingerprint_checked() {
+    let err = load(
+        &["run", "--ca", "/a", "--fingerprint", FINGERPRINT],
+        Path::new(NO_FILE),
+    )
+    .unwrap_err();
+    assert_eq!(err.to_string(), "pass --ca or --fingerprint, not both");
+    let err = load(&["run", "--fingerprint", "nothex"], Path::new(NO_FILE)).unwrap_err();
+    assert!(matches!(err, ConfigError::Fingerprint(_)), "{err}");
+    assert!(err.to_string().contains("fingerprint"), "{err}");
+}
+
+#[test]
+fn dns_upstream_first_replaces_then_appends() {
+    let (run, _) = run_config(&["run"], Path::new(NO_FILE));
+    assert_eq!(run.dns_upstreams, RunConfig::default().dns_upstreams);
+    assert!(!run.dns_upstreams.is_empty());
+    let (run, _) = run_config(
+        &[
+            "run",
+            "--dns-upstream",
+            "10.0.0.1",
+            "--dns-upstream",
+            "10.0.0.2#5353",
+        ],
+        Path::new(NO_FILE),
+    );
+    assert_eq!(run.dns_upstreams, ["10.0.0.1", "10.0.0.2#5353"]);
+}
+
+#[test]
+fn values_are_checked_with_the_option_named() {
+    for (args, message) in [
+        (
+            &["run", "--ping-interval", "soon"][..],
+            "--ping-interval \"soon\" is not a duration: ",
+        ),
+        (
+            &["run", "--check-interval", "0s"],
+            "--check-interval must be positive",
+        ),
+        (
+            &["run", "--api-listen", "localhost"],
+            "--api-listen \"localhost\" is not ADDR:PORT",
+        ),
+        (
+            &["run", "--dns-port-base", "70000"],
+            "--dns-port-base \"70000\" is not a port number",
+        ),
+        (
+            &["run", "--usage-retention-days", "many"],
+            "--usage-retention-days \"many\" is not a number",
+        ),
+    ] {
+        let err = load(args, Path::new(NO_FILE)).unwrap_err();
+        // What `main` prints: the message and its cause.
+        let shown = crate::error::Error::from(err).to_string();
+        assert!(shown.starts_with(message), "{args:?}: {shown}");
+    }
+    // Zero is fine where it means "none".
+    let (run, _) = run_config(
+        &["run", "--wifi-settle", "0s", "--start-delay-max", "0s"],
+        Path::new(NO_FILE),
+    );
+    assert_eq!(run.wifi_safe.settle, Duration::ZERO);
+}
+
+#[test]
+fn command_line_mistakes_name_the_usage() {
+    for args in [
+        &[][..],
+        &["frobnicate"],
+        &["run", "extra"],
+        &["run", "--bogus"],
+    ] {
+        let err = load(args, Path::new(NO_FILE)).unwrap_err().to_string();
+        assert!(
+            err.contains("usage: netpilot-agent enroll"),
+            "{args:?}: {err}"
+        );
+    }
+    let err = load(&["run", "--state-dir"], Path::new(NO_FILE)).unwrap_err();
+    assert!(matches!(err, ConfigError::Args(_)), "{err}");
+}
+
+#[test]
+fn version_and_help_stop_before_anything_else_is_read() {
+    let broken = uci("config agent\n\toption enabled 'perhaps'\n");
+    for (args, want) in [
+        (&["--config", "/x", "--version", "--bogus"][..], "version"),
+        (&["run", "-V"], "version"),
+        (&["--help", "frobnicate"], "help"),
+        (&["-h"], "help"),
+    ] {
+        let config = load(args, &broken).unwrap();
+        let got = match config.command {
+            Command::Version => "version",
+            Command::Help => "help",
+            other => panic!("{args:?}: {other:?}"),
+        };
+        assert_eq!(got, want, "{args:?}");
+        assert!(config.warnings.is_empty(), "{args:?}");
+    }
+}
+
+#[test]
+fn a_broken_file_is_reported_and_the_command_line_still_runs() {
+    let broken = uci("config agent\n\toption start_delay 'soon'\n\toption log_level 'warn'\n");
+    let (run, config) = run_config(&["run", "--state-dir", "/cli"], &broken);
+    assert_eq!(run.state_dir, Path::new("/cli"));
+    // Nothing of a broken file is used, not even its valid options.
+    assert_eq!(config.log, "info");
+    match &config.warnings[..] {
+        [w @ Warning::IgnoredFile { path, .. }] => {
+            assert_eq!(path, &broken.0);
+            let text = w.to_string();
+            assert!(
+                text.starts_with(&format!("ignoring {}: ", broken.display())),
+                "{text}"
+            );
+            assert!(text.contains("start_delay"), "{text}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn unknown_options_are_warned_and_the_rest_used() {
+    let file = uci("config agent 'main'\n\toption shiny_new 'x'\n\toption log_level 'debug'\n");
+    let (_, config) = run_config(&["run"], &file);
+    assert_eq!(config.log, "debug");
+    match &config.warnings[..] {
+        [Warning::UnknownOptions { path, options }] => {
+            assert_eq!(path, &file.0);
+            assert_eq!(options, &["shiny_new"]);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn config_names_another_file() {
+    let file = full_file();
+    let (run, _) = run_config(
+        &["run", "--config", file.to_str().unwrap()],
+        Path::new(NO_FILE),
+    );
+    assert_eq!(run.state_dir, Path::new("/uci/state"));
+}
+
+#[test]
+fn the_packaged_config_loads_cleanly() {
+    let packaged =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../openwrt-package/files/netpilot.config");
+    let (run, config) = run_config(&["run"], &packaged);
+    assert!(config.warnings.is_empty(), "{:?}", config.warnings);
+    assert_eq!(config.log, "info");
+    assert_eq!(run.state_dir, Path::new("/etc/netpilot"));
+    assert_eq!(run.backoff.start_delay_max, Duration::from_secs(10));
+}
+
+#[test]
+fn cleanup_takes_the_same_programs_and_devices_as_run() {
+    let config = load(
+        &[
+            "cleanup",
+            "--nft",
+            "/opt/nft",
+            "--tc",
+            "/opt/tc",
+            "--dnsmasq",
+            "/opt/dnsmasq",
+            "--dns-dir",
+            "/tmp/dns",
+            "--lan-if",
+            "lan0",
+        ],
+        Path::new(NO_FILE),
+    )
+    .unwrap();
+    let Command::Cleanup(run) = config.command else {
+        panic!("not cleanup");
+    };
+    assert_eq!(
+        (
+            run.nft.as_str(),
+            run.tc.as_str(),
+            run.dnsmasq.as_str(),
+            run.lan_if.as_deref()
+        ),
+        ("/opt/nft", "/opt/tc", "/opt/dnsmasq", Some("lan0"))
+    );
+    assert_eq!(run.dns_dir, Path::new("/tmp/dns"));
+}
