@@ -1,12 +1,30 @@
-//! What every agent handler shares: the system backends, the router's identity and
-//! the link's state. Built once at start-up; real or simulated is decided there.
+//! What every agent handler shares, built once at start-up: the services (policy
+//! engine, Wi-Fi, device usage, discovery, speed test) over the system backends —
+//! the router's own programs, or the simulated router — and the link's state.
+//! `run` and the benches build it the same way, through [`App::build`].
 
-use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use crate::report::{NoRelay, Reporter};
-use crate::system::files::Files;
-use crate::system::ubus::{RealUbus, Ubus};
+use crate::config::RunConfig;
+use crate::error::Context;
+use crate::link::dial::{RelayAddr, RelayEndpoint};
+use crate::link::identity::Identity;
+use crate::link::report::{RelayReporter, Reporter};
+use crate::link::serve::LinkStatus;
+use crate::link::tls;
+use crate::policy::compile::resolvers::{self, DnsConfig};
+use crate::policy::engine::{Engine, EngineConfig};
+use crate::policy::execute::Enforcers;
+use crate::policy::{interfaces, tz};
+use crate::runtime::clock::{system_clock, Clock};
+use crate::scan::{NeighbourSource, Scanner};
+use crate::speedtest::{Limits, SpeedTester};
+use crate::store::{Location, Store};
+use crate::system::files::{Files, RealFiles};
+use crate::system::{dnsmasq, nft, nlbw, tc, ubus, uci, wifi as wifi_control};
+use crate::usage::Usage;
+use crate::wifi::WifiService;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -23,102 +41,261 @@ impl Mode {
     }
 }
 
-#[derive(Debug, Default, Clone)]
-pub struct LinkState {
-    pub connected_since: Option<SystemTime>,
-    /// Links established since the agent started.
-    pub connects: u64,
-    pub last_error: Option<String>,
+/// Everything the agent drives on the router, chosen once: the router's own tools,
+/// or the simulated router (`--simulate`). The rest of the agent runs the same code
+/// over either.
+pub struct Backends {
+    pub mode: Mode,
+    pub files: Arc<dyn Files>,
+    pub ubus: Arc<dyn ubus::Ubus>,
+    pub uci: Arc<dyn uci::Uci>,
+    pub wifi: Arc<dyn wifi_control::WifiControl>,
+    pub nft: Arc<dyn nft::Firewall>,
+    pub tc: Arc<dyn tc::Shaper>,
+    pub nlbw: Arc<dyn nlbw::Nlbw>,
+    pub dns: Arc<dyn dnsmasq::Resolver>,
+    pub neighbours: NeighbourSource,
+    pub kernel_minutes_west: Arc<dyn Fn() -> i32 + Send + Sync>,
+}
+
+impl Backends {
+    /// The router's real programs, or the simulated router, as the configuration
+    /// says.
+    pub fn for_config(config: &RunConfig) -> crate::error::Result<Backends> {
+        if config.simulate {
+            Backends::simulated(config)
+        } else {
+            Ok(Backends::real(config))
+        }
+    }
+
+    /// The router's own programs and files, named by the configuration.
+    pub fn real(config: &RunConfig) -> Backends {
+        Backends {
+            mode: Mode::Real,
+            files: Arc::new(RealFiles::new(&config.root)),
+            ubus: Arc::new(ubus::RealUbus {
+                program: config.ubus.clone(),
+                ..Default::default()
+            }),
+            uci: Arc::new(uci::RealUci {
+                program: config.uci.clone(),
+                confdir: config.uci_confdir.clone(),
+                savedir: config.uci_savedir.clone(),
+                ..Default::default()
+            }),
+            wifi: Arc::new(wifi_control::RealWifi {
+                program: config.wifi.clone(),
+                ..Default::default()
+            }),
+            nft: Arc::new(nft::RealNft {
+                program: config.nft.clone(),
+                ..Default::default()
+            }),
+            tc: Arc::new(tc::RealTc {
+                program: config.tc.clone(),
+                ..Default::default()
+            }),
+            nlbw: real_nlbw(config),
+            dns: Arc::new(dnsmasq::RealDnsmasq {
+                program: config.dnsmasq.clone(),
+                dir: config.dns_dir.clone(),
+                ..Default::default()
+            }),
+            neighbours: NeighbourSource::Ip {
+                program: config.ip.clone(),
+            },
+            kernel_minutes_west: Arc::new(crate::system::clock::kernel_minutes_west),
+        }
+    }
+
+    /// The simulated router (see [`crate::sim`]): in-memory files, uci, wifi, ubus,
+    /// nft, tc and nlbwmon. A given `--nlbw` is used even then (tests drive a
+    /// failing nlbwmon).
+    #[cfg(feature = "simulate")]
+    pub fn simulated(config: &RunConfig) -> crate::error::Result<Backends> {
+        use crate::sim;
+        let bus = ubus::FakeUbus::default();
+        let (uci, wifi) = sim::wireless(&bus);
+        let nlbw: Arc<dyn nlbw::Nlbw> = match config.nlbw {
+            None => Arc::new(sim::SimNlbw::default()),
+            Some(_) => real_nlbw(config),
+        };
+        Ok(Backends {
+            mode: Mode::Simulated,
+            files: Arc::new(sim::SimRouter::default()),
+            ubus: Arc::new(bus),
+            uci: Arc::new(uci),
+            wifi: Arc::new(wifi),
+            nft: Arc::new(nft::FakeNft::default()),
+            tc: Arc::new(tc::FakeTc::default()),
+            nlbw,
+            dns: Arc::new(dnsmasq::FakeResolver::default()),
+            neighbours: NeighbourSource::ProcArp,
+            kernel_minutes_west: Arc::new(|| 0),
+        })
+    }
+
+    /// Router builds leave the simulated router out (it is dead weight on 16 MB of
+    /// flash); `RunConfig::validate` refuses `--simulate` there before this is
+    /// reached.
+    #[cfg(not(feature = "simulate"))]
+    pub fn simulated(_: &RunConfig) -> crate::error::Result<Backends> {
+        crate::bail!("{}", crate::config::NO_SIMULATED_ROUTER)
+    }
+}
+
+fn real_nlbw(config: &RunConfig) -> Arc<dyn nlbw::Nlbw> {
+    Arc::new(nlbw::RealNlbw::new(
+        config.nlbw.as_deref().unwrap_or("nlbw"),
+        config.nlbw_init.clone(),
+        config.root.clone(),
+    ))
+}
+
+/// A report's whole exchange (connect, TLS, request, answer) must fit in this.
+const REPORT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The relay and the router's credentials, for calls made outside the link.
+pub fn relay_endpoint(
+    identity: &Identity,
+    config: &RunConfig,
+) -> crate::error::Result<RelayEndpoint> {
+    Ok(RelayEndpoint::new(
+        RelayAddr::parse(&identity.relay_url)?,
+        tls::client_config(&identity.trust)?,
+        identity.router_id.clone(),
+        identity.router_secret.clone(),
+        config.connect_timeout,
+    ))
 }
 
 pub struct App {
     pub mode: Mode,
     pub router_id: String,
     pub files: Arc<dyn Files>,
-    /// hostapd's client lists, netifd's wireless status.
-    pub ubus: Arc<dyn Ubus>,
     pub started: Instant,
-    pub link: Mutex<LinkState>,
-    /// Starts recorded in the state database, this one included (0: not recorded).
+    /// Written by the link, read by the health endpoint.
+    pub link: Arc<LinkStatus>,
+    /// Starts recorded in the state database, this one included.
     pub starts: u64,
-    /// Device discovery; `None` only in tests of other parts.
-    pub scanner: Option<Arc<crate::scan::Scanner>>,
-    /// The policy engine; `None` only in tests of other parts.
-    pub policy: Option<Arc<crate::policy::engine::Engine>>,
-    /// The Wi-Fi service; `None` only in tests of other parts.
-    pub wifi: Option<Arc<crate::wifi::WifiService>>,
-    /// Reports to the relay outside the link; [`NoRelay`] until one is given.
-    pub reporter: Arc<dyn Reporter>,
-    /// Measures the line against the relay; `None` (answering 501) without a relay.
-    pub speedtest: Option<Arc<crate::speedtest::SpeedTester>>,
-    /// Device usage from nlbwmon; `None` only in tests of other parts.
-    pub usage: Option<Arc<crate::usage::Usage>>,
+    pub scanner: Arc<Scanner>,
+    pub policy: Arc<Engine>,
+    pub wifi: Arc<WifiService>,
+    /// Measures the line against the relay.
+    pub speedtest: Arc<SpeedTester>,
+    /// Device usage from nlbwmon.
+    pub usage: Arc<Usage>,
 }
 
 impl App {
-    pub fn new(mode: Mode, router_id: String, files: Arc<dyn Files>) -> Self {
-        App {
+    /// Every service over `backends`, configured by `config`, reporting to and
+    /// measuring against the relay of `identity`; their state in `state` (the
+    /// state directory's database, or memory for a simulated router that keeps
+    /// nothing). `starts` is how often the agent has started on this router.
+    pub fn build(
+        backends: Backends,
+        config: &RunConfig,
+        identity: &Identity,
+        state: &Location,
+        starts: u64,
+    ) -> crate::error::Result<App> {
+        let clock: Clock = system_clock();
+        let Backends {
             mode,
-            router_id,
             files,
-            ubus: Arc::new(RealUbus::default()),
+            ubus,
+            uci,
+            wifi,
+            nft,
+            tc,
+            nlbw,
+            dns,
+            neighbours,
+            kernel_minutes_west,
+        } = backends;
+        let (lan_if, wan_if) = interfaces::resolve(
+            files.as_ref(),
+            config.lan_if.as_deref(),
+            config.wan_if.as_deref(),
+        );
+        let endpoint = relay_endpoint(identity, config)?;
+        let reporter: Arc<dyn Reporter> =
+            Arc::new(RelayReporter::new(endpoint.clone(), REPORT_TIMEOUT));
+        let wifi = WifiService::new(
+            uci,
+            wifi,
+            ubus.clone(),
+            reporter,
+            Store::open_at(state)?,
+            config.wifi_safe.clone(),
+            clock.clone(),
+        );
+        let scanner = Scanner::new(
+            files.clone(),
+            ubus,
+            neighbours,
+            Some(wan_if.clone()),
+            clock.clone(),
+        );
+        let engine = Engine::new(
+            Store::open_at(state)?,
+            Enforcers { nft, tc, dns },
+            files.clone(),
+            EngineConfig {
+                lan_if,
+                wan_if,
+                timezone: config.timezone.clone(),
+                check_interval: config.check_interval,
+                kernel_minutes_west,
+                dns: dns_config(config)?,
+            },
+            clock.clone(),
+        )?;
+        // An invalid zone is the policy engine's error to report; usage days fall
+        // back to UTC rather than stopping the agent.
+        let zone = tz::router_zone(files.as_ref(), config.timezone.as_deref())
+            .unwrap_or_else(|_| tz::Zone::utc());
+        let usage = Usage::new(
+            nlbw,
+            files.clone(),
+            clock,
+            Arc::new(move |t| zone.offset_at(t)),
+            Store::open_at(state)?,
+            config.usage.clone(),
+        )?;
+        Ok(App {
+            mode,
+            router_id: identity.router_id.clone(),
+            files,
             started: Instant::now(),
-            link: Mutex::new(LinkState::default()),
-            starts: 0,
-            scanner: None,
-            policy: None,
-            wifi: None,
-            reporter: Arc::new(NoRelay),
-            speedtest: None,
-            usage: None,
-        }
+            link: Arc::default(),
+            starts,
+            scanner: Arc::new(scanner),
+            policy: Arc::new(engine),
+            wifi: Arc::new(wifi),
+            speedtest: Arc::new(SpeedTester::new(endpoint, Limits::default())),
+            usage: Arc::new(usage),
+        })
     }
+}
 
-    pub fn with_policy(mut self, engine: Arc<crate::policy::engine::Engine>) -> Self {
-        self.policy = Some(engine);
-        self
+/// The filtering resolvers' settings; a bad upstream or DoH list stops the start
+/// with the reason rather than producing resolvers that cannot work.
+fn dns_config(config: &RunConfig) -> crate::error::Result<DnsConfig> {
+    let mut dns = DnsConfig {
+        port_base: config.dns_port_base,
+        upstreams: config.dns_upstreams.clone(),
+        ..Default::default()
+    };
+    for u in &dns.upstreams {
+        resolvers::validate_upstream(u)?;
     }
-
-    pub fn with_wifi(mut self, wifi: Arc<crate::wifi::WifiService>) -> Self {
-        self.wifi = Some(wifi);
-        self
+    if let Some(path) = &config.doh_list {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the DoH list {}", path.display()))?;
+        dns.doh = crate::dns::categories::parse_doh(&text)
+            .map_err(|e| crate::error::Error::msg(format!("DoH list {}: {e}", path.display())))?;
     }
-
-    pub fn with_reporter(mut self, reporter: Arc<dyn Reporter>) -> Self {
-        self.reporter = reporter;
-        self
-    }
-
-    pub fn with_speedtest(mut self, tester: Arc<crate::speedtest::SpeedTester>) -> Self {
-        self.speedtest = Some(tester);
-        self
-    }
-
-    pub fn with_usage(mut self, usage: Arc<crate::usage::Usage>) -> Self {
-        self.usage = Some(usage);
-        self
-    }
-
-    pub fn with_ubus(mut self, ubus: Arc<dyn Ubus>) -> Self {
-        self.ubus = ubus;
-        self
-    }
-
-    pub fn with_scanner(mut self, scanner: crate::scan::Scanner) -> Self {
-        self.scanner = Some(Arc::new(scanner));
-        self
-    }
-
-    pub fn with_starts(mut self, starts: u64) -> Self {
-        self.starts = starts;
-        self
-    }
-
-    pub fn link_state(&self) -> LinkState {
-        self.link.lock().expect("link state lock").clone()
-    }
-
-    pub fn set_link(&self, f: impl FnOnce(&mut LinkState)) {
-        f(&mut self.link.lock().expect("link state lock"));
-    }
+    Ok(dns)
 }

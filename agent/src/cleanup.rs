@@ -5,10 +5,10 @@
 //! Every step runs even when an earlier one fails; all failures are reported.
 //! Features that add kernel or system state add their removal here.
 
+use crate::config::RunConfig;
 use crate::system::dnsmasq::{DnsError, Resolver};
 use crate::system::nft::{self, Firewall, NftError};
 use crate::system::tc::{self, Shaper, TcError};
-use crate::RunConfig;
 
 /// What one step did.
 #[derive(Debug, PartialEq, Eq)]
@@ -38,7 +38,7 @@ pub enum StepCause {
 /// Cleans up this router: the programs and directories the configuration names
 /// (as `run` would drive them), and the LAN and WAN devices it would shape.
 pub async fn run(config: &RunConfig) -> (Vec<Outcome>, Vec<StepError>) {
-    let system = crate::real_backends(config);
+    let system = crate::app::Backends::real(config);
     let (lan, wan) = crate::policy::interfaces::resolve(
         system.files.as_ref(),
         config.lan_if.as_deref(),

@@ -5,9 +5,9 @@ use std::path::Path;
 use netpilot_agent::bail;
 use netpilot_agent::cleanup::Outcome;
 use netpilot_agent::config::{AgentConfig, Command, Warning, DEFAULT_PATH, USAGE};
-use netpilot_agent::enroll::enroll;
 use netpilot_agent::error::Context;
-use netpilot_agent::identity::Identity;
+use netpilot_agent::link::enroll::enroll;
+use netpilot_agent::link::identity::Identity;
 
 fn main() -> std::process::ExitCode {
     match real_main() {

@@ -17,7 +17,7 @@ use hyper::header::CONTENT_TYPE;
 use netpilot_proto::link::{SPEEDTEST_DOWNLOAD_PATH, SPEEDTEST_PING_PATH, SPEEDTEST_UPLOAD_PATH};
 use serde::Serialize;
 
-use crate::dial::{Exchange, RelayBody, RelayEndpoint};
+use crate::link::dial::{Exchange, RelayBody, RelayEndpoint};
 
 /// What `method` says in the answer: measured on its own TLS connection to the relay.
 pub const METHOD: &str = "tls_connection";

@@ -123,9 +123,35 @@ pub struct Store {
     path: PathBuf,
 }
 
+/// Where the state database is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    /// `state.sqlite3` in this state directory.
+    Dir(PathBuf),
+    /// A fresh database in memory for each opening: a simulated router that keeps
+    /// nothing (many in one bench process).
+    Memory,
+}
+
 impl Store {
     pub fn open(state_dir: &Path) -> Result<Store, StoreError> {
         Self::open_with(state_dir, MIGRATIONS)
+    }
+
+    pub fn open_at(location: &Location) -> Result<Store, StoreError> {
+        match location {
+            Location::Dir(dir) => Store::open(dir),
+            Location::Memory => {
+                let path = PathBuf::from(":memory:");
+                let conn = Connection::open_in_memory().map_err(|source| StoreError::Sqlite {
+                    path: path.clone(),
+                    source,
+                })?;
+                let mut store = Store { conn, path };
+                store.migrate(MIGRATIONS)?;
+                Ok(store)
+            }
+        }
     }
 
     fn open_with(state_dir: &Path, migrations: &[&str]) -> Result<Store, StoreError> {

@@ -44,11 +44,11 @@ use hyper::client::conn::{http1, http2};
 use hyper::header::{HeaderValue, AUTHORIZATION, HOST};
 use hyper::{Request, StatusCode, Uri};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use netpilot_agent::app::{App, Mode};
-use netpilot_agent::backoff::BackoffConfig;
-use netpilot_agent::identity::Identity;
-use netpilot_agent::sim::SimRouter;
-use netpilot_agent::tls::Trust;
+use netpilot_agent::app::{App, Backends};
+use netpilot_agent::link::backoff::BackoffConfig;
+use netpilot_agent::link::identity::Identity;
+use netpilot_agent::link::tls::Trust;
+use netpilot_agent::store::Location;
 use netpilot_agent::RunConfig;
 use netpilot_tests::{q, start_session, Agent, Client, Relay, RelayOptions};
 use serde_json::{json, Value};
@@ -194,8 +194,9 @@ struct RelayCaller {
 
 impl RelayCaller {
     async fn connect(relay: &Relay, target: Uri) -> anyhow::Result<RelayCaller> {
-        let tls =
-            netpilot_agent::tls::client_config(&Trust::Fingerprint(relay.fingerprint.clone()))?;
+        let tls = netpilot_agent::link::tls::client_config(&Trust::Fingerprint(
+            relay.fingerprint.clone(),
+        ))?;
         let mut tls = (*tls).clone();
         tls.alpn_protocols = vec![b"h2".to_vec()];
         let tcp = TcpStream::connect(relay.addr).await?;
@@ -506,6 +507,7 @@ async fn relay_memory_with(relay: &Relay) -> anyhow::Result<Memory> {
     println!("  connecting {AGENTS} in-process agents");
     let (stop, stopped) = watch::channel(false);
     let config = RunConfig {
+        simulate: true,
         backoff: BackoffConfig {
             start_delay_max: Duration::ZERO,
             ..Default::default()
@@ -518,8 +520,14 @@ async fn relay_memory_with(relay: &Relay) -> anyhow::Result<Memory> {
         let config = config.clone();
         let mut stopped = stopped.clone();
         agents.spawn(async move {
-            let files = Arc::new(SimRouter::default());
-            let app = Arc::new(App::new(Mode::Simulated, identity.router_id.clone(), files));
+            // A whole simulated router per agent, keeping its state in memory.
+            let app = Arc::new(App::build(
+                Backends::simulated(&config)?,
+                &config,
+                &identity,
+                &Location::Memory,
+                1,
+            )?);
             let shutdown = async move {
                 let _ = stopped.wait_for(|s| *s).await;
             };

@@ -2,7 +2,7 @@
 //! TLS connection to the relay's speed-test endpoints (what the product does), or
 //! bulk data on an HTTP/2 stream of a connection configured like the link (the same
 //! hyper builders, `netpilot_relay::agent_link::h2_client` and
-//! `netpilot_agent::link::h2_server`, so the same flow-control windows and PINGs).
+//! `netpilot_agent::link::serve::h2_server`, so the same flow-control windows and PINGs).
 //! A program that prints figures (`cargo bench -p netpilot-tests --bench
 //! speedtest`); it never asserts on timing.
 //!
@@ -45,10 +45,10 @@ use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
-use netpilot_agent::dial::{RelayAddr, RelayEndpoint};
-use netpilot_agent::enroll::{enroll, EnrollArgs};
+use netpilot_agent::link::dial::{RelayAddr, RelayEndpoint};
+use netpilot_agent::link::enroll::{enroll, EnrollArgs};
+use netpilot_agent::link::tls::Trust;
 use netpilot_agent::speedtest::{median, RunArgs, SpeedTester};
-use netpilot_agent::tls::Trust;
 use netpilot_relay::config::{CliOverrides, Config, Secret};
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
@@ -258,7 +258,7 @@ async fn scenario(one_way_ms: u64) -> anyhow::Result<Scenario> {
         force: false,
     })
     .await?;
-    let client_tls = netpilot_agent::tls::client_config(&trust)?;
+    let client_tls = netpilot_agent::link::tls::client_config(&trust)?;
     let relay_addr = RelayAddr::parse(&format!("https://{via}"))?;
     let tester = SpeedTester::new(
         RelayEndpoint::new(
@@ -362,11 +362,14 @@ impl LinkPair {
             anyhow::Ok(tls)
         });
         let agent_addr = RelayAddr::parse(&format!("https://127.0.0.1:{}", addr.port()))?;
-        let agent_tls =
-            netpilot_agent::dial::dial(&agent_addr, client_tls.clone(), Duration::from_secs(5))
-                .await?;
+        let agent_tls = netpilot_agent::link::dial::dial(
+            &agent_addr,
+            client_tls.clone(),
+            Duration::from_secs(5),
+        )
+        .await?;
         let relay_tls = accept.await??;
-        let link_config = netpilot_agent::link::LinkConfig {
+        let link_config = netpilot_agent::link::serve::LinkConfig {
             relay,
             router_id: String::new(),
             secret: String::new(),
@@ -379,7 +382,7 @@ impl LinkPair {
         };
         let service = service_fn(agent_service);
         tokio::spawn(
-            netpilot_agent::link::h2_server(&link_config)
+            netpilot_agent::link::serve::h2_server(&link_config)
                 .serve_connection(TokioIo::new(agent_tls), service),
         );
         let timeouts = netpilot_relay::config::Timeouts::default();

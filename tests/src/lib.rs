@@ -530,9 +530,9 @@ async fn h2_connect(
     addr: std::net::SocketAddr,
     fingerprint: &str,
 ) -> anyhow::Result<SendRequest<Full<Bytes>>> {
-    let tls = netpilot_agent::tls::client_config(&netpilot_agent::tls::Trust::Fingerprint(
-        fingerprint.to_owned(),
-    ))?;
+    let tls = netpilot_agent::link::tls::client_config(
+        &netpilot_agent::link::tls::Trust::Fingerprint(fingerprint.to_owned()),
+    )?;
     let mut cfg = (*tls).clone();
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     let tcp = tokio::net::TcpStream::connect(addr).await?;
@@ -573,12 +573,12 @@ pub fn relay_endpoint(
     relay: &Relay,
     router: &EnrolledRouter,
     secret: Option<&str>,
-) -> netpilot_agent::dial::RelayEndpoint {
-    let id =
-        netpilot_agent::identity::Identity::load(&router.state_dir).expect("enrolled identity");
-    netpilot_agent::dial::RelayEndpoint::new(
-        netpilot_agent::dial::RelayAddr::parse(&relay.url()).expect("the relay's URL"),
-        netpilot_agent::tls::client_config(&id.trust).expect("the identity's TLS trust"),
+) -> netpilot_agent::link::dial::RelayEndpoint {
+    let id = netpilot_agent::link::identity::Identity::load(&router.state_dir)
+        .expect("enrolled identity");
+    netpilot_agent::link::dial::RelayEndpoint::new(
+        netpilot_agent::link::dial::RelayAddr::parse(&relay.url()).expect("the relay's URL"),
+        netpilot_agent::link::tls::client_config(&id.trust).expect("the identity's TLS trust"),
         id.router_id,
         secret.map(str::to_owned).unwrap_or(id.router_secret),
         Duration::from_secs(5),

@@ -139,9 +139,9 @@ async fn bogus_link_upgrades_are_refused_with_json_errors() {
 }
 
 async fn tls_connect(relay: &Relay) -> tokio_rustls::client::TlsStream<TcpStream> {
-    let cfg = netpilot_agent::tls::client_config(&netpilot_agent::tls::Trust::Fingerprint(
-        relay.fingerprint.clone(),
-    ))
+    let cfg = netpilot_agent::link::tls::client_config(
+        &netpilot_agent::link::tls::Trust::Fingerprint(relay.fingerprint.clone()),
+    )
     .unwrap();
     let tcp = TcpStream::connect(relay.addr).await.unwrap();
     let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();

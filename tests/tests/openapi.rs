@@ -1024,8 +1024,8 @@ impl Target {
 /// `GET /agent/v1/connect` as an agent sends it: HTTP/1.1 (ALPN `http/1.1` only) with
 /// the upgrade headers. The connection is dropped after the answer's head.
 async fn connect_h1(relay: &Relay, router_id: &str, secret: Option<&str>) -> anyhow::Result<Reply> {
-    let trust = netpilot_agent::tls::Trust::Fingerprint(relay.fingerprint.clone());
-    let tls = netpilot_agent::tls::client_config(&trust)?;
+    let trust = netpilot_agent::link::tls::Trust::Fingerprint(relay.fingerprint.clone());
+    let tls = netpilot_agent::link::tls::client_config(&trust)?;
     let tcp = tokio::net::TcpStream::connect(relay.addr).await?;
     let name = rustls_pki_types::ServerName::try_from("localhost")?;
     let stream = tokio_rustls::TlsConnector::from(tls)

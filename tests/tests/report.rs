@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use netpilot_agent::dial::{RelayAddr, RelayBody, RelayEndpoint};
-use netpilot_agent::identity::Identity;
-use netpilot_agent::report::{AgentEvent, RelayReporter, ReportError, Reporter};
+use netpilot_agent::link::dial::{RelayAddr, RelayBody, RelayEndpoint};
+use netpilot_agent::link::identity::Identity;
+use netpilot_agent::link::report::{AgentEvent, RelayReporter, ReportError, Reporter};
 use netpilot_proto::link::REPORT_PATH;
 use netpilot_tests::{relay_endpoint as endpoint, Relay, RelayOptions};
 use serde_json::Value;
@@ -154,9 +154,9 @@ async fn an_unreachable_relay_is_a_typed_error() -> anyhow::Result<()> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
-    let tls = netpilot_agent::tls::client_config(&netpilot_agent::tls::Trust::Fingerprint(
-        "ab".repeat(32),
-    ))?;
+    let tls = netpilot_agent::link::tls::client_config(
+        &netpilot_agent::link::tls::Trust::Fingerprint("ab".repeat(32)),
+    )?;
     let e = RelayEndpoint::new(
         RelayAddr::parse(&format!("https://127.0.0.1:{port}"))?,
         tls,

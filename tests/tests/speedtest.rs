@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
-use netpilot_agent::dial::{RelayBody, RelayEndpoint};
+use netpilot_agent::link::dial::{RelayBody, RelayEndpoint};
 use netpilot_proto::link::{SPEEDTEST_DOWNLOAD_PATH, SPEEDTEST_PING_PATH, SPEEDTEST_UPLOAD_PATH};
 use netpilot_tests::{
     eventually, q, relay_endpoint as endpoint, relay_with_agent, start_session, Agent, Relay,

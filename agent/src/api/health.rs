@@ -23,22 +23,22 @@ pub struct Health {
 }
 
 pub fn health(app: &App) -> Health {
-    let link = app.link_state();
+    let link = app.link.get();
     Health {
         agent_version: env!("CARGO_PKG_VERSION"),
         router_id: app.router_id.clone(),
         mode: app.mode.as_str(),
         agent_uptime_s: app.started.elapsed().as_secs(),
         agent_starts: app.starts,
-        infrastructure_ready: app.policy.as_ref().is_some_and(|e| {
-            let s = e.status();
+        infrastructure_ready: {
+            let s = app.policy.status();
             s.in_sync && s.last_error.is_none()
-        }),
+        },
         link_connected_since_unix: link
             .connected_since
             .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
             .map(|d| d.as_secs()),
         link_connects: link.connects,
-        clock_unset: crate::tls::clock_unset(std::time::SystemTime::now()),
+        clock_unset: crate::link::tls::clock_unset(std::time::SystemTime::now()),
     }
 }

@@ -217,57 +217,29 @@ async fn dispatch(app: &Arc<App>, req: Request<Incoming>) -> Result<Reply, Agent
         "/api/scan/router" => scan::router(app).await,
         "/api/scan" => scan::devices(app).await,
         "/api/speedtest" => {
-            let tester = app
-                .speedtest
-                .clone()
-                .ok_or(AgentError::NotImplemented("/api/speedtest"))?;
+            let tester = &app.speedtest;
             let args = crate::speedtest::parse_args(req.uri().query(), tester.limits())
                 .map_err(|m| AgentError::InvalidParameter(m.into()))?;
             Reply::ok(tester.run(args).await?)
         }
         pattern if pattern.starts_with("/api/device-usage/") => {
-            let service = app
-                .usage
-                .clone()
-                .ok_or(AgentError::NotImplemented(pattern))?;
-            let call = call(
-                route.route.method.as_str(),
-                pattern,
-                route.param("mac"),
-                req,
-            )
-            .await?;
-            usage::handle(&service, call).await
+            let method = route.route.method.as_str();
+            let call = call(method, pattern, route.param("mac"), req).await?;
+            usage::handle(&app.usage, call).await
         }
         pattern if policy_route(pattern) => {
-            let engine = app
-                .policy
-                .clone()
-                .ok_or(AgentError::NotImplemented(pattern))?;
-            let call = call(route.route.method.as_str(), pattern, route.param("id"), req).await?;
-            policy::handle(&engine, call).await
+            let method = route.route.method.as_str();
+            let call = call(method, pattern, route.param("id"), req).await?;
+            policy::handle(&app.policy, call).await
         }
         pattern if pattern.starts_with("/api/dns/") => {
-            let engine = app
-                .policy
-                .clone()
-                .ok_or(AgentError::NotImplemented(pattern))?;
-            let call = call(
-                route.route.method.as_str(),
-                pattern,
-                route.param("name"),
-                req,
-            )
-            .await?;
-            dns::handle(&engine, call, engine.now()).await
+            let method = route.route.method.as_str();
+            let call = call(method, pattern, route.param("name"), req).await?;
+            dns::handle(&app.policy, call, app.policy.now()).await
         }
         pattern if pattern.starts_with("/api/wifi/") => {
-            let service = app
-                .wifi
-                .clone()
-                .ok_or(AgentError::NotImplemented(pattern))?;
             let call = call(route.route.method.as_str(), pattern, None, req).await?;
-            wifi::handle(&service, call).await
+            wifi::handle(&app.wifi, call).await
         }
         other => Err(AgentError::NotImplemented(other)),
     }

@@ -8,16 +8,10 @@ use crate::app::App;
 use crate::system::sysinfo;
 
 pub async fn devices(app: &Arc<App>) -> Result<Reply, AgentError> {
-    let scanner = app
-        .scanner
-        .clone()
-        .ok_or(AgentError::NotImplemented("/api/scan"))?;
+    let scanner = &app.scanner;
     let gathered = scanner.gather().await;
     let now = scanner.now();
-    let out = match &app.policy {
-        Some(engine) => engine.read(|d| scanner.finish(gathered, d, now)).await,
-        None => scanner.finish(gathered, &crate::policy::ops::initial(), now),
-    };
+    let out = app.policy.read(|d| scanner.finish(gathered, d, now)).await;
     Reply::ok(out)
 }
 

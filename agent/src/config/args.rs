@@ -10,7 +10,7 @@ use std::time::Duration;
 use lexopt::prelude::*;
 
 use super::{ConfigError, RunConfig};
-use crate::tls::{parse_fingerprint, Trust};
+use crate::link::tls::{parse_fingerprint, Trust};
 
 pub const USAGE: &str = "\
 usage: netpilot-agent enroll --relay URL --token TOKEN [--ca FILE | --fingerprint SHA256]

@@ -17,8 +17,8 @@ pub use args::USAGE;
 pub use run::{RunConfig, NO_SIMULATED_ROUTER};
 pub use settings::{Settings, SettingsError, DEFAULT_PATH};
 
-use crate::enroll::EnrollArgs;
-use crate::tls::{TlsError, Trust};
+use crate::link::enroll::EnrollArgs;
+use crate::link::tls::{TlsError, Trust};
 
 /// Everything the command line and the UCI file decide, resolved.
 #[derive(Debug)]

@@ -6,9 +6,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::backoff::BackoffConfig;
+use crate::link::backoff::BackoffConfig;
+use crate::link::tls::Trust;
 use crate::policy;
-use crate::tls::Trust;
 use crate::usage::UsageConfig;
 use crate::wifi::WifiConfig;
 

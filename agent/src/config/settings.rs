@@ -115,7 +115,8 @@ impl Settings {
             ));
         }
         if let Some(fp) = &s.fingerprint {
-            crate::tls::parse_fingerprint(fp).map_err(|e| invalid("fingerprint", e.to_string()))?;
+            crate::link::tls::parse_fingerprint(fp)
+                .map_err(|e| invalid("fingerprint", e.to_string()))?;
         }
         s.log_level = text("log_level");
         s.state_dir = text("state_dir").map(PathBuf::from);

@@ -1,6 +1,10 @@
 //! The bottom layer: what every other module may use and that uses none of them —
-//! the injected clock and calendar arithmetic, the shutdown signal, and (in
-//! `system::process` for now) starting processes.
+//! the injected clock and calendar arithmetic, the shutdown signal, and the one
+//! place that starts (and signals) processes.
 
 pub mod clock;
+pub mod process;
 pub mod shutdown;
+
+/// A boxed future: what the seam traits return, so they stay object safe.
+pub type Fut<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;

@@ -16,8 +16,8 @@ use serde_json::Value;
 
 use crate::policy::model::{Desired, GroupId, Mac, Target};
 use crate::runtime::clock::Clock;
+use crate::runtime::process;
 use crate::system::files::Files;
-use crate::system::process;
 use crate::system::ubus::Ubus;
 use parse::{Lease, Neighbour, Station};
 

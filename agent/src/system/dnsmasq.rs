@@ -36,8 +36,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::process::{self, ProcessError, Signal};
 pub use super::Fut;
+use crate::runtime::process::{self, ProcessError, Signal};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InstanceSpec {

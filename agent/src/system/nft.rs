@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use super::process::{self, ProcessError};
+use crate::runtime::process::{self, ProcessError};
 
 pub use super::Fut;
 

@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use super::process::{self, ProcessError};
 use super::Fut;
+use crate::runtime::process::{self, ProcessError};
 
 /// One `nlbw` command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

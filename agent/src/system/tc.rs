@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use super::nft::Fut;
-use super::process::{self, ProcessError};
+use crate::runtime::process::{self, ProcessError};
 
 /// Handle major of NetPilot's root qdisc (`1:`), the classes are `1:<minor>`: the one
 /// definition, which the compiler and `cleanup` use too.

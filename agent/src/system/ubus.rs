@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::process::{self, ProcessError};
 use super::Fut;
+use crate::runtime::process::{self, ProcessError};
 
 /// ubus's status codes (`enum ubus_msg_status`), which the CLI returns as its exit
 /// code: `ubus call` on a missing object exits 4.

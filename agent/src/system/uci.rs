@@ -12,8 +12,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::process::{self, ProcessError};
 use super::Fut;
+use crate::runtime::process::{self, ProcessError};
 use crate::uci_format::{self as text, Section};
 
 /// One line of a `uci batch`. Paths are `package.section[.option]` with named

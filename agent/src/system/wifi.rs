@@ -28,10 +28,10 @@ use std::time::Duration;
 
 use serde_json::{json, Map, Value};
 
-use super::process::{self, ProcessError};
 use super::ubus::FakeUbus;
 use super::uci::FakeUci;
 use super::Fut;
+use crate::runtime::process::{self, ProcessError};
 use crate::uci_format::Section;
 
 #[derive(Debug, thiserror::Error)]

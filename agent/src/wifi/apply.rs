@@ -28,8 +28,8 @@ use tokio::time::Instant;
 use super::model::{self, Request, PACKAGE};
 use super::persist::{Change, ChangeView, State};
 use super::{WifiError, WifiService};
+use crate::link::report::AgentEvent;
 use crate::policy::persist::Actor;
-use crate::report::AgentEvent;
 use crate::system::uci::UciError;
 
 /// In-memory schedule of a change with work left.

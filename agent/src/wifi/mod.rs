@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use serde_json::json;
 
+use crate::link::report::Reporter;
 use crate::policy::model::Invalid;
-use crate::report::Reporter;
 use crate::runtime::clock::Clock;
 use crate::store::Store;
 use crate::system::ubus::Ubus;

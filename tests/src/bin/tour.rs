@@ -7,8 +7,8 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use netpilot_agent::enroll::{enroll, EnrollArgs};
-use netpilot_agent::tls::Trust;
+use netpilot_agent::link::enroll::{enroll, EnrollArgs};
+use netpilot_agent::link::tls::Trust;
 use netpilot_relay::config::{CliOverrides, Config, Secret};
 use netpilot_tests::{q, Client, Reply};
 use serde_json::json;
@@ -102,7 +102,7 @@ async fn main() -> anyhow::Result<()> {
     let run_config = netpilot_agent::RunConfig {
         state_dir,
         simulate: true,
-        backoff: netpilot_agent::backoff::BackoffConfig {
+        backoff: netpilot_agent::link::backoff::BackoffConfig {
             start_delay_max: Duration::ZERO,
             ..Default::default()
         },

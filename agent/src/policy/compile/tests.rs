@@ -405,7 +405,7 @@ async fn every_accepted_state_compiles_to_a_script_nft_accepts() {
         let now = NOW + r.below(400 * 86_400) as i64;
         let c = compile_in(&d, tz, now);
         let script = c.full_script();
-        let check = crate::system::process::run_with_env(
+        let check = crate::runtime::process::run_with_env(
             &["nft", "-c", "-f", "-"],
             Some(script.as_bytes()),
             std::time::Duration::from_secs(30),

@@ -201,7 +201,7 @@ impl RelayEndpoint {
             .await
             .map(|c| c.to_bytes())
             .unwrap_or_default();
-        let (code, message) = crate::link::parse_error(&body);
+        let (code, message) = parse_error(&body);
         Err(Exchange::Refused {
             status,
             message: format!("{code}: {message}"),
@@ -311,6 +311,17 @@ impl hyper::body::Body for RelayBody {
     }
 }
 
+/// `(error.code, error.message)` of a relay envelope, or the start of the raw body.
+pub(crate) fn parse_error(body: &[u8]) -> (String, String) {
+    let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    let code = v["error"]["code"].as_str().unwrap_or("UNKNOWN").to_owned();
+    let message = v["error"]["message"]
+        .as_str()
+        .map(str::to_owned)
+        .unwrap_or_else(|| String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned());
+    (code, message)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -343,7 +354,8 @@ mod tests {
     #[test]
     fn endpoint_debug_hides_the_secret() {
         let tls =
-            crate::tls::client_config(&crate::tls::Trust::Fingerprint("ab".repeat(32))).unwrap();
+            crate::link::tls::client_config(&crate::link::tls::Trust::Fingerprint("ab".repeat(32)))
+                .unwrap();
         let e = RelayEndpoint::new(
             RelayAddr::parse("https://relay:1").unwrap(),
             tls,

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::tls::Trust;
+use crate::link::tls::Trust;
 
 pub const FILE_NAME: &str = "identity.json";
 

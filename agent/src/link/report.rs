@@ -10,7 +10,7 @@ use hyper::header::CONTENT_TYPE;
 pub use netpilot_proto::link::AgentEvent;
 use netpilot_proto::link::REPORT_PATH;
 
-use crate::dial::{Exchange, RelayBody, RelayEndpoint};
+use crate::link::dial::{Exchange, RelayBody, RelayEndpoint};
 use crate::system::Fut;
 
 #[derive(Debug, thiserror::Error)]

@@ -1,25 +1,65 @@
-//! The agent's half of the link (DESIGN §2): dial the relay, ask to upgrade
-//! `GET /agent/v1/connect` with the router secret, and on `101` serve the agent API
-//! as the HTTP/2 server on the upgraded stream. Reconnects forever with backoff and
-//! full jitter until shutdown.
+//! The agent's half of the link: dial the relay, ask to upgrade
+//! `GET /agent/v1/connect` with the router secret, and on `101` be the HTTP/2 server
+//! on the upgraded stream, handing every call to the handler it was given (the
+//! agent API). Reconnects forever with backoff and full jitter until shutdown.
 
-use std::sync::Arc;
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
 use hyper::header::{AUTHORIZATION, CONNECTION, HOST, UPGRADE};
 use hyper::service::service_fn;
-use hyper::{Request, StatusCode};
+use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use netpilot_proto::link::{
     CONNECT_PATH, HEADER_AGENT_VERSION, HEADER_ROUTER_ID, UPGRADE_PROTOCOL,
 };
 use rustls::ClientConfig;
-use tokio::sync::watch;
 
-use crate::app::App;
-use crate::backoff::{random_unit, Backoff, BackoffConfig};
-use crate::dial::{dial, DialError, RelayAddr, RelayBody};
+use super::backoff::{random_unit, Backoff, BackoffConfig};
+use super::dial::{dial, DialError, RelayAddr, RelayBody};
+use crate::runtime::shutdown::{self, Shutdown};
+
+/// What the link is doing, for the health endpoint.
+#[derive(Debug, Default, Clone)]
+pub struct LinkState {
+    pub connected_since: Option<SystemTime>,
+    /// Links established since the agent started.
+    pub connects: u64,
+    pub last_error: Option<String>,
+}
+
+/// The link's state, written by the link task and read by whoever reports it.
+#[derive(Debug, Default)]
+pub struct LinkStatus(Mutex<LinkState>);
+
+impl LinkStatus {
+    pub fn get(&self) -> LinkState {
+        self.0.lock().expect("link state lock").clone()
+    }
+
+    fn update(&self, f: impl FnOnce(&mut LinkState)) {
+        f(&mut self.0.lock().expect("link state lock"));
+    }
+}
+
+/// What answers the calls that come over the link: the agent API.
+pub trait Handler<B>:
+    Fn(Request<Incoming>) -> Self::Answer + Clone + Send + Sync + 'static
+{
+    type Answer: Future<Output = Result<Response<B>, Infallible>> + Send + 'static;
+}
+
+impl<B, F, A> Handler<B> for F
+where
+    F: Fn(Request<Incoming>) -> A + Clone + Send + Sync + 'static,
+    A: Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
+{
+    type Answer = A;
+}
 
 #[derive(Clone)]
 pub struct LinkConfig {
@@ -54,8 +94,17 @@ pub enum LinkError {
     Upgrade(#[source] hyper::Error),
 }
 
-/// Runs the link until `shutdown` turns true.
-pub async fn run(config: LinkConfig, app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
+/// Runs the link until `shutdown` turns true, serving every call with `handler`.
+pub async fn run<B>(
+    config: LinkConfig,
+    handler: impl Handler<B>,
+    status: Arc<LinkStatus>,
+    mut shutdown: Shutdown,
+) where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let mut backoff = Backoff::new(config.backoff.clone());
     let start_delay = backoff.start_delay(random_unit());
     if !start_delay.is_zero() {
@@ -69,18 +118,18 @@ pub async fn run(config: LinkConfig, app: Arc<App>, mut shutdown: watch::Receive
     }
     loop {
         let attempt_started = Instant::now();
-        match connect_and_serve(&config, &app, &mut shutdown).await {
+        match connect_and_serve(&config, handler.clone(), &status, &mut shutdown).await {
             Ok(()) => tracing::info!("link ended"),
             Err(e) => {
-                if crate::tls::clock_unset(SystemTime::now()) {
+                if crate::link::tls::clock_unset(SystemTime::now()) {
                     tracing::warn!(error = %e, "link failed; the system clock is before this build, so it is probably not set yet (NTP)");
                 } else {
                     tracing::warn!(error = %e, "link failed");
                 }
-                app.set_link(|l| l.last_error = Some(e.to_string()));
+                status.update(|l| l.last_error = Some(e.to_string()));
             }
         }
-        app.set_link(|l| l.connected_since = None);
+        status.update(|l| l.connected_since = None);
         if *shutdown.borrow() {
             return;
         }
@@ -94,20 +143,26 @@ pub async fn run(config: LinkConfig, app: Arc<App>, mut shutdown: watch::Receive
 }
 
 /// Sleeps; true when shutdown came first.
-async fn wait_or_shutdown(d: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
+async fn wait_or_shutdown(d: Duration, shutdown: &mut Shutdown) -> bool {
     tokio::select! {
         _ = tokio::time::sleep(d) => {}
-        _ = crate::runtime::shutdown::stopped(shutdown) => return true,
+        _ = shutdown::stopped(shutdown) => return true,
     }
     *shutdown.borrow()
 }
 
-/// Resolves when shutdown is signalled (or its sender is gone).
-async fn connect_and_serve(
+/// One link, from dial to its end (lost, or shutdown).
+async fn connect_and_serve<B>(
     config: &LinkConfig,
-    app: &Arc<App>,
-    shutdown: &mut watch::Receiver<bool>,
-) -> Result<(), LinkError> {
+    handler: impl Handler<B>,
+    status: &LinkStatus,
+    shutdown: &mut Shutdown,
+) -> Result<(), LinkError>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let tls = dial(&config.relay, config.tls.clone(), config.connect_timeout).await?;
     let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
         .handshake::<_, RelayBody>(TokioIo::new(tls))
@@ -144,7 +199,7 @@ async fn connect_and_serve(
             .map(|c| c.to_bytes())
             .unwrap_or_default();
         conn_task.abort();
-        let (code, message) = parse_error(&body);
+        let (code, message) = super::dial::parse_error(&body);
         return Err(LinkError::Refused {
             status,
             code,
@@ -153,10 +208,8 @@ async fn connect_and_serve(
     }
     let upgraded = hyper::upgrade::on(resp).await.map_err(LinkError::Upgrade)?;
 
-    let service_app = app.clone();
-    let service = service_fn(move |req| crate::api::handle(service_app.clone(), req));
-    let conn = h2_server(config).serve_connection(upgraded, service);
-    app.set_link(|l| {
+    let conn = h2_server(config).serve_connection(upgraded, service_fn(handler));
+    status.update(|l| {
         l.connected_since = Some(SystemTime::now());
         l.connects += 1;
         l.last_error = None;
@@ -169,7 +222,7 @@ async fn connect_and_serve(
                 tracing::info!(error = %e, "link lost");
             }
         }
-        _ = crate::runtime::shutdown::stopped(shutdown) => {
+        _ = shutdown::stopped(shutdown) => {
             conn.as_mut().graceful_shutdown();
             let _ = tokio::time::timeout(Duration::from_secs(2), conn).await;
         }
@@ -187,15 +240,4 @@ pub fn h2_server(config: &LinkConfig) -> hyper::server::conn::http2::Builder<Tok
         .keep_alive_timeout(config.dead_after.saturating_sub(config.ping_interval))
         .max_concurrent_streams(config.max_concurrent_calls);
     b
-}
-
-/// `(error.code, error.message)` of a relay envelope, or the start of the raw body.
-pub(crate) fn parse_error(body: &[u8]) -> (String, String) {
-    let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
-    let code = v["error"]["code"].as_str().unwrap_or("UNKNOWN").to_owned();
-    let message = v["error"]["message"]
-        .as_str()
-        .map(str::to_owned)
-        .unwrap_or_else(|| String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned());
-    (code, message)
 }

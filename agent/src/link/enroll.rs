@@ -10,9 +10,9 @@ use hyper::Request;
 use netpilot_proto::link::{EnrollRequest, EnrollResponse, ENROLL_PATH};
 use netpilot_proto::Envelope;
 
-use crate::dial::{http1, DialError, RelayAddr, RelayBody};
-use crate::identity::{Identity, IdentityError};
-use crate::tls::{client_config, TlsError, Trust};
+use crate::link::dial::{http1, DialError, RelayAddr, RelayBody};
+use crate::link::identity::{Identity, IdentityError};
+use crate::link::tls::{client_config, TlsError, Trust};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnrollError {
