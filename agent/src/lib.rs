@@ -9,7 +9,6 @@ pub mod app;
 pub mod cleanup;
 pub mod config;
 pub mod dns;
-pub mod duration;
 pub mod error;
 pub mod link;
 pub mod policy;

@@ -490,7 +490,7 @@ fn layer_violations(c: &Crate, layers: &[(&str, &[&str])]) -> Vec<String> {
 
 /// Agent layers, bottom to top (ARCHITECTURE.md says what each holds).
 const AGENT_LAYERS: &[(&str, &[&str])] = &[
-    ("runtime", &["runtime", "error", "duration", "uci_format"]),
+    ("runtime", &["runtime", "error", "uci_format"]),
     ("adapters", &["system", "store", "link"]),
     (
         "domain services",

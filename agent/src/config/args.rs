@@ -206,7 +206,7 @@ pub(super) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Parsed, 
 fn duration(args: &mut lexopt::Parser, option: &'static str) -> Result<Duration, ConfigError> {
     let v = args.value()?.string()?;
     let d =
-        crate::duration::parse(&v).map_err(|e| ConfigError::invalid(option, v, "a duration", e))?;
+        super::duration::parse(&v).map_err(|e| ConfigError::invalid(option, v, "a duration", e))?;
     if d.is_zero() && !matches!(option, "start-delay-max" | "wifi-settle") {
         return Err(ConfigError::NotPositive(option));
     }

@@ -6,6 +6,7 @@
 //! up (whose level may come from that very file).
 
 mod args;
+pub mod duration;
 mod run;
 pub mod settings;
 

@@ -123,7 +123,7 @@ impl Settings {
         s.start_delay = match text("start_delay") {
             None => None,
             Some(v) => Some(
-                crate::duration::parse(&v)
+                super::duration::parse(&v)
                     .map_err(|e| invalid("start_delay", format!("{v:?}: {e}")))?,
             ),
         };
