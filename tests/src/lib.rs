@@ -5,6 +5,9 @@
 //! nothing running.
 
 pub mod lab;
+pub mod rig;
+
+pub use rig::{ApiRig, ApiRigBuilder, Session};
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -547,24 +550,6 @@ async fn h2_connect(
         .await?;
     tokio::spawn(conn);
     Ok(sender)
-}
-
-/// A relay (extra config TOML) with one router of `alice`, its agent started with
-/// `agent_args` and online: the starting point of most tests.
-pub async fn relay_with_agent(
-    config: &str,
-    agent_args: &[&str],
-) -> anyhow::Result<(Relay, EnrolledRouter, Agent)> {
-    let relay = Relay::start(RelayOptions {
-        config: config.into(),
-    })
-    .await?;
-    let router = relay.enrolled_router("alice").await?;
-    let agent = Agent::start(&router, agent_args).await?;
-    relay
-        .wait_online(&router.router_id, true, Duration::from_secs(10))
-        .await?;
-    Ok((relay, router, agent))
 }
 
 /// The relay as an enrolled router's agent reaches it outside the link (reports,

@@ -4,7 +4,7 @@
 //! neighbour table read by the real `ip`, a lease file, and no hostapd at all.
 
 use netpilot_tests::lab::{self, Lab, C1_IP, C1_MAC, C2_MAC, LAN_IF, WAN_IF};
-use netpilot_tests::{q, relay_with_agent, start_session, Agent, Relay, RelayOptions};
+use netpilot_tests::{Agent, ApiRig, Relay, RelayOptions};
 use serde_json::{json, Value};
 
 fn device<'a>(scan: &'a Value, mac: &str) -> &'a Value {
@@ -18,30 +18,23 @@ fn device<'a>(scan: &'a Value, mac: &str) -> &'a Value {
 
 #[tokio::test]
 async fn the_simulated_router_lists_its_devices_with_wireless_details_and_policy_state() {
-    let (relay, router, _agent) = relay_with_agent("", &["--simulate"]).await.unwrap();
-    let c = relay.client().await.unwrap();
-    let sid = start_session(&c, "alice", &router.router_id).await.unwrap();
-    let rid = &router.router_id;
+    let rig = ApiRig::simulated().await.unwrap();
+    let alice = rig.session("alice").await.unwrap();
 
-    let r = c
+    let r = alice
         .post(
             "/api/groups/sync",
-            json!({"sessionId": sid, "routerId": rid, "group": {"id": 4, "name": "Kids",
+            json!({"group": {"id": 4, "name": "Kids",
                 "devices": [{"mac": "02-00-00-00-01-03"}], "policy": {"internet": "block"}}}),
         )
-        .await
-        .unwrap();
+        .await;
     assert_eq!(r.status, 200, "{}", r.body);
-    let r = c
-        .post(
-            "/api/block",
-            json!({"sessionId": sid, "routerId": rid, "ip": "192.168.1.105"}),
-        )
-        .await
-        .unwrap();
+    let r = alice
+        .post("/api/block", json!({"ip": "192.168.1.105"}))
+        .await;
     assert_eq!(r.status, 200, "{}", r.body);
 
-    let r = c.get(&q("/api/scan", &sid, rid)).await.unwrap();
+    let r = alice.get("/api/scan").await;
     assert_eq!(r.status, 200, "{}", r.body);
     let scan = &r.body["data"];
     assert_eq!(scan["total"], 5, "{scan}");
