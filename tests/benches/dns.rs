@@ -35,6 +35,7 @@ use netpilot_agent::system::dnsmasq::{RealDnsmasq, Resolver};
 use netpilot_agent::system::files::MemFiles;
 use netpilot_agent::system::nft::RealNft;
 use netpilot_agent::system::tc::RealTc;
+use netpilot_testkit::netns::run;
 
 const DOMAINS: usize = 100_000;
 const ROUNDS: usize = 5;
@@ -43,7 +44,7 @@ const LAN_IP: &str = "192.168.77.1";
 const PORT_BASE: u16 = 5400;
 
 fn main() -> anyhow::Result<()> {
-    netpilot_tests::enter_bench_namespace("DNS", Some("192.168.77.1/24"))?;
+    let _netns = netpilot_tests::enter_bench_namespace("DNS", Some("192.168.77.1/24"))?;
     let tmp = tempfile::tempdir()?;
     let upstream_pid = tmp.path().join("upstream.pid");
     run(&[
@@ -61,8 +62,8 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let result = rt.block_on(bench(tmp.path()));
-    // Whatever happened: no dnsmasq outlives the bench (the namespace goes with us,
-    // the processes would not).
+    // Whatever happened: no dnsmasq outlives the bench (the namespace goes with the
+    // last process in it, and these would stay).
     for entry in std::fs::read_dir(tmp.path())?.flatten() {
         kill_pidfile(&entry.path());
     }
@@ -88,16 +89,6 @@ fn kill_pidfile(path: &std::path::Path) {
             );
         }
     }
-}
-
-fn run(argv: &[&str]) -> anyhow::Result<()> {
-    let st = std::process::Command::new(argv[0])
-        .args(&argv[1..])
-        .status()?;
-    if !st.success() {
-        bail!("{argv:?} failed");
-    }
-    Ok(())
 }
 
 /// Realistic-looking names: a few labels of letters and digits under common TLDs.

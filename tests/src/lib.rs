@@ -346,11 +346,10 @@ impl Agent {
         // --config later on the command line wins.
         // `ip netns exec` execs the agent, so the child is the agent itself.
         let mut command = match netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(binary("netpilot-agent"));
-                c
-            }
+            Some(ns) => Command::from(netpilot_testkit::netns::command_in(
+                ns,
+                binary("netpilot-agent"),
+            )),
             None => Command::new(binary("netpilot-agent")),
         };
         let mut child = command
@@ -647,15 +646,17 @@ where
 /// For benchmarks run as root: moves this process into a fresh network namespace
 /// (nothing outside it is touched) with loopback up and the router's two devices,
 /// `lan0` and `wan0` (veth pairs with `lan1`/`wan1` as the far ends, all up), and
-/// `lan_addr` (CIDR) on `lan0` if given.
-pub fn enter_bench_namespace(what: &str, lan_addr: Option<&str>) -> anyhow::Result<()> {
-    if !nix::unistd::Uid::effective().is_root() {
-        bail!("the {what} benchmark needs root (network namespaces)");
+/// `lan_addr` (CIDR) on `lan0` if given. Keep the namespace until the bench ends:
+/// dropping it deletes its name (the process stays inside).
+pub fn enter_bench_namespace(what: &str, lan_addr: Option<&str>) -> anyhow::Result<lab::Netns> {
+    let missing = netpilot_testkit::netns::missing(&["ip"]);
+    if !missing.is_empty() {
+        bail!("the {what} benchmark needs {}", missing.join(", "));
     }
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
-        .context("cannot enter a new network namespace")?;
+    let ns = lab::Netns::new("bench")?;
+    ns.enter()
+        .context("cannot enter the bench's network namespace")?;
     let mut steps: Vec<Vec<&str>> = vec![
-        vec!["ip", "link", "set", "lo", "up"],
         vec![
             "ip", "link", "add", "lan0", "type", "veth", "peer", "name", "lan1",
         ],
@@ -670,13 +671,7 @@ pub fn enter_bench_namespace(what: &str, lan_addr: Option<&str>) -> anyhow::Resu
         steps.push(vec!["ip", "link", "set", dev, "up"]);
     }
     for argv in steps {
-        let st = std::process::Command::new(argv[0])
-            .args(&argv[1..])
-            .status()
-            .with_context(|| format!("cannot run {argv:?}"))?;
-        if !st.success() {
-            bail!("{argv:?} failed");
-        }
+        netpilot_testkit::netns::run(&argv)?;
     }
-    Ok(())
+    Ok(ns)
 }

@@ -19,6 +19,11 @@
 //! let r = alice.post("/api/block", json!({"mac": "02:00:00:00:01:05"})).await; // ids added
 //! # Ok(()) }
 //! ```
+//!
+//! In the namespace lab ([`ApiRigBuilder::in_lab`]) the agent runs in the router
+//! namespace with the lab's LAN and WAN devices and its local API, which tests
+//! call through [`crate::lab::Lab::api`]; it cannot reach the relay from there, so
+//! it is enrolled but never online.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -27,6 +32,7 @@ use anyhow::Context;
 use bytes::Bytes;
 use serde_json::{json, Value};
 
+use crate::lab::{Lab, LAN_IF, WAN_IF};
 use crate::{q, start_session, Agent, Client, EnrolledRouter, Relay, RelayOptions, Reply};
 
 /// How long a started agent may take to come online.
@@ -37,8 +43,9 @@ const ONLINE_WITHIN: Duration = Duration::from_secs(10);
 pub struct ApiRigBuilder {
     relay_config: String,
     owner: String,
-    /// `None`: `--simulate`.
+    /// `None`: `--simulate`, or nothing in a lab.
     agent_args: Option<Vec<String>>,
+    netns: Option<String>,
 }
 
 impl Default for ApiRigBuilder {
@@ -47,6 +54,7 @@ impl Default for ApiRigBuilder {
             relay_config: String::new(),
             owner: "alice".into(),
             agent_args: None,
+            netns: None,
         }
     }
 }
@@ -64,15 +72,23 @@ impl ApiRigBuilder {
         self
     }
 
-    /// The agent's own arguments, instead of the default `--simulate`; the test
-    /// flags for fast reconnects are always added.
+    /// The agent's own arguments, instead of the default (`--simulate`, or none in
+    /// a lab); the test flags for fast reconnects are always added.
     pub fn agent_args(mut self, args: &[&str]) -> Self {
         self.agent_args = Some(args.iter().map(|a| a.to_string()).collect());
         self
     }
 
-    /// Starts the relay, creates and enrolls the router, starts its agent and
-    /// waits until the router is online.
+    /// Runs the real agent (not simulated) in the lab's router namespace on its
+    /// LAN and WAN devices, with its local API on a free port there; agent
+    /// arguments come on top.
+    pub fn in_lab(mut self, lab: &Lab) -> Self {
+        self.netns = Some(lab.router.name().to_owned());
+        self
+    }
+
+    /// Starts the relay, creates and enrolls the router, starts its agent and,
+    /// outside a lab, waits until the router is online.
     pub async fn start(self) -> anyhow::Result<ApiRig> {
         let relay = Relay::start(RelayOptions {
             config: self.relay_config.clone(),
@@ -89,15 +105,32 @@ impl ApiRigBuilder {
     }
 
     async fn start_agent(&self, relay: &Relay, router: &EnrolledRouter) -> anyhow::Result<Agent> {
-        let args: Vec<&str> = match &self.agent_args {
-            Some(args) => args.iter().map(String::as_str).collect(),
-            None => vec!["--simulate"],
+        let args: Vec<&str> = match (&self.agent_args, &self.netns) {
+            (Some(args), _) => args.iter().map(String::as_str).collect(),
+            (None, None) => vec!["--simulate"],
+            (None, Some(_)) => vec![],
         };
-        let agent = Agent::start(router, &args).await?;
-        relay
-            .wait_online(&router.router_id, true, ONLINE_WITHIN)
-            .await?;
-        Ok(agent)
+        match &self.netns {
+            Some(ns) => {
+                let mut all = vec![
+                    "--lan-if",
+                    LAN_IF,
+                    "--wan-if",
+                    WAN_IF,
+                    "--api-listen",
+                    "127.0.0.1:0",
+                ];
+                all.extend(args);
+                Agent::start_in(ns, router, &all).await
+            }
+            None => {
+                let agent = Agent::start(router, &args).await?;
+                relay
+                    .wait_online(&router.router_id, true, ONLINE_WITHIN)
+                    .await?;
+                Ok(agent)
+            }
+        }
     }
 }
 
@@ -124,7 +157,7 @@ impl ApiRig {
         &self.router.router_id
     }
 
-    /// The agent's local API (started with `--api-listen`).
+    /// The agent's local API (started in a lab, or with `--api-listen`).
     pub fn local_api(&self) -> SocketAddr {
         self.agent
             .api_addr

@@ -1207,7 +1207,8 @@ mod tests {
     /// `nft -c` (parse and validate against the kernel, change nothing). Needs root
     /// and nft, as CI has.
     #[tokio::test]
-    async fn every_accepted_state_compiles_to_a_script_nft_accepts() {
+    async fn netns_every_accepted_state_compiles_to_a_script_nft_accepts() {
+        netpilot_testkit::require(&["nft"]);
         let mut r = Rng(0x9e37_79b9_7f4a_7c15);
         let mut checked = 0;
         for case in 0..150 {
