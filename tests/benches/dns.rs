@@ -36,6 +36,7 @@ use netpilot_agent::system::files::MemFiles;
 use netpilot_agent::system::nft::RealNft;
 use netpilot_agent::system::tc::RealTc;
 use netpilot_testkit::netns::run;
+use netpilot_testkit::XorShift;
 
 const DOMAINS: usize = 100_000;
 const ROUNDS: usize = 5;
@@ -93,17 +94,11 @@ fn kill_pidfile(path: &std::path::Path) {
 
 /// Realistic-looking names: a few labels of letters and digits under common TLDs.
 fn domains(seed: u64, n: usize) -> Vec<Domain> {
-    let mut x = seed;
-    let mut next = move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    };
+    let mut rng = XorShift::new(seed);
     let tlds = ["com", "net", "org", "io", "de", "co.uk", "info"];
     let mut out = Vec::with_capacity(n);
     while out.len() < n {
-        let r = next();
+        let r = rng.next_u64();
         let len = 6 + (r % 12) as usize;
         let name: String = (0..len)
             .map(|i| {

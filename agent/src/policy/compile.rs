@@ -1093,21 +1093,9 @@ mod tests {
             .is_none());
     }
 
-    /// A small deterministic generator; enough to explore the compiler's input space.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
-        }
-    }
+    /// The test kit's deterministic generator: enough to explore the compiler's
+    /// input space.
+    use netpilot_testkit::XorShift as Rng;
 
     const NAMES: [&str; 6] = [
         "Kids",
@@ -1134,7 +1122,7 @@ mod tests {
             let id = if g == 0 { 0 } else { r.below(1000) as u32 + 1 };
             let devices: Vec<serde_json::Value> = (0..r.below(20))
                 .map(|_| {
-                    let mut mac = (r.next() & 0xfeff_ffff_ffff) | 0x0200_0000_0000;
+                    let mut mac = (r.next_u64() & 0xfeff_ffff_ffff) | 0x0200_0000_0000;
                     if mac == 0 {
                         mac = 2 << 40;
                     }
@@ -1209,7 +1197,7 @@ mod tests {
     #[tokio::test]
     async fn netns_every_accepted_state_compiles_to_a_script_nft_accepts() {
         netpilot_testkit::require(&["nft"]);
-        let mut r = Rng(0x9e37_79b9_7f4a_7c15);
+        let mut r = Rng::new(0x9e37_79b9_7f4a_7c15);
         let mut checked = 0;
         for case in 0..150 {
             let d = random_state(&mut r);

@@ -1180,15 +1180,12 @@ mod tests {
     /// `n` generated `server=/<12 letters>.com/` lines, then `blocked.example.com`
     /// last: a name answered NXDOMAIN only once the whole file is read.
     fn big_list(n: usize) -> String {
-        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut rng = netpilot_testkit::XorShift::new(0x9E37_79B9_7F4A_7C15);
         let mut list = String::new();
         for _ in 0..n {
             list.push_str("server=/");
             for _ in 0..12 {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                list.push((b'a' + (x % 26) as u8) as char);
+                list.push((b'a' + rng.below(26) as u8) as char);
             }
             list.push_str(".com/\n");
         }

@@ -4,7 +4,10 @@
 //!
 //! - [`netns`]: throwaway network namespaces, and the `netns_` marker convention
 //!   with the one check of what such a test needs (root, tools).
+//! - [`rng`]: the one deterministic generator for generated test inputs.
 
 pub mod netns;
+pub mod rng;
 
 pub use netns::{require, Netns};
+pub use rng::XorShift;
