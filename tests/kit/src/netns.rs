@@ -27,7 +27,8 @@ use std::sync::Mutex;
 /// What a test's name starts with when it needs root, namespaces or Debian tools.
 pub const MARKER: &str = "netns_";
 
-/// The tools such tests drive and the Debian package of each.
+/// The tools such tests drive and the Debian package of each. `tests/run` installs
+/// these packages (a test of this crate checks its list covers them all).
 pub const TOOLS: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("tc", "iproute2"),
@@ -257,6 +258,25 @@ impl Drop for Netns {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tests_run_installs_the_package_of_every_tool() {
+        let script = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../run"))
+            .expect("tests/run");
+        let installed: Vec<&str> = script
+            .lines()
+            .find_map(|l| l.strip_prefix("TOOL_PACKAGES=("))
+            .and_then(|l| l.strip_suffix(')'))
+            .expect("a TOOL_PACKAGES=(...) line in tests/run")
+            .split_whitespace()
+            .collect();
+        for (tool, pkg) in TOOLS {
+            assert!(
+                installed.contains(pkg),
+                "tests/run does not install {pkg} (for {tool})"
+            );
+        }
+    }
 
     #[test]
     fn missing_names_the_tool_and_its_package() {
