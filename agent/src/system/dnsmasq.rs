@@ -980,9 +980,9 @@ mod tests {
     }
 
     /// Runs `f` (given the dnsmasq program) inside a throwaway network namespace
-    /// with `lo` up, on a current-thread runtime on a thread of its own there, so
-    /// every process it spawns is in the namespace too. Needs root and dnsmasq
-    /// (the test kit's check fails the test naming what is missing).
+    /// with `lo` up, so every process it spawns is in the namespace too. Needs
+    /// root and dnsmasq (the test kit's check fails the test naming what is
+    /// missing).
     fn in_netns<F, Fu>(f: F)
     where
         F: FnOnce(String) -> Fu + Send,
@@ -993,14 +993,9 @@ mod tests {
             .expect("checked by require")
             .to_string_lossy()
             .into_owned();
-        let ns = netpilot_testkit::Netns::new("dns").unwrap();
-        ns.run(|| {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap()
-                .block_on(f(program))
-        });
+        netpilot_testkit::Netns::new("dns")
+            .unwrap()
+            .block_on(|| f(program));
     }
 
     /// A fresh directory (the upstream's pid file; the resolver's state in `dns/`);

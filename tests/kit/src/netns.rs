@@ -240,6 +240,24 @@ impl Netns {
     }
 }
 
+impl Netns {
+    /// Runs the future `make` returns on a current-thread tokio runtime on a
+    /// thread inside the namespace ([`Netns::run`]): every socket it opens and
+    /// every process it spawns is in the namespace.
+    pub fn block_on<F: std::future::Future>(&self, make: impl FnOnce() -> F + Send) -> F::Output
+    where
+        F::Output: Send,
+    {
+        self.run(|| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a tokio runtime")
+                .block_on(make())
+        })
+    }
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         for mut c in self
