@@ -432,6 +432,25 @@ impl Reply {
     pub fn code(&self) -> &str {
         self.body["error"]["code"].as_str().unwrap_or("")
     }
+
+    /// Reads a response: its head, and its body unless it is a `101` (whose
+    /// stream belongs to the upgrade).
+    pub async fn read(resp: hyper::Response<hyper::body::Incoming>) -> anyhow::Result<Reply> {
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let raw = if status == 101 {
+            Bytes::new()
+        } else {
+            resp.into_body().collect().await?.to_bytes()
+        };
+        let body = serde_json::from_slice(&raw).unwrap_or(Value::Null);
+        Ok(Reply {
+            status,
+            body,
+            raw,
+            headers,
+        })
+    }
 }
 
 /// An HTTP/2 client of the relay's REST API over TLS pinned to the relay's
@@ -514,17 +533,7 @@ impl Client {
         let req = b.body(Full::new(body.unwrap_or_default()))?;
         let mut sender = self.sender.lock().await.clone();
         sender.ready().await?;
-        let resp = sender.send_request(req).await?;
-        let status = resp.status().as_u16();
-        let headers = resp.headers().clone();
-        let raw = resp.into_body().collect().await?.to_bytes();
-        let body = serde_json::from_slice(&raw).unwrap_or(Value::Null);
-        Ok(Reply {
-            status,
-            body,
-            raw,
-            headers,
-        })
+        Reply::read(sender.send_request(req).await?).await
     }
 }
 

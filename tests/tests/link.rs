@@ -196,27 +196,21 @@ async fn revoked_router_is_disconnected_and_refused_on_reconnect() {
 
 #[tokio::test]
 async fn the_newest_of_two_agents_with_one_identity_wins() {
-    let relay = Relay::start(RelayOptions::default()).await.unwrap();
-    let router = relay.enrolled_router("alice").await.unwrap();
     // The first agent, once displaced, waits long before retrying.
-    let _old = Agent::start(&router, &["--backoff-base", "30s", "--backoff-cap", "60s"])
+    let rig = ApiRig::builder()
+        .agent_args(&["--backoff-base", "30s", "--backoff-cap", "60s"])
+        .start()
         .await
         .unwrap();
-    relay
-        .wait_online(&router.router_id, true, Duration::from_secs(10))
-        .await
-        .unwrap();
-    let c = relay.client().await.unwrap();
-    let alice = Session::start(&c, "alice", &router.router_id)
-        .await
-        .unwrap();
-    let health = alice.q("/api/agent/health");
+    let (relay, router) = (&rig.relay, &rig.router);
+    let alice = rig.session("alice").await.unwrap();
+    let (c, health) = (&alice.client, alice.q("/api/agent/health"));
     assert_eq!(
         c.get(&health).await.unwrap().body["data"]["mode"],
         json!("real")
     );
 
-    let _new = Agent::start(&router, &["--simulate"]).await.unwrap();
+    let _new = Agent::start(router, &["--simulate"]).await.unwrap();
     eventually(
         Duration::from_secs(10),
         "the new agent to take over",
