@@ -3,6 +3,11 @@
 //! fingerprint. Used by the integration tests, the tour and the benchmarks.
 //! Child processes are killed when their handles drop, so a failing test leaves
 //! nothing running.
+//!
+//! Most tests start from the API rig ([`ApiRig`], [`Session`]); tests that prove
+//! enforcement by traffic use the namespace lab ([`lab::Lab`]), built on the test
+//! kit's namespaces (`netpilot-testkit`, which also holds the requirement check of
+//! the `netns_` tests).
 
 pub mod lab;
 pub mod rig;
