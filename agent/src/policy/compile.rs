@@ -1093,8 +1093,8 @@ mod tests {
             .is_none());
     }
 
-    /// The test kit's deterministic generator: enough to explore the compiler's
-    /// input space.
+    // The test kit's deterministic generator: enough to explore the compiler's
+    // input space.
     use netpilot_testkit::XorShift as Rng;
 
     const NAMES: [&str; 6] = [
