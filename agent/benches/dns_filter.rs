@@ -18,6 +18,7 @@ use netpilot_agent::dns::categories::{builtin_doh, BUILTIN, USE_APPLICATION_DNS}
 use netpilot_agent::dns::domain::{normalize, Domain};
 use netpilot_agent::dns::list::parse_text;
 use netpilot_agent::dns::servers_file::compile;
+use netpilot_testkit::XorShift;
 
 const DOMAINS: usize = 100_000;
 const SUBDOMAINS: usize = 5_000;
@@ -38,39 +39,24 @@ const SUB: &[&str] = &[
     "ads", "cdn", "track", "pixel", "stats", "m", "api", "img", "static",
 ];
 
-/// xorshift64: reproducible input without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn pick<'a>(&mut self, from: &[&'a str]) -> &'a str {
-        from[(self.next() % from.len() as u64) as usize]
-    }
-}
-
-fn label(rng: &mut Rng) -> String {
-    let n = 2 + rng.next() % 3;
-    let mut s: String = (0..n).map(|_| rng.pick(SYLLABLES)).collect();
-    if rng.next() % 8 == 0 {
+fn label(rng: &mut XorShift) -> String {
+    let n = 2 + rng.next_u64() % 3;
+    let mut s: String = (0..n).map(|_| *rng.pick(SYLLABLES)).collect();
+    if rng.next_u64() % 8 == 0 {
         let _ = write!(s, "-{}", rng.pick(SYLLABLES));
     }
-    if rng.next() % 10 == 0 {
-        let _ = write!(s, "{}", rng.next() % 100);
+    if rng.next_u64() % 10 == 0 {
+        let _ = write!(s, "{}", rng.next_u64() % 100);
     }
     s
 }
 
 /// The upload body, and the names generated (for picking allowed entries).
 fn generate() -> (String, Vec<String>) {
-    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    let mut rng = XorShift::new(0x2545_f491_4f6c_dd1d);
     let mut names = Vec::with_capacity(DOMAINS);
     for _ in 0..DOMAINS {
-        let name = if rng.next() % 4 == 0 {
+        let name = if rng.next_u64() % 4 == 0 {
             format!("{}.{}.{}", label(&mut rng), label(&mut rng), rng.pick(TLDS))
         } else {
             format!("{}.{}", label(&mut rng), rng.pick(TLDS))
@@ -95,7 +81,7 @@ fn generate() -> (String, Vec<String>) {
         }
     }
     for _ in 0..SUBDOMAINS {
-        let parent = &names[(rng.next() % DOMAINS as u64) as usize];
+        let parent = &names[(rng.next_u64() % DOMAINS as u64) as usize];
         let _ = writeln!(body, "{}.{parent}", rng.pick(SUB));
     }
     (body, names)
@@ -114,11 +100,11 @@ fn stats(mut samples: Vec<Duration>) -> String {
 
 fn main() {
     let (body, names) = generate();
-    let mut rng = Rng(7);
+    let mut rng = XorShift::new(7);
     // Half inside a blocked name (each needs a `#` line), half equal to one.
     let allowed: Vec<Domain> = (0..ALLOWED)
         .map(|i| {
-            let parent = &names[(rng.next() % DOMAINS as u64) as usize];
+            let parent = &names[(rng.next_u64() % DOMAINS as u64) as usize];
             let name = if i % 2 == 0 {
                 format!("ok.{parent}")
             } else {

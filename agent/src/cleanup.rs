@@ -136,6 +136,11 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+
+    /// What a device shows once no qdisc of anyone's is at its root.
+    fn default_root() -> Option<(String, String)> {
+        Some(("noqueue".into(), "0:".into()))
+    }
     use crate::system::dnsmasq::{FakeResolver, InstanceSpec, RealDnsmasq};
     use crate::system::nft::{FakeNft, RealNft};
     use crate::system::tc::{FakeTc, RealTc, TcOp};
@@ -196,8 +201,9 @@ mod tests {
             ]
         );
         assert!(nft.observe().await.unwrap().is_none());
+        // The kernel's default root is back (the fake's, like a veth's, is noqueue).
         for dev in DEVICES {
-            assert_eq!(tc.observe(dev).await.unwrap().root, None);
+            assert_eq!(tc.observe(dev).await.unwrap().root, default_root());
         }
         assert!(dns.observe().await.unwrap().is_empty());
 
@@ -258,7 +264,7 @@ mod tests {
         assert!(dns.observe().await.unwrap().is_empty());
         assert!(nft.observe().await.unwrap().is_some(), "nft refused");
         assert!(tc.observe("br-lan").await.unwrap().root_is_ours());
-        assert_eq!(tc.observe("wan").await.unwrap().root, None);
+        assert_eq!(tc.observe("wan").await.unwrap().root, default_root());
 
         // Resolvers that cannot even be listed do not keep the table or qdiscs.
         let (nft, tc, _) = enforcing().await;

@@ -176,7 +176,7 @@ mod tests {
 
     #[test]
     fn parses_the_real_wireless_fixture() {
-        let text = include_str!("../../../shared/fixtures/uci/etc-config-wireless");
+        let text = include_str!("../fixtures/uci/etc-config-wireless");
         let s = parse(text).unwrap();
         assert_eq!(s.len(), 5);
         assert_eq!(s[0].kind, "wifi-device");
@@ -189,7 +189,7 @@ mod tests {
 
     #[test]
     fn export_writes_what_uci_export_prints() {
-        let fixture = include_str!("../../../shared/fixtures/uci/uci-export-wireless.txt");
+        let fixture = include_str!("../fixtures/uci/uci-export-wireless.txt");
         let sections = parse(fixture).unwrap();
         assert!(sections[4].is_list("maclist") && !sections[4].is_list("ssid"));
         assert_eq!(export("wireless", &sections), fixture);

@@ -37,6 +37,8 @@ use netpilot_agent::system::dnsmasq::{RealDnsmasq, Resolver};
 use netpilot_agent::system::files::MemFiles;
 use netpilot_agent::system::nft::RealNft;
 use netpilot_agent::system::tc::RealTc;
+use netpilot_testkit::netns::run;
+use netpilot_testkit::XorShift;
 
 const DOMAINS: usize = 100_000;
 const ROUNDS: usize = 5;
@@ -45,7 +47,7 @@ const LAN_IP: &str = "192.168.77.1";
 const PORT_BASE: u16 = 5400;
 
 fn main() -> anyhow::Result<()> {
-    netpilot_tests::enter_bench_namespace("DNS", Some("192.168.77.1/24"))?;
+    let _netns = netpilot_tests::enter_bench_namespace("DNS", Some("192.168.77.1/24"))?;
     let tmp = tempfile::tempdir()?;
     let upstream_pid = tmp.path().join("upstream.pid");
     run(&[
@@ -63,8 +65,8 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let result = rt.block_on(bench(tmp.path()));
-    // Whatever happened: no dnsmasq outlives the bench (the namespace goes with us,
-    // the processes would not).
+    // Whatever happened: no dnsmasq outlives the bench (the namespace goes with the
+    // last process in it, and these would stay).
     for entry in std::fs::read_dir(tmp.path())?.flatten() {
         kill_pidfile(&entry.path());
     }
@@ -92,29 +94,13 @@ fn kill_pidfile(path: &std::path::Path) {
     }
 }
 
-fn run(argv: &[&str]) -> anyhow::Result<()> {
-    let st = std::process::Command::new(argv[0])
-        .args(&argv[1..])
-        .status()?;
-    if !st.success() {
-        bail!("{argv:?} failed");
-    }
-    Ok(())
-}
-
 /// Realistic-looking names: a few labels of letters and digits under common TLDs.
 fn domains(seed: u64, n: usize) -> Vec<Domain> {
-    let mut x = seed;
-    let mut next = move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    };
+    let mut rng = XorShift::new(seed);
     let tlds = ["com", "net", "org", "io", "de", "co.uk", "info"];
     let mut out = Vec::with_capacity(n);
     while out.len() < n {
-        let r = next();
+        let r = rng.next_u64();
         let len = 6 + (r % 12) as usize;
         let name: String = (0..len)
             .map(|i| {

@@ -42,7 +42,7 @@ const PER_GROUP: u32 = 250;
 const ROUNDS: usize = 7;
 
 fn main() -> anyhow::Result<()> {
-    netpilot_tests::enter_bench_namespace("policy", None)?;
+    let _netns = netpilot_tests::enter_bench_namespace("policy", None)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

@@ -6,21 +6,21 @@
 //!  c2 (192.168.77.12, 02:4e:50:00:00:12) ─┘
 //! ```
 //!
-//! Every namespace is made by the lab and named after this process, so parallel
-//! tests never meet; dropping the lab kills what it started and deletes them, and a
-//! new lab sweeps namespaces left by a test process that died. All addresses live
-//! only inside these namespaces. Connections from a namespace are made in-process:
-//! a thread enters the namespace (`setns`) and opens the socket, which stays there.
+//! The namespaces are [`Netns`]es of the test kit (named after this process, so
+//! parallel tests never meet; dropping the lab kills what it started and deletes
+//! them; a new lab sweeps namespaces left by a test process that died), and making
+//! a lab is the kit's requirement check: a test using it needs the `netns_` marker
+//! and root. All addresses live only inside these namespaces. Connections from a
+//! namespace are made in-process: a thread enters the namespace and opens the
+//! socket, which stays there.
 
-use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
+use netpilot_testkit::netns::run;
+pub use netpilot_testkit::Netns;
 use serde_json::Value;
 
 pub const LAN_IF: &str = "br-lan";
@@ -33,14 +33,11 @@ pub const C2_IP: &str = "192.168.77.12";
 pub const C1_MAC: &str = "02:4e:50:00:00:11";
 pub const C2_MAC: &str = "02:4e:50:00:00:12";
 
-const PREFIX: &str = "npl";
-
 pub struct Lab {
-    pub router: String,
-    pub wan: String,
-    pub c1: String,
-    pub c2: String,
-    children: Mutex<Vec<Child>>,
+    pub router: Netns,
+    pub wan: Netns,
+    pub c1: Netns,
+    pub c2: Netns,
 }
 
 /// What a TCP connection attempt met.
@@ -52,68 +49,15 @@ pub enum Probe {
     TimedOut,
 }
 
-fn run(argv: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(argv[0])
-        .args(&argv[1..])
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("cannot run {argv:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{argv:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn pid_alive(pid: u32) -> bool {
-    std::path::Path::new(&format!("/proc/{pid}")).exists()
-}
-
-/// Deletes namespaces of earlier test processes that died before cleaning up.
-fn sweep() {
-    let Ok(dir) = std::fs::read_dir("/run/netns") else {
-        return;
-    };
-    for e in dir.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(rest) = name.strip_prefix(PREFIX) else {
-            continue;
-        };
-        let pid: Option<u32> = rest.split('x').next().and_then(|p| p.parse().ok());
-        if pid.is_some_and(|p| !pid_alive(p)) {
-            let _ = run(&["ip", "netns", "del", &name]);
-        }
-    }
-}
-
 impl Lab {
     pub fn new() -> anyhow::Result<Lab> {
-        if !nix::unistd::Uid::effective().is_root() {
-            bail!("the namespace lab needs root (CI runs as root)");
-        }
-        sweep();
-        static N: AtomicU32 = AtomicU32::new(0);
-        let id = format!(
-            "{PREFIX}{}x{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        );
         let lab = Lab {
-            router: format!("{id}r"),
-            wan: format!("{id}w"),
-            c1: format!("{id}a"),
-            c2: format!("{id}b"),
-            children: Mutex::new(Vec::new()),
+            router: Netns::new("r")?,
+            wan: Netns::new("w")?,
+            c1: Netns::new("a")?,
+            c2: Netns::new("b")?,
         };
-        // From here on Drop removes whatever was made.
-        for ns in [&lab.router, &lab.wan, &lab.c1, &lab.c2] {
-            run(&["ip", "netns", "add", ns])?;
-            run(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
-        }
-        let r = lab.router.as_str();
+        let r = lab.router.name();
         run(&["ip", "-n", r, "link", "add", LAN_IF, "type", "bridge"])?;
         run(&[
             "ip",
@@ -127,8 +71,8 @@ impl Lab {
         ])?;
         run(&["ip", "-n", r, "link", "set", LAN_IF, "up"])?;
         for (ns, port, ip, mac) in [
-            (&lab.c1, "lan1", C1_IP, C1_MAC),
-            (&lab.c2, "lan2", C2_IP, C2_MAC),
+            (lab.c1.name(), "lan1", C1_IP, C1_MAC),
+            (lab.c2.name(), "lan2", C2_IP, C2_MAC),
         ] {
             run(&[
                 "ip", "-n", r, "link", "add", port, "type", "veth", "peer", "name", "eth0",
@@ -149,7 +93,7 @@ impl Lab {
             run(&["ip", "-n", ns, "link", "set", "eth0", "up"])?;
             run(&["ip", "-n", ns, "route", "add", "default", "via", ROUTER_LAN])?;
         }
-        let w = lab.wan.as_str();
+        let w = lab.wan.name();
         run(&[
             "ip", "-n", r, "link", "add", WAN_IF, "type", "veth", "peer", "name", "eth0", "netns",
             w,
@@ -186,68 +130,33 @@ impl Lab {
             "via",
             ROUTER_WAN,
         ])?;
-        run(&[
-            "ip",
-            "netns",
-            "exec",
-            r,
-            "sysctl",
-            "-qw",
-            "net.ipv4.ip_forward=1",
-        ])?;
+        lab.router
+            .exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
         Ok(lab)
     }
 
     /// Runs a program in a namespace to completion.
-    pub fn exec(&self, ns: &str, argv: &[&str]) -> anyhow::Result<String> {
-        let mut full = vec!["ip", "netns", "exec", ns];
-        full.extend_from_slice(argv);
-        run(&full)
+    pub fn exec(&self, ns: &Netns, argv: &[&str]) -> anyhow::Result<String> {
+        Ok(ns.exec(argv)?)
     }
 
     /// Starts a program in a namespace; the lab kills it on drop.
-    pub fn spawn(&self, ns: &str, argv: &[&str]) -> anyhow::Result<()> {
-        let child = Command::new("ip")
-            .args(["netns", "exec", ns])
-            .args(argv)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .with_context(|| format!("cannot start {argv:?} in {ns}"))?;
-        self.children.lock().expect("children").push(child);
-        Ok(())
-    }
-
-    /// Runs `f` on a thread that has entered namespace `ns`.
-    fn in_ns<T: Send + 'static>(
-        &self,
-        ns: &str,
-        f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
-    ) -> std::io::Result<T> {
-        let path = format!("/run/netns/{ns}");
-        std::thread::spawn(move || {
-            let file = File::open(&path)?;
-            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
-                .map_err(std::io::Error::from)?;
-            f()
-        })
-        .join()
-        .map_err(|_| std::io::Error::other("namespace thread panicked"))?
+    pub fn spawn(&self, ns: &Netns, argv: &[&str]) -> anyhow::Result<()> {
+        Ok(ns.spawn(argv)?)
     }
 
     /// A TCP connection opened from namespace `ns`.
     pub fn connect(
         &self,
-        ns: &str,
+        ns: &Netns,
         addr: SocketAddr,
         timeout: Duration,
     ) -> std::io::Result<TcpStream> {
-        self.in_ns(ns, move || TcpStream::connect_timeout(&addr, timeout))
+        ns.run(move || TcpStream::connect_timeout(&addr, timeout))
     }
 
     /// Whether a TCP connection from `ns` to `addr` opens.
-    pub fn probe(&self, ns: &str, addr: SocketAddr) -> Probe {
+    pub fn probe(&self, ns: &Netns, addr: SocketAddr) -> Probe {
         match self.connect(ns, addr, Duration::from_secs(2)) {
             Ok(_) => Probe::Open,
             Err(e) if e.kind() == std::io::ErrorKind::TimedOut => Probe::TimedOut,
@@ -256,9 +165,9 @@ impl Lab {
     }
 
     /// A listener in `ns` that accepts and closes connections, for probes.
-    pub fn listen(&self, ns: &str, ip: &str) -> anyhow::Result<SocketAddr> {
+    pub fn listen(&self, ns: &Netns, ip: &str) -> anyhow::Result<SocketAddr> {
         let bind: SocketAddr = format!("{ip}:0").parse()?;
-        let listener = self.in_ns(ns, move || TcpListener::bind(bind))?;
+        let listener = ns.run(move || TcpListener::bind(bind))?;
         let addr = listener.local_addr()?;
         std::thread::spawn(move || {
             for c in listener.incoming() {
@@ -270,9 +179,9 @@ impl Lab {
 
     /// [`Lab::listen`] on a given port: a service's own port (DoT's 853) inside a
     /// namespace this lab made, where nothing else can hold it.
-    pub fn listen_on(&self, ns: &str, ip: &str, port: u16) -> anyhow::Result<SocketAddr> {
+    pub fn listen_on(&self, ns: &Netns, ip: &str, port: u16) -> anyhow::Result<SocketAddr> {
         let bind: SocketAddr = format!("{ip}:{port}").parse()?;
-        let listener = self.in_ns(ns, move || TcpListener::bind(bind))?;
+        let listener = ns.run(move || TcpListener::bind(bind))?;
         std::thread::spawn(move || {
             for c in listener.incoming() {
                 drop(c);
@@ -283,7 +192,7 @@ impl Lab {
 
     /// Waits until something listens on TCP `port` in `ns` (a server started with
     /// [`Lab::spawn`] is ready).
-    pub fn wait_listening(&self, ns: &str, port: u16) -> anyhow::Result<()> {
+    pub fn wait_listening(&self, ns: &Netns, port: u16) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let ss = self.exec(ns, &["ss", "-Hln", "sport", "=", &format!(":{port}")])?;
@@ -291,7 +200,7 @@ impl Lab {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("nothing listens on port {port} in {ns}");
+                bail!("nothing listens on port {port} in {}", ns.name());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -302,18 +211,16 @@ impl Lab {
     /// from the server to the client.
     pub fn throughput(
         &self,
-        client_ns: &str,
-        server_ns: &str,
+        client_ns: &Netns,
+        server_ns: &Netns,
         server_ip: &str,
         download: bool,
         seconds: u32,
     ) -> anyhow::Result<f64> {
         // A port free in the server's namespace (nothing else runs there).
         let bind: SocketAddr = format!("{server_ip}:0").parse()?;
-        let port = self
-            .in_ns(server_ns, move || {
-                TcpListener::bind(bind).and_then(|l| l.local_addr())
-            })?
+        let port = server_ns
+            .run(move || TcpListener::bind(bind).and_then(|l| l.local_addr()))?
             .port();
         let port_s = port.to_string();
         self.spawn(
@@ -383,22 +290,5 @@ impl Lab {
         let end = json.rfind('}').map(|i| &json[..=i]).unwrap_or("");
         let v: Value = serde_json::from_str(end).with_context(|| format!("body: {payload}"))?;
         Ok((status, v))
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        for mut c in self
-            .children
-            .lock()
-            .map(|mut c| std::mem::take(&mut *c))
-            .unwrap_or_default()
-        {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        for ns in [&self.router, &self.wan, &self.c1, &self.c2] {
-            let _ = run(&["ip", "netns", "del", ns]);
-        }
     }
 }

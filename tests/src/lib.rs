@@ -3,8 +3,16 @@
 //! fingerprint. Used by the integration tests, the tour and the benchmarks.
 //! Child processes are killed when their handles drop, so a failing test leaves
 //! nothing running.
+//!
+//! Most tests start from the API rig ([`ApiRig`], [`Session`]); tests that prove
+//! enforcement by traffic use the namespace lab ([`lab::Lab`]), built on the test
+//! kit's namespaces (`netpilot-testkit`, which also holds the requirement check of
+//! the `netns_` tests).
 
 pub mod lab;
+pub mod rig;
+
+pub use rig::{ApiRig, ApiRigBuilder, Session};
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -343,11 +351,10 @@ impl Agent {
         // --config later on the command line wins.
         // `ip netns exec` execs the agent, so the child is the agent itself.
         let mut command = match netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(binary("netpilot-agent"));
-                c
-            }
+            Some(ns) => Command::from(netpilot_testkit::netns::command_in(
+                ns,
+                binary("netpilot-agent"),
+            )),
             None => Command::new(binary("netpilot-agent")),
         };
         let mut child = command
@@ -429,6 +436,25 @@ pub struct Reply {
 impl Reply {
     pub fn code(&self) -> &str {
         self.body["error"]["code"].as_str().unwrap_or("")
+    }
+
+    /// Reads a response: its head, and its body unless it is a `101` (whose
+    /// stream belongs to the upgrade).
+    pub async fn read(resp: hyper::Response<hyper::body::Incoming>) -> anyhow::Result<Reply> {
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let raw = if status == 101 {
+            Bytes::new()
+        } else {
+            resp.into_body().collect().await?.to_bytes()
+        };
+        let body = serde_json::from_slice(&raw).unwrap_or(Value::Null);
+        Ok(Reply {
+            status,
+            body,
+            raw,
+            headers,
+        })
     }
 }
 
@@ -512,17 +538,7 @@ impl Client {
         let req = b.body(Full::new(body.unwrap_or_default()))?;
         let mut sender = self.sender.lock().await.clone();
         sender.ready().await?;
-        let resp = sender.send_request(req).await?;
-        let status = resp.status().as_u16();
-        let headers = resp.headers().clone();
-        let raw = resp.into_body().collect().await?.to_bytes();
-        let body = serde_json::from_slice(&raw).unwrap_or(Value::Null);
-        Ok(Reply {
-            status,
-            body,
-            raw,
-            headers,
-        })
+        Reply::read(sender.send_request(req).await?).await
     }
 }
 
@@ -547,24 +563,6 @@ async fn h2_connect(
         .await?;
     tokio::spawn(conn);
     Ok(sender)
-}
-
-/// A relay (extra config TOML) with one router of `alice`, its agent started with
-/// `agent_args` and online: the starting point of most tests.
-pub async fn relay_with_agent(
-    config: &str,
-    agent_args: &[&str],
-) -> anyhow::Result<(Relay, EnrolledRouter, Agent)> {
-    let relay = Relay::start(RelayOptions {
-        config: config.into(),
-    })
-    .await?;
-    let router = relay.enrolled_router("alice").await?;
-    let agent = Agent::start(&router, agent_args).await?;
-    relay
-        .wait_online(&router.router_id, true, Duration::from_secs(10))
-        .await?;
-    Ok((relay, router, agent))
 }
 
 /// The relay as an enrolled router's agent reaches it outside the link (reports,
@@ -662,15 +660,17 @@ where
 /// For benchmarks run as root: moves this process into a fresh network namespace
 /// (nothing outside it is touched) with loopback up and the router's two devices,
 /// `lan0` and `wan0` (veth pairs with `lan1`/`wan1` as the far ends, all up), and
-/// `lan_addr` (CIDR) on `lan0` if given.
-pub fn enter_bench_namespace(what: &str, lan_addr: Option<&str>) -> anyhow::Result<()> {
-    if !nix::unistd::Uid::effective().is_root() {
-        bail!("the {what} benchmark needs root (network namespaces)");
+/// `lan_addr` (CIDR) on `lan0` if given. Keep the namespace until the bench ends:
+/// dropping it deletes its name (the process stays inside).
+pub fn enter_bench_namespace(what: &str, lan_addr: Option<&str>) -> anyhow::Result<lab::Netns> {
+    let missing = netpilot_testkit::netns::missing(&["ip"]);
+    if !missing.is_empty() {
+        bail!("the {what} benchmark needs {}", missing.join(", "));
     }
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
-        .context("cannot enter a new network namespace")?;
+    let ns = lab::Netns::new("bench")?;
+    ns.enter()
+        .context("cannot enter the bench's network namespace")?;
     let mut steps: Vec<Vec<&str>> = vec![
-        vec!["ip", "link", "set", "lo", "up"],
         vec![
             "ip", "link", "add", "lan0", "type", "veth", "peer", "name", "lan1",
         ],
@@ -685,13 +685,7 @@ pub fn enter_bench_namespace(what: &str, lan_addr: Option<&str>) -> anyhow::Resu
         steps.push(vec!["ip", "link", "set", dev, "up"]);
     }
     for argv in steps {
-        let st = std::process::Command::new(argv[0])
-            .args(&argv[1..])
-            .status()
-            .with_context(|| format!("cannot run {argv:?}"))?;
-        if !st.success() {
-            bail!("{argv:?} failed");
-        }
+        netpilot_testkit::netns::run(&argv)?;
     }
-    Ok(())
+    Ok(ns)
 }

@@ -2,25 +2,23 @@
 //! agent in the router namespace runs real dnsmasq resolvers for filtered groups;
 //! the WAN namespace has its own resolver (answering every name with the WAN host's
 //! address), a DoT port, and HTTPS servers (openssl) on an ordinary address and on
-//! a listed DoH address. Clients ask with dig and curl. Needs root, nft, dnsmasq,
-//! dig, curl and openssl (`.ci/run` installs them).
+//! a listed DoH address. Clients ask with dig and curl. Needs root, nft, tc,
+//! dnsmasq, dig, curl, openssl and ss (`tests/run` installs them).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use netpilot_tests::lab::{Lab, Probe, C1_MAC, LAN_IF, ROUTER_LAN, WAN_HOST, WAN_IF};
-use netpilot_tests::{Agent, Relay, RelayOptions};
+use netpilot_tests::lab::{Lab, Netns, Probe, C1_MAC, LAN_IF, ROUTER_LAN, WAN_HOST, WAN_IF};
+use netpilot_tests::ApiRig;
 use serde_json::{json, Value};
 
 /// A second WAN address, listed as a DoH server in the test's DoH list.
 const DOH_ADDR: &str = "10.77.0.3";
 
 struct Rig {
+    netpilot: ApiRig,
     lab: Lab,
-    _relay: Relay,
-    _agent: Agent,
-    api: SocketAddr,
     dns_dir: PathBuf,
     _tmp: tempfile::TempDir,
 }
@@ -60,11 +58,12 @@ fn resolver_pids(dir: &Path) -> Vec<i32> {
 }
 
 async fn rig() -> Rig {
+    netpilot_testkit::require(&["nft", "tc", "dnsmasq", "dig", "curl", "openssl", "ss"]);
     let lab = Lab::new().unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    let w = lab.wan.clone();
+    let w = &lab.wan;
     lab.exec(
-        &w,
+        w,
         &[
             "ip",
             "addr",
@@ -77,7 +76,7 @@ async fn rig() -> Rig {
     .unwrap();
     // The "internet's" resolver: every name is the WAN host.
     lab.spawn(
-        &w,
+        w,
         &[
             "dnsmasq",
             "--keep-in-foreground",
@@ -92,7 +91,7 @@ async fn rig() -> Rig {
         ],
     )
     .unwrap();
-    lab.wait_listening(&w, 53).unwrap();
+    lab.wait_listening(w, 53).unwrap();
     // HTTPS on the ordinary address and on the DoH address.
     let key = tmp.path().join("key.pem");
     let cert = tmp.path().join("cert.pem");
@@ -117,7 +116,7 @@ async fn rig() -> Rig {
     assert!(out.status.success(), "openssl req: {out:?}");
     for addr in [WAN_HOST, DOH_ADDR] {
         lab.spawn(
-            &w,
+            w,
             &[
                 "openssl",
                 "s_server",
@@ -133,8 +132,8 @@ async fn rig() -> Rig {
         )
         .unwrap();
     }
-    lab.wait_listening(&w, 443).unwrap();
-    lab.listen_on(&w, WAN_HOST, 853).unwrap();
+    lab.wait_listening(w, 443).unwrap();
+    lab.listen_on(w, WAN_HOST, 853).unwrap();
 
     let doh = tmp.path().join("doh.txt");
     std::fs::write(
@@ -143,35 +142,26 @@ async fn rig() -> Rig {
     )
     .unwrap();
     let dns_dir = tmp.path().join("dns");
-    let relay = Relay::start(RelayOptions {
-        config: String::new(),
-    })
-    .await
-    .unwrap();
-    let router = relay.enrolled_router("alice").await.unwrap();
-    let args = [
-        "--lan-if",
-        LAN_IF,
-        "--wan-if",
-        WAN_IF,
-        "--api-listen",
-        "127.0.0.1:0",
-        "--check-interval",
-        "300ms",
-        "--dns-upstream",
-        WAN_HOST,
-        "--dns-dir",
-        dns_dir.to_str().unwrap(),
-        "--doh-list",
-        doh.to_str().unwrap(),
-    ];
-    let agent = Agent::start_in(&lab.router, &router, &args).await.unwrap();
-    let api = agent.api_addr.expect("the agent prints its API address");
+    let dns_dir_arg = dns_dir.to_str().unwrap().to_owned();
+    let doh_arg = doh.to_str().unwrap().to_owned();
+    let netpilot = ApiRig::builder()
+        .in_lab(&lab)
+        .agent_args(&[
+            "--check-interval",
+            "300ms",
+            "--dns-upstream",
+            WAN_HOST,
+            "--dns-dir",
+            &dns_dir_arg,
+            "--doh-list",
+            &doh_arg,
+        ])
+        .start()
+        .await
+        .unwrap();
     Rig {
+        netpilot,
         lab,
-        _relay: relay,
-        _agent: agent,
-        api,
         dns_dir,
         _tmp: tmp,
     }
@@ -186,7 +176,9 @@ struct Answer {
 
 impl Rig {
     fn call(&self, method: &str, path: &str, body: Value) -> (u16, Value) {
-        self.lab.api(self.api, method, path, Some(&body)).unwrap()
+        self.lab
+            .api(self.netpilot.local_api(), method, path, Some(&body))
+            .unwrap()
     }
 
     fn ok(&self, method: &str, path: &str, body: Value) -> Value {
@@ -202,7 +194,11 @@ impl Rig {
         use std::io::{Read, Write};
         let mut s = self
             .lab
-            .connect(&self.lab.router, self.api, Duration::from_secs(5))
+            .connect(
+                &self.lab.router,
+                self.netpilot.local_api(),
+                Duration::from_secs(5),
+            )
             .unwrap();
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         let mut w = s.try_clone().unwrap();
@@ -221,7 +217,7 @@ impl Rig {
         String::from_utf8_lossy(&raw).into_owned()
     }
 
-    fn dig(&self, ns: &str, server: &str, name: &str, tcp: bool) -> Answer {
+    fn dig(&self, ns: &Netns, server: &str, name: &str, tcp: bool) -> Answer {
         let mut argv = vec!["dig", "+tries=1", "+time=2", "+nocookie"];
         if tcp {
             argv.push("+tcp");
@@ -247,18 +243,21 @@ impl Rig {
         Answer { status, a }
     }
 
-    fn blocked(&self, ns: &str, server: &str, name: &str, tcp: bool) -> bool {
+    fn blocked(&self, ns: &Netns, server: &str, name: &str, tcp: bool) -> bool {
         let a = self.dig(ns, server, name, tcp);
         match a.status.as_str() {
             "NXDOMAIN" => true,
             "NOERROR" if a.a == [WAN_HOST] => false,
-            _ => panic!("{name} via {server} (tcp {tcp}) from {ns}: unexpected {a:?}"),
+            _ => panic!(
+                "{name} via {server} (tcp {tcp}) from {}: unexpected {a:?}",
+                ns.name()
+            ),
         }
     }
 
     /// DNS answers change when the resolver has re-read its list; waits for that
     /// event as the client sees it.
-    fn wait_blocked(&self, ns: &str, name: &str, want: bool) {
+    fn wait_blocked(&self, ns: &Netns, name: &str, want: bool) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while self.blocked(ns, WAN_HOST, name, false) != want {
             assert!(
@@ -271,19 +270,10 @@ impl Rig {
 
     /// curl's exit code for an HTTPS request from `ns` to `ip`: 0 answered,
     /// 7 connection refused.
-    fn https(&self, ns: &str, ip: &str) -> i32 {
-        let st = std::process::Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                ns,
-                "curl",
-                "-sk",
-                "-o",
-                "/dev/null",
-                "--max-time",
-                "5",
-            ])
+    fn https(&self, ns: &Netns, ip: &str) -> i32 {
+        let st = ns
+            .command("curl")
+            .args(["-sk", "-o", "/dev/null", "--max-time", "5"])
             .arg(format!("https://{ip}/"))
             .status()
             .unwrap();
@@ -297,12 +287,12 @@ fn kids(policy_dns: Value) -> Value {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_filtered_group_cannot_resolve_or_bypass_its_blocked_names_and_others_can() {
+async fn netns_a_filtered_group_cannot_resolve_or_bypass_its_blocked_names_and_others_can() {
     let rig = rig().await;
-    let (c1, c2) = (rig.lab.c1.clone(), rig.lab.c2.clone());
+    let (c1, c2) = (&rig.lab.c1, &rig.lab.c2);
     // Unfiltered to begin with: everything resolves, DoT and DoH connect.
-    assert!(!rig.blocked(&c1, WAN_HOST, "facebook.com", false));
-    assert_eq!(rig.https(&c1, DOH_ADDR), 0);
+    assert!(!rig.blocked(c1, WAN_HOST, "facebook.com", false));
+    assert_eq!(rig.https(c1, DOH_ADDR), 0);
 
     let v = rig.ok(
         "POST",
@@ -329,49 +319,49 @@ async fn a_filtered_group_cannot_resolve_or_bypass_its_blocked_names_and_others_
                 "m.facebook.com",
             ] {
                 assert!(
-                    rig.blocked(&c1, server, name, tcp),
+                    rig.blocked(c1, server, name, tcp),
                     "{name} via {server} tcp={tcp}"
                 );
             }
             assert!(
-                !rig.blocked(&c1, server, "ok.blocked.test", tcp),
+                !rig.blocked(c1, server, "ok.blocked.test", tcp),
                 "allowed wins"
             );
             assert!(
-                !rig.blocked(&c1, server, "a.ok.blocked.test", tcp),
+                !rig.blocked(c1, server, "a.ok.blocked.test", tcp),
                 "allowed covers subdomains"
             );
-            assert!(!rig.blocked(&c1, server, "example.org", tcp));
+            assert!(!rig.blocked(c1, server, "example.org", tcp));
         }
         // Firefox's canary, and the DoH names of the list.
-        assert!(rig.blocked(&c1, WAN_HOST, "use-application-dns.net", tcp));
-        assert!(rig.blocked(&c1, WAN_HOST, "doh.test", tcp));
+        assert!(rig.blocked(c1, WAN_HOST, "use-application-dns.net", tcp));
+        assert!(rig.blocked(c1, WAN_HOST, "doh.test", tcp));
         // The unfiltered device is untouched.
-        assert!(!rig.blocked(&c2, WAN_HOST, "blocked.test", tcp));
-        assert!(!rig.blocked(&c2, WAN_HOST, "facebook.com", tcp));
+        assert!(!rig.blocked(c2, WAN_HOST, "blocked.test", tcp));
+        assert!(!rig.blocked(c2, WAN_HOST, "facebook.com", tcp));
     }
 
     // DoT refused; HTTPS to the listed DoH address refused, ordinary HTTPS works.
     let dot: SocketAddr = format!("{WAN_HOST}:853").parse().unwrap();
-    assert_eq!(rig.lab.probe(&c1, dot), Probe::Refused);
-    assert_eq!(rig.lab.probe(&c2, dot), Probe::Open);
-    assert_eq!(rig.https(&c1, DOH_ADDR), 7, "DoH address refused");
-    assert_eq!(rig.https(&c1, WAN_HOST), 0, "ordinary HTTPS works");
-    assert_eq!(rig.https(&c2, DOH_ADDR), 0, "unfiltered group reaches DoH");
+    assert_eq!(rig.lab.probe(c1, dot), Probe::Refused);
+    assert_eq!(rig.lab.probe(c2, dot), Probe::Open);
+    assert_eq!(rig.https(c1, DOH_ADDR), 7, "DoH address refused");
+    assert_eq!(rig.https(c1, WAN_HOST), 0, "ordinary HTTPS works");
+    assert_eq!(rig.https(c2, DOH_ADDR), 0, "unfiltered group reaches DoH");
 
     // A category list replaced through the API takes effect in the running
     // resolver: reloaded, not restarted, and the agent keeps running.
     let before = resolver_pids(&rig.dns_dir);
     assert_eq!(before.len(), 1, "one resolver for the one filtered group");
-    assert!(!rig.blocked(&c1, WAN_HOST, "newsocial.test", false));
+    assert!(!rig.blocked(c1, WAN_HOST, "newsocial.test", false));
     let v = rig.ok(
         "PUT",
         "/api/dns/categories/social",
         json!({"list": "# replaced\nnewsocial.test\n0.0.0.0 tracker.newsocial.test\n"}),
     );
     assert_eq!(v["category"]["domains"], 2, "{v}");
-    rig.wait_blocked(&c1, "newsocial.test", true);
-    rig.wait_blocked(&c1, "facebook.com", false);
+    rig.wait_blocked(c1, "newsocial.test", true);
+    rig.wait_blocked(c1, "facebook.com", false);
     assert_eq!(resolver_pids(&rig.dns_dir), before, "reloaded in place");
 
     // Uninstalling (`cleanup`) stops the resolvers the agent left running; the
@@ -411,11 +401,11 @@ async fn a_filtered_group_cannot_resolve_or_bypass_its_blocked_names_and_others_
         );
         std::thread::sleep(Duration::from_millis(50));
     };
-    rig.wait_blocked(&c1, "newsocial.test", true);
+    rig.wait_blocked(c1, "newsocial.test", true);
 
     // Filtering off: the resolver goes, names resolve again.
     rig.ok("POST", "/api/groups/sync", kids(json!(null)));
-    rig.wait_blocked(&c1, "blocked.test", false);
+    rig.wait_blocked(c1, "blocked.test", false);
     let deadline = Instant::now() + Duration::from_secs(10);
     while before.iter().any(|p| alive(*p)) {
         assert!(
@@ -424,11 +414,11 @@ async fn a_filtered_group_cannot_resolve_or_bypass_its_blocked_names_and_others_
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(rig.lab.probe(&c1, dot), Probe::Open);
+    assert_eq!(rig.lab.probe(c1, dot), Probe::Open);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_domains_and_lists_are_refused_with_reasons_and_nothing_changes() {
+async fn netns_bad_domains_and_lists_are_refused_with_reasons_and_nothing_changes() {
     let rig = rig().await;
     for bad in [
         "bad domain.test",

@@ -3,63 +3,41 @@
 //! WAN host (see `netpilot_tests::lab`). The agent is enrolled with a relay on this
 //! host and driven through its local API inside the router namespace; the relay path
 //! of the same API is covered by `groups.rs`. Needs root, nft, tc, iperf3 and ss
-//! (`.ci/run` installs them).
+//! (`tests/run` installs them).
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use netpilot_tests::lab::{self, Lab, Probe, C1_MAC, C2_MAC, LAN_IF, WAN_HOST, WAN_IF};
-use netpilot_tests::{Agent, EnrolledRouter, Relay, RelayOptions};
+use netpilot_tests::lab::{self, Lab, Probe, C1_MAC, C2_MAC, WAN_HOST};
+use netpilot_tests::ApiRig;
 use serde_json::{json, Value};
 
+/// The lab, and NetPilot's relay and agent with the agent in its router namespace.
 struct Rig {
+    netpilot: ApiRig,
     lab: Lab,
-    _relay: Relay,
-    router: EnrolledRouter,
-    agent: Agent,
-    api: SocketAddr,
-}
-
-const AGENT_ARGS: [&str; 8] = [
-    "--lan-if",
-    LAN_IF,
-    "--wan-if",
-    WAN_IF,
-    "--api-listen",
-    "127.0.0.1:0",
-    "--check-interval",
-    "300ms",
-];
-
-async fn start_agent(lab: &Lab, router: &EnrolledRouter, extra: &[&str]) -> (Agent, SocketAddr) {
-    let mut args: Vec<&str> = AGENT_ARGS.to_vec();
-    args.extend_from_slice(extra);
-    let agent = Agent::start_in(&lab.router, router, &args).await.unwrap();
-    let api = agent.api_addr.expect("the agent prints its API address");
-    (agent, api)
 }
 
 async fn rig(extra: &[&str]) -> Rig {
+    netpilot_testkit::require(&["nft", "tc", "iperf3", "ss"]);
     let lab = Lab::new().unwrap();
-    let relay = Relay::start(RelayOptions {
-        config: String::new(),
-    })
-    .await
-    .unwrap();
-    let router = relay.enrolled_router("alice").await.unwrap();
-    let (agent, api) = start_agent(&lab, &router, extra).await;
-    Rig {
-        lab,
-        _relay: relay,
-        router,
-        agent,
-        api,
-    }
+    let mut args = vec!["--check-interval", "300ms"];
+    args.extend_from_slice(extra);
+    let netpilot = ApiRig::builder()
+        .in_lab(&lab)
+        .agent_args(&args)
+        .start()
+        .await
+        .unwrap();
+    Rig { netpilot, lab }
 }
 
 impl Rig {
     fn call(&self, method: &str, path: &str, body: Value) -> Value {
-        let (status, v) = self.lab.api(self.api, method, path, Some(&body)).unwrap();
+        let (status, v) = self
+            .lab
+            .api(self.netpilot.local_api(), method, path, Some(&body))
+            .unwrap();
         assert_eq!(status, 200, "{method} {path}: {v}");
         v["data"].clone()
     }
@@ -99,7 +77,7 @@ fn group(id: u32, mac: &str, policy: Value) -> Value {
 }
 
 #[tokio::test]
-async fn a_5_mbit_group_is_shaped_both_ways_and_an_unlimited_device_is_not() {
+async fn netns_a_5_mbit_group_is_shaped_both_ways_and_an_unlimited_device_is_not() {
     let rig = rig(&[]).await;
     rig.call(
         "POST",
@@ -137,7 +115,7 @@ async fn a_5_mbit_group_is_shaped_both_ways_and_an_unlimited_device_is_not() {
 }
 
 #[tokio::test]
-async fn a_blocked_device_cannot_reach_the_wan_but_still_reaches_the_router() {
+async fn netns_a_blocked_device_cannot_reach_the_wan_but_still_reaches_the_router() {
     let rig = rig(&[]).await;
     let (wan, router) = (rig.wan_listener(), rig.router_listener());
     let l = &rig.lab;
@@ -166,7 +144,7 @@ async fn a_blocked_device_cannot_reach_the_wan_but_still_reaches_the_router() {
 }
 
 #[tokio::test]
-async fn a_whitelist_lets_only_listed_devices_and_the_router_out() {
+async fn netns_a_whitelist_lets_only_listed_devices_and_the_router_out() {
     let rig = rig(&[]).await;
     let (wan, router) = (rig.wan_listener(), rig.router_listener());
     let l = &rig.lab;
@@ -182,7 +160,7 @@ async fn a_whitelist_lets_only_listed_devices_and_the_router_out() {
 
 /// A window around now in the injected zone blocks; one two hours ahead does not.
 #[tokio::test]
-async fn a_schedule_window_containing_now_blocks_and_one_that_does_not_leaves_traffic() {
+async fn netns_a_schedule_window_containing_now_blocks_and_one_that_does_not_leaves_traffic() {
     // India: +05:30, no DST; the kernel's hours are UTC, so the zone matters.
     const TZ: &str = "<+0530>-5:30";
     let rig = rig(&["--timezone", TZ]).await;
@@ -232,7 +210,7 @@ async fn a_schedule_window_containing_now_blocks_and_one_that_does_not_leaves_tr
 /// The agent dies (SIGKILL) after nft took a new table but before the store
 /// recorded it; restarted, it puts the kernel back to the stored policy.
 #[tokio::test]
-async fn a_kill_in_the_middle_of_an_apply_converges_to_the_stored_state() {
+async fn netns_a_kill_in_the_middle_of_an_apply_converges_to_the_stored_state() {
     let dir = tempfile::tempdir().unwrap();
     let (hold, mark, gate, done) = (
         dir.path().join("hold"),
@@ -271,8 +249,8 @@ async fn a_kill_in_the_middle_of_an_apply_converges_to_the_stored_state() {
 
     // The change that will be cut off: allow the group, and one more device.
     std::fs::write(&hold, "").unwrap();
-    let api = rig.api;
-    let pid = nix::unistd::Pid::from_raw(rig.agent.pid().unwrap() as i32);
+    let api = rig.netpilot.local_api();
+    let pid = nix::unistd::Pid::from_raw(rig.netpilot.agent.pid().unwrap() as i32);
     let body = json!({"groups": [{"id": 3, "name": "group 3", "devices": [{"mac": C1_MAC}, {"mac": "02:4e:50:00:00:99"}], "policy": {"internet": "allow"}}]});
     let lab_ref = &rig.lab;
     std::thread::scope(|s| {
@@ -289,7 +267,7 @@ async fn a_kill_in_the_middle_of_an_apply_converges_to_the_stored_state() {
         let answer = call.join().unwrap();
         assert!(answer.is_err(), "{answer:?}");
     });
-    rig.agent.kill().await;
+    rig.netpilot.agent.kill().await;
     // Let the orphaned nft finish: the kernel now has the table the store never
     // recorded.
     std::fs::write(&gate, "go\n").unwrap();
@@ -305,9 +283,7 @@ async fn a_kill_in_the_middle_of_an_apply_converges_to_the_stored_state() {
     );
 
     std::fs::remove_file(&hold).unwrap();
-    let (agent, api) = start_agent(&rig.lab, &rig.router, &["--nft", &wrapper_s]).await;
-    rig.agent = agent;
-    rig.api = api;
+    rig.netpilot.restart_agent().await.unwrap();
     let s = rig.wait_status("the start-up reconcile", |s| {
         s["in_sync"] == json!(true) && s["drift_repairs"].as_u64() >= Some(1)
     });
@@ -337,7 +313,7 @@ async fn a_kill_in_the_middle_of_an_apply_converges_to_the_stored_state() {
 /// Someone flushes NetPilot's table (a person, or a script that flushes the
 /// ruleset): the periodic check reports it and puts it back.
 #[tokio::test]
-async fn a_table_flushed_behind_the_agents_back_is_reported_and_repaired() {
+async fn netns_a_table_flushed_behind_the_agents_back_is_reported_and_repaired() {
     let rig = rig(&[]).await;
     let wan = rig.wan_listener();
     let l = &rig.lab;

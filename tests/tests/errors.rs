@@ -5,15 +5,14 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use netpilot_tests::{q, relay_with_agent, session_id, start_session, Relay, RelayOptions};
+use netpilot_tests::{q, session_id, ApiRig, Relay, RelayOptions, Session};
 use serde_json::json;
 
 #[tokio::test]
 async fn status_400_for_bad_ids_and_json() {
-    let (relay, router, _agent) = relay_with_agent("", &["--simulate"]).await.unwrap();
-    let c = relay.client().await.unwrap();
-    let sid = start_session(&c, "alice", &router.router_id).await.unwrap();
-    let rid = &router.router_id;
+    let rig = ApiRig::simulated().await.unwrap();
+    let alice = rig.session("alice").await.unwrap();
+    let (c, sid, rid) = (&alice.client, &alice.id, rig.router_id());
     let cases: Vec<(&str, String, Option<String>)> = vec![
         ("GET", format!("/api/scan/router?routerId={rid}"), None),
         ("GET", format!("/api/scan/router?sessionId={sid}"), None),
@@ -85,9 +84,9 @@ async fn status_400_for_bad_ids_and_json() {
 
 #[tokio::test]
 async fn status_401_for_api_key_and_session() {
-    let (relay, router, _agent) = relay_with_agent("", &["--simulate"]).await.unwrap();
-    let c = relay.client().await.unwrap();
-    let path = q("/api/scan/router", &session_id(), &router.router_id);
+    let rig = ApiRig::simulated().await.unwrap();
+    let c = rig.relay.client().await.unwrap();
+    let path = q("/api/scan/router", &session_id(), rig.router_id());
     for key in [None, Some("wrong-key-0123456789abcdef"), Some("")] {
         let r = c.with_key(key).get(&path).await.unwrap();
         assert_eq!((r.status, r.code()), (401, "UNAUTHORIZED"), "{key:?}");
@@ -100,8 +99,8 @@ async fn status_401_for_api_key_and_session() {
 
 #[tokio::test]
 async fn status_403_and_404_for_ownership_and_unknown_routers() {
-    let (relay, router, _agent) = relay_with_agent("", &["--simulate"]).await.unwrap();
-    let c = relay.client().await.unwrap();
+    let rig = ApiRig::simulated().await.unwrap();
+    let c = rig.relay.client().await.unwrap();
     let bob = session_id();
     c.post(
         "/api/session/start",
@@ -110,7 +109,7 @@ async fn status_403_and_404_for_ownership_and_unknown_routers() {
     .await
     .unwrap();
     let r = c
-        .get(&q("/api/scan/router", &bob, &router.router_id))
+        .get(&q("/api/scan/router", &bob, rig.router_id()))
         .await
         .unwrap();
     assert_eq!((r.status, r.code()), (403, "FORBIDDEN"));
@@ -138,24 +137,19 @@ async fn status_408_when_the_router_does_not_answer_in_time() {
     let fifo = root.path().join("proc/sys/kernel/hostname");
     mkfifo(&fifo);
     let root_arg = root.path().to_str().unwrap().to_owned();
-    let (relay, router, _agent) =
-        relay_with_agent("[timeouts]\ncommand = \"300ms\"\n", &["--root", &root_arg])
-            .await
-            .unwrap();
-    let c = relay.client().await.unwrap();
-    let sid = start_session(&c, "alice", &router.router_id).await.unwrap();
-    let started = std::time::Instant::now();
-    let r = c
-        .get(&q("/api/scan/router", &sid, &router.router_id))
+    let rig = ApiRig::builder()
+        .relay_config("[timeouts]\ncommand = \"300ms\"\n")
+        .agent_args(&["--root", &root_arg])
+        .start()
         .await
         .unwrap();
+    let alice = rig.session("alice").await.unwrap();
+    let started = std::time::Instant::now();
+    let r = alice.get("/api/scan/router").await;
     assert_eq!((r.status, r.code()), (408, "COMMAND_TIMEOUT"), "{}", r.body);
     assert!(started.elapsed() < Duration::from_secs(5));
     // The link survives a timed-out call.
-    let r = c
-        .get(&q("/api/agent/health", &sid, &router.router_id))
-        .await
-        .unwrap();
+    let r = alice.get("/api/agent/health").await;
     assert_eq!(r.status, 200);
 }
 
@@ -171,34 +165,29 @@ fn mkfifo(path: &std::path::Path) {
 async fn status_503_when_the_router_is_not_connected() {
     let relay = Relay::start(RelayOptions::default()).await.unwrap();
     let router = relay.enrolled_router("alice").await.unwrap();
-    let c = relay.client().await.unwrap();
-    let sid = start_session(&c, "alice", &router.router_id).await.unwrap();
-    let r = c
-        .get(&q("/api/scan/router", &sid, &router.router_id))
+    let alice = Session::start(&relay.client().await.unwrap(), "alice", &router.router_id)
         .await
         .unwrap();
+    let r = alice.get("/api/scan/router").await;
     assert_eq!((r.status, r.code()), (503, "ROUTER_OFFLINE"));
 }
 
 #[tokio::test]
 async fn unknown_routes_methods_bodies_and_content_types() {
-    let (relay, router, _agent) =
-        relay_with_agent("[limits]\nmax_body_bytes = 4096\n", &["--simulate"])
-            .await
-            .unwrap();
-    let c = relay.client().await.unwrap();
-    let sid = start_session(&c, "alice", &router.router_id).await.unwrap();
-    let rid = &router.router_id;
+    let rig = ApiRig::builder()
+        .relay_config("[limits]\nmax_body_bytes = 4096\n")
+        .start()
+        .await
+        .unwrap();
+    let alice = rig.session("alice").await.unwrap();
+    let (c, sid, rid) = (&alice.client, &alice.id, rig.router_id());
 
-    let r = c.get(&q("/api/does-not-exist", &sid, rid)).await.unwrap();
+    let r = alice.get("/api/does-not-exist").await;
     assert_eq!((r.status, r.code()), (404, "NOT_FOUND"));
     let r = c.get("/nothing-here").await.unwrap();
     assert_eq!((r.status, r.code()), (404, "NOT_FOUND"));
 
-    let r = c
-        .post("/api/scan", json!({"sessionId": sid, "routerId": rid}))
-        .await
-        .unwrap();
+    let r = alice.post("/api/scan", json!({})).await;
     assert_eq!((r.status, r.code()), (405, "METHOD_NOT_ALLOWED"));
     assert_eq!(r.headers.get("allow").unwrap(), "GET");
     let r = c.get("/api/session/start").await.unwrap();
@@ -253,10 +242,8 @@ async fn unknown_routes_methods_bodies_and_content_types() {
 
 #[tokio::test]
 async fn every_forwarded_route_reaches_the_agent() {
-    let (relay, router, _agent) = relay_with_agent("", &["--simulate"]).await.unwrap();
-    let c = relay.client().await.unwrap();
-    let sid = start_session(&c, "alice", &router.router_id).await.unwrap();
-    let rid = &router.router_id;
+    let rig = ApiRig::simulated().await.unwrap();
+    let alice = rig.session("alice").await.unwrap();
     for route in netpilot_proto::routes::ROUTES {
         let path = route
             .pattern
@@ -265,17 +252,11 @@ async fn every_forwarded_route_reaches_the_agent() {
             .replace("{name}", "social");
         let method = route.method.as_str();
         let r = if route.method.has_body() {
-            let body = json!({"sessionId": sid, "routerId": rid}).to_string();
-            c.call(
-                method,
-                &path,
-                Some(Bytes::from(body)),
-                Some("application/json"),
-            )
-            .await
-            .unwrap()
+            alice.send(method, &path, json!({})).await
         } else {
-            c.call(method, &q(&path, &sid, rid), None, None)
+            alice
+                .client
+                .call(method, &alice.q(&path), None, None)
                 .await
                 .unwrap()
         };
@@ -340,13 +321,13 @@ async fn every_forwarded_route_reaches_the_agent() {
 
 #[tokio::test]
 async fn request_ids_are_propagated_to_the_agent_and_back() {
-    let (relay, router, _agent) = relay_with_agent("", &["--simulate"]).await.unwrap();
-    let c = relay.client().await.unwrap();
-    let sid = start_session(&c, "alice", &router.router_id).await.unwrap();
-    let r = c
+    let rig = ApiRig::simulated().await.unwrap();
+    let alice = rig.session("alice").await.unwrap();
+    let r = alice
+        .client
         .call_with(
             "GET",
-            &q("/api/agent/health", &sid, &router.router_id),
+            &alice.q("/api/agent/health"),
             None,
             None,
             &[("x-request-id", "trace-42")],
@@ -355,6 +336,6 @@ async fn request_ids_are_propagated_to_the_agent_and_back() {
         .unwrap();
     assert_eq!(r.headers.get("x-request-id").unwrap(), "trace-42");
     assert_eq!(r.body["meta"]["request_id"], json!("trace-42"));
-    assert_eq!(r.body["data"]["router_id"], json!(router.router_id));
+    assert_eq!(r.body["data"]["router_id"], json!(rig.router_id()));
     assert_eq!(r.body["data"]["mode"], json!("simulated"));
 }

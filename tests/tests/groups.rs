@@ -5,56 +5,13 @@
 
 use std::time::Instant;
 
-use netpilot_tests::{q, relay_with_agent, start_session, Client};
+use netpilot_tests::{ApiRig, Session};
 use serde_json::{json, Value};
 
-struct Api {
-    c: Client,
-    sid: String,
-    rid: String,
-}
-
-impl Api {
-    async fn start() -> (Api, netpilot_tests::Relay, netpilot_tests::Agent) {
-        let (relay, router, agent) = relay_with_agent("", &["--simulate"]).await.unwrap();
-        let c = relay.client().await.unwrap();
-        let sid = start_session(&c, "alice", &router.router_id).await.unwrap();
-        (
-            Api {
-                c,
-                sid,
-                rid: router.router_id.clone(),
-            },
-            relay,
-            agent,
-        )
-    }
-
-    async fn get(&self, path: &str) -> netpilot_tests::Reply {
-        self.c.get(&q(path, &self.sid, &self.rid)).await.unwrap()
-    }
-
-    async fn delete(&self, path: &str) -> netpilot_tests::Reply {
-        self.c.delete(&q(path, &self.sid, &self.rid)).await.unwrap()
-    }
-
-    async fn send(&self, method: &str, path: &str, mut body: Value) -> netpilot_tests::Reply {
-        body["sessionId"] = json!(self.sid);
-        body["routerId"] = json!(self.rid);
-        self.c
-            .call(
-                method,
-                path,
-                Some(bytes::Bytes::from(body.to_string())),
-                Some("application/json"),
-            )
-            .await
-            .unwrap()
-    }
-
-    async fn post(&self, path: &str, body: Value) -> netpilot_tests::Reply {
-        self.send("POST", path, body).await
-    }
+/// Alice's session on her simulated router; the rig stays alive beside it.
+async fn alice() -> (Session, ApiRig) {
+    let rig = ApiRig::simulated().await.unwrap();
+    (rig.session("alice").await.unwrap(), rig)
 }
 
 fn ok(r: &netpilot_tests::Reply) -> &Value {
@@ -72,7 +29,7 @@ fn kids() -> Value {
 
 #[tokio::test]
 async fn groups_round_trip_and_devices_fall_back_to_guests() {
-    let (api, _relay, _agent) = Api::start().await;
+    let (api, _rig) = alice().await;
     let groups = api.get("/api/groups").await;
     let g = ok(&groups);
     assert_eq!(
@@ -125,7 +82,7 @@ async fn groups_round_trip_and_devices_fall_back_to_guests() {
     let changes = ok(&status)["recent_changes"].as_array().unwrap();
     assert_eq!(changes[0]["action"], json!("groups.policy"));
     assert_eq!(changes[0]["user_id"], json!("alice"));
-    assert_eq!(changes[0]["session_id"], json!(api.sid));
+    assert_eq!(changes[0]["session_id"], json!(api.id));
 
     let r = api.delete("/api/groups/3").await;
     ok(&r);
@@ -142,7 +99,7 @@ async fn groups_round_trip_and_devices_fall_back_to_guests() {
 
 #[tokio::test]
 async fn block_white_and_black_lists_are_views_of_one_engine() {
-    let (api, _relay, _agent) = Api::start().await;
+    let (api, _rig) = alice().await;
     let r = api
         .post("/api/block", json!({"mac": "02:4E:50:00:00:11"}))
         .await;
@@ -189,7 +146,7 @@ async fn block_white_and_black_lists_are_views_of_one_engine() {
 
 #[tokio::test]
 async fn bad_input_gets_precise_400s() {
-    let (api, _relay, _agent) = Api::start().await;
+    let (api, _rig) = alice().await;
     let cases: Vec<(&str, &str, Value, &str)> = vec![
         (
             "POST",
@@ -303,7 +260,7 @@ fn many_devices(groups: u32, per_group: u32) -> Value {
 
 #[tokio::test]
 async fn ten_thousand_devices_are_accepted_and_twenty_thousand_refused_quickly() {
-    let (api, _relay, _agent) = Api::start().await;
+    let (api, _rig) = alice().await;
     let started = Instant::now();
     let r = api
         .post("/api/groups/sync-all", many_devices(40, 250))

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use netpilot_tests::{eventually, q, relay_with_agent, start_session, Agent, Relay, RelayOptions};
+use netpilot_tests::{eventually, Agent, ApiRig, Relay, RelayOptions, Session};
 use serde_json::json;
 
 /// Short keepalive so dead-link detection is observable in a test.
@@ -20,13 +20,16 @@ fn signal(pid: u32, sig: &str) {
 
 #[tokio::test]
 async fn killed_agent_is_offline_at_once_and_a_restarted_one_serves_the_same_session() {
-    let (relay, router, mut agent) = relay_with_agent(FAST_LINK, &["--simulate"]).await.unwrap();
-    let c = relay.client().await.unwrap();
-    let sid = start_session(&c, "alice", &router.router_id).await.unwrap();
-    let path = q("/api/scan/router", &sid, &router.router_id);
-    assert_eq!(c.get(&path).await.unwrap().status, 200);
+    let mut rig = ApiRig::builder()
+        .relay_config(FAST_LINK)
+        .start()
+        .await
+        .unwrap();
+    let alice = rig.session("alice").await.unwrap();
+    let (c, path) = (&alice.client, alice.q("/api/scan/router"));
+    assert_eq!(alice.get("/api/scan/router").await.status, 200);
 
-    agent.kill().await; // SIGKILL: the kernel closes the socket, the relay sees FIN.
+    rig.agent.kill().await; // SIGKILL: the kernel closes the socket, the relay sees FIN.
     let started = std::time::Instant::now();
     eventually(
         Duration::from_secs(2),
@@ -44,12 +47,8 @@ async fn killed_agent_is_offline_at_once_and_a_restarted_one_serves_the_same_ses
         "offline after {detected:?}, longer than dead_after"
     );
 
-    let _agent = Agent::start(&router, &["--simulate"]).await.unwrap();
-    relay
-        .wait_online(&router.router_id, true, Duration::from_secs(10))
-        .await
-        .unwrap();
-    let r = c.get(&path).await.unwrap();
+    rig.restart_agent().await.unwrap();
+    let r = alice.get("/api/scan/router").await;
     assert_eq!(r.status, 200, "{}", r.body);
 }
 
@@ -62,8 +61,14 @@ async fn a_frozen_agent_is_declared_dead_by_keepalive() {
         "--dead-after",
         "800ms",
     ];
-    let (relay, router, agent) = relay_with_agent(FAST_LINK, &agent_args).await.unwrap();
-    let pid = agent.pid().unwrap();
+    let rig = ApiRig::builder()
+        .relay_config(FAST_LINK)
+        .agent_args(&agent_args)
+        .start()
+        .await
+        .unwrap();
+    let (relay, router) = (&rig.relay, &rig.router);
+    let pid = rig.agent.pid().unwrap();
     signal(pid, "-STOP"); // no FIN, no PING answers: only keepalive can tell
     let started = std::time::Instant::now();
     relay
@@ -85,25 +90,19 @@ async fn a_frozen_agent_is_declared_dead_by_keepalive() {
 
 #[tokio::test]
 async fn the_agent_reconnects_after_a_relay_restart() {
-    let mut relay = Relay::start(RelayOptions::default()).await.unwrap();
-    let router = relay.enrolled_router("alice").await.unwrap();
-    let _agent = Agent::start(&router, &["--simulate"]).await.unwrap();
-    relay
-        .wait_online(&router.router_id, true, Duration::from_secs(10))
-        .await
-        .unwrap();
-    relay.restart().await.unwrap();
+    let mut rig = ApiRig::simulated().await.unwrap();
+    rig.relay.restart().await.unwrap();
+    let (relay, router) = (&rig.relay, &rig.router);
     relay
         .wait_online(&router.router_id, true, Duration::from_secs(10))
         .await
         .unwrap();
     // Sessions live in memory: a new one is needed, the router is the same.
     let c = relay.client().await.unwrap();
-    let sid = start_session(&c, "alice", &router.router_id).await.unwrap();
-    let r = c
-        .get(&q("/api/scan/router", &sid, &router.router_id))
+    let alice = Session::start(&c, "alice", &router.router_id)
         .await
         .unwrap();
+    let r = alice.get("/api/scan/router").await;
     assert_eq!(r.status, 200);
     let r = c
         .get(&format!("/api/admin/routers/{}", router.router_id))
@@ -114,21 +113,16 @@ async fn the_agent_reconnects_after_a_relay_restart() {
 
 #[tokio::test]
 async fn two_hundred_concurrent_calls_over_one_link() {
-    let (relay, router, _agent) = relay_with_agent("", &["--simulate"]).await.unwrap();
-    let c = relay.client().await.unwrap();
-    let sid = start_session(&c, "alice", &router.router_id).await.unwrap();
+    let rig = ApiRig::simulated().await.unwrap();
+    let alice = rig.session("alice").await.unwrap();
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..200 {
-        let c = c.clone();
-        let path = q(
-            if i % 2 == 0 {
-                "/api/scan/router"
-            } else {
-                "/api/agent/health"
-            },
-            &sid,
-            &router.router_id,
-        );
+        let c = alice.client.clone();
+        let path = alice.q(if i % 2 == 0 {
+            "/api/scan/router"
+        } else {
+            "/api/agent/health"
+        });
         tasks.spawn(async move {
             let id = format!("call-{i}");
             let r = c
@@ -147,12 +141,12 @@ async fn two_hundred_concurrent_calls_over_one_link() {
         if i % 2 == 0 {
             assert_eq!(r.body["data"]["hostname"], json!("netpilot-sim"));
         } else {
-            assert_eq!(r.body["data"]["router_id"], json!(router.router_id));
+            assert_eq!(r.body["data"]["router_id"], json!(rig.router_id()));
         }
         answered += 1;
     }
     assert_eq!(answered, 200);
-    let m = c.get("/metrics").await.unwrap();
+    let m = alice.client.get("/metrics").await.unwrap();
     let text = String::from_utf8_lossy(&m.raw);
     assert!(
         text.contains(
@@ -165,9 +159,10 @@ async fn two_hundred_concurrent_calls_over_one_link() {
 
 #[tokio::test]
 async fn revoked_router_is_disconnected_and_refused_on_reconnect() {
-    let (relay, router, _agent) = relay_with_agent("", &["--simulate"]).await.unwrap();
-    let c = relay.client().await.unwrap();
-    let sid = start_session(&c, "alice", &router.router_id).await.unwrap();
+    let rig = ApiRig::simulated().await.unwrap();
+    let (relay, router) = (&rig.relay, &rig.router);
+    let alice = rig.session("alice").await.unwrap();
+    let c = &alice.client;
 
     let r = c
         .delete(&format!("/api/admin/routers/{}", router.router_id))
@@ -182,10 +177,7 @@ async fn revoked_router_is_disconnected_and_refused_on_reconnect() {
         .unwrap();
     assert_eq!(r.body["data"]["online"], json!(false));
     assert_eq!(r.body["data"]["revoked"], json!(true));
-    let r = c
-        .get(&q("/api/scan/router", &sid, &router.router_id))
-        .await
-        .unwrap();
+    let r = alice.get("/api/scan/router").await;
     assert_eq!((r.status, r.code()), (404, "ROUTER_NOT_FOUND"));
     // The agent keeps trying and is refused each time.
     eventually(Duration::from_secs(10), "a refused reconnect", || async {
@@ -204,25 +196,21 @@ async fn revoked_router_is_disconnected_and_refused_on_reconnect() {
 
 #[tokio::test]
 async fn the_newest_of_two_agents_with_one_identity_wins() {
-    let relay = Relay::start(RelayOptions::default()).await.unwrap();
-    let router = relay.enrolled_router("alice").await.unwrap();
     // The first agent, once displaced, waits long before retrying.
-    let _old = Agent::start(&router, &["--backoff-base", "30s", "--backoff-cap", "60s"])
+    let rig = ApiRig::builder()
+        .agent_args(&["--backoff-base", "30s", "--backoff-cap", "60s"])
+        .start()
         .await
         .unwrap();
-    relay
-        .wait_online(&router.router_id, true, Duration::from_secs(10))
-        .await
-        .unwrap();
-    let c = relay.client().await.unwrap();
-    let sid = start_session(&c, "alice", &router.router_id).await.unwrap();
-    let health = q("/api/agent/health", &sid, &router.router_id);
+    let (relay, router) = (&rig.relay, &rig.router);
+    let alice = rig.session("alice").await.unwrap();
+    let (c, health) = (&alice.client, alice.q("/api/agent/health"));
     assert_eq!(
         c.get(&health).await.unwrap().body["data"]["mode"],
         json!("real")
     );
 
-    let _new = Agent::start(&router, &["--simulate"]).await.unwrap();
+    let _new = Agent::start(router, &["--simulate"]).await.unwrap();
     eventually(
         Duration::from_secs(10),
         "the new agent to take over",
@@ -270,26 +258,17 @@ async fn health_and_metrics_need_no_api_key() {
 
 #[tokio::test]
 async fn both_programs_stop_cleanly_on_sigterm() {
-    let mut relay = Relay::start(RelayOptions::default()).await.unwrap();
-    let router = relay.enrolled_router("alice").await.unwrap();
-    let mut agent = Agent::start(&router, &["--simulate"]).await.unwrap();
-    relay
-        .wait_online(&router.router_id, true, Duration::from_secs(10))
-        .await
-        .unwrap();
-    let status = agent.terminate().await.unwrap();
+    let mut rig = ApiRig::simulated().await.unwrap();
+    let status = rig.agent.terminate().await.unwrap();
     assert!(status.success(), "agent exit: {status}");
-    relay
-        .wait_online(&router.router_id, false, Duration::from_secs(5))
+    rig.relay
+        .wait_online(rig.router_id(), false, Duration::from_secs(5))
         .await
         .unwrap();
-    let _agent = Agent::start(&router, &["--simulate"]).await.unwrap();
-    relay
-        .wait_online(&router.router_id, true, Duration::from_secs(10))
-        .await
-        .unwrap();
+    // Started again, it is online again.
+    rig.restart_agent().await.unwrap();
     // The relay closes live links and exits within its grace period.
-    let status = relay.terminate().await.unwrap();
+    let status = rig.relay.terminate().await.unwrap();
     assert!(status.success(), "relay exit: {status}");
 }
 

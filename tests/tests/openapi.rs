@@ -23,7 +23,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::Request;
 use hyper_util::rt::TokioIo;
 use netpilot_proto::link::{
@@ -1045,21 +1045,9 @@ async fn connect_h1(relay: &Relay, router_id: &str, secret: Option<&str>) -> any
     let resp = sender
         .send_request(b.body(Full::new(Bytes::new()))?)
         .await?;
-    let status = resp.status().as_u16();
-    let headers = resp.headers().clone();
-    let raw = if status == 101 {
-        Bytes::new()
-    } else {
-        resp.into_body().collect().await?.to_bytes()
-    };
+    let reply = Reply::read(resp).await;
     conn.abort();
-    let body = serde_json::from_slice(&raw).unwrap_or(Value::Null);
-    Ok(Reply {
-        status,
-        body,
-        raw,
-        headers,
-    })
+    reply
 }
 
 fn signal(pid: Option<u32>, sig: &str) -> anyhow::Result<()> {

@@ -1,13 +1,14 @@
 //! The OpenWrt package: each `.ipk` unpacked the way opkg does and checked for
 //! structure, control fields, modes, owners and script syntax; and the uninstall
-//! path, `netpilot-agent cleanup`, against a real nftables ruleset in a throwaway
-//! network namespace.
+//! path, `netpilot-agent cleanup`, against a real nftables ruleset and tc qdiscs in
+//! a throwaway network namespace (needs root, nft and tc).
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use netpilot_testkit::Netns;
 use netpilot_tests::binary;
 
 const ARCHES: &[&str] = &[
@@ -186,73 +187,67 @@ fn ipks_are_reproducible_and_bad_arches_refused() {
 }
 
 #[test]
-fn cleanup_removes_the_netpilot_table_and_qdiscs_and_nothing_else() {
-    if !have("nft") || !have("unshare") {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must have nft and unshare"
-        );
-        eprintln!("SKIPPED cleanup test: nft or unshare is not installed (.ci/run installs them)");
-        return;
-    }
-    // One throwaway network namespace for the whole scenario; the shell here is the
-    // test's, the agent itself never uses one.
+fn netns_cleanup_removes_the_netpilot_table_and_qdiscs_and_nothing_else() {
+    netpilot_testkit::require(&["nft", "tc"]);
+    // One throwaway network namespace for the whole scenario; the agent itself
+    // never uses one.
+    let ns = Netns::new("pkg").unwrap();
     let agent = binary("netpilot-agent");
-    let script = format!(
-        "set -e
-         nft add table inet fw4
-         nft add table inet netpilot
-         nft add chain inet netpilot forward '{{ type filter hook forward priority 0; }}'
-         ip link add lan0 type veth peer name lan1
-         ip link add wan0 type veth peer name wan1
-         tc qdisc add dev lan0 root handle 1: htb
-         tc qdisc add dev wan0 root handle 2: htb
-         {agent} cleanup --lan-if lan0 --wan-if wan0
-         nft list tables
-         tc qdisc show dev wan0
-         echo ---
-         {agent} cleanup --lan-if lan0 --wan-if wan0",
-        agent = agent.display()
-    );
-    let o = Command::new("unshare")
-        .args(["-n", "--", "sh", "-c", &script])
-        .output()
-        .unwrap();
-    let out = String::from_utf8_lossy(&o.stdout);
-    assert!(
-        o.status.success(),
-        "{out}{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let (first, second) = out.split_once("---").unwrap();
+    let agent = agent.to_str().unwrap();
+    for argv in [
+        &["nft", "add", "table", "inet", "fw4"][..],
+        &["nft", "add", "table", "inet", "netpilot"],
+        &[
+            "nft",
+            "add",
+            "chain",
+            "inet",
+            "netpilot",
+            "forward",
+            "{ type filter hook forward priority 0; }",
+        ],
+        &[
+            "ip", "link", "add", "lan0", "type", "veth", "peer", "name", "lan1",
+        ],
+        &[
+            "ip", "link", "add", "wan0", "type", "veth", "peer", "name", "wan1",
+        ],
+        &[
+            "tc", "qdisc", "add", "dev", "lan0", "root", "handle", "1:", "htb",
+        ],
+        &[
+            "tc", "qdisc", "add", "dev", "wan0", "root", "handle", "2:", "htb",
+        ],
+    ] {
+        ns.exec(argv).unwrap();
+    }
+    let cleanup = [agent, "cleanup", "--lan-if", "lan0", "--wan-if", "wan0"];
+    let first = ns.exec(&cleanup).unwrap();
+    let tables = ns.exec(&["nft", "list", "tables"]).unwrap();
+    let qdiscs = ns.exec(&["tc", "qdisc", "show", "dev", "wan0"]).unwrap();
+    let second = ns.exec(&cleanup).unwrap();
+    let all = format!("{first}{tables}{qdiscs}---\n{second}");
     assert!(
         first.contains("removed nftables table inet netpilot"),
-        "{out}"
+        "{all}"
     );
     assert!(
-        first.contains("table inet fw4"),
-        "fw4's table must stay: {out}"
+        tables.contains("table inet fw4"),
+        "fw4's table must stay: {all}"
     );
     assert!(
-        !first.lines().any(|l| l.trim() == "table inet netpilot"),
-        "{out}"
+        !tables.lines().any(|l| l.trim() == "table inet netpilot"),
+        "{all}"
     );
     assert!(
         second.contains("absent nftables table inet netpilot"),
-        "{out}"
+        "{all}"
     );
     // NetPilot's root qdisc (HTB 1:) goes; another one (here HTB 2:) stays.
-    assert!(first.contains("removed tc root qdisc 1: on lan0"), "{out}");
-    assert!(first.contains("absent tc root qdisc 1: on wan0"), "{out}");
-    assert!(first.contains("qdisc htb 2: root"), "{out}");
-    assert!(second.contains("absent tc root qdisc 1: on lan0"), "{out}");
-}
-
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .is_ok_and(|o| o.status.success())
+    assert!(first.contains("removed tc root qdisc 1: on lan0"), "{all}");
+    assert!(first.contains("absent tc root qdisc 1: on wan0"), "{all}");
+    assert!(qdiscs.contains("qdisc htb 2: root"), "{all}");
+    assert!(second.contains("absent tc root qdisc 1: on lan0"), "{all}");
 }
 
 fn mode(p: &Path) -> u32 {

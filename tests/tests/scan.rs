@@ -3,8 +3,8 @@
 //! and blocked state of the policy), and in network namespaces with the real kernel
 //! neighbour table read by the real `ip`, a lease file, and no hostapd at all.
 
-use netpilot_tests::lab::{self, Lab, C1_IP, C1_MAC, C2_MAC, LAN_IF, WAN_IF};
-use netpilot_tests::{q, relay_with_agent, start_session, Agent, Relay, RelayOptions};
+use netpilot_tests::lab::{self, Lab, C1_IP, C1_MAC, C2_MAC, LAN_IF};
+use netpilot_tests::ApiRig;
 use serde_json::{json, Value};
 
 fn device<'a>(scan: &'a Value, mac: &str) -> &'a Value {
@@ -18,30 +18,23 @@ fn device<'a>(scan: &'a Value, mac: &str) -> &'a Value {
 
 #[tokio::test]
 async fn the_simulated_router_lists_its_devices_with_wireless_details_and_policy_state() {
-    let (relay, router, _agent) = relay_with_agent("", &["--simulate"]).await.unwrap();
-    let c = relay.client().await.unwrap();
-    let sid = start_session(&c, "alice", &router.router_id).await.unwrap();
-    let rid = &router.router_id;
+    let rig = ApiRig::simulated().await.unwrap();
+    let alice = rig.session("alice").await.unwrap();
 
-    let r = c
+    let r = alice
         .post(
             "/api/groups/sync",
-            json!({"sessionId": sid, "routerId": rid, "group": {"id": 4, "name": "Kids",
+            json!({"group": {"id": 4, "name": "Kids",
                 "devices": [{"mac": "02-00-00-00-01-03"}], "policy": {"internet": "block"}}}),
         )
-        .await
-        .unwrap();
+        .await;
     assert_eq!(r.status, 200, "{}", r.body);
-    let r = c
-        .post(
-            "/api/block",
-            json!({"sessionId": sid, "routerId": rid, "ip": "192.168.1.105"}),
-        )
-        .await
-        .unwrap();
+    let r = alice
+        .post("/api/block", json!({"ip": "192.168.1.105"}))
+        .await;
     assert_eq!(r.status, 200, "{}", r.body);
 
-    let r = c.get(&q("/api/scan", &sid, rid)).await.unwrap();
+    let r = alice.get("/api/scan").await;
     assert_eq!(r.status, 200, "{}", r.body);
     let scan = &r.body["data"];
     assert_eq!(scan["total"], 5, "{scan}");
@@ -72,14 +65,8 @@ async fn the_simulated_router_lists_its_devices_with_wireless_details_and_policy
 }
 
 #[tokio::test]
-async fn real_neighbours_and_a_lease_file_without_hostapd() {
+async fn netns_real_neighbours_and_a_lease_file_without_hostapd() {
     let lab = Lab::new().unwrap();
-    let relay = Relay::start(RelayOptions {
-        config: String::new(),
-    })
-    .await
-    .unwrap();
-    let router = relay.enrolled_router("alice").await.unwrap();
     // The router's files under a root of the test's: a lease file for c1, c2 and a
     // device that is not on the network now.
     let root = tempfile::tempdir().unwrap();
@@ -95,25 +82,13 @@ async fn real_neighbours_and_a_lease_file_without_hostapd() {
     )
     .unwrap();
     let root_arg = root.path().to_str().unwrap().to_owned();
-    let agent = Agent::start_in(
-        &lab.router,
-        &router,
-        &[
-            "--lan-if",
-            LAN_IF,
-            "--wan-if",
-            WAN_IF,
-            "--api-listen",
-            "127.0.0.1:0",
-            "--root",
-            &root_arg,
-            "--ubus",
-            "netpilot-no-such-ubus",
-        ],
-    )
-    .await
-    .unwrap();
-    let api = agent.api_addr.unwrap();
+    let rig = ApiRig::builder()
+        .in_lab(&lab)
+        .agent_args(&["--root", &root_arg, "--ubus", "netpilot-no-such-ubus"])
+        .start()
+        .await
+        .unwrap();
+    let api = rig.local_api();
     // c1 talks to the router, so the kernel resolves its address (a real
     // neighbour entry); the router talks to the WAN host, whose entry is upstream.
     let on_router = lab.listen(&lab.router, lab::ROUTER_LAN).unwrap();

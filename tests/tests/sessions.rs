@@ -3,9 +3,7 @@
 
 use std::time::Duration;
 
-use netpilot_tests::{
-    eventually, q, relay_with_agent, session_id, start_session, Agent, Relay, RelayOptions,
-};
+use netpilot_tests::{eventually, q, session_id, ApiRig, Relay, RelayOptions, Session};
 use serde_json::json;
 
 const SHORT: &str =
@@ -13,8 +11,9 @@ const SHORT: &str =
 
 #[tokio::test]
 async fn lifecycle_start_status_refresh_end() {
-    let (relay, router, _agent) = relay_with_agent("", &["--simulate"]).await.unwrap();
-    let c = relay.client().await.unwrap();
+    let rig = ApiRig::simulated().await.unwrap();
+    let router = &rig.router;
+    let c = rig.relay.client().await.unwrap();
 
     let sid = session_id();
     let r = c
@@ -100,16 +99,10 @@ async fn start_without_router_and_with_offline_router() {
 
 #[tokio::test]
 async fn idle_session_expires_and_its_calls_get_401() {
-    let (relay, router, _agent) = relay_with_agent(SHORT, &["--simulate"]).await.unwrap();
-    let c = relay.client().await.unwrap();
-    let sid = start_session(&c, "alice", &router.router_id).await.unwrap();
-    assert_eq!(
-        c.get(&q("/api/scan/router", &sid, &router.router_id))
-            .await
-            .unwrap()
-            .status,
-        200
-    );
+    let rig = ApiRig::builder().relay_config(SHORT).start().await.unwrap();
+    let alice = rig.session("alice").await.unwrap();
+    let (c, sid) = (&alice.client, &alice.id);
+    assert_eq!(alice.get("/api/scan/router").await.status, 200);
     // The sweeper removes it once idle; metrics show the count dropping to zero.
     eventually(Duration::from_secs(5), "the session to expire", || async {
         let m = c.get("/metrics").await.ok()?;
@@ -119,10 +112,7 @@ async fn idle_session_expires_and_its_calls_get_401() {
     })
     .await
     .unwrap();
-    let r = c
-        .get(&q("/api/scan/router", &sid, &router.router_id))
-        .await
-        .unwrap();
+    let r = alice.get("/api/scan/router").await;
     assert_eq!((r.status, r.code()), (401, "SESSION_INVALID"));
     let r = c
         .post("/api/session/refresh", json!({"sessionId": sid}))
@@ -133,9 +123,9 @@ async fn idle_session_expires_and_its_calls_get_401() {
 
 #[tokio::test]
 async fn idle_router_detaches_and_the_next_call_reattaches() {
-    let (relay, router, _agent) = relay_with_agent(SHORT, &["--simulate"]).await.unwrap();
-    let c = relay.client().await.unwrap();
-    let sid = start_session(&c, "alice", &router.router_id).await.unwrap();
+    let rig = ApiRig::builder().relay_config(SHORT).start().await.unwrap();
+    let alice = rig.session("alice").await.unwrap();
+    let (c, sid) = (&alice.client, &alice.id);
     // Keep the session alive with refreshes (not router calls) until the router detaches.
     eventually(Duration::from_secs(5), "the router to detach", || async {
         c.post("/api/session/refresh", json!({"sessionId": sid}))
@@ -152,13 +142,7 @@ async fn idle_router_detaches_and_the_next_call_reattaches() {
     })
     .await
     .unwrap();
-    assert_eq!(
-        c.get(&q("/api/scan/router", &sid, &router.router_id))
-            .await
-            .unwrap()
-            .status,
-        200
-    );
+    assert_eq!(alice.get("/api/scan/router").await.status, 200);
     let r = c
         .get(&format!("/api/session/status?sessionId={sid}"))
         .await
@@ -168,10 +152,11 @@ async fn idle_router_detaches_and_the_next_call_reattaches() {
 
 #[tokio::test]
 async fn a_session_reaches_only_its_users_routers() {
-    let (relay, a, _agent) = relay_with_agent("", &["--simulate"]).await.unwrap();
-    let c = relay.client().await.unwrap();
+    let rig = ApiRig::simulated().await.unwrap();
+    let a = &rig.router;
+    let c = rig.relay.client().await.unwrap();
 
-    let bob = start_session(&c, "bob", &a.router_id).await;
+    let bob = Session::start(&c, "bob", &a.router_id).await;
     assert!(
         bob.is_err(),
         "bob may not start a session on alice's router"
@@ -200,41 +185,28 @@ async fn a_session_reaches_only_its_users_routers() {
     assert_eq!((r.status, r.code()), (403, "FORBIDDEN"));
 
     // Bob cannot take over alice's session id either.
-    let alice_sid = start_session(&c, "alice", &a.router_id).await.unwrap();
+    let alice = Session::start(&c, "alice", &a.router_id).await.unwrap();
     let r = c
         .post(
             "/api/session/start",
-            json!({"sessionId": alice_sid, "userId": "bob", "restart": true}),
+            json!({"sessionId": alice.id, "userId": "bob", "restart": true}),
         )
         .await
         .unwrap();
     assert_eq!((r.status, r.code()), (403, "FORBIDDEN"));
-    assert_eq!(
-        c.get(&q("/api/scan/router", &alice_sid, &a.router_id))
-            .await
-            .unwrap()
-            .status,
-        200
-    );
+    assert_eq!(alice.get("/api/scan/router").await.status, 200);
 }
 
 #[tokio::test]
 async fn user_ids_may_be_any_text() {
-    let relay = Relay::start(RelayOptions::default()).await.unwrap();
-    let router = relay.enrolled_router("ユーザー 42").await.unwrap();
-    let _agent = Agent::start(&router, &["--simulate"]).await.unwrap();
-    relay
-        .wait_online(&router.router_id, true, Duration::from_secs(10))
+    let rig = ApiRig::builder()
+        .owner("ユーザー 42")
+        .start()
         .await
         .unwrap();
-    let c = relay.client().await.unwrap();
-    let sid = start_session(&c, "ユーザー 42", &router.router_id)
-        .await
-        .unwrap();
-    let r = c
-        .get(&q("/api/scan/router", &sid, &router.router_id))
-        .await
-        .unwrap();
+    let user = rig.session("ユーザー 42").await.unwrap();
+    let c = &user.client;
+    let r = user.get("/api/scan/router").await;
     assert_eq!(r.status, 200, "{}", r.body);
     let r = c
         .get(&format!(
@@ -251,14 +223,9 @@ async fn end_with_router_detaches_only_that_router() {
     let relay = Relay::start(RelayOptions::default()).await.unwrap();
     let a = relay.enrolled_router("alice").await.unwrap();
     let c = relay.client().await.unwrap();
-    let sid = start_session(&c, "alice", &a.router_id).await.unwrap();
-    let r = c
-        .post(
-            "/api/session/end",
-            json!({"sessionId": sid, "routerId": a.router_id}),
-        )
-        .await
-        .unwrap();
+    let alice = Session::start(&c, "alice", &a.router_id).await.unwrap();
+    let sid = &alice.id;
+    let r = alice.post("/api/session/end", json!({})).await;
     assert_eq!(r.status, 200);
     let r = c
         .get(&format!("/api/session/status?sessionId={sid}"))

@@ -11,10 +11,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 use netpilot_agent::link::dial::{RelayBody, RelayEndpoint};
 use netpilot_proto::link::{SPEEDTEST_DOWNLOAD_PATH, SPEEDTEST_PING_PATH, SPEEDTEST_UPLOAD_PATH};
-use netpilot_tests::{
-    eventually, q, relay_endpoint as endpoint, relay_with_agent, start_session, Agent, Relay,
-    RelayOptions,
-};
+use netpilot_tests::{eventually, relay_endpoint as endpoint, ApiRig, Relay, RelayOptions};
 use serde_json::Value;
 
 /// A request to the relay on a fresh connection; the answer's head, body unread.
@@ -59,18 +56,14 @@ async fn metric(relay: &Relay, name: &str) -> u64 {
 
 #[tokio::test]
 async fn a_speed_test_through_the_relay_gives_plausible_bounded_figures() -> anyhow::Result<()> {
-    let (relay, router, _agent) = relay_with_agent("", &["--simulate"]).await?;
-    let c = relay.client().await?;
-    let sid = start_session(&c, "alice", &router.router_id).await?;
+    let rig = ApiRig::simulated().await?;
+    let relay = &rig.relay;
+    let alice = rig.session("alice").await?;
 
     // On loopback 2 MB go in far less than 5 s: the byte limit ends each direction.
-    let r = c
-        .get(&q(
-            "/api/speedtest?maxBytes=2000000&maxSeconds=5",
-            &sid,
-            &router.router_id,
-        ))
-        .await?;
+    let r = alice
+        .get("/api/speedtest?maxBytes=2000000&maxSeconds=5")
+        .await;
     assert_eq!(r.status, 200, "{}", r.body);
     let d = &r.body["data"];
     println!("byte-bound run: {d}");
@@ -98,7 +91,7 @@ async fn a_speed_test_through_the_relay_gives_plausible_bounded_figures() -> any
     // The relay counted what it moved.
     assert!(
         metric(
-            &relay,
+            relay,
             "netpilot_speedtest_bytes_total{direction=\"download\"}"
         )
         .await
@@ -106,19 +99,17 @@ async fn a_speed_test_through_the_relay_gives_plausible_bounded_figures() -> any
     );
     assert!(
         metric(
-            &relay,
+            relay,
             "netpilot_speedtest_bytes_total{direction=\"upload\"}"
         )
         .await
             >= 2_000_000
     );
-    assert_eq!(metric(&relay, "netpilot_speedtest_active").await, 0);
+    assert_eq!(metric(relay, "netpilot_speedtest_active").await, 0);
 
     // A time-bound run: the relay ends the download at the limit, the agent ends the
     // upload; a second run right after the first finds every slot free again.
-    let r = c
-        .get(&q("/api/speedtest?maxSeconds=0.3", &sid, &router.router_id))
-        .await?;
+    let r = alice.get("/api/speedtest?maxSeconds=0.3").await;
     assert_eq!(r.status, 200, "{}", r.body);
     let d = &r.body["data"];
     println!("time-bound run: {d}");
@@ -135,13 +126,7 @@ async fn a_speed_test_through_the_relay_gives_plausible_bounded_figures() -> any
         "maxBytes=10",
         "maxBytes=abc",
     ] {
-        let r = c
-            .get(&q(
-                &format!("/api/speedtest?{bad}"),
-                &sid,
-                &router.router_id,
-            ))
-            .await?;
+        let r = alice.get(&format!("/api/speedtest?{bad}")).await;
         assert_eq!(
             (r.status, r.code()),
             (400, "INVALID_PARAMETER"),
@@ -183,13 +168,11 @@ fn signal(pid: Option<u32>, sig: &str) {
 
 #[tokio::test]
 async fn a_second_concurrent_run_is_refused_with_409() -> anyhow::Result<()> {
-    let relay = Relay::start(RelayOptions::default()).await?;
-    let router = relay.enrolled_router("alice").await?;
-    let agent = Agent::start(&router, &["--simulate", "--api-listen", "127.0.0.1:0"]).await?;
-    relay
-        .wait_online(&router.router_id, true, Duration::from_secs(10))
+    let rig = ApiRig::builder()
+        .agent_args(&["--simulate", "--api-listen", "127.0.0.1:0"])
+        .start()
         .await?;
-    let api = agent.api_addr.expect("agent API address");
+    let (relay, api) = (&rig.relay, rig.local_api());
 
     // With the relay stopped, a run hangs in its TLS handshake for as long as the
     // relay stays stopped: whichever of the two calls the agent takes first holds

@@ -5,7 +5,7 @@
 
 use std::os::unix::fs::PermissionsExt;
 
-use netpilot_tests::{q, relay_with_agent, start_session};
+use netpilot_tests::ApiRig;
 use serde_json::Value;
 
 /// Writes an executable stand-in `nlbw` that runs `body` (a test's own script).
@@ -18,17 +18,10 @@ fn fake_nlbw(dir: &std::path::Path, body: &str) -> String {
 
 #[tokio::test]
 async fn every_usage_endpoint_answers_with_its_shape_on_the_simulated_router() {
-    let (relay, router, _agent) = relay_with_agent("", &["--simulate"]).await.unwrap();
-    let c = relay.client().await.unwrap();
-    let sid = start_session(&c, "alice", &router.router_id).await.unwrap();
-    let rid = &router.router_id;
-    let get = |path: &str| {
-        let url = q(path, &sid, rid);
-        let c = c.clone();
-        async move { c.get(&url).await }
-    };
+    let rig = ApiRig::simulated().await.unwrap();
+    let alice = rig.session("alice").await.unwrap();
 
-    let r = get("/api/device-usage/current").await.unwrap();
+    let r = alice.get("/api/device-usage/current").await;
     assert_eq!(r.status, 200, "{}", r.body);
     let d = &r.body["data"];
     assert_eq!(d["total_devices"], 5, "{d}");
@@ -48,20 +41,20 @@ async fn every_usage_endpoint_answers_with_its_shape_on_the_simulated_router() {
     assert_eq!(tv["top_protocols"][0]["name"], "HTTPS");
     assert!(tv.get("last_seen").is_some());
 
-    let r = get("/api/device-usage/current?limit=2&offset=1")
-        .await
-        .unwrap();
+    let r = alice
+        .get("/api/device-usage/current?limit=2&offset=1")
+        .await;
     assert_eq!(r.body["data"]["devices"].as_array().unwrap().len(), 2);
     assert_eq!(r.body["data"]["total_devices"], 5);
 
-    let r = get("/api/device-usage/device/02-00-00-00-01-01")
-        .await
-        .unwrap();
+    let r = alice
+        .get("/api/device-usage/device/02-00-00-00-01-01")
+        .await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body["data"]["device"]["mac"], "02:00:00:00:01:01");
     assert_eq!(r.body["data"]["device"]["hostname"], "alice-laptop");
 
-    let r = get("/api/device-usage/status").await.unwrap();
+    let r = alice.get("/api/device-usage/status").await;
     assert_eq!(r.status, 200, "{}", r.body);
     let s = &r.body["data"];
     assert_eq!(
@@ -72,16 +65,16 @@ async fn every_usage_endpoint_answers_with_its_shape_on_the_simulated_router() {
     assert_eq!(s["refresh_interval"], "30s");
     assert_eq!(s["current_period"], "2026-11-01");
 
-    let r = get("/api/device-usage/history?days=7").await.unwrap();
+    let r = alice.get("/api/device-usage/history?days=7").await;
     assert_eq!(r.status, 200, "{}", r.body);
     let h = &r.body["data"];
     assert_eq!(h["days"], 7);
     assert_eq!(h["devices"].as_array().unwrap().len(), 5);
     assert!(h["devices"][0]["days"][0]["date"].as_str().unwrap().len() == 10);
 
-    let r = get("/api/device-usage/history?days=7&format=csv")
-        .await
-        .unwrap();
+    let r = alice
+        .get("/api/device-usage/history?days=7&format=csv")
+        .await;
     assert_eq!(r.status, 200);
     let text = String::from_utf8(r.raw.to_vec()).unwrap();
     assert!(r.headers["content-type"]
@@ -94,7 +87,7 @@ async fn every_usage_endpoint_answers_with_its_shape_on_the_simulated_router() {
     );
     assert_eq!(text.lines().count(), 6, "{text}");
 
-    let r = get("/api/device-usage/summary?days=7").await.unwrap();
+    let r = alice.get("/api/device-usage/summary?days=7").await;
     assert_eq!(r.status, 200, "{}", r.body);
     let s = &r.body["data"];
     assert_eq!(s["period_days"], 7);
@@ -114,12 +107,12 @@ async fn every_usage_endpoint_answers_with_its_shape_on_the_simulated_router() {
         "/api/device-usage/device/not-a-mac",
         "/api/device-usage/device/ff:ff:ff:ff:ff:ff",
     ] {
-        let r = get(bad).await.unwrap();
+        let r = alice.get(bad).await;
         assert_eq!(r.status, 400, "{bad}: {}", r.body);
     }
-    let r = get("/api/device-usage/device/02:00:00:00:09:09")
-        .await
-        .unwrap();
+    let r = alice
+        .get("/api/device-usage/device/02:00:00:00:09:09")
+        .await;
     assert_eq!(
         (r.status, r.code()),
         (404, "DEVICE_NOT_FOUND"),
@@ -127,13 +120,9 @@ async fn every_usage_endpoint_answers_with_its_shape_on_the_simulated_router() {
         r.body
     );
 
-    let r = c
-        .post(
-            "/api/device-usage/reset",
-            serde_json::json!({"sessionId": sid, "routerId": rid}),
-        )
-        .await
-        .unwrap();
+    let r = alice
+        .post("/api/device-usage/reset", serde_json::json!({}))
+        .await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body["data"]["running"], true);
     assert_eq!(r.body["data"]["history_cleared"], true);
@@ -141,7 +130,7 @@ async fn every_usage_endpoint_answers_with_its_shape_on_the_simulated_router() {
         r.body["data"]["removed_files"],
         serde_json::json!(["/var/lib/nlbwmon/20261101.db.gz", "/tmp/0.db"])
     );
-    let r = get("/api/device-usage/current").await.unwrap();
+    let r = alice.get("/api/device-usage/current").await;
     let after = r.body["data"]["total_bytes"].as_u64().unwrap();
     assert!(
         after < sum,
@@ -156,18 +145,19 @@ async fn nlbwmon_down_is_503_and_truncated_output_is_502() {
         dir.path(),
         "echo 'Error while processing command: No such file or directory' >&2\nexit 2\n",
     );
-    let (relay, router, _agent) = relay_with_agent("", &["--simulate", "--nlbw", &down])
+    let rig = ApiRig::builder()
+        .agent_args(&["--simulate", "--nlbw", &down])
+        .start()
         .await
         .unwrap();
-    let c = relay.client().await.unwrap();
-    let sid = start_session(&c, "alice", &router.router_id).await.unwrap();
+    let alice = rig.session("alice").await.unwrap();
     for path in [
         "/api/device-usage/current",
         "/api/device-usage/device/02:00:00:00:01:01",
         "/api/device-usage/history?days=7",
         "/api/device-usage/summary",
     ] {
-        let r = c.get(&q(path, &sid, &router.router_id)).await.unwrap();
+        let r = alice.get(path).await;
         assert_eq!(
             (r.status, r.code()),
             (503, "NLBWMON_UNAVAILABLE"),
@@ -179,10 +169,7 @@ async fn nlbwmon_down_is_503_and_truncated_output_is_502() {
             .unwrap()
             .contains("nlbwmon"));
     }
-    let r = c
-        .get(&q("/api/device-usage/status", &sid, &router.router_id))
-        .await
-        .unwrap();
+    let r = alice.get("/api/device-usage/status").await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body["data"]["installed"], true);
     assert_eq!(r.body["data"]["running"], false);
@@ -192,15 +179,13 @@ async fn nlbwmon_down_is_503_and_truncated_output_is_502() {
         dir2.path(),
         "case \"$*\" in\n'-c list') echo 2026-11-01 ;;\n*) printf '{\"columns\":[\"mac\",\"rx_bytes\"' ;;\nesac\n",
     );
-    let (relay, router, _agent) = relay_with_agent("", &["--simulate", "--nlbw", &cut])
+    let rig = ApiRig::builder()
+        .agent_args(&["--simulate", "--nlbw", &cut])
+        .start()
         .await
         .unwrap();
-    let c = relay.client().await.unwrap();
-    let sid = start_session(&c, "alice", &router.router_id).await.unwrap();
-    let r = c
-        .get(&q("/api/device-usage/current", &sid, &router.router_id))
-        .await
-        .unwrap();
+    let alice = rig.session("alice").await.unwrap();
+    let r = alice.get("/api/device-usage/current").await;
     assert_eq!(
         (r.status, r.code()),
         (502, "NLBWMON_BAD_OUTPUT"),

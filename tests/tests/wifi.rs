@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use netpilot_tests::{eventually, q, relay_with_agent, start_session, Client, Reply};
+use netpilot_tests::{eventually, ApiRig, Reply, Session};
 use serde_json::{json, Value};
 
 /// Short safe-apply timings; the settle delay keeps a change pending long enough
@@ -21,24 +21,16 @@ const SAFE: [&str; 7] = [
     "200ms",
 ];
 
-struct Api {
-    c: Client,
-    sid: String,
-    rid: String,
-}
+/// Alice's session, with the Wi-Fi calls these tests repeat.
+struct Api(Session);
 
 impl Api {
     async fn status(&self) -> Reply {
-        self.c
-            .get(&q("/api/wifi/status", &self.sid, &self.rid))
-            .await
-            .unwrap()
+        self.0.get("/api/wifi/status").await
     }
 
-    async fn post(&self, path: &str, mut body: Value) -> Reply {
-        body["sessionId"] = json!(self.sid);
-        body["routerId"] = json!(self.rid);
-        self.c.post(path, body).await.unwrap()
+    async fn post(&self, path: &str, body: Value) -> Reply {
+        self.0.post(path, body).await
     }
 
     /// The latest change's state, once it satisfies `pred`.
@@ -69,27 +61,9 @@ impl Api {
     }
 }
 
-async fn api(
-    args: &[&str],
-) -> (
-    Api,
-    netpilot_tests::Relay,
-    netpilot_tests::EnrolledRouter,
-    netpilot_tests::Agent,
-) {
-    let (relay, router, agent) = relay_with_agent("", args).await.unwrap();
-    let c = relay.client().await.unwrap();
-    let sid = start_session(&c, "alice", &router.router_id).await.unwrap();
-    (
-        Api {
-            c,
-            sid,
-            rid: router.router_id.clone(),
-        },
-        relay,
-        router,
-        agent,
-    )
+async fn api(args: &[&str]) -> (Api, ApiRig) {
+    let rig = ApiRig::builder().agent_args(args).start().await.unwrap();
+    (Api(rig.session("alice").await.unwrap()), rig)
 }
 
 fn iface(status: &Value, radio: usize, i: usize) -> &Value {
@@ -98,7 +72,8 @@ fn iface(status: &Value, radio: usize, i: usize) -> &Value {
 
 #[tokio::test]
 async fn status_ssid_password_enable_disable_round_trip() {
-    let (api, relay, router, _agent) = api(&SAFE).await;
+    let (api, rig) = api(&SAFE).await;
+    let (relay, router) = (&rig.relay, &rig.router);
     let st = api.status().await;
     assert_eq!(st.status, 200, "{}", st.body);
     let radios = st.body["data"]["radios"].as_array().unwrap();
@@ -181,7 +156,7 @@ async fn status_ssid_password_enable_disable_round_trip() {
 
 #[tokio::test]
 async fn bad_input_is_refused_with_its_code() {
-    let (api, _relay, _router, _agent) = api(&SAFE).await;
+    let (api, _rig) = api(&SAFE).await;
     let cases = [
         (
             "/api/wifi/ssid",
@@ -265,7 +240,7 @@ async fn bad_input_is_refused_with_its_code() {
 
 #[tokio::test]
 async fn a_change_the_relay_never_confirms_is_rolled_back_and_reported_later() {
-    let (api, mut relay, router, _agent) = api(&[
+    let (api, mut rig) = api(&[
         "--simulate",
         "--wifi-grace",
         "2s",
@@ -279,8 +254,8 @@ async fn a_change_the_relay_never_confirms_is_rolled_back_and_reported_later() {
     assert_eq!(r.status, 200, "{}", r.body);
     let id = r.body["data"]["change"]["id"].as_str().unwrap().to_owned();
     // The relay goes away before the first confirmation attempt (1 s settle).
-    relay.kill().await;
-    let log = router.state_dir.parent().unwrap().join("agent.log");
+    rig.relay.kill().await;
+    let log = rig.router.state_dir.parent().unwrap().join("agent.log");
     eventually(Duration::from_secs(20), "the agent's rollback", || async {
         std::fs::read_to_string(&log)
             .unwrap_or_default()
@@ -289,17 +264,12 @@ async fn a_change_the_relay_never_confirms_is_rolled_back_and_reported_later() {
     })
     .await
     .unwrap();
-    relay.restart().await.unwrap();
-    relay
-        .wait_online(&router.router_id, true, Duration::from_secs(20))
+    rig.relay.restart().await.unwrap();
+    rig.relay
+        .wait_online(rig.router_id(), true, Duration::from_secs(20))
         .await
         .unwrap();
-    let c = relay.client().await.unwrap();
-    let api = Api {
-        sid: start_session(&c, "alice", &router.router_id).await.unwrap(),
-        c,
-        rid: router.router_id.clone(),
-    };
+    let api = Api(rig.session("alice").await.unwrap());
     let done = api
         .change_until("the rollback, reported", |c| {
             c["state"] == "rolled_back" && c["reported"] == true
@@ -309,8 +279,9 @@ async fn a_change_the_relay_never_confirms_is_rolled_back_and_reported_later() {
     let st = api.status().await;
     assert_eq!(iface(&st.body, 0, 0)["ssid"], "NetPilot-Sim");
     let admin = api
-        .c
-        .get(&format!("/api/admin/routers/{}", router.router_id))
+        .0
+        .client
+        .get(&format!("/api/admin/routers/{}", rig.router_id()))
         .await
         .unwrap();
     let reports = admin.body["data"]["recent_reports"].as_array().unwrap();

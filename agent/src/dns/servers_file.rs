@@ -249,13 +249,8 @@ mod tests {
         // Small random worlds over a few labels, so that entries nest, collide and
         // shadow each other often; every name of the world is queried.
         let labels = ["a", "b", "c", "a-b"];
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut rng = netpilot_testkit::XorShift::new(0x9e37_79b9_7f4a_7c15);
+        let mut next = move || rng.next_u64();
         let mut world = Vec::new();
         for x in labels {
             world.push(format!("{x}.test"));

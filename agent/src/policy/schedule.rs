@@ -381,13 +381,8 @@ mod tests {
     /// change ahead, in zones on both hemispheres and with a kernel tz offset.
     #[test]
     fn kernel_pieces_agree_with_local_time_across_dst() {
-        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-        let mut next = move || {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x
-        };
+        let mut rng = netpilot_testkit::XorShift::new(0x2545_f491_4f6c_dd1d);
+        let mut next = move || rng.next_u64();
         let zones = [
             "CET-1CEST,M3.5.0,M10.5.0/3",
             "NZST-12NZDT,M9.5.0,M4.1.0/3",

@@ -18,7 +18,7 @@
 //!   `ensure` returns after ~15 ms, the list is in force ~130 ms later). Queries
 //!   sent meanwhile wait in the socket and are answered from the full list, not
 //!   forwarded unfiltered (a test checks this at 30,000 lines; the ignored
-//!   `dnsmasq_100k_figures` measures at 100,000).
+//!   `netns_dnsmasq_100k_figures` measures at 100,000).
 //! - The pid file is how a later agent process finds an instance: instances
 //!   deliberately outlive the agent, so filtering holds while it restarts. A pid is
 //!   signalled only when `/proc/<pid>/cmdline` shows it is dnsmasq started with this
@@ -970,54 +970,23 @@ mod tests {
         assert_eq!(rig.0.reloads("g3"), 1);
     }
 
-    /// Root-only tests skip loudly; in CI, or with NETPILOT_REQUIRE_NAMESPACES=1,
-    /// they fail instead.
-    fn skip(why: &str) {
-        let required = std::env::var_os("CI").is_some()
-            || std::env::var("NETPILOT_REQUIRE_NAMESPACES").is_ok_and(|v| v == "1");
-        assert!(!required, "required test cannot run: {why}");
-        eprintln!("SKIPPED dnsmasq namespace test: {why}");
-    }
-
-    fn dnsmasq_program() -> Option<String> {
-        ["/usr/sbin/dnsmasq", "/usr/bin/dnsmasq"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())
-            .map(str::to_owned)
-    }
-
-    /// Runs `f` on a thread of its own inside a fresh network namespace with `lo`
-    /// up (unshare(2) on a thread moves only that thread, and what it spawns), on a
-    /// current-thread runtime so every spawn happens on that thread.
+    /// Runs `f` (given the dnsmasq program) inside a throwaway network namespace
+    /// with `lo` up, so every process it spawns is in the namespace too. Needs
+    /// root and dnsmasq (the test kit's check fails the test naming what is
+    /// missing).
     fn in_netns<F, Fu>(f: F)
     where
-        F: FnOnce(String) -> Fu + Send + 'static,
+        F: FnOnce(String) -> Fu + Send,
         Fu: std::future::Future<Output = ()>,
     {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            return skip("needs root for a network namespace (CI runs as root)");
-        }
-        let Some(program) = dnsmasq_program() else {
-            return skip("dnsmasq is not installed (Debian: dnsmasq-base)");
-        };
-        let t = std::thread::spawn(move || {
-            // SAFETY: unshare takes flags only; it affects this thread alone.
-            assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare");
-            let st = std::process::Command::new("ip")
-                .args(["link", "set", "lo", "up"])
-                .status()
-                .unwrap();
-            assert!(st.success());
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap()
-                .block_on(f(program));
-        });
-        if let Err(p) = t.join() {
-            std::panic::resume_unwind(p);
-        }
+        netpilot_testkit::require(&["dnsmasq"]);
+        let program = netpilot_testkit::netns::find("dnsmasq")
+            .expect("checked by require")
+            .to_string_lossy()
+            .into_owned();
+        netpilot_testkit::Netns::new("dns")
+            .unwrap()
+            .block_on(|| f(program));
     }
 
     /// A fresh directory (the upstream's pid file; the resolver's state in `dns/`);
@@ -1170,7 +1139,7 @@ mod tests {
     }
 
     #[test]
-    fn real_dnsmasq_keeps_the_contract() {
+    fn netns_real_dnsmasq_keeps_the_contract() {
         in_netns(|program| async move {
             let scratch = Scratch::new("dns-contract");
             start_upstream(&program, &scratch.0, 5399).await;
@@ -1197,15 +1166,12 @@ mod tests {
     /// `n` generated `server=/<12 letters>.com/` lines, then `blocked.example.com`
     /// last: a name answered NXDOMAIN only once the whole file is read.
     fn big_list(n: usize) -> String {
-        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut rng = netpilot_testkit::XorShift::new(0x9E37_79B9_7F4A_7C15);
         let mut list = String::new();
         for _ in 0..n {
             list.push_str("server=/");
             for _ in 0..12 {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                list.push((b'a' + (x % 26) as u8) as char);
+                list.push((b'a' + rng.below(26) as u8) as char);
             }
             list.push_str(".com/\n");
         }
@@ -1217,7 +1183,7 @@ mod tests {
     /// that window must wait for the whole list, not be forwarded unfiltered. (The
     /// ignored figures test below does the same at 100,000 lines.)
     #[test]
-    fn the_first_query_after_a_start_is_answered_from_the_whole_list() {
+    fn netns_the_first_query_after_a_start_is_answered_from_the_whole_list() {
         in_netns(|program| async move {
             let scratch = Scratch::new("dns-first");
             start_upstream(&program, &scratch.0, 5399).await;
@@ -1243,10 +1209,10 @@ mod tests {
     }
 
     /// Figures for a 100,000-line block list (printed; run with
-    /// `cargo test -p netpilot-agent dnsmasq_100k -- --ignored --nocapture`).
+    /// `cargo test -p netpilot-agent dnsmasq_100k -- --ignored --nocapture`, as root).
     #[test]
     #[ignore = "a measurement, not a check"]
-    fn dnsmasq_100k_figures() {
+    fn netns_dnsmasq_100k_figures() {
         in_netns(|program| async move {
             let scratch = Scratch::new("dns-100k");
             start_upstream(&program, &scratch.0, 5399).await;

@@ -212,7 +212,9 @@ fn verdict(v: &serde_json::Value) -> Result<String, NftError> {
 
 /// An in-memory table that accepts the compiler's own script forms with nft's
 /// transaction semantics: a script applies completely or not at all, and deleting
-/// an element that is not there fails it.
+/// an element that is not there, adding to a set the table lacks or a verdict
+/// naming a chain it lacks fails it. The same contract test runs against it and
+/// the real nft.
 #[derive(Default)]
 pub struct FakeNft {
     state: Mutex<FakeState>,
@@ -308,8 +310,19 @@ impl FakeNft {
                     .table
                     .as_mut()
                     .ok_or_else(|| NftError::Refused("no such table".into()))?;
-                let elems = table.elements.entry(set.to_owned()).or_default();
+                let chains = rule_counts(&table.structure);
+                let elems = table
+                    .elements
+                    .get_mut(set)
+                    .ok_or_else(|| NftError::Refused(format!("no such set {set}")))?;
                 for e in list.split(", ") {
+                    // A verdict must name a chain of the table.
+                    let target = e
+                        .split_once(" : ")
+                        .and_then(|(_, v)| v.strip_prefix("goto ").or(v.strip_prefix("jump ")));
+                    if let Some(chain) = target.filter(|c| !chains.contains_key(*c)) {
+                        return Err(NftError::Refused(format!("{set}: no chain {chain}")));
+                    }
                     let key = key_of(e);
                     if add {
                         match elems.get(key) {
@@ -382,7 +395,8 @@ impl Firewall for FakeNft {
                     elements.insert(name.clone(), set_of(m.values().cloned()));
                 }
                 ObservedTable {
-                    comment: comment_of(&t.structure),
+                    // The digest comment is on a rule: flushed with the rules.
+                    comment: comment_of(&t.structure).filter(|_| !t.flushed),
                     chains,
                     elements,
                 }
@@ -477,6 +491,262 @@ mod tests {
         assert_eq!(chains.into_iter().collect::<Vec<_>>(), ["forward", "g1_up"]);
         let none = r#"{"nftables": [{"metainfo": {"version": "1.0.6", "release_name": "x", "json_schema_version": 1}}]}"#;
         assert_eq!(parse_chains(none).unwrap(), None);
+    }
+
+    use crate::policy::compile::{compile, Compiled, Context};
+    use crate::policy::model::{
+        Bandwidth, Desired, Device, Group, Internet, ListKind, Mac, Policy, Schedule, Target,
+    };
+    use crate::policy::ops;
+    use crate::policy::schedule::{LocalWindow, Restriction, Weekdays};
+    use crate::policy::tz::Zone;
+
+    fn device(last: u8) -> Device {
+        Device {
+            mac: Mac([0x02, 0x4e, 0x50, 0, 0, last]),
+            ipv4: None,
+            ipv6: None,
+            name: None,
+        }
+    }
+
+    /// A small home: Kids (limited, a school-night block) and Work (blocked), the
+    /// given devices in each, and a blocked MAC and address.
+    fn home(kids: &[u8], work: &[u8], blocked: u8) -> Desired {
+        let mut d = ops::initial();
+        let group = |id, name: &str, devices: &[u8], policy| Group {
+            id,
+            name: name.into(),
+            devices: devices.iter().copied().map(device).collect(),
+            policy,
+        };
+        let kids_policy = Policy {
+            bandwidth: Bandwidth {
+                down_kbps: Some(5000),
+                up_kbps: Some(1000),
+            },
+            schedules: vec![Schedule {
+                window: LocalWindow {
+                    days: Weekdays(0b0011_1110),
+                    start_min: 22 * 60,
+                    end_min: 6 * 60 + 30,
+                },
+                action: Restriction::Block,
+            }],
+            ..Policy::default()
+        };
+        let work_policy = Policy {
+            internet: Internet::Block,
+            ..Policy::default()
+        };
+        ops::sync_group(&mut d, group(3, "Kids", kids, kids_policy)).unwrap();
+        ops::sync_group(&mut d, group(4, "Work", work, work_policy)).unwrap();
+        let mac = Target::Mac(Mac([2, 0, 0, 0, 0, blocked]));
+        ops::list_add(&mut d, ListKind::Block, mac).unwrap();
+        let ip = Target::Ip("192.168.77.66".parse().unwrap());
+        ops::list_add(&mut d, ListKind::Block, ip).unwrap();
+        d
+    }
+
+    /// What the compiler produces for `d` (UTC, a fixed instant).
+    fn compiled(d: &Desired) -> Compiled {
+        let zone = Zone::parse("UTC0").unwrap();
+        let ctx = Context {
+            lan_if: "br-lan",
+            wan_if: "wan0",
+            zone: &zone,
+            now_unix: 1_795_435_200,
+            kernel_minutes_west: 0,
+            pinned: None,
+            dns: None,
+        };
+        compile(d, &ctx).unwrap()
+    }
+
+    /// The read-back a table applied from `c` must give.
+    fn expected(c: &Compiled) -> ObservedTable {
+        let mut elements = inline_elements(&c.structure);
+        for (name, elems) in &c.elements {
+            elements.insert((*name).to_owned(), BTreeSet::clone(elems));
+        }
+        ObservedTable {
+            comment: Some(format!("netpilot {}", c.structure_digest)),
+            chains: rule_counts(&c.structure),
+            elements,
+        }
+    }
+
+    /// What the contract needs besides the firewall: changes made by someone else.
+    trait Rig: Sync {
+        fn firewall(&self) -> &dyn Firewall;
+        /// `nft flush table inet netpilot` by someone else.
+        fn flush_behind_our_back(&self);
+        /// `nft delete table inet netpilot` by someone else.
+        fn delete_behind_our_back(&self);
+        /// Another table with a chain named like ours (fw4's `forward`), where the
+        /// rig has other tables at all.
+        fn foreign_table(&self);
+    }
+
+    /// The contract both adapters keep, driven by the scripts the compiler makes.
+    async fn contract(rig: &dyn Rig) {
+        let nft = rig.firewall();
+        assert_eq!(nft.observe().await.unwrap(), None);
+        assert_eq!(nft.chains().await.unwrap(), None);
+        rig.foreign_table();
+        assert_eq!(nft.chains().await.unwrap(), None, "only our table's chains");
+
+        // The whole table in one transaction, on a kernel without it: chains, rule
+        // counts, the digest comment, sets and maps (verdicts, marks) read back
+        // exactly as compiled.
+        let a = compiled(&home(&[0x11, 0x12], &[0x13], 0x99));
+        nft.apply(&a.full_script()).await.unwrap();
+        let live = nft.observe().await.unwrap().expect("the table");
+        assert_eq!(live, expected(&a));
+        assert!(live.elements["dev_group"].contains("02:4e:50:00:00:11 : goto g2_up"));
+        assert!(live.elements["ct_group"].contains("0x00030000 : goto g3_down"));
+        assert!(live.elements["block_mac"].contains("02:00:00:00:00:99"));
+        assert!(live.elements["block_ip4"].contains("192.168.77.66"));
+        assert!(live.chains["g2_up"] > 2, "{live:?}");
+        assert_eq!(
+            nft.chains().await.unwrap(),
+            Some(set_of(rule_counts(&a.structure).into_keys()))
+        );
+        // Again over itself: replaced, not doubled.
+        nft.apply(&a.full_script()).await.unwrap();
+        assert_eq!(nft.observe().await.unwrap(), Some(expected(&a)));
+
+        // Element deltas: a device moves group (its verdict changes), one joins,
+        // one leaves, another MAC is blocked instead.
+        let b = compiled(&home(&[0x11, 0x14], &[0x12], 0x98));
+        let delta = b.element_delta(&a).expect("same structure");
+        assert!(delta.contains("delete element") && delta.contains("add element"));
+        nft.apply(&delta).await.unwrap();
+        assert_eq!(nft.observe().await.unwrap(), Some(expected(&b)));
+
+        // All or nothing: a failing line leaves nothing of the script behind.
+        let add = "add element inet netpilot block_mac { 02:00:00:00:00:77 }\n";
+        for bad in [
+            // A delete of an element that is not there (a delta against a table
+            // that drifted).
+            format!("{add}delete element inet netpilot block_mac {{ 02:00:00:00:00:55 }}\n"),
+            // A set the table does not have.
+            format!("{add}add element inet netpilot no_such_set {{ 02:00:00:00:00:01 }}\n"),
+            // A jump to a chain the table does not have.
+            format!(
+                "{add}add element inet netpilot dev_group {{ 02:00:00:00:00:01 : goto g9_up }}\n"
+            ),
+            // A whole replacement whose last line fails: the delete of the
+            // table in it is undone too.
+            format!(
+                "{}delete element inet netpilot block_ip4 {{ 10.9.9.9 }}\n",
+                compiled(&home(&[], &[], 0x97)).full_script()
+            ),
+        ] {
+            assert!(nft.apply(&bad).await.is_err(), "accepted:\n{bad}");
+            assert_eq!(nft.observe().await.unwrap(), Some(expected(&b)), "{bad}");
+        }
+
+        // Someone else flushes the table: no rules (the digest rule with them),
+        // the chains and the sets stay.
+        rig.flush_behind_our_back();
+        let flushed = nft.observe().await.unwrap().expect("the table stays");
+        assert_eq!(flushed.comment, None);
+        assert!(flushed.chains.values().all(|n| *n == 0), "{flushed:?}");
+        assert_eq!(
+            flushed.chains.keys().collect::<Vec<_>>(),
+            expected(&b).chains.keys().collect::<Vec<_>>()
+        );
+        assert_eq!(flushed.elements, expected(&b).elements);
+        // The full script puts it back.
+        nft.apply(&b.full_script()).await.unwrap();
+        assert_eq!(nft.observe().await.unwrap(), Some(expected(&b)));
+
+        // Deleted by someone else: gone; the full script makes it again.
+        rig.delete_behind_our_back();
+        assert_eq!(nft.observe().await.unwrap(), None);
+        assert_eq!(nft.chains().await.unwrap(), None);
+        nft.apply(&b.full_script()).await.unwrap();
+        assert_eq!(nft.observe().await.unwrap(), Some(expected(&b)));
+
+        // Our own delete (what cleanup does); a second one fails: nothing to delete.
+        nft.apply("delete table inet netpilot\n").await.unwrap();
+        assert_eq!(nft.observe().await.unwrap(), None);
+        assert_eq!(nft.chains().await.unwrap(), None);
+        assert!(nft.apply("delete table inet netpilot\n").await.is_err());
+    }
+
+    impl Rig for FakeNft {
+        fn firewall(&self) -> &dyn Firewall {
+            self
+        }
+        fn flush_behind_our_back(&self) {
+            FakeNft::flush_behind_our_back(self)
+        }
+        fn delete_behind_our_back(&self) {
+            FakeNft::delete_behind_our_back(self)
+        }
+        fn foreign_table(&self) {
+            // The fake holds our table only.
+        }
+    }
+
+    #[tokio::test]
+    async fn the_fake_keeps_the_contract() {
+        let fake = FakeNft::default();
+        contract(&fake).await;
+    }
+
+    /// The real nft in a throwaway network namespace (the rig's nft commands run
+    /// on the namespace's thread, so they see the same kernel tables).
+    struct RealRig(RealNft);
+
+    impl RealRig {
+        fn nft(&self, args: &[&str]) {
+            let out = std::process::Command::new(&self.0.program)
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "nft {args:?}: {out:?}");
+        }
+    }
+
+    impl Rig for RealRig {
+        fn firewall(&self) -> &dyn Firewall {
+            &self.0
+        }
+        fn flush_behind_our_back(&self) {
+            self.nft(&["flush", "table", FAMILY, TABLE]);
+        }
+        fn delete_behind_our_back(&self) {
+            self.nft(&["delete", "table", FAMILY, TABLE]);
+        }
+        fn foreign_table(&self) {
+            self.nft(&["add", "table", FAMILY, "fw4"]);
+            self.nft(&[
+                "add",
+                "chain",
+                FAMILY,
+                "fw4",
+                "forward",
+                "{ type filter hook forward priority filter; policy accept; }",
+            ]);
+        }
+    }
+
+    #[test]
+    fn netns_real_nft_keeps_the_contract() {
+        netpilot_testkit::require(&["nft"]);
+        let ns = netpilot_testkit::Netns::new("nft").unwrap();
+        ns.block_on(|| async {
+            let rig = RealRig(RealNft::default());
+            contract(&rig).await;
+            // Someone else's table was never touched.
+            let tables = process::run(&["nft", "list", "tables"], None, Duration::from_secs(10))
+                .await
+                .unwrap();
+            assert_eq!(tables.trim(), "table inet fw4");
+        });
     }
 
     #[tokio::test]

@@ -262,7 +262,7 @@ impl Default for FakeNlbw {
 }
 
 impl FakeNlbw {
-    /// The captured outputs in `shared/fixtures/nlbwmon/`.
+    /// The captured outputs in `agent/fixtures/nlbwmon/`.
     pub fn with_fixtures() -> Self {
         let f = FakeNlbw::default();
         f.answer(
@@ -270,22 +270,22 @@ impl FakeNlbw {
                 group_by: None,
                 period: None,
             },
-            include_str!("../../../../shared/fixtures/nlbwmon/nlbw-json.json"),
+            include_str!("../../fixtures/nlbwmon/nlbw-json.json"),
         );
         f.answer(
             Query::Json {
                 group_by: Some("mac"),
                 period: None,
             },
-            include_str!("../../../../shared/fixtures/nlbwmon/nlbw-json-group-mac.json"),
+            include_str!("../../fixtures/nlbwmon/nlbw-json-group-mac.json"),
         );
         f.answer(
             Query::Csv { period: None },
-            include_str!("../../../../shared/fixtures/nlbwmon/nlbw-csv.csv"),
+            include_str!("../../fixtures/nlbwmon/nlbw-csv.csv"),
         );
         f.answer(
             Query::List,
-            include_str!("../../../../shared/fixtures/nlbwmon/nlbw-list.txt"),
+            include_str!("../../fixtures/nlbwmon/nlbw-list.txt"),
         );
         f.answer(Query::Commit, "0 Ok\n");
         f
@@ -410,14 +410,14 @@ mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
 
-    const JSON: &str = include_str!("../../../../shared/fixtures/nlbwmon/nlbw-json.json");
-    const LIST: &str = include_str!("../../../../shared/fixtures/nlbwmon/nlbw-list.txt");
+    const JSON: &str = include_str!("../../fixtures/nlbwmon/nlbw-json.json");
+    const LIST: &str = include_str!("../../fixtures/nlbwmon/nlbw-list.txt");
 
     /// A stand-in `nlbw` program that serves the fixtures by argument list, the way
     /// the real client prints them; `down` makes it fail like a client without its
     /// daemon.
     fn script(dir: &std::path::Path, down: bool) -> String {
-        let fx = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures/nlbwmon");
+        let fx = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/nlbwmon");
         let body = if down {
             "echo 'Error while processing command: No such file or directory' >&2\nexit 2\n"
                 .to_owned()

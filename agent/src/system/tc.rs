@@ -16,7 +16,8 @@ pub const MAJOR: u16 = 1;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TcOp {
-    /// Put NetPilot's HTB at the root (replacing whatever was there).
+    /// Put NetPilot's HTB at the root (replacing whatever was there; refused
+    /// when it is already there: HTB has no change operation).
     ReplaceRoot {
         dev: String,
     },
@@ -238,7 +239,11 @@ pub fn parse_rate_kbps(s: &str) -> Result<u32, TcError> {
     Ok((n * scale).round() as u32)
 }
 
-/// An in-memory shaper with tc's semantics for these operations.
+/// An in-memory shaper with tc's semantics for these operations: a device has the
+/// kernel's default root (`noqueue 0:`, as an up bridge or veth shows) until one is
+/// put there; our root cannot replace itself; a run stops at its first failure,
+/// keeping what ran before it. The same contract test runs against it and the real
+/// tc.
 #[derive(Default)]
 pub struct FakeTc {
     state: Mutex<FakeTcState>,
@@ -298,6 +303,11 @@ impl Shaper for FakeTc {
                 }
                 match op {
                     TcOp::ReplaceRoot { dev } => {
+                        if s.devs.get(dev).is_some_and(ObservedShaper::root_is_ours) {
+                            return Err(TcError::Refused(format!(
+                                "{dev}: change operation not supported by htb"
+                            )));
+                        }
                         s.devs.insert(
                             dev.clone(),
                             ObservedShaper {
@@ -340,7 +350,10 @@ impl Shaper for FakeTc {
             if s.missing.contains(dev) {
                 return Err(TcError::NoDevice(dev.to_owned()));
             }
-            Ok(s.devs.get(dev).cloned().unwrap_or_default())
+            Ok(s.devs.get(dev).cloned().unwrap_or_else(|| ObservedShaper {
+                root: Some(("noqueue".into(), "0:".into())),
+                classes: BTreeMap::new(),
+            }))
         })
     }
 
@@ -361,6 +374,172 @@ impl Shaper for FakeTc {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What the contract needs besides the shaper: the devices, and someone
+    /// else's root qdisc.
+    trait Rig: Sync {
+        fn shaper(&self) -> &dyn Shaper;
+        /// Puts someone else's HTB root (handle 8001:) on `dev`, as sqm would.
+        fn foreign_root(&self, dev: &str);
+    }
+
+    const DEV: &str = "np0";
+    const OTHER: &str = "np1";
+
+    fn set(minor: u16, kbps: u32) -> TcOp {
+        TcOp::SetClass {
+            dev: DEV.into(),
+            minor,
+            kbps,
+        }
+    }
+
+    fn del(minor: u16) -> TcOp {
+        TcOp::DeleteClass {
+            dev: DEV.into(),
+            minor,
+        }
+    }
+
+    fn root_of(dev: &str) -> TcOp {
+        TcOp::ReplaceRoot { dev: dev.into() }
+    }
+
+    /// A device's state: the root's kind and handle, and our classes' rates.
+    fn state(root: Option<(&str, &str)>, classes: &[(u16, u32)]) -> ObservedShaper {
+        ObservedShaper {
+            root: root.map(|(k, h)| (k.to_owned(), h.to_owned())),
+            classes: classes.iter().copied().collect(),
+        }
+    }
+
+    /// The contract both shapers keep, with the operations the engine uses.
+    async fn contract(rig: &dyn Rig) {
+        let tc = rig.shaper();
+        // A fresh device has the kernel's default root (noqueue on a veth).
+        let default = state(Some(("noqueue", "0:")), &[]);
+        assert_eq!(tc.observe(DEV).await.unwrap(), default);
+        // Nothing to delete, no HTB to put a class under: refused.
+        let no_root = [TcOp::DeleteRoot { dev: DEV.into() }];
+        assert!(tc.run(&no_root).await.is_err());
+        assert!(tc.run(&[set(0x102, 5000)]).await.is_err());
+        assert_eq!(tc.observe(DEV).await.unwrap(), default);
+
+        // Our root, then classes: the rates read back, whatever unit tc prints.
+        tc.run(&[root_of(DEV)]).await.unwrap();
+        assert_eq!(
+            tc.observe(DEV).await.unwrap(),
+            state(Some(("htb", "1:")), &[])
+        );
+        let classes = [
+            (0x101, 100),
+            (0x102, 5000),
+            (0x103, 1500),
+            (0x1080, 123_457),
+        ];
+        let ops: Vec<TcOp> = classes.iter().map(|(m, k)| set(*m, *k)).collect();
+        tc.run(&ops).await.unwrap();
+        let live = tc.observe(DEV).await.unwrap();
+        assert!(live.root_is_ours());
+        assert_eq!(live, state(Some(("htb", "1:")), &classes));
+
+        // Change a rate, delete a class.
+        tc.run(&[set(0x102, 2500), del(0x103)]).await.unwrap();
+        let want = [(0x101, 100), (0x102, 2500), (0x1080, 123_457)];
+        assert_eq!(
+            tc.observe(DEV).await.unwrap(),
+            state(Some(("htb", "1:")), &want)
+        );
+
+        // No transactions: a run stops at its first failure, and what ran before
+        // it stays (the engine restores from its plan).
+        let partial = [set(0x104, 4000), del(0x999), set(0x105, 3000)];
+        assert!(tc.run(&partial).await.is_err());
+        let want = [
+            (0x101, 100),
+            (0x102, 2500),
+            (0x104, 4000),
+            (0x1080, 123_457),
+        ];
+        assert_eq!(
+            tc.observe(DEV).await.unwrap(),
+            state(Some(("htb", "1:")), &want)
+        );
+
+        // Our root cannot be replaced by itself (HTB has no change operation):
+        // refused, and its classes stay.
+        assert!(tc.run(&[root_of(DEV)]).await.is_err());
+        assert_eq!(
+            tc.observe(DEV).await.unwrap(),
+            state(Some(("htb", "1:")), &want)
+        );
+
+        // Someone else's root qdisc: seen with its kind and handle, none of its
+        // classes counted as ours, and left alone by everything done on ours.
+        rig.foreign_root(OTHER);
+        let foreign = state(Some(("htb", "8001:")), &[]);
+        assert_eq!(tc.observe(OTHER).await.unwrap(), foreign);
+        assert!(!tc.observe(OTHER).await.unwrap().root_is_ours());
+        tc.run(&[set(0x106, 600), TcOp::DeleteRoot { dev: DEV.into() }])
+            .await
+            .unwrap();
+        assert_eq!(tc.observe(OTHER).await.unwrap(), foreign);
+
+        // Our root deleted: the kernel's default is back, with no classes.
+        assert_eq!(tc.observe(DEV).await.unwrap(), default);
+    }
+
+    impl Rig for FakeTc {
+        fn shaper(&self) -> &dyn Shaper {
+            self
+        }
+        fn foreign_root(&self, dev: &str) {
+            self.set_foreign_root(dev, "htb");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_fake_keeps_the_contract() {
+        contract(&FakeTc::default()).await;
+    }
+
+    struct RealRig(RealTc);
+
+    impl Rig for RealRig {
+        fn shaper(&self) -> &dyn Shaper {
+            &self.0
+        }
+        fn foreign_root(&self, dev: &str) {
+            for args in [
+                &["qdisc", "add", "dev", dev, "root", "handle", "8001:", "htb"][..],
+                &[
+                    "class", "add", "dev", dev, "parent", "8001:", "classid", "8001:10", "htb",
+                    "rate", "1mbit",
+                ],
+            ] {
+                let out = std::process::Command::new(&self.0.program)
+                    .args(args)
+                    .output()
+                    .unwrap();
+                assert!(out.status.success(), "tc {args:?}: {out:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn netns_real_tc_keeps_the_contract() {
+        netpilot_testkit::require(&["tc"]);
+        let ns = netpilot_testkit::Netns::new("tc").unwrap();
+        ns.exec(&[
+            "ip", "link", "add", DEV, "type", "veth", "peer", "name", OTHER,
+        ])
+        .unwrap();
+        // Up, as a router's devices are (a down veth shows no qdisc at all).
+        for dev in [DEV, OTHER] {
+            ns.exec(&["ip", "link", "set", dev, "up"]).unwrap();
+        }
+        ns.block_on(|| async { contract(&RealRig(RealTc::default())).await });
+    }
 
     #[test]
     fn listings_parse_into_root_and_rates() {

@@ -224,7 +224,7 @@ mod tests {
 
     #[test]
     fn parses_the_cli_list_in_both_forms() {
-        let fixture = include_str!("../../../../shared/fixtures/ubus/ubus-list-v.txt");
+        let fixture = include_str!("../../fixtures/ubus/ubus-list-v.txt");
         let names = parse_list(fixture);
         assert_eq!(names, ["hotplug.button", "service", "system"]);
         assert_eq!(
@@ -236,7 +236,7 @@ mod tests {
 
     #[test]
     fn parses_call_answers() {
-        let fixture = include_str!("../../../../shared/fixtures/ubus/ubus-system-info-host.json");
+        let fixture = include_str!("../../fixtures/ubus/ubus-system-info-host.json");
         let v = parse_answer("system", "info", fixture).unwrap();
         assert_eq!(v["uptime"], 887);
         assert_eq!(parse_answer("x", "y", "\n").unwrap(), json!({}));

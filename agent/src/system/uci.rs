@@ -547,8 +547,8 @@ impl Uci for FakeUci {
 pub(crate) mod tests {
     use super::*;
 
-    const FIXTURE: &str = include_str!("../../../../shared/fixtures/uci/etc-config-wireless");
-    const EXPORT: &str = include_str!("../../../../shared/fixtures/uci/uci-export-wireless.txt");
+    const FIXTURE: &str = include_str!("../../fixtures/uci/etc-config-wireless");
+    const EXPORT: &str = include_str!("../../fixtures/uci/uci-export-wireless.txt");
 
     #[test]
     fn batch_script_golden_text() {

@@ -366,7 +366,7 @@ mod tests {
     use crate::system::ubus::{Ubus, UbusError};
     use crate::system::uci::{Uci, UciCmd};
 
-    const FIXTURE: &str = include_str!("../../../../shared/fixtures/uci/etc-config-wireless");
+    const FIXTURE: &str = include_str!("../../fixtures/uci/etc-config-wireless");
 
     #[tokio::test]
     async fn fake_status_has_netifds_shape_and_follows_reloads_only() {

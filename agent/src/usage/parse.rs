@@ -338,11 +338,10 @@ pub fn aggregate(rows: &[Row]) -> Aggregate {
 mod tests {
     use super::*;
 
-    const JSON: &str = include_str!("../../../../shared/fixtures/nlbwmon/nlbw-json.json");
-    const JSON_MAC: &str =
-        include_str!("../../../../shared/fixtures/nlbwmon/nlbw-json-group-mac.json");
-    const CSV: &str = include_str!("../../../../shared/fixtures/nlbwmon/nlbw-csv.csv");
-    const LIST: &str = include_str!("../../../../shared/fixtures/nlbwmon/nlbw-list.txt");
+    const JSON: &str = include_str!("../../fixtures/nlbwmon/nlbw-json.json");
+    const JSON_MAC: &str = include_str!("../../fixtures/nlbwmon/nlbw-json-group-mac.json");
+    const CSV: &str = include_str!("../../fixtures/nlbwmon/nlbw-csv.csv");
+    const LIST: &str = include_str!("../../fixtures/nlbwmon/nlbw-list.txt");
 
     fn mac(s: &str) -> Mac {
         Mac::parse(s).unwrap()

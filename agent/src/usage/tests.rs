@@ -176,7 +176,7 @@ async fn nlbwmon_down_or_garbled_is_an_error_not_an_empty_list() {
         Err(UsageError::Unavailable { .. })
     ));
     rig.nlbw.set_running(true);
-    let full = include_str!("../../../../shared/fixtures/nlbwmon/nlbw-json.json");
+    let full = include_str!("../../fixtures/nlbwmon/nlbw-json.json");
     rig.nlbw.answer(
         Query::Json {
             group_by: None,

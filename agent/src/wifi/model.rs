@@ -486,7 +486,7 @@ pub fn plan(w: &Wireless, req: &Request) -> Result<Plan, Invalid> {
 mod tests {
     use super::*;
 
-    const FIXTURE: &str = include_str!("../../../../shared/fixtures/uci/etc-config-wireless");
+    const FIXTURE: &str = include_str!("../../fixtures/uci/etc-config-wireless");
 
     fn w() -> Wireless {
         Wireless::parse(FIXTURE).unwrap()

@@ -187,7 +187,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    const FIXTURE: &str = include_str!("../../../../shared/fixtures/uci/etc-config-wireless");
+    const FIXTURE: &str = include_str!("../../fixtures/uci/etc-config-wireless");
 
     fn netifd() -> Value {
         json!({

@@ -20,8 +20,8 @@ use crate::system::ubus::FakeUbus;
 use crate::system::uci::{FakeUci, Uci};
 use crate::system::wifi::FakeWifi;
 
-const FIXTURE: &str = include_str!("../../../../shared/fixtures/uci/etc-config-wireless");
-const EXPORT: &str = include_str!("../../../../shared/fixtures/uci/uci-export-wireless.txt");
+const FIXTURE: &str = include_str!("../../fixtures/uci/etc-config-wireless");
+const EXPORT: &str = include_str!("../../fixtures/uci/uci-export-wireless.txt");
 const EPOCH: i64 = 1_800_000_000;
 
 /// One simulated router: its uci, radios and ubus outlive agent restarts.

@@ -10,7 +10,7 @@ use anyhow::Context;
 use netpilot_agent::link::enroll::{enroll, EnrollArgs};
 use netpilot_agent::link::tls::Trust;
 use netpilot_relay::config::{CliOverrides, Config, Secret};
-use netpilot_tests::{q, Client, Reply};
+use netpilot_tests::{Client, Reply, Session};
 use serde_json::json;
 use tokio::sync::oneshot;
 
@@ -140,42 +140,44 @@ async fn main() -> anyhow::Result<()> {
         .await?,
         "POST /api/session/start {sessionId, userId, routerId}",
     );
+    // From here on the calls carry the session and router ids.
+    let session = Session {
+        client: c.clone(),
+        id: sid.clone(),
+        router_id: router_id.clone(),
+    };
     show(
-        c.get(&q("/api/scan/router", &sid, &router_id)).await?,
+        session.get("/api/scan/router").await,
         "GET /api/scan/router",
     );
     show(
-        c.get(&q("/api/agent/health", &sid, &router_id)).await?,
+        session.get("/api/agent/health").await,
         "GET /api/agent/health",
     );
     show(
-        c.get(&q("/api/speedtest?maxSeconds=2", &sid, &router_id))
-            .await?,
+        session.get("/api/speedtest?maxSeconds=2").await,
         "GET /api/speedtest?maxSeconds=2   (measured against this relay on loopback)",
     );
 
     section("3b. Wi-Fi: every change is pending until the agent reaches the relay again");
     show(
-        c.get(&q("/api/wifi/status", &sid, &router_id)).await?,
+        session.get("/api/wifi/status").await,
         "GET /api/wifi/status   (radios, SSIDs, encryption, clients; never the key)",
     );
     show(
-        c.post(
+        session.post(
             "/api/wifi/ssid",
-            json!({"sessionId": sid, "routerId": router_id, "ssid": "Home \u{2615}", "radio": "radio1"}),
-        )
-        .await?,
+            json!({"ssid": "Home \u{2615}", "radio": "radio1"}),
+        ).await,
         "POST /api/wifi/ssid {ssid: \"Home \u{2615}\", radio: radio1}   (applied, pending confirmation)",
     );
     show(
-        c.post(
-            "/api/wifi/ssid",
-            json!({"sessionId": sid, "routerId": router_id, "ssid": "Home\nNet"}),
-        )
-        .await?,
+        session
+            .post("/api/wifi/ssid", json!({"ssid": "Home\nNet"}))
+            .await,
         "POST /api/wifi/ssid {ssid: \"Home\\nNet\"}   (bad input: refused)",
     );
-    let path = q("/api/wifi/status", &sid, &router_id);
+    let path = session.q("/api/wifi/status");
     let confirmed = netpilot_tests::eventually(
         Duration::from_secs(30),
         "the Wi-Fi change to be confirmed",
@@ -192,71 +194,66 @@ async fn main() -> anyhow::Result<()> {
 
     section("4. Device groups and blocking (the simulated router keeps rules in memory)");
     show(
-        c.post(
+        session.post(
             "/api/groups/sync",
-            json!({"sessionId": sid, "routerId": router_id, "group": {
+            json!({"group": {
                 "id": 3, "name": "Kids",
                 "devices": [{"mac": "02:00:00:00:01:01", "name": "Tablet"}, {"mac": "02-00-00-00-01-02"}],
                 "policy": {"bandwidth": {"downloadKbps": 5000, "uploadKbps": 1000}, "internet": "allow",
                     "dns": {"categories": ["social", "adult"], "blockDomains": ["Example.COM."]},
                     "schedules": [{"days": ["mon","tue","wed","thu","fri"], "start": "22:00", "end": "06:30", "action": "block"}]}}}),
-        )
-        .await?,
+        ).await,
         "POST /api/groups/sync {group: Kids, 5/1 Mbit/s, school nights blocked 22:00-06:30, DNS: social, adult, example.com}",
     );
     show(
-        c.get(&q("/api/dns/categories", &sid, &router_id)).await?,
+        session.get("/api/dns/categories").await,
         "GET /api/dns/categories   (shipped lists; PUT /api/dns/categories/{name} replaces or adds one)",
     );
     show(
-        c.post(
-            "/api/block",
-            json!({"sessionId": sid, "routerId": router_id, "mac": "02:00:00:00:01:05"}),
-        )
-        .await?,
+        session
+            .post("/api/block", json!({"mac": "02:00:00:00:01:05"}))
+            .await,
         "POST /api/block {mac}",
     );
+    show(session.get("/api/blocked").await, "GET /api/blocked");
     show(
-        c.get(&q("/api/blocked", &sid, &router_id)).await?,
-        "GET /api/blocked",
-    );
-    show(
-        c.post(
-            "/api/groups/sync",
-            json!({"sessionId": sid, "routerId": router_id, "group": {"id": 4, "name": "x", "devices": [{"mac": "ff:ff:ff:ff:ff:ff"}]}}),
-        )
-        .await?,
+        session
+            .post(
+                "/api/groups/sync",
+                json!({"group": {"id": 4, "name": "x", "devices": [{"mac": "ff:ff:ff:ff:ff:ff"}]}}),
+            )
+            .await,
         "POST /api/groups/sync with a broadcast MAC (refused)",
     );
     show(
-        c.get(&q("/api/infrastructure/status", &sid, &router_id))
-            .await?,
+        session.get("/api/infrastructure/status").await,
         "GET /api/infrastructure/status",
     );
     show(
-        c.get(&q("/api/scan", &sid, &router_id)).await?,
+        session.get("/api/scan").await,
         "GET /api/scan   (leases, neighbours and Wi-Fi clients, with their groups)",
     );
     show(
-        c.get(&q("/api/device-usage/current?limit=2", &sid, &router_id))
-            .await?,
+        session.get("/api/device-usage/current?limit=2").await,
         "GET /api/device-usage/current?limit=2   (nlbwmon's counters, top two devices)",
     );
     show(
-        c.get(&q("/api/device-usage/summary?days=7", &sid, &router_id))
-            .await?,
+        session.get("/api/device-usage/summary?days=7").await,
         "GET /api/device-usage/summary?days=7   (the agent's own daily history)",
     );
 
     section("5. Isolation: another user's session cannot reach this router");
-    let other = uuid::Uuid::new_v4().to_string();
+    let other = Session {
+        id: uuid::Uuid::new_v4().to_string(),
+        ..session.clone()
+    };
     c.post(
         "/api/session/start",
-        json!({"sessionId": other, "userId": "someone-else"}),
+        json!({"sessionId": other.id, "userId": "someone-else"}),
     )
     .await?;
     show(
-        c.get(&q("/api/scan/router", &other, &router_id)).await?,
+        other.get("/api/scan/router").await,
         "GET /api/scan/router as someone-else",
     );
 

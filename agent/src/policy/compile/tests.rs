@@ -282,21 +282,9 @@ fn the_same_state_compiles_to_the_same_digest_and_a_move_is_an_element_delta() {
         .is_none());
 }
 
-/// A small deterministic generator; enough to explore the compiler's input space.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
+// The test kit's deterministic generator: enough to explore the compiler's input
+// space.
+use netpilot_testkit::XorShift as Rng;
 
 const NAMES: [&str; 6] = [
     "Kids",
@@ -323,7 +311,7 @@ fn random_state(r: &mut Rng) -> Desired {
         let id = if g == 0 { 0 } else { r.below(1000) as u32 + 1 };
         let devices: Vec<serde_json::Value> = (0..r.below(20))
             .map(|_| {
-                let mut mac = (r.next() & 0xfeff_ffff_ffff) | 0x0200_0000_0000;
+                let mut mac = (r.next_u64() & 0xfeff_ffff_ffff) | 0x0200_0000_0000;
                 if mac == 0 {
                     mac = 2 << 40;
                 }
@@ -396,8 +384,9 @@ fn random_state(r: &mut Rng) -> Desired {
 /// `nft -c` (parse and validate against the kernel, change nothing). Needs root
 /// and nft, as CI has.
 #[tokio::test]
-async fn every_accepted_state_compiles_to_a_script_nft_accepts() {
-    let mut r = Rng(0x9e37_79b9_7f4a_7c15);
+async fn netns_every_accepted_state_compiles_to_a_script_nft_accepts() {
+    netpilot_testkit::require(&["nft"]);
+    let mut r = Rng::new(0x9e37_79b9_7f4a_7c15);
     let mut checked = 0;
     for case in 0..150 {
         let d = random_state(&mut r);
