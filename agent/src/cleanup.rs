@@ -6,9 +6,10 @@
 //! Features that add kernel or system state add their removal here.
 
 use crate::config::RunConfig;
-use crate::system::dnsmasq::{DnsError, Resolver};
+use crate::system::dnsmasq::Resolver;
 use crate::system::nft::{self, Firewall, NftError};
 use crate::system::tc::{self, Shaper, TcError};
+use crate::system::SystemError;
 
 /// What one step did.
 #[derive(Debug, PartialEq, Eq)]
@@ -22,17 +23,7 @@ pub enum Outcome {
 pub struct StepError {
     pub step: &'static str,
     #[source]
-    pub source: StepCause,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum StepCause {
-    #[error(transparent)]
-    Nft(#[from] NftError),
-    #[error(transparent)]
-    Tc(#[from] TcError),
-    #[error(transparent)]
-    Dns(#[from] DnsError),
+    pub source: SystemError,
 }
 
 /// Cleans up this router: the programs and directories the configuration names

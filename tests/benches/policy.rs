@@ -233,15 +233,8 @@ async fn scenario(scheduled: bool) -> anyhow::Result<()> {
         // The floor: the same full table by hand into an empty kernel.
         let desired = e.desired().await;
         let zone = netpilot_agent::policy::tz::Zone::parse("CET-1CEST,M3.5.0,M10.5.0/3")?;
-        let ctx = netpilot_agent::policy::compile::Context {
-            lan_if: "lan0",
-            wan_if: "wan0",
-            zone: &zone,
-            now_unix: 1_795_435_200,
-            kernel_minutes_west: 0,
-            pinned: None,
-            dns: None,
-        };
+        let ctx =
+            netpilot_agent::policy::compile::Context::new("lan0", "wan0", &zone, 1_795_435_200);
         let t = Instant::now();
         let compiled = netpilot_agent::policy::compile::compile(&desired, &ctx)?;
         compile.0.push(ms(t.elapsed()));

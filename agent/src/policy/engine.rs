@@ -505,6 +505,20 @@ impl Engine {
         });
     }
 
+    /// `compiled` is live after a reconcile applied it (a refresh or a repair) for
+    /// the same generation, at `now`, having started at `started`.
+    fn record_reconciled(
+        &self,
+        inner: &mut Inner,
+        compiled: Option<Compiled>,
+        now: i64,
+        started: Instant,
+    ) {
+        let ms = started.elapsed().as_millis() as u64;
+        let record = applied(inner.generation, compiled.as_ref(), now, ms);
+        self.record_live(inner, compiled, &record);
+    }
+
     /// Compares the live state with the desired one and repairs any difference.
     /// Returns the drift found (empty when in sync).
     pub async fn reconcile(&self, reason: &str) -> Result<Vec<String>, EngineError> {
@@ -524,13 +538,7 @@ impl Engine {
                 if let Err(e) = self.apply(Some(want), None, None).await {
                     return Err(self.fail(&mut inner, e));
                 }
-                let record = applied(
-                    inner.generation,
-                    compiled.as_ref(),
-                    now,
-                    started.elapsed().as_millis() as u64,
-                );
-                self.record_live(&mut inner, compiled, &record);
+                self.record_reconciled(&mut inner, compiled, now, started);
                 return Ok(Vec::new());
             }
         }
@@ -581,13 +589,7 @@ impl Engine {
             Ok(still) => return Err(self.fail(&mut inner, EngineError::Unrepaired(still))),
             Err(e) => return Err(self.fail(&mut inner, e)),
         }
-        let record = applied(
-            inner.generation,
-            compiled.as_ref(),
-            now,
-            started.elapsed().as_millis() as u64,
-        );
-        self.record_live(&mut inner, compiled, &record);
+        self.record_reconciled(&mut inner, compiled, now, started);
         self.set_status(|s| {
             s.drift_repairs += 1;
             s.last_drift = drift.clone();

@@ -7,9 +7,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::plan::{Action, NftChange, Observed, Phase, Plan, Reads, Shapers};
-use crate::system::dnsmasq::{DnsError, Resolver};
-use crate::system::nft::{Firewall, NftError};
-use crate::system::tc::{Shaper, TcError};
+use crate::system::dnsmasq::Resolver;
+use crate::system::nft::Firewall;
+use crate::system::tc::Shaper;
+pub use crate::system::SystemError;
 
 /// The programs the policy engine drives.
 #[derive(Clone)]
@@ -17,17 +18,6 @@ pub struct Enforcers {
     pub nft: Arc<dyn Firewall>,
     pub tc: Arc<dyn Shaper>,
     pub dns: Arc<dyn Resolver>,
-}
-
-/// A seam's failure, with its own error as the source.
-#[derive(Debug, thiserror::Error)]
-pub enum SystemError {
-    #[error(transparent)]
-    Nft(#[from] NftError),
-    #[error(transparent)]
-    Tc(#[from] TcError),
-    #[error(transparent)]
-    Dns(#[from] DnsError),
 }
 
 /// Reading the live state failed; nothing was changed.
@@ -66,6 +56,16 @@ pub struct Executed {
     pub warnings: Vec<String>,
 }
 
+/// Runs `read` when it is `wanted`, timing it; futures do nothing until awaited.
+async fn timed<T>(wanted: bool, read: impl std::future::Future<Output = T>) -> (Option<T>, f64) {
+    if !wanted {
+        return (None, 0.0);
+    }
+    let t = Instant::now();
+    let r = read.await;
+    (Some(r), ms(t.elapsed()))
+}
+
 /// A read that was made (`Some`) and failed becomes the error naming it.
 fn read<T, E: Into<SystemError>>(
     what: &'static str,
@@ -96,47 +96,19 @@ impl Enforcers {
         reads: Reads,
         devices: &super::plan::Devices,
     ) -> Result<(Observed, ReadTimes), ObserveError> {
-        let timed = |started: Instant| ms(started.elapsed());
-        let table = async {
-            let t = Instant::now();
-            let r = if reads.table {
-                Some(self.nft.observe().await)
-            } else {
-                None
-            };
-            (r, timed(t))
-        };
-        let chains = async {
-            let t = Instant::now();
-            let r = if reads.chains {
-                Some(self.nft.chains().await)
-            } else {
-                None
-            };
-            (r, timed(t))
-        };
-        let shapers = async {
-            let t = Instant::now();
-            let r = if reads.shapers {
+        let ((table, t1), (chains, t2), (shapers, t3), (resolvers, t4)) = tokio::join!(
+            timed(reads.table, self.nft.observe()),
+            timed(reads.chains, self.nft.chains()),
+            timed(reads.shapers, async {
                 let (down, up) =
                     tokio::join!(self.tc.observe(&devices.down), self.tc.observe(&devices.up));
-                Some(down.and_then(|down| Ok(Shapers { down, up: up? })))
-            } else {
-                None
-            };
-            (r, timed(t))
-        };
-        let resolvers = async {
-            let t = Instant::now();
-            let r = if reads.resolvers {
-                Some(self.dns.observe().await)
-            } else {
-                None
-            };
-            (r, timed(t))
-        };
-        let ((table, t1), (chains, t2), (shapers, t3), (resolvers, t4)) =
-            tokio::join!(table, chains, shapers, resolvers);
+                Ok::<_, crate::system::tc::TcError>(Shapers {
+                    down: down?,
+                    up: up?,
+                })
+            }),
+            timed(reads.resolvers, self.dns.observe()),
+        );
         let observed = Observed {
             table: read("nftables table", table)?,
             chains: read("nftables chains", chains)?,
@@ -350,15 +322,7 @@ mod tests {
                     crate::policy::model::Internet::Block;
                 d
             },
-            &crate::policy::compile::Context {
-                lan_if: "lan",
-                wan_if: "wan",
-                zone: &crate::policy::tz::Zone::utc(),
-                now_unix: 0,
-                kernel_minutes_west: 0,
-                pinned: None,
-                dns: None,
-            },
+            &crate::policy::compile::Context::new("lan", "wan", &crate::policy::tz::Zone::utc(), 0),
         )
         .unwrap();
         // The delta deletes an element the (empty) kernel does not have.

@@ -468,18 +468,7 @@ pub fn verify(plan: &Plan<'_>, back: &Observed, devices: &Devices) -> Vec<String
         }
         _ => {}
     }
-    if let Some(shapers) = &back.shapers {
-        for side in Side::BOTH {
-            drift.extend(tc_drift(
-                devices.of(side),
-                tc_of(want, side),
-                shapers.side(side),
-            ));
-        }
-    }
-    if let Some(live) = &back.resolvers {
-        drift.extend(dns_drift(dns_of(want), live));
-    }
+    drift.extend(shaper_and_resolver_drift(want, back, devices));
     drift
 }
 
@@ -495,6 +484,17 @@ pub fn drift(want: Option<&Compiled>, observed: &Observed, devices: &Devices) ->
         (Some(c), Some(Some(t))) => drift.extend(table_drift(c, t)),
         _ => {}
     }
+    drift.extend(shaper_and_resolver_drift(want, observed, devices));
+    drift
+}
+
+/// What differs in the classes and resolvers that were read.
+fn shaper_and_resolver_drift(
+    want: Option<&Compiled>,
+    observed: &Observed,
+    devices: &Devices,
+) -> Vec<String> {
+    let mut drift = Vec::new();
     if let Some(shapers) = &observed.shapers {
         for side in Side::BOTH {
             drift.extend(tc_drift(
@@ -661,16 +661,11 @@ mod tests {
         let zone = Zone::utc();
         let config = DnsConfig::default();
         let ctx = Context {
-            lan_if: "br-lan",
-            wan_if: "wan",
-            zone: &zone,
-            now_unix: 1_795_435_200,
-            kernel_minutes_west: 0,
-            pinned: None,
             dns: Some(DnsContext {
                 config: &config,
                 previous: None,
             }),
+            ..Context::new("br-lan", "wan", &zone, 1_795_435_200)
         };
         compile(&d, &ctx).unwrap()
     }

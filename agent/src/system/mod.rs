@@ -15,3 +15,15 @@ pub mod uci;
 pub mod wifi;
 
 pub use crate::runtime::Fut;
+
+/// A failure of one of the seams that change the kernel and the resolvers, with
+/// the seam's own error as the source.
+#[derive(Debug, thiserror::Error)]
+pub enum SystemError {
+    #[error(transparent)]
+    Nft(#[from] nft::NftError),
+    #[error(transparent)]
+    Tc(#[from] tc::TcError),
+    #[error(transparent)]
+    Dns(#[from] dnsmasq::DnsError),
+}

@@ -551,15 +551,7 @@ mod tests {
     /// What the compiler produces for `d` (UTC, a fixed instant).
     fn compiled(d: &Desired) -> Compiled {
         let zone = Zone::parse("UTC0").unwrap();
-        let ctx = Context {
-            lan_if: "br-lan",
-            wan_if: "wan0",
-            zone: &zone,
-            now_unix: 1_795_435_200,
-            kernel_minutes_west: 0,
-            pinned: None,
-            dns: None,
-        };
+        let ctx = Context::new("br-lan", "wan0", &zone, 1_795_435_200);
         compile(d, &ctx).unwrap()
     }
 

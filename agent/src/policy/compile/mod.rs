@@ -68,6 +68,22 @@ pub struct Context<'a> {
     pub dns: Option<DnsContext<'a>>,
 }
 
+impl<'a> Context<'a> {
+    /// A plain compile: nothing pinned, no DNS enforcement, the kernel's clock on
+    /// UTC. The engine sets every field; tools and tests start from this.
+    pub fn new(lan_if: &'a str, wan_if: &'a str, zone: &'a Zone, now_unix: i64) -> Context<'a> {
+        Context {
+            lan_if,
+            wan_if,
+            zone,
+            now_unix,
+            kernel_minutes_west: 0,
+            pinned: None,
+            dns: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct DnsContext<'a> {
     pub config: &'a DnsConfig,

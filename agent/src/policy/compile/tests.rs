@@ -84,19 +84,7 @@ fn home() -> Desired {
 
 fn compile_in(d: &Desired, tz: &str, now: i64) -> Compiled {
     let zone = Zone::parse(tz).unwrap();
-    compile(
-        d,
-        &Context {
-            lan_if: "br-lan",
-            wan_if: "wan0",
-            zone: &zone,
-            now_unix: now,
-            kernel_minutes_west: 0,
-            pinned: None,
-            dns: None,
-        },
-    )
-    .unwrap()
+    compile(d, &Context::new("br-lan", "wan0", &zone, now)).unwrap()
 }
 
 /// Compares with `golden/<name>`; `NETPILOT_UPDATE_GOLDEN=1` rewrites it.
@@ -167,16 +155,11 @@ fn golden_dns_filtering() {
         compile(
             &d,
             &Context {
-                lan_if: "br-lan",
-                wan_if: "wan0",
-                zone: &zone,
-                now_unix: NOW,
-                kernel_minutes_west: 0,
-                pinned: None,
                 dns: Some(DnsContext {
                     config: &cfg,
                     previous,
                 }),
+                ..Context::new("br-lan", "wan0", &zone, NOW)
             },
         )
         .unwrap()
@@ -250,13 +233,8 @@ fn the_same_state_compiles_to_the_same_digest_and_a_move_is_an_element_delta() {
     // left every group is sent back to the guests there too.
     let zone = Zone::parse("UTC0").unwrap();
     let pinned_ctx = |pinned| Context {
-        lan_if: "br-lan",
-        wan_if: "wan0",
-        zone: &zone,
-        now_unix: NOW,
-        kernel_minutes_west: 0,
         pinned: Some(pinned),
-        dns: None,
+        ..Context::new("br-lan", "wan0", &zone, NOW)
     };
     let c = compile(&moved, &pinned_ctx(&a.pin)).unwrap();
     assert_eq!(c.pin, a.pin);
