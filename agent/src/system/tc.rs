@@ -151,9 +151,9 @@ impl Shaper for RealTc {
 
     fn observe<'a>(&'a self, dev: &'a str) -> Fut<'a, Result<ObservedShaper, TcError>> {
         Box::pin(async move {
-            // Two processes at once: a read before every planned change waits on it.
-            let (qdiscs, classes) = tokio::join!(self.show("qdisc", dev), self.show("class", dev));
-            parse_observed(&qdiscs?, &classes?)
+            let qdiscs = self.show("qdisc", dev).await?;
+            let classes = self.show("class", dev).await?;
+            parse_observed(&qdiscs, &classes)
         })
     }
 
