@@ -15,7 +15,8 @@
 # TARGET is a Rust target triple, its first part (x86_64, aarch64, armv7, mipsel,
 # mips), its OpenWrt arch name, or `all`.
 #
-# Why it looks like this (see ../../shared/CROSS.md for the measurements):
+# Why it looks like this (measured when the recipe was made; the README has the
+# resulting sizes):
 #
 # * rustup on our machines cannot download std for other targets, and two of ours
 #   (mips, mipsel) are tier 3 with no prebuilt std anyway. So std is compiled from

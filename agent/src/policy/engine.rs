@@ -635,7 +635,8 @@ impl Engine {
 mod tests {
     use super::super::plan::Phase;
     use super::*;
-    use crate::policy::model::{Bandwidth, Device, Group, Mac, Policy};
+    use crate::policy::fixtures::{filtered, kids};
+    use crate::policy::model::{Group, Mac};
     use crate::system::dnsmasq::FakeResolver;
     use crate::system::dnsmasq::Resolver as _;
     use crate::system::files::MemFiles;
@@ -699,29 +700,6 @@ mod tests {
     impl Drop for Rig {
         fn drop(&mut self) {
             let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
-
-    fn kids(devices: &[u8], down: Option<u32>) -> Group {
-        Group {
-            id: 3,
-            name: "Kids".into(),
-            devices: devices
-                .iter()
-                .map(|d| Device {
-                    mac: Mac([2, 0, 0, 0, 0, *d]),
-                    ipv4: None,
-                    ipv6: None,
-                    name: None,
-                })
-                .collect(),
-            policy: Policy {
-                bandwidth: Bandwidth {
-                    down_kbps: down,
-                    up_kbps: down,
-                },
-                ..Policy::default()
-            },
         }
     }
 
@@ -809,15 +787,6 @@ mod tests {
         assert!(again.reconcile("start").await.unwrap().is_empty());
         let audit = again.audit_tail(5).await.unwrap();
         assert!(audit[0].result.starts_with("failed"), "{audit:?}");
-    }
-
-    fn filtered(devices: &[u8], block: &[&str]) -> Group {
-        let mut g = kids(devices, None);
-        g.policy.dns.block = block
-            .iter()
-            .map(|b| crate::dns::domain::normalize(b).unwrap())
-            .collect();
-        g
     }
 
     async fn servers(rig: &Rig, id: &str) -> Option<String> {

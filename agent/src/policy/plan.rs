@@ -618,7 +618,7 @@ pub fn dns_drift(want: &DnsPlan, live: &[ObservedInstance]) -> Vec<String> {
 mod tests {
     use super::*;
     use crate::policy::compile::{compile, Context, DnsConfig, DnsContext};
-    use crate::policy::model::{Bandwidth, Device, Group, Mac, Policy};
+    use crate::policy::fixtures::{filtered, kids};
     use crate::policy::ops;
     use crate::policy::tz::Zone;
 
@@ -633,30 +633,10 @@ mod tests {
     /// `blocked.test` when `filter`.
     fn state(macs: &[u8], kbps: Option<u32>, filter: bool) -> Compiled {
         let mut d = ops::initial();
-        let mut policy = Policy {
-            bandwidth: Bandwidth {
-                down_kbps: kbps,
-                up_kbps: kbps,
-            },
-            ..Policy::default()
-        };
+        let mut group = kids(macs, kbps);
         if filter {
-            policy.dns.block = vec![crate::dns::domain::normalize("blocked.test").unwrap()];
+            group.policy.dns = filtered(macs, &["blocked.test"]).policy.dns;
         }
-        let group = Group {
-            id: 3,
-            name: "Kids".into(),
-            devices: macs
-                .iter()
-                .map(|m| Device {
-                    mac: Mac([2, 0, 0, 0, 0, *m]),
-                    ipv4: None,
-                    ipv6: None,
-                    name: None,
-                })
-                .collect(),
-            policy,
-        };
         ops::sync_group(&mut d, group).unwrap();
         let zone = Zone::utc();
         let config = DnsConfig::default();
