@@ -79,10 +79,15 @@ pub async fn cleanup(
         Err(e) => failed.push(e),
     }
     for dev in devices {
-        match remove_root(shaper, dev).await {
-            Ok(o) => done.push(o),
+        match remove_ours(shaper, dev).await {
+            Ok(o) => done.extend(o),
             Err(e) => failed.push(e),
         }
+    }
+    // After the redirects into it are gone.
+    match remove_ifb(shaper).await {
+        Ok(o) => done.push(o),
+        Err(e) => failed.push(e),
     }
     (done, failed)
 }
@@ -103,18 +108,45 @@ async fn remove_table(firewall: &dyn Firewall) -> Result<Outcome, StepError> {
     }
 }
 
-/// Someone else's root qdisc on `dev` stays (the shaper only removes its own).
-async fn remove_root(shaper: &dyn Shaper, dev: &str) -> Result<Outcome, StepError> {
-    let what = format!("tc root qdisc {}: on {dev}", tc::MAJOR);
-    match shaper.remove_root(dev).await {
-        Ok(true) => Ok(Outcome::Removed(what)),
-        Ok(false) => Ok(Outcome::Absent(what)),
+/// NetPilot's root qdisc and ingress redirect on `dev` (an older agent's `1:` root
+/// too, when recognised); someone else's qdiscs and filters stay.
+async fn remove_ours(shaper: &dyn Shaper, dev: &str) -> Result<Vec<Outcome>, StepError> {
+    let what = format!("NetPilot's tc qdiscs on {dev}");
+    match shaper.remove_ours(dev).await {
+        Ok(removed) if removed.is_empty() => Ok(vec![Outcome::Absent(what)]),
+        Ok(removed) => Ok(removed.into_iter().map(Outcome::Removed).collect()),
         Err(TcError::Process(e)) if e.is_not_found() => {
-            Ok(Outcome::Absent(format!("{what} (tc not installed)")))
+            Ok(vec![Outcome::Absent(format!("{what} (tc not installed)"))])
         }
-        Err(TcError::NoDevice(_)) => Ok(Outcome::Absent(format!("{what} (no such device)"))),
+        Err(TcError::NoDevice(_)) => Ok(vec![Outcome::Absent(format!("{what} (no such device)"))]),
         Err(e) => Err(StepError {
-            step: "delete root qdisc",
+            step: "delete NetPilot's qdiscs",
+            source: e.into(),
+        }),
+    }
+}
+
+/// The upload ifb, with everything on it.
+async fn remove_ifb(shaper: &dyn Shaper) -> Result<Outcome, StepError> {
+    let what = format!("ifb device {}", tc::IFB);
+    let ifb = tc::IFB.to_owned();
+    match shaper.observe(&ifb).await {
+        Err(TcError::NoDevice(_)) => return Ok(Outcome::Absent(what)),
+        Err(TcError::Process(e)) if e.is_not_found() => {
+            return Ok(Outcome::Absent(format!("{what} (tc not installed)")))
+        }
+        Err(e) => {
+            return Err(StepError {
+                step: "look for the upload ifb",
+                source: e.into(),
+            })
+        }
+        Ok(_) => {}
+    }
+    match shaper.run(&[tc::TcOp::DeleteIfb { dev: ifb }]).await {
+        Ok(()) => Ok(Outcome::Removed(what)),
+        Err(e) => Err(StepError {
+            step: "delete the upload ifb",
             source: e.into(),
         }),
     }
@@ -134,7 +166,7 @@ mod tests {
     }
     use crate::system::dnsmasq::{FakeResolver, InstanceSpec, RealDnsmasq};
     use crate::system::nft::{FakeNft, RealNft};
-    use crate::system::tc::{FakeTc, RealTc, TcOp};
+    use crate::system::tc::{FakeTc, RealTc, TcOp, IFB};
 
     const DEVICES: &[&str] = &["br-lan", "wan"];
 
@@ -144,11 +176,23 @@ mod tests {
         let nft = FakeNft::default();
         nft.apply("table inet netpilot {}\n").await.unwrap();
         let tc = FakeTc::default();
-        for dev in DEVICES {
-            tc.run(&[TcOp::ReplaceRoot { dev: (*dev).into() }])
-                .await
-                .unwrap();
-        }
+        // Ours on the LAN bridge (root and upload redirect into the ifb); an older
+        // agent's root on the WAN device.
+        tc.run(&[
+            TcOp::ReplaceRoot {
+                dev: "br-lan".into(),
+            },
+            TcOp::AddIfb { dev: IFB.into() },
+            TcOp::ReplaceRoot { dev: IFB.into() },
+            TcOp::AddRedirect {
+                dev: "br-lan".into(),
+                to: IFB.into(),
+                qdisc: true,
+            },
+        ])
+        .await
+        .unwrap();
+        tc.set_legacy_root("wan");
         let dns = FakeResolver::default();
         for (id, port) in [("g1", 5401), ("g2", 5402)] {
             dns.ensure(&InstanceSpec {
@@ -187,10 +231,17 @@ mod tests {
                 "removed DNS filter resolver g1",
                 "removed DNS filter resolver g2 (files; not running)",
                 "removed nftables table inet netpilot",
-                "removed tc root qdisc 1: on br-lan",
-                "removed tc root qdisc 1: on wan",
+                "removed tc root qdisc htb 4e50: on br-lan",
+                "removed tc ingress redirect on br-lan",
+                "removed tc root qdisc htb 1: on wan",
+                "removed ifb device np-up",
             ]
         );
+        assert_eq!(
+            tc.observe("br-lan").await.unwrap().ingress,
+            Default::default()
+        );
+        assert!(tc.observe(IFB).await.is_err(), "the ifb is gone");
         assert!(nft.observe().await.unwrap().is_none());
         // The kernel's default root is back (the fake's, like a veth's, is noqueue).
         for dev in DEVICES {
@@ -204,8 +255,9 @@ mod tests {
             lines(&done),
             [
                 "absent nftables table inet netpilot",
-                "absent tc root qdisc 1: on br-lan",
-                "absent tc root qdisc 1: on wan",
+                "absent NetPilot's tc qdiscs on br-lan",
+                "absent NetPilot's tc qdiscs on wan",
+                "absent ifb device np-up",
             ]
         );
     }
@@ -213,21 +265,24 @@ mod tests {
     #[tokio::test]
     async fn a_foreign_root_and_a_missing_device_are_left_alone() {
         let (nft, tc, dns) = enforcing().await;
-        tc.set_foreign_root("wan", "htb");
+        // sqm-scripts' root and ingress on the WAN device.
+        tc.set_root("wan", "htb", "1:");
+        tc.set_foreign_ingress("wan");
         tc.remove_device("br-lan");
         let (done, failed) = cleanup(&nft, &tc, &dns, DEVICES).await;
         assert!(failed.is_empty(), "{failed:?}");
         let done = lines(&done);
         assert!(
-            done.contains(&"absent tc root qdisc 1: on br-lan (no such device)".into()),
+            done.contains(&"absent NetPilot's tc qdiscs on br-lan (no such device)".into()),
             "{done:?}"
         );
         assert!(
-            done.contains(&"absent tc root qdisc 1: on wan".into()),
+            done.contains(&"absent NetPilot's tc qdiscs on wan".into()),
             "{done:?}"
         );
         let wan = tc.observe("wan").await.unwrap();
-        assert_eq!(wan.root, Some(("htb".into(), "8001:".into())));
+        assert_eq!(wan.root, Some(("htb".into(), "1:".into())));
+        assert_eq!(wan.ingress.others, 1);
     }
 
     #[tokio::test]
@@ -238,7 +293,7 @@ mod tests {
         tc.fail_op_after(0);
         let (done, failed) = cleanup(&nft, &tc, &dns, DEVICES).await;
         let steps: Vec<_> = failed.iter().map(|e| e.step).collect();
-        assert_eq!(steps, ["delete nftables table", "delete root qdisc"]);
+        assert_eq!(steps, ["delete nftables table", "delete NetPilot's qdiscs"]);
         assert!(
             failed[0].to_string().contains("injected failure"),
             "{}",
@@ -249,7 +304,8 @@ mod tests {
             [
                 "removed DNS filter resolver g1",
                 "removed DNS filter resolver g2 (files; not running)",
-                "removed tc root qdisc 1: on wan",
+                "removed tc root qdisc htb 1: on wan",
+                "removed ifb device np-up",
             ]
         );
         assert!(dns.observe().await.unwrap().is_empty());
@@ -266,7 +322,7 @@ mod tests {
         let (done, failed) = cleanup(&nft, &tc, &unlistable, DEVICES).await;
         let steps: Vec<_> = failed.iter().map(|e| e.step).collect();
         assert_eq!(steps, ["list DNS filter resolvers"]);
-        assert_eq!(done.len(), 3, "{done:?}");
+        assert_eq!(done.len(), 5, "{done:?}");
         assert!(nft.observe().await.unwrap().is_none());
     }
 
@@ -290,7 +346,8 @@ mod tests {
             lines(&done),
             [
                 "absent nftables table inet netpilot (nft not installed)",
-                "absent tc root qdisc 1: on lan0 (tc not installed)",
+                "absent NetPilot's tc qdiscs on lan0 (tc not installed)",
+                "absent ifb device np-up (tc not installed)",
             ]
         );
     }
@@ -311,9 +368,10 @@ mod tests {
             lines(&done),
             [
                 "absent nftables table inet netpilot (nft not installed)",
-                "absent tc root qdisc 1: on lan0 (tc not installed)",
+                "absent NetPilot's tc qdiscs on lan0 (tc not installed)",
                 // No UCI network under the root: OpenWrt's usual WAN name.
-                "absent tc root qdisc 1: on wan (tc not installed)",
+                "absent NetPilot's tc qdiscs on wan (tc not installed)",
+                "absent ifb device np-up (tc not installed)",
             ]
         );
     }

@@ -23,6 +23,7 @@ use crate::runtime::clock::Clock;
 use crate::runtime::shutdown::{self, Shutdown};
 use crate::store::{Store, StoreError};
 use crate::system::files::Files;
+use crate::system::tc::RootOwner;
 
 #[derive(Clone)]
 pub struct EngineConfig {
@@ -111,6 +112,63 @@ pub struct Status {
     pub next_refresh_unix: Option<i64>,
     /// Filtering resolvers wanted (one per filtered group).
     pub dns_resolvers: usize,
+    /// What the devices NetPilot shapes or looks at have, as last read.
+    pub shaping: Shaping,
+}
+
+/// The qdiscs NetPilot found, so coexistence with sqm-scripts (or any other
+/// shaper) can be seen: what is on the WAN device (never touched), whether the
+/// upload ifb is there, and per LAN bridge its root and the upload redirect.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Shaping {
+    pub wan_dev: String,
+    /// `htb 1:` (sqm-scripts), `fq_codel 0:` (the kernel's default); null when the
+    /// device is missing or not read yet.
+    pub wan_root: Option<String>,
+    pub wan_root_owner: Option<RootOwner>,
+    pub upload_ifb: String,
+    pub upload_ifb_present: bool,
+    pub lan: Vec<LanShaping>,
+    /// LAN bridges NetPilot leaves unshaped because someone else's root qdisc is
+    /// there, in words.
+    pub unshaped: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LanShaping {
+    pub dev: String,
+    pub root: String,
+    pub root_owner: RootOwner,
+    /// NetPilot's ingress filter redirecting to the upload ifb is there.
+    pub upload_redirect: bool,
+    /// Someone else's filters beside it in the ingress qdisc.
+    pub foreign_ingress_filters: usize,
+}
+
+impl Shaping {
+    fn of(shapers: &plan::Shapers, devices: &Devices) -> Shaping {
+        let wan = (!shapers.wan.missing).then_some(&shapers.wan);
+        Shaping {
+            wan_dev: devices.wan.clone(),
+            wan_root: wan.map(|w| w.root_text()),
+            wan_root_owner: wan.map(|w| w.owner()),
+            upload_ifb: devices.ifb.clone(),
+            upload_ifb_present: !shapers.ifb.missing,
+            lan: devices
+                .lan
+                .iter()
+                .zip(&shapers.lan)
+                .map(|(dev, l)| LanShaping {
+                    dev: dev.clone(),
+                    root: l.root_text(),
+                    root_owner: l.owner(),
+                    upload_redirect: l.ingress.ours,
+                    foreign_ingress_filters: l.ingress.others,
+                })
+                .collect(),
+            unshaped: plan::unshaped(shapers, devices),
+        }
+    }
 }
 
 /// How one change went.
@@ -241,10 +299,7 @@ impl Engine {
                 live: None,
             }),
             enforcers,
-            devices: Devices {
-                down: config.lan_if.clone(),
-                up: config.wan_if.clone(),
-            },
+            devices: Devices::new(&[&config.lan_if], &config.wan_if),
             files,
             config,
             clock,
@@ -343,6 +398,7 @@ impl Engine {
             .map_err(|e| EngineError::Step(Box::new(e)))?;
         let t = Instant::now();
         let (back, _) = self.enforcers.observe(plan.verify, &self.devices).await?;
+        self.note_shaping(&back);
         let drift = plan::verify(&plan, &back, &self.devices);
         let verify_ms = ms(t.elapsed());
         if !drift.is_empty() {
@@ -360,6 +416,17 @@ impl Engine {
                 store_ms: 0.0,
             },
         })
+    }
+
+    /// Keeps what a reading of the qdiscs showed for the status.
+    fn note_shaping(&self, observed: &Observed) {
+        if let Some(shapers) = &observed.shapers {
+            let shaping = Shaping::of(shapers, &self.devices);
+            for u in &shaping.unshaped {
+                tracing::warn!("{u}");
+            }
+            self.set_status(|s| s.shaping = shaping);
+        }
     }
 
     /// Gives up on an apply: the live state is unknown now, so the next apply
@@ -543,6 +610,7 @@ impl Engine {
             }
         }
         let (observed, _) = self.enforcers.observe(Reads::ALL, &self.devices).await?;
+        self.note_shaping(&observed);
         let drift = plan::drift(compiled.as_ref(), &observed, &self.devices);
         self.set_status(|s| s.last_check_unix = Some(now));
         if drift.is_empty() {
@@ -958,7 +1026,15 @@ mod tests {
         let drift = e.reconcile("start").await.unwrap();
         assert!(drift.iter().any(|d| d.contains("missing")), "{drift:?}");
         assert!(e.reconcile("check").await.unwrap().is_empty());
-        assert_eq!(fresh.tc.observe("wan").await.unwrap().classes[&0x102], 5000);
+        assert_eq!(
+            fresh
+                .tc
+                .observe(crate::system::tc::IFB)
+                .await
+                .unwrap()
+                .classes[&0x102],
+            5000
+        );
     }
 
     #[tokio::test]

@@ -9,7 +9,16 @@ use std::time::{Duration, Instant};
 use super::plan::{Action, NftChange, Observed, Phase, Plan, Reads, Shapers};
 use crate::system::dnsmasq::Resolver;
 use crate::system::nft::Firewall;
-use crate::system::tc::Shaper;
+use crate::system::tc::{ObservedShaper, Shaper, TcError};
+
+/// Awaits every future in order (a router has one LAN bridge or a few).
+async fn in_order<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let mut out = Vec::new();
+    for f in futs {
+        out.push(f.await);
+    }
+    out
+}
 pub use crate::system::SystemError;
 
 /// The programs the policy engine drives.
@@ -96,21 +105,16 @@ impl Enforcers {
         reads: Reads,
         devices: &super::plan::Devices,
     ) -> Result<(Observed, ReadTimes), ObserveError> {
-        let ((table, t1), (chains, t2), (shapers, t3), (resolvers, t4)) = tokio::join!(
+        let ((table, t1), (bridge, t0), (chains, t2), (shapers, t3), (resolvers, t4)) = tokio::join!(
             timed(reads.table, self.nft.observe()),
+            timed(reads.table, self.nft.observe_bridge()),
             timed(reads.chains, self.nft.chains()),
-            timed(reads.shapers, async {
-                let (down, up) =
-                    tokio::join!(self.tc.observe(&devices.down), self.tc.observe(&devices.up));
-                Ok::<_, crate::system::tc::TcError>(Shapers {
-                    down: down?,
-                    up: up?,
-                })
-            }),
+            timed(reads.shapers, self.observe_shapers(devices)),
             timed(reads.resolvers, self.dns.observe()),
         );
         let observed = Observed {
             table: read("nftables table", table)?,
+            bridge: read("nftables bridge table", bridge)?,
             chains: read("nftables chains", chains)?,
             shapers: read("tc qdiscs and classes", shapers)?,
             resolvers: read("dns resolvers", resolvers)?,
@@ -118,11 +122,31 @@ impl Enforcers {
         Ok((
             observed,
             ReadTimes {
-                nft_ms: t1 + t2,
+                nft_ms: t0 + t1 + t2,
                 tc_ms: t3,
                 dns_ms: t4,
             },
         ))
+    }
+
+    /// The LAN bridges (which must exist), the WAN device and the ifb (either may
+    /// be missing: no WAN link yet, no upload shaping yet).
+    async fn observe_shapers(&self, devices: &super::plan::Devices) -> Result<Shapers, TcError> {
+        let maybe = |r: Result<ObservedShaper, TcError>| match r {
+            Err(TcError::NoDevice(_)) => Ok(ObservedShaper::missing()),
+            other => other,
+        };
+        let lan = in_order(devices.lan.iter().map(|d| self.tc.observe(d)));
+        let (lan, wan, ifb) = tokio::join!(
+            lan,
+            self.tc.observe(&devices.wan),
+            self.tc.observe(&devices.ifb)
+        );
+        Ok(Shapers {
+            lan: lan.into_iter().collect::<Result<_, _>>()?,
+            wan: maybe(wan)?,
+            ifb: maybe(ifb)?,
+        })
     }
 
     /// Carries out `plan` step by step. The undo of each step is recorded before it
@@ -272,7 +296,10 @@ mod tests {
             Step {
                 phase: Phase::MakeShaper,
                 action: Action::Tc(vec![root("wan"), class("wan", 1000)]),
-                undo: vec![Action::Tc(vec![TcOp::DeleteRoot { dev: "wan".into() }])],
+                undo: vec![Action::Tc(vec![TcOp::DeleteRoot {
+                    dev: "wan".into(),
+                    major: crate::system::tc::MAJOR,
+                }])],
             },
         ]);
         let err = e.execute(&p).await.unwrap_err();
@@ -300,7 +327,10 @@ mod tests {
             },
             Step {
                 phase: Phase::BreakShaper,
-                action: Action::Tc(vec![TcOp::DeleteRoot { dev: "lan".into() }]),
+                action: Action::Tc(vec![TcOp::DeleteRoot {
+                    dev: "lan".into(),
+                    major: crate::system::tc::MAJOR,
+                }]),
                 undo: Vec::new(),
             },
         ]);
@@ -337,10 +367,7 @@ mod tests {
         let done = e.execute(&p).await.unwrap();
         assert_eq!(done.nft, "table");
         assert!(rig.nft.observe().await.unwrap().is_some());
-        let devices = Devices {
-            down: "lan".into(),
-            up: "wan".into(),
-        };
+        let devices = Devices::new(&["lan"], "wan");
         let (seen, _) = e
             .observe(
                 Reads {

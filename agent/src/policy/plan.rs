@@ -16,21 +16,27 @@ use std::fmt;
 
 use super::compile::{Compiled, DnsPlan, Side};
 use crate::system::dnsmasq::{InstanceSpec, ObservedInstance};
-use crate::system::nft::{self, ObservedTable, FAMILY, TABLE};
-use crate::system::tc::{ObservedShaper, TcOp, MAJOR};
+use crate::system::nft::{self, ObservedTable, BRIDGE_FAMILY, FAMILY, TABLE};
+use crate::system::tc::{ObservedShaper, RootOwner, TcOp, IFB, LEGACY_MAJOR, MAJOR};
 
-/// The devices shaped: the LAN bridge for download, the WAN device for upload.
+/// The devices shaped: the LAN bridges' egress for download; the ifb their ingress
+/// is redirected to for upload. The WAN device is only looked at (an older agent's
+/// root is removed from it; what is there is reported), never shaped: it is
+/// sqm-scripts' place.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Devices {
-    pub down: String,
-    pub up: String,
+    pub lan: Vec<String>,
+    pub wan: String,
+    pub ifb: String,
 }
 
 impl Devices {
-    pub fn of(&self, side: Side) -> &str {
-        match side {
-            Side::Down => &self.down,
-            Side::Up => &self.up,
+    /// One LAN bridge, the WAN device and NetPilot's ifb.
+    pub fn new(lan: &[&str], wan: &str) -> Devices {
+        Devices {
+            lan: lan.iter().map(|d| (*d).to_owned()).collect(),
+            wan: wan.to_owned(),
+            ifb: IFB.to_owned(),
         }
     }
 }
@@ -60,20 +66,13 @@ impl Reads {
     };
 }
 
-/// The root qdisc and NetPilot's classes on both shaped devices.
+/// What the shaped and looked-at devices have: roots, NetPilot's classes, ingress.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Shapers {
-    pub down: ObservedShaper,
-    pub up: ObservedShaper,
-}
-
-impl Shapers {
-    pub fn side(&self, side: Side) -> &ObservedShaper {
-        match side {
-            Side::Down => &self.down,
-            Side::Up => &self.up,
-        }
-    }
+    /// In the order of [`Devices::lan`].
+    pub lan: Vec<ObservedShaper>,
+    pub wan: ObservedShaper,
+    pub ifb: ObservedShaper,
 }
 
 /// What was read from the system; `None` where it was not read.
@@ -81,6 +80,8 @@ impl Shapers {
 pub struct Observed {
     /// `Some(None)`: there is no table of ours.
     pub table: Option<Option<ObservedTable>>,
+    /// The bridge table, read with `table`; `Some(None)`: there is none.
+    pub bridge: Option<Option<ObservedTable>>,
     /// `Some(None)`: there is no table of ours (or it has no chain).
     pub chains: Option<Option<BTreeSet<String>>>,
     pub shapers: Option<Shapers>,
@@ -148,7 +149,10 @@ impl NftChange<'_> {
         match self {
             NftChange::Table(c) => c.full_script(),
             NftChange::Elements { delta, .. } => delta.clone(),
-            NftChange::Delete => format!("delete table {FAMILY} {TABLE}\n"),
+            // The bridge table is made first so its delete is valid without one.
+            NftChange::Delete => format!(
+                "delete table {FAMILY} {TABLE}\ntable {BRIDGE_FAMILY} {TABLE} {{}}\ndelete table {BRIDGE_FAMILY} {TABLE}\n"
+            ),
         }
     }
 }
@@ -272,7 +276,13 @@ pub fn plan<'a>(
     if let Some(shapers) = &observed.shapers {
         make_shapers(want, shapers, devices, &mut steps);
     }
-    let table_present = observed.table.as_ref().map(Option::is_some);
+    let table_present = observed.table.as_ref().map(|t| {
+        t.is_some()
+            || observed
+                .bridge
+                .as_ref()
+                .is_some_and(|b: &Option<ObservedTable>| b.is_some())
+    });
     if let Some(change) = nft_change(want, last, table_present) {
         steps.push(Step {
             phase: Phase::Firewall,
@@ -333,10 +343,61 @@ fn make_resolvers<'a>(
     }
 }
 
-/// Our root where a side needs classes and has none of ours, and every class
-/// that is new or has another rate. Undo: a root we put there is deleted (with
-/// its classes); under a root that was ours, each class goes back to its rate or
-/// away.
+/// The classes of one shaped device: our root where there is none of ours (the
+/// kernel's default or an older agent's `1:` is replaced; someone else's root is
+/// never, and the device is left unshaped — [`unshaped`] names it), and every class
+/// that is new or has another rate. Undo: a root we put there is deleted (with its
+/// classes); under a root that was ours, each class goes back to its rate or away.
+fn make_classes(
+    dev: &str,
+    classes: &BTreeMap<u16, u32>,
+    live: &ObservedShaper,
+    make: &mut Vec<TcOp>,
+    undo: &mut Vec<Action<'_>>,
+) {
+    if classes.is_empty() || live.owner() == RootOwner::Foreign {
+        return;
+    }
+    let dev = dev.to_owned();
+    let ours = live.root_is_ours();
+    if !ours {
+        make.push(TcOp::ReplaceRoot { dev: dev.clone() });
+        undo.push(Action::Tc(vec![TcOp::DeleteRoot {
+            dev: dev.clone(),
+            major: MAJOR,
+        }]));
+    }
+    for (minor, kbps) in classes {
+        let was = if ours { live.classes.get(minor) } else { None };
+        if was == Some(kbps) {
+            continue;
+        }
+        make.push(TcOp::SetClass {
+            dev: dev.clone(),
+            minor: *minor,
+            kbps: *kbps,
+        });
+        if ours {
+            undo.push(Action::Tc(vec![match was {
+                Some(old) => TcOp::SetClass {
+                    dev: dev.clone(),
+                    minor: *minor,
+                    kbps: *old,
+                },
+                None => TcOp::DeleteClass {
+                    dev: dev.clone(),
+                    minor: *minor,
+                },
+            }]));
+        }
+    }
+}
+
+/// Download classes on every LAN bridge whose root is free; for upload, the ifb
+/// (made when missing), its classes, then the redirect into it from every LAN
+/// bridge (into its ingress qdisc, or someone else's ingress qdisc beside their
+/// filters). The redirect comes last, so traffic only reaches the ifb once its
+/// classes are there; its undo comes first.
 fn make_shapers<'a>(
     want: Option<&'a Compiled>,
     shapers: &Shapers,
@@ -345,41 +406,38 @@ fn make_shapers<'a>(
 ) {
     let mut make = Vec::new();
     let mut undo = Vec::new();
-    for side in Side::BOTH {
-        let classes = tc_of(want, side);
-        if classes.is_empty() {
-            continue;
+    let down = tc_of(want, Side::Down);
+    for (dev, live) in devices.lan.iter().zip(&shapers.lan) {
+        make_classes(dev, down, live, &mut make, &mut undo);
+    }
+    let up = tc_of(want, Side::Up);
+    if !up.is_empty() {
+        let ifb = &devices.ifb;
+        let mut live = shapers.ifb.clone();
+        if live.missing {
+            make.push(TcOp::AddIfb { dev: ifb.clone() });
+            undo.push(Action::Tc(vec![TcOp::DeleteIfb { dev: ifb.clone() }]));
+            // A new ifb has the kernel's default root; the undo above removes
+            // everything made on it.
+            live = ObservedShaper::default();
+            let mut ignored = Vec::new();
+            make_classes(ifb, up, &live, &mut make, &mut ignored);
+        } else {
+            make_classes(ifb, up, &live, &mut make, &mut undo);
         }
-        let live = shapers.side(side);
-        let ours = live.root_is_ours();
-        let dev = devices.of(side).to_owned();
-        if !ours {
-            make.push(TcOp::ReplaceRoot { dev: dev.clone() });
-            undo.push(Action::Tc(vec![TcOp::DeleteRoot { dev: dev.clone() }]));
-        }
-        for (minor, kbps) in classes {
-            let was = if ours { live.classes.get(minor) } else { None };
-            if was == Some(kbps) {
+        for (dev, live) in devices.lan.iter().zip(&shapers.lan) {
+            if live.ingress.ours {
                 continue;
             }
-            make.push(TcOp::SetClass {
+            make.push(TcOp::AddRedirect {
                 dev: dev.clone(),
-                minor: *minor,
-                kbps: *kbps,
+                to: ifb.clone(),
+                qdisc: !live.ingress.present,
             });
-            if ours {
-                undo.push(Action::Tc(vec![match was {
-                    Some(old) => TcOp::SetClass {
-                        dev: dev.clone(),
-                        minor: *minor,
-                        kbps: *old,
-                    },
-                    None => TcOp::DeleteClass {
-                        dev: dev.clone(),
-                        minor: *minor,
-                    },
-                }]));
-            }
+            undo.push(Action::Tc(vec![TcOp::DeleteRedirect {
+                dev: dev.clone(),
+                qdisc: !live.ingress.present,
+            }]));
         }
     }
     if !make.is_empty() {
@@ -391,8 +449,38 @@ fn make_shapers<'a>(
     }
 }
 
-/// What nothing steers into once the new rules are in: our root on a side that
-/// needs no class, and our classes that are not wanted.
+/// Our classes nothing steers into on `dev`, or our root when nothing is shaped
+/// there; an older agent's root where ours has not replaced it.
+fn break_classes(
+    dev: &str,
+    classes: &BTreeMap<u16, u32>,
+    live: &ObservedShaper,
+    ops: &mut Vec<TcOp>,
+) {
+    let dev = dev.to_owned();
+    match live.owner() {
+        RootOwner::Netpilot if classes.is_empty() => {
+            ops.push(TcOp::DeleteRoot { dev, major: MAJOR })
+        }
+        RootOwner::Netpilot => {
+            for minor in live.classes.keys().filter(|m| !classes.contains_key(m)) {
+                ops.push(TcOp::DeleteClass {
+                    dev: dev.clone(),
+                    minor: *minor,
+                });
+            }
+        }
+        RootOwner::NetpilotLegacy if classes.is_empty() => ops.push(TcOp::DeleteRoot {
+            dev,
+            major: LEGACY_MAJOR,
+        }),
+        _ => {}
+    }
+}
+
+/// What nothing steers into once the new rules are in: our classes and roots not
+/// wanted, an older agent's root on the WAN, and without upload classes the
+/// redirects and then the ifb.
 fn break_shapers(
     want: Option<&Compiled>,
     shapers: &Shapers,
@@ -400,22 +488,30 @@ fn break_shapers(
     steps: &mut Vec<Step<'_>>,
 ) {
     let mut ops = Vec::new();
-    for side in Side::BOTH {
-        let classes = tc_of(want, side);
-        let live = shapers.side(side);
-        if !live.root_is_ours() {
-            continue;
+    let down = tc_of(want, Side::Down);
+    let up = tc_of(want, Side::Up);
+    for (dev, live) in devices.lan.iter().zip(&shapers.lan) {
+        break_classes(dev, down, live, &mut ops);
+        if up.is_empty() && live.ingress.ours {
+            ops.push(TcOp::DeleteRedirect {
+                dev: dev.clone(),
+                qdisc: live.ingress.others == 0,
+            });
         }
-        let dev = devices.of(side).to_owned();
-        if classes.is_empty() {
-            ops.push(TcOp::DeleteRoot { dev });
+    }
+    if shapers.wan.legacy && !devices.lan.contains(&devices.wan) {
+        ops.push(TcOp::DeleteRoot {
+            dev: devices.wan.clone(),
+            major: LEGACY_MAJOR,
+        });
+    }
+    if !shapers.ifb.missing {
+        if up.is_empty() {
+            ops.push(TcOp::DeleteIfb {
+                dev: devices.ifb.clone(),
+            });
         } else {
-            for minor in live.classes.keys().filter(|m| !classes.contains_key(m)) {
-                ops.push(TcOp::DeleteClass {
-                    dev: dev.clone(),
-                    minor: *minor,
-                });
-            }
+            break_classes(&devices.ifb, up, &shapers.ifb, &mut ops);
         }
     }
     if !ops.is_empty() {
@@ -425,6 +521,23 @@ fn break_shapers(
             undo: Vec::new(),
         });
     }
+}
+
+/// The LAN bridges that cannot be shaped because someone else's root qdisc is
+/// there (download to their devices is not limited), in words.
+pub fn unshaped(shapers: &Shapers, devices: &Devices) -> Vec<String> {
+    devices
+        .lan
+        .iter()
+        .zip(&shapers.lan)
+        .filter(|(_, l)| l.owner() == RootOwner::Foreign)
+        .map(|(dev, l)| {
+            format!(
+                "{dev}: someone else's root qdisc ({}) is there; download is not shaped on it",
+                l.root_text()
+            )
+        })
+        .collect()
 }
 
 /// The table change: none when the digest says the live table is already this
@@ -461,7 +574,7 @@ pub fn verify(plan: &Plan<'_>, back: &Observed, devices: &Devices) -> Vec<String
         (None, Some(Some(_))) => drift.push(format!("table {FAMILY} {TABLE} is still there")),
         (Some(_), Some(None)) => drift.push(format!("table {FAMILY} {TABLE} is missing")),
         (Some(w), Some(Some(have))) => {
-            let expected = nft::set_of(nft::rule_counts(&w.structure).into_keys());
+            let expected = expected_chains(w);
             if *have != expected {
                 drift.push(format!("chains {have:?}, expected {expected:?}"));
             }
@@ -470,6 +583,18 @@ pub fn verify(plan: &Plan<'_>, back: &Observed, devices: &Devices) -> Vec<String
     }
     drift.extend(shaper_and_resolver_drift(want, back, devices));
     drift
+}
+
+/// The chain names a read-back of both tables shows for `c` (the bridge table's
+/// as `bridge <name>`).
+pub fn expected_chains(c: &Compiled) -> BTreeSet<String> {
+    let mut names = nft::set_of(nft::rule_counts(&c.structure).into_keys());
+    names.extend(
+        nft::rule_counts(&c.bridge)
+            .into_keys()
+            .map(|n| format!("{BRIDGE_FAMILY} {n}")),
+    );
+    names
 }
 
 /// What differs between a full observation ([`Reads::ALL`]) and `want` (nothing
@@ -484,6 +609,19 @@ pub fn drift(want: Option<&Compiled>, observed: &Observed, devices: &Devices) ->
         (Some(c), Some(Some(t))) => drift.extend(table_drift(c, t)),
         _ => {}
     }
+    let bridge_wanted = want.filter(|c| !c.bridge.is_empty());
+    match (bridge_wanted, observed.bridge.as_ref()) {
+        (None, Some(Some(_))) => drift.push(format!(
+            "table {BRIDGE_FAMILY} {TABLE} exists but no upload is shaped"
+        )),
+        (Some(_), Some(None)) => drift.push(format!("table {BRIDGE_FAMILY} {TABLE} is missing")),
+        (Some(c), Some(Some(t))) => drift.extend(
+            bridge_drift(c, t)
+                .into_iter()
+                .map(|d| format!("table {BRIDGE_FAMILY} {TABLE}: {d}")),
+        ),
+        _ => {}
+    }
     drift.extend(shaper_and_resolver_drift(want, observed, devices));
     drift
 }
@@ -496,18 +634,74 @@ fn shaper_and_resolver_drift(
 ) -> Vec<String> {
     let mut drift = Vec::new();
     if let Some(shapers) = &observed.shapers {
-        for side in Side::BOTH {
-            drift.extend(tc_drift(
-                devices.of(side),
-                tc_of(want, side),
-                shapers.side(side),
+        let down = tc_of(want, Side::Down);
+        let up = tc_of(want, Side::Up);
+        for (dev, live) in devices.lan.iter().zip(&shapers.lan) {
+            // Someone else's root: reported in the status, not repairable by us.
+            if live.owner() != RootOwner::Foreign {
+                drift.extend(tc_drift(dev, down, live));
+            }
+            match (up.is_empty(), live.ingress.ours) {
+                (false, false) => drift.push(format!("{dev}: the upload redirect is missing")),
+                (true, true) => drift.push(format!(
+                    "{dev}: the upload redirect is there but nothing is shaped"
+                )),
+                _ => {}
+            }
+        }
+        if shapers.wan.legacy {
+            drift.push(format!(
+                "{}: an older NetPilot's root qdisc htb 1: is still there",
+                devices.wan
             ));
+        }
+        match (up.is_empty(), shapers.ifb.missing) {
+            (true, false) => drift.push(format!(
+                "{}: ifb is there but nothing is shaped",
+                devices.ifb
+            )),
+            (false, true) => drift.push(format!("{}: ifb is missing", devices.ifb)),
+            (false, false) => drift.extend(tc_drift(&devices.ifb, up, &shapers.ifb)),
+            (true, true) => {}
         }
     }
     if let Some(live) = &observed.resolvers {
         drift.extend(dns_drift(dns_of(want), live));
     }
     drift
+}
+
+/// Differences between the compiled bridge table and a read-back: its rules per
+/// chain and the elements of the maps it shares with the inet table.
+fn bridge_drift(want: &Compiled, live: &ObservedTable) -> Vec<String> {
+    let mut out = Vec::new();
+    let rules = nft::rule_counts(&want.bridge);
+    for (chain, n) in &rules {
+        let have = live.chains.get(chain).copied();
+        if have != Some(*n) {
+            out.push(format!(
+                "chain {chain}: {} rules, expected {n}",
+                have.map_or("no".into(), |h| h.to_string())
+            ));
+        }
+    }
+    for chain in live.chains.keys().filter(|c| !rules.contains_key(*c)) {
+        out.push(format!("unexpected chain {chain}"));
+    }
+    for set in crate::policy::compile::BRIDGE_SETS {
+        let empty = BTreeSet::new();
+        let elems = want.elements.get(set).map_or(&empty, |e| &**e);
+        match live.elements.get(set) {
+            None => out.push(format!("map {set} is missing")),
+            Some(have) if have != elems => out.push(format!(
+                "map {set}: {} element(s) missing, {} unexpected",
+                elems.difference(have).count(),
+                have.difference(elems).count()
+            )),
+            Some(_) => {}
+        }
+    }
+    out
 }
 
 /// Differences between a compiled table and a read-back, in words.
@@ -563,7 +757,7 @@ pub fn table_drift(want: &Compiled, live: &ObservedTable) -> Vec<String> {
 pub fn tc_drift(dev: &str, want: &BTreeMap<u16, u32>, live: &ObservedShaper) -> Vec<String> {
     let mut out = Vec::new();
     if want.is_empty() {
-        if live.root_is_ours() {
+        if live.root_is_ours() || live.legacy {
             out.push(format!(
                 "{dev}: NetPilot's qdisc is present but nothing is shaped"
             ));
@@ -572,8 +766,8 @@ pub fn tc_drift(dev: &str, want: &BTreeMap<u16, u32>, live: &ObservedShaper) -> 
     }
     if !live.root_is_ours() {
         out.push(format!(
-            "{dev}: NetPilot's HTB root qdisc is missing (root is {:?})",
-            live.root
+            "{dev}: NetPilot's HTB root qdisc is missing (root is {})",
+            live.root_text()
         ));
         return out;
     }
@@ -623,10 +817,7 @@ mod tests {
     use crate::policy::tz::Zone;
 
     fn devices() -> Devices {
-        Devices {
-            down: "br-lan".into(),
-            up: "wan".into(),
-        }
+        Devices::new(&["br-lan"], "wan")
     }
 
     /// Group 3 with `macs` (last octet), limited to `kbps` both ways, filtering
@@ -653,9 +844,39 @@ mod tests {
     /// What a device shows with our root and these classes.
     fn ours(classes: &[(u16, u32)]) -> ObservedShaper {
         ObservedShaper {
-            root: Some(("htb".into(), format!("{MAJOR}:"))),
+            root: Some(("htb".into(), format!("{MAJOR:x}:"))),
             classes: classes.iter().copied().collect(),
+            ..ObservedShaper::default()
         }
+    }
+
+    /// A device with this root (kind, handle) and nothing of ours.
+    fn rooted(kind: &str, handle: &str) -> ObservedShaper {
+        ObservedShaper {
+            root: Some((kind.into(), handle.into())),
+            ..ObservedShaper::default()
+        }
+    }
+
+    /// `o` with our redirect filter in its ingress qdisc.
+    fn redirected(mut o: ObservedShaper) -> ObservedShaper {
+        o.ingress.present = true;
+        o.ingress.ours = true;
+        o
+    }
+
+    /// A system shaping both ways: the LAN bridge `lan`, the ifb `ifb`, a WAN
+    /// device with the kernel's default.
+    fn shaping(lan: ObservedShaper, ifb: ObservedShaper) -> Shapers {
+        Shapers {
+            lan: vec![lan],
+            wan: rooted("fq_codel", "0:"),
+            ifb,
+        }
+    }
+
+    fn lan(dev: &str) -> String {
+        dev.to_owned()
     }
 
     fn running(id: &str, servers: &str) -> ObservedInstance {
@@ -672,8 +893,13 @@ mod tests {
     fn empty_system() -> Observed {
         Observed {
             table: Some(None),
+            bridge: Some(None),
             chains: None,
-            shapers: Some(Shapers::default()),
+            shapers: Some(Shapers {
+                lan: vec![rooted("noqueue", "0:")],
+                wan: rooted("fq_codel", "0:"),
+                ifb: ObservedShaper::missing(),
+            }),
             resolvers: Some(Vec::new()),
         }
     }
@@ -732,23 +958,37 @@ mod tests {
             minor: 0x102,
             kbps: 5000,
         };
+        // Download on the bridge; upload on a new ifb, which the bridge's ingress
+        // is redirected to once its class is there. The WAN device is not touched.
         assert_eq!(
             p.steps[1].action,
             Action::Tc(vec![
                 root("br-lan"),
                 class("br-lan"),
-                root("wan"),
-                class("wan")
+                TcOp::AddIfb { dev: IFB.into() },
+                root(IFB),
+                class(IFB),
+                TcOp::AddRedirect {
+                    dev: lan("br-lan"),
+                    to: IFB.into(),
+                    qdisc: true
+                },
             ])
         );
-        // A root put there goes again, its classes with it.
+        // A root put there goes again, its classes with it; so does the ifb and
+        // the redirect (undone last to first: the redirect first).
         assert_eq!(
             p.steps[1].undo,
             [
                 Action::Tc(vec![TcOp::DeleteRoot {
-                    dev: "br-lan".into()
+                    dev: "br-lan".into(),
+                    major: MAJOR
                 }]),
-                Action::Tc(vec![TcOp::DeleteRoot { dev: "wan".into() }]),
+                Action::Tc(vec![TcOp::DeleteIfb { dev: IFB.into() }]),
+                Action::Tc(vec![TcOp::DeleteRedirect {
+                    dev: "br-lan".into(),
+                    qdisc: true
+                }]),
             ]
         );
         assert_eq!(p.steps[2].action, Action::Nft(NftChange::Table(&a)));
@@ -756,7 +996,7 @@ mod tests {
             p.steps[2].undo.is_empty(),
             "a refused transaction changed nothing"
         );
-        assert_eq!(p.tc_ops(), 4);
+        assert_eq!(p.tc_ops(), 6);
         assert_eq!(
             p.verify,
             Reads {
@@ -776,9 +1016,11 @@ mod tests {
         assert_eq!(p.steps.len(), 1);
         match &p.steps[0].action {
             Action::Nft(NftChange::Elements { delta, whole }) => {
+                // In both tables: the bridge table classifies the device's upload.
                 assert_eq!(
                     delta,
-                    "add element inet netpilot dev_group { 02:00:00:00:00:02 : goto g2_up }\n"
+                    "add element inet netpilot dev_group { 02:00:00:00:00:02 : goto g2_up }\n\
+                     add element bridge netpilot dev_group { 02:00:00:00:00:02 : goto g2_up }\n"
                 );
                 assert_eq!(*whole, &b, "the fallback is the whole new table");
             }
@@ -800,10 +1042,10 @@ mod tests {
         let a = state(&[1], Some(5000), false);
         let faster = state(&[1], Some(9000), false);
         let observed = Observed {
-            shapers: Some(Shapers {
-                down: ours(&[(0x102, 5000)]),
-                up: ours(&[(0x102, 5000)]),
-            }),
+            shapers: Some(shaping(
+                redirected(ours(&[(0x102, 5000)])),
+                ours(&[(0x102, 5000)]),
+            )),
             ..Observed::default()
         };
         let p = plan(Some(&faster), Some(&a), &observed, &devices());
@@ -815,13 +1057,13 @@ mod tests {
         };
         assert_eq!(
             p.steps[0].action,
-            Action::Tc(vec![set("br-lan", 9000), set("wan", 9000)])
+            Action::Tc(vec![set("br-lan", 9000), set(IFB, 9000)])
         );
         assert_eq!(
             p.steps[0].undo,
             [
                 Action::Tc(vec![set("br-lan", 5000)]),
-                Action::Tc(vec![set("wan", 5000)])
+                Action::Tc(vec![set(IFB, 5000)])
             ]
         );
     }
@@ -850,14 +1092,12 @@ mod tests {
         let id = a.dns.instances.values().next().unwrap().spec.id.clone();
         let observed = Observed {
             table: Some(Some(ObservedTable::default())),
+            bridge: Some(Some(ObservedTable::default())),
             chains: None,
+            // Someone else's root on the WAN (sqm-scripts') stays.
             shapers: Some(Shapers {
-                down: ours(&[(0x102, 5000)]),
-                // Someone else's root on the WAN stays.
-                up: ObservedShaper {
-                    root: Some(("fq_codel".into(), "0:".into())),
-                    classes: BTreeMap::new(),
-                },
+                wan: rooted("htb", "1:"),
+                ..shaping(redirected(ours(&[(0x102, 5000)])), ours(&[(0x102, 5000)]))
             }),
             resolvers: Some(vec![running(&id, "")]),
         };
@@ -870,10 +1110,23 @@ mod tests {
         );
         assert_eq!(p.steps[0].action, Action::Nft(NftChange::Delete));
         assert_eq!(
+            p.steps[0].action.to_string(),
+            "nft table",
+            "both tables in one transaction"
+        );
+        assert_eq!(
             tc(&p.steps, Phase::BreakShaper),
-            [TcOp::DeleteRoot {
-                dev: "br-lan".into()
-            }]
+            [
+                TcOp::DeleteRoot {
+                    dev: "br-lan".into(),
+                    major: MAJOR
+                },
+                TcOp::DeleteRedirect {
+                    dev: "br-lan".into(),
+                    qdisc: true
+                },
+                TcOp::DeleteIfb { dev: IFB.into() },
+            ]
         );
         assert_eq!(p.steps[2].action, Action::Stop(id));
         assert!(p.steps.iter().all(|s| s.undo.is_empty()));
@@ -886,10 +1139,10 @@ mod tests {
     fn classes_nothing_steers_into_go_after_the_table_changed() {
         let a = state(&[1], Some(5000), false);
         let observed = Observed {
-            shapers: Some(Shapers {
-                down: ours(&[(0x102, 5000), (0x1040, 700)]),
-                up: ours(&[(0x102, 5000)]),
-            }),
+            shapers: Some(shaping(
+                redirected(ours(&[(0x102, 5000), (0x1040, 700)])),
+                ours(&[(0x102, 5000), (0x1041, 300)]),
+            )),
             ..Observed::default()
         };
         let p = plan(Some(&a), None, &observed, &devices());
@@ -897,10 +1150,16 @@ mod tests {
         assert_eq!(phases, [Phase::Firewall, Phase::BreakShaper]);
         assert_eq!(
             tc(&p.steps, Phase::BreakShaper),
-            [TcOp::DeleteClass {
-                dev: "br-lan".into(),
-                minor: 0x1040
-            }]
+            [
+                TcOp::DeleteClass {
+                    dev: "br-lan".into(),
+                    minor: 0x1040
+                },
+                TcOp::DeleteClass {
+                    dev: IFB.into(),
+                    minor: 0x1041
+                }
+            ]
         );
         assert!(Phase::Firewall.takes_back() && !Phase::BreakShaper.takes_back());
     }
@@ -910,26 +1169,28 @@ mod tests {
         let a = state(&[1], Some(5000), true);
         let p = plan(Some(&a), None, &empty_system(), &devices());
         let spec = &a.dns.instances.values().next().unwrap().spec;
-        let chains = nft::set_of(nft::rule_counts(&a.structure).into_keys());
+        let chains = expected_chains(&a);
+        assert!(chains.contains("bridge prerouting"), "{chains:?}");
         let good = Observed {
             table: None,
+            bridge: None,
             chains: Some(Some(chains.clone())),
-            shapers: Some(Shapers {
-                down: ours(&[(0x102, 5000)]),
-                up: ours(&[(0x102, 5001)]),
-            }),
+            shapers: Some(shaping(
+                redirected(ours(&[(0x102, 5000)])),
+                ours(&[(0x102, 5001)]),
+            )),
             resolvers: Some(vec![running(&spec.id, &spec.servers)]),
         };
         assert_eq!(verify(&p, &good, &devices()), Vec::<String>::new());
         let mut bad = good.clone();
         bad.chains = Some(None);
-        bad.shapers.as_mut().unwrap().up = ours(&[(0x102, 4000)]);
+        bad.shapers.as_mut().unwrap().ifb = ours(&[(0x102, 4000)]);
         bad.resolvers = Some(vec![running(&spec.id, "stale")]);
         assert_eq!(
             verify(&p, &bad, &devices()),
             [
                 "table inet netpilot is missing",
-                "wan: class 1:102 is 4000 kbit/s, expected 5000",
+                "np-up: class 4e50:102 is 4000 kbit/s, expected 5000",
                 "dns resolver g2: its block list differs"
             ]
         );
@@ -951,8 +1212,164 @@ mod tests {
             d,
             [
                 "table inet netpilot is missing",
-                "br-lan: NetPilot's HTB root qdisc is missing (root is None)",
-                "wan: NetPilot's HTB root qdisc is missing (root is None)"
+                "table bridge netpilot is missing",
+                "br-lan: NetPilot's HTB root qdisc is missing (root is noqueue 0:)",
+                "br-lan: the upload redirect is missing",
+                "np-up: ifb is missing"
+            ]
+        );
+    }
+
+    /// sqm-scripts on the WAN: its HTB `1:` root and its ingress (redirected to
+    /// its own ifb) are never in a plan, whatever is applied or reset.
+    #[test]
+    fn sqm_on_the_wan_is_in_no_plan() {
+        let a = state(&[1], Some(5000), false);
+        let mut sqm = rooted("htb", "1:");
+        sqm.ingress = crate::system::tc::Ingress {
+            present: true,
+            ours: false,
+            others: 1,
+        };
+        let mut observed = empty_system();
+        observed.shapers.as_mut().unwrap().wan = sqm.clone();
+        let touches_wan = |p: &Plan<'_>| {
+            p.steps.iter().any(|s| {
+                std::iter::once(&s.action)
+                    .chain(&s.undo)
+                    .any(|a| matches!(a, Action::Tc(ops) if ops.iter().any(|o| o.dev() == "wan")))
+            })
+        };
+        let p = plan(Some(&a), None, &observed, &devices());
+        assert_eq!(p.tc_ops(), 6, "{p}");
+        assert!(!touches_wan(&p), "{p}");
+        // Reset, with everything of ours in place.
+        let mut live = observed.clone();
+        live.table = Some(Some(ObservedTable::default()));
+        live.shapers = Some(Shapers {
+            wan: sqm,
+            ..shaping(redirected(ours(&[(0x102, 5000)])), ours(&[(0x102, 5000)]))
+        });
+        let p = plan(None, Some(&a), &live, &devices());
+        assert_eq!(tc(&p.steps, Phase::BreakShaper).len(), 3, "{p}");
+        assert!(!touches_wan(&p), "{p}");
+        // Nothing to report about it either: it is not drift.
+        let back = Observed {
+            table: None,
+            bridge: None,
+            ..live
+        };
+        assert_eq!(drift(Some(&a), &back, &devices()), Vec::<String>::new());
+    }
+
+    /// Someone else's root on a LAN bridge is left there (download to it is not
+    /// shaped, which `unshaped` reports); upload still is, through a redirect added
+    /// beside someone else's ingress filter, which is left in place on removal.
+    #[test]
+    fn a_foreign_lan_root_is_left_unshaped_and_a_foreign_ingress_is_shared() {
+        let a = state(&[1], Some(5000), false);
+        let mut lan = rooted("htb", "1:");
+        lan.ingress = crate::system::tc::Ingress {
+            present: true,
+            ours: false,
+            others: 2,
+        };
+        let mut observed = empty_system();
+        observed.shapers.as_mut().unwrap().lan = vec![lan.clone()];
+        let p = plan(Some(&a), None, &observed, &devices());
+        assert_eq!(
+            tc(&p.steps, Phase::MakeShaper),
+            [
+                TcOp::AddIfb { dev: IFB.into() },
+                TcOp::ReplaceRoot { dev: IFB.into() },
+                TcOp::SetClass {
+                    dev: IFB.into(),
+                    minor: 0x102,
+                    kbps: 5000
+                },
+                TcOp::AddRedirect {
+                    dev: "br-lan".into(),
+                    to: IFB.into(),
+                    qdisc: false
+                },
+            ]
+        );
+        let shapers = observed.shapers.as_ref().unwrap();
+        assert_eq!(
+            unshaped(shapers, &devices()),
+            ["br-lan: someone else's root qdisc (htb 1:) is there; download is not shaped on it"]
+        );
+        // Not drift (we cannot repair it); the status reports it.
+        let mut back = empty_system();
+        back.table = None;
+        back.bridge = None;
+        lan.ingress.ours = true;
+        back.shapers = Some(Shapers {
+            lan: vec![lan.clone()],
+            wan: rooted("fq_codel", "0:"),
+            ifb: ours(&[(0x102, 5000)]),
+        });
+        assert_eq!(drift(Some(&a), &back, &devices()), Vec::<String>::new());
+        // Removing ours keeps their ingress qdisc and filters.
+        let p = plan(None, Some(&a), &back, &devices());
+        assert_eq!(
+            tc(&p.steps, Phase::BreakShaper),
+            [
+                TcOp::DeleteRedirect {
+                    dev: "br-lan".into(),
+                    qdisc: false
+                },
+                TcOp::DeleteIfb { dev: IFB.into() },
+            ]
+        );
+    }
+
+    /// An older agent's HTB `1:`: replaced by ours on the LAN bridge, removed from
+    /// the WAN device (upload is shaped on the ifb now) after the new rules are in.
+    #[test]
+    fn an_older_agents_roots_are_migrated() {
+        let a = state(&[1], Some(5000), false);
+        let legacy = ObservedShaper {
+            legacy: true,
+            ..rooted("htb", "1:")
+        };
+        let mut observed = empty_system();
+        let sh = observed.shapers.as_mut().unwrap();
+        sh.lan = vec![legacy.clone()];
+        sh.wan = legacy.clone();
+        let p = plan(Some(&a), None, &observed, &devices());
+        let make = tc(&p.steps, Phase::MakeShaper);
+        assert_eq!(
+            make[0],
+            TcOp::ReplaceRoot {
+                dev: "br-lan".into()
+            }
+        );
+        assert_eq!(
+            tc(&p.steps, Phase::BreakShaper),
+            [TcOp::DeleteRoot {
+                dev: "wan".into(),
+                major: LEGACY_MAJOR
+            }]
+        );
+        let d = drift(Some(&a), &observed, &devices());
+        assert!(
+            d.contains(&"wan: an older NetPilot's root qdisc htb 1: is still there".to_owned()),
+            "{d:?}"
+        );
+        // Nothing wanted: an older root on the bridge goes too.
+        let p = plan(None, None, &observed, &devices());
+        assert_eq!(
+            tc(&p.steps, Phase::BreakShaper),
+            [
+                TcOp::DeleteRoot {
+                    dev: "br-lan".into(),
+                    major: LEGACY_MAJOR
+                },
+                TcOp::DeleteRoot {
+                    dev: "wan".into(),
+                    major: LEGACY_MAJOR
+                }
             ]
         );
     }

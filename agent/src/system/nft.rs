@@ -15,6 +15,8 @@ pub use super::Fut;
 /// the compiler, the engine and `cleanup` use.
 pub const FAMILY: &str = "inet";
 pub const TABLE: &str = "netpilot";
+/// The family of NetPilot's second table, which classifies upload (same name).
+pub const BRIDGE_FAMILY: &str = "bridge";
 
 /// What a read-back shows of the table.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -42,9 +44,12 @@ pub trait Firewall: Send + Sync {
     fn apply<'a>(&'a self, script: &'a str) -> Fut<'a, Result<(), NftError>>;
     /// The table as the kernel has it; `None` when there is no such table.
     fn observe(&self) -> Fut<'_, Result<Option<ObservedTable>, NftError>>;
-    /// Only the table's chain names: cheap, as it fetches no set elements.
+    /// The bridge table as the kernel has it; `None` when there is none.
+    fn observe_bridge(&self) -> Fut<'_, Result<Option<ObservedTable>, NftError>>;
+    /// Only the chain names of both tables, the bridge table's as `bridge <name>`:
+    /// cheap, as it fetches no set elements.
     fn chains(&self) -> Fut<'_, Result<Option<BTreeSet<String>>, NftError>>;
-    /// Deletes the whole table in one command; `false` when there was none.
+    /// Deletes both tables; `false` when there was neither.
     fn delete_table(&self) -> Fut<'_, Result<bool, NftError>>;
 }
 
@@ -80,19 +85,17 @@ impl Firewall for RealNft {
     }
 
     fn observe(&self) -> Fut<'_, Result<Option<ObservedTable>, NftError>> {
-        Box::pin(async move {
-            let argv = [&self.program, "-j", "-s", "list", "table", FAMILY, TABLE];
-            match process::run_with_env(&argv, None, self.timeout, ENV).await {
-                Ok(out) => parse_listing(&out).map(Some),
-                Err(e) if no_such_table(&e) => Ok(None),
-                Err(e) => Err(e.into()),
-            }
-        })
+        Box::pin(self.list(FAMILY))
+    }
+
+    fn observe_bridge(&self) -> Fut<'_, Result<Option<ObservedTable>, NftError>> {
+        Box::pin(self.list(BRIDGE_FAMILY))
     }
 
     fn chains(&self) -> Fut<'_, Result<Option<BTreeSet<String>>, NftError>> {
         Box::pin(async move {
-            let argv = [&self.program, "-j", "list", "chains", FAMILY];
+            // Every family's chains in one command (a router has a few dozen).
+            let argv = [&self.program, "-j", "list", "chains"];
             let out = process::run_with_env(&argv, None, self.timeout, ENV).await?;
             parse_chains(&out)
         })
@@ -100,14 +103,30 @@ impl Firewall for RealNft {
 
     fn delete_table(&self) -> Fut<'_, Result<bool, NftError>> {
         Box::pin(async move {
-            // One command rather than list-then-delete: nothing can slip in between.
-            let argv = [&self.program, "delete", "table", FAMILY, TABLE];
-            match process::run_with_env(&argv, None, self.timeout, ENV).await {
-                Ok(_) => Ok(true),
-                Err(e) if no_such_table(&e) => Ok(false),
-                Err(e) => Err(e.into()),
+            let mut any = false;
+            for family in [FAMILY, BRIDGE_FAMILY] {
+                // One command rather than list-then-delete: nothing can slip in
+                // between.
+                let argv = [&self.program, "delete", "table", family, TABLE];
+                match process::run_with_env(&argv, None, self.timeout, ENV).await {
+                    Ok(_) => any = true,
+                    Err(e) if no_such_table(&e) => {}
+                    Err(e) => return Err(e.into()),
+                }
             }
+            Ok(any)
         })
+    }
+}
+
+impl RealNft {
+    async fn list(&self, family: &str) -> Result<Option<ObservedTable>, NftError> {
+        let argv = [&self.program, "-j", "-s", "list", "table", family, TABLE];
+        match process::run_with_env(&argv, None, self.timeout, ENV).await {
+            Ok(out) => parse_listing(&out).map(Some),
+            Err(e) if no_such_table(&e) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
     }
 }
 
@@ -116,7 +135,8 @@ fn no_such_table(e: &ProcessError) -> bool {
     matches!(e, ProcessError::Failed { stderr, .. } if stderr.contains("No such file or directory"))
 }
 
-/// The chains of our table in `nft -j list chains` output; `None` without any.
+/// The chains of our tables in `nft -j list chains` output (the bridge table's as
+/// `bridge <name>`); `None` without any.
 pub fn parse_chains(json: &str) -> Result<Option<BTreeSet<String>>, NftError> {
     let v: serde_json::Value =
         serde_json::from_str(json).map_err(|e| NftError::Parse(e.to_string()))?;
@@ -127,8 +147,15 @@ pub fn parse_chains(json: &str) -> Result<Option<BTreeSet<String>>, NftError> {
         items
             .iter()
             .filter_map(|i| i.get("chain"))
-            .filter(|c| c["table"] == TABLE && c["family"] == FAMILY)
-            .filter_map(|c| c["name"].as_str().map(str::to_owned)),
+            .filter(|c| c["table"] == TABLE)
+            .filter_map(|c| {
+                let name = c["name"].as_str()?;
+                match c["family"].as_str()? {
+                    FAMILY => Some(name.to_owned()),
+                    BRIDGE_FAMILY => Some(format!("{BRIDGE_FAMILY} {name}")),
+                    _ => None,
+                }
+            }),
     );
     Ok((!chains.is_empty()).then_some(chains))
 }
@@ -223,6 +250,7 @@ pub struct FakeNft {
 #[derive(Default, Clone)]
 struct FakeState {
     table: Option<FakeTable>,
+    bridge: Option<FakeTable>,
     fail_next: usize,
     applies: usize,
 }
@@ -257,22 +285,37 @@ impl FakeNft {
         }
     }
 
+    /// Both tables deleted by someone else.
     pub fn delete_behind_our_back(&self) {
-        self.state.lock().expect("fake nft").table = None;
+        let mut s = self.state.lock().expect("fake nft");
+        s.table = None;
+        s.bridge = None;
     }
 
     fn run(state: &mut FakeState, script: &str) -> Result<(), NftError> {
-        let prefix = format!("table {FAMILY} {TABLE}");
         let mut lines = script.lines().peekable();
         while let Some(line) = lines.next() {
             let line = line.trim_end();
             if line.is_empty() {
                 continue;
             }
+            let family = [FAMILY, BRIDGE_FAMILY]
+                .into_iter()
+                .find(|f| {
+                    line.contains(&format!("table {f} {TABLE}"))
+                        || line.contains(&format!("element {f} {TABLE} "))
+                })
+                .ok_or_else(|| NftError::Refused(format!("fake nft cannot parse {line:?}")))?;
+            let slot = if family == FAMILY {
+                &mut state.table
+            } else {
+                &mut state.bridge
+            };
+            let prefix = format!("table {family} {TABLE}");
             if line == format!("{prefix} {{}}") {
-                state.table.get_or_insert_with(FakeTable::default);
-            } else if line == format!("delete table {FAMILY} {TABLE}") {
-                if state.table.take().is_none() {
+                slot.get_or_insert_with(FakeTable::default);
+            } else if line == format!("delete table {family} {TABLE}") {
+                if slot.take().is_none() {
                     return Err(NftError::Refused("no such table".into()));
                 }
             } else if line == format!("{prefix} {{") {
@@ -284,7 +327,7 @@ impl FakeNft {
                         break;
                     }
                 }
-                let t = state.table.get_or_insert_with(FakeTable::default);
+                let t = slot.get_or_insert_with(FakeTable::default);
                 t.structure = structure;
                 t.flushed = false;
                 for (name, elems) in inline_elements(&t.structure) {
@@ -300,14 +343,13 @@ impl FakeNft {
             {
                 let add = line.starts_with("add");
                 let rest = rest
-                    .strip_prefix(&format!("{FAMILY} {TABLE} "))
+                    .strip_prefix(&format!("{family} {TABLE} "))
                     .ok_or_else(|| NftError::Refused(format!("not our table: {line}")))?;
                 let (set, list) = rest
                     .split_once(" { ")
                     .ok_or_else(|| NftError::Refused(format!("syntax: {line}")))?;
                 let list = list.trim_end_matches(" }");
-                let table = state
-                    .table
+                let table = slot
                     .as_mut()
                     .ok_or_else(|| NftError::Refused("no such table".into()))?;
                 let chains = rule_counts(&table.structure);
@@ -343,16 +385,42 @@ impl FakeNft {
         }
         Ok(())
     }
+
+    /// What a listing of `t` shows.
+    fn listing(t: &FakeTable) -> ObservedTable {
+        let mut chains = rule_counts(&t.structure);
+        if t.flushed {
+            chains.values_mut().for_each(|n| *n = 0);
+        }
+        let mut elements = BTreeMap::new();
+        for (name, m) in &t.elements {
+            elements.insert(name.clone(), set_of(m.values().cloned()));
+        }
+        ObservedTable {
+            // The digest comment is on a rule: flushed with the rules.
+            comment: comment_of(&t.structure).filter(|_| !t.flushed),
+            chains,
+            elements,
+        }
+    }
 }
 
 impl Firewall for FakeNft {
     fn chains(&self) -> Fut<'_, Result<Option<BTreeSet<String>>, NftError>> {
         Box::pin(async move {
             let state = self.state.lock().expect("fake nft");
-            Ok(state
-                .table
-                .as_ref()
-                .map(|t| set_of(rule_counts(&t.structure).into_keys())))
+            let mut names = BTreeSet::new();
+            if let Some(t) = &state.table {
+                names.extend(rule_counts(&t.structure).into_keys());
+            }
+            if let Some(t) = &state.bridge {
+                names.extend(
+                    rule_counts(&t.structure)
+                        .into_keys()
+                        .map(|c| format!("{BRIDGE_FAMILY} {c}")),
+                );
+            }
+            Ok((!names.is_empty()).then_some(names))
         })
     }
 
@@ -378,29 +446,22 @@ impl Firewall for FakeNft {
                 state.fail_next -= 1;
                 return Err(NftError::Refused("injected failure".into()));
             }
-            Ok(state.table.take().is_some())
+            let bridge = state.bridge.take().is_some();
+            Ok(state.table.take().is_some() | bridge)
+        })
+    }
+
+    fn observe_bridge(&self) -> Fut<'_, Result<Option<ObservedTable>, NftError>> {
+        Box::pin(async move {
+            let state = self.state.lock().expect("fake nft");
+            Ok(state.bridge.as_ref().map(Self::listing))
         })
     }
 
     fn observe(&self) -> Fut<'_, Result<Option<ObservedTable>, NftError>> {
         Box::pin(async move {
             let state = self.state.lock().expect("fake nft");
-            Ok(state.table.as_ref().map(|t| {
-                let mut chains = rule_counts(&t.structure);
-                if t.flushed {
-                    chains.values_mut().for_each(|n| *n = 0);
-                }
-                let mut elements = BTreeMap::new();
-                for (name, m) in &t.elements {
-                    elements.insert(name.clone(), set_of(m.values().cloned()));
-                }
-                ObservedTable {
-                    // The digest comment is on a rule: flushed with the rules.
-                    comment: comment_of(&t.structure).filter(|_| !t.flushed),
-                    chains,
-                    elements,
-                }
-            }))
+            Ok(state.table.as_ref().map(Self::listing))
         })
     }
 }
@@ -600,10 +661,24 @@ mod tests {
         assert!(live.elements["block_mac"].contains("02:00:00:00:00:99"));
         assert!(live.elements["block_ip4"].contains("192.168.77.66"));
         assert!(live.chains["g2_up"] > 2, "{live:?}");
-        assert_eq!(
-            nft.chains().await.unwrap(),
-            Some(set_of(rule_counts(&a.structure).into_keys()))
+        // Both tables' chains, the bridge table's named with its family.
+        let mut chains = set_of(rule_counts(&a.structure).into_keys());
+        chains.extend(
+            rule_counts(&a.bridge)
+                .into_keys()
+                .map(|c| format!("{BRIDGE_FAMILY} {c}")),
         );
+        assert!(chains.contains("bridge prerouting"), "{chains:?}");
+        assert_eq!(nft.chains().await.unwrap(), Some(chains));
+        // The bridge table, with the device map the inet table has.
+        let bridge = nft
+            .observe_bridge()
+            .await
+            .unwrap()
+            .expect("the bridge table");
+        assert_eq!(bridge.chains, rule_counts(&a.bridge));
+        assert_eq!(bridge.elements["dev_group"], live.elements["dev_group"]);
+        assert!(bridge.chains["g2_up"] >= 1, "{bridge:?}");
         // Again over itself: replaced, not doubled.
         nft.apply(&a.full_script()).await.unwrap();
         assert_eq!(nft.observe().await.unwrap(), Some(expected(&a)));
@@ -615,6 +690,15 @@ mod tests {
         assert!(delta.contains("delete element") && delta.contains("add element"));
         nft.apply(&delta).await.unwrap();
         assert_eq!(nft.observe().await.unwrap(), Some(expected(&b)));
+        let bridge = nft
+            .observe_bridge()
+            .await
+            .unwrap()
+            .expect("the bridge table");
+        assert_eq!(
+            bridge.elements["dev_group"],
+            expected(&b).elements["dev_group"]
+        );
 
         // All or nothing: a failing line leaves nothing of the script behind.
         let add = "add element inet netpilot block_mac { 02:00:00:00:00:77 }\n";
@@ -661,11 +745,19 @@ mod tests {
         nft.apply(&b.full_script()).await.unwrap();
         assert_eq!(nft.observe().await.unwrap(), Some(expected(&b)));
 
-        // Our own delete (what cleanup does); a second one fails: nothing to delete.
-        nft.apply("delete table inet netpilot\n").await.unwrap();
+        // Our own delete (what a reset does); a second one fails: nothing to
+        // delete. cleanup's delete finds nothing either.
+        let both =
+            "delete table inet netpilot\ntable bridge netpilot {}\ndelete table bridge netpilot\n";
+        nft.apply(both).await.unwrap();
         assert_eq!(nft.observe().await.unwrap(), None);
+        assert_eq!(nft.observe_bridge().await.unwrap(), None);
         assert_eq!(nft.chains().await.unwrap(), None);
-        assert!(nft.apply("delete table inet netpilot\n").await.is_err());
+        assert!(nft.apply(both).await.is_err());
+        assert!(!nft.delete_table().await.unwrap());
+        nft.apply(&b.full_script()).await.unwrap();
+        assert!(nft.delete_table().await.unwrap());
+        assert_eq!(nft.chains().await.unwrap(), None);
     }
 
     impl Rig for FakeNft {
@@ -712,6 +804,7 @@ mod tests {
         }
         fn delete_behind_our_back(&self) {
             self.nft(&["delete", "table", FAMILY, TABLE]);
+            self.nft(&["delete", "table", BRIDGE_FAMILY, TABLE]);
         }
         fn foreign_table(&self) {
             self.nft(&["add", "table", FAMILY, "fw4"]);

@@ -10,9 +10,14 @@
 //!   group. The group chain writes the group's slot into bits 16–23 of the conntrack
 //!   mark (other bits are left to mwan3 and friends), so reply packets, whose
 //!   destination MAC is not known yet at the forward hook, find their group again.
-//! - Shaping needs no tc filter (`fw` is missing here, `u32 match mark` matches
-//!   everything): `meta priority set 1:N` makes HTB pick class 1:N directly. Download
-//!   is shaped on the LAN bridge's egress, upload on the WAN device's egress.
+//! - Shaping needs no classifying tc filter (`fw` is missing here, `u32 match mark`
+//!   matches everything): `meta priority set 4e50:N` makes HTB pick class 4e50:N
+//!   directly (a qdisc with another handle, sqm-scripts' `1:`, finds no such class
+//!   and ignores it). Download is shaped on each LAN bridge's egress, classified in
+//!   the inet forward chain. Upload is shaped on NetPilot's ifb, which each LAN
+//!   bridge's ingress is redirected to; that runs before any inet hook, so upload is
+//!   classified in a `bridge` table's prerouting hook, on the bridge port, which
+//!   runs before the bridge passes the frame up. The WAN device is left alone.
 //! - Schedules are kernel rules (`meta day`, `meta hour`, guarded by `meta time`
 //!   around the next DST change), so they hold while the agent is stopped. nft is run
 //!   with `TZ=UTC0`, so the hours written here are the kernel's UTC hours.
@@ -31,7 +36,7 @@ pub use table::{element_key, mark_of, utc_datetime};
 use super::model::{Desired, GroupId, Mac, GUEST_GROUP};
 use super::schedule::{self, KernelSchedule};
 use super::tz::Zone;
-use crate::system::nft::{FAMILY, TABLE};
+use crate::system::nft::{BRIDGE_FAMILY, FAMILY, TABLE};
 
 /// The conntrack-mark bits NetPilot owns.
 pub const CT_MASK: u32 = 0x00ff_0000;
@@ -49,6 +54,9 @@ pub const ELEMENT_SETS: [&str; 9] = [
     "white_ip4",
     "white_ip6",
 ];
+
+/// The maps the bridge table shares with the inet table, element for element.
+pub const BRIDGE_SETS: [&str; 2] = ["dev_group", "dev_moved"];
 
 /// What the compiler needs besides the desired state.
 #[derive(Debug, Clone)]
@@ -119,6 +127,10 @@ pub struct Compiled {
     /// comment of the first rule, so a live table with it has this structure.
     pub structure: String,
     pub structure_digest: String,
+    /// The bridge table that classifies upload (`table bridge netpilot {…}`, its
+    /// maps without elements); empty when no group limits upload. Its text is in
+    /// `structure_digest`.
+    pub bridge: String,
     /// Elements per set in nft syntax (`key` or `key : verdict`).
     pub elements: BTreeMap<&'static str, Arc<BTreeSet<String>>>,
     pub tc: TcPlan,
@@ -140,15 +152,35 @@ impl Compiled {
     pub fn full_script(&self) -> String {
         use std::fmt::Write as _;
         let mut s = String::with_capacity(self.structure.len() + 64 * self.element_count());
-        let _ = writeln!(s, "table {FAMILY} {TABLE} {{}}");
-        let _ = writeln!(s, "delete table {FAMILY} {TABLE}");
+        for family in [FAMILY, BRIDGE_FAMILY] {
+            let _ = writeln!(s, "table {family} {TABLE} {{}}");
+            let _ = writeln!(s, "delete table {family} {TABLE}");
+        }
         s.push_str(&self.structure);
+        s.push_str(&self.bridge);
         for (set, elems) in &self.elements {
             if !elems.is_empty() {
                 table::push_elements(&mut s, "add", set, elems.iter());
             }
         }
+        for (family, set, elems) in self.bridge_elements() {
+            if !elems.is_empty() {
+                table::push_family_elements(&mut s, family, "add", set, elems.iter());
+            }
+        }
         s
+    }
+
+    /// The bridge table's elements (those of the inet table's [`BRIDGE_SETS`]),
+    /// when there is a bridge table.
+    fn bridge_elements(&self) -> Vec<(&'static str, &'static str, &Arc<BTreeSet<String>>)> {
+        if self.bridge.is_empty() {
+            return Vec::new();
+        }
+        BRIDGE_SETS
+            .iter()
+            .filter_map(|set| Some((BRIDGE_FAMILY, *set, self.elements.get(set)?)))
+            .collect()
     }
 
     pub fn element_count(&self) -> usize {
@@ -163,19 +195,31 @@ impl Compiled {
             return None;
         }
         let mut s = String::new();
-        for set in ELEMENT_SETS {
-            let empty = Arc::new(BTreeSet::new());
-            let new = self.elements.get(set).unwrap_or(&empty);
-            let was = old.elements.get(set).unwrap_or(&empty);
-            // A changed verdict is a delete of the old key plus an add of the new.
-            let gone: Vec<&String> = was.difference(new).collect();
-            if !gone.is_empty() {
-                let keys: Vec<String> = gone.iter().map(|e| element_key(e).to_owned()).collect();
-                table::push_elements(&mut s, "delete", set, keys.iter());
-            }
-            let added: Vec<&String> = new.difference(was).collect();
-            if !added.is_empty() {
-                table::push_elements(&mut s, "add", set, added.into_iter());
+        // Same structure digest, same bridge table (its text is in the digest).
+        let families: &[&str] = if self.bridge.is_empty() {
+            &[FAMILY]
+        } else {
+            &[FAMILY, BRIDGE_FAMILY]
+        };
+        for family in families {
+            for set in ELEMENT_SETS {
+                if *family == BRIDGE_FAMILY && !BRIDGE_SETS.contains(&set) {
+                    continue;
+                }
+                let empty = Arc::new(BTreeSet::new());
+                let new = self.elements.get(set).unwrap_or(&empty);
+                let was = old.elements.get(set).unwrap_or(&empty);
+                // A changed verdict is a delete of the old key plus an add of the new.
+                let gone: Vec<&String> = was.difference(new).collect();
+                if !gone.is_empty() {
+                    let keys: Vec<String> =
+                        gone.iter().map(|e| element_key(e).to_owned()).collect();
+                    table::push_family_elements(&mut s, family, "delete", set, keys.iter());
+                }
+                let added: Vec<&String> = new.difference(was).collect();
+                if !added.is_empty() {
+                    table::push_family_elements(&mut s, family, "add", set, added.into_iter());
+                }
             }
         }
         Some(s)
@@ -194,6 +238,7 @@ pub fn compile(desired: &Desired, ctx: &Context<'_>) -> Result<Compiled, Compile
 
     let mut tc = TcPlan::default();
     let mut group_chains = String::new();
+    let mut bridge_chains = String::new();
     let mut ct_group = Vec::new();
     let mut refresh_at: Option<i64> = None;
     let mut wanted: BTreeMap<Mac, u8> = BTreeMap::new();
@@ -215,6 +260,7 @@ pub fn compile(desired: &Desired, ctx: &Context<'_>) -> Result<Compiled, Compile
             dns_filtered: dns.instances.contains_key(&slot),
         };
         table::push_group_chains(&mut group_chains, &rules, ctx);
+        table::push_bridge_chain(&mut bridge_chains, &rules);
         wanted.extend(group.devices.iter().map(|d| (d.mac, slot)));
     }
 
@@ -222,12 +268,18 @@ pub fn compile(desired: &Desired, ctx: &Context<'_>) -> Result<Compiled, Compile
     table::dns_devices(&mut sets, &wanted, &dns, guest_slot);
     let (pin, moved) = table::device_groups(&mut sets, wanted, ctx.pinned, guest_slot);
     let whitelist_active = table::lists(&mut sets, desired);
+    let bridge = if tc.up.is_empty() {
+        String::new()
+    } else {
+        table::bridge_structure(guest_slot, &bridge_chains)
+    };
     let (structure, structure_digest) = table::structure(
         &dns,
         guest_slot,
         &ct_group,
         whitelist_active,
         &group_chains,
+        &bridge,
         ctx,
     );
     let elements = table::elements(sets, &pin, &dns);
@@ -235,6 +287,7 @@ pub fn compile(desired: &Desired, ctx: &Context<'_>) -> Result<Compiled, Compile
     Ok(Compiled {
         structure,
         structure_digest,
+        bridge,
         elements,
         tc,
         refresh_at,

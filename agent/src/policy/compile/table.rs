@@ -8,10 +8,10 @@ use std::sync::Arc;
 
 use super::resolvers::DnsPlan;
 use super::shaper::{classid, GroupClasses, Side};
-use super::{digest, Context, Pinned, CT_MASK, ELEMENT_SETS};
+use super::{digest, Context, Pinned, BRIDGE_SETS, CT_MASK, ELEMENT_SETS};
 use crate::policy::model::{Bandwidth, Desired, GroupId, Internet, ListKind, Mac, Policy, Target};
 use crate::policy::schedule::{self, KernelSchedule, Restriction};
-use crate::system::nft::{FAMILY, TABLE};
+use crate::system::nft::{BRIDGE_FAMILY, FAMILY, TABLE};
 
 /// The group's slot as it appears in the conntrack mark.
 pub fn mark_of(slot: u8) -> u32 {
@@ -60,12 +60,6 @@ pub fn push_group_chains(chains: &mut String, g: &GroupRules<'_>, ctx: &Context<
             Side::Up => "reject with icmpx admin-prohibited",
             Side::Down => "drop",
         };
-        // Upload priorities only where NetPilot's WAN qdisc is; another device's
-        // own 1: qdisc must not see our class numbers.
-        let steer = match side {
-            Side::Up => format!("oifname \"{}\" ", ctx.wan_if),
-            Side::Down => String::new(),
-        };
         if side == Side::Up {
             let _ = writeln!(
                 chains,
@@ -79,10 +73,12 @@ pub fn push_group_chains(chains: &mut String, g: &GroupRules<'_>, ctx: &Context<
         if policy.internet == Internet::Block {
             let _ = writeln!(chains, "\t\t{verdict_block}");
         }
-        if side.rate(base).is_some() {
+        // Upload is classified in the bridge table (see [`push_bridge_chain`]):
+        // the ifb's HTB sees packets before this hook.
+        if side == Side::Down && side.rate(base).is_some() {
             let _ = writeln!(
                 chains,
-                "\t\t{steer}meta priority set {}",
+                "\t\tmeta priority set {}",
                 classid(classes.base_minor)
             );
         }
@@ -92,13 +88,10 @@ pub fn push_group_chains(chains: &mut String, g: &GroupRules<'_>, ctx: &Context<
                     Restriction::Block => verdict_block.to_owned(),
                     Restriction::Limit { down_kbps, up_kbps } => {
                         let eff = base.tighter(Bandwidth { down_kbps, up_kbps });
-                        if side.rate(eff) == side.rate(base) {
+                        if side == Side::Up || side.rate(eff) == side.rate(base) {
                             continue;
                         }
-                        format!(
-                            "{steer}meta priority set {}",
-                            classid(classes.class_of(eff))
-                        )
+                        format!("meta priority set {}", classid(classes.class_of(eff)))
                     }
                 };
                 let _ = writeln!(chains, "\t\t{}{action}", piece_match(p));
@@ -106,6 +99,71 @@ pub fn push_group_chains(chains: &mut String, g: &GroupRules<'_>, ctx: &Context<
         }
         let _ = writeln!(chains, "\t}}\n");
     }
+}
+
+/// One group's chain in the bridge table: the upload class its devices' frames
+/// get, by the same schedule pieces as its download class. Blocking stays in the
+/// inet table; a blocked group's frames are simply not classified.
+pub fn push_bridge_chain(chains: &mut String, g: &GroupRules<'_>) {
+    let GroupRules {
+        id,
+        slot,
+        policy,
+        sched,
+        classes,
+        ..
+    } = *g;
+    let base = classes.base;
+    let _ = writeln!(chains, "\tchain g{slot}_up {{\n\t\t# group {id}");
+    if policy.internet == Internet::Allow {
+        if base.up_kbps.is_some() {
+            let _ = writeln!(
+                chains,
+                "\t\tmeta priority set {}",
+                classid(classes.base_minor)
+            );
+        }
+        for p in &sched.pieces {
+            if let Restriction::Limit { down_kbps, up_kbps } = p.restriction {
+                let eff = base.tighter(Bandwidth { down_kbps, up_kbps });
+                if eff.up_kbps != base.up_kbps {
+                    let _ = writeln!(
+                        chains,
+                        "\t\t{}meta priority set {}",
+                        piece_match(p),
+                        classid(classes.class_of(eff))
+                    );
+                }
+            }
+        }
+    }
+    let _ = writeln!(chains, "\t}}\n");
+}
+
+/// The bridge table, which gives upload its class: its prerouting hook sees a
+/// device's frame on the bridge port, before the bridge passes it up to its own
+/// ingress, where NetPilot's filter redirects it to the ifb whose HTB picks the
+/// class by `meta priority`. (`meta ibrname` needs a module this kernel lacks, so
+/// frames of every bridge are looked at; the priority only matters on the ifb, and
+/// IPv4 forwarding resets it before the inet forward hook.) Device → group as in
+/// the inet table, with the same element text (`goto g<slot>_up`).
+pub fn bridge_structure(guest_slot: u8, bridge_chains: &str) -> String {
+    let mut body = String::new();
+    let _ = writeln!(body, "table {BRIDGE_FAMILY} {TABLE} {{");
+    for name in BRIDGE_SETS {
+        let _ = writeln!(
+            body,
+            "\tmap {name} {{\n\t\ttype ether_addr : verdict\n\t}}\n"
+        );
+    }
+    let _ = writeln!(
+        body,
+        "\tchain prerouting {{\n\t\ttype filter hook prerouting priority filter; policy accept;\n\t\tether saddr vmap @dev_moved\n\t\tether saddr vmap @dev_group\n\t\tgoto g{guest_slot}_up\n\t}}\n"
+    );
+    body.push_str(bridge_chains);
+    let mut s = body.trim_end().to_owned();
+    s.push_str("\n}\n");
+    s
 }
 
 /// In a filtered group's upload chain: the ways around its resolver are refused.
@@ -382,6 +440,7 @@ pub fn structure(
     ct_group: &[String],
     whitelist_active: bool,
     group_chains: &str,
+    bridge: &str,
     ctx: &Context<'_>,
 ) -> (String, String) {
     let lan = ctx.lan_if;
@@ -462,7 +521,7 @@ pub fn structure(
     );
     body.push_str(group_chains);
 
-    let structure_digest = digest(&[body.as_bytes()]);
+    let structure_digest = digest(&[body.as_bytes(), bridge.as_bytes()]);
     let body = body.replacen("@DIGEST@", &format!("netpilot {structure_digest}"), 1);
     let mut structure = String::with_capacity(body.len() + 96);
     let _ = writeln!(structure, "table {FAMILY} {TABLE} {{");
@@ -482,7 +541,18 @@ pub fn push_elements<'a>(
     set: &str,
     elems: impl Iterator<Item = &'a String>,
 ) {
-    let _ = write!(s, "{verb} element {FAMILY} {TABLE} {set} {{ ");
+    push_family_elements(s, FAMILY, verb, set, elems)
+}
+
+/// [`push_elements`] into the table of `family`.
+pub fn push_family_elements<'a>(
+    s: &mut String,
+    family: &str,
+    verb: &str,
+    set: &str,
+    elems: impl Iterator<Item = &'a String>,
+) {
+    let _ = write!(s, "{verb} element {family} {TABLE} {set} {{ ");
     for (i, e) in elems.enumerate() {
         if i > 0 {
             s.push_str(", ");

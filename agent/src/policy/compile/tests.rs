@@ -227,7 +227,9 @@ fn the_same_state_compiles_to_the_same_digest_and_a_move_is_an_element_delta() {
     assert_eq!(
         b.element_delta(&a).unwrap(),
         "delete element inet netpilot dev_group { 02:4e:50:00:00:13 }\n\
-         add element inet netpilot dev_group { 02:4e:50:00:00:13 : goto g3_up }\n"
+         add element inet netpilot dev_group { 02:4e:50:00:00:13 : goto g3_up }\n\
+         delete element bridge netpilot dev_group { 02:4e:50:00:00:13 }\n\
+         add element bridge netpilot dev_group { 02:4e:50:00:00:13 : goto g3_up }\n"
     );
     // Pinned to what is live, the move is one add to dev_moved; a device that
     // left every group is sent back to the guests there too.
@@ -240,7 +242,8 @@ fn the_same_state_compiles_to_the_same_digest_and_a_move_is_an_element_delta() {
     assert_eq!(c.pin, a.pin);
     assert_eq!(
         c.element_delta(&a).unwrap(),
-        "add element inet netpilot dev_moved { 02:4e:50:00:00:13 : goto g3_up }\n"
+        "add element inet netpilot dev_moved { 02:4e:50:00:00:13 : goto g3_up }\n\
+         add element bridge netpilot dev_moved { 02:4e:50:00:00:13 : goto g3_up }\n"
     );
     let mut gone = home();
     gone.groups.get_mut(&4).unwrap().devices.clear();
