@@ -132,6 +132,18 @@ impl Lab {
         ])?;
         lab.router
             .exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        // As OpenWrt has it (kmod-br-netfilter's sysctl.d file sets these to 0; by
+        // default the module is not even installed). Where a host has loaded
+        // br_netfilter (container engines do), a new namespace would otherwise
+        // pass bridged frames through the IP hooks too, and a frame redirected to
+        // NetPilot's upload ifb would reach the forward hook without its conntrack
+        // entry (so its connection's mark, which classifies download, is lost).
+        for key in ["bridge-nf-call-iptables", "bridge-nf-call-ip6tables"] {
+            if std::path::Path::new(&format!("/proc/sys/net/bridge/{key}")).exists() {
+                lab.router
+                    .exec(&["sysctl", "-qw", &format!("net.bridge.{key}=0")])?;
+            }
+        }
         Ok(lab)
     }
 
