@@ -337,3 +337,189 @@ async fn netns_a_table_flushed_behind_the_agents_back_is_reported_and_repaired()
     });
     assert_eq!(l.probe(&l.c1, wan), Probe::Refused);
 }
+
+/// sqm-scripts' `simple.qos` as it builds its qdiscs (with pfifo leaves: this
+/// kernel has no fq_codel, and no `fw` classifier for its DSCP tiers): on the WAN
+/// device an HTB `1:` root with the upload limit in class `1:1` and three tiers
+/// under it, the default tier picked by a catch-all u32 filter; for download an
+/// ingress qdisc on the WAN device redirecting everything to the ifb `ifb4<wan>`,
+/// which has its own HTB `1:` with the download limit.
+fn sqm_stand_in(l: &Lab, up_kbps: u32, down_kbps: u32) {
+    let wan = lab::WAN_IF;
+    let ifb = format!("ifb4{wan}");
+    let up = format!("{up_kbps}kbit");
+    let down = format!("{down_kbps}kbit");
+    let tier = format!("{}kbit", up_kbps / 3);
+    let cmds: Vec<Vec<&str>> = vec![
+        vec![
+            "tc", "qdisc", "add", "dev", wan, "root", "handle", "1:", "htb", "default", "12",
+        ],
+        vec![
+            "tc", "class", "add", "dev", wan, "parent", "1:", "classid", "1:1", "htb", "rate", &up,
+            "ceil", &up,
+        ],
+        vec![
+            "tc", "class", "add", "dev", wan, "parent", "1:1", "classid", "1:11", "htb", "rate",
+            "128kbit", "ceil", &up, "prio", "1",
+        ],
+        vec![
+            "tc", "class", "add", "dev", wan, "parent", "1:1", "classid", "1:12", "htb", "rate",
+            &tier, "ceil", &up, "prio", "2",
+        ],
+        vec![
+            "tc", "class", "add", "dev", wan, "parent", "1:1", "classid", "1:13", "htb", "rate",
+            &tier, "ceil", &up, "prio", "3",
+        ],
+        vec![
+            "tc", "qdisc", "add", "dev", wan, "parent", "1:11", "handle", "110:", "pfifo", "limit",
+            "1000",
+        ],
+        vec![
+            "tc", "qdisc", "add", "dev", wan, "parent", "1:12", "handle", "120:", "pfifo", "limit",
+            "1000",
+        ],
+        vec![
+            "tc", "qdisc", "add", "dev", wan, "parent", "1:13", "handle", "130:", "pfifo", "limit",
+            "1000",
+        ],
+        vec![
+            "tc", "filter", "add", "dev", wan, "parent", "1:0", "protocol", "all", "prio", "999",
+            "u32", "match", "ip", "protocol", "0", "0x00", "flowid", "1:12",
+        ],
+        vec!["ip", "link", "add", "name", &ifb, "type", "ifb"],
+        vec!["ip", "link", "set", "dev", &ifb, "up"],
+        vec![
+            "tc", "qdisc", "add", "dev", wan, "handle", "ffff:", "ingress",
+        ],
+        vec![
+            "tc", "qdisc", "add", "dev", &ifb, "root", "handle", "1:", "htb", "default", "10",
+        ],
+        vec![
+            "tc", "class", "add", "dev", &ifb, "parent", "1:", "classid", "1:1", "htb", "rate",
+            &down, "ceil", &down,
+        ],
+        vec![
+            "tc", "class", "add", "dev", &ifb, "parent", "1:1", "classid", "1:10", "htb", "rate",
+            &down, "ceil", &down, "prio", "0",
+        ],
+        vec![
+            "tc", "qdisc", "add", "dev", &ifb, "parent", "1:10", "handle", "110:", "pfifo",
+            "limit", "1000",
+        ],
+        vec![
+            "tc", "filter", "add", "dev", wan, "parent", "ffff:", "protocol", "all", "prio", "10",
+            "u32", "match", "u32", "0", "0", "flowid", "1:1", "action", "mirred", "egress",
+            "redirect", "dev", &ifb,
+        ],
+    ];
+    for c in cmds {
+        l.exec(&l.router, &c).unwrap();
+    }
+}
+
+/// Every qdisc, class and filter of the SQM stand-in, as tc lists them (no
+/// counters): equal listings, the same qdiscs.
+fn sqm_listing(l: &Lab) -> String {
+    let wan = lab::WAN_IF;
+    let ifb = format!("ifb4{wan}");
+    let mut out = String::new();
+    for args in [
+        vec!["qdisc", "show", "dev", wan],
+        vec!["class", "show", "dev", wan],
+        vec!["filter", "show", "dev", wan],
+        vec!["filter", "show", "dev", wan, "parent", "ffff:"],
+        vec!["qdisc", "show", "dev", &ifb],
+        vec!["class", "show", "dev", &ifb],
+    ] {
+        let mut argv = vec!["tc"];
+        argv.extend(args);
+        out.push_str(&l.exec(&l.router, &argv).unwrap());
+    }
+    out
+}
+
+/// sqm-scripts on the WAN (20 Mbit/s each way) and NetPilot's 5 Mbit/s group
+/// limit: the group device gets its limit both ways, a device of no group gets
+/// SQM's total both ways, SQM's qdiscs are left exactly as they were and are
+/// reported in the status, and `cleanup` removes NetPilot's (the ifb too) and
+/// nothing of SQM's.
+#[tokio::test]
+async fn netns_sqm_on_the_wan_and_netpilots_group_limits_both_hold() {
+    const SQM_KBPS: u32 = 20_000;
+    let mut rig = rig(&[]).await;
+    sqm_stand_in(&rig.lab, SQM_KBPS, SQM_KBPS);
+    let sqm = sqm_listing(&rig.lab);
+    assert!(sqm.contains("qdisc htb 1: root"), "{sqm}");
+    rig.call(
+        "POST",
+        "/api/groups/sync",
+        group(
+            3,
+            C1_MAC,
+            json!({"bandwidth": {"downloadKbps": 5000, "uploadKbps": 5000}}),
+        ),
+    );
+    assert_eq!(sqm_listing(&rig.lab), sqm, "SQM's qdiscs after the apply");
+    let shaping = rig.status()["shaping"].clone();
+    assert_eq!(shaping["wan_root"], json!("htb 1:"), "{shaping}");
+    assert_eq!(shaping["wan_root_owner"], json!("foreign"), "{shaping}");
+    assert_eq!(shaping["upload_ifb_present"], json!(true), "{shaping}");
+    assert_eq!(
+        shaping["lan"][0]["upload_redirect"],
+        json!(true),
+        "{shaping}"
+    );
+
+    let l = &rig.lab;
+    let up = l.throughput(&l.c1, &l.wan, WAN_HOST, false, 3).unwrap();
+    let down = l.throughput(&l.c1, &l.wan, WAN_HOST, true, 3).unwrap();
+    let free_up = l.throughput(&l.c2, &l.wan, WAN_HOST, false, 3).unwrap();
+    let free_down = l.throughput(&l.c2, &l.wan, WAN_HOST, true, 3).unwrap();
+    println!(
+        "with SQM at 20 Mbit/s: group of 5 Mbit/s: upload {up:.2}, download {down:.2}; \
+         device of no group: upload {free_up:.2}, download {free_down:.2} Mbit/s"
+    );
+    for (what, v) in [("upload", up), ("download", down)] {
+        assert!(
+            (4.25..=5.75).contains(&v),
+            "group {what} {v:.2} Mbit/s is not within ±15% of 5"
+        );
+    }
+    // SQM's limit holds (its HTB is what limits an unlimited device), and it is
+    // far above the group's: NetPilot does not hold this device back.
+    for (what, v) in [("upload", free_up), ("download", free_down)] {
+        assert!(
+            (16.0..=23.0).contains(&v),
+            "SQM {what} {v:.2} Mbit/s is not within -20%/+15% of 20"
+        );
+    }
+    assert_eq!(sqm_listing(l), sqm, "SQM's qdiscs after the traffic");
+
+    // Uninstalling: the agent stopped, then `cleanup`.
+    rig.netpilot.agent.terminate().await.unwrap();
+    let agent_bin = netpilot_tests::binary("netpilot-agent");
+    let l = &rig.lab;
+    let out = l
+        .exec(
+            &l.router,
+            &[
+                agent_bin.to_str().unwrap(),
+                "cleanup",
+                "--lan-if",
+                lab::LAN_IF,
+                "--wan-if",
+                lab::WAN_IF,
+            ],
+        )
+        .unwrap();
+    assert!(out.contains("removed ifb device np-up"), "{out}");
+    assert_eq!(sqm_listing(l), sqm, "SQM's qdiscs after cleanup");
+    let links = l.exec(&l.router, &["ip", "-o", "link", "show"]).unwrap();
+    assert!(!links.contains("np-up"), "{links}");
+    let lan = l
+        .exec(&l.router, &["tc", "qdisc", "show", "dev", lab::LAN_IF])
+        .unwrap();
+    assert!(!lan.contains("4e50:") && !lan.contains("ingress"), "{lan}");
+    let tables = l.exec(&l.router, &["nft", "list", "tables"]).unwrap();
+    assert!(!tables.contains("netpilot"), "{tables}");
+}
