@@ -38,7 +38,7 @@ mkdir -p "$ctrl"
 cat > "$ctrl/control" <<CONTROL
 Package: netpilot-agent
 Version: $version
-Depends: nftables, tc, kmod-sched-core, kmod-nft-core
+Depends: nftables, tc, kmod-sched-core, kmod-nft-core, kmod-nft-bridge, kmod-ifb
 Source: netpilot
 SourceName: netpilot-agent
 License: Apache-2.0
