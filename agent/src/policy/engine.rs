@@ -130,9 +130,17 @@ pub struct Shaping {
     pub upload_ifb_present: bool,
     pub lan: Vec<LanShaping>,
     /// LAN bridges NetPilot leaves unshaped because someone else's root qdisc is
-    /// there, in words.
+    /// there, and anything else that defeats shaping, in words.
     pub unshaped: Vec<String>,
+    /// `net.bridge.bridge-nf-call-iptables` is 1 (br_netfilter loaded and passing
+    /// bridged frames to the IP hooks): a frame redirected to the upload ifb then
+    /// reaches the forward hook without its conntrack entry, and download loses
+    /// its classification.
+    pub bridge_nf_call_iptables: bool,
 }
+
+/// Where br_netfilter says whether bridged frames go through the IP hooks.
+const BRIDGE_NF_CALL_IPTABLES: &str = "/proc/sys/net/bridge/bridge-nf-call-iptables";
 
 #[derive(Debug, Clone, Serialize)]
 pub struct LanShaping {
@@ -146,8 +154,16 @@ pub struct LanShaping {
 }
 
 impl Shaping {
-    fn of(shapers: &plan::Shapers, devices: &Devices) -> Shaping {
+    fn of(shapers: &plan::Shapers, devices: &Devices, bridge_nf_call_iptables: bool) -> Shaping {
         let wan = (!shapers.wan.missing).then_some(&shapers.wan);
+        let mut unshaped = plan::unshaped(shapers, devices);
+        if bridge_nf_call_iptables && shapers.lan.iter().any(|l| l.ingress.ours) {
+            unshaped.push(
+                "net.bridge.bridge-nf-call-iptables is 1: download to devices whose upload is \
+                 shaped is not classified (set it to 0, as OpenWrt does)"
+                    .to_owned(),
+            );
+        }
         Shaping {
             wan_dev: devices.wan.clone(),
             wan_root: wan.map(|w| w.root_text()),
@@ -166,7 +182,8 @@ impl Shaping {
                     foreign_ingress_filters: l.ingress.others,
                 })
                 .collect(),
-            unshaped: plan::unshaped(shapers, devices),
+            unshaped,
+            bridge_nf_call_iptables,
         }
     }
 }
@@ -421,7 +438,11 @@ impl Engine {
     /// Keeps what a reading of the qdiscs showed for the status.
     fn note_shaping(&self, observed: &Observed) {
         if let Some(shapers) = &observed.shapers {
-            let shaping = Shaping::of(shapers, &self.devices);
+            let br_nf = self
+                .files
+                .read_to_string(BRIDGE_NF_CALL_IPTABLES)
+                .is_ok_and(|v| v.trim() == "1");
+            let shaping = Shaping::of(shapers, &self.devices, br_nf);
             for u in &shaping.unshaped {
                 tracing::warn!("{u}");
             }
@@ -710,8 +731,8 @@ mod tests {
     use crate::system::files::MemFiles;
     use crate::system::nft::FakeNft;
     use crate::system::nft::Firewall as _;
-    use crate::system::tc::FakeTc;
     use crate::system::tc::Shaper as _;
+    use crate::system::tc::{FakeTc, IFB};
 
     struct Rig {
         dir: std::path::PathBuf,
@@ -1084,7 +1105,90 @@ mod tests {
         .await
         .unwrap();
         assert!(rig.nft.observe().await.unwrap().is_none());
+        assert!(rig.nft.observe_bridge().await.unwrap().is_none());
         assert!(!rig.tc.observe("br-lan").await.unwrap().root_is_ours());
+        assert!(rig.tc.observe(IFB).await.is_err(), "the ifb is gone");
         assert!(e.status().idle);
+    }
+
+    /// sqm-scripts on the WAN device (HTB `1:`, an ingress redirect to its own
+    /// ifb): applying, changing and resetting limits never touches it, and the
+    /// status shows it.
+    #[tokio::test]
+    async fn sqm_on_the_wan_is_left_alone_and_reported() {
+        let rig = Rig::new();
+        rig.tc.set_root("wan", "htb", "1:");
+        rig.tc.set_foreign_ingress("wan");
+        let sqm = rig.tc.observe("wan").await.unwrap();
+        let e = rig.engine();
+        sync(&e, kids(&[1], Some(5000))).await.unwrap();
+        assert_eq!(rig.tc.observe("wan").await.unwrap(), sqm);
+        assert_eq!(rig.tc.observe(IFB).await.unwrap().classes[&0x102], 5000);
+        let s = e.status().shaping;
+        assert_eq!(s.wan_root.as_deref(), Some("htb 1:"));
+        assert_eq!(s.wan_root_owner, Some(RootOwner::Foreign));
+        assert!(s.upload_ifb_present && s.lan[0].upload_redirect, "{s:?}");
+        assert!(s.unshaped.is_empty(), "{s:?}");
+        sync(&e, kids(&[1], Some(9000))).await.unwrap();
+        assert!(e.reconcile("check").await.unwrap().is_empty());
+        e.change(&Actor::default(), "reset", |d| {
+            ops::reset(d);
+            Ok(())
+        })
+        .await
+        .unwrap();
+        assert_eq!(rig.tc.observe("wan").await.unwrap(), sqm);
+        assert!(!e.status().shaping.upload_ifb_present);
+    }
+
+    /// An older agent left HTB `1:` roots on both devices: the first apply after
+    /// the update replaces the bridge's with ours and removes the WAN device's,
+    /// and the state then reads back without drift.
+    #[tokio::test]
+    async fn an_older_agents_roots_are_migrated_on_the_first_apply() {
+        let rig = Rig::new();
+        rig.tc.set_legacy_root("br-lan");
+        rig.tc.set_legacy_root("wan");
+        let e = rig.engine();
+        sync(&e, kids(&[1], Some(5000))).await.unwrap();
+        let lan = rig.tc.observe("br-lan").await.unwrap();
+        assert!(lan.root_is_ours() && !lan.legacy, "{lan:?}");
+        assert_eq!(lan.classes[&0x102], 5000);
+        let wan = rig.tc.observe("wan").await.unwrap();
+        assert_eq!(wan.owner(), RootOwner::Default, "{wan:?}");
+        assert!(e.reconcile("check").await.unwrap().is_empty());
+    }
+
+    /// br_netfilter passing bridged frames to the IP hooks defeats download
+    /// classification once upload is redirected: the status says so.
+    #[tokio::test]
+    async fn br_netfilter_calling_iptables_is_reported() {
+        let rig = Rig::new();
+        let e = Engine::new(
+            Store::open(&rig.dir).unwrap(),
+            Enforcers {
+                nft: rig.nft.clone(),
+                tc: rig.tc.clone(),
+                dns: rig.dns.clone(),
+            },
+            Arc::new(MemFiles::default().with(BRIDGE_NF_CALL_IPTABLES, "1\n")),
+            EngineConfig {
+                lan_if: "br-lan".into(),
+                wan_if: "wan".into(),
+                timezone: Some("UTC0".into()),
+                check_interval: Duration::from_secs(60),
+                kernel_minutes_west: Arc::new(|| 0),
+                dns: DnsConfig::default(),
+            },
+            Arc::new(|| 1_795_435_200),
+        )
+        .unwrap();
+        sync(&e, kids(&[1], Some(5000))).await.unwrap();
+        let s = e.status().shaping;
+        assert!(s.bridge_nf_call_iptables);
+        assert!(
+            s.unshaped[0].starts_with("net.bridge.bridge-nf-call-iptables is 1"),
+            "{s:?}"
+        );
     }
 }
