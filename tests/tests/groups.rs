@@ -47,7 +47,7 @@ async fn groups_round_trip_and_devices_fall_back_to_guests() {
         d["group"]["policy"]["bandwidth"]["download_kbps"],
         json!(5000)
     );
-    assert_eq!(d["group"]["class"], json!("1:102"));
+    assert_eq!(d["group"]["class"], json!("4e50:102"));
     assert_eq!(d["apply"]["changed"], json!(true));
     let generation = d["apply"]["generation"].as_u64().unwrap();
 

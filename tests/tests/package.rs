@@ -213,10 +213,10 @@ fn netns_cleanup_removes_the_netpilot_table_and_qdiscs_and_nothing_else() {
             "ip", "link", "add", "wan0", "type", "veth", "peer", "name", "wan1",
         ],
         &[
-            "tc", "qdisc", "add", "dev", "lan0", "root", "handle", "1:", "htb",
+            "tc", "qdisc", "add", "dev", "lan0", "root", "handle", "4e50:", "htb",
         ],
         &[
-            "tc", "qdisc", "add", "dev", "wan0", "root", "handle", "2:", "htb",
+            "tc", "qdisc", "add", "dev", "wan0", "root", "handle", "1:", "htb",
         ],
     ] {
         ns.exec(argv).unwrap();
@@ -243,11 +243,22 @@ fn netns_cleanup_removes_the_netpilot_table_and_qdiscs_and_nothing_else() {
         second.contains("absent nftables table inet netpilot"),
         "{all}"
     );
-    // NetPilot's root qdisc (HTB 1:) goes; another one (here HTB 2:) stays.
-    assert!(first.contains("removed tc root qdisc 1: on lan0"), "{all}");
-    assert!(first.contains("absent tc root qdisc 1: on wan0"), "{all}");
-    assert!(qdiscs.contains("qdisc htb 2: root"), "{all}");
-    assert!(second.contains("absent tc root qdisc 1: on lan0"), "{all}");
+    // NetPilot's root qdisc (HTB 4e50:) goes; another one stays, here an HTB 1:
+    // with nothing under it (sqm-scripts' handle; not an older agent's, which
+    // always had classes).
+    assert!(
+        first.contains("removed tc root qdisc htb 4e50: on lan0"),
+        "{all}"
+    );
+    assert!(
+        first.contains("absent NetPilot's tc qdiscs on wan0"),
+        "{all}"
+    );
+    assert!(qdiscs.contains("qdisc htb 1: root"), "{all}");
+    assert!(
+        second.contains("absent NetPilot's tc qdiscs on lan0"),
+        "{all}"
+    );
 }
 
 fn mode(p: &Path) -> u32 {

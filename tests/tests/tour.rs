@@ -21,7 +21,7 @@ fn the_tour_runs_end_to_end() {
         "\"state\": \"confirmed\"",
         "\"method\": \"tls_connection\"",
         "\"code\": \"FORBIDDEN\"",
-        "\"class\": \"1:102\"",
+        "\"class\": \"4e50:102\"",
         "\"code\": \"INVALID_MAC\"",
         "\"in_sync\": true",
         "\"hostname\": \"living-room-tv\"",
