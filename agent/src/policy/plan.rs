@@ -1324,6 +1324,43 @@ mod tests {
         );
     }
 
+    /// Every LAN bridge is shaped the same way (the LAN side is a list).
+    #[test]
+    fn every_lan_bridge_gets_the_classes_and_the_redirect() {
+        let a = state(&[1], Some(5000), false);
+        let two = Devices::new(&["br-lan", "br-guest"], "wan");
+        let mut observed = empty_system();
+        let sh = observed.shapers.as_mut().unwrap();
+        sh.lan = vec![rooted("noqueue", "0:"), rooted("noqueue", "0:")];
+        let p = plan(Some(&a), None, &observed, &two);
+        let make = tc(&p.steps, Phase::MakeShaper);
+        for dev in ["br-lan", "br-guest"] {
+            assert!(
+                make.contains(&TcOp::ReplaceRoot { dev: dev.into() }),
+                "{make:?}"
+            );
+            assert!(
+                make.contains(&TcOp::AddRedirect {
+                    dev: dev.into(),
+                    to: IFB.into(),
+                    qdisc: true
+                }),
+                "{make:?}"
+            );
+        }
+        assert_eq!(
+            make.iter()
+                .filter(|o| matches!(o, TcOp::AddIfb { .. }))
+                .count(),
+            1
+        );
+        let d = drift(Some(&a), &observed, &two);
+        assert!(
+            d.contains(&"br-guest: the upload redirect is missing".to_owned()),
+            "{d:?}"
+        );
+    }
+
     /// An older agent's HTB `1:`: replaced by ours on the LAN bridge, removed from
     /// the WAN device (upload is shaped on the ifb now) after the new rules are in.
     #[test]

@@ -967,6 +967,60 @@ mod tests {
         ns.block_on(|| async { contract(&RealRig(RealTc::default())).await });
     }
 
+    /// The recognition of an older agent's root against the real tc's listings: the
+    /// root exactly as that agent's batch made it is taken for ours and removed by
+    /// `remove_ours`; sqm-scripts' HTB `1:` (simple.qos' classes, pfifo leaves
+    /// here) is not, and stays.
+    #[test]
+    fn netns_real_tc_tells_an_older_agents_root_from_sqms() {
+        netpilot_testkit::require(&["tc"]);
+        let ns = netpilot_testkit::Netns::new("tc-legacy").unwrap();
+        ns.exec(&[
+            "ip", "link", "add", DEV, "type", "veth", "peer", "name", OTHER,
+        ])
+        .unwrap();
+        for dev in [DEV, OTHER] {
+            ns.exec(&["ip", "link", "set", dev, "up"]).unwrap();
+        }
+        let old_agent = format!(
+            "qdisc replace dev {DEV} root handle 1: htb\n\
+             class replace dev {DEV} parent 1: classid 1:102 htb rate 5000kbit ceil 5000kbit burst 12500 cburst 12500 quantum 60000\n\
+             qdisc replace dev {DEV} parent 1:102 handle 102: pfifo limit 41\n\
+             class replace dev {DEV} parent 1: classid 1:1040 htb rate 700kbit ceil 700kbit burst 3028 cburst 3028 quantum 8750\n\
+             qdisc replace dev {DEV} parent 1:1040 handle 1040: pfifo limit 16\n"
+        );
+        let sqm = format!(
+            "qdisc add dev {OTHER} root handle 1: htb default 12\n\
+             class add dev {OTHER} parent 1: classid 1:1 htb rate 20000kbit ceil 20000kbit\n\
+             class add dev {OTHER} parent 1:1 classid 1:11 htb rate 128kbit ceil 20000kbit prio 1\n\
+             class add dev {OTHER} parent 1:1 classid 1:12 htb rate 6666kbit ceil 20000kbit prio 2\n\
+             class add dev {OTHER} parent 1:1 classid 1:13 htb rate 6666kbit ceil 20000kbit prio 3\n\
+             qdisc add dev {OTHER} parent 1:11 handle 110: pfifo limit 1000\n\
+             qdisc add dev {OTHER} parent 1:12 handle 120: pfifo limit 1000\n\
+             qdisc add dev {OTHER} parent 1:13 handle 130: pfifo limit 1000\n"
+        );
+        for batch in [old_agent, sqm] {
+            let path = std::env::temp_dir().join(format!("np-tc-{}.batch", std::process::id()));
+            std::fs::write(&path, batch).unwrap();
+            ns.exec(&["tc", "-batch", path.to_str().unwrap()]).unwrap();
+            let _ = std::fs::remove_file(&path);
+        }
+        ns.block_on(|| async {
+            let tc = RealTc::default();
+            let old = tc.observe(DEV).await.unwrap();
+            assert_eq!(old.owner(), RootOwner::NetpilotLegacy, "{old:?}");
+            let theirs = tc.observe(OTHER).await.unwrap();
+            assert_eq!(theirs.owner(), RootOwner::Foreign, "{theirs:?}");
+            assert_eq!(
+                tc.remove_ours(DEV).await.unwrap(),
+                ["tc root qdisc htb 1: on np0"]
+            );
+            assert_eq!(tc.observe(DEV).await.unwrap().owner(), RootOwner::Default);
+            assert!(tc.remove_ours(OTHER).await.unwrap().is_empty());
+            assert_eq!(tc.observe(OTHER).await.unwrap(), theirs);
+        });
+    }
+
     #[test]
     fn listings_parse_into_root_and_rates() {
         let q = "qdisc htb 4e50: root refcnt 2 r2q 10 default 0 direct_packets_stat 3 direct_qlen 1000\nqdisc pfifo 100: parent 4e50:100 limit 41p\n";
