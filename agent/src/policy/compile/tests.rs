@@ -389,3 +389,46 @@ async fn netns_every_accepted_state_compiles_to_a_script_nft_accepts() {
     }
     assert_eq!(checked, 150);
 }
+
+/// Upload is classified in the bridge table only: the group's base class and a
+/// schedule's tighter upload class, by the same time rule as download's; the inet
+/// table sets no upload priority (it runs after the ifb), and nothing is
+/// classified where no group limits upload.
+#[test]
+fn upload_classes_are_set_in_the_bridge_table_by_the_same_schedule() {
+    let mut d = home();
+    let kids = d.groups.get_mut(&3).unwrap();
+    kids.policy.schedules[1].action = Restriction::Limit {
+        down_kbps: Some(1000),
+        up_kbps: Some(300),
+    };
+    let c = compile_in(&d, "UTC0", NOW);
+    assert_eq!(c.tc.up.get(&0x1080), Some(&300), "{:?}", c.tc);
+    assert!(
+        c.bridge.contains(
+            "\tchain g2_up {\n\t\t# group 3\n\t\tmeta priority set 4e50:102\n\t\tmeta day 6 meta hour \"08:00:00\"-\"11:59:59\" meta priority set 4e50:1080\n\t}"
+        ),
+        "{}",
+        c.bridge
+    );
+    let inet_up = c.structure.split("chain g2_up {").nth(1).unwrap();
+    let inet_up = inet_up.split("chain g2_down").next().unwrap();
+    assert!(!inet_up.contains("meta priority"), "{inet_up}");
+    // The blocked group's chain classifies nothing.
+    assert!(
+        c.bridge.contains("\tchain g3_up {\n\t\t# group 4\n\t}"),
+        "{}",
+        c.bridge
+    );
+
+    // No upload limit anywhere: no bridge table at all.
+    let kids = d.groups.get_mut(&3).unwrap();
+    kids.policy.bandwidth.up_kbps = None;
+    kids.policy.schedules[1].action = Restriction::Limit {
+        down_kbps: Some(1000),
+        up_kbps: None,
+    };
+    let c = compile_in(&d, "UTC0", NOW);
+    assert!(c.tc.up.is_empty() && c.bridge.is_empty(), "{}", c.bridge);
+    assert!(!c.full_script().contains("table bridge netpilot {\n"));
+}
