@@ -12,6 +12,7 @@ use super::{digest, Context, Pinned, BRIDGE_SETS, CT_MASK, ELEMENT_SETS};
 use crate::policy::model::{Bandwidth, Desired, GroupId, Internet, ListKind, Mac, Policy, Target};
 use crate::policy::schedule::{self, KernelSchedule, Restriction};
 use crate::system::nft::{BRIDGE_FAMILY, FAMILY, TABLE};
+use crate::system::tc::MAJOR;
 
 /// The group's slot as it appears in the conntrack mark.
 pub fn mark_of(slot: u8) -> u32 {
@@ -497,6 +498,16 @@ pub fn structure(
     );
     if whitelist_active {
         let _ = writeln!(body, "\t\tjump whitelist");
+    }
+    if !bridge.is_empty() {
+        // The bridge table's upload class has done its work on the ifb. IPv4
+        // forwarding resets the priority from the TOS; IPv6 keeps it, and a
+        // priority-banded qdisc on the WAN device (pfifo_fast, prio) would read
+        // our class number as a band.
+        let _ = writeln!(
+            body,
+            "\t\tmeta priority {MAJOR:x}:0-{MAJOR:x}:ffff meta priority set none"
+        );
     }
     let _ = writeln!(body, "\t\tether saddr vmap @dev_moved");
     let _ = writeln!(body, "\t\tether saddr vmap @dev_group");
