@@ -60,6 +60,9 @@ pub enum AgentError {
     /// nlbwmon is not installed, not running or not answering.
     #[error("{0}")]
     UsageUnavailable(String),
+    /// nlbwmon's configuration is wrong (an unreadable protocol list).
+    #[error("{0}")]
+    UsageMisconfigured(String),
     /// nlbw answered something unusable.
     #[error("{0}")]
     UsageBadOutput(String),
@@ -116,6 +119,7 @@ impl AgentError {
             AgentError::ChangePending(_) => ErrorCode::ChangePending,
             AgentError::WifiUnavailable(_) => ErrorCode::WifiUnavailable,
             AgentError::UsageUnavailable(_) => ErrorCode::NlbwmonUnavailable,
+            AgentError::UsageMisconfigured(_) => ErrorCode::NlbwmonMisconfigured,
             AgentError::UsageBadOutput(_) => ErrorCode::NlbwmonBadOutput,
             AgentError::NoUsage(_) => ErrorCode::DeviceNotFound,
             AgentError::ResetFailed(_) => ErrorCode::UsageResetFailed,
