@@ -234,7 +234,7 @@ async fn dispatch(app: &Arc<App>, req: Request<Incoming>) -> Result<Reply, Agent
         pattern if policy_route(pattern) => {
             let method = route.route.method.as_str();
             let call = call(method, pattern, route.param("id"), req).await?;
-            policy::handle(&app.policy, call).await
+            policy::handle(&app.policy, &app.offload, call).await
         }
         pattern if pattern.starts_with("/api/dns/") => {
             let method = route.route.method.as_str();

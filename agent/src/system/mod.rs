@@ -6,6 +6,7 @@
 pub mod clock;
 pub mod dnsmasq;
 pub mod files;
+pub mod flowtable;
 pub mod nft;
 pub mod nlbw;
 pub mod sysinfo;
@@ -26,4 +27,7 @@ pub enum SystemError {
     Tc(#[from] tc::TcError),
     #[error(transparent)]
     Dns(#[from] dnsmasq::DnsError),
+    /// Putting fw4's flow offloading back (uci or the firewall reload).
+    #[error("{0}")]
+    Offload(String),
 }
