@@ -75,7 +75,8 @@ pub struct Offload {
     store: Mutex<Store>,
     mode: Mode,
     clock: Clock,
-    status: Mutex<OffloadStatus>,
+    /// The last check's outcome; subscribers see every check.
+    status: tokio::sync::watch::Sender<OffloadStatus>,
     /// One check at a time: each may change UCI and reload the firewall.
     one: tokio::sync::Mutex<()>,
 }
@@ -147,16 +148,22 @@ impl Offload {
             store: Mutex::new(store),
             mode,
             clock,
-            status: Mutex::new(OffloadStatus {
+            status: tokio::sync::watch::channel(OffloadStatus {
                 mode,
                 ..OffloadStatus::default()
-            }),
+            })
+            .0,
             one: tokio::sync::Mutex::new(()),
         }
     }
 
     pub fn status(&self) -> OffloadStatus {
-        self.status.lock().expect("offload status").clone()
+        self.status.borrow().clone()
+    }
+
+    /// Marked changed after every check.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<OffloadStatus> {
+        self.status.subscribe()
     }
 
     /// Detects, takes the consented remedy, and records the status. `needs` is
@@ -225,7 +232,7 @@ impl Offload {
             error: (!errors.is_empty()).then(|| errors.join("; ")),
             checked_unix: Some((self.clock)()),
         };
-        *self.status.lock().expect("offload status") = status.clone();
+        self.status.send_replace(status.clone());
         status
     }
 

@@ -282,3 +282,98 @@ async fn the_remedy_over_the_real_uci_restores_the_owners_file() {
         parsed(&owner)
     );
 }
+
+/// The service follows the policy engine: each apply is checked at once, and
+/// while offloading makes the policy ineffective the log warns at every new
+/// generation (not at every quiet periodic check).
+#[tokio::test(start_paused = true)]
+async fn every_apply_is_checked_and_warned_about_while_ineffective() {
+    use crate::policy::compile::resolvers::DnsConfig;
+    use crate::policy::engine::{Engine, EngineConfig};
+    use crate::policy::execute::Enforcers;
+    use tracing_subscriber::prelude::*;
+
+    #[derive(Clone, Default)]
+    struct LogBuf(Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for LogBuf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let logs = LogBuf::default();
+    let writer = logs.clone();
+    let _guard = tracing::subscriber::set_default(
+        tracing_subscriber::registry().with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(move || writer.clone())
+                .with_ansi(false)
+                .with_filter(tracing_subscriber::filter::LevelFilter::WARN),
+        ),
+    );
+    let warnings = || {
+        String::from_utf8(logs.0.lock().unwrap().clone())
+            .unwrap()
+            .matches("fw4 flow offloading is on")
+            .count()
+    };
+
+    let rig = Rig::new(ON);
+    let state = rig.dir.join("engine");
+    std::fs::create_dir_all(&state).unwrap();
+    let engine = Arc::new(
+        Engine::new(
+            Store::open(&state).unwrap(),
+            Enforcers {
+                nft: Arc::new(crate::system::nft::FakeNft::default()),
+                tc: Arc::new(crate::system::tc::FakeTc::default()),
+                dns: Arc::new(crate::system::dnsmasq::FakeResolver::default()),
+            },
+            Arc::new(crate::system::files::MemFiles::default()),
+            EngineConfig {
+                lan_if: "br-lan".into(),
+                wan_if: "wan".into(),
+                timezone: Some("UTC0".into()),
+                check_interval: Duration::from_secs(60),
+                kernel_minutes_west: Arc::new(|| 0),
+                dns: DnsConfig::default(),
+            },
+            Arc::new(|| 1_795_435_200),
+        )
+        .unwrap(),
+    );
+    let svc = Arc::new(rig.service(Mode::Keep));
+    let mut seen = svc.subscribe();
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(
+        svc.clone()
+            .run(engine.clone(), Duration::from_secs(3600), rx),
+    );
+    // The first check: no policy, nothing escapes, no warning.
+    seen.changed().await.unwrap();
+    assert!(seen.borrow_and_update().effective());
+    assert_eq!(warnings(), 0);
+
+    let actor = crate::policy::persist::Actor::default();
+    for (n, kbps) in [(1, 2000), (2, 1000)] {
+        engine
+            .change(&actor, "test", |d| {
+                crate::policy::ops::sync_group(d, crate::policy::fixtures::kids(&[1], Some(kbps)))
+            })
+            .await
+            .unwrap();
+        seen.changed().await.unwrap();
+        let s = seen.borrow_and_update().clone();
+        assert!(s.policies_need_forward_path && !s.effective(), "{s:?}");
+        assert_eq!(warnings(), n, "one warning per generation");
+    }
+    // A quiet periodic check of the same generation: checked, not warned again.
+    tokio::time::advance(Duration::from_secs(3601)).await;
+    seen.changed().await.unwrap();
+    assert_eq!(warnings(), 2);
+    let _ = stop.send(true);
+    task.await.unwrap();
+}

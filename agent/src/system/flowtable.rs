@@ -180,6 +180,87 @@ mod tests {
 
     const DEFAULT_NFT: &str = include_str!("../../fixtures/fw4/fw4-default.nft");
 
+    /// The derived JSON of the offloading ruleset (see `agent/fixtures/README.md`)
+    /// is nft's own input: `nft -j -c` parses it, and the only errors are the
+    /// kernel's refusal of the flowtable and of the rule adding to it, exactly
+    /// where the text form fails on this kernel. On a kernel with flowtables the
+    /// check passes outright.
+    #[test]
+    fn netns_the_derived_offload_json_is_what_nft_reads() {
+        netpilot_testkit::require(&["nft", "ip"]);
+        let ns = netpilot_testkit::Netns::new("ftjson").unwrap();
+        ns.exec(&["ip", "link", "add", "br-lan", "type", "bridge"])
+            .unwrap();
+        ns.exec(&["ip", "link", "add", "r-wan", "type", "bridge"])
+            .unwrap();
+        let dir = std::env::temp_dir().join(format!("np-ftjson-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let check = |name: &str, text: &str| {
+            let file = dir.join(name);
+            std::fs::write(&file, text).unwrap();
+            let out = ns
+                .command("nft")
+                .args(["-c", "-f"])
+                .arg(&file)
+                .output()
+                .unwrap();
+            (
+                out.status.success(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        };
+        let check_json = |name: &str, text: &str| {
+            let file = dir.join(name);
+            std::fs::write(&file, text).unwrap();
+            let out = ns
+                .command("nft")
+                .args(["-j", "-c", "-f"])
+                .arg(&file)
+                .output()
+                .unwrap();
+            (
+                out.status.success(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        };
+        let kernel_refusals = |err: &str| {
+            err.lines()
+                .filter(|l| l.contains("Error"))
+                .all(|l| l.contains("Could not process rule: No such file or directory"))
+        };
+        let text = check(
+            "offload.nft",
+            include_str!("../../fixtures/fw4/fw4-offload.nft"),
+        );
+        let json = check_json(
+            "offload.json",
+            include_str!("../../fixtures/fw4/fw4-offload.json"),
+        );
+        assert_eq!(text.0, json.0, "text {text:?} json {json:?}");
+        if !json.0 {
+            assert!(kernel_refusals(&json.1), "{}", json.1);
+            assert!(kernel_refusals(&text.1), "{}", text.1);
+            assert_eq!(
+                json.1.matches("Could not process rule").count(),
+                2,
+                "the flowtable and the rule: {}",
+                json.1
+            );
+        }
+        // The stock ruleset's real JSON loads in full.
+        let stock = check_json(
+            "default.json",
+            include_str!("../../fixtures/fw4/fw4-default.json"),
+        );
+        assert!(stock.0, "{}", stock.1);
+        // A JSON slip is nft's parse error, not the kernel's: the check can fail.
+        let broken = include_str!("../../fixtures/fw4/fw4-offload.json")
+            .replace("\"flow\": {", "\"flw\": {");
+        let bad = check_json("broken.json", &broken);
+        assert!(!bad.0 && !kernel_refusals(&bad.1), "{}", bad.1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     /// The real adapter over the real nft with fw4's stock ruleset loaded: no
     /// flowtable, and a forward chain without `flow add`. (This kernel cannot load
     /// the offloading ruleset; its JSON is tested in `offload::detect`.)
