@@ -1,5 +1,5 @@
 //! The agent's view of the router's system: one narrow trait per program or file
-//! set it drives (nft, tc, dnsmasq, uci, ubus, nlbw, wifi, files), a real adapter
+//! set it drives (nft, tc, dnsmasq, uci, ubus, nlbw, wifi, files, flowtable), a real adapter
 //! that goes only through `runtime::process`, and an in-memory fake beside it
 //! (the simulated router in `crate::sim` is built from the fakes).
 
