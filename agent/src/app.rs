@@ -13,6 +13,7 @@ use crate::link::identity::Identity;
 use crate::link::report::{RelayReporter, Reporter};
 use crate::link::serve::LinkStatus;
 use crate::link::tls;
+use crate::offload::Offload;
 use crate::policy::compile::resolvers::{self, DnsConfig};
 use crate::policy::engine::{Engine, EngineConfig};
 use crate::policy::execute::Enforcers;
@@ -22,7 +23,7 @@ use crate::scan::{NeighbourSource, Scanner};
 use crate::speedtest::{Limits, SpeedTester};
 use crate::store::{Location, Store};
 use crate::system::files::{Files, RealFiles};
-use crate::system::{dnsmasq, nft, nlbw, tc, ubus, uci, wifi as wifi_control};
+use crate::system::{dnsmasq, flowtable, nft, nlbw, tc, ubus, uci, wifi as wifi_control};
 use crate::usage::Usage;
 use crate::wifi::WifiService;
 
@@ -54,6 +55,8 @@ pub struct Backends {
     pub tc: Arc<dyn tc::Shaper>,
     pub nlbw: Arc<dyn nlbw::Nlbw>,
     pub dns: Arc<dyn dnsmasq::Resolver>,
+    /// fw4's flowtables and the firewall reload.
+    pub flowtables: Arc<dyn flowtable::Flowtables>,
     pub neighbours: NeighbourSource,
     pub kernel_minutes_west: Arc<dyn Fn() -> i32 + Send + Sync>,
 }
@@ -102,6 +105,10 @@ impl Backends {
                 dir: config.dns_dir.clone(),
                 ..Default::default()
             }),
+            flowtables: Arc::new(flowtable::RealFlowtables {
+                nft: config.nft.clone(),
+                ..Default::default()
+            }),
             neighbours: NeighbourSource::Ip {
                 program: config.ip.clone(),
             },
@@ -131,6 +138,7 @@ impl Backends {
             tc: Arc::new(tc::FakeTc::default()),
             nlbw,
             dns: Arc::new(dnsmasq::FakeResolver::default()),
+            flowtables: Arc::new(flowtable::FakeFlowtables::default()),
             neighbours: NeighbourSource::ProcArp,
             kernel_minutes_west: Arc::new(|| 0),
         })
@@ -186,6 +194,8 @@ pub struct App {
     pub speedtest: Arc<SpeedTester>,
     /// Device usage from nlbwmon.
     pub usage: Arc<Usage>,
+    /// fw4's flow offloading: detection and the consented remedy.
+    pub offload: Arc<Offload>,
 }
 
 impl App {
@@ -211,9 +221,17 @@ impl App {
             tc,
             nlbw,
             dns,
+            flowtables,
             neighbours,
             kernel_minutes_west,
         } = backends;
+        let offload = Offload::new(
+            uci.clone(),
+            flowtables,
+            Store::open_at(state)?,
+            config.flow_offloading,
+            clock.clone(),
+        );
         let (lan_if, wan_if) = interfaces::resolve(
             files.as_ref(),
             config.lan_if.as_deref(),
@@ -276,6 +294,7 @@ impl App {
             wifi: Arc::new(wifi),
             speedtest: Arc::new(SpeedTester::new(endpoint, Limits::default())),
             usage: Arc::new(usage),
+            offload: Arc::new(offload),
         })
     }
 }

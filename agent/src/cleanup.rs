@@ -35,13 +35,56 @@ pub async fn run(config: &RunConfig) -> (Vec<Outcome>, Vec<StepError>) {
         config.lan_if.as_deref(),
         config.wan_if.as_deref(),
     );
-    cleanup(
+    let (mut done, mut failed) = cleanup(
         system.nft.as_ref(),
         system.tc.as_ref(),
         system.dns.as_ref(),
         &[&lan, &wan],
     )
-    .await
+    .await;
+    // Only an existing state database can hold the owner's offloading values;
+    // cleanup must not create one.
+    let store = config
+        .state_dir
+        .join(crate::store::FILE_NAME)
+        .is_file()
+        .then(|| crate::store::Store::open(&config.state_dir));
+    match store {
+        None => done.push(Outcome::Absent(OFFLOADING.into())),
+        Some(Err(e)) => failed.push(StepError {
+            step: "restore flow offloading",
+            source: SystemError::Offload(e.to_string()),
+        }),
+        Some(Ok(store)) => {
+            match restore_offloading(system.uci.as_ref(), system.flowtables.as_ref(), store).await {
+                Ok(o) => done.push(o),
+                Err(e) => failed.push(e),
+            }
+        }
+    }
+    (done, failed)
+}
+
+const OFFLOADING: &str = "fw4 flow offloading turned off by NetPilot";
+
+/// Puts back the owner's `flow_offloading` values when NetPilot holds them off.
+pub async fn restore_offloading(
+    uci: &dyn crate::system::uci::Uci,
+    flowtables: &dyn crate::system::flowtable::Flowtables,
+    store: crate::store::Store,
+) -> Result<Outcome, StepError> {
+    match crate::offload::cleanup(uci, flowtables, store).await {
+        Ok(Some(v)) => Ok(Outcome::Removed(format!(
+            "{OFFLOADING} (restored flow_offloading={}, flow_offloading_hw={})",
+            v.flow_offloading.as_deref().unwrap_or("unset"),
+            v.flow_offloading_hw.as_deref().unwrap_or("unset")
+        ))),
+        Ok(None) => Ok(Outcome::Absent(OFFLOADING.into())),
+        Err(e) => Err(StepError {
+            step: "restore flow offloading",
+            source: SystemError::Offload(e),
+        }),
+    }
 }
 
 /// Runs every removal step and returns what happened and what failed. `devices`
@@ -359,6 +402,7 @@ mod tests {
             tc: "netpilot-no-such-tc".into(),
             dns_dir: PathBuf::from("/nonexistent/netpilot/dns"),
             root: PathBuf::from("/nonexistent/netpilot/root"),
+            state_dir: PathBuf::from("/nonexistent/netpilot/state"),
             lan_if: Some("lan0".into()),
             ..Default::default()
         };
@@ -372,6 +416,8 @@ mod tests {
                 // No UCI network under the root: OpenWrt's usual WAN name.
                 "absent NetPilot's tc qdiscs on wan (tc not installed)",
                 "absent ifb device np-up (tc not installed)",
+                // No state database: nothing held, and none created.
+                "absent fw4 flow offloading turned off by NetPilot",
             ]
         );
     }

@@ -11,6 +11,7 @@ pub mod config;
 pub mod dns;
 pub mod error;
 pub mod link;
+pub mod offload;
 pub mod policy;
 pub mod runtime;
 pub mod scan;
@@ -169,6 +170,11 @@ pub async fn serve(
     // reports.
     tasks.spawn(app.wifi.clone().run(stop_rx.clone()));
     tasks.spawn(app.usage.clone().run(stop_rx.clone()));
+    tasks.spawn(app.offload.clone().run(
+        app.policy.clone(),
+        config.check_interval,
+        stop_rx.clone(),
+    ));
     let handler_app = app.clone();
     let handler = move |req| api::handle(handler_app.clone(), req);
     tasks.spawn(link::serve::run(

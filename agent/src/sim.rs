@@ -287,7 +287,11 @@ impl SimNlbw {
 }
 
 impl Nlbw for SimNlbw {
-    fn query<'a>(&'a self, q: Query<'a>) -> Fut<'a, Result<String, NlbwError>> {
+    fn query<'a>(
+        &'a self,
+        q: Query<'a>,
+        _protocols: Option<&'a str>,
+    ) -> Fut<'a, Result<String, NlbwError>> {
         Box::pin(async move {
             if !self.state.lock().expect("sim nlbw").running {
                 return Err(NlbwError::NotRunning {

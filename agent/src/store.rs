@@ -226,6 +226,38 @@ impl Store {
         Ok(())
     }
 
+    /// One value of `agent_meta`.
+    pub fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
+        self.conn
+            .query_row(
+                "SELECT value FROM agent_meta WHERE key = ?1",
+                params![key],
+                |r| r.get::<_, String>(0),
+            )
+            .optional()
+            .map_err(|source| StoreError::Sqlite {
+                path: self.path.clone(),
+                source,
+            })
+    }
+
+    /// Sets (`Some`) or removes (`None`) one value of `agent_meta`.
+    pub fn set_meta(&mut self, key: &str, value: Option<&str>) -> Result<(), StoreError> {
+        let r = match value {
+            Some(v) => self.conn.execute(
+                "INSERT INTO agent_meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                params![key, v],
+            ),
+            None => self
+                .conn
+                .execute("DELETE FROM agent_meta WHERE key = ?1", params![key]),
+        };
+        r.map(drop).map_err(|source| StoreError::Sqlite {
+            path: self.path.clone(),
+            source,
+        })
+    }
+
     /// Counts one more start of the agent and returns the total.
     pub fn record_start(&mut self, now_unix: u64) -> Result<u64, StoreError> {
         let path = self.path.clone();

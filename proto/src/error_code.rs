@@ -114,6 +114,9 @@ error_codes! {
         WifiUnavailable = "WIFI_UNAVAILABLE" => 503,
         /// nlbwmon cannot be asked (not installed, not running, not answering).
         NlbwmonUnavailable = "NLBWMON_UNAVAILABLE" => 503,
+        /// nlbwmon's UCI configuration is wrong (its `protocol_database` cannot be
+        /// read), so every `nlbw` command fails until the owner fixes it.
+        NlbwmonMisconfigured = "NLBWMON_MISCONFIGURED" => 503,
         /// nlbw answered something unusable.
         NlbwmonBadOutput = "NLBWMON_BAD_OUTPUT" => 502,
         /// The device has no usage in nlbwmon's current period.

@@ -494,7 +494,15 @@ const AGENT_LAYERS: &[(&str, &[&str])] = &[
     ("adapters", &["system", "store", "link"]),
     (
         "domain services",
-        &["policy", "dns", "wifi", "usage", "scan", "speedtest"],
+        &[
+            "policy",
+            "dns",
+            "wifi",
+            "usage",
+            "scan",
+            "speedtest",
+            "offload",
+        ],
     ),
     ("configuration and the simulated router", &["config", "sim"]),
     ("app", &["app"]),

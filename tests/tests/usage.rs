@@ -1,7 +1,8 @@
 //! Device usage end to end through the real relay and agent binaries: the simulated
 //! router's nlbwmon for every endpoint's shape and the bad-input answers, and
-//! stand-in `nlbw` programs (`--nlbw`) for a daemon that is down (503) and one that
-//! prints truncated JSON (502).
+//! stand-in `nlbw` programs (`--nlbw`) for a daemon that is down (503), one that
+//! prints truncated JSON (502) and one whose protocol list is missing (503
+//! `NLBWMON_MISCONFIGURED`).
 
 use std::os::unix::fs::PermissionsExt;
 
@@ -177,7 +178,7 @@ async fn nlbwmon_down_is_503_and_truncated_output_is_502() {
     let dir2 = tempfile::tempdir().unwrap();
     let cut = fake_nlbw(
         dir2.path(),
-        "case \"$*\" in\n'-c list') echo 2026-11-01 ;;\n*) printf '{\"columns\":[\"mac\",\"rx_bytes\"' ;;\nesac\n",
+        "[ \"$1\" = -p ] && shift 2\ncase \"$*\" in\n'-c list') echo 2026-11-01 ;;\n*) printf '{\"columns\":[\"mac\",\"rx_bytes\"' ;;\nesac\n",
     );
     let rig = ApiRig::builder()
         .agent_args(&["--simulate", "--nlbw", &cut])
@@ -191,5 +192,65 @@ async fn nlbwmon_down_is_503_and_truncated_output_is_502() {
         (502, "NLBWMON_BAD_OUTPUT"),
         "{}",
         r.body
+    );
+}
+
+/// The simulated router's `/etc/config/nlbwmon` names nlbwmon's usual protocol
+/// list, `/usr/share/nlbwmon/protocols`, which the stand-in's router (a temp
+/// directory) lacks. A stand-in that
+/// reads `-p` as the real client does (client.c: `Unable to read protocol list`,
+/// exit 1, before any command) makes it a configuration error, and the status still
+/// says the daemon runs.
+#[tokio::test]
+async fn a_missing_protocol_list_is_a_configuration_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let seen = dir.path().join("argv");
+    // The router has /dev/null (the agent's probe while the list is unreadable).
+    std::fs::create_dir_all(dir.path().join("router/dev")).unwrap();
+    std::fs::write(dir.path().join("router/dev/null"), "").unwrap();
+    let nlbw = fake_nlbw(
+        dir.path(),
+        &format!(
+            "echo \"$*\" >> {seen}\n\
+             if [ \"$1\" = -p ]; then\n\
+             [ -r \"{root}$2\" ] || {{ echo \"Unable to read protocol list $2: No such file or directory\" >&2; exit 1; }}\n\
+             shift 2\n\
+             fi\n\
+             case \"$*\" in\n'-c list') echo 2026-11-01 ;;\n*) exit 3 ;;\nesac\n",
+            seen = seen.display(),
+            // The router's files are under the temp directory, whatever this
+            // machine has in /usr/share.
+            root = dir.path().join("router").display(),
+        ),
+    );
+    let rig = ApiRig::builder()
+        .agent_args(&["--simulate", "--nlbw", &nlbw])
+        .start()
+        .await
+        .unwrap();
+    let alice = rig.session("alice").await.unwrap();
+    let r = alice.get("/api/device-usage/current").await;
+    assert_eq!(
+        (r.status, r.code()),
+        (503, "NLBWMON_MISCONFIGURED"),
+        "{}",
+        r.body
+    );
+    assert!(r.body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("/usr/share/nlbwmon/protocols"));
+    let r = alice.get("/api/device-usage/status").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let s = &r.body["data"];
+    assert_eq!(s["running"], true, "{s}");
+    assert_eq!(s["error_code"], "NLBWMON_MISCONFIGURED", "{s}");
+    assert_eq!(s["protocol_database"], "/usr/share/nlbwmon/protocols");
+    assert_eq!(s["current_period"], "2026-11-01");
+    let argv = std::fs::read_to_string(&seen).unwrap();
+    assert!(
+        argv.lines()
+            .any(|l| l == "-p /usr/share/nlbwmon/protocols -c list"),
+        "{argv}"
     );
 }

@@ -60,6 +60,9 @@ pub enum AgentError {
     /// nlbwmon is not installed, not running or not answering.
     #[error("{0}")]
     UsageUnavailable(String),
+    /// nlbwmon's configuration is wrong (an unreadable protocol list).
+    #[error("{0}")]
+    UsageMisconfigured(String),
     /// nlbw answered something unusable.
     #[error("{0}")]
     UsageBadOutput(String),
@@ -116,6 +119,7 @@ impl AgentError {
             AgentError::ChangePending(_) => ErrorCode::ChangePending,
             AgentError::WifiUnavailable(_) => ErrorCode::WifiUnavailable,
             AgentError::UsageUnavailable(_) => ErrorCode::NlbwmonUnavailable,
+            AgentError::UsageMisconfigured(_) => ErrorCode::NlbwmonMisconfigured,
             AgentError::UsageBadOutput(_) => ErrorCode::NlbwmonBadOutput,
             AgentError::NoUsage(_) => ErrorCode::DeviceNotFound,
             AgentError::ResetFailed(_) => ErrorCode::UsageResetFailed,
@@ -230,7 +234,7 @@ async fn dispatch(app: &Arc<App>, req: Request<Incoming>) -> Result<Reply, Agent
         pattern if policy_route(pattern) => {
             let method = route.route.method.as_str();
             let call = call(method, pattern, route.param("id"), req).await?;
-            policy::handle(&app.policy, call).await
+            policy::handle(&app.policy, &app.offload, call).await
         }
         pattern if pattern.starts_with("/api/dns/") => {
             let method = route.route.method.as_str();

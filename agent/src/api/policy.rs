@@ -117,6 +117,8 @@ struct Done {
 struct InfraStatus {
     status: crate::policy::engine::Status,
     recent_changes: Vec<crate::policy::persist::AuditEntry>,
+    /// fw4's flow offloading and what established flows escape.
+    offloading: crate::offload::OffloadStatus,
 }
 
 #[derive(Serialize)]
@@ -157,7 +159,11 @@ fn parse<T: serde::de::DeserializeOwned>(what: &str, v: &Value) -> Result<T, Age
         .map_err(|e| AgentError::InvalidParameter(format!("{what}: {e}")))
 }
 
-pub async fn handle(engine: &Engine, call: Call) -> Result<Reply, AgentError> {
+pub async fn handle(
+    engine: &Engine,
+    offload: &crate::offload::Offload,
+    call: Call,
+) -> Result<Reply, AgentError> {
     match (call.method, call.pattern) {
         ("GET", "/api/groups") => {
             let d = engine.desired().await;
@@ -285,6 +291,7 @@ pub async fn handle(engine: &Engine, call: Call) -> Result<Reply, AgentError> {
             Reply::ok(InfraStatus {
                 status,
                 recent_changes: audit,
+                offloading: offload.status(),
             })
         }
         ("GET", "/api/blocked") => {

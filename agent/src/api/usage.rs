@@ -16,6 +16,7 @@ impl From<UsageError> for AgentError {
     fn from(e: UsageError) -> Self {
         match e {
             UsageError::Unavailable { .. } => AgentError::UsageUnavailable(e.to_string()),
+            UsageError::Misconfigured(_) => AgentError::UsageMisconfigured(e.to_string()),
             UsageError::BadOutput(_) => AgentError::UsageBadOutput(e.to_string()),
             UsageError::NoSuchDevice(_) => AgentError::NoUsage(e.to_string()),
             UsageError::ResetFailed(_) => AgentError::ResetFailed(e.to_string()),

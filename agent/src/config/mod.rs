@@ -195,6 +195,9 @@ impl AgentConfig {
         if let Some(d) = line.start_delay.or(settings.start_delay) {
             run.backoff.start_delay_max = d;
         }
+        if let Some(m) = settings.flow_offloading {
+            run.flow_offloading = m;
+        }
         // Either trust option on the command line replaces both of the file's; both
         // override what enrollment stored, as does the relay URL.
         run.trust = line

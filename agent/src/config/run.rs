@@ -46,6 +46,8 @@ pub struct RunConfig {
     pub timezone: Option<String>,
     /// How often the policy engine compares the kernel with the desired state.
     pub check_interval: Duration,
+    /// What the agent does about fw4's flow offloading (UCI `flow_offloading`).
+    pub flow_offloading: crate::offload::Mode,
     /// The `nft` and `tc` programs (name or path).
     pub nft: String,
     pub tc: String,
@@ -98,6 +100,7 @@ impl Default for RunConfig {
             wan_if: None,
             timezone: None,
             check_interval: Duration::from_secs(60),
+            flow_offloading: crate::offload::Mode::Keep,
             nft: "nft".into(),
             tc: "tc".into(),
             ip: "ip".into(),

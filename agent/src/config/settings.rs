@@ -24,6 +24,9 @@ pub struct Settings {
     pub state_dir: Option<PathBuf>,
     /// Upper bound of the random delay before the first connection.
     pub start_delay: Option<Duration>,
+    /// `keep` (report only) or `disable` (the owner's consent to turn fw4's flow
+    /// offloading off while policies need the forward path).
+    pub flow_offloading: Option<crate::offload::Mode>,
     /// Options this agent does not know, for a warning.
     pub unknown: Vec<String>,
 }
@@ -36,6 +39,7 @@ const KNOWN: &[&str] = &[
     "log_level",
     "state_dir",
     "start_delay",
+    "flow_offloading",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -127,6 +131,15 @@ impl Settings {
                     .map_err(|e| invalid("start_delay", format!("{v:?}: {e}")))?,
             ),
         };
+        s.flow_offloading = match text("flow_offloading") {
+            None => None,
+            Some(v) => Some(crate::offload::Mode::parse(&v).ok_or_else(|| {
+                invalid(
+                    "flow_offloading",
+                    format!("expected keep or disable, got {v:?}"),
+                )
+            })?),
+        };
         s.unknown = section
             .values
             .iter()
@@ -149,7 +162,14 @@ mod tests {
         let s = Settings::parse(text, Path::new("netpilot.config")).unwrap();
         assert_eq!(s.enabled, Some(true));
         assert_eq!(s.log_level.as_deref(), Some("info"));
+        assert_eq!(s.flow_offloading, Some(crate::offload::Mode::Keep));
         assert!(s.unknown.is_empty(), "{:?}", s.unknown);
+        let consent = Settings::parse(
+            "config agent\n\toption flow_offloading 'disable'\n",
+            Path::new("netpilot"),
+        )
+        .unwrap();
+        assert_eq!(consent.flow_offloading, Some(crate::offload::Mode::Disable));
     }
 
     #[test]
@@ -168,6 +188,10 @@ mod tests {
             ("config agent\n\toption enabled 'maybe'\n", "enabled"),
             ("config agent\n\toption fingerprint 'zz'\n", "fingerprint"),
             ("config agent\n\toption start_delay 'soon'\n", "start_delay"),
+            (
+                "config agent\n\toption flow_offloading 'off'\n",
+                "flow_offloading",
+            ),
             (
                 "config agent\n\toption fingerprint 'aa'\n\toption ca_file '/x'\n",
                 "fingerprint",

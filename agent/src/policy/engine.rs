@@ -285,6 +285,9 @@ pub struct Engine {
     status: Mutex<Status>,
     /// Wakes the background task early (after a failure, for a refresh).
     wake: tokio::sync::Notify,
+    /// The generation in force, sent after every apply and every check that found
+    /// the kernel in sync: what other services (flow offloading) follow.
+    applied: tokio::sync::watch::Sender<u64>,
 }
 
 impl Engine {
@@ -322,11 +325,17 @@ impl Engine {
             clock,
             status: Mutex::new(status),
             wake: tokio::sync::Notify::new(),
+            applied: tokio::sync::watch::channel(generation).0,
         })
     }
 
     pub fn status(&self) -> Status {
         self.status.lock().expect("status lock").clone()
+    }
+
+    /// Marked changed after every apply and in-sync check, holding the generation.
+    pub fn subscribe_applied(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.applied.subscribe()
     }
 
     fn set_status(&self, f: impl FnOnce(&mut Status)) {
@@ -591,6 +600,7 @@ impl Engine {
             s.next_refresh_unix = compiled.and_then(|c| c.refresh_at);
             s.dns_resolvers = compiled.map_or(0, |c| c.dns.instances.len());
         });
+        self.applied.send_replace(record.generation);
     }
 
     /// `compiled` is live after a reconcile applied it (a refresh or a repair) for

@@ -1,11 +1,12 @@
 //! The agent's view of the router's system: one narrow trait per program or file
-//! set it drives (nft, tc, dnsmasq, uci, ubus, nlbw, wifi, files), a real adapter
+//! set it drives (nft, tc, dnsmasq, uci, ubus, nlbw, wifi, files, flowtable), a real adapter
 //! that goes only through `runtime::process`, and an in-memory fake beside it
 //! (the simulated router in `crate::sim` is built from the fakes).
 
 pub mod clock;
 pub mod dnsmasq;
 pub mod files;
+pub mod flowtable;
 pub mod nft;
 pub mod nlbw;
 pub mod sysinfo;
@@ -26,4 +27,7 @@ pub enum SystemError {
     Tc(#[from] tc::TcError),
     #[error(transparent)]
     Dns(#[from] dnsmasq::DnsError),
+    /// Putting fw4's flow offloading back (uci or the firewall reload).
+    #[error("{0}")]
+    Offload(String),
 }

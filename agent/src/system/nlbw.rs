@@ -1,5 +1,6 @@
-//! The nlbwmon seam: its `nlbw` client (`-c json|csv|list|commit`), its init script
-//! and its database files. nlbwmon's daemon serves one client at a time and drops a
+//! The nlbwmon seam: its `nlbw` client (`-c json|csv|list|commit`, with `-p` naming
+//! the protocol list the client reads on every command), its init script and its
+//! database files. nlbwmon's daemon serves one client at a time and drops a
 //! client after 100 ms, so [`RealNlbw`] serialises its calls. Failures are typed so
 //! the API can tell "not installed" from "not running" from "broken". [`FakeNlbw`]
 //! serves fixed texts (the fixtures) with the same error behaviour.
@@ -76,7 +77,12 @@ pub enum NlbwError {
     /// The daemon did not answer in time (busy, or hung).
     #[error("nlbw did not answer within {0:?}")]
     Timeout(Duration),
-    /// `nlbw` failed in another way (bad arguments, unreadable protocol list).
+    /// `nlbw` could not read its protocol list (`-p`, from UCI
+    /// `protocol_database`): it reads it before every command, so nothing works
+    /// until the owner fixes the path. A configuration error, not bad output.
+    #[error("nlbw cannot read its protocol list {path}: {detail}")]
+    ProtocolList { path: String, detail: String },
+    /// `nlbw` failed in another way (bad arguments).
     #[error(transparent)]
     Failed(ProcessError),
     /// The init script failed.
@@ -94,9 +100,24 @@ pub enum NlbwError {
 /// nlbw's own failure line when it cannot reach the daemon (client.c prints
 /// `Error while processing command: <strerror>` and exits non-zero).
 const CLIENT_ERROR: &str = "Error while processing command";
+/// client.c's line when `init_protocols` fails, before any command runs:
+/// `Unable to read protocol list <path>: <strerror>`.
+const PROTOCOL_ERROR: &str = "Unable to read protocol list";
+/// The client's built-in protocol list, used when UCI names none.
+pub const DEFAULT_PROTOCOLS: &str = "/usr/share/nlbwmon/protocols";
+
+/// The whole argument list: `-p <protocols>` (when given) before the command's.
+pub fn argv<'a>(q: &'a Query<'a>, protocols: Option<&'a str>) -> Vec<&'a str> {
+    let mut a = Vec::with_capacity(8);
+    if let Some(p) = protocols {
+        a.extend(["-p", p]);
+    }
+    a.extend(q.args());
+    a
+}
 
 /// Sorts a failed `nlbw` run into the typed errors.
-pub fn classify(program: &str, e: ProcessError) -> NlbwError {
+pub fn classify(program: &str, protocols: Option<&str>, e: ProcessError) -> NlbwError {
     if e.is_not_found() {
         return NlbwError::NotInstalled {
             program: program.to_owned(),
@@ -104,6 +125,12 @@ pub fn classify(program: &str, e: ProcessError) -> NlbwError {
     }
     match e {
         ProcessError::Timeout { timeout, .. } => NlbwError::Timeout(timeout),
+        ProcessError::Failed { ref stderr, .. } if stderr.contains(PROTOCOL_ERROR) => {
+            NlbwError::ProtocolList {
+                path: protocols.unwrap_or(DEFAULT_PROTOCOLS).to_owned(),
+                detail: stderr.trim().to_owned(),
+            }
+        }
         ProcessError::Failed { ref stderr, .. } if stderr.contains(CLIENT_ERROR) => {
             NlbwError::NotRunning {
                 detail: stderr.clone(),
@@ -130,8 +157,13 @@ pub fn is_temp_state_file(name: &str) -> bool {
 }
 
 pub trait Nlbw: Send + Sync {
-    /// Runs one `nlbw` command and returns its stdout.
-    fn query<'a>(&'a self, q: Query<'a>) -> Fut<'a, Result<String, NlbwError>>;
+    /// Runs one `nlbw` command (with `-p protocols` when given) and returns its
+    /// stdout.
+    fn query<'a>(
+        &'a self,
+        q: Query<'a>,
+        protocols: Option<&'a str>,
+    ) -> Fut<'a, Result<String, NlbwError>>;
     /// Runs the init script.
     fn control(&self, action: Control) -> Fut<'_, Result<(), NlbwError>>;
     /// Removes the regular files in `dir` whose name `matches`, returning their
@@ -167,14 +199,18 @@ impl RealNlbw {
 }
 
 impl Nlbw for RealNlbw {
-    fn query<'a>(&'a self, q: Query<'a>) -> Fut<'a, Result<String, NlbwError>> {
+    fn query<'a>(
+        &'a self,
+        q: Query<'a>,
+        protocols: Option<&'a str>,
+    ) -> Fut<'a, Result<String, NlbwError>> {
         Box::pin(async move {
             let _one = self.lock.lock().await;
-            let mut argv = vec![self.program.as_str()];
-            argv.extend(q.args());
-            process::run(&argv, None, self.timeout)
+            let mut all = vec![self.program.as_str()];
+            all.extend(argv(&q, protocols));
+            process::run(&all, None, self.timeout)
                 .await
-                .map_err(|e| classify(&self.program, e))
+                .map_err(|e| classify(&self.program, protocols, e))
         })
     }
 
@@ -244,6 +280,10 @@ struct FakeState {
     files: BTreeMap<String, BTreeSet<String>>,
     queries: usize,
     controls: Vec<Control>,
+    /// The protocol lists that exist; any other `-p` fails as nlbw does.
+    protocol_files: BTreeSet<String>,
+    /// The `-p` of the last query.
+    last_protocols: Option<String>,
 }
 
 impl Default for FakeNlbw {
@@ -256,6 +296,12 @@ impl Default for FakeNlbw {
                 files: BTreeMap::new(),
                 queries: 0,
                 controls: Vec::new(),
+                // The default list, and /dev/null (always readable: an empty list).
+                protocol_files: BTreeSet::from([
+                    DEFAULT_PROTOCOLS.to_owned(),
+                    "/dev/null".to_owned(),
+                ]),
+                last_protocols: None,
             }),
         }
     }
@@ -329,19 +375,42 @@ impl FakeNlbw {
         self.lock().queries
     }
 
+    /// Makes `path` a readable protocol list (the default one is).
+    pub fn add_protocol_file(&self, path: &str) {
+        self.lock().protocol_files.insert(path.to_owned());
+    }
+
+    /// The `-p` argument of the last query.
+    pub fn last_protocols(&self) -> Option<String> {
+        self.lock().last_protocols.clone()
+    }
+
     pub fn controls(&self) -> Vec<Control> {
         self.lock().controls.clone()
     }
 }
 
 impl Nlbw for FakeNlbw {
-    fn query<'a>(&'a self, q: Query<'a>) -> Fut<'a, Result<String, NlbwError>> {
+    fn query<'a>(
+        &'a self,
+        q: Query<'a>,
+        protocols: Option<&'a str>,
+    ) -> Fut<'a, Result<String, NlbwError>> {
         Box::pin(async move {
             let mut s = self.lock();
             s.queries += 1;
+            s.last_protocols = protocols.map(str::to_owned);
             if s.mode == FakeMode::NotInstalled {
                 return Err(NlbwError::NotInstalled {
                     program: "nlbw".into(),
+                });
+            }
+            // The client reads its protocol list before it talks to the daemon.
+            let path = protocols.unwrap_or(DEFAULT_PROTOCOLS);
+            if !s.protocol_files.contains(path) {
+                return Err(NlbwError::ProtocolList {
+                    path: path.to_owned(),
+                    detail: format!("{PROTOCOL_ERROR} {path}: No such file or directory"),
                 });
             }
             if !s.running {
@@ -423,7 +492,11 @@ mod tests {
                 .to_owned()
         } else {
             format!(
-                "case \"$*\" in\n\
+                "if [ \"$1\" = -p ]; then\n\
+                 [ -r \"$2\" ] || {{ echo \"Unable to read protocol list $2: No such file or directory\" >&2; exit 1; }}\n\
+                 shift 2\n\
+                 fi\n\
+                 case \"$*\" in\n\
                  '-c json') cat {fx}/nlbw-json.json ;;\n\
                  '-c json -g mac') cat {fx}/nlbw-json-group-mac.json ;;\n\
                  '-c csv') cat {fx}/nlbw-csv.csv ;;\n\
@@ -442,24 +515,30 @@ mod tests {
     /// What both adapters must do while the daemon runs.
     async fn contract_up(n: &dyn Nlbw) {
         let json = n
-            .query(Query::Json {
-                group_by: None,
-                period: None,
-            })
+            .query(
+                Query::Json {
+                    group_by: None,
+                    period: None,
+                },
+                None,
+            )
             .await
             .unwrap();
         assert_eq!(json, JSON);
-        assert_eq!(n.query(Query::List).await.unwrap(), LIST);
+        assert_eq!(n.query(Query::List, None).await.unwrap(), LIST);
         let by_mac = n
-            .query(Query::Json {
-                group_by: Some("mac"),
-                period: None,
-            })
+            .query(
+                Query::Json {
+                    group_by: Some("mac"),
+                    period: None,
+                },
+                None,
+            )
             .await
             .unwrap();
         assert!(by_mac.starts_with("{\"columns\":[\"mac\""), "{by_mac}");
         assert!(n
-            .query(Query::Csv { period: None })
+            .query(Query::Csv { period: None }, None)
             .await
             .unwrap()
             .contains("\t\"HTTPS\""));
@@ -484,6 +563,11 @@ mod tests {
             ["-c", "csv", "-t", "2026-10-01"]
         );
         assert_eq!(Query::Commit.args(), ["-c", "commit"]);
+        assert_eq!(
+            argv(&Query::List, Some("/etc/nlbw/protocols")),
+            ["-p", "/etc/nlbw/protocols", "-c", "list"]
+        );
+        assert_eq!(argv(&Query::List, None), ["-c", "list"]);
     }
 
     #[test]
@@ -513,18 +597,40 @@ mod tests {
         let fake = FakeNlbw::with_fixtures();
         contract_up(&fake).await;
 
+        // A protocol list that is there is passed; one that is not is a
+        // configuration error, told apart from a daemon that is down.
+        let protocols = dir.join("protocols");
+        std::fs::write(&protocols, "6 443 HTTPS\n").unwrap();
+        let protocols = protocols.to_string_lossy().into_owned();
+        fake.add_protocol_file(&protocols);
+        for n in [&real as &dyn Nlbw, &fake] {
+            assert_eq!(n.query(Query::List, Some(&protocols)).await.unwrap(), LIST);
+            let e = n
+                .query(Query::List, Some("/no/such/protocols"))
+                .await
+                .unwrap_err();
+            match e {
+                NlbwError::ProtocolList { path, detail } => {
+                    assert_eq!(path, "/no/such/protocols");
+                    assert!(detail.contains("No such file"), "{detail}");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(fake.last_protocols().as_deref(), Some("/no/such/protocols"));
+
         let down = RealNlbw::new(script(&dir, true), "/bin/true", dir.clone());
-        let e = down.query(Query::List).await.unwrap_err();
+        let e = down.query(Query::List, None).await.unwrap_err();
         assert!(matches!(e, NlbwError::NotRunning { .. }), "{e:?}");
         fake.set_running(false);
-        let e = fake.query(Query::List).await.unwrap_err();
+        let e = fake.query(Query::List, None).await.unwrap_err();
         assert!(matches!(e, NlbwError::NotRunning { .. }), "{e:?}");
 
         let missing = RealNlbw::new("/nonexistent/nlbw", "/bin/true", dir.clone());
-        let e = missing.query(Query::List).await.unwrap_err();
+        let e = missing.query(Query::List, None).await.unwrap_err();
         assert!(matches!(e, NlbwError::NotInstalled { .. }), "{e:?}");
         fake.set_mode(FakeMode::NotInstalled);
-        let e = fake.query(Query::List).await.unwrap_err();
+        let e = fake.query(Query::List, None).await.unwrap_err();
         assert!(matches!(e, NlbwError::NotInstalled { .. }), "{e:?}");
         std::fs::remove_dir_all(dir).unwrap();
     }
@@ -546,7 +652,7 @@ mod tests {
         .unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
         let real = RealNlbw::new(path.to_string_lossy(), "/bin/true", dir.clone());
-        let q = || real.query(Query::List);
+        let q = || real.query(Query::List, None);
         let (a, b, c, d) = tokio::join!(q(), q(), q(), q());
         for r in [a, b, c, d] {
             assert_eq!(r.unwrap(), "2026-11-01\n");

@@ -124,6 +124,17 @@ fn valid_name(s: &str) -> bool {
     !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
+/// An anonymous section by type and index, `@type[N]`, as uci's extended syntax
+/// names it (fw4's `defaults` section has no name). Only plain type names: the
+/// agent addresses `@defaults[0]`, never an index among sections that may move.
+fn anonymous_ref(s: &str) -> Option<(&str, usize)> {
+    let (kind, rest) = s.strip_prefix('@')?.split_once('[')?;
+    let n = rest.strip_suffix(']')?;
+    (valid_name(kind) && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| Some((kind, n.parse().ok()?)))
+        .flatten()
+}
+
 fn check_path(cmd: &UciCmd, package: &str) -> Result<(), UciError> {
     let path = cmd.path();
     let refused = |reason| UciError::Refused {
@@ -131,7 +142,8 @@ fn check_path(cmd: &UciCmd, package: &str) -> Result<(), UciError> {
         reason,
     };
     let parts: Vec<&str> = path.split('.').collect();
-    if !(2..=3).contains(&parts.len()) || !parts.iter().all(|p| valid_name(p)) {
+    let valid = |(i, p): (usize, &&str)| valid_name(p) || (i == 1 && anonymous_ref(p).is_some());
+    if !(2..=3).contains(&parts.len()) || !parts.iter().enumerate().all(valid) {
         return Err(refused(
             "not a package.section[.option] path of plain names",
         ));
@@ -435,9 +447,17 @@ fn rejected(message: &str) -> UciError {
 fn run_cmd(sections: &mut Vec<Section>, cmd: &UciCmd) -> Result<(), UciError> {
     let parts: Vec<&str> = cmd.path().split('.').collect();
     let (section, option) = (parts[1], parts.get(2).copied());
-    let idx = sections
-        .iter()
-        .position(|s| s.name.as_deref() == Some(section));
+    let idx = match anonymous_ref(section) {
+        Some((kind, n)) => sections
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.kind == kind)
+            .nth(n)
+            .map(|(i, _)| i),
+        None => sections
+            .iter()
+            .position(|s| s.name.as_deref() == Some(section)),
+    };
     match (cmd, idx, option) {
         (UciCmd::Set { value, .. }, Some(i), Some(opt)) => {
             let s = &mut sections[i];
@@ -584,6 +604,12 @@ pub(crate) mod tests {
             "wireless.x.y.z",
             "wireless.x-y.ssid",
             "wireless.@wifi-iface[0].ssid",
+            "wireless.@wifi_iface[x].ssid",
+            "wireless.@wifi_iface[].ssid",
+            "wireless.@wifi_iface[0.ssid",
+            "wireless.@wifi_iface.ssid",
+            "wireless.@[0].ssid",
+            "wireless.x.@wifi_iface[0]",
             "network.lan.ipaddr",
             "wireless.x",
         ] {
@@ -592,6 +618,15 @@ pub(crate) mod tests {
                 "{path}"
             );
         }
+        // uci's own `@type[N]` names an anonymous section (fw4's `defaults`).
+        assert_eq!(
+            batch_script(
+                "firewall",
+                &[UciCmd::set("firewall.@defaults[0].flow_offloading", "0")]
+            )
+            .unwrap(),
+            "set firewall.@defaults[0].flow_offloading='0'\n"
+        );
         let debug = format!("{:?}", UciCmd::set("wireless.x.key", "hunter22"));
         assert!(!debug.contains("hunter22"), "{debug}");
     }

@@ -7,6 +7,7 @@
 
 pub mod history;
 pub mod parse;
+pub mod period;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -27,6 +28,9 @@ pub const NLBWMON_CONFIG: &str = "/etc/config/nlbwmon";
 pub const DEFAULT_DATABASE_DIR: &str = "/var/lib/nlbwmon";
 /// nlbwmon's temp directory (not configurable in nlbwmon), holding `0.db`.
 pub const NLBWMON_TEMP_DIR: &str = "/tmp";
+/// What a `list` probe passes as `-p`: listing periods needs no protocol names,
+/// so the daemon's state can be told even when the configured list is unreadable.
+const NO_PROTOCOLS: &str = "/dev/null";
 const HINT: &str = "install and start nlbwmon on the router (opkg install nlbwmon; /etc/init.d/nlbwmon enable; /etc/init.d/nlbwmon start)";
 
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +38,10 @@ pub enum UsageError {
     /// nlbwmon cannot be asked: not installed, not running, not answering.
     #[error("{reason}; {HINT}")]
     Unavailable { reason: String },
+    /// nlbwmon's UCI configuration is wrong (an unreadable `protocol_database`):
+    /// every `nlbw` command fails until the owner fixes it.
+    #[error("nlbwmon is misconfigured: {0}; fix /etc/config/nlbwmon")]
+    Misconfigured(String),
     /// nlbw answered something that is not its output.
     #[error("nlbw output is unusable: {0}")]
     BadOutput(String),
@@ -51,6 +59,7 @@ impl From<NlbwError> for UsageError {
     fn from(e: NlbwError) -> Self {
         match e {
             NlbwError::Failed(p) => UsageError::BadOutput(p.to_string()),
+            e @ NlbwError::ProtocolList { .. } => UsageError::Misconfigured(e.to_string()),
             other => UsageError::Unavailable {
                 reason: other.to_string(),
             },
@@ -161,13 +170,21 @@ pub struct DeviceOut {
 pub struct StatusOut {
     pub installed: bool,
     pub running: bool,
-    /// Why not, when not running.
+    /// Why not, when not running, or what is wrong with the configuration.
     pub error: Option<String>,
+    /// `NLBWMON_MISCONFIGURED` when `error` is a configuration error (the daemon
+    /// may well be running: `running` says).
+    pub error_code: Option<&'static str>,
+    /// UCI `protocol_database`, passed to every `nlbw` command as `-p`.
+    pub protocol_database: Option<String>,
     pub database_directory: String,
     /// UCI `database_interval`: the accounting period (a day of month, or
     /// `YYYY-MM-DD/N` days).
     pub period: Option<String>,
     pub current_period: Option<String>,
+    /// Where `current_period` comes from: `nlbwmon` (its saved periods) or
+    /// `database_interval` (derived, before nlbwmon's first save).
+    pub current_period_source: Option<&'static str>,
     pub periods: Vec<String>,
     pub refresh_interval: Option<String>,
     pub commit_interval: Option<String>,
@@ -289,17 +306,22 @@ impl Usage {
                 return Ok(live.clone());
             }
         }
-        let periods = parse::list(&self.nlbw.query(Query::List).await?)?;
+        let protocols = self.protocols();
+        let protocols = protocols.as_deref();
+        let periods = parse::list(&self.nlbw.query(Query::List, protocols).await?)?;
         let text = self
             .nlbw
-            .query(Query::Json {
-                group_by: None,
-                period: None,
-            })
+            .query(
+                Query::Json {
+                    group_by: None,
+                    period: None,
+                },
+                protocols,
+            )
             .await?;
         let agg = parse::aggregate(&parse::json(&text)?);
         let now = self.now();
-        let period = periods.into_iter().next();
+        let period = periods.into_iter().next().or_else(|| self.derived_period());
         let today = self.today();
         {
             let mut ledger = self.ledger.lock().expect("usage ledger");
@@ -436,7 +458,15 @@ impl Usage {
     pub async fn status(&self) -> StatusOut {
         let uci = self.nlbwmon_config();
         let get = |k: &str| uci.get(k).cloned();
-        let (installed, running, error, periods) = match self.nlbw.query(Query::List).await {
+        let protocols = self.protocols();
+        let mut answer = self.nlbw.query(Query::List, protocols.as_deref()).await;
+        let mut config_error = None;
+        if let Err(e @ NlbwError::ProtocolList { .. }) = answer {
+            // Say what is wrong, and still tell whether the daemon runs.
+            config_error = Some(e.to_string());
+            answer = self.nlbw.query(Query::List, Some(NO_PROTOCOLS)).await;
+        }
+        let (installed, running, error, periods) = match answer {
             Ok(text) => match parse::list(&text) {
                 Ok(p) => (true, true, None, p),
                 Err(e) => (true, true, Some(e.to_string()), Vec::new()),
@@ -444,14 +474,27 @@ impl Usage {
             Err(e @ NlbwError::NotInstalled { .. }) => (false, false, Some(e.to_string()), vec![]),
             Err(e) => (true, false, Some(e.to_string()), Vec::new()),
         };
+        let (current_period, current_period_source) = match periods.first() {
+            Some(p) => (Some(p.clone()), Some("nlbwmon")),
+            None if running => match self.derived_period() {
+                Some(p) => (Some(p), Some("database_interval")),
+                None => (None, None),
+            },
+            None => (None, None),
+        };
         let ledger = self.ledger.lock().expect("usage ledger");
         StatusOut {
             installed,
             running,
-            error,
+            error_code: config_error
+                .is_some()
+                .then_some(netpilot_proto::ErrorCode::NlbwmonMisconfigured.as_str()),
+            error: config_error.or(error),
+            protocol_database: protocols,
             database_directory: self.database_dir(),
             period: get("database_interval"),
-            current_period: periods.first().cloned(),
+            current_period,
+            current_period_source,
             periods,
             refresh_interval: get("refresh_interval"),
             commit_interval: get("commit_interval"),
@@ -474,6 +517,26 @@ impl Usage {
             .and_then(|s| s.into_iter().find(|s| s.kind == "nlbwmon"))
             .map(|s| s.values.into_iter().collect())
             .unwrap_or_default()
+    }
+
+    /// UCI `protocol_database`, when set: nlbw's `-p`.
+    fn protocols(&self) -> Option<String> {
+        self.nlbwmon_config()
+            .remove("protocol_database")
+            .filter(|p| !p.is_empty())
+    }
+
+    /// The current period from UCI `database_interval` (nlbwmon's default, the
+    /// 1st of the month, when unset); `None` when the value is one nlbwmon would
+    /// refuse too.
+    fn derived_period(&self) -> Option<String> {
+        let interval = match self.nlbwmon_config().remove("database_interval") {
+            None => period::DEFAULT,
+            Some(spec) => period::Interval::parse(&spec)
+                .map_err(|e| tracing::warn!(error = %e, "no current period"))
+                .ok()?,
+        };
+        Some(interval.current(self.now(), &*self.offset))
     }
 
     fn database_dir(&self) -> String {
@@ -660,7 +723,11 @@ impl Usage {
     async fn wait_running(&self, want: bool) -> bool {
         let tries = (self.config.confirm_timeout.as_millis() / 100).max(1);
         for _ in 0..tries {
-            let up = self.nlbw.query(Query::List).await.is_ok();
+            let up = self
+                .nlbw
+                .query(Query::List, Some(NO_PROTOCOLS))
+                .await
+                .is_ok();
             if up == want {
                 return true;
             }

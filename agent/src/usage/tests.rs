@@ -399,3 +399,106 @@ async fn reset_stops_removes_only_nlbwmon_files_and_starts() {
         other => panic!("expected a failed reset, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn the_configured_protocol_list_is_passed_and_a_wrong_one_is_a_configuration_error() {
+    let mut rig = Rig::new();
+    let config = |path: &str| {
+        format!(
+            "config nlbwmon\n\toption database_interval '1'\n\toption protocol_database '{path}'\n"
+        )
+    };
+    rig.nlbw.add_protocol_file("/etc/nlbwmon/protocols");
+    rig.files = rig
+        .files
+        .clone()
+        .with(NLBWMON_CONFIG, &config("/etc/nlbwmon/protocols"));
+    let u = rig.service(Duration::ZERO);
+    u.current(0, 10).await.unwrap();
+    assert_eq!(
+        rig.nlbw.last_protocols().as_deref(),
+        Some("/etc/nlbwmon/protocols")
+    );
+    let s = u.status().await;
+    assert_eq!(
+        s.protocol_database.as_deref(),
+        Some("/etc/nlbwmon/protocols")
+    );
+    assert!(s.running && s.error.is_none() && s.error_code.is_none());
+
+    // A path that is not there: a configuration error with its own code, not
+    // bad output, and the daemon is still reported running.
+    rig.files = rig
+        .files
+        .clone()
+        .with(NLBWMON_CONFIG, &config("/usr/share/nlbwmon/typo"));
+    let u = rig.service(Duration::ZERO);
+    let e = u.current(0, 10).await.unwrap_err();
+    assert!(matches!(e, UsageError::Misconfigured(_)), "{e:?}");
+    assert!(e.to_string().contains("/usr/share/nlbwmon/typo"), "{e}");
+    let api: crate::api::AgentError = e.into();
+    assert_eq!(api.code(), netpilot_proto::ErrorCode::NlbwmonMisconfigured);
+    assert_eq!(api.code().status(), 503);
+    let s = u.status().await;
+    assert!(s.installed && s.running, "{s:?}");
+    assert_eq!(s.error_code, Some("NLBWMON_MISCONFIGURED"));
+    assert!(s.error.as_deref().unwrap().contains("typo"), "{s:?}");
+    assert_eq!(s.current_period.as_deref(), Some("2026-11-01"));
+
+    // No option: nlbw's own default, no -p.
+    let plain = Rig::new();
+    plain.service(Duration::ZERO).current(0, 10).await.unwrap();
+    assert_eq!(plain.nlbw.last_protocols(), None);
+}
+
+#[tokio::test]
+async fn before_nlbwmon_first_saves_the_period_comes_from_database_interval() {
+    let mut rig = Rig::new();
+    // `nlbw -c list` prints nothing until the first save.
+    rig.nlbw.answer(Query::List, "");
+    let u = rig.service(Duration::ZERO);
+    // No database_interval: nlbwmon's default, the 1st of the month.
+    assert_eq!(
+        u.current(0, 10).await.unwrap().period.as_deref(),
+        Some("2026-11-01")
+    );
+    let s = u.status().await;
+    assert_eq!(s.current_period.as_deref(), Some("2026-11-01"));
+    assert_eq!(s.current_period_source, Some("database_interval"));
+    assert!(s.periods.is_empty());
+
+    for (spec, want) in [
+        ("15", "2026-11-15"),
+        ("25", "2026-10-25"),
+        ("2026-11-05/7", "2026-11-19"),
+    ] {
+        rig.files = rig.files.clone().with(
+            NLBWMON_CONFIG,
+            &format!("config nlbwmon\n\toption database_interval '{spec}'\n"),
+        );
+        let u = rig.service(Duration::ZERO);
+        assert_eq!(
+            u.current(0, 10).await.unwrap().period.as_deref(),
+            Some(want),
+            "{spec}"
+        );
+        assert_eq!(
+            u.status().await.current_period.as_deref(),
+            Some(want),
+            "{spec}"
+        );
+    }
+    // A value nlbwmon refuses names no period rather than a wrong one.
+    rig.files = rig.files.clone().with(
+        NLBWMON_CONFIG,
+        "config nlbwmon\n\toption database_interval 'monthly'\n",
+    );
+    let u = rig.service(Duration::ZERO);
+    assert_eq!(u.current(0, 10).await.unwrap().period, None);
+
+    // Once nlbwmon lists a period, that one wins.
+    rig.nlbw.answer(Query::List, "2026-11-01\n");
+    let s = u.status().await;
+    assert_eq!(s.current_period.as_deref(), Some("2026-11-01"));
+    assert_eq!(s.current_period_source, Some("nlbwmon"));
+}

@@ -387,12 +387,18 @@ pub fn plan(w: &Wireless, req: &Request) -> Result<Plan, Invalid> {
                 .filter(|r| r.enabled != enable)
                 .map(|r| r.name.as_str())
                 .collect();
-            let value = if enable { "0" } else { "1" };
+            // Like LuCI: an enabled radio has no `disabled` option at all (its
+            // default is off), so enabling deletes it rather than writing '0'.
+            let cmd = |r: &&str| {
+                let path = format!("{PACKAGE}.{r}.disabled");
+                if enable {
+                    UciCmd::Delete { path }
+                } else {
+                    UciCmd::set(path, "1")
+                }
+            };
             Ok(Plan {
-                cmds: changed
-                    .iter()
-                    .map(|r| UciCmd::set(format!("{PACKAGE}.{r}.disabled"), value))
-                    .collect(),
+                cmds: changed.iter().map(cmd).collect(),
                 targets: radios.iter().map(|r| r.name.clone()).collect(),
                 reload: scope(&radios.iter().map(|r| r.name.as_str()).collect::<Vec<_>>()),
                 detail: format!(
@@ -644,6 +650,41 @@ mod tests {
             .unwrap()
             .cmds
             .is_empty());
+        // Enabling deletes `disabled`, as LuCI does, instead of writing '0'.
+        let mut off = w.clone();
+        off.radios[1].enabled = false;
+        let p = plan(
+            &off,
+            &Request::Enable {
+                radio: Some("radio1".into()),
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            p.cmds,
+            [UciCmd::Delete {
+                path: "wireless.radio1.disabled".into()
+            }]
+        );
+        assert_eq!(
+            crate::system::uci::batch_script("wireless", &p.cmds).unwrap(),
+            "delete wireless.radio1.disabled\n"
+        );
+        assert_eq!(
+            crate::system::uci::batch_script(
+                "wireless",
+                &plan(
+                    &w,
+                    &Request::Disable {
+                        radio: Some("radio1".into())
+                    }
+                )
+                .unwrap()
+                .cmds
+            )
+            .unwrap(),
+            "set wireless.radio1.disabled='1'\n"
+        );
         let e = plan(
             &w,
             &Request::Enable {

@@ -561,3 +561,30 @@ async fn safe_apply_over_the_real_uci_commits_quotes_and_restores_the_file() {
     let _ = stop.send(true);
     task.abort();
 }
+
+/// Disable then enable a radio over the real uci: the file ends with no
+/// `disabled` option at all (as LuCI leaves it), not `disabled '0'`.
+#[tokio::test]
+async fn enabling_a_radio_over_the_real_uci_deletes_disabled_like_luci() {
+    use super::model::{plan, Wireless};
+    let rig = crate::system::uci::tests::real_rig();
+    let file = rig.dir.join("config/wireless");
+    let radio1 = || Some("radio1".to_owned());
+    let w = Wireless::parse(&rig.uci.export("wireless").await.unwrap()).unwrap();
+    let off = plan(&w, &Request::Disable { radio: radio1() }).unwrap();
+    rig.uci.apply("wireless", &off.cmds).await.unwrap();
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(text.contains("option disabled '1'"), "{text}");
+
+    let w = Wireless::parse(&rig.uci.export("wireless").await.unwrap()).unwrap();
+    assert!(!w.radio("radio1").unwrap().enabled);
+    let on = plan(&w, &Request::Enable { radio: radio1() }).unwrap();
+    rig.uci.apply("wireless", &on.cmds).await.unwrap();
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(!text.contains("disabled"), "{text}");
+    assert_eq!(rig.uci.export("wireless").await.unwrap(), EXPORT);
+    assert_eq!(
+        crate::uci_format::parse(&text).unwrap(),
+        crate::uci_format::parse(FIXTURE).unwrap()
+    );
+}
