@@ -24,6 +24,10 @@ pub struct Settings {
     pub state_dir: Option<PathBuf>,
     /// Upper bound of the random delay before the first connection.
     pub start_delay: Option<Duration>,
+    /// `list lan_if`: the LAN-side bridges, as `--lan-if`.
+    pub lan_ifs: Vec<String>,
+    /// `option dns_user`: as `--dns-user`.
+    pub dns_user: Option<String>,
     /// Options this agent does not know, for a warning.
     pub unknown: Vec<String>,
 }
@@ -36,6 +40,8 @@ const KNOWN: &[&str] = &[
     "log_level",
     "state_dir",
     "start_delay",
+    "lan_if",
+    "dns_user",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -127,6 +133,13 @@ impl Settings {
                     .map_err(|e| invalid("start_delay", format!("{v:?}: {e}")))?,
             ),
         };
+        s.lan_ifs = section
+            .all("lan_if")
+            .iter()
+            .flat_map(|v| v.split_whitespace())
+            .map(str::to_owned)
+            .collect();
+        s.dns_user = text("dns_user");
         s.unknown = section
             .values
             .iter()

@@ -352,9 +352,14 @@ fn cleanup_takes_the_same_programs_and_devices_as_run() {
             run.nft.as_str(),
             run.tc.as_str(),
             run.dnsmasq.as_str(),
-            run.lan_if.as_deref()
+            run.lan_ifs.clone()
         ),
-        ("/opt/nft", "/opt/tc", "/opt/dnsmasq", Some("lan0"))
+        (
+            "/opt/nft",
+            "/opt/tc",
+            "/opt/dnsmasq",
+            vec!["lan0".to_owned()]
+        )
     );
     assert_eq!(run.dns_dir, Path::new("/tmp/dns"));
 }

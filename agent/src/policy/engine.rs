@@ -26,7 +26,8 @@ use crate::system::files::Files;
 
 #[derive(Clone)]
 pub struct EngineConfig {
-    pub lan_if: String,
+    /// Every LAN-side bridge, never empty; download is shaped on the first.
+    pub lan_ifs: Vec<String>,
     pub wan_if: String,
     /// A POSIX TZ string overriding the router's own (UCI system.timezone, /etc/TZ).
     pub timezone: Option<String>,
@@ -242,7 +243,9 @@ impl Engine {
             }),
             enforcers,
             devices: Devices {
-                down: config.lan_if.clone(),
+                // tc shapes download on the first LAN bridge only (the others'
+                // devices are classified and filtered, not shaped, for now).
+                down: config.lan_ifs.first().cloned().unwrap_or_default(),
                 up: config.wan_if.clone(),
             },
             files,
@@ -298,7 +301,7 @@ impl Engine {
         }
         let zone = self.zone();
         let ctx = Context {
-            lan_if: &self.config.lan_if,
+            lan_ifs: self.config.lan_ifs.iter().map(String::as_str).collect(),
             wan_if: &self.config.wan_if,
             zone: &zone,
             now_unix: self.now(),
@@ -684,7 +687,7 @@ mod tests {
                 },
                 Arc::new(MemFiles::default()),
                 EngineConfig {
-                    lan_if: "br-lan".into(),
+                    lan_ifs: vec!["br-lan".into()],
                     wan_if: "wan".into(),
                     timezone: Some(tz.into()),
                     check_interval: Duration::from_secs(60),

@@ -665,6 +665,7 @@ mod tests {
             running: true,
             conf: None,
             servers: Some(servers.into()),
+            canary: None,
         }
     }
 

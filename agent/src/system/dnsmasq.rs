@@ -23,8 +23,16 @@
 //!   deliberately outlive the agent, so filtering holds while it restarts. A pid is
 //!   signalled only when `/proc/<pid>/cmdline` shows it is dnsmasq started with this
 //!   instance's conf path; a stale pid reused by another process is left alone.
-//! - dnsmasq drops to its user (`nobody` unless `user=`) after start and reads the
-//!   servers file as that user on SIGHUP: files are 0644, the directory 0755.
+//! - dnsmasq drops to its user (`nobody` unless `user=`; OpenWrt's is `dnsmasq`)
+//!   and reads the servers file as that user, at start and on SIGHUP: files are
+//!   0644, the directory 0755 (made so on every ensure, whatever created it). A
+//!   servers file it cannot read is no error to dnsmasq: it logs and answers
+//!   everything unfiltered. Hence the canary below.
+//! - Proof by effect: after every start and reload, and when observed, the instance
+//!   is asked for a canary name its list blocks (`super::dns_wire`); an answer that is
+//!   not dnsmasq's local NXDOMAIN is [`DnsError::Canary`] (from `ensure`) or
+//!   [`ObservedInstance::canary`] (drift). `interface=` makes dnsmasq bind loopback
+//!   too, so the question goes to 127.0.0.1 at the instance's port.
 //!
 //! [`FakeResolver`] keeps the same semantics in memory for unit tests.
 
@@ -36,6 +44,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::dns_wire::CANARY;
 pub use super::Fut;
 use crate::runtime::process::{self, ProcessError, Signal};
 
@@ -47,15 +56,20 @@ pub struct InstanceSpec {
     pub port: u16,
     /// Addresses to bind; with `interface` set they may be empty.
     pub listen: Vec<IpAddr>,
-    /// An interface whose addresses to bind, following them as they change (the
-    /// LAN bridge: nftables' redirect sends to its primary address, whichever that
-    /// is). Empty: only `listen`.
-    pub interface: String,
+    /// Interfaces whose addresses to bind, following them as they change (the
+    /// LAN bridges: nftables' redirect sends to the primary address of the one a
+    /// query came in on). Empty: only `listen`.
+    pub interfaces: Vec<String>,
     /// dnsmasq `server=` values: `127.0.0.1`, `10.77.0.2#53`, `::1#5353`.
     pub upstreams: Vec<String>,
     /// The servers-file body (escaped and validated by the caller).
     pub servers: Arc<String>,
     pub cache_size: u32,
+    /// A name the servers file blocks, asked after every start and reload to prove
+    /// the list is in force (`dns_wire::list_canary`).
+    pub canary: String,
+    /// Whom the instance filters for, in messages (`group 3`).
+    pub label: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,6 +81,8 @@ pub struct ObservedInstance {
     pub running: bool,
     pub conf: Option<String>,
     pub servers: Option<String>,
+    /// A running instance that did not refuse [`CANARY`]: what it answered.
+    pub canary: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,6 +114,10 @@ pub enum DnsError {
     /// before it could be signalled.
     #[error("dnsmasq instance {id} is not running: {detail}")]
     NotRunning { id: String, detail: String },
+    /// It runs, but answered its canary unfiltered: its block list is not in force
+    /// (an unreadable servers file, a list without the canary).
+    #[error(transparent)]
+    Canary(Box<Unfiltered>),
     /// It outlived SIGTERM and SIGKILL within the timeout.
     #[error("dnsmasq instance {id} (pid {pid}) did not exit")]
     StillRunning { id: String, pid: i32 },
@@ -111,6 +131,18 @@ impl DnsError {
             _ => None,
         }
     }
+}
+
+/// A resolver whose canary was not refused; boxed in [`DnsError`] to keep it small.
+#[derive(Debug, thiserror::Error)]
+#[error("dns resolver {id} ({label}, port {port}) answered the canary {name} with {answered}, not the local NXDOMAIN of a blocked name: its block list is not in force (is {dir} readable by the user dnsmasq runs as?)")]
+pub struct Unfiltered {
+    pub id: String,
+    pub label: String,
+    pub port: u16,
+    pub name: String,
+    pub answered: String,
+    pub dir: String,
 }
 
 pub trait Resolver: Send + Sync {
@@ -147,17 +179,20 @@ pub fn validate(spec: &InstanceSpec) -> Result<(), DnsError> {
         // dnsmasq reads port=0 as "no DNS at all".
         return bad(format!("{}: port 0", spec.id));
     }
-    if spec.listen.is_empty() && spec.interface.is_empty() {
+    if spec.listen.is_empty() && spec.interfaces.is_empty() {
         // With neither dnsmasq would answer on every interface.
         return bad(format!("{}: no listen address or interface", spec.id));
     }
-    let if_ok = spec.interface.len() <= 15
-        && spec
-            .interface
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
-    if !if_ok {
-        return bad(format!("{}: interface {:?}", spec.id, spec.interface));
+    for i in &spec.interfaces {
+        let if_ok = (1..=15).contains(&i.len())
+            && i.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        if !if_ok {
+            return bad(format!("{}: interface {i:?}", spec.id));
+        }
+    }
+    if super::dns_wire::query(0, &spec.canary).is_err() {
+        return bad(format!("{}: canary {:?}", spec.id, spec.canary));
     }
     if spec.upstreams.is_empty() {
         // Every name not on the block list would be REFUSED: no DNS for the group.
@@ -181,6 +216,20 @@ fn valid_user(u: &str) -> bool {
         && u.bytes().enumerate().all(|(i, b)| {
             b.is_ascii_lowercase() || b == b'_' || (i > 0 && (b.is_ascii_digit() || b == b'-'))
         })
+}
+
+/// dnsmasq's `--user` for the resolvers: the configured one (`-`: dnsmasq's own
+/// default), else `dnsmasq` when `passwd` (the text of `/etc/passwd`) has it, as
+/// OpenWrt's and Debian's packages do, else dnsmasq's default (`nobody`).
+pub fn pick_user(configured: Option<&str>, passwd: &str) -> Option<String> {
+    match configured {
+        Some("-") => None,
+        Some(u) => Some(u.to_owned()),
+        None => passwd
+            .lines()
+            .any(|l| l.starts_with("dnsmasq:"))
+            .then(|| "dnsmasq".to_owned()),
+    }
 }
 
 /// The state directory goes into `servers-file=` and `pid-file=` lines unquoted.
@@ -213,10 +262,13 @@ pub fn render_conf(
     // Bind only these addresses, so instances on other ports and the router's own
     // dnsmasq on port 53 keep theirs; an interface's addresses are followed as they
     // come and go (bind-dynamic). No dhcp-range: no DHCP.
-    if spec.interface.is_empty() {
+    if spec.interfaces.is_empty() {
         s.push_str("bind-interfaces\n");
     } else {
-        s.push_str(&format!("interface={}\nbind-dynamic\n", spec.interface));
+        for i in &spec.interfaces {
+            s.push_str(&format!("interface={i}\n"));
+        }
+        s.push_str("bind-dynamic\n");
     }
     // Answers come only from the servers file and the upstreams: not from the
     // router's resolv.conf (which may point back at an instance) or /etc/hosts.
@@ -268,6 +320,82 @@ impl Default for RealDnsmasq {
 /// How often to look whether an instance came up or went away.
 const POLL: Duration = Duration::from_millis(5);
 
+/// How long an instance may take to answer its canary blocked: a reload re-reads
+/// 100,000 lines in ~130 ms, and queries wait in the socket meanwhile.
+const CANARY_WITHIN: Duration = Duration::from_secs(3);
+/// One question's wait for its answer.
+const CANARY_WAIT: Duration = Duration::from_millis(500);
+
+/// Asks `name` at `addr` until the answer is dnsmasq's local NXDOMAIN or `within`
+/// has passed; `Ok(())` when blocked, else what was answered last. An answer from
+/// before a reload took effect is asked again, not taken as final.
+pub async fn ask_canary(
+    addr: std::net::SocketAddr,
+    name: &str,
+    within: Duration,
+) -> Result<(), String> {
+    use super::dns_wire as message;
+    let deadline = Instant::now() + within;
+    let bind: std::net::SocketAddr = if addr.is_ipv4() {
+        ([127, 0, 0, 1], 0).into()
+    } else {
+        (std::net::Ipv6Addr::LOCALHOST, 0).into()
+    };
+    let sock = tokio::net::UdpSocket::bind(bind)
+        .await
+        .map_err(|e| format!("no socket: {e}"))?;
+    sock.connect(addr)
+        .await
+        .map_err(|e| format!("cannot reach {addr}: {e}"))?;
+    // Any id will do: the socket is connected to the one server, and a reply to
+    // an earlier question is told apart by it.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let mut id = (std::process::id() as u16) ^ (nanos as u16);
+    loop {
+        id = id.wrapping_add(1);
+        let q = message::query(id, name).map_err(|e| e.to_string())?;
+        let last;
+        if let Err(e) = sock.send(&q).await {
+            last = format!("no answer ({e})");
+        } else {
+            let mut buf = [0u8; 512];
+            let wait = CANARY_WAIT.min(deadline.saturating_duration_since(Instant::now()));
+            match tokio::time::timeout(wait, sock.recv(&mut buf)).await {
+                Ok(Ok(n)) => match message::parse_reply(id, &buf[..n]) {
+                    Ok(r) if r.is_blocked() => return Ok(()),
+                    Ok(r) => last = r.to_string(),
+                    Err(e) => last = format!("a malformed reply ({e})"),
+                },
+                // Refused connection: nothing listens (yet).
+                Ok(Err(e)) => last = format!("no answer ({e})"),
+                Err(_) => last = format!("no answer within {}ms", wait.as_millis()),
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(last);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Where an instance answers, from its conf: the first `listen-address=`, else
+/// loopback (which `interface=` binds too), at `port=`.
+fn answer_addr(conf: &str) -> Option<std::net::SocketAddr> {
+    let mut port = None;
+    let mut addr = None;
+    for l in conf.lines() {
+        if let Some(p) = l.strip_prefix("port=") {
+            port = p.parse::<u16>().ok();
+        } else if let Some(a) = l.strip_prefix("listen-address=") {
+            addr = addr.or_else(|| a.parse::<IpAddr>().ok());
+        }
+    }
+    let ip = addr.unwrap_or(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+    Some((ip, port?).into())
+}
+
 impl RealDnsmasq {
     pub fn conf_path(&self, id: &str) -> PathBuf {
         self.dir.join(format!("{id}.conf"))
@@ -313,6 +441,24 @@ impl RealDnsmasq {
     fn process(&self, id: &str) -> (Option<i32>, bool) {
         let pid = self.read_pid(id);
         (pid, pid.is_some_and(|p| self.is_ours(p, id)))
+    }
+
+    /// Proves `spec`'s list in force by its canary; [`DnsError::Canary`] if not.
+    async fn check_canary(&self, spec: &InstanceSpec, conf: &str) -> Result<(), DnsError> {
+        let addr = answer_addr(conf)
+            .ok_or_else(|| DnsError::Invalid(format!("{}: no port in its conf", spec.id)))?;
+        ask_canary(addr, &spec.canary, CANARY_WITHIN)
+            .await
+            .map_err(|answered| {
+                DnsError::Canary(Box::new(Unfiltered {
+                    id: spec.id.clone(),
+                    label: spec.label.clone(),
+                    port: spec.port,
+                    name: spec.canary.clone(),
+                    answered,
+                    dir: self.dir.display().to_string(),
+                }))
+            })
     }
 
     fn running_pid(&self, id: &str) -> Option<i32> {
@@ -454,12 +600,24 @@ impl Resolver for RealDnsmasq {
             let mut out = Vec::new();
             for id in ids {
                 let (pid, running) = self.process(&id);
+                let conf = read_optional(&self.conf_path(&id))?;
+                // Only a running instance with a list is asked: anything else is
+                // drift already.
+                let servers = read_optional(&self.servers_path(&id))?;
+                let canary = match (&conf, running && servers.is_some()) {
+                    (Some(c), true) => match answer_addr(c) {
+                        Some(addr) => ask_canary(addr, CANARY, CANARY_WAIT * 3).await.err(),
+                        None => Some("no port in its conf".into()),
+                    },
+                    _ => None,
+                };
                 out.push(ObservedInstance {
-                    conf: read_optional(&self.conf_path(&id))?,
-                    servers: read_optional(&self.servers_path(&id))?,
+                    conf,
+                    servers,
                     id,
                     pid,
                     running,
+                    canary,
                 });
             }
             Ok(out)
@@ -479,23 +637,41 @@ impl Resolver for RealDnsmasq {
                 write_if_changed(&self.servers_path(id), spec.servers.as_bytes())?;
             // Files first, then the process: a failed start leaves the wanted files
             // behind, and the next ensure starts from them.
-            let Some(pid) = self.running_pid(id) else {
-                self.start(id).await?;
-                return Ok(Ensured::Started);
+            let done = match self.running_pid(id) {
+                None => {
+                    self.start(id).await?;
+                    Ensured::Started
+                }
+                Some(pid) if conf_changed => {
+                    self.terminate(id, pid).await?;
+                    self.start(id).await?;
+                    Ensured::Started
+                }
+                Some(pid) if servers_changed => {
+                    process::signal(pid, Signal::Hangup).map_err(|e| DnsError::NotRunning {
+                        id: id.clone(),
+                        detail: e.to_string(),
+                    })?;
+                    Ensured::Reloaded
+                }
+                Some(pid) => {
+                    // Running with the right files, yet its list may not be in force
+                    // (it could not read it at its last reload): one restart, which
+                    // reads it afresh now that the modes are right.
+                    if self.check_canary(spec, &conf).await.is_ok() {
+                        return Ok(Ensured::Unchanged);
+                    }
+                    tracing::warn!(
+                        id,
+                        "dns resolver answers its canary unfiltered; restarting it"
+                    );
+                    self.terminate(id, pid).await?;
+                    self.start(id).await?;
+                    Ensured::Started
+                }
             };
-            if conf_changed {
-                self.terminate(id, pid).await?;
-                self.start(id).await?;
-                Ok(Ensured::Started)
-            } else if servers_changed {
-                process::signal(pid, Signal::Hangup).map_err(|e| DnsError::NotRunning {
-                    id: id.clone(),
-                    detail: e.to_string(),
-                })?;
-                Ok(Ensured::Reloaded)
-            } else {
-                Ok(Ensured::Unchanged)
-            }
+            self.check_canary(spec, &conf).await?;
+            Ok(done)
         })
     }
 
@@ -551,6 +727,8 @@ impl Default for FakeResolver {
 struct FakeState {
     instances: BTreeMap<String, FakeInstance>,
     fail_next: BTreeSet<String>,
+    /// Instances answering their canary unfiltered; `true`: until restarted.
+    unfiltered: BTreeMap<String, bool>,
     starts: BTreeMap<String, u32>,
     reloads: BTreeMap<String, u32>,
     last_pid: i32,
@@ -590,6 +768,16 @@ impl FakeResolver {
         }
     }
 
+    /// `id` answers everything unfiltered, as dnsmasq does when it cannot read its
+    /// servers file; with `heals_on_restart` a restart fixes that (the modes were
+    /// wrong at the last reload), without it nothing does (the directory stays
+    /// unreadable).
+    pub fn answer_unfiltered(&self, id: &str, heals_on_restart: bool) {
+        self.state()
+            .unfiltered
+            .insert(id.to_owned(), heals_on_restart);
+    }
+
     pub fn starts(&self, id: &str) -> u32 {
         self.state().starts.get(id).copied().unwrap_or(0)
     }
@@ -602,9 +790,8 @@ impl FakeResolver {
 impl Resolver for FakeResolver {
     fn observe(&self) -> Fut<'_, Result<Vec<ObservedInstance>, DnsError>> {
         Box::pin(async move {
-            Ok(self
-                .state()
-                .instances
+            let s = self.state();
+            Ok(s.instances
                 .iter()
                 .map(|(id, i)| ObservedInstance {
                     id: id.clone(),
@@ -612,6 +799,8 @@ impl Resolver for FakeResolver {
                     running: i.running,
                     conf: Some(i.conf.clone()),
                     servers: Some(i.servers.to_string()),
+                    canary: (i.running && s.unfiltered.contains_key(id))
+                        .then(|| "REFUSED (injected)".to_owned()),
                 })
                 .collect())
         })
@@ -627,7 +816,40 @@ impl Resolver for FakeResolver {
             let servers_changed = inst.servers != spec.servers;
             inst.conf = conf;
             inst.servers = spec.servers.clone();
-            if !inst.running || conf_changed {
+            let canary = |s: &FakeState| {
+                let listed = spec
+                    .servers
+                    .contains(&format!("server=/{}/\n", spec.canary));
+                let answered = match (s.unfiltered.contains_key(&spec.id), listed) {
+                    (true, _) => "REFUSED (injected)",
+                    (false, false) => "NOERROR (the list lacks the canary)",
+                    (false, true) => return Ok(()),
+                };
+                Err(DnsError::Canary(Box::new(Unfiltered {
+                    id: spec.id.clone(),
+                    label: spec.label.clone(),
+                    port: spec.port,
+                    name: spec.canary.clone(),
+                    answered: answered.into(),
+                    dir: self.dir.display().to_string(),
+                })))
+            };
+            // Unfiltered while running with the right files: restarted once, as
+            // the real one does.
+            let restart = inst.running
+                && !conf_changed
+                && !servers_changed
+                && s.unfiltered.contains_key(&spec.id);
+            if restart {
+                if s.unfiltered.get(&spec.id) == Some(&true) {
+                    s.unfiltered.remove(&spec.id);
+                }
+                *s.starts.entry(spec.id.clone()).or_default() += 1;
+                canary(s)?;
+                return Ok(Ensured::Started);
+            }
+            let inst = s.instances.get_mut(&spec.id).expect("just inserted");
+            let done = if !inst.running || conf_changed {
                 inst.running = false;
                 if s.fail_next.remove(&spec.id) {
                     return Err(DnsError::Process(ProcessError::Failed {
@@ -641,13 +863,18 @@ impl Resolver for FakeResolver {
                 inst.pid = Some(1000 + s.last_pid);
                 inst.running = true;
                 *s.starts.entry(spec.id.clone()).or_default() += 1;
-                Ok(Ensured::Started)
+                if s.unfiltered.get(&spec.id) == Some(&true) {
+                    s.unfiltered.remove(&spec.id);
+                }
+                Ensured::Started
             } else if servers_changed {
                 *s.reloads.entry(spec.id.clone()).or_default() += 1;
-                Ok(Ensured::Reloaded)
+                Ensured::Reloaded
             } else {
-                Ok(Ensured::Unchanged)
-            }
+                Ensured::Unchanged
+            };
+            canary(s)?;
+            Ok(done)
         })
     }
 
@@ -671,6 +898,7 @@ impl Resolver for FakeResolver {
 
 #[cfg(test)]
 mod tests {
+    use super::super::dns_wire;
     use super::*;
     use std::any::Any;
     use std::net::{Ipv4Addr, UdpSocket};
@@ -680,10 +908,13 @@ mod tests {
             id: id.into(),
             port,
             listen: vec![IpAddr::V4(Ipv4Addr::LOCALHOST)],
-            interface: String::new(),
+            interfaces: Vec::new(),
             upstreams: vec![upstream.into()],
-            servers: Arc::new(servers.into()),
+            // Every list ends with the canaries, as the compiler writes it.
+            servers: Arc::new(format!("{servers}{}", dns_wire::canary_lines("t"))),
             cache_size: 150,
+            canary: dns_wire::list_canary("t"),
+            label: "group 3".into(),
         }
     }
 
@@ -691,24 +922,30 @@ mod tests {
     fn an_interface_is_followed_with_bind_dynamic() {
         let s = InstanceSpec {
             listen: Vec::new(),
-            interface: "br-lan".into(),
+            interfaces: vec!["br-lan".into(), "br-guest".into()],
             ..spec("g3", 5403, "127.0.0.1", "")
         };
         let conf = render_conf(&s, Path::new("/var/run/netpilot/dns"), None).unwrap();
         assert!(
-            conf.contains("\ninterface=br-lan\nbind-dynamic\n"),
+            conf.contains("\ninterface=br-lan\ninterface=br-guest\nbind-dynamic\n"),
             "{conf}"
         );
         assert!(!conf.contains("bind-interfaces"), "{conf}");
-        for bad in ["br lan", "br-lan\nport=53", "*", "a-name-longer-than-15"] {
+        for bad in [
+            "br lan",
+            "br-lan\nport=53",
+            "*",
+            "a-name-longer-than-15",
+            "",
+        ] {
             let s = InstanceSpec {
-                interface: bad.into(),
+                interfaces: vec!["br-lan".into(), bad.into()],
                 ..s.clone()
             };
             assert!(matches!(validate(&s), Err(DnsError::Invalid(_))), "{bad:?}");
         }
         let neither = InstanceSpec {
-            interface: String::new(),
+            interfaces: Vec::new(),
             ..s
         };
         assert!(matches!(validate(&neither), Err(DnsError::Invalid(_))));
@@ -869,10 +1106,10 @@ mod tests {
 
         // A new list: SIGHUP, same process, the new list takes effect.
         let s2 = InstanceSpec {
-            servers: Arc::new(
-                "server=/ads.example.com/\nserver=/ok.ads.example.com/#\nserver=/www.example.com/\n"
-                    .into(),
-            ),
+            servers: Arc::new(format!(
+                "server=/ads.example.com/\nserver=/ok.ads.example.com/#\nserver=/www.example.com/\n{}",
+                dns_wire::canary_lines("t")
+            )),
             ..s1.clone()
         };
         assert_eq!(r.ensure(&s2).await.unwrap(), Ensured::Reloaded);

@@ -4,8 +4,10 @@
 //! (the simulated router in `crate::sim` is built from the fakes).
 
 pub mod clock;
+pub mod dns_wire;
 pub mod dnsmasq;
 pub mod files;
+pub mod fw4;
 pub mod nft;
 pub mod nlbw;
 pub mod sysinfo;
@@ -26,4 +28,6 @@ pub enum SystemError {
     Tc(#[from] tc::TcError),
     #[error(transparent)]
     Dns(#[from] dnsmasq::DnsError),
+    #[error(transparent)]
+    Fw4(#[from] fw4::Fw4Error),
 }
