@@ -919,6 +919,52 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_resolver_answering_its_canary_unfiltered_fails_the_apply_naming_it() {
+        let rig = Rig::new();
+        let e = rig.engine();
+        sync(&e, kids(&[1], Some(5000))).await.unwrap();
+        let applies = rig.nft.applies();
+        // Its directory unreadable for good: no restart helps.
+        rig.dns.answer_unfiltered("g2", false);
+        let err = sync(&e, filtered(&[1], &["a.test"])).await.unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            matches!(&err, EngineError::Step(s) if s.phase == Phase::MakeResolver),
+            "{msg}"
+        );
+        for part in ["dns resolver g2", "group 3", "port 5402", "REFUSED"] {
+            assert!(msg.contains(part), "{part}: {msg}");
+        }
+        assert_eq!(rig.nft.applies(), applies, "no redirect to it");
+        assert!(rig.dns.observe().await.unwrap().is_empty(), "taken back");
+        assert!(!e.desired().await.groups[&3].policy.dns.filters());
+        assert!(e.status().last_error.is_some());
+    }
+
+    #[tokio::test]
+    async fn a_resolver_gone_unfiltered_is_drift_and_restarted() {
+        let rig = Rig::new();
+        let e = rig.engine();
+        sync(&e, filtered(&[1], &["a.test"])).await.unwrap();
+        assert_eq!(rig.dns.starts("g2"), 1);
+        // It re-read its list as a user that could not read it (a reload after the
+        // modes went wrong): running, right files, unfiltered.
+        rig.dns.answer_unfiltered("g2", true);
+        let drift = e.reconcile("check").await.unwrap();
+        assert!(
+            drift
+                .iter()
+                .any(|d| d.contains("g2 (group 3, port 5402) answers the canary unfiltered")),
+            "{drift:?}"
+        );
+        assert_eq!(rig.dns.starts("g2"), 2, "restarted");
+        let status = e.status();
+        assert!(status.in_sync && status.drift_repairs == 1, "{status:?}");
+        assert_eq!(status.last_drift, drift);
+        assert!(e.reconcile("check").await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
     async fn a_tc_failure_midway_is_undone_and_nft_untouched() {
         let rig = Rig::new();
         let e = rig.engine();

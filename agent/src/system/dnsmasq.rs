@@ -1400,6 +1400,83 @@ mod tests {
         });
     }
 
+    /// The user the resolvers drop to, as on the router: `dnsmasq` where it exists.
+    fn router_user() -> Option<String> {
+        pick_user(
+            None,
+            &std::fs::read_to_string("/etc/passwd").unwrap_or_default(),
+        )
+        .or(Some("nobody".into()))
+    }
+
+    /// A state directory created 0700 by root (a umask of 077, another tool): the
+    /// agent makes it 0755 and filtering works, also after a reload. A directory
+    /// it does not own the path to (its parent 0700) is not fixed, and the canary
+    /// catches that: the start fails naming the resolver and what it answered,
+    /// never a silent success.
+    #[test]
+    fn netns_modes_are_fixed_or_the_canary_fails_the_start() {
+        in_netns(|program| async move {
+            let scratch = Scratch::new("dns-modes");
+            start_upstream(&program, &scratch.0, 5399).await;
+            let dir = scratch.0.join("dns");
+            std::fs::create_dir(&dir).unwrap();
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+            let dns = RealDnsmasq {
+                program: program.clone(),
+                dir: dir.clone(),
+                user: router_user(),
+                timeout: Duration::from_secs(10),
+            };
+            let s = spec("g3", 5301, "127.0.0.1#5399", "server=/ads.example.com/\n");
+            assert_eq!(dns.ensure(&s).await.unwrap(), Ensured::Started);
+            assert_eq!(query(5301, "ads.example.com"), Some(Answer::NxDomain));
+            let mode = std::fs::metadata(&dir).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o755);
+            // Reset behind the agent's back; the next change fixes it before the
+            // reload, and the reloaded list is proven by its own canary.
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+            let s2 = InstanceSpec {
+                servers: Arc::new(format!(
+                    "server=/www.example.com/\n{}",
+                    dns_wire::canary_lines("t2")
+                )),
+                canary: dns_wire::list_canary("t2"),
+                ..s.clone()
+            };
+            assert_eq!(dns.ensure(&s2).await.unwrap(), Ensured::Reloaded);
+            assert_eq!(query(5301, "www.example.com"), Some(Answer::NxDomain));
+            dns.stop("g3").await.unwrap();
+
+            // A parent the resolver's user cannot enter.
+            let closed = scratch.0.join("closed");
+            std::fs::create_dir(&closed).unwrap();
+            std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o700)).unwrap();
+            let dns = RealDnsmasq {
+                program,
+                dir: closed.join("dns"),
+                user: router_user(),
+                timeout: Duration::from_secs(10),
+            };
+            let t = Instant::now();
+            let e = dns.ensure(&s).await.unwrap_err();
+            let DnsError::Canary(u) = &e else {
+                panic!("not a canary failure: {e}");
+            };
+            assert_eq!((u.id.as_str(), u.port), ("g3", 5301), "{e}");
+            assert!(e.to_string().contains("group 3"), "{e}");
+            assert!(!u.answered.starts_with("NXDOMAIN with 0"), "{e}");
+            println!("caught in {:?}: {e}", t.elapsed());
+            // Unfiltered it is indeed: the listed name is forwarded.
+            assert_ne!(query(5301, "ads.example.com"), Some(Answer::NxDomain));
+            // And a later observation says so too (the drift check).
+            let o = dns.observe().await.unwrap();
+            assert!(o[0].running && o[0].canary.is_some(), "{o:?}");
+            dns.stop("g3").await.unwrap();
+            // The Scratch's drop looks for pid files in `dns/` only.
+        });
+    }
+
     /// `n` generated `server=/<12 letters>.com/` lines, then `blocked.example.com`
     /// last: a name answered NXDOMAIN only once the whole file is read.
     fn big_list(n: usize) -> String {

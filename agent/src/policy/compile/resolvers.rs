@@ -66,6 +66,13 @@ pub struct Planned {
     pub allowed: usize,
 }
 
+impl Planned {
+    /// `group 3`, as messages name it.
+    pub fn group_label(&self) -> &str {
+        &self.spec.label
+    }
+}
+
 /// Resolver instances by group slot.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DnsPlan {
