@@ -919,6 +919,26 @@ mod tests {
     }
 
     #[test]
+    fn the_user_is_dnsmasq_where_it_exists_unless_configured() {
+        let openwrt = "root:x:0:0:root:/root:/bin/ash\ndnsmasq:x:453:453:dnsmasq:/var/run/dnsmasq:/bin/false\n";
+        let plain = "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534::/:/bin/false\n";
+        assert_eq!(pick_user(None, openwrt).as_deref(), Some("dnsmasq"));
+        assert_eq!(pick_user(None, plain), None, "dnsmasq's own default");
+        assert_eq!(pick_user(Some("-"), openwrt), None);
+        assert_eq!(
+            pick_user(Some("nobody"), openwrt).as_deref(),
+            Some("nobody")
+        );
+        let conf = render_conf(
+            &spec("g3", 5403, "127.0.0.1", ""),
+            Path::new("/var/run/netpilot/dns"),
+            Some("dnsmasq"),
+        )
+        .unwrap();
+        assert!(conf.ends_with("\nuser=dnsmasq\n"), "{conf}");
+    }
+
+    #[test]
     fn an_interface_is_followed_with_bind_dynamic() {
         let s = InstanceSpec {
             listen: Vec::new(),
