@@ -64,7 +64,12 @@ pub fn push_group_chains(chains: &mut String, g: &GroupRules<'_>, ctx: &Context<
         // own 1: qdisc must not see our class numbers.
         let steer = match side {
             Side::Up => format!("oifname \"{}\" ", ctx.wan_if),
-            Side::Down => String::new(),
+            // Download is shaped on the first LAN bridge only (`plan::Devices`):
+            // with more bridges, the others' qdiscs must not see our classes either.
+            Side::Down => match ctx.lan_ifs.as_slice() {
+                [first, _, ..] => format!("oifname \"{first}\" "),
+                _ => String::new(),
+            },
         };
         if side == Side::Up {
             let _ = writeln!(

@@ -223,9 +223,17 @@ fn golden_two_bridges() {
     }
     let kids = &two.dns.instances[&d.slots[&3]].spec;
     assert_eq!(kids.interfaces, ["br-lan", "br-guest"]);
+    // Download is shaped on the first bridge only: the steer names it, so another
+    // bridge's own qdisc never sees NetPilot's class numbers.
+    assert!(
+        two.structure.contains("\t\toifname \"br-lan\" meta priority set 1:102\n"),
+        "{}",
+        two.structure
+    );
     // One bridge: the plain match it always was, and another digest.
     let one = at(vec!["br-lan"]);
     assert!(one.structure.contains("iifname \"br-lan\" jump from_lan"));
+    assert!(one.structure.contains("\t\tmeta priority set 1:102\n"));
     assert_ne!(one.digest, two.digest);
 }
 
