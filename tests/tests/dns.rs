@@ -725,3 +725,71 @@ async fn netns_a_resolver_that_cannot_read_its_list_fails_the_sync_naming_it() {
     assert!(resolver_pids(&rig.dns_dir).is_empty());
     assert!(!rig.blocked(&rig.lab.c1, WAN_HOST, "blocked.test", false));
 }
+
+/// A resolver running without its list: restarted behind the agent's back (as
+/// dnsmasq with its own conf, so its pid file names it) while its list was
+/// unreadable (mode 0600), it answers everything unfiltered, with the right files
+/// and a live process. The periodic check finds it by the canary, reports drift and
+/// repairs it: the mode put back, the resolver restarted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn netns_a_resolver_gone_unfiltered_is_drift_and_repaired() {
+    let rig = rig().await;
+    let c1 = &rig.lab.c1;
+    rig.ok(
+        "POST",
+        "/api/groups/sync",
+        kids(json!({"blockDomains": ["blocked.test"]})),
+    );
+    assert!(rig.blocked(c1, WAN_HOST, "blocked.test", false));
+    let pids = resolver_pids(&rig.dns_dir);
+    assert_eq!(pids.len(), 1);
+    let file = |ext: &str| {
+        std::fs::read_dir(&rig.dns_dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|x| x == ext))
+            .unwrap()
+    };
+    let (list, conf) = (file("servers"), file("conf"));
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&list, std::fs::Permissions::from_mode(0o600)).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pids[0]),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    // Started again at once, before the agent's check sees it gone.
+    let conf_arg = format!("--conf-file={}", conf.display());
+    let mut started = false;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !started {
+        // The old process may still hold the port for a moment.
+        started = rig
+            .lab
+            .exec(&rig.lab.router, &["dnsmasq", &conf_arg])
+            .is_ok();
+        assert!(started || Instant::now() < deadline, "cannot start dnsmasq");
+    }
+    let status = || rig.ok("GET", "/api/infrastructure/status", json!({}))["status"].clone();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let s = loop {
+        let s = status();
+        if s["drift_repairs"].as_u64() >= Some(1) {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "no drift repaired: {s}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let drift = s["last_drift"].to_string();
+    assert!(
+        drift.contains("answers the canary unfiltered") && drift.contains("group 3"),
+        "{s}"
+    );
+    assert_eq!(
+        std::fs::metadata(&list).unwrap().permissions().mode() & 0o777,
+        0o644
+    );
+    assert!(rig.blocked(c1, WAN_HOST, "blocked.test", false));
+    assert!(status()["in_sync"].as_bool().unwrap(), "{}", status());
+}

@@ -28,8 +28,10 @@
 //! - dnsmasq drops to its user (`nobody` unless `user=`; OpenWrt's is `dnsmasq`)
 //!   and reads the servers file as that user, at start and on SIGHUP: files are
 //!   0644, the directory 0755 (made so on every ensure, whatever created it). A
-//!   servers file it cannot read is no error to dnsmasq: it logs and answers
-//!   everything unfiltered. Hence the canary below.
+//!   servers file it cannot read is no error to dnsmasq: at start it answers
+//!   everything unfiltered; on SIGHUP it keeps the list it had, so the names the new
+//!   list adds go unfiltered (checked with dnsmasq 2.90 as user `dnsmasq`). Hence
+//!   the canary below, one name per list version.
 //! - Proof by effect: after every start and reload, and when observed, the instance
 //!   is asked for a canary name its list blocks (`super::dns_wire`); an answer that is
 //!   not dnsmasq's local NXDOMAIN is [`DnsError::Canary`] (from `ensure`) or
@@ -563,8 +565,15 @@ fn read_optional(path: &Path) -> Result<Option<String>, DnsError> {
 /// whatever the umask, for the user dnsmasq runs as. Returns whether it wrote.
 fn write_if_changed(path: &Path, body: &[u8]) -> Result<bool, DnsError> {
     // The length first: a changed block list of megabytes is rarely the same size.
-    let same_len = std::fs::metadata(path).is_ok_and(|m| m.len() == body.len() as u64);
+    let meta = std::fs::metadata(path).ok();
+    let same_len = meta.as_ref().is_some_and(|m| m.len() == body.len() as u64);
     if same_len && std::fs::read(path).is_ok_and(|old| old == body) {
+        // The right text with the wrong mode is as unreadable to dnsmasq's user as
+        // a missing file: put the mode back.
+        if meta.is_some_and(|m| m.permissions().mode() & 0o777 != 0o644) {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644))
+                .map_err(io_err(path))?;
+        }
         return Ok(false);
     }
     let mut tmp = path.as_os_str().to_owned();

@@ -226,7 +226,8 @@ fn golden_two_bridges() {
     // Download is shaped on the first bridge only: the steer names it, so another
     // bridge's own qdisc never sees NetPilot's class numbers.
     assert!(
-        two.structure.contains("\t\toifname \"br-lan\" meta priority set 1:102\n"),
+        two.structure
+            .contains("\t\toifname \"br-lan\" meta priority set 1:102\n"),
         "{}",
         two.structure
     );
