@@ -337,7 +337,7 @@ const CANARY_CHECK: Duration = Duration::from_millis(1500);
 /// Asks `name` at `addr` until the answer is dnsmasq's local NXDOMAIN or `retry`
 /// has passed, each question waiting up to `wait`; `Ok(())` when blocked, else what
 /// was answered last.
-pub async fn ask_canary(
+async fn ask_canary(
     addr: std::net::SocketAddr,
     name: &str,
     retry: Duration,
