@@ -23,7 +23,9 @@ use crate::scan::{NeighbourSource, Scanner};
 use crate::speedtest::{Limits, SpeedTester};
 use crate::store::{Location, Store};
 use crate::system::files::{Files, RealFiles};
-use crate::system::{dnsmasq, flowtable, nft, nlbw, tc, ubus, uci, wifi as wifi_control};
+use crate::system::{
+    dnsmasq, flowtable, fw4, nft, nlbw, tc, ubus, uci, wifi as wifi_control,
+};
 use crate::usage::Usage;
 use crate::wifi::WifiService;
 
@@ -103,6 +105,10 @@ impl Backends {
             dns: Arc::new(dnsmasq::RealDnsmasq {
                 program: config.dnsmasq.clone(),
                 dir: config.dns_dir.clone(),
+                user: dnsmasq::pick_user(
+                    config.dns_user.as_deref(),
+                    &std::fs::read_to_string(config.root.join("etc/passwd")).unwrap_or_default(),
+                ),
                 ..Default::default()
             }),
             flowtables: Arc::new(flowtable::RealFlowtables {
@@ -196,6 +202,32 @@ pub struct App {
     pub usage: Arc<Usage>,
     /// fw4's flow offloading: detection and the consented remedy.
     pub offload: Arc<Offload>,
+    /// fw4 includes letting redirected DNS through zones that reject input; `None`
+    /// on a simulated router.
+    pub guest_dns: Option<GuestDns>,
+}
+
+/// The LAN-side zones that reject input and the include they get (`system::fw4`).
+#[derive(Debug, Clone)]
+pub struct GuestDns {
+    pub includes: fw4::Includes,
+    pub zones: Vec<String>,
+    pub body: String,
+}
+
+impl GuestDns {
+    /// Puts the includes in place (and reloads fw4 when one changed); a failure is
+    /// logged, and filtering in those zones then fails visibly (no answer), never
+    /// silently unfiltered.
+    pub async fn install(self) {
+        match self.includes.install(&self.zones, &self.body).await {
+            Ok(changed) if changed.is_empty() => {}
+            Ok(changed) => {
+                tracing::info!(zones = ?changed, "fw4 DNS includes changed; firewall reloaded")
+            }
+            Err(e) => tracing::error!(error = %e, "cannot install the fw4 DNS includes"),
+        }
+    }
 }
 
 impl App {
@@ -232,11 +264,28 @@ impl App {
             config.flow_offloading,
             clock.clone(),
         );
-        let (lan_if, wan_if) = interfaces::resolve(
-            files.as_ref(),
-            config.lan_if.as_deref(),
-            config.wan_if.as_deref(),
-        );
+        let interfaces::Resolved {
+            lan: lan_ifs,
+            wan: wan_if,
+            zones,
+        } = interfaces::resolve(files.as_ref(), &config.lan_ifs, config.wan_if.as_deref());
+        // Zones whose input policy would drop the redirected queries, on bridges
+        // the engine filters.
+        let rejecting: Vec<String> = zones
+            .iter()
+            .filter(|z| z.rejects_input() && z.devices.iter().any(|d| lan_ifs.contains(d)))
+            .map(|z| z.name.clone())
+            .collect();
+        let guest_dns = (mode == Mode::Real).then(|| GuestDns {
+            includes: fw4::Includes {
+                dir: config.fw4_includes.clone(),
+                nft: config.nft.clone(),
+                reload: config.firewall_reload.clone(),
+                timeout: Duration::from_secs(30),
+            },
+            zones: rejecting,
+            body: fw4::input_accept(config.dns_port_base),
+        });
         let endpoint = relay_endpoint(identity, config)?;
         let reporter: Arc<dyn Reporter> =
             Arc::new(RelayReporter::new(endpoint.clone(), REPORT_TIMEOUT));
@@ -261,7 +310,7 @@ impl App {
             Enforcers { nft, tc, dns },
             files.clone(),
             EngineConfig {
-                lan_if,
+                lan_ifs,
                 wan_if,
                 timezone: config.timezone.clone(),
                 check_interval: config.check_interval,
@@ -295,6 +344,7 @@ impl App {
             speedtest: Arc::new(SpeedTester::new(endpoint, Limits::default())),
             usage: Arc::new(usage),
             offload: Arc::new(offload),
+            guest_dns,
         })
     }
 }

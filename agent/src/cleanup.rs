@@ -30,16 +30,18 @@ pub struct StepError {
 /// (as `run` would drive them), and the LAN and WAN devices it would shape.
 pub async fn run(config: &RunConfig) -> (Vec<Outcome>, Vec<StepError>) {
     let system = crate::app::Backends::real(config);
-    let (lan, wan) = crate::policy::interfaces::resolve(
+    let r = crate::policy::interfaces::resolve(
         system.files.as_ref(),
-        config.lan_if.as_deref(),
+        &config.lan_ifs,
         config.wan_if.as_deref(),
     );
+    let mut devices: Vec<&str> = r.lan.iter().map(String::as_str).collect();
+    devices.push(&r.wan);
     let (mut done, mut failed) = cleanup(
         system.nft.as_ref(),
         system.tc.as_ref(),
         system.dns.as_ref(),
-        &[&lan, &wan],
+        &devices,
     )
     .await;
     // Only an existing state database can hold the owner's offloading values;
@@ -61,6 +63,24 @@ pub async fn run(config: &RunConfig) -> (Vec<Outcome>, Vec<StepError>) {
                 Err(e) => failed.push(e),
             }
         }
+    }
+    // The fw4 includes for zones that reject input, and fw4 reloaded without them.
+    let includes = crate::system::fw4::Includes {
+        dir: config.fw4_includes.clone(),
+        nft: config.nft.clone(),
+        reload: config.firewall_reload.clone(),
+        timeout: std::time::Duration::from_secs(30),
+    };
+    match includes.install(&[], "").await {
+        Ok(zones) => done.extend(
+            zones
+                .into_iter()
+                .map(|z| Outcome::Removed(format!("fw4 DNS include of zone {z}"))),
+        ),
+        Err(e) => failed.push(StepError {
+            step: "remove the fw4 DNS includes",
+            source: e.into(),
+        }),
     }
     (done, failed)
 }
@@ -242,10 +262,12 @@ mod tests {
                 id: id.into(),
                 port,
                 listen: vec![IpAddr::V4(Ipv4Addr::LOCALHOST)],
-                interface: String::new(),
+                interfaces: Vec::new(),
                 upstreams: vec!["127.0.0.1".into()],
-                servers: Arc::new(String::new()),
+                servers: Arc::new(crate::system::dns_wire::canary_lines("0")),
                 cache_size: 150,
+                canary: crate::system::dns_wire::list_canary("0"),
+                label: format!("group {port}"),
             })
             .await
             .unwrap();
@@ -403,7 +425,8 @@ mod tests {
             dns_dir: PathBuf::from("/nonexistent/netpilot/dns"),
             root: PathBuf::from("/nonexistent/netpilot/root"),
             state_dir: PathBuf::from("/nonexistent/netpilot/state"),
-            lan_if: Some("lan0".into()),
+            lan_ifs: vec!["lan0".into()],
+            fw4_includes: PathBuf::from("/nonexistent/netpilot/nftables.d"),
             ..Default::default()
         };
         let (done, failed) = run(&config).await;

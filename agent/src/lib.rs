@@ -166,6 +166,9 @@ pub async fn serve(
     // Start-up reconcile first thing: the kernel converges to the stored state
     // whether or not the relay is reachable.
     tasks.spawn(app.policy.clone().run(stop_rx.clone()));
+    if let Some(g) = app.guest_dns.clone() {
+        tasks.spawn(g.install());
+    }
     // Resumes a change left pending by a restart, then confirms, rolls back and
     // reports.
     tasks.spawn(app.wifi.clone().run(stop_rx.clone()));

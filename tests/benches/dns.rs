@@ -137,7 +137,7 @@ fn engine(dir: &std::path::Path) -> anyhow::Result<(Engine, Arc<RealDnsmasq>)> {
         },
         Arc::new(MemFiles::default()),
         EngineConfig {
-            lan_if: "lan0".into(),
+            lan_ifs: vec!["lan0".into()],
             wan_if: "wan0".into(),
             timezone: Some("UTC0".into()),
             check_interval: Duration::from_secs(3600),

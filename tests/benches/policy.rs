@@ -117,7 +117,7 @@ fn engine(dir: &std::path::Path) -> anyhow::Result<Engine> {
         },
         Arc::new(MemFiles::default()),
         EngineConfig {
-            lan_if: "lan0".into(),
+            lan_ifs: vec!["lan0".into()],
             wan_if: "wan0".into(),
             timezone: Some("CET-1CEST,M3.5.0,M10.5.0/3".into()),
             check_interval: Duration::from_secs(3600),

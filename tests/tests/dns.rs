@@ -9,7 +9,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use netpilot_tests::lab::{Lab, Netns, Probe, C1_MAC, LAN_IF, ROUTER_LAN, WAN_HOST, WAN_IF};
+use netpilot_tests::lab::{
+    Lab, Netns, Probe, C1_MAC, C2_MAC, LAN_IF, ROUTER_LAN, WAN_HOST, WAN_IF,
+};
 use netpilot_tests::ApiRig;
 use serde_json::{json, Value};
 
@@ -58,9 +60,16 @@ fn resolver_pids(dir: &Path) -> Vec<i32> {
 }
 
 async fn rig() -> Rig {
+    rig_with(|_, _| Vec::new()).await
+}
+
+/// The rig, with `setup` run on the lab before the agent starts; it returns more
+/// arguments for the agent.
+async fn rig_with(setup: impl FnOnce(&Lab, &Path) -> Vec<String>) -> Rig {
     netpilot_testkit::require(&["nft", "tc", "dnsmasq", "dig", "curl", "openssl", "ss"]);
     let lab = Lab::new().unwrap();
     let tmp = tempfile::tempdir().unwrap();
+    let extra = setup(&lab, tmp.path());
     let w = &lab.wan;
     lab.exec(
         w,
@@ -144,18 +153,20 @@ async fn rig() -> Rig {
     let dns_dir = tmp.path().join("dns");
     let dns_dir_arg = dns_dir.to_str().unwrap().to_owned();
     let doh_arg = doh.to_str().unwrap().to_owned();
+    let mut args = vec![
+        "--check-interval",
+        "300ms",
+        "--dns-upstream",
+        WAN_HOST,
+        "--dns-dir",
+        &dns_dir_arg,
+        "--doh-list",
+        &doh_arg,
+    ];
+    args.extend(extra.iter().map(String::as_str));
     let netpilot = ApiRig::builder()
         .in_lab(&lab)
-        .agent_args(&[
-            "--check-interval",
-            "300ms",
-            "--dns-upstream",
-            WAN_HOST,
-            "--dns-dir",
-            &dns_dir_arg,
-            "--doh-list",
-            &doh_arg,
-        ])
+        .agent_args(&args)
         .start()
         .await
         .unwrap();
@@ -218,29 +229,37 @@ impl Rig {
     }
 
     fn dig(&self, ns: &Netns, server: &str, name: &str, tcp: bool) -> Answer {
+        self.try_dig(ns, server, name, tcp)
+            .unwrap_or_else(|out| panic!("no answer from dig: {out}"))
+    }
+
+    /// dig's answer, or (no answer at all: refused, timed out) what it said.
+    fn try_dig(&self, ns: &Netns, server: &str, name: &str, tcp: bool) -> Result<Answer, String> {
         let mut argv = vec!["dig", "+tries=1", "+time=2", "+nocookie"];
         if tcp {
             argv.push("+tcp");
         }
         let at = format!("@{server}");
         argv.extend([at.as_str(), name, "A"]);
-        let out = self
-            .lab
-            .exec(ns, &argv)
-            .unwrap_or_else(|e| panic!("{argv:?}: {e}"));
-        let status = out
+        let out = match ns.command(argv[0]).args(&argv[1..]).output() {
+            Ok(o) => String::from_utf8_lossy(&o.stdout).into_owned(),
+            Err(e) => panic!("{argv:?}: {e}"),
+        };
+        let Some(status) = out
             .split("status: ")
             .nth(1)
             .and_then(|r| r.split(',').next())
-            .unwrap_or_else(|| panic!("no status in dig output: {out}"))
-            .to_owned();
+        else {
+            return Err(out);
+        };
+        let status = status.to_owned();
         let a = out
             .lines()
             .filter(|l| !l.starts_with(';') && l.contains("\tA\t"))
             .filter_map(|l| l.split_whitespace().last())
             .map(str::to_owned)
             .collect();
-        Answer { status, a }
+        Ok(Answer { status, a })
     }
 
     fn blocked(&self, ns: &Netns, server: &str, name: &str, tcp: bool) -> bool {
@@ -475,4 +494,302 @@ async fn netns_bad_domains_and_lists_are_refused_with_reasons_and_nothing_change
         .find(|c| c["name"] == "social")
         .unwrap();
     assert_eq!(social["modified"], false, "{social}");
+}
+
+/// The guest network of a stock OpenWrt router, as the lab builds it: bridge
+/// `br-guest` (192.168.78.1/24) in fw4 zone `guest` whose input is REJECT; c2 moves
+/// there. fw4's real ruleset (`agent/fixtures/fw4/fw4-default.nft`) gets the guest
+/// zone's chains as fw4 renders them, and `@GUEST_PRE@` where fw4 puts the
+/// `chain-pre/input_guest/` includes.
+const GUEST_IF: &str = "br-guest";
+const GUEST_ROUTER: &str = "192.168.78.1";
+const GUEST_C2: &str = "192.168.78.12";
+
+fn fw4_template() -> String {
+    let stock = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../agent/fixtures/fw4/fw4-default.nft"),
+    )
+    .unwrap();
+    let guest = format!(
+        "\tchain input_guest {{\n@GUEST_PRE@\n\t\tjump reject_from_guest\n\t}}\n\n\
+         \tchain forward_guest {{\n\t\tjump accept_to_wan comment \"!fw4: Accept guest to wan forwarding\"\n\t\tjump reject_to_guest\n\t}}\n\n\
+         \tchain reject_from_guest {{\n\t\tiifname \"{GUEST_IF}\" counter jump handle_reject comment \"!fw4: reject guest IPv4/IPv6 traffic\"\n\t}}\n\n\
+         \tchain reject_to_guest {{\n\t\toifname \"{GUEST_IF}\" counter jump handle_reject comment \"!fw4: reject guest IPv4/IPv6 traffic\"\n\t}}\n\n\
+         \tchain input_wan {{"
+    );
+    let t = stock
+        // The host's own includes are not the router's.
+        .replace("\tinclude \"/etc/nftables.d/*.nft\"\n", "")
+        .replace("r-wan", WAN_IF)
+        .replacen(
+            "\t\tiifname \"br-lan\" jump input_lan comment \"!fw4: Handle lan IPv4/IPv6 input traffic\"\n",
+            &format!("\t\tiifname \"br-lan\" jump input_lan comment \"!fw4: Handle lan IPv4/IPv6 input traffic\"\n\t\tiifname \"{GUEST_IF}\" jump input_guest comment \"!fw4: Handle guest IPv4/IPv6 input traffic\"\n"),
+            1,
+        )
+        .replacen(
+            "\t\tiifname \"br-lan\" jump forward_lan comment \"!fw4: Handle lan IPv4/IPv6 forward traffic\"\n",
+            &format!("\t\tiifname \"br-lan\" jump forward_lan comment \"!fw4: Handle lan IPv4/IPv6 forward traffic\"\n\t\tiifname \"{GUEST_IF}\" jump forward_guest comment \"!fw4: Handle guest IPv4/IPv6 forward traffic\"\n"),
+            1,
+        )
+        .replacen("\tchain input_wan {", &guest, 1);
+    assert_eq!(t.matches("@GUEST_PRE@").count(), 1);
+    assert!(t.contains("jump input_guest") && t.contains("jump forward_guest"));
+    t
+}
+
+/// Moves c2 onto the guest bridge; writes UCI `network`/`firewall` with the guest
+/// zone under a root for the agent, fw4's ruleset template, and a stand-in for
+/// `/etc/init.d/firewall` that renders the include (when it exists) where fw4
+/// would and loads the ruleset. Returns the agent's extra arguments.
+fn guest_network(lab: &Lab, tmp: &Path) -> Vec<String> {
+    let r = &lab.router;
+    for argv in [
+        vec!["ip", "link", "add", GUEST_IF, "type", "bridge"],
+        vec!["ip", "addr", "add", "192.168.78.1/24", "dev", GUEST_IF],
+        vec!["ip", "link", "set", GUEST_IF, "up"],
+        vec!["ip", "link", "set", "lan2", "nomaster"],
+        vec!["ip", "link", "set", "lan2", "master", GUEST_IF],
+    ] {
+        lab.exec(r, &argv).unwrap();
+    }
+    let c2_addr = format!("{GUEST_C2}/24");
+    for argv in [
+        vec!["ip", "addr", "flush", "dev", "eth0"],
+        vec!["ip", "addr", "add", &c2_addr, "dev", "eth0"],
+        vec!["ip", "route", "add", "default", "via", GUEST_ROUTER],
+    ] {
+        lab.exec(&lab.c2, &argv).unwrap();
+    }
+    lab.exec(
+        &lab.wan,
+        &["ip", "route", "add", "192.168.78.0/24", "via", "10.77.0.1"],
+    )
+    .unwrap();
+    let root = tmp.join("root");
+    std::fs::create_dir_all(root.join("etc/config")).unwrap();
+    std::fs::write(
+        root.join("etc/config/network"),
+        format!("config interface 'lan'\n\toption device '{LAN_IF}'\n\toption proto 'static'\n\nconfig interface 'wan'\n\toption device '{WAN_IF}'\n\toption proto 'dhcp'\n\nconfig interface 'guest'\n\toption device '{GUEST_IF}'\n\toption proto 'static'\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        root.join("etc/config/firewall"),
+        "config defaults\n\toption input 'REJECT'\n\nconfig zone\n\toption name 'lan'\n\tlist network 'lan'\n\toption input 'ACCEPT'\n\nconfig zone\n\toption name 'wan'\n\tlist network 'wan'\n\toption input 'REJECT'\n\toption masq '1'\n\nconfig zone\n\toption name 'guest'\n\tlist network 'guest'\n\toption input 'REJECT'\n\toption forward 'REJECT'\n",
+    )
+    .unwrap();
+    let includes = tmp.join("nftables.d");
+    let template = tmp.join("fw4.nft.in");
+    std::fs::write(&template, fw4_template()).unwrap();
+    let script = tmp.join("firewall");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\n# Stand-in for /etc/init.d/firewall reload: fw4 renders chain-pre includes at\n# the start of their chain, then loads the ruleset.\n[ \"$1\" = reload ] || exit 2\ninc={inc}\nline=\nif [ -f \"$inc\" ]; then line=\"include \\\"$inc\\\"\"; fi\nsed \"s|@GUEST_PRE@|$line|\" {template} > {out} && exec nft -f {out}\n",
+            inc = includes.join("chain-pre/input_guest/netpilot.nft").display(),
+            template = template.display(),
+            out = tmp.join("fw4.nft").display(),
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // fw4 as the router boots: no include of ours yet.
+    lab.exec(r, &[script.to_str().unwrap(), "reload"]).unwrap();
+    vec![
+        "--lan-if".into(),
+        GUEST_IF.into(),
+        "--root".into(),
+        root.display().to_string(),
+        "--fw4-includes".into(),
+        includes.display().to_string(),
+        "--firewall-reload".into(),
+        script.display().to_string(),
+    ]
+}
+
+/// A device on a second LAN bridge, in an fw4 zone that rejects input (a guest
+/// network), is DNS-filtered and its policy enforced: through the include the agent
+/// puts into fw4's `chain-pre/input_guest/`; without it, its redirected queries are
+/// rejected by fw4.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn netns_a_guest_bridge_in_a_rejecting_zone_is_filtered_through_the_fw4_include() {
+    let rig = rig_with(guest_network).await;
+    let (c1, c2) = (&rig.lab.c1, &rig.lab.c2);
+    let tmp = rig._tmp.path().to_owned();
+    let include = tmp.join("nftables.d/chain-pre/input_guest/netpilot.nft");
+    // The agent put the include in place and had fw4 reload at start.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let chain = rig
+            .lab
+            .exec(
+                &rig.lab.router,
+                &["nft", "list", "chain", "inet", "fw4", "input_guest"],
+            )
+            .unwrap();
+        if chain.contains("netpilot: filtered DNS") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no include in input_guest: {chain}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(include.exists());
+    // Unfiltered to begin with, through fw4: the guest reaches the WAN resolver.
+    assert!(!rig.blocked(c2, WAN_HOST, "blocked.test", false));
+
+    let group = |internet: &str| {
+        json!({"group": {"id": 3, "name": "Guests", "devices": [{"mac": C2_MAC}],
+            "policy": {"internet": internet, "dns": {"blockDomains": ["blocked.test"]}}}})
+    };
+    rig.ok("POST", "/api/groups/sync", group("allow"));
+    for tcp in [false, true] {
+        for server in [WAN_HOST, GUEST_ROUTER] {
+            assert!(
+                rig.blocked(c2, server, "blocked.test", tcp),
+                "{server} tcp={tcp}"
+            );
+            assert!(
+                !rig.blocked(c2, server, "example.org", tcp),
+                "{server} tcp={tcp}"
+            );
+        }
+        // The device on the LAN bridge is not in the group.
+        assert!(!rig.blocked(c1, WAN_HOST, "blocked.test", tcp));
+    }
+
+    // fw4 reloaded without the include (as if it were never written): the guest's
+    // redirected queries meet the zone's REJECT and get no answer at all.
+    std::fs::remove_file(&include).unwrap();
+    rig.lab
+        .exec(
+            &rig.lab.router,
+            &[tmp.join("firewall").to_str().unwrap(), "reload"],
+        )
+        .unwrap();
+    for name in ["blocked.test", "example.org"] {
+        let got = rig.try_dig(c2, WAN_HOST, name, false);
+        assert!(got.is_err(), "{name} answered without the include: {got:?}");
+    }
+    assert!(
+        !rig.blocked(c1, WAN_HOST, "blocked.test", false),
+        "lan unaffected"
+    );
+
+    // The forward rules cover the guest bridge too.
+    let dot: SocketAddr = format!("{WAN_HOST}:853").parse().unwrap();
+    assert_eq!(
+        rig.lab.probe(c2, dot),
+        Probe::Refused,
+        "DoT from a filtered guest"
+    );
+    let web = rig.lab.listen(&rig.lab.wan, WAN_HOST).unwrap();
+    assert_eq!(rig.lab.probe(c2, web), Probe::Open);
+    rig.ok("POST", "/api/groups/sync", group("block"));
+    assert_eq!(rig.lab.probe(c2, web), Probe::Refused);
+    assert_eq!(rig.lab.probe(c1, web), Probe::Open);
+}
+
+/// A state directory the resolver's user cannot reach (its parent is 0700, which
+/// the agent does not change): dnsmasq starts but answers everything unfiltered.
+/// The canary catches it; the sync fails with APPLY_FAILED naming the resolver,
+/// its group and port, and nothing is left redirected to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn netns_a_resolver_that_cannot_read_its_list_fails_the_sync_naming_it() {
+    let closed = std::sync::Mutex::new(PathBuf::new());
+    let mut rig = rig_with(|_, tmp| {
+        use std::os::unix::fs::PermissionsExt;
+        let parent = tmp.join("closed");
+        std::fs::create_dir(&parent).unwrap();
+        std::fs::set_permissions(&parent, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let dir = parent.join("dns");
+        *closed.lock().unwrap() = dir.clone();
+        vec!["--dns-dir".into(), dir.display().to_string()]
+    })
+    .await;
+    rig.dns_dir = closed.into_inner().unwrap();
+    let (status, v) = rig.call(
+        "POST",
+        "/api/groups/sync",
+        kids(json!({"blockDomains": ["blocked.test"]})),
+    );
+    assert_ne!(status, 200, "{v}");
+    assert_eq!(v["error"]["code"], "APPLY_FAILED", "{v}");
+    let msg = v["error"]["message"].as_str().unwrap();
+    for part in ["dns resolver g", "group 3", "port 54", "canary"] {
+        assert!(msg.contains(part), "{part}: {msg}");
+    }
+    // Taken back: no resolver, no redirect; the device resolves as before.
+    assert!(resolver_pids(&rig.dns_dir).is_empty());
+    assert!(!rig.blocked(&rig.lab.c1, WAN_HOST, "blocked.test", false));
+}
+
+/// A resolver running without its list: restarted behind the agent's back (as
+/// dnsmasq with its own conf, so its pid file names it) while its list was
+/// unreadable (mode 0600), it answers everything unfiltered, with the right files
+/// and a live process. The periodic check finds it by the canary, reports drift and
+/// repairs it: the mode put back, the resolver restarted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn netns_a_resolver_gone_unfiltered_is_drift_and_repaired() {
+    let rig = rig().await;
+    let c1 = &rig.lab.c1;
+    rig.ok(
+        "POST",
+        "/api/groups/sync",
+        kids(json!({"blockDomains": ["blocked.test"]})),
+    );
+    assert!(rig.blocked(c1, WAN_HOST, "blocked.test", false));
+    let pids = resolver_pids(&rig.dns_dir);
+    assert_eq!(pids.len(), 1);
+    let file = |ext: &str| {
+        std::fs::read_dir(&rig.dns_dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|x| x == ext))
+            .unwrap()
+    };
+    let (list, conf) = (file("servers"), file("conf"));
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&list, std::fs::Permissions::from_mode(0o600)).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pids[0]),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    // Started again at once, before the agent's check sees it gone.
+    let conf_arg = format!("--conf-file={}", conf.display());
+    let mut started = false;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !started {
+        // The old process may still hold the port for a moment.
+        started = rig
+            .lab
+            .exec(&rig.lab.router, &["dnsmasq", &conf_arg])
+            .is_ok();
+        assert!(started || Instant::now() < deadline, "cannot start dnsmasq");
+    }
+    let status = || rig.ok("GET", "/api/infrastructure/status", json!({}))["status"].clone();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let s = loop {
+        let s = status();
+        if s["drift_repairs"].as_u64() >= Some(1) {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "no drift repaired: {s}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let drift = s["last_drift"].to_string();
+    assert!(
+        drift.contains("answers the canary unfiltered") && drift.contains("group 3"),
+        "{s}"
+    );
+    assert_eq!(
+        std::fs::metadata(&list).unwrap().permissions().mode() & 0o777,
+        0o644
+    );
+    assert!(rig.blocked(c1, WAN_HOST, "blocked.test", false));
+    assert!(status()["in_sync"].as_bool().unwrap(), "{}", status());
 }

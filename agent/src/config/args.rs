@@ -20,7 +20,7 @@ usage: netpilot-agent enroll --relay URL --token TOKEN [--ca FILE | --fingerprin
                           [--log FILTER] [--root DIR] [--identity-poll DUR]
                           [--ping-interval DUR] [--dead-after DUR] [--connect-timeout DUR]
                           [--backoff-base DUR] [--backoff-cap DUR] [--healthy-after DUR]
-                          [--start-delay-max DUR] [--lan-if IF] [--wan-if IF]
+                          [--start-delay-max DUR] [--lan-if IF]... [--wan-if IF]
                           [--timezone POSIX-TZ] [--check-interval DUR]
                           [--nft PROGRAM] [--tc PROGRAM] [--ip PROGRAM] [--ubus PROGRAM]
                           [--uci PROGRAM] [--uci-confdir DIR] [--uci-savedir DIR]
@@ -29,13 +29,16 @@ usage: netpilot-agent enroll --relay URL --token TOKEN [--ca FILE | --fingerprin
                           [--nlbw PROGRAM] [--nlbw-init PROGRAM] [--usage-cache DUR]
                           [--usage-sample DUR] [--usage-flush DUR] [--usage-retention-days N]
                           [--dnsmasq PROGRAM] [--dns-dir DIR] [--dns-upstream ADDR[#PORT]]...
-                          [--dns-port-base PORT] [--doh-list FILE]
-       netpilot-agent cleanup [--lan-if IF] [--wan-if IF] [--dns-dir DIR]
+                          [--dns-port-base PORT] [--doh-list FILE] [--dns-user USER]
+                          [--fw4-includes DIR] [--firewall-reload PROGRAM]
+       netpilot-agent cleanup [--lan-if IF]... [--wan-if IF] [--dns-dir DIR]
+                              [--fw4-includes DIR] [--firewall-reload PROGRAM]
        netpilot-agent --version
 
 Every command also takes --config FILE (UCI, default /etc/config/netpilot); the
 command line wins over it. DIR defaults to /etc/netpilot. DUR is like 20s, 250ms, 1m.
---lan-if/--wan-if default to UCI network.lan/network.wan devices (br-lan, wan).
+--lan-if (repeatable) defaults to the devices of every LAN-side UCI firewall zone
+(not masquerading), network.lan's first; --wan-if to network.wan's (br-lan, wan).
 --timezone defaults to UCI system.timezone, then /etc/TZ, then UTC.
 --fingerprint is the SHA-256 of the relay certificate's DER, hex, colons optional.
 A Wi-Fi change is rolled back unless a report reaches the relay within --wifi-grace
@@ -43,7 +46,11 @@ A Wi-Fi change is rolled back unless a report reaches the relay within --wifi-gr
 --wifi-retry (5s). --uci-confdir/--uci-savedir are uci's -c/-t (default uci's own).
 Filtered groups get their own dnsmasq on --dns-port-base (5400) + slot, forwarding
 to --dns-upstream (127.0.0.1, the router's dnsmasq); state in --dns-dir
-(/var/run/netpilot/dns). --doh-list replaces the shipped DoH names and addresses.
+(/var/run/netpilot/dns), run as --dns-user (default: dnsmasq when that user exists,
+else dnsmasq's own default; \"-\" for that). --doh-list replaces the shipped DoH names
+and addresses. Zones that reject input get an fw4 include in --fw4-includes
+(/usr/share/nftables.d) accepting redirected DNS; --firewall-reload
+(/etc/init.d/firewall, \"\" for never) is run with `reload` when it changed.
 cleanup removes everything the agent put into the kernel and the system.";
 
 /// What the command line asks for. `--version` and `--help` end the parsing where
@@ -121,7 +128,7 @@ pub(super) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Parsed, 
             Long("healthy-after") => {
                 run.backoff.healthy_after = duration(&mut args, "healthy-after")?
             }
-            Long("lan-if") => run.lan_if = Some(args.value()?.string()?),
+            Long("lan-if") => run.lan_ifs.push(args.value()?.string()?),
             Long("wan-if") => run.wan_if = Some(args.value()?.string()?),
             Long("timezone") => run.timezone = Some(args.value()?.string()?),
             Long("check-interval") => run.check_interval = duration(&mut args, "check-interval")?,
@@ -140,6 +147,9 @@ pub(super) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Parsed, 
             Long("nlbw-init") => run.nlbw_init = args.value()?.string()?,
             Long("dnsmasq") => run.dnsmasq = args.value()?.string()?,
             Long("dns-dir") => run.dns_dir = PathBuf::from(args.value()?),
+            Long("dns-user") => run.dns_user = Some(args.value()?.string()?),
+            Long("fw4-includes") => run.fw4_includes = PathBuf::from(args.value()?),
+            Long("firewall-reload") => run.firewall_reload = args.value()?.string()?,
             Long("dns-upstream") => {
                 let v = args.value()?.string()?;
                 if !dns_upstream_given {

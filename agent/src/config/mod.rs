@@ -192,6 +192,10 @@ impl AgentConfig {
         if let Some(dir) = line.state_dir.or(settings.state_dir) {
             run.state_dir = dir;
         }
+        if run.lan_ifs.is_empty() {
+            run.lan_ifs = settings.lan_ifs;
+        }
+        run.dns_user = run.dns_user.or(settings.dns_user);
         if let Some(d) = line.start_delay.or(settings.start_delay) {
             run.backoff.start_delay_max = d;
         }

@@ -39,8 +39,9 @@ pub struct RunConfig {
     pub connect_timeout: Duration,
     pub backoff: BackoffConfig,
     pub max_concurrent_calls: u32,
-    /// The LAN bridge and WAN device; `None` reads them from UCI `network`.
-    pub lan_if: Option<String>,
+    /// The LAN-side bridges (empty: every LAN-side zone's, from UCI `firewall`
+    /// and `network`) and the WAN device (`None`: UCI `network.wan`'s).
+    pub lan_ifs: Vec<String>,
     pub wan_if: Option<String>,
     /// POSIX TZ overriding the router's own.
     pub timezone: Option<String>,
@@ -77,6 +78,13 @@ pub struct RunConfig {
     /// syntax, `addr` or `addr#port`); the router's own dnsmasq by default.
     pub dns_upstreams: Vec<String>,
     pub dns_port_base: u16,
+    /// dnsmasq's `--user` for the resolvers: `None` picks `dnsmasq` when that user
+    /// exists, else leaves dnsmasq's default (`nobody`); `-` leaves the default.
+    pub dns_user: Option<String>,
+    /// fw4's include directory (`chain-pre/input_<zone>/` lives under it) and the
+    /// program run with `reload` after an include changed (empty: never).
+    pub fw4_includes: PathBuf,
+    pub firewall_reload: String,
     /// A file replacing the shipped list of DoH names and addresses.
     pub doh_list: Option<PathBuf>,
 }
@@ -96,7 +104,7 @@ impl Default for RunConfig {
             connect_timeout: Duration::from_secs(15),
             backoff: BackoffConfig::default(),
             max_concurrent_calls: 256,
-            lan_if: None,
+            lan_ifs: Vec::new(),
             wan_if: None,
             timezone: None,
             check_interval: Duration::from_secs(60),
@@ -118,6 +126,9 @@ impl Default for RunConfig {
             dns_upstreams: policy::compile::DnsConfig::default().upstreams,
             dns_port_base: policy::compile::DnsConfig::default().port_base,
             doh_list: None,
+            dns_user: None,
+            fw4_includes: PathBuf::from("/usr/share/nftables.d"),
+            firewall_reload: "/etc/init.d/firewall".into(),
         }
     }
 }
@@ -137,7 +148,7 @@ impl RunConfig {
                 crate::bail!("--api-listen must be a loopback address, got {addr}");
             }
         }
-        for name in [&self.lan_if, &self.wan_if].into_iter().flatten() {
+        for name in self.lan_ifs.iter().chain(&self.wan_if) {
             policy::interfaces::validate(name)?;
         }
         if let Some(tz) = &self.timezone {

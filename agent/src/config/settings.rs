@@ -27,6 +27,10 @@ pub struct Settings {
     /// `keep` (report only) or `disable` (the owner's consent to turn fw4's flow
     /// offloading off while policies need the forward path).
     pub flow_offloading: Option<crate::offload::Mode>,
+    /// `list lan_if`: the LAN-side bridges, as `--lan-if`.
+    pub lan_ifs: Vec<String>,
+    /// `option dns_user`: as `--dns-user`.
+    pub dns_user: Option<String>,
     /// Options this agent does not know, for a warning.
     pub unknown: Vec<String>,
 }
@@ -40,6 +44,8 @@ const KNOWN: &[&str] = &[
     "state_dir",
     "start_delay",
     "flow_offloading",
+    "lan_if",
+    "dns_user",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -140,6 +146,13 @@ impl Settings {
                 )
             })?),
         };
+        s.lan_ifs = section
+            .all("lan_if")
+            .iter()
+            .flat_map(|v| v.split_whitespace())
+            .map(str::to_owned)
+            .collect();
+        s.dns_user = text("dns_user");
         s.unknown = section
             .values
             .iter()

@@ -352,9 +352,59 @@ fn cleanup_takes_the_same_programs_and_devices_as_run() {
             run.nft.as_str(),
             run.tc.as_str(),
             run.dnsmasq.as_str(),
-            run.lan_if.as_deref()
+            run.lan_ifs.clone()
         ),
-        ("/opt/nft", "/opt/tc", "/opt/dnsmasq", Some("lan0"))
+        (
+            "/opt/nft",
+            "/opt/tc",
+            "/opt/dnsmasq",
+            vec!["lan0".to_owned()]
+        )
     );
     assert_eq!(run.dns_dir, Path::new("/tmp/dns"));
+}
+
+#[test]
+fn lan_bridges_and_the_dns_user_come_from_the_line_or_the_file() {
+    let file = uci(
+        "config agent 'main'\n\tlist lan_if 'br-lan'\n\tlist lan_if 'br-guest'\n\toption dns_user 'nobody'\n",
+    );
+    let (run, config) = run_config(&["run"], &file);
+    assert!(config.warnings.is_empty(), "{:?}", config.warnings);
+    assert_eq!(run.lan_ifs, ["br-lan", "br-guest"]);
+    assert_eq!(run.dns_user.as_deref(), Some("nobody"));
+    // The command line's bridges replace the file's, whole.
+    let (run, _) = run_config(
+        &[
+            "run",
+            "--lan-if",
+            "br0",
+            "--lan-if",
+            "br1",
+            "--dns-user",
+            "-",
+        ],
+        &file,
+    );
+    assert_eq!(run.lan_ifs, ["br0", "br1"]);
+    assert_eq!(run.dns_user.as_deref(), Some("-"));
+    run.validate().unwrap();
+    let (bad, _) = run_config(
+        &["run", "--lan-if", "br0", "--lan-if", "a b"],
+        Path::new(NO_FILE),
+    );
+    assert!(bad.validate().is_err());
+    // Defaults: discovered bridges, fw4's include root, its init script.
+    let (run, _) = run_config(&["run"], Path::new(NO_FILE));
+    assert!(run.lan_ifs.is_empty() && run.dns_user.is_none());
+    assert_eq!(run.fw4_includes, Path::new("/usr/share/nftables.d"));
+    assert_eq!(run.firewall_reload, "/etc/init.d/firewall");
+    let (run, _) = run_config(
+        &["run", "--fw4-includes", "/x", "--firewall-reload", ""],
+        Path::new(NO_FILE),
+    );
+    assert_eq!(
+        (run.fw4_includes.as_path(), run.firewall_reload.as_str()),
+        (Path::new("/x"), "")
+    );
 }

@@ -334,7 +334,7 @@ async fn every_apply_is_checked_and_warned_about_while_ineffective() {
             },
             Arc::new(crate::system::files::MemFiles::default()),
             EngineConfig {
-                lan_if: "br-lan".into(),
+                lan_ifs: vec!["br-lan".into()],
                 wan_if: "wan".into(),
                 timezone: Some("UTC0".into()),
                 check_interval: Duration::from_secs(60),

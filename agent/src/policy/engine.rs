@@ -27,7 +27,8 @@ use crate::system::tc::RootOwner;
 
 #[derive(Clone)]
 pub struct EngineConfig {
-    pub lan_if: String,
+    /// Every LAN-side bridge, never empty; download is shaped on each.
+    pub lan_ifs: Vec<String>,
     pub wan_if: String,
     /// A POSIX TZ string overriding the router's own (UCI system.timezone, /etc/TZ).
     pub timezone: Option<String>,
@@ -319,7 +320,10 @@ impl Engine {
                 live: None,
             }),
             enforcers,
-            devices: Devices::new(&[&config.lan_if], &config.wan_if),
+            devices: Devices::new(
+                &config.lan_ifs.iter().map(String::as_str).collect::<Vec<_>>(),
+                &config.wan_if,
+            ),
             files,
             config,
             clock,
@@ -379,7 +383,7 @@ impl Engine {
         }
         let zone = self.zone();
         let ctx = Context {
-            lan_if: &self.config.lan_if,
+            lan_ifs: self.config.lan_ifs.iter().map(String::as_str).collect(),
             wan_if: &self.config.wan_if,
             zone: &zone,
             now_unix: self.now(),
@@ -783,7 +787,7 @@ mod tests {
                 },
                 Arc::new(MemFiles::default()),
                 EngineConfig {
-                    lan_if: "br-lan".into(),
+                    lan_ifs: vec!["br-lan".into()],
                     wan_if: "wan".into(),
                     timezone: Some(tz.into()),
                     check_interval: Duration::from_secs(60),
@@ -1015,6 +1019,52 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_resolver_answering_its_canary_unfiltered_fails_the_apply_naming_it() {
+        let rig = Rig::new();
+        let e = rig.engine();
+        sync(&e, kids(&[1], Some(5000))).await.unwrap();
+        let applies = rig.nft.applies();
+        // Its directory unreadable for good: no restart helps.
+        rig.dns.answer_unfiltered("g2", false);
+        let err = sync(&e, filtered(&[1], &["a.test"])).await.unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            matches!(&err, EngineError::Step(s) if s.phase == Phase::MakeResolver),
+            "{msg}"
+        );
+        for part in ["dns resolver g2", "group 3", "port 5402", "REFUSED"] {
+            assert!(msg.contains(part), "{part}: {msg}");
+        }
+        assert_eq!(rig.nft.applies(), applies, "no redirect to it");
+        assert!(rig.dns.observe().await.unwrap().is_empty(), "taken back");
+        assert!(!e.desired().await.groups[&3].policy.dns.filters());
+        assert!(e.status().last_error.is_some());
+    }
+
+    #[tokio::test]
+    async fn a_resolver_gone_unfiltered_is_drift_and_restarted() {
+        let rig = Rig::new();
+        let e = rig.engine();
+        sync(&e, filtered(&[1], &["a.test"])).await.unwrap();
+        assert_eq!(rig.dns.starts("g2"), 1);
+        // It re-read its list as a user that could not read it (a reload after the
+        // modes went wrong): running, right files, unfiltered.
+        rig.dns.answer_unfiltered("g2", true);
+        let drift = e.reconcile("check").await.unwrap();
+        assert!(
+            drift
+                .iter()
+                .any(|d| d.contains("g2 (group 3, port 5402) answers the canary unfiltered")),
+            "{drift:?}"
+        );
+        assert_eq!(rig.dns.starts("g2"), 2, "restarted");
+        let status = e.status();
+        assert!(status.in_sync && status.drift_repairs == 1, "{status:?}");
+        assert_eq!(status.last_drift, drift);
+        assert!(e.reconcile("check").await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
     async fn a_tc_failure_midway_is_undone_and_nft_untouched() {
         let rig = Rig::new();
         let e = rig.engine();
@@ -1183,7 +1233,7 @@ mod tests {
             },
             Arc::new(MemFiles::default().with(BRIDGE_NF_CALL_IPTABLES, "1\n")),
             EngineConfig {
-                lan_if: "br-lan".into(),
+                lan_ifs: vec!["br-lan".into()],
                 wan_if: "wan".into(),
                 timezone: Some("UTC0".into()),
                 check_interval: Duration::from_secs(60),

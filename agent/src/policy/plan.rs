@@ -797,6 +797,12 @@ pub fn dns_drift(want: &DnsPlan, live: &[ObservedInstance]) -> Vec<String> {
             Some(o) if o.servers.as_deref() != Some(p.spec.servers.as_str()) => {
                 drift.push(format!("dns resolver {id}: its block list differs"))
             }
+            Some(o) if o.canary.is_some() => drift.push(format!(
+                "dns resolver {id} ({}, port {}) answers the canary unfiltered: {}",
+                p.group_label(),
+                p.spec.port,
+                o.canary.as_deref().unwrap_or_default()
+            )),
             Some(_) => {}
         }
     }
@@ -886,6 +892,7 @@ mod tests {
             running: true,
             conf: None,
             servers: Some(servers.into()),
+            canary: None,
         }
     }
 

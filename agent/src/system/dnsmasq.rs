@@ -15,16 +15,28 @@
 //!   A changed list is a SIGHUP, not a restart. A servers file can only hold
 //!   `server=`/`rev-server=` lines, so it cannot smuggle in other options.
 //! - The parent exits before the daemon has read the servers file (100,000 lines:
-//!   `ensure` returns after ~15 ms, the list is in force ~130 ms later). Queries
-//!   sent meanwhile wait in the socket and are answered from the full list, not
-//!   forwarded unfiltered (a test checks this at 30,000 lines; the ignored
-//!   `netns_dnsmasq_100k_figures` measures at 100,000).
+//!   the start returns after ~15 ms, the list is in force ~130 ms later on an idle
+//!   machine). Queries sent meanwhile wait in the socket and are answered from the
+//!   full list, not forwarded unfiltered (a test checks this at 30,000 lines; the
+//!   ignored `netns_dnsmasq_100k_figures` measures at 100,000). `ensure` returns
+//!   only once the list's own canary is refused, i.e. once the list is in force
+//!   (100,000 lines: 250-330 ms for a start or a reload, on this loaded machine).
 //! - The pid file is how a later agent process finds an instance: instances
 //!   deliberately outlive the agent, so filtering holds while it restarts. A pid is
 //!   signalled only when `/proc/<pid>/cmdline` shows it is dnsmasq started with this
 //!   instance's conf path; a stale pid reused by another process is left alone.
-//! - dnsmasq drops to its user (`nobody` unless `user=`) after start and reads the
-//!   servers file as that user on SIGHUP: files are 0644, the directory 0755.
+//! - dnsmasq drops to its user (`nobody` unless `user=`; OpenWrt's is `dnsmasq`)
+//!   and reads the servers file as that user, at start and on SIGHUP: files are
+//!   0644, the directory 0755 (made so on every ensure, whatever created it). A
+//!   servers file it cannot read is no error to dnsmasq: at start it answers
+//!   everything unfiltered; on SIGHUP it keeps the list it had, so the names the new
+//!   list adds go unfiltered (checked with dnsmasq 2.90 as user `dnsmasq`). Hence
+//!   the canary below, one name per list version.
+//! - Proof by effect: after every start and reload, and when observed, the instance
+//!   is asked for a canary name its list blocks (`super::dns_wire`); an answer that is
+//!   not dnsmasq's local NXDOMAIN is [`DnsError::Canary`] (from `ensure`) or
+//!   [`ObservedInstance::canary`] (drift). `interface=` makes dnsmasq bind loopback
+//!   too, so the question goes to 127.0.0.1 at the instance's port.
 //!
 //! [`FakeResolver`] keeps the same semantics in memory for unit tests.
 
@@ -36,6 +48,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::dns_wire::CANARY;
 pub use super::Fut;
 use crate::runtime::process::{self, ProcessError, Signal};
 
@@ -47,15 +60,20 @@ pub struct InstanceSpec {
     pub port: u16,
     /// Addresses to bind; with `interface` set they may be empty.
     pub listen: Vec<IpAddr>,
-    /// An interface whose addresses to bind, following them as they change (the
-    /// LAN bridge: nftables' redirect sends to its primary address, whichever that
-    /// is). Empty: only `listen`.
-    pub interface: String,
+    /// Interfaces whose addresses to bind, following them as they change (the
+    /// LAN bridges: nftables' redirect sends to the primary address of the one a
+    /// query came in on). Empty: only `listen`.
+    pub interfaces: Vec<String>,
     /// dnsmasq `server=` values: `127.0.0.1`, `10.77.0.2#53`, `::1#5353`.
     pub upstreams: Vec<String>,
     /// The servers-file body (escaped and validated by the caller).
     pub servers: Arc<String>,
     pub cache_size: u32,
+    /// A name the servers file blocks, asked after every start and reload to prove
+    /// the list is in force (`dns_wire::list_canary`).
+    pub canary: String,
+    /// Whom the instance filters for, in messages (`group 3`).
+    pub label: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,6 +85,8 @@ pub struct ObservedInstance {
     pub running: bool,
     pub conf: Option<String>,
     pub servers: Option<String>,
+    /// A running instance that did not refuse [`CANARY`]: what it answered.
+    pub canary: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,6 +118,10 @@ pub enum DnsError {
     /// before it could be signalled.
     #[error("dnsmasq instance {id} is not running: {detail}")]
     NotRunning { id: String, detail: String },
+    /// It runs, but answered its canary unfiltered: its block list is not in force
+    /// (an unreadable servers file, a list without the canary).
+    #[error(transparent)]
+    Canary(Box<Unfiltered>),
     /// It outlived SIGTERM and SIGKILL within the timeout.
     #[error("dnsmasq instance {id} (pid {pid}) did not exit")]
     StillRunning { id: String, pid: i32 },
@@ -111,6 +135,18 @@ impl DnsError {
             _ => None,
         }
     }
+}
+
+/// A resolver whose canary was not refused; boxed in [`DnsError`] to keep it small.
+#[derive(Debug, thiserror::Error)]
+#[error("dns resolver {id} ({label}, port {port}) answered the canary {name} with {answered}, not the local NXDOMAIN of a blocked name: its block list is not in force (is {dir} readable by the user dnsmasq runs as?)")]
+pub struct Unfiltered {
+    pub id: String,
+    pub label: String,
+    pub port: u16,
+    pub name: String,
+    pub answered: String,
+    pub dir: String,
 }
 
 pub trait Resolver: Send + Sync {
@@ -147,17 +183,20 @@ pub fn validate(spec: &InstanceSpec) -> Result<(), DnsError> {
         // dnsmasq reads port=0 as "no DNS at all".
         return bad(format!("{}: port 0", spec.id));
     }
-    if spec.listen.is_empty() && spec.interface.is_empty() {
+    if spec.listen.is_empty() && spec.interfaces.is_empty() {
         // With neither dnsmasq would answer on every interface.
         return bad(format!("{}: no listen address or interface", spec.id));
     }
-    let if_ok = spec.interface.len() <= 15
-        && spec
-            .interface
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
-    if !if_ok {
-        return bad(format!("{}: interface {:?}", spec.id, spec.interface));
+    for i in &spec.interfaces {
+        let if_ok = (1..=15).contains(&i.len())
+            && i.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        if !if_ok {
+            return bad(format!("{}: interface {i:?}", spec.id));
+        }
+    }
+    if super::dns_wire::query(0, &spec.canary).is_err() {
+        return bad(format!("{}: canary {:?}", spec.id, spec.canary));
     }
     if spec.upstreams.is_empty() {
         // Every name not on the block list would be REFUSED: no DNS for the group.
@@ -181,6 +220,20 @@ fn valid_user(u: &str) -> bool {
         && u.bytes().enumerate().all(|(i, b)| {
             b.is_ascii_lowercase() || b == b'_' || (i > 0 && (b.is_ascii_digit() || b == b'-'))
         })
+}
+
+/// dnsmasq's `--user` for the resolvers: the configured one (`-`: dnsmasq's own
+/// default), else `dnsmasq` when `passwd` (the text of `/etc/passwd`) has it, as
+/// OpenWrt's and Debian's packages do, else dnsmasq's default (`nobody`).
+pub fn pick_user(configured: Option<&str>, passwd: &str) -> Option<String> {
+    match configured {
+        Some("-") => None,
+        Some(u) => Some(u.to_owned()),
+        None => passwd
+            .lines()
+            .any(|l| l.starts_with("dnsmasq:"))
+            .then(|| "dnsmasq".to_owned()),
+    }
 }
 
 /// The state directory goes into `servers-file=` and `pid-file=` lines unquoted.
@@ -213,10 +266,13 @@ pub fn render_conf(
     // Bind only these addresses, so instances on other ports and the router's own
     // dnsmasq on port 53 keep theirs; an interface's addresses are followed as they
     // come and go (bind-dynamic). No dhcp-range: no DHCP.
-    if spec.interface.is_empty() {
+    if spec.interfaces.is_empty() {
         s.push_str("bind-interfaces\n");
     } else {
-        s.push_str(&format!("interface={}\nbind-dynamic\n", spec.interface));
+        for i in &spec.interfaces {
+            s.push_str(&format!("interface={i}\n"));
+        }
+        s.push_str("bind-dynamic\n");
     }
     // Answers come only from the servers file and the upstreams: not from the
     // router's resolv.conf (which may point back at an instance) or /etc/hosts.
@@ -268,6 +324,99 @@ impl Default for RealDnsmasq {
 /// How often to look whether an instance came up or went away.
 const POLL: Duration = Duration::from_millis(5);
 
+/// How long an unfiltered answer to the canary is asked again after a start or
+/// reload: dnsmasq may answer a question that arrived before it handled the SIGHUP
+/// from the old list. A question that arrives while it reads a list waits in the
+/// socket and is answered from the new one (100,000 lines: ~130 ms here), so this
+/// need not cover the reading; each question waits up to the resolver's timeout.
+const CANARY_RETRY: Duration = Duration::from_secs(2);
+/// One question's wait in the periodic check, and how long an unfiltered answer
+/// is asked again there.
+const CANARY_CHECK: Duration = Duration::from_millis(1500);
+
+/// Asks `name` at `addr` until the answer is dnsmasq's local NXDOMAIN or `retry`
+/// has passed, each question waiting up to `wait`; `Ok(())` when blocked, else what
+/// was answered last.
+async fn ask_canary(
+    addr: std::net::SocketAddr,
+    name: &str,
+    retry: Duration,
+    wait: Duration,
+) -> Result<(), String> {
+    use super::dns_wire as message;
+    let deadline = Instant::now() + retry;
+    let bind: std::net::SocketAddr = if addr.is_ipv4() {
+        ([127, 0, 0, 1], 0).into()
+    } else {
+        (std::net::Ipv6Addr::LOCALHOST, 0).into()
+    };
+    let sock = tokio::net::UdpSocket::bind(bind)
+        .await
+        .map_err(|e| format!("no socket: {e}"))?;
+    sock.connect(addr)
+        .await
+        .map_err(|e| format!("cannot reach {addr}: {e}"))?;
+    // Any id will do: the socket is connected to the one server, and a reply to
+    // an earlier question is told apart by it.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let mut id = (std::process::id() as u16) ^ (nanos as u16);
+    loop {
+        id = id.wrapping_add(1);
+        let q = message::query(id, name).map_err(|e| e.to_string())?;
+        let last = match sock.send(&q).await {
+            Err(e) => format!("no answer ({e})"),
+            Ok(_) => answer(&sock, id, wait).await,
+        };
+        if last.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(last);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The answer to question `id`, in words; empty when it is the local NXDOMAIN of
+/// a blocked name. A late reply to an earlier question is skipped.
+async fn answer(sock: &tokio::net::UdpSocket, id: u16, wait: Duration) -> String {
+    use super::dns_wire::{parse_reply, MessageError};
+    let until = Instant::now() + wait;
+    let mut buf = [0u8; 512];
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        return match tokio::time::timeout(left, sock.recv(&mut buf)).await {
+            Ok(Ok(n)) => match parse_reply(id, &buf[..n]) {
+                Ok(r) if r.is_blocked() => String::new(),
+                Ok(r) => r.to_string(),
+                Err(MessageError::WrongId { .. }) => continue,
+                Err(e) => format!("a malformed reply ({e})"),
+            },
+            // Refused connection: nothing listens (yet).
+            Ok(Err(e)) => format!("no answer ({e})"),
+            Err(_) => format!("no answer within {}ms", wait.as_millis()),
+        };
+    }
+}
+
+/// Where an instance answers, from its conf: the first `listen-address=`, else
+/// loopback (which `interface=` binds too), at `port=`.
+fn answer_addr(conf: &str) -> Option<std::net::SocketAddr> {
+    let mut port = None;
+    let mut addr = None;
+    for l in conf.lines() {
+        if let Some(p) = l.strip_prefix("port=") {
+            port = p.parse::<u16>().ok();
+        } else if let Some(a) = l.strip_prefix("listen-address=") {
+            addr = addr.or_else(|| a.parse::<IpAddr>().ok());
+        }
+    }
+    let ip = addr.unwrap_or(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+    Some((ip, port?).into())
+}
+
 impl RealDnsmasq {
     pub fn conf_path(&self, id: &str) -> PathBuf {
         self.dir.join(format!("{id}.conf"))
@@ -313,6 +462,24 @@ impl RealDnsmasq {
     fn process(&self, id: &str) -> (Option<i32>, bool) {
         let pid = self.read_pid(id);
         (pid, pid.is_some_and(|p| self.is_ours(p, id)))
+    }
+
+    /// Proves `spec`'s list in force by its canary; [`DnsError::Canary`] if not.
+    async fn check_canary(&self, spec: &InstanceSpec, conf: &str) -> Result<(), DnsError> {
+        let addr = answer_addr(conf)
+            .ok_or_else(|| DnsError::Invalid(format!("{}: no port in its conf", spec.id)))?;
+        ask_canary(addr, &spec.canary, CANARY_RETRY, self.timeout)
+            .await
+            .map_err(|answered| {
+                DnsError::Canary(Box::new(Unfiltered {
+                    id: spec.id.clone(),
+                    label: spec.label.clone(),
+                    port: spec.port,
+                    name: spec.canary.clone(),
+                    answered,
+                    dir: self.dir.display().to_string(),
+                }))
+            })
     }
 
     fn running_pid(&self, id: &str) -> Option<i32> {
@@ -398,8 +565,15 @@ fn read_optional(path: &Path) -> Result<Option<String>, DnsError> {
 /// whatever the umask, for the user dnsmasq runs as. Returns whether it wrote.
 fn write_if_changed(path: &Path, body: &[u8]) -> Result<bool, DnsError> {
     // The length first: a changed block list of megabytes is rarely the same size.
-    let same_len = std::fs::metadata(path).is_ok_and(|m| m.len() == body.len() as u64);
+    let meta = std::fs::metadata(path).ok();
+    let same_len = meta.as_ref().is_some_and(|m| m.len() == body.len() as u64);
     if same_len && std::fs::read(path).is_ok_and(|old| old == body) {
+        // The right text with the wrong mode is as unreadable to dnsmasq's user as
+        // a missing file: put the mode back.
+        if meta.is_some_and(|m| m.permissions().mode() & 0o777 != 0o644) {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644))
+                .map_err(io_err(path))?;
+        }
         return Ok(false);
     }
     let mut tmp = path.as_os_str().to_owned();
@@ -454,12 +628,26 @@ impl Resolver for RealDnsmasq {
             let mut out = Vec::new();
             for id in ids {
                 let (pid, running) = self.process(&id);
+                let conf = read_optional(&self.conf_path(&id))?;
+                // Only a running instance with a list is asked: anything else is
+                // drift already.
+                let servers = read_optional(&self.servers_path(&id))?;
+                let canary = match (&conf, running && servers.is_some()) {
+                    (Some(c), true) => match answer_addr(c) {
+                        Some(addr) => ask_canary(addr, CANARY, CANARY_CHECK, CANARY_CHECK)
+                            .await
+                            .err(),
+                        None => Some("no port in its conf".into()),
+                    },
+                    _ => None,
+                };
                 out.push(ObservedInstance {
-                    conf: read_optional(&self.conf_path(&id))?,
-                    servers: read_optional(&self.servers_path(&id))?,
+                    conf,
+                    servers,
                     id,
                     pid,
                     running,
+                    canary,
                 });
             }
             Ok(out)
@@ -479,23 +667,41 @@ impl Resolver for RealDnsmasq {
                 write_if_changed(&self.servers_path(id), spec.servers.as_bytes())?;
             // Files first, then the process: a failed start leaves the wanted files
             // behind, and the next ensure starts from them.
-            let Some(pid) = self.running_pid(id) else {
-                self.start(id).await?;
-                return Ok(Ensured::Started);
+            let done = match self.running_pid(id) {
+                None => {
+                    self.start(id).await?;
+                    Ensured::Started
+                }
+                Some(pid) if conf_changed => {
+                    self.terminate(id, pid).await?;
+                    self.start(id).await?;
+                    Ensured::Started
+                }
+                Some(pid) if servers_changed => {
+                    process::signal(pid, Signal::Hangup).map_err(|e| DnsError::NotRunning {
+                        id: id.clone(),
+                        detail: e.to_string(),
+                    })?;
+                    Ensured::Reloaded
+                }
+                Some(pid) => {
+                    // Running with the right files, yet its list may not be in force
+                    // (it could not read it at its last reload): one restart, which
+                    // reads it afresh now that the modes are right.
+                    if self.check_canary(spec, &conf).await.is_ok() {
+                        return Ok(Ensured::Unchanged);
+                    }
+                    tracing::warn!(
+                        id,
+                        "dns resolver answers its canary unfiltered; restarting it"
+                    );
+                    self.terminate(id, pid).await?;
+                    self.start(id).await?;
+                    Ensured::Started
+                }
             };
-            if conf_changed {
-                self.terminate(id, pid).await?;
-                self.start(id).await?;
-                Ok(Ensured::Started)
-            } else if servers_changed {
-                process::signal(pid, Signal::Hangup).map_err(|e| DnsError::NotRunning {
-                    id: id.clone(),
-                    detail: e.to_string(),
-                })?;
-                Ok(Ensured::Reloaded)
-            } else {
-                Ok(Ensured::Unchanged)
-            }
+            self.check_canary(spec, &conf).await?;
+            Ok(done)
         })
     }
 
@@ -551,6 +757,8 @@ impl Default for FakeResolver {
 struct FakeState {
     instances: BTreeMap<String, FakeInstance>,
     fail_next: BTreeSet<String>,
+    /// Instances answering their canary unfiltered; `true`: until restarted.
+    unfiltered: BTreeMap<String, bool>,
     starts: BTreeMap<String, u32>,
     reloads: BTreeMap<String, u32>,
     last_pid: i32,
@@ -590,6 +798,16 @@ impl FakeResolver {
         }
     }
 
+    /// `id` answers everything unfiltered, as dnsmasq does when it cannot read its
+    /// servers file; with `heals_on_restart` a restart fixes that (the modes were
+    /// wrong at the last reload), without it nothing does (the directory stays
+    /// unreadable).
+    pub fn answer_unfiltered(&self, id: &str, heals_on_restart: bool) {
+        self.state()
+            .unfiltered
+            .insert(id.to_owned(), heals_on_restart);
+    }
+
     pub fn starts(&self, id: &str) -> u32 {
         self.state().starts.get(id).copied().unwrap_or(0)
     }
@@ -602,9 +820,8 @@ impl FakeResolver {
 impl Resolver for FakeResolver {
     fn observe(&self) -> Fut<'_, Result<Vec<ObservedInstance>, DnsError>> {
         Box::pin(async move {
-            Ok(self
-                .state()
-                .instances
+            let s = self.state();
+            Ok(s.instances
                 .iter()
                 .map(|(id, i)| ObservedInstance {
                     id: id.clone(),
@@ -612,6 +829,8 @@ impl Resolver for FakeResolver {
                     running: i.running,
                     conf: Some(i.conf.clone()),
                     servers: Some(i.servers.to_string()),
+                    canary: (i.running && s.unfiltered.contains_key(id))
+                        .then(|| "REFUSED (injected)".to_owned()),
                 })
                 .collect())
         })
@@ -627,7 +846,40 @@ impl Resolver for FakeResolver {
             let servers_changed = inst.servers != spec.servers;
             inst.conf = conf;
             inst.servers = spec.servers.clone();
-            if !inst.running || conf_changed {
+            let canary = |s: &FakeState| {
+                let listed = spec
+                    .servers
+                    .contains(&format!("server=/{}/\n", spec.canary));
+                let answered = match (s.unfiltered.contains_key(&spec.id), listed) {
+                    (true, _) => "REFUSED (injected)",
+                    (false, false) => "NOERROR (the list lacks the canary)",
+                    (false, true) => return Ok(()),
+                };
+                Err(DnsError::Canary(Box::new(Unfiltered {
+                    id: spec.id.clone(),
+                    label: spec.label.clone(),
+                    port: spec.port,
+                    name: spec.canary.clone(),
+                    answered: answered.into(),
+                    dir: self.dir.display().to_string(),
+                })))
+            };
+            // Unfiltered while running with the right files: restarted once, as
+            // the real one does.
+            let restart = inst.running
+                && !conf_changed
+                && !servers_changed
+                && s.unfiltered.contains_key(&spec.id);
+            if restart {
+                if s.unfiltered.get(&spec.id) == Some(&true) {
+                    s.unfiltered.remove(&spec.id);
+                }
+                *s.starts.entry(spec.id.clone()).or_default() += 1;
+                canary(s)?;
+                return Ok(Ensured::Started);
+            }
+            let inst = s.instances.get_mut(&spec.id).expect("just inserted");
+            let done = if !inst.running || conf_changed {
                 inst.running = false;
                 if s.fail_next.remove(&spec.id) {
                     return Err(DnsError::Process(ProcessError::Failed {
@@ -641,13 +893,18 @@ impl Resolver for FakeResolver {
                 inst.pid = Some(1000 + s.last_pid);
                 inst.running = true;
                 *s.starts.entry(spec.id.clone()).or_default() += 1;
-                Ok(Ensured::Started)
+                if s.unfiltered.get(&spec.id) == Some(&true) {
+                    s.unfiltered.remove(&spec.id);
+                }
+                Ensured::Started
             } else if servers_changed {
                 *s.reloads.entry(spec.id.clone()).or_default() += 1;
-                Ok(Ensured::Reloaded)
+                Ensured::Reloaded
             } else {
-                Ok(Ensured::Unchanged)
-            }
+                Ensured::Unchanged
+            };
+            canary(s)?;
+            Ok(done)
         })
     }
 
@@ -671,6 +928,7 @@ impl Resolver for FakeResolver {
 
 #[cfg(test)]
 mod tests {
+    use super::super::dns_wire;
     use super::*;
     use std::any::Any;
     use std::net::{Ipv4Addr, UdpSocket};
@@ -680,35 +938,64 @@ mod tests {
             id: id.into(),
             port,
             listen: vec![IpAddr::V4(Ipv4Addr::LOCALHOST)],
-            interface: String::new(),
+            interfaces: Vec::new(),
             upstreams: vec![upstream.into()],
-            servers: Arc::new(servers.into()),
+            // Every list ends with the canaries, as the compiler writes it.
+            servers: Arc::new(format!("{servers}{}", dns_wire::canary_lines("t"))),
             cache_size: 150,
+            canary: dns_wire::list_canary("t"),
+            label: "group 3".into(),
         }
+    }
+
+    #[test]
+    fn the_user_is_dnsmasq_where_it_exists_unless_configured() {
+        let openwrt = "root:x:0:0:root:/root:/bin/ash\ndnsmasq:x:453:453:dnsmasq:/var/run/dnsmasq:/bin/false\n";
+        let plain = "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534::/:/bin/false\n";
+        assert_eq!(pick_user(None, openwrt).as_deref(), Some("dnsmasq"));
+        assert_eq!(pick_user(None, plain), None, "dnsmasq's own default");
+        assert_eq!(pick_user(Some("-"), openwrt), None);
+        assert_eq!(
+            pick_user(Some("nobody"), openwrt).as_deref(),
+            Some("nobody")
+        );
+        let conf = render_conf(
+            &spec("g3", 5403, "127.0.0.1", ""),
+            Path::new("/var/run/netpilot/dns"),
+            Some("dnsmasq"),
+        )
+        .unwrap();
+        assert!(conf.ends_with("\nuser=dnsmasq\n"), "{conf}");
     }
 
     #[test]
     fn an_interface_is_followed_with_bind_dynamic() {
         let s = InstanceSpec {
             listen: Vec::new(),
-            interface: "br-lan".into(),
+            interfaces: vec!["br-lan".into(), "br-guest".into()],
             ..spec("g3", 5403, "127.0.0.1", "")
         };
         let conf = render_conf(&s, Path::new("/var/run/netpilot/dns"), None).unwrap();
         assert!(
-            conf.contains("\ninterface=br-lan\nbind-dynamic\n"),
+            conf.contains("\ninterface=br-lan\ninterface=br-guest\nbind-dynamic\n"),
             "{conf}"
         );
         assert!(!conf.contains("bind-interfaces"), "{conf}");
-        for bad in ["br lan", "br-lan\nport=53", "*", "a-name-longer-than-15"] {
+        for bad in [
+            "br lan",
+            "br-lan\nport=53",
+            "*",
+            "a-name-longer-than-15",
+            "",
+        ] {
             let s = InstanceSpec {
-                interface: bad.into(),
+                interfaces: vec!["br-lan".into(), bad.into()],
                 ..s.clone()
             };
             assert!(matches!(validate(&s), Err(DnsError::Invalid(_))), "{bad:?}");
         }
         let neither = InstanceSpec {
-            interface: String::new(),
+            interfaces: Vec::new(),
             ..s
         };
         assert!(matches!(validate(&neither), Err(DnsError::Invalid(_))));
@@ -869,10 +1156,10 @@ mod tests {
 
         // A new list: SIGHUP, same process, the new list takes effect.
         let s2 = InstanceSpec {
-            servers: Arc::new(
-                "server=/ads.example.com/\nserver=/ok.ads.example.com/#\nserver=/www.example.com/\n"
-                    .into(),
-            ),
+            servers: Arc::new(format!(
+                "server=/ads.example.com/\nserver=/ok.ads.example.com/#\nserver=/www.example.com/\n{}",
+                dns_wire::canary_lines("t")
+            )),
             ..s1.clone()
         };
         assert_eq!(r.ensure(&s2).await.unwrap(), Ensured::Reloaded);
@@ -1163,6 +1450,83 @@ mod tests {
         });
     }
 
+    /// The user the resolvers drop to, as on the router: `dnsmasq` where it exists.
+    fn router_user() -> Option<String> {
+        pick_user(
+            None,
+            &std::fs::read_to_string("/etc/passwd").unwrap_or_default(),
+        )
+        .or(Some("nobody".into()))
+    }
+
+    /// A state directory created 0700 by root (a umask of 077, another tool): the
+    /// agent makes it 0755 and filtering works, also after a reload. A directory
+    /// it does not own the path to (its parent 0700) is not fixed, and the canary
+    /// catches that: the start fails naming the resolver and what it answered,
+    /// never a silent success.
+    #[test]
+    fn netns_modes_are_fixed_or_the_canary_fails_the_start() {
+        in_netns(|program| async move {
+            let scratch = Scratch::new("dns-modes");
+            start_upstream(&program, &scratch.0, 5399).await;
+            let dir = scratch.0.join("dns");
+            std::fs::create_dir(&dir).unwrap();
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+            let dns = RealDnsmasq {
+                program: program.clone(),
+                dir: dir.clone(),
+                user: router_user(),
+                timeout: Duration::from_secs(10),
+            };
+            let s = spec("g3", 5301, "127.0.0.1#5399", "server=/ads.example.com/\n");
+            assert_eq!(dns.ensure(&s).await.unwrap(), Ensured::Started);
+            assert_eq!(query(5301, "ads.example.com"), Some(Answer::NxDomain));
+            let mode = std::fs::metadata(&dir).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o755);
+            // Reset behind the agent's back; the next change fixes it before the
+            // reload, and the reloaded list is proven by its own canary.
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+            let s2 = InstanceSpec {
+                servers: Arc::new(format!(
+                    "server=/www.example.com/\n{}",
+                    dns_wire::canary_lines("t2")
+                )),
+                canary: dns_wire::list_canary("t2"),
+                ..s.clone()
+            };
+            assert_eq!(dns.ensure(&s2).await.unwrap(), Ensured::Reloaded);
+            assert_eq!(query(5301, "www.example.com"), Some(Answer::NxDomain));
+            dns.stop("g3").await.unwrap();
+
+            // A parent the resolver's user cannot enter.
+            let closed = scratch.0.join("closed");
+            std::fs::create_dir(&closed).unwrap();
+            std::fs::set_permissions(&closed, std::fs::Permissions::from_mode(0o700)).unwrap();
+            let dns = RealDnsmasq {
+                program,
+                dir: closed.join("dns"),
+                user: router_user(),
+                timeout: Duration::from_secs(10),
+            };
+            let t = Instant::now();
+            let e = dns.ensure(&s).await.unwrap_err();
+            let DnsError::Canary(u) = &e else {
+                panic!("not a canary failure: {e}");
+            };
+            assert_eq!((u.id.as_str(), u.port), ("g3", 5301), "{e}");
+            assert!(e.to_string().contains("group 3"), "{e}");
+            assert!(!u.answered.starts_with("NXDOMAIN with 0"), "{e}");
+            println!("caught in {:?}: {e}", t.elapsed());
+            // Unfiltered it is indeed: the listed name is forwarded.
+            assert_ne!(query(5301, "ads.example.com"), Some(Answer::NxDomain));
+            // And a later observation says so too (the drift check).
+            let o = dns.observe().await.unwrap();
+            assert!(o[0].running && o[0].canary.is_some(), "{o:?}");
+            dns.stop("g3").await.unwrap();
+            // The Scratch's drop looks for pid files in `dns/` only.
+        });
+    }
+
     /// `n` generated `server=/<12 letters>.com/` lines, then `blocked.example.com`
     /// last: a name answered NXDOMAIN only once the whole file is read.
     fn big_list(n: usize) -> String {
@@ -1240,20 +1604,24 @@ mod tests {
                 assert_eq!(first, Some(Answer::NxDomain));
                 let answering = t.elapsed();
                 println!(
-                    "start {round}: ensure returned after {started:?}, first answer (NXDOMAIN for the last name listed) after {answering:?}, RSS {} KiB",
+                    "start {round}: ensure (start + its canary refused) returned after {started:?}, first answer (NXDOMAIN for the last name listed) after {answering:?}, RSS {} KiB",
                     dns.memory_kib("g1").unwrap()
                 );
                 let name = format!("new{round}.example.com");
                 wait_for(5301, &name, Answer::Resolved).await;
                 let mut more = (*s.servers).clone();
                 more.push_str(&format!("server=/{name}/\n"));
+                // A new version of the list has its own canary, as compiled.
+                let key = format!("r{round}");
+                more.push_str(&dns_wire::canary_lines(&key));
+                s.canary = dns_wire::list_canary(&key);
                 s.servers = Arc::new(more);
                 let t = Instant::now();
                 assert_eq!(dns.ensure(&s).await.unwrap(), Ensured::Reloaded);
                 let sent = t.elapsed();
                 let blocked = sent + wait_for(5301, &name, Answer::NxDomain).await;
                 println!(
-                    "reload {round}: ensure (write + SIGHUP) {sent:?}, new name NXDOMAIN after {blocked:?}, RSS {} KiB",
+                    "reload {round}: ensure (write + SIGHUP + its canary refused) {sent:?}, new name NXDOMAIN after {blocked:?}, RSS {} KiB",
                     dns.memory_kib("g1").unwrap()
                 );
                 dns.stop("g1").await.unwrap();

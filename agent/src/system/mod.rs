@@ -4,9 +4,11 @@
 //! (the simulated router in `crate::sim` is built from the fakes).
 
 pub mod clock;
+pub mod dns_wire;
 pub mod dnsmasq;
 pub mod files;
 pub mod flowtable;
+pub mod fw4;
 pub mod nft;
 pub mod nlbw;
 pub mod sysinfo;
@@ -30,4 +32,6 @@ pub enum SystemError {
     /// Putting fw4's flow offloading back (uci or the firewall reload).
     #[error("{0}")]
     Offload(String),
+    #[error(transparent)]
+    Fw4(#[from] fw4::Fw4Error),
 }

@@ -61,7 +61,10 @@ pub const BRIDGE_SETS: [&str; 2] = ["dev_group", "dev_moved"];
 /// What the compiler needs besides the desired state.
 #[derive(Debug, Clone)]
 pub struct Context<'a> {
-    pub lan_if: &'a str,
+    /// Every LAN-side bridge (`br-lan`, `br-guest`): forward rules, the DNS
+    /// redirect and the resolvers cover devices on each; the first is where
+    /// download is shaped.
+    pub lan_ifs: Vec<&'a str>,
     pub wan_if: &'a str,
     pub zone: &'a Zone,
     pub now_unix: i64,
@@ -81,7 +84,7 @@ impl<'a> Context<'a> {
     /// UTC. The engine sets every field; tools and tests start from this.
     pub fn new(lan_if: &'a str, wan_if: &'a str, zone: &'a Zone, now_unix: i64) -> Context<'a> {
         Context {
-            lan_if,
+            lan_ifs: vec![lan_if],
             wan_if,
             zone,
             now_unix,
@@ -232,7 +235,7 @@ pub fn compile(desired: &Desired, ctx: &Context<'_>) -> Result<Compiled, Compile
         .get(&GUEST_GROUP)
         .ok_or(CompileError::NoSlot(GUEST_GROUP))?;
     let dns = match ctx.dns {
-        Some(d) => resolvers::plan(desired, d.config, ctx.lan_if, d.previous),
+        Some(d) => resolvers::plan(desired, d.config, &ctx.lan_ifs, d.previous),
         None => DnsPlan::default(),
     };
 
@@ -349,8 +352,8 @@ fn whole_digest(
         let s = &p.spec;
         feed(
             format!(
-                "dns {slot} {} {} {} {:?}",
-                s.port, p.key, s.interface, s.upstreams
+                "dns {slot} {} {} {:?} {:?}",
+                s.port, p.key, s.interfaces, s.upstreams
             )
             .as_bytes(),
         );

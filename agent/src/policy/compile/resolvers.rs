@@ -11,6 +11,7 @@ use crate::dns::domain::{self, Domain};
 use crate::dns::servers_file;
 use crate::policy::categories::digest_domains;
 use crate::policy::model::{Category, Desired, GroupId};
+use crate::system::dns_wire;
 use crate::system::dnsmasq::InstanceSpec;
 
 /// How filtered groups' resolvers are run; from the agent's configuration.
@@ -65,6 +66,13 @@ pub struct Planned {
     pub allowed: usize,
 }
 
+impl Planned {
+    /// `group 3`, as messages name it.
+    pub fn group_label(&self) -> &str {
+        &self.spec.label
+    }
+}
+
 /// Resolver instances by group slot.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DnsPlan {
@@ -85,7 +93,7 @@ pub fn port_of(base: u16, slot: u8) -> u16 {
 pub fn plan(
     desired: &Desired,
     cfg: &DnsConfig,
-    lan_if: &str,
+    lan_ifs: &[&str],
     previous: Option<&DnsPlan>,
 ) -> DnsPlan {
     let use_app = domain::normalize(categories::USE_APPLICATION_DNS).expect("valid name");
@@ -130,9 +138,14 @@ pub fn plan(
                 blocks.push(&cfg.doh.names);
                 blocks.push(std::slice::from_ref(&use_app));
                 let f = servers_file::compile(&blocks, &dns.allow);
-                (Arc::new(f.text), f.blocked, f.allowed)
+                // The canaries last: the resolver is asked for them after every
+                // start and reload, to prove this very list is in force.
+                let mut text = f.text;
+                text.push_str(&dns_wire::canary_lines(&key));
+                (Arc::new(text), f.blocked, f.allowed)
             }
         };
+        let canary = dns_wire::list_canary(&key);
         instances.insert(
             slot,
             Planned {
@@ -142,10 +155,12 @@ pub fn plan(
                     id: instance_id(slot),
                     port: port_of(cfg.port_base, slot),
                     listen: Vec::new(),
-                    interface: lan_if.to_owned(),
+                    interfaces: lan_ifs.iter().map(|i| (*i).to_owned()).collect(),
                     upstreams: cfg.upstreams.clone(),
                     servers,
                     cache_size: cfg.cache_size,
+                    canary,
+                    label: format!("group {id}"),
                 },
                 blocked,
                 allowed,

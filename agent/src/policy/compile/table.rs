@@ -222,8 +222,8 @@ fn push_dns_chains(body: &mut String, dns: &DnsPlan, guest: Option<u8>, ctx: &Co
     // see a filtered device's DNS first.
     let _ = writeln!(
         body,
-        "\tchain dns_nat {{\n\t\ttype nat hook prerouting priority dstnat - 5; policy accept;\n\t\tiifname \"{}\" meta l4proto {{ tcp, udp }} th dport 53 jump dns_from_lan\n\t}}\n",
-        ctx.lan_if
+        "\tchain dns_nat {{\n\t\ttype nat hook prerouting priority dstnat - 5; policy accept;\n\t\tiifname {} meta l4proto {{ tcp, udp }} th dport 53 jump dns_from_lan\n\t}}\n",
+        ifnames(&ctx.lan_ifs)
     );
     let _ = writeln!(
         body,
@@ -239,6 +239,18 @@ fn push_dns_chains(body: &mut String, dns: &DnsPlan, guest: Option<u8>, ctx: &Co
             "\tchain dns_g{slot} {{\n\t\t# group {}\n\t\tmeta l4proto {{ tcp, udp }} redirect to :{}\n\t}}\n",
             p.group, p.spec.port
         );
+    }
+}
+
+/// An interface-name match for nft: `"br-lan"`, or an anonymous set of several
+/// (`{ "br-lan", "br-guest" }`). One name stays a plain match, as it always was.
+pub fn ifnames(names: &[&str]) -> String {
+    match names {
+        [one] => format!("\"{one}\""),
+        many => {
+            let quoted: Vec<String> = many.iter().map(|n| format!("\"{n}\"")).collect();
+            format!("{{ {} }}", quoted.join(", "))
+        }
     }
 }
 
@@ -444,7 +456,7 @@ pub fn structure(
     bridge: &str,
     ctx: &Context<'_>,
 ) -> (String, String) {
-    let lan = ctx.lan_if;
+    let lan = ifnames(&ctx.lan_ifs);
     let mut body = String::new();
     let _ = writeln!(
         body,
@@ -481,7 +493,7 @@ pub fn structure(
     // only ends NetPilot's own processing.
     let _ = writeln!(
         body,
-        "\tchain forward {{\n\t\ttype filter hook forward priority filter - 5; policy accept;\n\t\tiifname \"{lan}\" jump from_lan comment \"@DIGEST@\"\n\t\toifname \"{lan}\" jump to_lan\n\t}}\n"
+        "\tchain forward {{\n\t\ttype filter hook forward priority filter - 5; policy accept;\n\t\tiifname {lan} jump from_lan comment \"@DIGEST@\"\n\t\toifname {lan} jump to_lan\n\t}}\n"
     );
     let _ = writeln!(body, "\tchain from_lan {{");
     let _ = writeln!(

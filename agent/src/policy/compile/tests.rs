@@ -181,6 +181,62 @@ fn golden_dns_filtering() {
         &kids_dns.spec.servers
     ));
     assert_eq!(again.digest, c.digest);
+    // Every list ends with the canaries; the resolver is asked for its own.
+    assert!(kids_dns.spec.servers.ends_with(&format!(
+        "server=/canary.netpilot.invalid/\nserver=/{}/\n",
+        kids_dns.spec.canary
+    )));
+    assert_eq!(kids_dns.spec.label, "group 3");
+}
+
+/// Two LAN-side bridges (a guest network beside the LAN): the forward rules, the
+/// DNS redirect and the resolvers cover both; nothing else changes.
+#[test]
+fn golden_two_bridges() {
+    let mut d = home();
+    d.groups.get_mut(&3).unwrap().policy.dns = dns_policy(&["social"], &["example.com"], &[]);
+    ops::normalize(&mut d).unwrap();
+    let zone = Zone::parse("UTC0").unwrap();
+    let cfg = dns_config();
+    let at = |lan_ifs: Vec<&'static str>| {
+        compile(
+            &d,
+            &Context {
+                dns: Some(DnsContext {
+                    config: &cfg,
+                    previous: None,
+                }),
+                lan_ifs,
+                ..Context::new("br-lan", "wan0", &zone, NOW)
+            },
+        )
+        .unwrap()
+    };
+    let two = at(vec!["br-lan", "br-guest"]);
+    golden("two-bridges.nft", &two.full_script());
+    for line in [
+        "iifname { \"br-lan\", \"br-guest\" } jump from_lan",
+        "oifname { \"br-lan\", \"br-guest\" } jump to_lan",
+        "iifname { \"br-lan\", \"br-guest\" } meta l4proto { tcp, udp } th dport 53 jump dns_from_lan",
+    ] {
+        assert!(two.structure.contains(line), "{line}\n{}", two.structure);
+    }
+    let kids = &two.dns.instances[&d.slots[&3]].spec;
+    assert_eq!(kids.interfaces, ["br-lan", "br-guest"]);
+    // Download is shaped on every bridge (each gets the classes), so the class is
+    // set whichever bridge the packet leaves by; `4e50:` is no other qdisc's major.
+    assert!(
+        two.structure
+            .contains("\t\tmeta priority set 4e50:102\n"),
+        "{}",
+        two.structure
+    );
+    assert!(!two.structure.contains("oifname \"br-lan\" meta priority"));
+    // One bridge: the plain match it always was, and another digest.
+    let one = at(vec!["br-lan"]);
+    assert!(one.structure.contains("iifname \"br-lan\" jump from_lan"));
+    assert!(one.structure.contains("\t\tmeta priority set 4e50:102\n"));
+    assert_ne!(one.digest, two.digest);
 }
 
 #[test]
