@@ -23,9 +23,7 @@ use crate::scan::{NeighbourSource, Scanner};
 use crate::speedtest::{Limits, SpeedTester};
 use crate::store::{Location, Store};
 use crate::system::files::{Files, RealFiles};
-use crate::system::{
-    dnsmasq, flowtable, fw4, nft, nlbw, tc, ubus, uci, wifi as wifi_control,
-};
+use crate::system::{dnsmasq, flowtable, fw4, nft, nlbw, tc, ubus, uci, wifi as wifi_control};
 use crate::usage::Usage;
 use crate::wifi::WifiService;
 

@@ -607,6 +607,32 @@ fn guest_network(lab: &Lab, tmp: &Path) -> Vec<String> {
     ]
 }
 
+/// A limited group's device on the second LAN bridge (the guest bridge, in its own
+/// fw4 zone) is shaped both ways: download by the classes on that bridge's egress,
+/// upload by the ifb that every LAN bridge feeds. The device on br-lan stays free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn netns_a_device_on_the_guest_bridge_is_shaped_both_ways() {
+    let rig = rig_with(guest_network).await;
+    rig.ok(
+        "POST",
+        "/api/groups/sync",
+        json!({"group": {"id": 3, "name": "Guests", "devices": [{"mac": C2_MAC}],
+            "policy": {"bandwidth": {"downloadKbps": 5000, "uploadKbps": 5000}}}}),
+    );
+    let l = &rig.lab;
+    let up = l.throughput(&l.c2, &l.wan, WAN_HOST, false, 3).unwrap();
+    let down = l.throughput(&l.c2, &l.wan, WAN_HOST, true, 3).unwrap();
+    let free = l.throughput(&l.c1, &l.wan, WAN_HOST, true, 3).unwrap();
+    println!("guest bridge, 5 Mbit/s: upload {up:.2}, download {down:.2}; br-lan device: {free:.0} Mbit/s");
+    for (what, v) in [("upload", up), ("download", down)] {
+        assert!(
+            (4.25..=5.75).contains(&v),
+            "{what} {v:.2} Mbit/s is not within ±15% of 5"
+        );
+    }
+    assert!(free >= 100.0, "the br-lan device got {free:.1} Mbit/s");
+}
+
 /// A device on a second LAN bridge, in an fw4 zone that rejects input (a guest
 /// network), is DNS-filtered and its policy enforced: through the include the agent
 /// puts into fw4's `chain-pre/input_guest/`; without it, its redirected queries are

@@ -321,7 +321,11 @@ impl Engine {
             }),
             enforcers,
             devices: Devices::new(
-                &config.lan_ifs.iter().map(String::as_str).collect::<Vec<_>>(),
+                &config
+                    .lan_ifs
+                    .iter()
+                    .map(String::as_str)
+                    .collect::<Vec<_>>(),
                 &config.wan_if,
             ),
             files,

@@ -226,8 +226,7 @@ fn golden_two_bridges() {
     // Download is shaped on every bridge (each gets the classes), so the class is
     // set whichever bridge the packet leaves by; `4e50:` is no other qdisc's major.
     assert!(
-        two.structure
-            .contains("\t\tmeta priority set 4e50:102\n"),
+        two.structure.contains("\t\tmeta priority set 4e50:102\n"),
         "{}",
         two.structure
     );
