@@ -27,7 +27,7 @@ pub const NLBWMON_CONFIG: &str = "/etc/config/nlbwmon";
 pub const DEFAULT_DATABASE_DIR: &str = "/var/lib/nlbwmon";
 /// nlbwmon's temp directory (not configurable in nlbwmon), holding `0.db`.
 pub const NLBWMON_TEMP_DIR: &str = "/tmp";
-const HINT: &str = "install and start nlbwmon on the router (opkg install nlbwmon; /etc/init.d/nlbwmon enable; /etc/init.d/nlbwmon start)";
+const HINT: &str = "install and start nlbwmon on the router (opkg install nlbwmon, or apk add nlbwmon on OpenWrt 25.12; /etc/init.d/nlbwmon enable; /etc/init.d/nlbwmon start)";
 
 #[derive(Debug, thiserror::Error)]
 pub enum UsageError {
