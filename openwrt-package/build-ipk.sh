@@ -23,12 +23,10 @@ mtime=${SOURCE_DATE_EPOCH:-$(git -C "$here" log -1 --format=%ct 2>/dev/null || e
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-# data: what lands on the router.
+# data: what lands on the router, as listed in ./manifest.
 data="$work/data"
-install -D -m 0755 "$bin" "$data/usr/sbin/netpilot-agent"
-install -D -m 0755 "$here/files/netpilot.init" "$data/etc/init.d/netpilot"
-install -D -m 0644 "$here/files/netpilot.config" "$data/etc/config/netpilot"
-install -D -m 0644 "$here/files/keep.d" "$data/lib/upgrade/keep.d/netpilot"
+"$here/manifest.sh" stage "$bin" "$data"
+depends=$("$here/manifest.sh" depends | paste -sd, - | sed 's/,/, /g')
 
 # Installed-Size in bytes, as OpenWrt's own ipkg-build writes it.
 installed_size=$(find "$data" -type f -printf '%s\n' | awk '{s += $1} END {print s}')
@@ -38,7 +36,7 @@ mkdir -p "$ctrl"
 cat > "$ctrl/control" <<CONTROL
 Package: netpilot-agent
 Version: $version
-Depends: nftables, tc, kmod-sched-core, kmod-nft-core, kmod-nft-bridge, kmod-ifb
+Depends: $depends
 Source: netpilot
 SourceName: netpilot-agent
 License: Apache-2.0
@@ -50,7 +48,8 @@ Description: NetPilot agent: cloud management of this router.
  Dials out over TLS to a NetPilot relay and serves the router API over that
  connection, enforcing policy with nftables, tc and dnsmasq.
 CONTROL
-install -m 0644 "$here/files/conffiles" "$ctrl/conffiles"
+"$here/manifest.sh" conffiles > "$ctrl/conffiles"
+chmod 0644 "$ctrl/conffiles"
 install -m 0755 "$here/files/postinst" "$ctrl/postinst"
 install -m 0755 "$here/files/prerm" "$ctrl/prerm"
 

@@ -112,7 +112,13 @@ fn every_ipk_unpacks_like_opkg_expects() {
             "{}",
             fields["Version"]
         );
-        for dep in ["nftables", "tc", "kmod-sched-core"] {
+        for dep in [
+            "nftables",
+            "tc",
+            "kmod-sched-core",
+            "kmod-nft-core",
+            "dnsmasq",
+        ] {
             assert!(
                 fields["Depends"].split(", ").any(|d| d == dep),
                 "Depends lacks {dep}"
@@ -276,4 +282,26 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
         }
     }
     out
+}
+
+/// The SDK build (openwrt-package/Makefile) installs the manifest's files with its
+/// dependencies and conffiles, as build-ipk.sh and build-apk.sh do, and builds the
+/// router feature set. The SDK is not here to run it; this keeps it from drifting.
+#[test]
+fn the_sdk_makefile_takes_files_and_dependencies_from_the_manifest() {
+    let mk = std::fs::read_to_string(repo().join("openwrt-package/Makefile")).unwrap();
+    for needle in [
+        "$(CURDIR)/manifest.sh stage $(PKG_INSTALL_DIR)/bin/netpilot-agent $(1)",
+        "$(shell $(CURDIR)/manifest.sh depends)",
+        "$(shell $(CURDIR)/manifest.sh conffiles)",
+        "$(call Build/Compile/Cargo,agent,--no-default-features)",
+    ] {
+        assert!(mk.contains(needle), "Makefile lacks {needle}");
+    }
+    for stale in ["INSTALL_BIN", "INSTALL_CONF", "+nftables"] {
+        assert!(
+            !mk.contains(stale),
+            "Makefile lists files or dependencies itself: {stale}"
+        );
+    }
 }

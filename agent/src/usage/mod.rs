@@ -31,7 +31,7 @@ pub const NLBWMON_TEMP_DIR: &str = "/tmp";
 /// What a `list` probe passes as `-p`: listing periods needs no protocol names,
 /// so the daemon's state can be told even when the configured list is unreadable.
 const NO_PROTOCOLS: &str = "/dev/null";
-const HINT: &str = "install and start nlbwmon on the router (opkg install nlbwmon; /etc/init.d/nlbwmon enable; /etc/init.d/nlbwmon start)";
+const HINT: &str = "install and start nlbwmon on the router (opkg install nlbwmon, or apk add nlbwmon on OpenWrt 25.12; /etc/init.d/nlbwmon enable; /etc/init.d/nlbwmon start)";
 
 #[derive(Debug, thiserror::Error)]
 pub enum UsageError {

@@ -171,6 +171,7 @@ async fn nlbwmon_down_or_garbled_is_an_error_not_an_empty_list() {
     let e = u.current(0, 10).await.unwrap_err();
     assert!(matches!(e, UsageError::Unavailable { .. }), "{e:?}");
     assert!(e.to_string().contains("opkg install nlbwmon"), "{e}");
+    assert!(e.to_string().contains("apk add nlbwmon"), "{e}");
     assert!(matches!(
         u.history(7).await,
         Err(UsageError::Unavailable { .. })
