@@ -9,7 +9,6 @@ use crate::config::RunConfig;
 use crate::system::dnsmasq::Resolver;
 use crate::system::nft::{self, Firewall, NftError};
 use crate::system::tc::{self, Shaper, TcError};
-use crate::system::SystemError;
 
 /// What one step did.
 #[derive(Debug, PartialEq, Eq)]
@@ -23,7 +22,7 @@ pub enum Outcome {
 pub struct StepError {
     pub step: &'static str,
     #[source]
-    pub source: SystemError,
+    pub source: Box<dyn std::error::Error + Send + Sync>,
 }
 
 /// Cleans up this router: the programs and directories the configuration names
@@ -35,13 +34,37 @@ pub async fn run(config: &RunConfig) -> (Vec<Outcome>, Vec<StepError>) {
         config.lan_if.as_deref(),
         config.wan_if.as_deref(),
     );
-    cleanup(
+    // The files fw4 would load first: a fw4 reload meanwhile must not bring the
+    // table back.
+    let (mut done, mut failed) = remove_files(&crate::policy::fw4::files(&config.fw4_paths()));
+    let (d, f) = cleanup(
         system.nft.as_ref(),
         system.tc.as_ref(),
         system.dns.as_ref(),
         &[&lan, &wan],
     )
-    .await
+    .await;
+    done.extend(d);
+    failed.extend(f);
+    (done, failed)
+}
+
+/// Removes the copies of the rules fw4 includes and the include itself.
+pub fn remove_files(paths: &[std::path::PathBuf]) -> (Vec<Outcome>, Vec<StepError>) {
+    let mut done = Vec::new();
+    let mut failed = Vec::new();
+    for path in paths {
+        let what = format!("file {}", path.display());
+        match std::fs::remove_file(path) {
+            Ok(()) => done.push(Outcome::Removed(what)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => done.push(Outcome::Absent(what)),
+            Err(e) => failed.push(StepError {
+                step: "remove a file fw4 includes",
+                source: e.into(),
+            }),
+        }
+    }
+    (done, failed)
 }
 
 /// Runs every removal step and returns what happened and what failed. `devices`
@@ -303,6 +326,9 @@ mod tests {
             dns_dir: PathBuf::from("/nonexistent/netpilot/dns"),
             root: PathBuf::from("/nonexistent/netpilot/root"),
             lan_if: Some("lan0".into()),
+            fw4_dir: PathBuf::from("/nonexistent/netpilot/fw4"),
+            fw4_include: PathBuf::from("/nonexistent/netpilot/post/netpilot.nft"),
+            state_dir: PathBuf::from("/nonexistent/netpilot/state"),
             ..Default::default()
         };
         let (done, failed) = run(&config).await;
@@ -310,6 +336,9 @@ mod tests {
         assert_eq!(
             lines(&done),
             [
+                "absent file /nonexistent/netpilot/post/netpilot.nft",
+                "absent file /nonexistent/netpilot/fw4/netpilot.nft",
+                "absent file /nonexistent/netpilot/state/boot.nft",
                 "absent nftables table inet netpilot (nft not installed)",
                 "absent tc root qdisc 1: on lan0 (tc not installed)",
                 // No UCI network under the root: OpenWrt's usual WAN name.

@@ -8,6 +8,7 @@ pub mod api;
 pub mod app;
 pub mod cleanup;
 pub mod config;
+pub mod control;
 pub mod dns;
 pub mod error;
 pub mod link;
@@ -160,6 +161,23 @@ pub async fn serve(
             .with_context(|| format!("cannot listen on {addr}"))?;
         api_addr = Some(listener.local_addr()?);
         tasks.spawn(local_api(listener, app.clone(), stop_rx.clone()));
+    }
+    if let Some(path) = &config.control {
+        // Bound before `on_ready`: whoever started the agent may ask at once. The
+        // agent enforces policy without it, so a socket it cannot have is logged.
+        match control::bind(path) {
+            Ok(listener) => {
+                tasks.spawn(control::serve(
+                    listener,
+                    path.clone(),
+                    app.clone(),
+                    stop_rx.clone(),
+                ));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, socket = %path.display(), "no control socket")
+            }
+        }
     }
     tracing::info!(router_id = %identity.router_id, mode = app.mode.as_str(), relay = %identity.relay_url, "agent started");
     // Start-up reconcile first thing: the kernel converges to the stored state

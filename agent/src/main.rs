@@ -4,10 +4,14 @@ use std::path::Path;
 
 use netpilot_agent::bail;
 use netpilot_agent::cleanup::Outcome;
-use netpilot_agent::config::{AgentConfig, Command, Warning, DEFAULT_PATH, USAGE};
+use std::time::Duration;
+
+use netpilot_agent::config::{AgentConfig, Command, ControlVerb, Warning, DEFAULT_PATH, USAGE};
+use netpilot_agent::control::{render, request};
 use netpilot_agent::error::Context;
 use netpilot_agent::link::enroll::enroll;
 use netpilot_agent::link::identity::Identity;
+use netpilot_agent::policy::fw4::BootOutcome;
 
 fn main() -> std::process::ExitCode {
     match real_main() {
@@ -54,6 +58,26 @@ fn real_main() -> netpilot_agent::error::Result<()> {
                 bail!("{} cleanup step(s) failed", failed.len())
             }
         }
+        Command::Boot(config) => {
+            let rt = start(&log, &warnings)?;
+            let paths = config.fw4_paths();
+            let nft = netpilot_agent::system::nft::RealNft {
+                program: config.nft.clone(),
+                ..Default::default()
+            };
+            match rt.block_on(netpilot_agent::policy::fw4::boot(&paths, &nft))? {
+                BootOutcome::NoBootCopy => println!(
+                    "no boot copy at {}; fw4 loads no NetPilot rules",
+                    paths.boot.display()
+                ),
+                BootOutcome::InPlace { generation } => println!(
+                    "boot copy (generation {}) in place as {}",
+                    generation.map_or("?".into(), |g| g.to_string()),
+                    paths.live_file().display()
+                ),
+            }
+        }
+        Command::Control { verb, socket, json } => control(verb, &socket, json)?,
         Command::Run(config) => {
             let rt = start(&log, &warnings)?;
             rt.block_on(netpilot_agent::run(
@@ -70,6 +94,36 @@ fn real_main() -> netpilot_agent::error::Result<()> {
                 shutdown_signal(),
             ))?;
         }
+    }
+    Ok(())
+}
+
+/// One request to the running agent, its answer printed for a person (or as JSON).
+fn control(verb: ControlVerb, socket: &Path, json: bool) -> netpilot_agent::error::Result<()> {
+    // A reapply of a large policy takes seconds on a small router.
+    let answer = request(socket, verb, Duration::from_secs(60))
+        .map_err(|e| netpilot_agent::error::Error::msg(e.to_string()))?;
+    let ok = answer["ok"].as_bool() == Some(true);
+    if json {
+        println!("{answer}");
+    } else if !ok {
+        // Said below, as the error.
+    } else if verb == ControlVerb::Status {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        print!("{}", render(&answer, now));
+    } else if verb == ControlVerb::Reconnect {
+        println!("redialing the relay now");
+    } else {
+        print!("re-applied\n{}", render(&answer, 0));
+    }
+    if !ok {
+        bail!(
+            "{}: {}",
+            verb.as_str(),
+            answer["error"].as_str().unwrap_or("failed")
+        );
     }
     Ok(())
 }

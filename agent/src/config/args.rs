@@ -30,7 +30,14 @@ usage: netpilot-agent enroll --relay URL --token TOKEN [--ca FILE | --fingerprin
                           [--usage-sample DUR] [--usage-flush DUR] [--usage-retention-days N]
                           [--dnsmasq PROGRAM] [--dns-dir DIR] [--dns-upstream ADDR[#PORT]]...
                           [--dns-port-base PORT] [--doh-list FILE]
-       netpilot-agent cleanup [--lan-if IF] [--wan-if IF] [--dns-dir DIR]
+                          [--fw4-dir DIR] [--fw4-include FILE] [--boot-copy FILE]
+                          [--control SOCKET]
+       netpilot-agent boot [--state-dir DIR] [--fw4-dir DIR] [--fw4-include FILE]
+                           [--boot-copy FILE] [--nft PROGRAM]
+       netpilot-agent status [--json] [--control SOCKET]
+       netpilot-agent reconnect|reapply [--control SOCKET]
+       netpilot-agent cleanup [--lan-if IF] [--wan-if IF] [--dns-dir DIR] [--fw4-dir DIR]
+                              [--fw4-include FILE] [--boot-copy FILE]
        netpilot-agent --version
 
 Every command also takes --config FILE (UCI, default /etc/config/netpilot); the
@@ -44,6 +51,11 @@ A Wi-Fi change is rolled back unless a report reaches the relay within --wifi-gr
 Filtered groups get their own dnsmasq on --dns-port-base (5400) + slot, forwarding
 to --dns-upstream (127.0.0.1, the router's dnsmasq); state in --dns-dir
 (/var/run/netpilot/dns). --doh-list replaces the shipped DoH names and addresses.
+The rules survive fw4: a live copy in --fw4-dir (/var/run/netpilot/fw4), included
+by --fw4-include (/usr/share/nftables.d/ruleset-post/netpilot.nft), and a boot copy
+(--boot-copy, default DIR/boot.nft) that `boot` puts in place before fw4 starts.
+status, reconnect and reapply talk to the running agent on --control
+(/var/run/netpilot/ctl/agent.sock); status --json prints the raw answer.
 cleanup removes everything the agent put into the kernel and the system.";
 
 /// What the command line asks for. `--version` and `--help` end the parsing where
@@ -59,6 +71,8 @@ pub(super) enum Verb {
     Enroll,
     Run,
     Cleanup,
+    Boot,
+    Control(super::ControlVerb),
 }
 
 /// A command line that parsed; `None` where the UCI file or the default decides.
@@ -75,6 +89,8 @@ pub(super) struct CommandLine {
     pub trust: Option<Trust>,
     pub token: Option<String>,
     pub force: bool,
+    /// `status --json`.
+    pub json: bool,
 }
 
 pub(super) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Parsed, ConfigError> {
@@ -89,6 +105,7 @@ pub(super) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Parsed, 
     let mut config = None;
     let (mut relay, mut token, mut ca, mut fingerprint, mut force) =
         (None, None, None, None, false);
+    let mut json = false;
     while let Some(arg) = args.next()? {
         match arg {
             Long("version") | Short('V') => return Ok(Parsed::Version),
@@ -100,6 +117,11 @@ pub(super) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Parsed, 
             Long("ca") => ca = Some(PathBuf::from(args.value()?)),
             Long("fingerprint") => fingerprint = Some(args.value()?.string()?),
             Long("force") => force = true,
+            Long("json") => json = true,
+            Long("fw4-dir") => run.fw4_dir = PathBuf::from(args.value()?),
+            Long("fw4-include") => run.fw4_include = PathBuf::from(args.value()?),
+            Long("boot-copy") => run.boot_copy = Some(PathBuf::from(args.value()?)),
+            Long("control") => run.control = Some(PathBuf::from(args.value()?)),
             Long("simulate") => run.simulate = true,
             Long("api-listen") => {
                 let v = args.value()?.string()?;
@@ -185,6 +207,10 @@ pub(super) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Parsed, 
         Some("enroll") => Verb::Enroll,
         Some("run") => Verb::Run,
         Some("cleanup") => Verb::Cleanup,
+        Some("boot") => Verb::Boot,
+        Some("status") => Verb::Control(super::ControlVerb::Status),
+        Some("reconnect") => Verb::Control(super::ControlVerb::Reconnect),
+        Some("reapply") => Verb::Control(super::ControlVerb::Reapply),
         _ => return Err(ConfigError::Usage),
     };
     Ok(Parsed::Line(Box::new(CommandLine {
@@ -198,6 +224,7 @@ pub(super) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Parsed, 
         trust,
         token,
         force,
+        json,
     })))
 }
 

@@ -14,6 +14,7 @@ use serde::Serialize;
 
 use super::compile::{self, Compiled, Context, DnsConfig, DnsContext};
 use super::execute::{Enforcers, Executed, ObserveError, ReadTimes, StepError};
+use super::fw4::{Fw4Status, Keeper};
 use super::model::{Desired, Invalid};
 use super::ops::{self, OpError};
 use super::persist::{Actor, Applied};
@@ -111,6 +112,8 @@ pub struct Status {
     pub next_refresh_unix: Option<i64>,
     /// Filtering resolvers wanted (one per filtered group).
     pub dns_resolvers: usize,
+    /// The copies of the rules fw4 includes (`None`: not kept, as when simulated).
+    pub fw4: Option<Fw4Status>,
 }
 
 /// How one change went.
@@ -210,6 +213,8 @@ pub struct Engine {
     status: Mutex<Status>,
     /// Wakes the background task early (after a failure, for a refresh).
     wake: tokio::sync::Notify,
+    /// Keeps the copies of the rules fw4 includes; `None` keeps none.
+    fw4: Option<Keeper>,
 }
 
 impl Engine {
@@ -250,7 +255,33 @@ impl Engine {
             clock,
             status: Mutex::new(status),
             wake: tokio::sync::Notify::new(),
+            fw4: None,
         })
+    }
+
+    /// Keeps the rules through fw4's life cycle with `keeper` (see [`super::fw4`]).
+    pub fn with_fw4(mut self, keeper: Keeper) -> Engine {
+        self.fw4 = Some(keeper);
+        self
+    }
+
+    /// Runs the background task's check now rather than at its next interval.
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Brings fw4's copies of the rules in step with what is live. A copy that
+    /// cannot be kept is logged and shown in the status; the kernel already holds
+    /// the rules, so the apply itself stands.
+    /// Takes the parts of `Inner` it needs: `&Inner` is not `Send` (the store's
+    /// connection is not `Sync`).
+    async fn keep_copies(&self, generation: u64, live: Option<&Compiled>) {
+        let Some(keeper) = &self.fw4 else { return };
+        if let Err(e) = keeper.keep(generation, live).await {
+            tracing::error!(error = %e, "cannot keep the copy of the rules fw4 loads");
+        }
+        let fw4 = keeper.status();
+        self.set_status(|s| s.fw4 = Some(fw4));
     }
 
     pub fn status(&self) -> Status {
@@ -446,6 +477,8 @@ impl Engine {
         inner.generation = record.generation;
         self.audit(inner, actor, what, "ok");
         self.record_live(inner, compiled, &record);
+        self.keep_copies(inner.generation, inner.live.as_ref())
+            .await;
         Ok((
             out,
             ApplyReport {
@@ -539,6 +572,8 @@ impl Engine {
                     return Err(self.fail(&mut inner, e));
                 }
                 self.record_reconciled(&mut inner, compiled, now, started);
+                self.keep_copies(inner.generation, inner.live.as_ref())
+                    .await;
                 return Ok(Vec::new());
             }
         }
@@ -556,6 +591,8 @@ impl Engine {
                     return Err(self.fail(&mut inner, e));
                 }
                 inner.live = compact;
+                self.keep_copies(inner.generation, inner.live.as_ref())
+                    .await;
                 return Ok(drift);
             }
             let status = self.status();
@@ -566,6 +603,8 @@ impl Engine {
                 status.last_apply_ms.unwrap_or(0),
             );
             self.record_live(&mut inner, compiled, &record);
+            self.keep_copies(inner.generation, inner.live.as_ref())
+                .await;
             return Ok(drift);
         }
         tracing::warn!(reason, drift = ?drift, "live state differs from the desired state; repairing");
@@ -596,6 +635,8 @@ impl Engine {
             s.last_drift_unix = Some(now);
         });
         tracing::info!(reason, "repaired; policy in force\n{}", inner.desired);
+        self.keep_copies(inner.generation, inner.live.as_ref())
+            .await;
         Ok(drift)
     }
 
@@ -994,6 +1035,53 @@ mod tests {
             "now guarded at October"
         );
         assert!(e.reconcile("check").await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn fw4_copies_follow_the_live_rules_and_flash_only_policy_changes() {
+        let rig = Rig::new();
+        let paths = super::super::fw4::Fw4Paths {
+            live_dir: rig.dir.join("fw4"),
+            include: rig.dir.join("post/netpilot.nft"),
+            boot: rig.dir.join("boot.nft"),
+        };
+        let e = rig
+            .engine()
+            .with_fw4(Keeper::new(paths.clone(), rig.nft.clone()));
+        sync(&e, kids(&[1], Some(5000))).await.unwrap();
+        let live = std::fs::read_to_string(paths.live_file()).unwrap();
+        assert!(live.starts_with("table inet netpilot {}\ndelete table inet netpilot\n"));
+        let fw4 = e.status().fw4.unwrap();
+        assert_eq!((fw4.live_writes, fw4.boot_writes), (1, 1));
+        assert_eq!(fw4.boot_copy_generation, Some(1));
+        // A device added: an element change; both copies follow (new policy).
+        sync(&e, kids(&[1, 2], Some(5000))).await.unwrap();
+        assert!(std::fs::read_to_string(paths.live_file())
+            .unwrap()
+            .contains("02:00:00:00:00:02"));
+        // Checks and the compaction they make: the flash is not written again.
+        assert!(e.reconcile("check").await.unwrap().is_empty());
+        assert!(e.reconcile("check").await.unwrap().is_empty());
+        let fw4 = e.status().fw4.unwrap();
+        assert_eq!(fw4.boot_writes, 2, "{fw4:?}");
+        assert_eq!(
+            fw4.live_writes, 3,
+            "the compaction changed the script: {fw4:?}"
+        );
+        // A copy nft refuses: the change stands, the status says so, old copy kept.
+        let before = std::fs::read_to_string(paths.live_file()).unwrap();
+        rig.nft.refuse_checks(true);
+        sync(&e, kids(&[1, 2, 3], Some(5000))).await.unwrap();
+        let fw4 = e.status().fw4.unwrap();
+        assert!(fw4.last_error.unwrap().contains("not put in place"));
+        assert_eq!(std::fs::read_to_string(paths.live_file()).unwrap(), before);
+        // Fixed at the next check.
+        rig.nft.refuse_checks(false);
+        e.reconcile("check").await.unwrap();
+        assert!(e.status().fw4.unwrap().last_error.is_none());
+        assert!(std::fs::read_to_string(paths.live_file())
+            .unwrap()
+            .contains("02:00:00:00:00:03"));
     }
 
     #[tokio::test]
