@@ -29,6 +29,9 @@ install -D -m 0755 "$bin" "$data/usr/sbin/netpilot-agent"
 install -D -m 0755 "$here/files/netpilot.init" "$data/etc/init.d/netpilot"
 install -D -m 0644 "$here/files/netpilot.config" "$data/etc/config/netpilot"
 install -D -m 0644 "$here/files/keep.d" "$data/lib/upgrade/keep.d/netpilot"
+install -D -m 0755 "$here/files/netpilot-boot.init" "$data/etc/init.d/netpilot-boot"
+install -D -m 0644 "$here/files/netpilot.hotplug" "$data/etc/hotplug.d/iface/90-netpilot"
+install -D -m 0644 "$here/files/fw4-include.nft" "$data/usr/share/nftables.d/ruleset-post/netpilot.nft"
 
 # Installed-Size in bytes, as OpenWrt's own ipkg-build writes it.
 installed_size=$(find "$data" -type f -printf '%s\n' | awk '{s += $1} END {print s}')
