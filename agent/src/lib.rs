@@ -183,6 +183,8 @@ pub async fn serve(
     // Start-up reconcile first thing: the kernel converges to the stored state
     // whether or not the relay is reachable.
     tasks.spawn(app.policy.clone().run(stop_rx.clone()));
+    // Writes the copies of the rules fw4 loads just after each apply.
+    tasks.spawn(app.policy.clone().run_fw4(stop_rx.clone()));
     // Resumes a change left pending by a restart, then confirms, rolls back and
     // reports.
     tasks.spawn(app.wifi.clone().run(stop_rx.clone()));

@@ -61,6 +61,20 @@ impl Rig {
         self.call("GET", "/api/infrastructure/status", json!({}))["status"].clone()
     }
 
+    /// Waits until the copies fw4 loads hold what is live (they are written just
+    /// after an apply, off its path), or until they say why not.
+    fn copies_settled(&self) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let fw4 = self.status()["fw4"].clone();
+            if fw4["in_step"] == true || !fw4["last_error"].is_null() {
+                return fw4;
+            }
+            assert!(Instant::now() < deadline, "copies never in step: {fw4}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     fn c1(&self) -> Probe {
         self.lab.probe(&self.lab.c1, self.wan)
     }
@@ -125,6 +139,7 @@ impl Rig {
 fn block_c1(rig: &Rig) {
     rig.call("POST", "/api/block", json!({"mac": C1_MAC}));
     rig.assert_enforced("blocked");
+    assert_eq!(rig.copies_settled()["in_step"], true);
 }
 
 fn file_id(p: &Path) -> (u64, std::time::SystemTime) {
@@ -215,7 +230,7 @@ async fn netns_a_live_copy_nft_refuses_is_never_put_in_place_and_fw4_still_loads
         json!({"mac": netpilot_tests::lab::C2_MAC}),
     );
     assert_eq!(rig.c2(), Probe::Refused, "the apply itself stands");
-    let fw4 = rig.status()["fw4"].clone();
+    let fw4 = rig.copies_settled();
     let error = fw4["last_error"].as_str().unwrap_or_default();
     assert!(error.contains("refused by the test"), "{fw4}");
     assert_eq!(
@@ -254,7 +269,7 @@ async fn netns_the_boot_copy_enforces_from_boot_without_the_agent_and_flash_is_w
     block_c1(&rig);
     let boot = rig.paths.boot_copy.clone();
     let written = file_id(&boot);
-    let boot_writes = rig.status()["fw4"]["boot_writes"].clone();
+    let boot_writes = rig.copies_settled()["boot_writes"].clone();
     assert_eq!(boot_writes, json!(1), "{}", rig.status());
 
     // Neither an apply that changes nothing, nor a reapply, nor periodic checks
@@ -272,7 +287,7 @@ async fn netns_the_boot_copy_enforces_from_boot_without_the_agent_and_flash_is_w
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(file_id(&boot), written, "the boot copy was rewritten");
-    assert_eq!(rig.status()["fw4"]["boot_writes"], boot_writes);
+    assert_eq!(rig.copies_settled()["boot_writes"], boot_writes);
 
     // A reboot: the agent is not running, tmpfs and the kernel are empty.
     rig.netpilot.agent.terminate().await.unwrap();

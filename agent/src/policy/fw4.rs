@@ -103,6 +103,9 @@ fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> 
 /// What the status shows of the copies.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Fw4Status {
+    /// The copies hold what is live now (false while the writer catches up, or
+    /// after a failure).
+    pub in_step: bool,
     pub live_copy: bool,
     pub boot_copy_generation: Option<u64>,
     /// Live copies and boot copies written since start.
@@ -154,6 +157,13 @@ impl Keeper {
         self.state.lock().expect("fw4 state").status.clone()
     }
 
+    /// Whether the copies hold `live` at `generation`.
+    pub fn is_kept(&self, generation: u64, live: Option<&Compiled>) -> bool {
+        let state = self.state.lock().expect("fw4 state");
+        state.live_digest.as_deref() == Some(live.map_or("", |c| c.digest.as_str()))
+            && state.boot_generation == live.map(|_| generation)
+    }
+
     /// The include file in fw4's include point, written when it says anything else.
     pub fn ensure_include(&self) -> Result<bool, Fw4Error> {
         ensure_include(&self.paths)
@@ -162,56 +172,82 @@ impl Keeper {
     /// Brings the live and boot copies in step with `live` (what the kernel holds
     /// now) at `generation`. The live copy is rewritten when the compiled state
     /// changed, the boot copy only when the generation (the desired policy) did.
-    /// Returns the first failure; the status keeps it until a later success.
+    /// When both are written, nft checks the script once: the boot copy is the same
+    /// script under a comment line. A copy nft refuses is not put in place (the
+    /// previous one stays). The status keeps the failure until a later success.
     pub async fn keep(&self, generation: u64, live: Option<&Compiled>) -> Result<(), Fw4Error> {
-        let result = async {
-            self.keep_live(live).await?;
-            self.keep_boot(generation, live).await
-        }
-        .await;
+        let result = self.write(generation, live).await;
         let mut state = self.state.lock().expect("fw4 state");
         state.status.last_error = result.as_ref().err().map(|e| e.to_string());
         result
     }
 
-    async fn keep_live(&self, live: Option<&Compiled>) -> Result<(), Fw4Error> {
+    async fn write(&self, generation: u64, live: Option<&Compiled>) -> Result<(), Fw4Error> {
         let digest = live.map(|c| c.digest.clone()).unwrap_or_default();
-        if self.state.lock().expect("fw4 state").live_digest.as_ref() == Some(&digest) {
-            return Ok(());
-        }
-        let file = self.paths.live_file();
+        let boot_want = live.map(|_| generation);
+        let (need_live, need_boot) = {
+            let state = self.state.lock().expect("fw4 state");
+            (
+                state.live_digest.as_ref() != Some(&digest),
+                state.boot_generation != boot_want,
+            )
+        };
+        let live_file = self.paths.live_file();
         match live {
-            Some(c) => {
-                put_checked(self.nft.as_ref(), &file, &c.full_script(), false).await?;
+            None => {
+                if need_live {
+                    remove(&live_file)?;
+                }
+                if need_boot {
+                    remove(&self.paths.boot)?;
+                }
             }
-            None => remove(&file)?,
+            Some(_) if !(need_live || need_boot) => return Ok(()),
+            Some(c) => {
+                let script = c.full_script();
+                let boot = boot_text(generation, &script);
+                let (live_tmp, boot_tmp) = (temp_path(&live_file), temp_path(&self.paths.boot));
+                if need_live {
+                    write_file(&live_tmp, &script, false)?;
+                }
+                if need_boot {
+                    write_file(&boot_tmp, &boot, true)?;
+                }
+                let checked = if need_live { &live_tmp } else { &boot_tmp };
+                if let Err(source) = self.nft.check_file(checked).await {
+                    let _ = std::fs::remove_file(&live_tmp);
+                    let _ = std::fs::remove_file(&boot_tmp);
+                    return Err(Fw4Error::Check {
+                        path: if need_live {
+                            live_file
+                        } else {
+                            self.paths.boot.clone()
+                        },
+                        source,
+                    });
+                }
+                if need_live {
+                    rename(&live_tmp, &live_file, false)?;
+                }
+                if need_boot {
+                    rename(&boot_tmp, &self.paths.boot, true)?;
+                }
+            }
         }
         let mut state = self.state.lock().expect("fw4 state");
-        state.live_digest = Some(digest);
-        state.status.live_copy = live.is_some();
-        if live.is_some() {
-            state.status.live_writes += 1;
-        }
-        Ok(())
-    }
-
-    async fn keep_boot(&self, generation: u64, live: Option<&Compiled>) -> Result<(), Fw4Error> {
-        let want = live.map(|_| generation);
-        if self.state.lock().expect("fw4 state").boot_generation == want {
-            return Ok(());
-        }
-        match live {
-            Some(c) => {
-                let text = boot_text(generation, &c.full_script());
-                put_checked(self.nft.as_ref(), &self.paths.boot, &text, true).await?;
+        if need_live {
+            state.live_digest = Some(digest);
+            state.status.live_copy = live.is_some();
+            if live.is_some() {
+                state.status.live_writes += 1;
             }
-            None => remove(&self.paths.boot)?,
         }
-        let mut state = self.state.lock().expect("fw4 state");
-        state.boot_generation = want;
-        state.status.boot_copy_generation = want;
-        if want.is_some() {
-            state.status.boot_writes += 1;
+        if need_boot {
+            state.boot_generation = boot_want;
+            state.status.boot_copy_generation = boot_want;
+            if boot_want.is_some() {
+                state.status.boot_writes += 1;
+            }
         }
         Ok(())
     }
@@ -410,7 +446,11 @@ mod tests {
         assert_eq!(std::fs::read_to_string(&p.boot).unwrap(), boot);
         let s = k.status();
         assert_eq!((s.live_writes, s.boot_writes), (2, 1));
-        assert_eq!(nft.checks(), 3, "every copy put in place was checked");
+        assert_eq!(
+            nft.checks(),
+            2,
+            "one check for the first pair, one for the second"
+        );
         // A new generation: flash rewritten.
         k.keep(2, Some(&b)).await.unwrap();
         assert_eq!(k.status().boot_writes, 2);
