@@ -358,3 +358,74 @@ fn cleanup_takes_the_same_programs_and_devices_as_run() {
     );
     assert_eq!(run.dns_dir, Path::new("/tmp/dns"));
 }
+
+#[test]
+fn fw4_paths_default_to_openwrts_and_the_boot_copy_follows_the_state_dir() {
+    let (run, _) = run_config(&["run"], &full_file());
+    let p = run.fw4_paths();
+    assert_eq!(p.live_dir, Path::new("/var/run/netpilot/fw4"));
+    assert_eq!(
+        p.include,
+        Path::new("/usr/share/nftables.d/ruleset-post/netpilot.nft")
+    );
+    assert_eq!(p.boot, Path::new("/uci/state/boot.nft"));
+    assert_eq!(
+        run.control.as_deref(),
+        Some(Path::new("/var/run/netpilot/ctl/agent.sock"))
+    );
+    let config = load(
+        &[
+            "boot",
+            "--fw4-dir",
+            "/t/fw4",
+            "--fw4-include",
+            "/t/post/np.nft",
+            "--boot-copy",
+            "/t/boot.nft",
+        ],
+        &full_file(),
+    )
+    .unwrap();
+    let Command::Boot(run) = config.command else {
+        panic!("not boot");
+    };
+    let p = run.fw4_paths();
+    assert_eq!(
+        (p.live_dir, p.include, p.boot),
+        (
+            PathBuf::from("/t/fw4"),
+            PathBuf::from("/t/post/np.nft"),
+            PathBuf::from("/t/boot.nft")
+        )
+    );
+}
+
+#[test]
+fn control_requests_take_the_socket_and_json() {
+    let config = load(
+        &["status", "--json", "--control", "/t/a.sock"],
+        Path::new(NO_FILE),
+    )
+    .unwrap();
+    let Command::Control { verb, socket, json } = config.command else {
+        panic!("not a control request");
+    };
+    assert_eq!(
+        (verb, socket.as_path(), json),
+        (ControlVerb::Status, Path::new("/t/a.sock"), true)
+    );
+    for (word, want) in [
+        ("reconnect", ControlVerb::Reconnect),
+        ("reapply", ControlVerb::Reapply),
+    ] {
+        let config = load(&[word], Path::new(NO_FILE)).unwrap();
+        let Command::Control { verb, socket, json } = config.command else {
+            panic!("not a control request");
+        };
+        assert_eq!(
+            (verb, socket.as_path(), json),
+            (want, Path::new(CONTROL_SOCKET), false)
+        );
+        assert_eq!(ControlVerb::parse(word), Some(want));
+    }
+}
