@@ -17,8 +17,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+use serde::Serialize;
+use serde_json::Value;
+use tokio::io::AsyncWriteExt as _;
 use tokio::net::UnixListener;
 
 use crate::app::App;
@@ -26,7 +27,7 @@ use crate::config::ControlVerb;
 use crate::runtime::shutdown::{self, Shutdown};
 
 /// Requests are a word; anything longer is not one of ours.
-const MAX_REQUEST: u64 = 64;
+const MAX_REQUEST: usize = 64;
 /// A client that says nothing is dropped after this.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -80,35 +81,115 @@ pub async fn serve(listener: UnixListener, path: PathBuf, app: Arc<App>, mut sto
     let _ = std::fs::remove_file(&path);
 }
 
-async fn answer(stream: tokio::net::UnixStream, app: &App) -> std::io::Result<()> {
+async fn answer(mut stream: tokio::net::UnixStream, app: &App) -> std::io::Result<()> {
     use tokio::io::AsyncReadExt as _;
-    let (read, mut write) = stream.into_split();
-    let mut line = String::new();
-    let mut reader = tokio::io::BufReader::new(read.take(MAX_REQUEST));
-    tokio::time::timeout(REQUEST_TIMEOUT, reader.read_line(&mut line))
+    // One short line: read until its newline, at most MAX_REQUEST bytes.
+    let mut buf = [0u8; MAX_REQUEST];
+    let mut len = 0;
+    let read = async {
+        while len < buf.len() && !buf[..len].contains(&b'\n') {
+            let n = stream.read(&mut buf[len..]).await?;
+            if n == 0 {
+                break;
+            }
+            len += n;
+        }
+        Ok::<_, std::io::Error>(())
+    };
+    tokio::time::timeout(REQUEST_TIMEOUT, read)
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no request"))??;
-    let reply = match ControlVerb::parse(line.trim()) {
+    let word = std::str::from_utf8(&buf[..len]).unwrap_or("").trim();
+    let mut out = match ControlVerb::parse(word) {
         Some(verb) => handle(verb, app).await,
-        None => json!({"ok": false, "error": format!("unknown request {:?}", line.trim())}),
+        None => refusal(format!("unknown request {word:?}")),
     };
-    let mut out = reply.to_string();
     out.push('\n');
-    write.write_all(out.as_bytes()).await?;
-    write.shutdown().await
+    stream.write_all(out.as_bytes()).await?;
+    stream.shutdown().await
 }
 
-async fn handle(verb: ControlVerb, app: &App) -> Value {
+#[derive(Serialize)]
+struct Refusal {
+    ok: bool,
+    error: String,
+}
+
+fn refusal(error: String) -> String {
+    to_json(&Refusal { ok: false, error })
+}
+
+fn to_json(v: &impl Serialize) -> String {
+    serde_json::to_string(v).unwrap_or_else(|e| format!("{{\"ok\":false,\"error\":\"{e}\"}}"))
+}
+
+#[derive(Serialize)]
+struct Reconnected {
+    ok: bool,
+    link_was_up: bool,
+}
+
+#[derive(Serialize)]
+struct Reapplied {
+    ok: bool,
+    drift_repaired: Vec<String>,
+}
+
+/// The answer to `status`: one object per section.
+#[derive(Serialize)]
+struct StatusAnswer {
+    ok: bool,
+    agent: AgentSection,
+    link: LinkSection,
+    /// The engine's status as `GET /api/infrastructure/status` shows it.
+    policy: crate::policy::engine::Status,
+    nlbwmon: NlbwmonSection,
+}
+
+#[derive(Serialize)]
+struct AgentSection {
+    version: &'static str,
+    router_id: String,
+    mode: &'static str,
+    uptime_s: u64,
+    starts: u64,
+    clock_unset: bool,
+}
+
+#[derive(Serialize)]
+struct LinkSection {
+    relay: String,
+    connected: bool,
+    connected_since_unix: Option<u64>,
+    connects: u64,
+    last_error: Option<String>,
+}
+
+#[derive(Serialize)]
+struct NlbwmonSection {
+    installed: bool,
+    running: bool,
+    error: Option<String>,
+    current_period: Option<String>,
+}
+
+async fn handle(verb: ControlVerb, app: &App) -> String {
     match verb {
-        ControlVerb::Status => status(app).await,
+        ControlVerb::Status => to_json(&status(app).await),
         ControlVerb::Reconnect => {
-            let was_up = app.link.get().connected_since.is_some();
+            let link_was_up = app.link.get().connected_since.is_some();
             app.link.redial();
-            json!({"ok": true, "link_was_up": was_up})
+            to_json(&Reconnected {
+                ok: true,
+                link_was_up,
+            })
         }
         ControlVerb::Reapply => match app.policy.reconcile("reapply").await {
-            Ok(drift) => json!({"ok": true, "drift_repaired": drift}),
-            Err(e) => json!({"ok": false, "error": e.to_string()}),
+            Ok(drift_repaired) => to_json(&Reapplied {
+                ok: true,
+                drift_repaired,
+            }),
+            Err(e) => refusal(e.to_string()),
         },
     }
 }
@@ -118,37 +199,35 @@ fn unix(t: Option<SystemTime>) -> Option<u64> {
         .map(|d| d.as_secs())
 }
 
-/// The answer to `status`: one object per section.
-async fn status(app: &App) -> Value {
+async fn status(app: &App) -> StatusAnswer {
     let health = crate::api::health::health(app);
     let link = app.link.get();
-    let policy = serde_json::to_value(app.policy.status()).unwrap_or(Value::Null);
     let usage = app.usage.status().await;
-    json!({
-        "ok": true,
-        "agent": {
-            "version": health.agent_version,
-            "router_id": health.router_id,
-            "mode": health.mode,
-            "uptime_s": health.agent_uptime_s,
-            "starts": health.agent_starts,
-            "clock_unset": health.clock_unset,
+    StatusAnswer {
+        ok: true,
+        agent: AgentSection {
+            version: health.agent_version,
+            router_id: health.router_id,
+            mode: health.mode,
+            uptime_s: health.agent_uptime_s,
+            starts: health.agent_starts,
+            clock_unset: health.clock_unset,
         },
-        "link": {
-            "relay": app.relay_url,
-            "connected": link.connected_since.is_some(),
-            "connected_since_unix": unix(link.connected_since),
-            "connects": link.connects,
-            "last_error": link.last_error,
+        link: LinkSection {
+            relay: app.relay_url.clone(),
+            connected: link.connected_since.is_some(),
+            connected_since_unix: unix(link.connected_since),
+            connects: link.connects,
+            last_error: link.last_error,
         },
-        "policy": policy,
-        "nlbwmon": {
-            "installed": usage.installed,
-            "running": usage.running,
-            "error": usage.error,
-            "current_period": usage.current_period,
+        policy: app.policy.status(),
+        nlbwmon: NlbwmonSection {
+            installed: usage.installed,
+            running: usage.running,
+            error: usage.error,
+            current_period: usage.current_period,
         },
-    })
+    }
 }
 
 /// Why a request could not be made.
@@ -280,6 +359,7 @@ fn ago(s: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn render_shows_every_field_by_section_without_knowing_them() {
