@@ -71,12 +71,10 @@ pub async fn serve(listener: UnixListener, path: PathBuf, app: Arc<App>, mut sto
             },
             _ = shutdown::stopped(&mut stop) => break,
         };
-        let app = app.clone();
-        tokio::spawn(async move {
-            if let Err(e) = answer(stream, &app).await {
-                tracing::debug!(error = %e, "control request failed");
-            }
-        });
+        // One at a time: requests are rare and short (a reapply is the longest).
+        if let Err(e) = answer(stream, &app).await {
+            tracing::debug!(error = %e, "control request failed");
+        }
     }
     let _ = std::fs::remove_file(&path);
 }

@@ -34,68 +34,98 @@ fn real_main() -> netpilot_agent::error::Result<()> {
         Command::Help => println!("{USAGE}"),
         Command::Enroll(config) => {
             let rt = start(&log, &warnings)?;
-            let identity = rt.block_on(enroll(config.args()?))?;
-            println!(
-                "enrolled as router {} ({}); identity stored in {}",
-                identity.router_id,
-                identity.name,
-                Identity::path(&config.state_dir).display()
-            );
+            block(
+                &rt,
+                Box::pin(async move {
+                    let identity = enroll(config.args()?).await?;
+                    println!(
+                        "enrolled as router {} ({}); identity stored in {}",
+                        identity.router_id,
+                        identity.name,
+                        Identity::path(&config.state_dir).display()
+                    );
+                    Ok(())
+                }),
+            )?;
         }
         Command::Cleanup(config) => {
             let rt = start(&log, &warnings)?;
-            let (done, failed) = rt.block_on(netpilot_agent::cleanup::run(&config));
-            for d in &done {
-                match d {
-                    Outcome::Removed(what) => println!("removed {what}"),
-                    Outcome::Absent(what) => println!("absent {what}"),
-                }
-            }
-            for e in &failed {
-                eprintln!("netpilot-agent: cleanup: {e}");
-            }
-            if !failed.is_empty() {
-                bail!("{} cleanup step(s) failed", failed.len())
-            }
+            block(
+                &rt,
+                Box::pin(async move {
+                    let (done, failed) = netpilot_agent::cleanup::run(&config).await;
+                    for d in &done {
+                        match d {
+                            Outcome::Removed(what) => println!("removed {what}"),
+                            Outcome::Absent(what) => println!("absent {what}"),
+                        }
+                    }
+                    for e in &failed {
+                        eprintln!("netpilot-agent: cleanup: {e}");
+                    }
+                    if !failed.is_empty() {
+                        bail!("{} cleanup step(s) failed", failed.len())
+                    }
+                    Ok(())
+                }),
+            )?;
         }
         Command::Boot(config) => {
             let rt = start(&log, &warnings)?;
-            let paths = config.fw4_paths();
-            let nft = netpilot_agent::system::nft::RealNft {
-                program: config.nft.clone(),
-                ..Default::default()
-            };
-            match rt.block_on(netpilot_agent::policy::fw4::boot(&paths, &nft))? {
-                BootOutcome::NoBootCopy => println!(
-                    "no boot copy at {}; fw4 loads no NetPilot rules",
-                    paths.boot.display()
-                ),
-                BootOutcome::InPlace { generation } => println!(
-                    "boot copy (generation {}) in place as {}",
-                    generation.map_or("?".into(), |g| g.to_string()),
-                    paths.live_file().display()
-                ),
-            }
+            block(
+                &rt,
+                Box::pin(async move {
+                    let paths = config.fw4_paths();
+                    let nft = netpilot_agent::system::nft::RealNft {
+                        program: config.nft.clone(),
+                        ..Default::default()
+                    };
+                    match netpilot_agent::policy::fw4::boot(&paths, &nft).await? {
+                        BootOutcome::NoBootCopy => println!(
+                            "no boot copy at {}; fw4 loads no NetPilot rules",
+                            paths.boot.display()
+                        ),
+                        BootOutcome::InPlace { generation } => println!(
+                            "boot copy (generation {}) in place as {}",
+                            generation.map_or("?".into(), |g| g.to_string()),
+                            paths.live_file().display()
+                        ),
+                    }
+                    Ok(())
+                }),
+            )?;
         }
         Command::Control { verb, socket, json } => control(verb, &socket, json)?,
         Command::Run(config) => {
             let rt = start(&log, &warnings)?;
-            rt.block_on(netpilot_agent::run(
-                config,
-                |ready| {
-                    use std::io::Write;
-                    let mut out = std::io::stdout().lock();
-                    let _ = writeln!(out, "agent running router {}", ready.router_id);
-                    if let Some(addr) = ready.api_addr {
-                        let _ = writeln!(out, "api listening {addr}");
-                    }
-                    let _ = out.flush();
-                },
-                shutdown_signal(),
-            ))?;
+            block(
+                &rt,
+                Box::pin(netpilot_agent::run(
+                    config,
+                    |ready| {
+                        use std::io::Write;
+                        let mut out = std::io::stdout().lock();
+                        let _ = writeln!(out, "agent running router {}", ready.router_id);
+                        if let Some(addr) = ready.api_addr {
+                            let _ = writeln!(out, "api listening {addr}");
+                        }
+                        let _ = out.flush();
+                    },
+                    shutdown_signal(),
+                )),
+            )?;
         }
     }
     Ok(())
+}
+
+/// A subcommand's work, boxed: the runtime's `block_on` is instantiated once for
+/// all of them rather than once per future type (kilobytes each on the router).
+type Job<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = netpilot_agent::error::Result<()>> + 'a>>;
+
+fn block(rt: &tokio::runtime::Runtime, job: Job<'_>) -> netpilot_agent::error::Result<()> {
+    rt.block_on(job)
 }
 
 /// One request to the running agent, its answer printed for a person (or as JSON).
