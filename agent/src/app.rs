@@ -17,6 +17,7 @@ use crate::offload::Offload;
 use crate::policy::compile::resolvers::{self, DnsConfig};
 use crate::policy::engine::{Engine, EngineConfig};
 use crate::policy::execute::Enforcers;
+use crate::policy::fw4::Keeper;
 use crate::policy::{interfaces, tz};
 use crate::runtime::clock::{system_clock, Clock};
 use crate::scan::{NeighbourSource, Scanner};
@@ -185,6 +186,8 @@ pub fn relay_endpoint(
 pub struct App {
     pub mode: Mode,
     pub router_id: String,
+    /// The relay the link dials, for the status.
+    pub relay_url: String,
     pub files: Arc<dyn Files>,
     pub started: Instant,
     /// Written by the link, read by the health endpoint.
@@ -303,6 +306,15 @@ impl App {
             Some(wan_if.clone()),
             clock.clone(),
         );
+        // The real router's rules are kept through fw4's life cycle; a simulated
+        // router has no fw4 and must not write into this machine's.
+        let keeper = (mode == Mode::Real).then(|| {
+            let keeper = Keeper::new(config.fw4_paths(), nft.clone());
+            if let Err(e) = keeper.ensure_include() {
+                tracing::error!(error = %e, "cannot write fw4's include of the rules");
+            }
+            keeper
+        });
         let engine = Engine::new(
             Store::open_at(state)?,
             Enforcers { nft, tc, dns },
@@ -317,6 +329,10 @@ impl App {
             },
             clock.clone(),
         )?;
+        let engine = match keeper {
+            Some(k) => engine.with_fw4(k),
+            None => engine,
+        };
         // An invalid zone is the policy engine's error to report; usage days fall
         // back to UTC rather than stopping the agent.
         let zone = tz::router_zone(files.as_ref(), config.timezone.as_deref())
@@ -332,6 +348,7 @@ impl App {
         Ok(App {
             mode,
             router_id: identity.router_id.clone(),
+            relay_url: identity.relay_url.clone(),
             files,
             started: Instant::now(),
             link: Arc::default(),

@@ -23,7 +23,7 @@ pub enum Outcome {
 pub struct StepError {
     pub step: &'static str,
     #[source]
-    pub source: SystemError,
+    pub source: Box<dyn std::error::Error + Send + Sync>,
 }
 
 /// Cleans up this router: the programs and directories the configuration names
@@ -37,13 +37,18 @@ pub async fn run(config: &RunConfig) -> (Vec<Outcome>, Vec<StepError>) {
     );
     let mut devices: Vec<&str> = r.lan.iter().map(String::as_str).collect();
     devices.push(&r.wan);
-    let (mut done, mut failed) = cleanup(
+    // The files fw4 would load first: a fw4 reload meanwhile must not bring the
+    // table back.
+    let (mut done, mut failed) = remove_files(&crate::policy::fw4::files(&config.fw4_paths()));
+    let (d, f) = cleanup(
         system.nft.as_ref(),
         system.tc.as_ref(),
         system.dns.as_ref(),
         &devices,
     )
     .await;
+    done.extend(d);
+    failed.extend(f);
     // Only an existing state database can hold the owner's offloading values;
     // cleanup must not create one.
     let store = config
@@ -55,7 +60,7 @@ pub async fn run(config: &RunConfig) -> (Vec<Outcome>, Vec<StepError>) {
         None => done.push(Outcome::Absent(OFFLOADING.into())),
         Some(Err(e)) => failed.push(StepError {
             step: "restore flow offloading",
-            source: SystemError::Offload(e.to_string()),
+            source: SystemError::Offload(e.to_string()).into(),
         }),
         Some(Ok(store)) => {
             match restore_offloading(system.uci.as_ref(), system.flowtables.as_ref(), store).await {
@@ -102,9 +107,27 @@ pub async fn restore_offloading(
         Ok(None) => Ok(Outcome::Absent(OFFLOADING.into())),
         Err(e) => Err(StepError {
             step: "restore flow offloading",
-            source: SystemError::Offload(e),
+            source: SystemError::Offload(e).into(),
         }),
     }
+}
+
+/// Removes the copies of the rules fw4 includes and the include itself.
+pub fn remove_files(paths: &[std::path::PathBuf]) -> (Vec<Outcome>, Vec<StepError>) {
+    let mut done = Vec::new();
+    let mut failed = Vec::new();
+    for path in paths {
+        let what = format!("file {}", path.display());
+        match std::fs::remove_file(path) {
+            Ok(()) => done.push(Outcome::Removed(what)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => done.push(Outcome::Absent(what)),
+            Err(e) => failed.push(StepError {
+                step: "remove a file fw4 includes",
+                source: e.into(),
+            }),
+        }
+    }
+    (done, failed)
 }
 
 /// Runs every removal step and returns what happened and what failed. `devices`
@@ -427,6 +450,8 @@ mod tests {
             state_dir: PathBuf::from("/nonexistent/netpilot/state"),
             lan_ifs: vec!["lan0".into()],
             fw4_includes: PathBuf::from("/nonexistent/netpilot/nftables.d"),
+            fw4_dir: PathBuf::from("/nonexistent/netpilot/fw4"),
+            fw4_include: PathBuf::from("/nonexistent/netpilot/post/netpilot.nft"),
             ..Default::default()
         };
         let (done, failed) = run(&config).await;
@@ -434,6 +459,9 @@ mod tests {
         assert_eq!(
             lines(&done),
             [
+                "absent file /nonexistent/netpilot/post/netpilot.nft",
+                "absent file /nonexistent/netpilot/fw4/netpilot.nft",
+                "absent file /nonexistent/netpilot/state/boot.nft",
                 "absent nftables table inet netpilot (nft not installed)",
                 "absent NetPilot's tc qdiscs on lan0 (tc not installed)",
                 // No UCI network under the root: OpenWrt's usual WAN name.

@@ -8,6 +8,7 @@ pub mod api;
 pub mod app;
 pub mod cleanup;
 pub mod config;
+pub mod control;
 pub mod dns;
 pub mod error;
 pub mod link;
@@ -162,10 +163,33 @@ pub async fn serve(
         api_addr = Some(listener.local_addr()?);
         tasks.spawn(local_api(listener, app.clone(), stop_rx.clone()));
     }
+    // Bound before `on_ready`: whoever started the agent may ask at once. The agent
+    // enforces policy without it, so a socket it cannot have is logged.
+    let control = match &config.control {
+        Some(path) => match control::bind(path) {
+            Ok(listener) => Some((listener, path.clone())),
+            Err(e) => {
+                tracing::error!(error = %e, socket = %path.display(), "no control socket");
+                None
+            }
+        },
+        None => None,
+    };
     tracing::info!(router_id = %identity.router_id, mode = app.mode.as_str(), relay = %identity.relay_url, "agent started");
     // Start-up reconcile first thing: the kernel converges to the stored state
     // whether or not the relay is reachable.
-    tasks.spawn(app.policy.clone().run(stop_rx.clone()));
+    // With it, in the same task (each task type costs the router's flash): the
+    // writer of the copies of the rules fw4 loads, and the control socket.
+    let (policy, stop) = (app.policy.clone(), stop_rx.clone());
+    let (fw4_stop, control_stop, control_app) = (stop_rx.clone(), stop_rx.clone(), app.clone());
+    tasks.spawn(async move {
+        let control = async move {
+            if let Some((listener, path)) = control {
+                control::serve(listener, path, control_app, control_stop).await;
+            }
+        };
+        tokio::join!(policy.clone().run(stop), policy.run_fw4(fw4_stop), control);
+    });
     if let Some(g) = app.guest_dns.clone() {
         tasks.spawn(g.install());
     }

@@ -508,6 +508,8 @@ async fn relay_memory_with(relay: &Relay) -> anyhow::Result<Memory> {
     let (stop, stopped) = watch::channel(false);
     let config = RunConfig {
         simulate: true,
+        // Thousands of agents in one process: none serves the router's socket.
+        control: None,
         backoff: BackoffConfig {
             start_delay_max: Duration::ZERO,
             ..Default::default()

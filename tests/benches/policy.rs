@@ -21,6 +21,11 @@
 //! 4. **A full check** (read back and compare, no change), what the periodic drift
 //!    check costs.
 //!
+//! The engine keeps fw4's copies of the rules as the agent does (a live copy checked
+//! with `nft -c`, a boot copy when the policy changed), in the temporary directory.
+//! The agent writes them in a task of their own just after an apply; here that
+//! write is run and timed after the change returns (`then fw4 copies`).
+//!
 //! Figures are medians over the rounds, with min and max.
 
 use std::sync::Arc;
@@ -28,6 +33,7 @@ use std::time::{Duration, Instant};
 
 use netpilot_agent::policy::engine::{Engine, EngineConfig};
 use netpilot_agent::policy::execute::Enforcers;
+use netpilot_agent::policy::fw4::{Fw4Paths, Keeper};
 use netpilot_agent::policy::model::{Bandwidth, Device, Group, Mac, Policy, Schedule};
 use netpilot_agent::policy::ops;
 use netpilot_agent::policy::persist::Actor;
@@ -106,7 +112,16 @@ fn groups(moved: bool, scheduled: bool) -> Vec<Group> {
         .collect()
 }
 
+/// The engine as the agent runs it, keeping fw4's copies (in `dir`) too.
 fn engine(dir: &std::path::Path) -> anyhow::Result<Engine> {
+    let keeper = Keeper::new(
+        Fw4Paths {
+            live_dir: dir.join("fw4"),
+            include: dir.join("ruleset-post/netpilot.nft"),
+            boot: dir.join("boot.nft"),
+        },
+        Arc::new(RealNft::default()),
+    );
     Ok(Engine::new(
         Store::open(dir)?,
         Enforcers {
@@ -125,7 +140,8 @@ fn engine(dir: &std::path::Path) -> anyhow::Result<Engine> {
             dns: Default::default(),
         },
         netpilot_agent::runtime::clock::system_clock(),
-    )?)
+    )?
+    .with_fw4(keeper))
 }
 
 async fn clean() -> anyhow::Result<()> {
@@ -171,6 +187,7 @@ async fn bench() -> anyhow::Result<()> {
 async fn scenario(scheduled: bool) -> anyhow::Result<()> {
     let actor = Actor::default();
     let mut phases: [Series; 5] = Default::default();
+    let (mut full_fw4, mut moved_fw4) = (Series(vec![]), Series(vec![]));
     let (mut full, mut bare, mut compile, mut moved, mut policy, mut check) = (
         Series(vec![]),
         Series(vec![]),
@@ -201,6 +218,15 @@ async fn scenario(scheduled: bool) -> anyhow::Result<()> {
         {
             series.0.push(v);
         }
+        // What the agent's writer task does next, off the apply's path.
+        let t = Instant::now();
+        e.write_copies().await;
+        full_fw4.0.push(ms(t.elapsed()));
+        anyhow::ensure!(
+            e.status().fw4.is_some_and(|f| f.in_step),
+            "{:?}",
+            e.status().fw4
+        );
 
         // As the API moves a device: one group synced with the device added.
         let target = groups(true, scheduled).into_iter().nth(1).expect("group 2");
@@ -210,6 +236,9 @@ async fn scenario(scheduled: bool) -> anyhow::Result<()> {
             .await?;
         moved.0.push(ms(t.elapsed()));
         anyhow::ensure!(r.nft == "elements", "a move applied {:?}", r.nft);
+        let t = Instant::now();
+        e.write_copies().await;
+        moved_fw4.0.push(ms(t.elapsed()));
 
         let t = Instant::now();
         e.change(&actor, "bench policy", |d| {
@@ -259,9 +288,11 @@ async fn scenario(scheduled: bool) -> anyhow::Result<()> {
     {
         series.line(&format!("  {name}"));
     }
+    full_fw4.line("  then fw4 copies, off the path (nft -c, 2 files)");
     bare.line("bare `nft -f` of the same table (floor)");
     compile.line("compile only");
     moved.line("one device moved (end to end)");
+    moved_fw4.line("  then fw4 copies, off the path (nft -c, 2 files)");
     policy.line("policy change on one group (end to end)");
     check.line("full check: read back and compare");
     Ok(())

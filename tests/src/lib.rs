@@ -9,6 +9,7 @@
 //! kit's namespaces (`netpilot-testkit`, which also holds the requirement check of
 //! the `netns_` tests).
 
+pub mod fw4;
 pub mod lab;
 pub mod rig;
 
@@ -284,6 +285,38 @@ impl EnrolledRouter {
     }
 }
 
+/// Where a test agent keeps what it would keep in the router's own directories.
+#[derive(Debug, Clone)]
+pub struct AgentPaths {
+    /// The live copy's directory (`--fw4-dir`).
+    pub fw4_dir: PathBuf,
+    /// fw4's include point, `ruleset-post` (the include is `netpilot.nft` in it).
+    pub ruleset_post: PathBuf,
+    pub fw4_include: PathBuf,
+    /// The boot copy (the default: in the state directory).
+    pub boot_copy: PathBuf,
+    pub control: PathBuf,
+}
+
+impl AgentPaths {
+    pub fn of(router: &EnrolledRouter) -> AgentPaths {
+        let parent = router.state_dir.parent().expect("state parent");
+        let ruleset_post = parent.join("ruleset-post");
+        AgentPaths {
+            fw4_dir: parent.join("run/fw4"),
+            fw4_include: ruleset_post.join("netpilot.nft"),
+            ruleset_post,
+            boot_copy: router.state_dir.join("boot.nft"),
+            control: parent.join("run/ctl/agent.sock"),
+        }
+    }
+
+    /// The live copy fw4 includes.
+    pub fn live_copy(&self) -> PathBuf {
+        self.fw4_dir.join("netpilot.nft")
+    }
+}
+
 /// An agent process.
 pub struct Agent {
     child: Child,
@@ -357,11 +390,20 @@ impl Agent {
             )),
             None => Command::new(binary("netpilot-agent")),
         };
+        // Nothing of this machine's: the copies of the rules fw4 would load and the
+        // control socket live beside the state directory (a test may name others).
+        let paths = AgentPaths::of(router);
         let mut child = command
             .arg("run")
             .args(["--config", "/nonexistent/netpilot"])
             .arg("--state-dir")
             .arg(&router.state_dir)
+            .arg("--fw4-dir")
+            .arg(&paths.fw4_dir)
+            .arg("--fw4-include")
+            .arg(&paths.fw4_include)
+            .arg("--control")
+            .arg(&paths.control)
             .args(fast_agent_args())
             .args(extra)
             .arg("--log")

@@ -600,7 +600,7 @@ fn guest_network(lab: &Lab, tmp: &Path) -> Vec<String> {
         GUEST_IF.into(),
         "--root".into(),
         root.display().to_string(),
-        "--fw4-includes".into(),
+        "--fw4-include-dir".into(),
         includes.display().to_string(),
         "--firewall-reload".into(),
         script.display().to_string(),

@@ -506,7 +506,7 @@ const AGENT_LAYERS: &[(&str, &[&str])] = &[
     ),
     ("configuration and the simulated router", &["config", "sim"]),
     ("app", &["app"]),
-    ("api", &["api"]),
+    ("api", &["api", "control"]),
     ("entry points", &["cleanup"]),
 ];
 

@@ -158,9 +158,39 @@ fn every_ipk_unpacks_like_opkg_expects() {
             "procd_set_param respawn",
             "procd_set_param stdout 1",
             "procd_set_param stderr 1",
-            "procd_add_reload_trigger netpilot",
+            "procd_add_reload_trigger netpilot firewall",
+            "reapply",
         ] {
             assert!(init.contains(needle), "init script lacks {needle}");
+        }
+        // The rules from boot, before the firewall (START 19) loads them.
+        let boot = data.join("etc/init.d/netpilot-boot");
+        assert_eq!(mode(&boot), 0o755);
+        sh(&["sh", "-n", boot.to_str().unwrap()], &dir);
+        let boot = std::fs::read_to_string(&boot).unwrap();
+        assert!(boot.starts_with("#!/bin/sh /etc/rc.common\n"));
+        assert!(
+            boot.contains("\nSTART=18\n") && boot.contains(" boot "),
+            "{boot}"
+        );
+        let hotplug = data.join("etc/hotplug.d/iface/90-netpilot");
+        sh(&["sh", "-n", hotplug.to_str().unwrap()], &dir);
+        let hotplug = std::fs::read_to_string(&hotplug).unwrap();
+        assert!(hotplug.contains("netpilot-agent reconnect"), "{hotplug}");
+        // The package's include is exactly what the agent ensures at start.
+        assert_eq!(
+            std::fs::read_to_string(data.join("usr/share/nftables.d/ruleset-post/netpilot.nft"))
+                .unwrap(),
+            netpilot_agent::policy::fw4::include_text(std::path::Path::new(
+                netpilot_agent::policy::fw4::LIVE_DIR
+            ))
+        );
+        for (script, needle) in [
+            ("postinst", "netpilot-boot enable"),
+            ("prerm", "netpilot-boot disable"),
+        ] {
+            let text = std::fs::read_to_string(dir.join("control").join(script)).unwrap();
+            assert!(text.contains(needle), "{script} lacks {needle}");
         }
         let listing = sh(&["tar", "-tvzf", "data.tar.gz"], &dir);
         for line in listing.lines() {
@@ -227,8 +257,40 @@ fn netns_cleanup_removes_the_netpilot_table_and_qdiscs_and_nothing_else() {
     ] {
         ns.exec(argv).unwrap();
     }
-    let cleanup = [agent, "cleanup", "--lan-if", "lan0", "--wan-if", "wan0"];
+    // The copies of the rules fw4 would include, and the include.
+    let files = tempfile::tempdir().unwrap();
+    let (live_dir, include, boot) = (
+        files.path().join("fw4"),
+        files.path().join("post/netpilot.nft"),
+        files.path().join("boot.nft"),
+    );
+    let live = live_dir.join("netpilot.nft");
+    for f in [&live, &include, &boot] {
+        std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+        std::fs::write(f, "# a netpilot file\n").unwrap();
+    }
+    let cleanup = [
+        agent,
+        "cleanup",
+        "--lan-if",
+        "lan0",
+        "--wan-if",
+        "wan0",
+        "--fw4-dir",
+        live_dir.to_str().unwrap(),
+        "--fw4-include",
+        include.to_str().unwrap(),
+        "--boot-copy",
+        boot.to_str().unwrap(),
+    ];
     let first = ns.exec(&cleanup).unwrap();
+    for f in [&live, &include, &boot] {
+        assert!(!f.exists(), "{} left behind", f.display());
+        assert!(
+            first.contains(&format!("removed file {}", f.display())),
+            "{first}"
+        );
+    }
     let tables = ns.exec(&["nft", "list", "tables"]).unwrap();
     let qdiscs = ns.exec(&["tc", "qdisc", "show", "dev", "wan0"]).unwrap();
     let second = ns.exec(&cleanup).unwrap();
@@ -263,6 +325,10 @@ fn netns_cleanup_removes_the_netpilot_table_and_qdiscs_and_nothing_else() {
     assert!(qdiscs.contains("qdisc htb 1: root"), "{all}");
     assert!(
         second.contains("absent NetPilot's tc qdiscs on lan0"),
+        "{all}"
+    );
+    assert!(
+        second.contains(&format!("absent file {}", boot.display())),
         "{all}"
     );
 }

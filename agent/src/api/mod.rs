@@ -3,7 +3,7 @@
 //! answer `501 NOT_IMPLEMENTED`; nothing here pretends.
 
 pub mod dns;
-mod health;
+pub mod health;
 pub mod policy;
 mod scan;
 pub mod usage;

@@ -30,9 +30,16 @@ usage: netpilot-agent enroll --relay URL --token TOKEN [--ca FILE | --fingerprin
                           [--usage-sample DUR] [--usage-flush DUR] [--usage-retention-days N]
                           [--dnsmasq PROGRAM] [--dns-dir DIR] [--dns-upstream ADDR[#PORT]]...
                           [--dns-port-base PORT] [--doh-list FILE] [--dns-user USER]
-                          [--fw4-includes DIR] [--firewall-reload PROGRAM]
+                          [--fw4-include-dir DIR] [--firewall-reload PROGRAM]
+                          [--fw4-dir DIR] [--fw4-include FILE] [--boot-copy FILE]
+                          [--control SOCKET]
+       netpilot-agent boot [--state-dir DIR] [--fw4-dir DIR] [--fw4-include FILE]
+                           [--boot-copy FILE] [--nft PROGRAM]
+       netpilot-agent status [--json] [--control SOCKET]
+       netpilot-agent reconnect|reapply [--control SOCKET]
        netpilot-agent cleanup [--lan-if IF]... [--wan-if IF] [--dns-dir DIR]
-                              [--fw4-includes DIR] [--firewall-reload PROGRAM]
+                              [--fw4-include-dir DIR] [--firewall-reload PROGRAM]
+                              [--fw4-dir DIR] [--fw4-include FILE] [--boot-copy FILE]
        netpilot-agent --version
 
 Every command also takes --config FILE (UCI, default /etc/config/netpilot); the
@@ -48,9 +55,14 @@ Filtered groups get their own dnsmasq on --dns-port-base (5400) + slot, forwardi
 to --dns-upstream (127.0.0.1, the router's dnsmasq); state in --dns-dir
 (/var/run/netpilot/dns), run as --dns-user (default: dnsmasq when that user exists,
 else dnsmasq's own default; \"-\" for that). --doh-list replaces the shipped DoH names
-and addresses. Zones that reject input get an fw4 include in --fw4-includes
+and addresses. Zones that reject input get an fw4 include in --fw4-include-dir
 (/usr/share/nftables.d) accepting redirected DNS; --firewall-reload
 (/etc/init.d/firewall, \"\" for never) is run with `reload` when it changed.
+The rules survive fw4: a live copy in --fw4-dir (/var/run/netpilot/fw4), included
+by --fw4-include (/usr/share/nftables.d/ruleset-post/netpilot.nft), and a boot copy
+(--boot-copy, default DIR/boot.nft) that `boot` puts in place before fw4 starts.
+status, reconnect and reapply talk to the running agent on --control
+(/var/run/netpilot/ctl/agent.sock); status --json prints the raw answer.
 cleanup removes everything the agent put into the kernel and the system.";
 
 /// What the command line asks for. `--version` and `--help` end the parsing where
@@ -66,6 +78,8 @@ pub(super) enum Verb {
     Enroll,
     Run,
     Cleanup,
+    Boot,
+    Control(super::ControlVerb),
 }
 
 /// A command line that parsed; `None` where the UCI file or the default decides.
@@ -82,6 +96,8 @@ pub(super) struct CommandLine {
     pub trust: Option<Trust>,
     pub token: Option<String>,
     pub force: bool,
+    /// `status --json`.
+    pub json: bool,
 }
 
 pub(super) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Parsed, ConfigError> {
@@ -96,6 +112,7 @@ pub(super) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Parsed, 
     let mut config = None;
     let (mut relay, mut token, mut ca, mut fingerprint, mut force) =
         (None, None, None, None, false);
+    let mut json = false;
     while let Some(arg) = args.next()? {
         match arg {
             Long("version") | Short('V') => return Ok(Parsed::Version),
@@ -107,6 +124,11 @@ pub(super) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Parsed, 
             Long("ca") => ca = Some(PathBuf::from(args.value()?)),
             Long("fingerprint") => fingerprint = Some(args.value()?.string()?),
             Long("force") => force = true,
+            Long("json") => json = true,
+            Long("fw4-dir") => run.fw4_dir = PathBuf::from(args.value()?),
+            Long("fw4-include") => run.fw4_include = PathBuf::from(args.value()?),
+            Long("boot-copy") => run.boot_copy = Some(PathBuf::from(args.value()?)),
+            Long("control") => run.control = Some(PathBuf::from(args.value()?)),
             Long("simulate") => run.simulate = true,
             Long("api-listen") => {
                 let v = args.value()?.string()?;
@@ -148,7 +170,7 @@ pub(super) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Parsed, 
             Long("dnsmasq") => run.dnsmasq = args.value()?.string()?,
             Long("dns-dir") => run.dns_dir = PathBuf::from(args.value()?),
             Long("dns-user") => run.dns_user = Some(args.value()?.string()?),
-            Long("fw4-includes") => run.fw4_includes = PathBuf::from(args.value()?),
+            Long("fw4-include-dir") => run.fw4_includes = PathBuf::from(args.value()?),
             Long("firewall-reload") => run.firewall_reload = args.value()?.string()?,
             Long("dns-upstream") => {
                 let v = args.value()?.string()?;
@@ -195,6 +217,10 @@ pub(super) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Parsed, 
         Some("enroll") => Verb::Enroll,
         Some("run") => Verb::Run,
         Some("cleanup") => Verb::Cleanup,
+        Some("boot") => Verb::Boot,
+        Some("status") => Verb::Control(super::ControlVerb::Status),
+        Some("reconnect") => Verb::Control(super::ControlVerb::Reconnect),
+        Some("reapply") => Verb::Control(super::ControlVerb::Reapply),
         _ => return Err(ConfigError::Usage),
     };
     Ok(Parsed::Line(Box::new(CommandLine {
@@ -208,6 +234,7 @@ pub(super) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Parsed, 
         trust,
         token,
         force,
+        json,
     })))
 }
 

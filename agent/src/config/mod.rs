@@ -15,7 +15,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 pub use args::USAGE;
-pub use run::{RunConfig, NO_SIMULATED_ROUTER};
+pub use run::{RunConfig, CONTROL_SOCKET, NO_SIMULATED_ROUTER};
 pub use settings::{Settings, SettingsError, DEFAULT_PATH};
 
 use crate::link::enroll::EnrollArgs;
@@ -41,6 +41,44 @@ pub enum Command {
     Enroll(EnrollConfig),
     Run(RunConfig),
     Cleanup(RunConfig),
+    /// Puts the boot copy in place before fw4 starts.
+    Boot(RunConfig),
+    /// A request to the running agent over its control socket.
+    Control {
+        verb: ControlVerb,
+        socket: PathBuf,
+        /// Print the answer as JSON rather than for a person.
+        json: bool,
+    },
+}
+
+/// What the control socket is asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ControlVerb {
+    Status,
+    Reconnect,
+    Reapply,
+}
+
+impl ControlVerb {
+    /// The request line's word.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ControlVerb::Status => "status",
+            ControlVerb::Reconnect => "reconnect",
+            ControlVerb::Reapply => "reapply",
+        }
+    }
+
+    pub fn parse(word: &str) -> Option<ControlVerb> {
+        [
+            ControlVerb::Status,
+            ControlVerb::Reconnect,
+            ControlVerb::Reapply,
+        ]
+        .into_iter()
+        .find(|v| v.as_str() == word)
+    }
 }
 
 /// `enroll`'s arguments. The relay URL may come from the UCI file, so whether the
@@ -222,6 +260,12 @@ impl AgentConfig {
             }),
             args::Verb::Run => Command::Run(run),
             args::Verb::Cleanup => Command::Cleanup(run),
+            args::Verb::Boot => Command::Boot(run),
+            args::Verb::Control(verb) => Command::Control {
+                verb,
+                socket: run.control.unwrap_or_else(|| PathBuf::from(CONTROL_SOCKET)),
+                json: line.json,
+            },
         };
         AgentConfig {
             command,

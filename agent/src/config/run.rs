@@ -87,6 +87,17 @@ pub struct RunConfig {
     pub firewall_reload: String,
     /// A file replacing the shipped list of DoH names and addresses.
     pub doh_list: Option<PathBuf>,
+    /// The live copy's directory (tmpfs) and fw4's include of it (see
+    /// `policy::fw4`).
+    pub fw4_dir: PathBuf,
+    pub fw4_include: PathBuf,
+    /// The boot copy on flash; `None`: `boot.nft` in the state directory.
+    pub boot_copy: Option<PathBuf>,
+    /// The control socket (`status`, `reconnect`, `reapply`). Its directory is
+    /// the agent's alone (0700): not `/var/run/netpilot` itself, which the
+    /// filtering resolvers, running unprivileged, must traverse.
+    /// `None`: no control socket (in-process agents of the benches and the tour).
+    pub control: Option<PathBuf>,
 }
 
 impl Default for RunConfig {
@@ -129,6 +140,27 @@ impl Default for RunConfig {
             dns_user: None,
             fw4_includes: PathBuf::from("/usr/share/nftables.d"),
             firewall_reload: "/etc/init.d/firewall".into(),
+            fw4_dir: PathBuf::from(policy::fw4::LIVE_DIR),
+            fw4_include: PathBuf::from(policy::fw4::INCLUDE),
+            boot_copy: None,
+            control: Some(PathBuf::from(CONTROL_SOCKET)),
+        }
+    }
+}
+
+/// Where the running agent answers `status`, `reconnect` and `reapply`.
+pub const CONTROL_SOCKET: &str = "/var/run/netpilot/ctl/agent.sock";
+
+impl RunConfig {
+    /// The copies of the rules fw4 loads, as configured.
+    pub fn fw4_paths(&self) -> policy::fw4::Fw4Paths {
+        policy::fw4::Fw4Paths {
+            live_dir: self.fw4_dir.clone(),
+            include: self.fw4_include.clone(),
+            boot: self
+                .boot_copy
+                .clone()
+                .unwrap_or_else(|| self.state_dir.join(policy::fw4::BOOT_NAME)),
         }
     }
 }

@@ -400,11 +400,82 @@ fn lan_bridges_and_the_dns_user_come_from_the_line_or_the_file() {
     assert_eq!(run.fw4_includes, Path::new("/usr/share/nftables.d"));
     assert_eq!(run.firewall_reload, "/etc/init.d/firewall");
     let (run, _) = run_config(
-        &["run", "--fw4-includes", "/x", "--firewall-reload", ""],
+        &["run", "--fw4-include-dir", "/x", "--firewall-reload", ""],
         Path::new(NO_FILE),
     );
     assert_eq!(
         (run.fw4_includes.as_path(), run.firewall_reload.as_str()),
         (Path::new("/x"), "")
     );
+}
+
+#[test]
+fn fw4_paths_default_to_openwrts_and_the_boot_copy_follows_the_state_dir() {
+    let (run, _) = run_config(&["run"], &full_file());
+    let p = run.fw4_paths();
+    assert_eq!(p.live_dir, Path::new("/var/run/netpilot/fw4"));
+    assert_eq!(
+        p.include,
+        Path::new("/usr/share/nftables.d/ruleset-post/netpilot.nft")
+    );
+    assert_eq!(p.boot, Path::new("/uci/state/boot.nft"));
+    assert_eq!(
+        run.control.as_deref(),
+        Some(Path::new("/var/run/netpilot/ctl/agent.sock"))
+    );
+    let config = load(
+        &[
+            "boot",
+            "--fw4-dir",
+            "/t/fw4",
+            "--fw4-include",
+            "/t/post/np.nft",
+            "--boot-copy",
+            "/t/boot.nft",
+        ],
+        &full_file(),
+    )
+    .unwrap();
+    let Command::Boot(run) = config.command else {
+        panic!("not boot");
+    };
+    let p = run.fw4_paths();
+    assert_eq!(
+        (p.live_dir, p.include, p.boot),
+        (
+            PathBuf::from("/t/fw4"),
+            PathBuf::from("/t/post/np.nft"),
+            PathBuf::from("/t/boot.nft")
+        )
+    );
+}
+
+#[test]
+fn control_requests_take_the_socket_and_json() {
+    let config = load(
+        &["status", "--json", "--control", "/t/a.sock"],
+        Path::new(NO_FILE),
+    )
+    .unwrap();
+    let Command::Control { verb, socket, json } = config.command else {
+        panic!("not a control request");
+    };
+    assert_eq!(
+        (verb, socket.as_path(), json),
+        (ControlVerb::Status, Path::new("/t/a.sock"), true)
+    );
+    for (word, want) in [
+        ("reconnect", ControlVerb::Reconnect),
+        ("reapply", ControlVerb::Reapply),
+    ] {
+        let config = load(&[word], Path::new(NO_FILE)).unwrap();
+        let Command::Control { verb, socket, json } = config.command else {
+            panic!("not a control request");
+        };
+        assert_eq!(
+            (verb, socket.as_path(), json),
+            (want, Path::new(CONTROL_SOCKET), false)
+        );
+        assert_eq!(ControlVerb::parse(word), Some(want));
+    }
 }

@@ -32,17 +32,28 @@ pub struct LinkState {
     pub last_error: Option<String>,
 }
 
-/// The link's state, written by the link task and read by whoever reports it.
+/// The link's state, written by the link task and read by whoever reports it, and
+/// the way to ask the link task to redial at once.
 #[derive(Debug, Default)]
-pub struct LinkStatus(Mutex<LinkState>);
+pub struct LinkStatus {
+    state: Mutex<LinkState>,
+    redial: tokio::sync::Notify,
+}
 
 impl LinkStatus {
     pub fn get(&self) -> LinkState {
-        self.0.lock().expect("link state lock").clone()
+        self.state.lock().expect("link state lock").clone()
     }
 
     fn update(&self, f: impl FnOnce(&mut LinkState)) {
-        f(&mut self.0.lock().expect("link state lock"));
+        f(&mut self.state.lock().expect("link state lock"));
+    }
+
+    /// Drops the link if there is one and dials now, skipping any backoff wait (the
+    /// WAN came up again: the old link is probably dead but not yet noticed). A
+    /// dial under way is left to finish: nothing is stored for later.
+    pub fn redial(&self) {
+        self.redial.notify_waiters();
     }
 }
 
@@ -112,14 +123,16 @@ pub async fn run<B>(
             delay_ms = start_delay.as_millis() as u64,
             "waiting before the first connection"
         );
-        if wait_or_shutdown(start_delay, &mut shutdown).await {
+        if wait_or_shutdown(start_delay, &mut shutdown, &status).await {
             return;
         }
     }
     loop {
         let attempt_started = Instant::now();
+        let mut redial = false;
         match connect_and_serve(&config, handler.clone(), &status, &mut shutdown).await {
-            Ok(()) => tracing::info!("link ended"),
+            Ok(Ended::Redial) => redial = true,
+            Ok(Ended::Closed) => tracing::info!("link ended"),
             Err(e) => {
                 if crate::link::tls::clock_unset(SystemTime::now()) {
                     tracing::warn!(error = %e, "link failed; the system clock is before this build, so it is probably not set yet (NTP)");
@@ -134,30 +147,42 @@ pub async fn run<B>(
             return;
         }
         backoff.link_ended(attempt_started.elapsed());
+        if redial {
+            continue;
+        }
         let delay = backoff.next_delay(random_unit());
         tracing::info!(delay_ms = delay.as_millis() as u64, "reconnecting");
-        if wait_or_shutdown(delay, &mut shutdown).await {
+        if wait_or_shutdown(delay, &mut shutdown, &status).await {
             return;
         }
     }
 }
 
-/// Sleeps; true when shutdown came first.
-async fn wait_or_shutdown(d: Duration, shutdown: &mut Shutdown) -> bool {
+/// Sleeps, or less when a redial is asked for; true when shutdown came first.
+async fn wait_or_shutdown(d: Duration, shutdown: &mut Shutdown, status: &LinkStatus) -> bool {
     tokio::select! {
         _ = tokio::time::sleep(d) => {}
+        _ = status.redial.notified() => tracing::info!("redial asked for; not waiting"),
         _ = shutdown::stopped(shutdown) => return true,
     }
     *shutdown.borrow()
 }
 
-/// One link, from dial to its end (lost, or shutdown).
+/// How a link that was up ended.
+enum Ended {
+    /// Lost, closed by the relay, or shut down.
+    Closed,
+    /// Dropped because a redial was asked for: dial again at once.
+    Redial,
+}
+
+/// One link, from dial to its end (lost, redial, or shutdown).
 async fn connect_and_serve<B>(
     config: &LinkConfig,
     handler: impl Handler<B>,
     status: &LinkStatus,
     shutdown: &mut Shutdown,
-) -> Result<(), LinkError>
+) -> Result<Ended, LinkError>
 where
     B: hyper::body::Body + Send + 'static,
     B::Data: Send,
@@ -222,12 +247,17 @@ where
                 tracing::info!(error = %e, "link lost");
             }
         }
+        // Dropped without a goodbye: the link this is asked on is likely dead.
+        _ = status.redial.notified() => {
+            tracing::info!("redial asked for; dropping the link");
+            return Ok(Ended::Redial);
+        }
         _ = shutdown::stopped(shutdown) => {
             conn.as_mut().graceful_shutdown();
             let _ = tokio::time::timeout(Duration::from_secs(2), conn).await;
         }
     }
-    Ok(())
+    Ok(Ended::Closed)
 }
 
 /// The agent's end of every link: the HTTP/2 server. Flow-control windows are

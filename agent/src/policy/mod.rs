@@ -8,6 +8,7 @@ pub mod categories;
 pub mod compile;
 pub mod engine;
 pub mod execute;
+pub mod fw4;
 pub mod interfaces;
 pub mod model;
 pub mod ops;

@@ -51,6 +51,10 @@ pub trait Firewall: Send + Sync {
     fn chains(&self) -> Fut<'_, Result<Option<BTreeSet<String>>, NftError>>;
     /// Deletes both tables; `false` when there was neither.
     fn delete_table(&self) -> Fut<'_, Result<bool, NftError>>;
+    /// Checks a script file as `nft -c -f` does: parsed and tried against the
+    /// kernel, nothing changed. A file fw4 will include must pass this first, as
+    /// one broken include fails fw4's whole load.
+    fn check_file<'a>(&'a self, path: &'a std::path::Path) -> Fut<'a, Result<(), NftError>>;
 }
 
 pub struct RealNft {
@@ -98,6 +102,15 @@ impl Firewall for RealNft {
             let argv = [&self.program, "-j", "list", "chains"];
             let out = process::run_with_env(&argv, None, self.timeout, ENV).await?;
             parse_chains(&out)
+        })
+    }
+
+    fn check_file<'a>(&'a self, path: &'a std::path::Path) -> Fut<'a, Result<(), NftError>> {
+        Box::pin(async move {
+            let path = path.to_string_lossy();
+            process::run_with_env(&[&self.program, "-c", "-f", &path], None, self.timeout, ENV)
+                .await?;
+            Ok(())
         })
     }
 
@@ -252,6 +265,9 @@ struct FakeState {
     table: Option<FakeTable>,
     bridge: Option<FakeTable>,
     fail_next: usize,
+    /// Every check refuses (a script nft would not load).
+    refuse_checks: bool,
+    checks: usize,
     applies: usize,
 }
 
@@ -271,6 +287,16 @@ impl FakeNft {
     /// The next `n` applies (or table deletions) fail as if the kernel refused them.
     pub fn fail_next(&self, n: usize) {
         self.state.lock().expect("fake nft").fail_next = n;
+    }
+
+    /// Whether `check_file` refuses every script from now on.
+    pub fn refuse_checks(&self, refuse: bool) {
+        self.state.lock().expect("fake nft").refuse_checks = refuse;
+    }
+
+    /// Scripts checked so far.
+    pub fn checks(&self) -> usize {
+        self.state.lock().expect("fake nft").checks
     }
 
     /// Transactions applied so far.
@@ -296,7 +322,7 @@ impl FakeNft {
         let mut lines = script.lines().peekable();
         while let Some(line) = lines.next() {
             let line = line.trim_end();
-            if line.is_empty() {
+            if line.is_empty() || line.starts_with('#') {
                 continue;
             }
             let family = [FAMILY, BRIDGE_FAMILY]
@@ -436,6 +462,21 @@ impl Firewall for FakeNft {
             next.applies += 1;
             *state = next;
             Ok(())
+        })
+    }
+
+    fn check_file<'a>(&'a self, path: &'a std::path::Path) -> Fut<'a, Result<(), NftError>> {
+        Box::pin(async move {
+            let script = std::fs::read_to_string(path)
+                .map_err(|e| NftError::Refused(format!("{}: {e}", path.display())))?;
+            let mut state = self.state.lock().expect("fake nft");
+            state.checks += 1;
+            if state.refuse_checks {
+                return Err(NftError::Refused("injected check failure".into()));
+            }
+            // Tried on a copy: a check changes nothing.
+            let mut scratch = state.clone();
+            Self::run(&mut scratch, &script)
         })
     }
 

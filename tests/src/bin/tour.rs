@@ -102,6 +102,8 @@ async fn main() -> anyhow::Result<()> {
     let run_config = netpilot_agent::RunConfig {
         state_dir,
         simulate: true,
+        // The tour's agent is not this machine's: it leaves the control socket be.
+        control: None,
         backoff: netpilot_agent::link::backoff::BackoffConfig {
             start_delay_max: Duration::ZERO,
             ..Default::default()
