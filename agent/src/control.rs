@@ -141,6 +141,8 @@ struct StatusAnswer {
     link: LinkSection,
     /// The engine's status as `GET /api/infrastructure/status` shows it.
     policy: crate::policy::engine::Status,
+    /// fw4's flow offloading, as `GET /api/infrastructure/status` shows it.
+    offloading: crate::offload::OffloadStatus,
     nlbwmon: NlbwmonSection,
 }
 
@@ -219,6 +221,7 @@ async fn status(app: &App) -> StatusAnswer {
             last_error: link.last_error,
         },
         policy: app.policy.status(),
+        offloading: app.offload.status(),
         nlbwmon: NlbwmonSection {
             installed: usage.installed,
             running: usage.running,

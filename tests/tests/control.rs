@@ -53,6 +53,9 @@ async fn status_is_served_to_root_only_and_says_when_the_agent_is_not_running() 
         "policy:\n",
         "  in_sync: ",
         "  drift: none\n",
+        "  shaping.wan_root_owner: ",
+        "offloading:\n",
+        "  software: ",
         "nlbwmon:\n",
         "  running: ",
     ] {
@@ -76,6 +79,7 @@ async fn status_is_served_to_root_only_and_says_when_the_agent_is_not_running() 
         .collect();
     let ctl_fields: Vec<_> = v["policy"].as_object().unwrap().keys().cloned().collect();
     assert_eq!(api_fields, ctl_fields);
+    assert_eq!(v["offloading"], api.body["data"]["offloading"]);
 
     // Not root: refused by the file modes, and said so.
     let as_nobody = std::process::Command::new("setpriv")
