@@ -270,6 +270,15 @@ impl Lab {
         Ok(bps / 1e6)
     }
 
+    /// [`Lab::api`] expecting `200 OK`: the answer's `data`.
+    pub fn api_data(&self, addr: SocketAddr, method: &str, path: &str, body: Value) -> Value {
+        let (status, v) = self
+            .api(addr, method, path, Some(&body))
+            .unwrap_or_else(|e| panic!("{method} {path}: {e:#}"));
+        assert_eq!(status, 200, "{method} {path}: {v}");
+        v["data"].clone()
+    }
+
     /// One HTTP/1.1 call to the agent's local API inside the router namespace.
     pub fn api(
         &self,

@@ -33,6 +33,33 @@ use tokio::sync::Mutex;
 
 pub const API_KEY: &str = "test-api-key-0123456789abcdef";
 
+/// The repository's root (this crate is `tests/`).
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_owned()
+}
+
+/// The debug agent, stripped once per test binary: the program the package tests
+/// put in their packages, without 60 MB of debug info to compress.
+pub fn packaged_binary() -> PathBuf {
+    static BIN: std::sync::OnceLock<(tempfile::TempDir, PathBuf)> = std::sync::OnceLock::new();
+    let (_, path) = BIN.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("netpilot-agent");
+        let o = std::process::Command::new("strip")
+            .arg("-o")
+            .arg(&path)
+            .arg(binary("netpilot-agent"))
+            .output()
+            .expect("strip runs");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        (dir, path)
+    });
+    path.clone()
+}
+
 /// Where cargo put the workspace binaries: next to this test executable's `deps/`.
 pub fn binary(name: &str) -> PathBuf {
     let env = format!(

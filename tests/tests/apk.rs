@@ -11,7 +11,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use netpilot_tests::binary;
+use netpilot_tests::{packaged_binary, repo};
 
 const ARCHES: &[&str] = &[
     "x86_64",
@@ -22,33 +22,8 @@ const ARCHES: &[&str] = &[
 ];
 const EPOCH: u64 = 1_700_000_000;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_owned()
-}
-
 fn pkgdir() -> PathBuf {
     repo().join("openwrt-package")
-}
-
-/// The debug agent, stripped (as in package.rs: the same program, smaller).
-fn packaged_binary() -> PathBuf {
-    static BIN: std::sync::OnceLock<(tempfile::TempDir, PathBuf)> = std::sync::OnceLock::new();
-    let (_, path) = BIN.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("netpilot-agent");
-        let o = Command::new("strip")
-            .arg("-o")
-            .arg(&path)
-            .arg(binary("netpilot-agent"))
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        (dir, path)
-    });
-    path.clone()
 }
 
 fn build_apk(bin: &Path, arch: &str, out: &Path, version: Option<&str>) -> PathBuf {

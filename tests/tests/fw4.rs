@@ -49,12 +49,8 @@ async fn rig(extra: &[&str]) -> Rig {
 
 impl Rig {
     fn call(&self, method: &str, path: &str, body: Value) -> Value {
-        let (status, v) = self
-            .lab
-            .api(self.netpilot.local_api(), method, path, Some(&body))
-            .unwrap();
-        assert_eq!(status, 200, "{method} {path}: {v}");
-        v["data"].clone()
+        self.lab
+            .api_data(self.netpilot.local_api(), method, path, body)
     }
 
     fn status(&self) -> Value {

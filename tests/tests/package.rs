@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use netpilot_testkit::Netns;
-use netpilot_tests::binary;
+use netpilot_tests::{binary, packaged_binary, repo};
 
 const ARCHES: &[&str] = &[
     "x86_64",
@@ -18,31 +18,6 @@ const ARCHES: &[&str] = &[
     "mipsel_24kc",
     "mips_24kc",
 ];
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_owned()
-}
-
-/// The debug agent, stripped: the same program, without 60 MB of debug info to gzip.
-fn packaged_binary() -> PathBuf {
-    static BIN: std::sync::OnceLock<(tempfile::TempDir, PathBuf)> = std::sync::OnceLock::new();
-    let (_, path) = BIN.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("netpilot-agent");
-        let o = Command::new("strip")
-            .arg("-o")
-            .arg(&path)
-            .arg(binary("netpilot-agent"))
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        (dir, path)
-    });
-    path.clone()
-}
 
 fn build_ipk(arch: &str, out: &Path) -> PathBuf {
     let o = Command::new(repo().join("openwrt-package/build-ipk.sh"))

@@ -671,12 +671,10 @@ fn shaper_and_resolver_drift(
     drift
 }
 
-/// Differences between the compiled bridge table and a read-back: its rules per
-/// chain and the elements of the maps it shares with the inet table.
-fn bridge_drift(want: &Compiled, live: &ObservedTable) -> Vec<String> {
+/// Chains whose rule count differs from `rules` (chain → count), missing or extra.
+fn chain_drift(rules: &BTreeMap<String, usize>, live: &ObservedTable) -> Vec<String> {
     let mut out = Vec::new();
-    let rules = nft::rule_counts(&want.bridge);
-    for (chain, n) in &rules {
+    for (chain, n) in rules {
         let have = live.chains.get(chain).copied();
         if have != Some(*n) {
             out.push(format!(
@@ -688,6 +686,13 @@ fn bridge_drift(want: &Compiled, live: &ObservedTable) -> Vec<String> {
     for chain in live.chains.keys().filter(|c| !rules.contains_key(*c)) {
         out.push(format!("unexpected chain {chain}"));
     }
+    out
+}
+
+/// Differences between the compiled bridge table and a read-back: its rules per
+/// chain and the elements of the maps it shares with the inet table.
+fn bridge_drift(want: &Compiled, live: &ObservedTable) -> Vec<String> {
+    let mut out = chain_drift(&nft::rule_counts(&want.bridge), live);
     for set in crate::policy::compile::BRIDGE_SETS {
         let empty = BTreeSet::new();
         let elems = want.elements.get(set).map_or(&empty, |e| &**e);
@@ -717,21 +722,7 @@ pub fn table_drift(want: &Compiled, live: &ObservedTable) -> Vec<String> {
             return out;
         }
     }
-    let rules = nft::rule_counts(&want.structure);
-    if rules != live.chains {
-        for (chain, n) in &rules {
-            let have = live.chains.get(chain).copied();
-            if have != Some(*n) {
-                out.push(format!(
-                    "chain {chain}: {} rules, expected {n}",
-                    have.map_or("no".into(), |h| h.to_string())
-                ));
-            }
-        }
-        for chain in live.chains.keys().filter(|c| !rules.contains_key(*c)) {
-            out.push(format!("unexpected chain {chain}"));
-        }
-    }
+    out.extend(chain_drift(&nft::rule_counts(&want.structure), live));
     let mut sets = nft::inline_elements(&want.structure);
     for (name, elems) in &want.elements {
         sets.insert((*name).to_owned(), BTreeSet::clone(elems));
