@@ -118,7 +118,11 @@ async fn dispatch(
         return Err(ApiError::NotFound(path));
     }
     auth::check_api_key(&req, &state.config.api_key)?;
-    if let Some(rest) = path.strip_prefix("/api/admin/routers") {
+    // `/api/admin/routers` itself or below it; `/api/admin/routersXYZ` is not it.
+    if let Some(rest) = path
+        .strip_prefix("/api/admin/routers")
+        .filter(|r| r.is_empty() || r.starts_with('/'))
+    {
         return admin::dispatch(state, req, rest, ctx).await;
     }
     if let Some(rest) = path.strip_prefix("/api/session/") {

@@ -20,9 +20,11 @@ pub struct RouterMeta {
     pub revoked: bool,
 }
 
-/// A call on `/api/`: `Authorization: Bearer` with the relay's API key.
+/// A call on `/api/`: `Authorization: Bearer` with the relay's API key. The two
+/// are compared by their SHA-256 digests, whose length is fixed: comparing the keys
+/// themselves would return early on a length mismatch and tell the key's length.
 pub fn check_api_key(req: &Request<Incoming>, key: &Secret) -> Result<(), ApiError> {
-    let ok = bearer(req).is_some_and(|k| ct_eq(k.as_bytes(), key.expose().as_bytes()));
+    let ok = bearer(req).is_some_and(|k| api_key_matches(k, key));
     if ok {
         Ok(())
     } else {
@@ -66,6 +68,12 @@ fn bearer(req: &Request<Incoming>) -> Option<&str> {
         .map(str::trim)
 }
 
+/// Whether `given` is the API key, in time independent of where they differ and of
+/// either length.
+pub fn api_key_matches(given: &str, key: &Secret) -> bool {
+    ct_eq(&sha256(given.as_bytes()), &sha256(key.expose().as_bytes()))
+}
+
 /// Constant-time equality for secrets of equal length.
 pub fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
@@ -100,5 +108,19 @@ mod tests {
         assert!(ct_eq(b"abc", b"abc"));
         assert!(!ct_eq(b"abc", b"abd"));
         assert!(!ct_eq(b"abc", b"ab"));
+    }
+
+    #[test]
+    fn api_keys_match_whole_only() {
+        let key = crate::config::Secret::new("test-api-key-0123456789abcdef");
+        assert!(api_key_matches("test-api-key-0123456789abcdef", &key));
+        for other in [
+            "",
+            "test-api-key-0123456789abcde",
+            "test-api-key-0123456789abcdef0",
+            "test-api-key-0123456789abcdeF",
+        ] {
+            assert!(!api_key_matches(other, &key), "{other:?}");
+        }
     }
 }

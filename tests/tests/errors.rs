@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use netpilot_tests::{q, session_id, ApiRig, Relay, RelayOptions, Session};
+use netpilot_tests::{q, session_id, ApiRig, Relay, RelayOptions, Session, API_KEY};
 use serde_json::json;
 
 #[tokio::test]
@@ -87,7 +87,17 @@ async fn status_401_for_api_key_and_session() {
     let rig = ApiRig::simulated().await.unwrap();
     let c = rig.relay.client().await.unwrap();
     let path = q("/api/scan/router", &session_id(), rig.router_id());
-    for key in [None, Some("wrong-key-0123456789abcdef"), Some("")] {
+    // A wrong key, an empty one, and the real key cut short or extended by one
+    // character: all refused alike.
+    let short = &API_KEY[..API_KEY.len() - 1];
+    let long = format!("{API_KEY}0");
+    for key in [
+        None,
+        Some("wrong-key-0123456789abcdef"),
+        Some(""),
+        Some(short),
+        Some(long.as_str()),
+    ] {
         let r = c.with_key(key).get(&path).await.unwrap();
         assert_eq!((r.status, r.code()), (401, "UNAUTHORIZED"), "{key:?}");
         let r = c.with_key(key).get("/api/admin/routers").await.unwrap();
@@ -186,6 +196,11 @@ async fn unknown_routes_methods_bodies_and_content_types() {
     assert_eq!((r.status, r.code()), (404, "NOT_FOUND"));
     let r = c.get("/nothing-here").await.unwrap();
     assert_eq!((r.status, r.code()), (404, "NOT_FOUND"));
+    // A path that only starts like the admin routes is not one of them.
+    for path in ["/api/admin/routersXYZ", "/api/admin/routers-x/1"] {
+        let r = c.get(path).await.unwrap();
+        assert_eq!((r.status, r.code()), (404, "NOT_FOUND"), "{path}");
+    }
 
     let r = alice.post("/api/scan", json!({})).await;
     assert_eq!((r.status, r.code()), (405, "METHOD_NOT_ALLOWED"));

@@ -290,6 +290,12 @@ impl fmt::Display for Target {
 fn parse_ip(s: &str) -> Result<IpAddr, Invalid> {
     let ip = IpAddr::from_str(s.trim())
         .map_err(|_| invalid(ErrorCode::InvalidIp, format!("invalid IP address {s:?}")))?;
+    // `::ffff:a.b.c.d` is an IPv4 device seen through an IPv6 socket API; on the wire
+    // (and so in the IPv6 sets) such an address never appears: it means a.b.c.d.
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
     let usable = match ip {
         IpAddr::V4(v4) => !(v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast()),
         IpAddr::V6(v6) => !(v6.is_unspecified() || v6.is_multicast()),
@@ -1184,6 +1190,30 @@ mod tests {
             let g = group(json!({"id": 1, "name": name})).unwrap();
             assert_eq!(g.name, name.trim());
         }
+    }
+
+    #[test]
+    fn an_ipv4_mapped_ipv6_address_means_its_ipv4_address() {
+        // It would otherwise land in the IPv6 set, where no packet carries it.
+        for (given, want) in [
+            ("::ffff:192.168.1.102", "192.168.1.102"),
+            ("::FFFF:c0a8:0166", "192.168.1.102"),
+            ("fd00::ffff:c0a8:166", "fd00::ffff:c0a8:166"),
+        ] {
+            let t = Target::from_parts(Some(given), None).unwrap();
+            assert_eq!(t.to_string(), want, "{given}");
+        }
+        assert!(matches!(
+            Target::from_parts(Some("::ffff:192.168.1.102"), None).unwrap(),
+            Target::Ip(IpAddr::V4(_))
+        ));
+        // Mapped or not, what is no device address is refused.
+        assert_eq!(
+            Target::from_parts(Some("::ffff:255.255.255.255"), None)
+                .unwrap_err()
+                .code,
+            ErrorCode::InvalidIp
+        );
     }
 
     #[test]
