@@ -203,6 +203,15 @@ impl Args<'_> {
             .map(|(_, v)| Value::String(v.clone()))
     }
 
+    /// The body names the argument with an explicit `null`. [`Args::get`] reads that
+    /// as absent; where absent means something destructive, callers refuse it.
+    pub fn is_null(&self, camel: &str) -> bool {
+        let snake = to_snake(camel);
+        self.body
+            .and_then(|b| b.get(camel).or_else(|| b.get(&snake)))
+            .is_some_and(Value::is_null)
+    }
+
     pub fn uuid(&self, camel: &str) -> Result<Uuid, ApiError> {
         self.opt_uuid(camel)?
             .ok_or_else(|| ApiError::InvalidParameter(format!("{camel} is required")))

@@ -127,6 +127,13 @@ fn end(
     session_id: Uuid,
     ctx: &Ctx,
 ) -> Result<Response<Body>, ApiError> {
+    // Without routerId the whole session ends: a `null` there is a client bug (an
+    // unset variable), never a request to end everything.
+    if args.is_null("routerId") {
+        return Err(ApiError::InvalidParameter(
+            "routerId must be a UUID string; leave it out to end the whole session".into(),
+        ));
+    }
     let router_id = args.opt_uuid("routerId")?;
     let now = state.clock.instant();
     state

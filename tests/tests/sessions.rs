@@ -55,6 +55,26 @@ async fn lifecycle_start_status_refresh_end() {
         json!(format!("Session {sid} refreshed"))
     );
 
+    // An explicit null routerId is a client bug, not "end the whole session".
+    let r = c
+        .post(
+            "/api/session/end",
+            json!({"sessionId": sid, "routerId": null}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status, r.code()),
+        (400, "INVALID_PARAMETER"),
+        "{}",
+        r.body
+    );
+    let r = c
+        .get(&q("/api/scan/router", &sid, &router.router_id))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "the session must still be there: {}", r.body);
+
     let r = c
         .post("/api/session/end", json!({"sessionId": sid}))
         .await

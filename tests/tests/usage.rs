@@ -121,6 +121,20 @@ async fn every_usage_endpoint_answers_with_its_shape_on_the_simulated_router() {
         r.body
     );
 
+    // keepHistory: null is refused, not read as absent (which clears the history);
+    // the reset below still finds both files to remove.
+    let r = alice
+        .post(
+            "/api/device-usage/reset",
+            serde_json::json!({"keepHistory": null}),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (400, "INVALID_PARAMETER"),
+        "{}",
+        r.body
+    );
     let r = alice
         .post("/api/device-usage/reset", serde_json::json!({}))
         .await;

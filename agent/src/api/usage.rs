@@ -85,19 +85,20 @@ pub async fn handle(usage: &Usage, call: Call) -> Result<Reply, AgentError> {
         }
         ("GET", "/api/device-usage/summary") => Reply::ok(usage.summary(days(&call, 30)?).await?),
         ("POST", "/api/device-usage/reset") => {
-            let keep = match call
-                .args
-                .get("keepHistory")
-                .or(call.args.get("keep_history"))
-            {
-                None | Some(Value::Null) => false,
-                Some(Value::Bool(b)) => *b,
-                Some(_) => {
-                    return Err(AgentError::InvalidParameter(
-                        "keepHistory must be true or false".into(),
-                    ))
-                }
-            };
+            let keep =
+                match call
+                    .args
+                    .get("keepHistory")
+                    .or(call.args.get("keep_history"))
+                {
+                    None => false,
+                    Some(Value::Bool(b)) => *b,
+                    // `null` is refused, not read as absent: absent clears the history.
+                    Some(_) => return Err(AgentError::InvalidParameter(
+                        "keepHistory must be true or false (leave it out to clear the history too)"
+                            .into(),
+                    )),
+                };
             Reply::ok(usage.reset(keep).await?)
         }
         (_, other) => Err(AgentError::NotImplemented(other)),
