@@ -278,12 +278,7 @@ impl App {
             .map(|z| z.name.clone())
             .collect();
         let guest_dns = (mode == Mode::Real).then(|| GuestDns {
-            includes: fw4::Includes {
-                dir: config.fw4_includes.clone(),
-                nft: config.nft.clone(),
-                reload: config.firewall_reload.clone(),
-                timeout: Duration::from_secs(30),
-            },
+            includes: config.dns_includes(),
             zones: rejecting,
             body: fw4::input_accept(config.dns_port_base),
         });

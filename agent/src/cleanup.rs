@@ -70,13 +70,7 @@ pub async fn run(config: &RunConfig) -> (Vec<Outcome>, Vec<StepError>) {
         }
     }
     // The fw4 includes for zones that reject input, and fw4 reloaded without them.
-    let includes = crate::system::fw4::Includes {
-        dir: config.fw4_includes.clone(),
-        nft: config.nft.clone(),
-        reload: config.firewall_reload.clone(),
-        timeout: std::time::Duration::from_secs(30),
-    };
-    match includes.install(&[], "").await {
+    match config.dns_includes().install(&[], "").await {
         Ok(zones) => done.extend(
             zones
                 .into_iter()

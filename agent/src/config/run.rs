@@ -152,6 +152,17 @@ impl Default for RunConfig {
 pub const CONTROL_SOCKET: &str = "/var/run/netpilot/ctl/agent.sock";
 
 impl RunConfig {
+    /// The fw4 includes that let redirected DNS through zones rejecting input, as
+    /// configured (the agent installs them, `cleanup` removes them).
+    pub fn dns_includes(&self) -> crate::system::fw4::Includes {
+        crate::system::fw4::Includes {
+            dir: self.fw4_includes.clone(),
+            nft: self.nft.clone(),
+            reload: self.firewall_reload.clone(),
+            timeout: Duration::from_secs(30),
+        }
+    }
+
     /// The copies of the rules fw4 loads, as configured.
     pub fn fw4_paths(&self) -> policy::fw4::Fw4Paths {
         policy::fw4::Fw4Paths {
