@@ -167,6 +167,12 @@ error_codes! {
         UnknownInterface = "UNKNOWN_INTERFACE" => 400,
         /// The selection holds no AP interface to change.
         NoApInterface = "NO_AP_INTERFACE" => 400,
+        /// A request body did not arrive whole within the relay's body deadline.
+        BodyTimeout = "BODY_TIMEOUT" => 408,
+        /// Request headers over the relay's size cap.
+        HeadersTooLarge = "HEADERS_TOO_LARGE" => 431,
+        /// A request target (path and query) over the relay's length cap.
+        UriTooLong = "URI_TOO_LONG" => 414,
     }
 }
 

@@ -64,6 +64,7 @@ async fn dispatch(
     peer: SocketAddr,
     ctx: &Ctx,
 ) -> Result<Response<Body>, ApiError> {
+    check_head_size(&req)?;
     let path = req.uri().path().to_owned();
     match path.as_str() {
         "/health" => {
@@ -151,4 +152,32 @@ async fn dispatch(
         .metrics
         .record_forward(pattern, status.as_u16(), ctx.started.elapsed());
     result
+}
+
+/// Most header bytes a request may carry, counted as HTTP/2 counts a header list
+/// (name, value and 32 bytes per field) for both protocols. The HTTP layer itself
+/// stops at [`HTTP_HEADER_HARD_LIMIT`]; between the two the client gets an envelope.
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+/// Where hyper refuses a request head itself (HTTP/1.1 read buffer, HTTP/2
+/// `SETTINGS_MAX_HEADER_LIST_SIZE`), with a bare status or a closed connection.
+pub const HTTP_HEADER_HARD_LIMIT: usize = 64 * 1024;
+/// Longest request target (path and query).
+pub const MAX_TARGET_BYTES: usize = 8 * 1024;
+
+/// Refuses request heads over the caps before any handler sees them: no route
+/// needs more, and a huge query would otherwise be parsed into pairs.
+fn check_head_size(req: &Request<Incoming>) -> Result<(), ApiError> {
+    let target = req.uri().path_and_query().map_or(0, |pq| pq.as_str().len());
+    if target > MAX_TARGET_BYTES {
+        return Err(ApiError::UriTooLong(MAX_TARGET_BYTES));
+    }
+    let headers: usize = req
+        .headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 32)
+        .sum();
+    if headers > MAX_HEADER_BYTES {
+        return Err(ApiError::HeadersTooLarge(MAX_HEADER_BYTES));
+    }
+    Ok(())
 }

@@ -11,6 +11,7 @@ use uuid::Uuid;
 
 use crate::config::Secret;
 use crate::error::ApiError;
+use crate::peer_limits::ConnAuth;
 
 /// What checking a router's secret and its owner needs, kept in memory for every call.
 #[derive(Debug, Clone)]
@@ -26,6 +27,7 @@ pub struct RouterMeta {
 pub fn check_api_key(req: &Request<Incoming>, key: &Secret) -> Result<(), ApiError> {
     let ok = bearer(req).is_some_and(|k| api_key_matches(k, key));
     if ok {
+        connection_authenticated(req);
         Ok(())
     } else {
         Err(ApiError::Unauthorized)
@@ -56,7 +58,17 @@ pub fn authenticate_router(
     if !ct_eq(&sha256(secret.as_bytes()), &stored) {
         return Err(ApiError::Unauthorized);
     }
+    connection_authenticated(req);
     Ok(router_id)
+}
+
+/// A valid credential takes the request's connection out of its address's count of
+/// unauthenticated connections (see `peer_limits`). Requests built outside the
+/// server (none today) carry no handle and have nothing to release.
+fn connection_authenticated(req: &Request<Incoming>) {
+    if let Some(conn) = req.extensions().get::<ConnAuth>() {
+        conn.authenticated();
+    }
 }
 
 fn bearer(req: &Request<Incoming>) -> Option<&str> {

@@ -58,10 +58,20 @@ pub struct Timeouts {
     /// A link whose PINGs go unanswered this long (counted from the last one sent on
     /// time) is dead.
     pub dead_after: Duration,
-    /// TLS handshake and HTTP header deadline for every client; cuts slow-loris.
+    /// From accept through TLS to the first request's parsed head, whatever the
+    /// protocol; also the header deadline of every later HTTP/1.1 request and how
+    /// long an idle HTTP/1.1 keep-alive connection stays. Cuts slow-loris and
+    /// connections that never speak.
     pub handshake: Duration,
     /// How long to wait for in-flight calls on shutdown.
     pub shutdown_grace: Duration,
+    // --- Hardening: connections (issue 15) ---
+    /// An HTTP/2 client connection with no call in flight this long is closed
+    /// (GOAWAY). Agent links are not client connections and keep their PING rule.
+    pub h2_idle: Duration,
+    /// A request body must arrive whole within this long of the request head
+    /// (then 408 `BODY_TIMEOUT`).
+    pub body: Duration,
 }
 
 impl Default for Timeouts {
@@ -75,6 +85,8 @@ impl Default for Timeouts {
             dead_after: Duration::from_secs(60),
             handshake: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(5),
+            h2_idle: Duration::from_secs(60),
+            body: Duration::from_secs(10),
         }
     }
 }
@@ -118,6 +130,9 @@ pub struct Config {
     pub enroll_per_minute: u32,
     pub max_body_bytes: usize,
     pub max_connections: usize,
+    /// Connections one address (IPv6: one /64) may hold before any of them has
+    /// presented a valid credential; authenticated connections never count.
+    pub max_unauthenticated_per_address: usize,
     pub speedtest: SpeedtestLimits,
     /// `tracing` filter, e.g. `info` or `netpilot_relay=debug`.
     pub log: String,
@@ -172,6 +187,9 @@ struct FileTimeouts {
     dead_after: Option<String>,
     handshake: Option<String>,
     shutdown_grace: Option<String>,
+    // Hardening: connections (issue 15).
+    h2_idle: Option<String>,
+    body: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -186,6 +204,8 @@ struct FileEnrollment {
 struct FileLimits {
     max_body_bytes: Option<usize>,
     max_connections: Option<usize>,
+    // Hardening: connections (issue 15).
+    max_unauthenticated_per_address: Option<usize>,
     speedtest_concurrent: Option<usize>,
     speedtest_max_bytes: Option<u64>,
     speedtest_max_duration: Option<String>,
@@ -287,6 +307,8 @@ impl Config {
                 t.shutdown_grace,
                 d.shutdown_grace,
             )?,
+            h2_idle: duration("timeouts.h2_idle", t.h2_idle, d.h2_idle)?,
+            body: duration("timeouts.body", t.body, d.body)?,
         };
         if timeouts.dead_after <= timeouts.ping_interval {
             return Err(ConfigError::Invalid(
@@ -306,6 +328,16 @@ impl Config {
                 "limits.max_connections must be positive".into(),
             ));
         }
+
+        // --- Hardening: connections (issue 15) ---
+        let max_unauthenticated_per_address =
+            file.limits.max_unauthenticated_per_address.unwrap_or(64);
+        if max_unauthenticated_per_address == 0 {
+            return Err(ConfigError::Invalid(
+                "limits.max_unauthenticated_per_address must be positive".into(),
+            ));
+        }
+        // --- end of hardening: connections ---
 
         let d = SpeedtestLimits::default();
         let speedtest = SpeedtestLimits {
@@ -352,6 +384,7 @@ impl Config {
             enroll_per_minute: file.enrollment.per_minute.unwrap_or(30),
             max_body_bytes,
             max_connections,
+            max_unauthenticated_per_address,
             speedtest,
             log: cli.log.or(file.log).unwrap_or_else(|| "info".to_owned()),
         })
@@ -493,6 +526,37 @@ mod tests {
         assert_eq!(c.listen.to_string(), "0.0.0.0:443");
         assert_eq!(c.timeouts.session_idle, Duration::from_secs(1800));
         assert_eq!(c.tls_names, vec!["relay.example.com".to_owned()]);
+        assert_eq!(c.timeouts.h2_idle, Duration::from_secs(60));
+        assert_eq!(c.max_unauthenticated_per_address, 64);
+    }
+
+    #[test]
+    fn connection_hardening_settings() {
+        let c = Config::from_parts(FileConfig::default(), cli_with_key(), None).unwrap();
+        assert_eq!(c.timeouts.handshake, Duration::from_secs(10));
+        assert_eq!(c.timeouts.h2_idle, Duration::from_secs(60));
+        assert_eq!(c.timeouts.body, Duration::from_secs(10));
+        assert_eq!(c.max_unauthenticated_per_address, 64);
+        let c = Config::parse_str(
+            "api_key = \"0123456789abcdef\"\n[timeouts]\nh2_idle = \"2s\"\nbody = \"750ms\"\n[limits]\nmax_unauthenticated_per_address = 3\n",
+            Path::new("x"),
+        )
+        .unwrap();
+        assert_eq!(c.timeouts.h2_idle, Duration::from_secs(2));
+        assert_eq!(c.timeouts.body, Duration::from_millis(750));
+        assert_eq!(c.max_unauthenticated_per_address, 3);
+        let err = Config::parse_str(
+            "api_key = \"0123456789abcdef\"\n[limits]\nmax_unauthenticated_per_address = 0\n",
+            Path::new("x"),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("max_unauthenticated_per_address"), "{err}");
+        let err = Config::parse_str(
+            "api_key = \"0123456789abcdef\"\n[timeouts]\nbody = \"0s\"\n",
+            Path::new("x"),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("timeouts.body"), "{err}");
     }
 
     #[test]

@@ -28,7 +28,7 @@ pub async fn enroll(
     if !allowed {
         return Err(ApiError::RateLimited);
     }
-    let (_, body) = http::read_json(req, 16 * 1024).await?;
+    let (_, body) = http::read_json(req, 16 * 1024, state.config.timeouts.body).await?;
     let args = Args {
         body: Some(&body),
         query: &[],

@@ -69,6 +69,15 @@ pub enum ApiError {
     /// Anything else; details are logged, not sent.
     #[error("internal error")]
     Internal(String),
+    /// The request body did not arrive whole in time (a trickling client).
+    #[error("request body did not arrive within {0} ms")]
+    BodyTimeout(u128),
+    /// Request headers over the cap.
+    #[error("request headers exceed {0} bytes")]
+    HeadersTooLarge(usize),
+    /// Request target (path and query) over the cap.
+    #[error("request target exceeds {0} bytes")]
+    UriTooLong(usize),
 }
 
 impl ApiError {
@@ -97,6 +106,9 @@ impl ApiError {
             SpeedtestBusy(_) => ErrorCode::SpeedtestBusy,
             SpeedtestTooLong(_) => ErrorCode::SpeedtestTimeout,
             Internal(_) => ErrorCode::Internal,
+            BodyTimeout(_) => ErrorCode::BodyTimeout,
+            HeadersTooLarge(_) => ErrorCode::HeadersTooLarge,
+            UriTooLong(_) => ErrorCode::UriTooLong,
         }
     }
 

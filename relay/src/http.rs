@@ -113,11 +113,14 @@ pub fn text(status: StatusCode, content_type: &'static str, body: String) -> Res
         .expect("static response parts")
 }
 
-/// Reads a JSON object body: at most `limit` bytes, `application/json`, an object.
+/// Reads a JSON object body: at most `limit` bytes, `application/json`, an object,
+/// arrived whole within `within` (`timeouts.body`): a client trickling a large
+/// declared body gets 408 `BODY_TIMEOUT` instead of holding the call open.
 /// Returns the raw bytes (forwarded untouched) and the parsed object.
 pub async fn read_json(
     req: Request<Incoming>,
     limit: usize,
+    within: std::time::Duration,
 ) -> Result<(Bytes, Map<String, Value>), ApiError> {
     let declared = req
         .headers()
@@ -135,9 +138,10 @@ pub async fn read_json(
             let mime = v.split(';').next().unwrap_or("").trim();
             mime.eq_ignore_ascii_case("application/json")
         });
-    let bytes = Limited::new(req.into_body(), limit)
-        .collect()
+    let collected = tokio::time::timeout(within, Limited::new(req.into_body(), limit).collect())
         .await
+        .map_err(|_| ApiError::BodyTimeout(within.as_millis()))?;
+    let bytes = collected
         .map_err(|e| {
             if e.downcast_ref::<http_body_util::LengthLimitError>()
                 .is_some()

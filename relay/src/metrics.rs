@@ -33,6 +33,23 @@ pub struct Metrics {
     pub speedtest_upload_bytes: AtomicU64,
     /// Agent reports by (kind, state), label values already sanitised.
     reports: Mutex<BTreeMap<(String, String), u64>>,
+    /// Connections dropped right after accept, and connections the relay closed
+    /// for saying nothing (hardening: connections, issue 15).
+    pub connections: ConnectionCounters,
+}
+
+/// Why the relay refused or cut client connections.
+#[derive(Default)]
+pub struct ConnectionCounters {
+    /// Refused at accept: the global `limits.max_connections` was reached.
+    pub refused_max_connections: AtomicU64,
+    /// Refused at accept: the address already holds
+    /// `limits.max_unauthenticated_per_address` unauthenticated connections.
+    pub refused_per_address: AtomicU64,
+    /// Closed: no request within `timeouts.handshake` of accept (TLS included).
+    pub closed_first_request: AtomicU64,
+    /// Closed: an HTTP/2 connection with no call in flight for `timeouts.h2_idle`.
+    pub closed_h2_idle: AtomicU64,
 }
 
 /// Distinct (kind, state) series kept for agent reports; later new pairs are counted
@@ -138,6 +155,38 @@ impl Metrics {
             "Routers enrolled.",
             &self.enrollments,
         );
+
+        let c = &self.connections;
+        let _ = writeln!(
+            out,
+            "# HELP netpilot_connections_refused_total Connections dropped right after accept, by reason."
+        );
+        let _ = writeln!(out, "# TYPE netpilot_connections_refused_total counter");
+        for (reason, v) in [
+            ("max_connections", &c.refused_max_connections),
+            ("per_address", &c.refused_per_address),
+        ] {
+            let _ = writeln!(
+                out,
+                "netpilot_connections_refused_total{{reason=\"{reason}\"}} {}",
+                v.load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP netpilot_connections_closed_total Client connections the relay closed for silence, by reason."
+        );
+        let _ = writeln!(out, "# TYPE netpilot_connections_closed_total counter");
+        for (reason, v) in [
+            ("first_request_deadline", &c.closed_first_request),
+            ("h2_idle", &c.closed_h2_idle),
+        ] {
+            let _ = writeln!(
+                out,
+                "netpilot_connections_closed_total{{reason=\"{reason}\"}} {}",
+                v.load(Ordering::Relaxed)
+            );
+        }
 
         let _ = writeln!(out, "# HELP netpilot_forwarded_requests_total Calls forwarded to routers, by route and status.");
         let _ = writeln!(out, "# TYPE netpilot_forwarded_requests_total counter");

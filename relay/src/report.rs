@@ -35,7 +35,7 @@ pub async fn report(
     ctx: &Ctx,
 ) -> Result<Response<Body>, ApiError> {
     let router_id = auth::authenticate_router(&req, |id| state.router_meta(id))?;
-    let (bytes, _) = http::read_json(req, MAX_REPORT_BYTES).await?;
+    let (bytes, _) = http::read_json(req, MAX_REPORT_BYTES, state.config.timeouts.body).await?;
     let event: AgentEvent = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::InvalidParameter(format!("not a report: {e}")))?;
     validate(&event)?;

@@ -1,20 +1,36 @@
-//! The shared port: accept TCP, finish TLS within the handshake deadline, serve
-//! HTTP/1.1 (with upgrades, for agent links) and HTTP/2 (for web clients) through
-//! one dispatcher. Shutdown stops accepting, closes links and waits for in-flight
-//! calls up to the grace period.
+//! The shared port: accept TCP, refuse what the connection caps do not allow, finish
+//! TLS and read the first request head within one deadline, then serve HTTP/2 (web
+//! clients, chosen by ALPN `h2`) or HTTP/1.1 with upgrades (agent links, everything
+//! else) through one dispatcher. Shutdown stops accepting, closes links and waits
+//! for in-flight calls up to the grace period.
+//!
+//! The protocol comes from ALPN, never from sniffing the first bytes, so no phase
+//! of a connection waits for a byte without a deadline.
 
+use std::convert::Infallible;
 use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
+use hyper::body::Incoming;
 use hyper::service::service_fn;
+use hyper::Request;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
+use crate::api::HTTP_HEADER_HARD_LIMIT;
+use crate::conn_activity::{Activity, ActivityWatch, Tracked};
+use crate::peer_limits::{ConnAuth, LogThrottle, UnauthenticatedPerAddress};
 use crate::state::AppState;
+
+/// At most one "limit reached" line per reason and period, however hard the flood.
+const LIMIT_LOG_EVERY: Duration = Duration::from_secs(1);
 
 pub async fn serve(
     state: Arc<AppState>,
@@ -24,6 +40,9 @@ pub async fn serve(
 ) {
     let acceptor = TlsAcceptor::from(tls);
     let slots = Arc::new(Semaphore::new(state.config.max_connections));
+    let per_address = UnauthenticatedPerAddress::new(state.config.max_unauthenticated_per_address);
+    let global_log = LogThrottle::new(LIMIT_LOG_EVERY);
+    let per_address_log = LogThrottle::new(LIMIT_LOG_EVERY);
     let (stop_tx, stop_rx) = watch::channel(false);
     // Every connection task holds a clone; when all are dropped, the drain is done.
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
@@ -35,66 +54,113 @@ pub async fn serve(
                 Err(e) => {
                     // EMFILE and friends: back off briefly instead of spinning.
                     tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
             _ = &mut shutdown => break,
         };
+        // The deadline counts from here: TLS and the first request share it.
+        let deadline = Instant::now() + state.config.timeouts.handshake;
+        let metrics = &state.metrics.connections;
+        let Some(unauth) = per_address.try_acquire(peer.ip()) else {
+            metrics.refused_per_address.fetch_add(1, Ordering::Relaxed);
+            if let Some(suppressed) = per_address_log.hit(std::time::Instant::now()) {
+                tracing::warn!(
+                    %peer,
+                    limit = state.config.max_unauthenticated_per_address,
+                    suppressed,
+                    "per-address limit of unauthenticated connections reached; dropping connection"
+                );
+            }
+            continue;
+        };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, "connection limit reached; dropping connection");
+            metrics.refused_max_connections.fetch_add(1, Ordering::Relaxed);
+            if let Some(suppressed) = global_log.hit(std::time::Instant::now()) {
+                tracing::warn!(%peer, suppressed, "connection limit reached; dropping connection");
+            }
             continue;
         };
         let _ = tcp.set_nodelay(true);
         let state = state.clone();
         let acceptor = acceptor.clone();
-        let mut stop_rx = stop_rx.clone();
+        let stop_rx = stop_rx.clone();
         let done_tx = done_tx.clone();
         let span = tracing::debug_span!("conn", %peer);
         tokio::spawn(
             async move {
                 let _permit = permit;
                 let _done = done_tx;
-                let handshake = state.config.timeouts.handshake;
-                let tls = match tokio::time::timeout(handshake, acceptor.accept(tcp)).await {
+                let tls = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => {
                         tracing::debug!(error = %e, "TLS handshake failed");
                         return;
                     }
                     Err(_) => {
+                        state
+                            .metrics
+                            .connections
+                            .closed_first_request
+                            .fetch_add(1, Ordering::Relaxed);
                         tracing::debug!("TLS handshake timed out");
                         return;
                     }
                 };
+                let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                let (activity, watch) = Activity::new();
+                let conn_auth = ConnAuth::new(unauth);
                 let svc_state = state.clone();
-                let service =
-                    service_fn(move |req| crate::api::handle(svc_state.clone(), req, peer));
-                let mut builder = auto::Builder::new(TokioExecutor::new());
-                builder
-                    .http1()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(handshake)
-                    .keep_alive(true);
-                builder
-                    .http2()
-                    .timer(TokioTimer::new())
-                    .keep_alive_interval(Some(state.config.timeouts.ping_interval))
-                    .keep_alive_timeout(
-                        state.config.timeouts.dead_after - state.config.timeouts.ping_interval,
-                    )
-                    .max_concurrent_streams(1024);
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
-                tokio::pin!(conn);
-                tokio::select! {
-                    r = conn.as_mut() => {
-                        if let Err(e) = r {
-                            tracing::debug!(error = %e, "connection ended with an error");
-                        }
+                let service = service_fn(move |mut req: Request<Incoming>| {
+                    // The call counts from its head until its answer's body is done.
+                    let call = activity.begin();
+                    req.extensions_mut().insert(conn_auth.clone());
+                    let state = svc_state.clone();
+                    async move {
+                        let resp = crate::api::handle(state, req, peer).await?;
+                        Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, call)))
                     }
-                    _ = async { let _ = stop_rx.wait_for(|stop| *stop).await; } => {
-                        conn.as_mut().graceful_shutdown();
-                        let _ = conn.await;
+                });
+                let io = TokioIo::new(tls);
+                let t = &state.config.timeouts;
+                let phases = Phases {
+                    deadline,
+                    h2_idle: h2.then_some(t.h2_idle),
+                    close_within: t.handshake,
+                    watch,
+                    stop_rx,
+                };
+                let outcome = if h2 {
+                    let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+                    b.timer(TokioTimer::new())
+                        .keep_alive_interval(Some(t.ping_interval))
+                        .keep_alive_timeout(t.dead_after - t.ping_interval)
+                        .max_concurrent_streams(1024)
+                        .max_header_list_size(HTTP_HEADER_HARD_LIMIT as u32);
+                    let conn = b.serve_connection(io, service);
+                    tokio::pin!(conn);
+                    phases.drive(conn, |c| c.graceful_shutdown()).await
+                } else {
+                    let mut b = hyper::server::conn::http1::Builder::new();
+                    b.timer(TokioTimer::new())
+                        .header_read_timeout(t.handshake)
+                        .keep_alive(true)
+                        .max_buf_size(HTTP_HEADER_HARD_LIMIT);
+                    let conn = b.serve_connection(io, service).with_upgrades();
+                    tokio::pin!(conn);
+                    phases.drive(conn, |c| c.graceful_shutdown()).await
+                };
+                let counters = &state.metrics.connections;
+                match outcome {
+                    Outcome::Ended => {}
+                    Outcome::Silent => {
+                        counters.closed_first_request.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!("no request within the first-request deadline");
+                    }
+                    Outcome::H2Idle => {
+                        counters.closed_h2_idle.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!("HTTP/2 connection idle; closed");
                     }
                 }
             }
@@ -109,5 +175,95 @@ pub async fn serve(
     let grace = state.config.timeouts.shutdown_grace;
     if tokio::time::timeout(grace, done_rx.recv()).await.is_err() {
         tracing::warn!(?grace, "connections still open after the grace period");
+    }
+}
+
+/// How a served connection ended.
+enum Outcome {
+    /// The client closed it, it failed, it was upgraded, or the relay shut down.
+    Ended,
+    /// No request head within the first-request deadline; dropped.
+    Silent,
+    /// HTTP/2 without a call in flight for `h2_idle`; GOAWAY sent.
+    H2Idle,
+}
+
+/// The deadlines one connection lives under after TLS.
+struct Phases {
+    /// The first request's head must have arrived by then.
+    deadline: Instant,
+    /// For HTTP/2: close after this long with no call in flight.
+    h2_idle: Option<Duration>,
+    /// How long a graceful close may take before the connection is dropped.
+    close_within: Duration,
+    watch: ActivityWatch,
+    stop_rx: watch::Receiver<bool>,
+}
+
+impl Phases {
+    /// Runs `conn` (either protocol's connection future) through both phases.
+    async fn drive<C>(
+        mut self,
+        mut conn: Pin<&mut C>,
+        graceful: impl Fn(Pin<&mut C>),
+    ) -> Outcome
+    where
+        C: Future<Output = Result<(), hyper::Error>>,
+    {
+        // Phase one: nothing but the first request head ends the wait.
+        tokio::select! {
+            r = conn.as_mut() => {
+                log_end(r);
+                return Outcome::Ended;
+            }
+            r = tokio::time::timeout_at(self.deadline, self.watch.first_call()) => {
+                if r.is_err() {
+                    // Dropping the connection closes the socket; a silent client
+                    // gets no goodbye.
+                    return Outcome::Silent;
+                }
+            }
+            _ = stopping(&mut self.stop_rx) => {
+                // Nothing in flight: no reason to wait for anything.
+                return Outcome::Ended;
+            }
+        }
+        // Phase two: served, until closed, idle (HTTP/2) or shutdown.
+        let idle = async {
+            match self.h2_idle {
+                Some(idle) => self.watch.idle_for(idle).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            r = conn.as_mut() => {
+                log_end(r);
+                Outcome::Ended
+            }
+            _ = idle => {
+                graceful(conn.as_mut());
+                // A client that ignores the GOAWAY is dropped all the same.
+                if let Ok(r) = tokio::time::timeout(self.close_within, conn.as_mut()).await {
+                    log_end(r);
+                }
+                Outcome::H2Idle
+            }
+            _ = stopping(&mut self.stop_rx) => {
+                graceful(conn.as_mut());
+                log_end(conn.await);
+                Outcome::Ended
+            }
+        }
+    }
+}
+
+/// Resolves when the server shuts down; the watch's guard is not held past it.
+async fn stopping(stop_rx: &mut watch::Receiver<bool>) {
+    let _ = stop_rx.wait_for(|stop| *stop).await;
+}
+
+fn log_end(r: Result<(), hyper::Error>) {
+    if let Err(e) = r {
+        tracing::debug!(error = %e, "connection ended with an error");
     }
 }

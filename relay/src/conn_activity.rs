@@ -1,0 +1,135 @@
+//! What a served connection is doing, as its connection task needs to know it: has
+//! the first request arrived (it must, within the first-request deadline), and how
+//! many calls are in flight (an HTTP/2 connection with none for `timeouts.h2_idle`
+//! is closed). A call counts from the moment its request head is parsed until its
+//! response body is finished or dropped, so a streamed answer keeps its
+//! connection alive as long as it flows.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper::body::{Body, Frame, SizeHint};
+use tokio::sync::watch;
+
+/// The calls in flight on one connection. Cheap to clone into every call.
+#[derive(Clone)]
+pub struct Activity(Arc<watch::Sender<usize>>);
+
+/// What the connection task watches: every call's start and end.
+pub struct ActivityWatch(watch::Receiver<usize>);
+
+impl Activity {
+    pub fn new() -> (Activity, ActivityWatch) {
+        let (tx, rx) = watch::channel(0);
+        (Activity(Arc::new(tx)), ActivityWatch(rx))
+    }
+
+    /// A call starts; it ends when the returned guard is dropped.
+    pub fn begin(&self) -> CallGuard {
+        self.0.send_modify(|n| *n += 1);
+        CallGuard(self.clone())
+    }
+}
+
+/// One call in flight; dropping it ends the call.
+pub struct CallGuard(Activity);
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        self.0 .0.send_modify(|n| *n -= 1);
+    }
+}
+
+impl ActivityWatch {
+    /// Resolves when the first call starts. Never resolves once the connection
+    /// (every [`Activity`] clone) is gone: its own future ends the task then.
+    pub async fn first_call(&mut self) {
+        if self.0.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// Resolves once no call has been in flight for `idle`.
+    pub async fn idle_for(&mut self, idle: Duration) {
+        loop {
+            let open = *self.0.borrow_and_update();
+            let changed = if open > 0 {
+                Ok(self.0.changed().await)
+            } else {
+                tokio::time::timeout(idle, self.0.changed()).await
+            };
+            match changed {
+                Err(_) => return,
+                Ok(Ok(())) => continue,
+                Ok(Err(_)) => std::future::pending::<()>().await,
+            }
+        }
+    }
+}
+
+/// A response body that holds its call's guard until the body is done.
+pub struct Tracked<B> {
+    inner: B,
+    _call: CallGuard,
+}
+
+impl<B> Tracked<B> {
+    pub fn new(inner: B, call: CallGuard) -> Tracked<B> {
+        Tracked { inner, _call: call }
+    }
+}
+
+impl<B: Body + Unpin> Body for Tracked<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_waits_for_the_last_call_to_end() {
+        let (activity, mut watch) = Activity::new();
+        let call = activity.begin();
+        watch.first_call().await;
+        let idle = Duration::from_secs(5);
+        // A call in flight for far longer than `idle` keeps the connection.
+        let r = tokio::time::timeout(Duration::from_secs(60), watch.idle_for(idle)).await;
+        assert!(r.is_err());
+        drop(call);
+        let start = tokio::time::Instant::now();
+        watch.idle_for(idle).await;
+        assert!(start.elapsed() >= idle);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tracked_body_holds_its_call_until_dropped() {
+        let (activity, mut watch) = Activity::new();
+        let body = Tracked::new(
+            http_body_util::Full::new(bytes::Bytes::from_static(b"x")),
+            activity.begin(),
+        );
+        let r = tokio::time::timeout(Duration::from_secs(30), watch.idle_for(Duration::from_secs(1))).await;
+        assert!(r.is_err(), "idle while a body is unsent");
+        drop(body);
+        watch.idle_for(Duration::from_secs(1)).await;
+    }
+}
