@@ -65,7 +65,8 @@ async fn create(
     req: Request<Incoming>,
     ctx: &Ctx,
 ) -> Result<Response<Body>, ApiError> {
-    let (_, body) = http::read_json(req, state.config.max_body_bytes, state.config.timeouts.body).await?;
+    let (_, body) =
+        http::read_json(req, state.config.max_body_bytes, state.config.timeouts.body).await?;
     let args = Args {
         body: Some(&body),
         query: &[],

@@ -550,7 +550,10 @@ mod tests {
             Path::new("x"),
         )
         .unwrap_err();
-        assert!(err.to_string().contains("max_unauthenticated_per_address"), "{err}");
+        assert!(
+            err.to_string().contains("max_unauthenticated_per_address"),
+            "{err}"
+        );
         let err = Config::parse_str(
             "api_key = \"0123456789abcdef\"\n[timeouts]\nbody = \"0s\"\n",
             Path::new("x"),

@@ -127,7 +127,11 @@ mod tests {
             http_body_util::Full::new(bytes::Bytes::from_static(b"x")),
             activity.begin(),
         );
-        let r = tokio::time::timeout(Duration::from_secs(30), watch.idle_for(Duration::from_secs(1))).await;
+        let r = tokio::time::timeout(
+            Duration::from_secs(30),
+            watch.idle_for(Duration::from_secs(1)),
+        )
+        .await;
         assert!(r.is_err(), "idle while a body is unsent");
         drop(body);
         watch.idle_for(Duration::from_secs(1)).await;

@@ -32,7 +32,8 @@ pub async fn router_call(
     let path = req.uri().path().to_owned();
     let query = http::query_pairs(req.uri().query());
     let (body_bytes, body) = if route.route.method.has_body() {
-        let (b, m) = http::read_json(req, state.config.max_body_bytes, state.config.timeouts.body).await?;
+        let (b, m) =
+            http::read_json(req, state.config.max_body_bytes, state.config.timeouts.body).await?;
         (Some(b), Some(m))
     } else {
         (None, None)

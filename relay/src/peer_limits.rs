@@ -150,7 +150,8 @@ impl LogThrottle {
     /// events swallowed since the last line), `None` when it is swallowed.
     pub fn hit(&self, now: Instant) -> Option<u64> {
         let mut st = self.state.lock().expect("log throttle lock");
-        let due = st.0.is_none_or(|last| now.duration_since(last) >= self.every);
+        let due =
+            st.0.is_none_or(|last| now.duration_since(last) >= self.every);
         if due {
             let suppressed = st.1;
             *st = (Some(now), 0);

@@ -76,7 +76,9 @@ pub async fn serve(
             continue;
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
-            metrics.refused_max_connections.fetch_add(1, Ordering::Relaxed);
+            metrics
+                .refused_max_connections
+                .fetch_add(1, Ordering::Relaxed);
             if let Some(suppressed) = global_log.hit(std::time::Instant::now()) {
                 tracing::warn!(%peer, suppressed, "connection limit reached; dropping connection");
             }
@@ -155,7 +157,9 @@ pub async fn serve(
                 match outcome {
                     Outcome::Ended => {}
                     Outcome::Silent => {
-                        counters.closed_first_request.fetch_add(1, Ordering::Relaxed);
+                        counters
+                            .closed_first_request
+                            .fetch_add(1, Ordering::Relaxed);
                         tracing::debug!("no request within the first-request deadline");
                     }
                     Outcome::H2Idle => {
@@ -202,11 +206,7 @@ struct Phases {
 
 impl Phases {
     /// Runs `conn` (either protocol's connection future) through both phases.
-    async fn drive<C>(
-        mut self,
-        mut conn: Pin<&mut C>,
-        graceful: impl Fn(Pin<&mut C>),
-    ) -> Outcome
+    async fn drive<C>(mut self, mut conn: Pin<&mut C>, graceful: impl Fn(Pin<&mut C>)) -> Outcome
     where
         C: Future<Output = Result<(), hyper::Error>>,
     {
@@ -214,7 +214,12 @@ impl Phases {
         tokio::select! {
             r = conn.as_mut() => {
                 log_end(r);
-                return Outcome::Ended;
+                // HTTP/1.1's own header timer may fire in the same instant.
+                return if Instant::now() >= self.deadline {
+                    Outcome::Silent
+                } else {
+                    Outcome::Ended
+                };
             }
             r = tokio::time::timeout_at(self.deadline, self.watch.first_call()) => {
                 if r.is_err() {

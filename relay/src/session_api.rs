@@ -25,7 +25,11 @@ pub async fn dispatch(
     }
     let query = http::query_pairs(req.uri().query());
     let body = if req.method() == Method::POST {
-        Some(http::read_json(req, state.config.max_body_bytes, state.config.timeouts.body).await?.1)
+        Some(
+            http::read_json(req, state.config.max_body_bytes, state.config.timeouts.body)
+                .await?
+                .1,
+        )
     } else {
         None
     };
