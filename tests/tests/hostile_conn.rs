@@ -485,7 +485,7 @@ async fn per_address_cap_counts_only_unauthenticated_connections() {
     const CAP: usize = 3;
     let relay = Relay::start(RelayOptions {
         config: format!(
-            "[timeouts]\nhandshake = \"3s\"\n[limits]\nmax_unauthenticated_per_address = {CAP}\n"
+            "[timeouts]\nhandshake = \"5s\"\n[limits]\nmax_unauthenticated_per_address = {CAP}\n"
         ),
     })
     .await
@@ -524,11 +524,12 @@ async fn per_address_cap_counts_only_unauthenticated_connections() {
         let mut s = TcpStream::connect(relay.addr).await.unwrap();
         let started = Instant::now();
         assert!(
-            closed_within(&mut s, Duration::from_secs(1)).await.is_ok(),
+            closed_within(&mut s, Duration::from_secs(2)).await.is_ok(),
             "connection {} over the cap was accepted",
             CAP + 1 + i
         );
-        assert!(started.elapsed() < Duration::from_secs(1));
+        // Well before the 5 s deadline: dropped at accept, not cut later.
+        assert!(started.elapsed() < Duration::from_secs(2));
     }
     let refused = metric(
         &c,
@@ -589,7 +590,7 @@ async fn quiet_connections_filling_every_slot_do_not_lock_out_health() {
     // /health to everyone, for good. The per-address cap is lifted to show the
     // deadline alone gives the slots back.
     let relay = Relay::start(RelayOptions {
-        config: "[timeouts]\nhandshake = \"2s\"\n[limits]\nmax_connections = 100\nmax_unauthenticated_per_address = 1000\n".into(),
+        config: "[timeouts]\nhandshake = \"3s\"\n[limits]\nmax_connections = 100\nmax_unauthenticated_per_address = 1000\n".into(),
     })
     .await
     .unwrap();
@@ -605,9 +606,9 @@ async fn quiet_connections_filling_every_slot_do_not_lock_out_health() {
     for _ in 0..100 {
         quiet.push(TcpStream::connect(relay.addr).await.unwrap());
     }
-    // Every slot is taken: one more is dropped at once.
+    // Every slot is taken: one more is dropped at once (well before the 3 s deadline).
     let mut extra = TcpStream::connect(relay.addr).await.unwrap();
-    assert!(closed_within(&mut extra, Duration::from_secs(1))
+    assert!(closed_within(&mut extra, Duration::from_millis(1500))
         .await
         .is_ok());
     // After the deadline /health answers again.
