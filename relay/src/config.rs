@@ -125,6 +125,9 @@ pub struct Config {
     pub api_key_source: ApiKeySource,
     /// A separate plain-HTTP listener serving only `GET /metrics`, without the key.
     pub metrics_listen: Option<SocketAddr>,
+    /// Clients (IPv4 addresses, IPv6 /64s) the enrollment limiter tracks at once;
+    /// when all are inside their minute, newcomers are refused.
+    pub enroll_max_clients: usize,
 }
 
 /// What the command line says; `None` leaves the file's or the default value.
@@ -185,6 +188,7 @@ struct FileTimeouts {
 struct FileEnrollment {
     token_ttl: Option<String>,
     per_minute: Option<u32>,
+    max_clients: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -246,6 +250,7 @@ impl Config {
             &read_key_file,
         )?;
         let metrics_listen = parse_metrics_listen(file.metrics_listen)?;
+        let enroll_max_clients = enroll_max_clients(file.enrollment.max_clients)?;
         if api_key.expose().len() < 16 {
             return Err(ConfigError::Invalid(
                 "the API key must be at least 16 characters".into(),
@@ -346,6 +351,7 @@ impl Config {
             log: cli.log.or(file.log).unwrap_or_else(|| "info".to_owned()),
             api_key_source,
             metrics_listen,
+            enroll_max_clients,
         })
     }
 }
@@ -494,6 +500,18 @@ fn parse_metrics_listen(text: Option<String>) -> Result<Option<SocketAddr>, Conf
             .map_err(|_| ConfigError::Invalid(format!("metrics_listen {t:?} is not ADDR:PORT")))
     })
     .transpose()
+}
+
+/// `enrollment.max_clients`: the limiter's table bound (its memory: about 40 bytes
+/// a client).
+fn enroll_max_clients(value: Option<usize>) -> Result<usize, ConfigError> {
+    let n = value.unwrap_or(crate::ratelimit::DEFAULT_MAX_KEYS);
+    if !(1..=1_000_000).contains(&n) {
+        return Err(ConfigError::Invalid(
+            "enrollment.max_clients must be 1..1000000".into(),
+        ));
+    }
+    Ok(n)
 }
 
 #[cfg(test)]
@@ -739,6 +757,19 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("metrics_listen"), "{err}");
+    }
+
+    #[test]
+    fn enrollment_table_bound_is_checked() {
+        let base = "api_key = \"0123456789abcdef\"\n[enrollment]\n";
+        let c = Config::parse_str(base, Path::new("x")).unwrap();
+        assert_eq!(c.enroll_max_clients, 10_000);
+        let c = Config::parse_str(&format!("{base}max_clients = 5\n"), Path::new("x")).unwrap();
+        assert_eq!(c.enroll_max_clients, 5);
+        for bad in ["max_clients = 0", "max_clients = 2000000"] {
+            let err = Config::parse_str(&format!("{base}{bad}\n"), Path::new("x")).unwrap_err();
+            assert!(err.to_string().contains("max_clients"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -587,10 +587,25 @@ impl Client {
         fingerprint: &str,
         key: &str,
     ) -> anyhow::Result<Client> {
-        let sender = h2_connect(addr, fingerprint).await?;
+        let sender = h2_connect(addr, fingerprint, None).await?;
         Ok(Client {
             sender: Arc::new(Mutex::new(sender)),
             key: Some(key.to_owned()),
+        })
+    }
+
+    /// A client whose connection comes from `source` (any of 127.0.0.0/8 is this
+    /// host), so the relay sees several clients on one machine.
+    pub async fn connect_from(
+        source: std::net::IpAddr,
+        addr: std::net::SocketAddr,
+        fingerprint: &str,
+        key: Option<&str>,
+    ) -> anyhow::Result<Client> {
+        let sender = h2_connect(addr, fingerprint, Some(source)).await?;
+        Ok(Client {
+            sender: Arc::new(Mutex::new(sender)),
+            key: key.map(str::to_owned),
         })
     }
 
@@ -660,13 +675,25 @@ impl Client {
 async fn h2_connect(
     addr: std::net::SocketAddr,
     fingerprint: &str,
+    source: Option<std::net::IpAddr>,
 ) -> anyhow::Result<SendRequest<Full<Bytes>>> {
     let tls = netpilot_agent::link::tls::client_config(
         &netpilot_agent::link::tls::Trust::Fingerprint(fingerprint.to_owned()),
     )?;
     let mut cfg = (*tls).clone();
     cfg.alpn_protocols = vec![b"h2".to_vec()];
-    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let tcp = match source {
+        None => tokio::net::TcpStream::connect(addr).await?,
+        Some(ip) => {
+            let socket = if ip.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()?
+            } else {
+                tokio::net::TcpSocket::new_v6()?
+            };
+            socket.bind(std::net::SocketAddr::new(ip, 0))?;
+            socket.connect(addr).await?
+        }
+    };
     tcp.set_nodelay(true)?;
     let name = rustls_pki_types::ServerName::try_from("localhost")?;
     let stream = tokio_rustls::TlsConnector::from(Arc::new(cfg))
