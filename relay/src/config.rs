@@ -242,10 +242,10 @@ impl Config {
         let (api_key, api_key_source) = resolve_api_key(
             ApiKeyInputs {
                 cli: cli.api_key,
-                cli_file: cli.api_key_file,
+                cli_key_file: cli.api_key_file,
                 env: env_api_key,
                 file: file.api_key,
-                file_file: file.api_key_file,
+                file_key_file: file.api_key_file,
             },
             &read_key_file,
         )?;
@@ -380,8 +380,8 @@ fn duration(key: &str, value: Option<String>, default: Duration) -> Result<Durat
 }
 
 // ---------------------------------------------------------------------------
-// Operator-facing hardening (issue 15): where the API key comes from, and where
-// `/metrics` is served.
+// Operator-facing hardening (issue 15): where the API key comes from, where
+// `/metrics` is served, and the enrollment limiter's bound.
 // ---------------------------------------------------------------------------
 
 /// Where the API key was found, highest precedence first.
@@ -415,10 +415,10 @@ impl ApiKeySource {
 /// Every place an API key may be given; [`resolve_api_key`] picks one.
 struct ApiKeyInputs {
     cli: Option<Secret>,
-    cli_file: Option<PathBuf>,
+    cli_key_file: Option<PathBuf>,
     env: Option<String>,
     file: Option<String>,
-    file_file: Option<PathBuf>,
+    file_key_file: Option<PathBuf>,
 }
 
 /// Precedence: the command line (`--api-key` or `--api-key-file`, not both), then
@@ -429,13 +429,13 @@ fn resolve_api_key(
     read: &dyn Fn(&Path) -> Result<Secret, ConfigError>,
 ) -> Result<(Secret, ApiKeySource), ConfigError> {
     let env = i.env.filter(|k| !k.is_empty());
-    match (i.cli, i.cli_file) {
+    match (i.cli, i.cli_key_file) {
         (Some(_), Some(_)) => Err(ConfigError::Invalid(
             "pass --api-key or --api-key-file, not both".into(),
         )),
         (Some(k), None) => Ok((k, ApiKeySource::CommandLine)),
         (None, Some(path)) => Ok((read(&path)?, ApiKeySource::CommandLineFile(path))),
-        (None, None) => match (env, i.file, i.file_file) {
+        (None, None) => match (env, i.file, i.file_key_file) {
             (Some(k), _, _) => Ok((Secret::new(k), ApiKeySource::Environment)),
             (None, Some(_), Some(_)) => Err(ConfigError::Invalid(
                 "set api_key or api_key_file, not both".into(),
@@ -631,10 +631,10 @@ mod tests {
     fn inputs() -> ApiKeyInputs {
         ApiKeyInputs {
             cli: None,
-            cli_file: None,
+            cli_key_file: None,
             env: None,
             file: None,
-            file_file: None,
+            file_key_file: None,
         }
     }
 
@@ -647,10 +647,10 @@ mod tests {
     fn api_key_precedence_is_command_line_then_environment_then_config_file() {
         let all = || ApiKeyInputs {
             cli: Some(Secret::new("cli")),
-            cli_file: None,
+            cli_key_file: None,
             env: Some("env".into()),
             file: Some("conf".into()),
-            file_file: None,
+            file_key_file: None,
         };
         let pick = |i| {
             let (k, src) = resolve_api_key(i, &fake_read).unwrap();
@@ -659,7 +659,7 @@ mod tests {
         assert_eq!(pick(all()), ("cli".into(), ApiKeySource::CommandLine));
         let i = ApiKeyInputs {
             cli: None,
-            cli_file: Some("/k".into()),
+            cli_key_file: Some("/k".into()),
             ..all()
         };
         assert_eq!(
@@ -676,7 +676,7 @@ mod tests {
         };
         assert_eq!(pick(i), ("conf".into(), ApiKeySource::ConfigFile));
         let i = ApiKeyInputs {
-            file_file: Some("/c".into()),
+            file_key_file: Some("/c".into()),
             ..inputs()
         };
         assert_eq!(
@@ -689,14 +689,14 @@ mod tests {
     fn two_keys_in_one_place_are_refused() {
         let i = ApiKeyInputs {
             cli: Some(Secret::new("cli")),
-            cli_file: Some("/k".into()),
+            cli_key_file: Some("/k".into()),
             ..inputs()
         };
         let err = resolve_api_key(i, &fake_read).unwrap_err();
         assert!(err.to_string().contains("not both"), "{err}");
         let i = ApiKeyInputs {
             file: Some("conf".into()),
-            file_file: Some("/c".into()),
+            file_key_file: Some("/c".into()),
             ..inputs()
         };
         let err = resolve_api_key(i, &fake_read).unwrap_err();
