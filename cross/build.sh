@@ -86,7 +86,7 @@
 # Environment:
 #   NETPILOT_CROSS_CACHE   toolchain cache (default /var/cache/netpilot-cross)
 #   NETPILOT_CROSS_TARGET  cargo target dir (default <repo>/target/cross)
-#   NETPILOT_RELAY         relay binary for `smoke` (default: target/{release,debug})
+#   NETPILOT_RELAY         relay binary for `smoke` (default: target/{relay,release,debug})
 #   NETPILOT_SMOKE_KEEP=1  keep the smoke test's temporary directories
 #   NETPILOT_CROSS_STD_FEATURES  std features (default none; `backtrace` restores
 #                          raw-address panic backtraces, ~200 KB)
@@ -646,8 +646,9 @@ smoke_version() {
 smoke_enroll() {
     local line fp created token
     RELAY_KEY=$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')
-    "$RELAY" serve --data-dir "$SMOKE_WORK/relay" --listen 127.0.0.1:0 \
-        --api-key "$RELAY_KEY" --log warn >"$SMOKE_WORK/relay.out" 2>"$SMOKE_WORK/relay.err" &
+    # The key through the environment: on the command line it shows in ps.
+    NETPILOT_API_KEY=$RELAY_KEY "$RELAY" serve --data-dir "$SMOKE_WORK/relay" --listen 127.0.0.1:0 \
+        --log warn >"$SMOKE_WORK/relay.out" 2>"$SMOKE_WORK/relay.err" &
     SMOKE_PIDS+=($!)
     line=
     for _ in $(seq 100); do
@@ -744,7 +745,8 @@ find_relay() {
     if [ -n "${NETPILOT_RELAY:-}" ]; then
         RELAY=$NETPILOT_RELAY
     else
-        for candidate in "$ROOT/target/release/netpilot-relay" "$ROOT/target/debug/netpilot-relay"; do
+        for candidate in "$ROOT/target/relay/netpilot-relay" "$ROOT/target/release/netpilot-relay" \
+            "$ROOT/target/debug/netpilot-relay"; do
             if [ -x "$candidate" ]; then
                 RELAY=$candidate
                 break

@@ -16,9 +16,10 @@ use tracing::{field, Instrument};
 
 use crate::error::ApiError;
 use crate::http::{self, only, Body, Ctx};
-use crate::metrics::Gauges;
 use crate::state::AppState;
-use crate::{admin, agent_link, auth, enroll, forward, report, session_api, speedtest};
+use crate::{
+    admin, agent_link, auth, enroll, forward, metrics_http, report, session_api, speedtest,
+};
 
 pub async fn handle(
     state: Arc<AppState>,
@@ -79,17 +80,14 @@ async fn dispatch(
                 ctx,
             ));
         }
+        // Behind the key here; `metrics_listen` serves scrapers without it.
         "/metrics" => {
             only(&req, &[Method::GET])?;
-            let gauges = Gauges {
-                connected_agents: state.links.len(),
-                sessions: state.sessions.lock().expect("sessions lock").len(),
-                speedtests: state.speedtests.active(),
-            };
+            auth::check_api_key(&req, &state.config.api_key)?;
             return Ok(http::text(
                 StatusCode::OK,
-                "text/plain; version=0.0.4",
-                state.metrics.render(&gauges),
+                metrics_http::CONTENT_TYPE_TEXT,
+                metrics_http::scrape(state),
             ));
         }
         CONNECT_PATH => return agent_link::connect(state, req, peer),

@@ -136,6 +136,13 @@ pub struct Config {
     pub speedtest: SpeedtestLimits,
     /// `tracing` filter, e.g. `info` or `netpilot_relay=debug`.
     pub log: String,
+    /// Where the API key came from; `serve` warns when it was the command line.
+    pub api_key_source: ApiKeySource,
+    /// A separate plain-HTTP listener serving only `GET /metrics`, without the key.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Clients (IPv4 addresses, IPv6 /64s) the enrollment limiter tracks at once;
+    /// when all are inside their minute, newcomers are refused.
+    pub enroll_max_clients: usize,
 }
 
 /// What the command line says; `None` leaves the file's or the default value.
@@ -145,6 +152,7 @@ pub struct CliOverrides {
     pub listen: Option<SocketAddr>,
     pub data_dir: Option<PathBuf>,
     pub api_key: Option<Secret>,
+    pub api_key_file: Option<PathBuf>,
     pub log: Option<String>,
 }
 
@@ -155,6 +163,7 @@ struct FileConfig {
     data_dir: Option<PathBuf>,
     api_key: Option<String>,
     api_key_file: Option<PathBuf>,
+    metrics_listen: Option<String>,
     log: Option<String>,
     #[serde(default)]
     tls: FileTls,
@@ -197,6 +206,7 @@ struct FileTimeouts {
 struct FileEnrollment {
     token_ttl: Option<String>,
     per_minute: Option<u32>,
+    max_clients: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -249,33 +259,18 @@ impl Config {
             ConfigError::Invalid(format!("listen address {listen_text:?} is not ADDR:PORT"))
         })?;
 
-        let api_key = match (
-            cli.api_key,
-            env_api_key.filter(|k| !k.is_empty()),
-            file.api_key,
-            file.api_key_file,
-        ) {
-            (Some(k), _, _, _) => k,
-            (None, Some(k), _, _) => Secret::new(k),
-            (None, None, Some(k), None) => Secret::new(k),
-            (None, None, None, Some(path)) => {
-                let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
-                    path: path.clone(),
-                    source,
-                })?;
-                Secret::new(text.trim())
-            }
-            (None, None, Some(_), Some(_)) => {
-                return Err(ConfigError::Invalid(
-                    "set api_key or api_key_file, not both".into(),
-                ))
-            }
-            (None, None, None, None) => {
-                return Err(ConfigError::Invalid(format!(
-                    "no API key: pass --api-key, set {API_KEY_ENV} or api_key in the config file"
-                )))
-            }
-        };
+        let (api_key, api_key_source) = resolve_api_key(
+            ApiKeyInputs {
+                cli: cli.api_key,
+                cli_key_file: cli.api_key_file,
+                env: env_api_key,
+                file: file.api_key,
+                file_key_file: file.api_key_file,
+            },
+            &read_key_file,
+        )?;
+        let metrics_listen = parse_metrics_listen(file.metrics_listen)?;
+        let enroll_max_clients = enroll_max_clients(file.enrollment.max_clients)?;
         if api_key.expose().len() < 16 {
             return Err(ConfigError::Invalid(
                 "the API key must be at least 16 characters".into(),
@@ -387,6 +382,9 @@ impl Config {
             max_unauthenticated_per_address,
             speedtest,
             log: cli.log.or(file.log).unwrap_or_else(|| "info".to_owned()),
+            api_key_source,
+            metrics_listen,
+            enroll_max_clients,
         })
     }
 }
@@ -412,6 +410,141 @@ fn duration(key: &str, value: Option<String>, default: Duration) -> Result<Durat
         return Err(ConfigError::Invalid(format!("{key} must be positive")));
     }
     Ok(d)
+}
+
+// ---------------------------------------------------------------------------
+// Operator-facing hardening (issue 15): where the API key comes from, where
+// `/metrics` is served, and the enrollment limiter's bound.
+// ---------------------------------------------------------------------------
+
+/// Where the API key was found, highest precedence first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiKeySource {
+    /// `--api-key`: visible to every local user in `ps` and `/proc/PID/cmdline`.
+    CommandLine,
+    /// `--api-key-file`.
+    CommandLineFile(PathBuf),
+    /// `NETPILOT_API_KEY`.
+    Environment,
+    /// `api_key` in the config file.
+    ConfigFile,
+    /// `api_key_file` in the config file.
+    ConfigKeyFile(PathBuf),
+}
+
+impl ApiKeySource {
+    /// Said in the log at start, so the operator sees which source won.
+    pub fn describe(&self) -> String {
+        match self {
+            ApiKeySource::CommandLine => "--api-key".into(),
+            ApiKeySource::CommandLineFile(p) => format!("--api-key-file {}", p.display()),
+            ApiKeySource::Environment => API_KEY_ENV.into(),
+            ApiKeySource::ConfigFile => "api_key in the config file".into(),
+            ApiKeySource::ConfigKeyFile(p) => format!("api_key_file {}", p.display()),
+        }
+    }
+}
+
+/// Every place an API key may be given; [`resolve_api_key`] picks one.
+struct ApiKeyInputs {
+    cli: Option<Secret>,
+    cli_key_file: Option<PathBuf>,
+    env: Option<String>,
+    file: Option<String>,
+    file_key_file: Option<PathBuf>,
+}
+
+/// Precedence: the command line (`--api-key` or `--api-key-file`, not both), then
+/// `NETPILOT_API_KEY`, then the config file (`api_key` or `api_key_file`, not both).
+/// `read` reads a key file (injected: the choice is tested without files).
+fn resolve_api_key(
+    i: ApiKeyInputs,
+    read: &dyn Fn(&Path) -> Result<Secret, ConfigError>,
+) -> Result<(Secret, ApiKeySource), ConfigError> {
+    let env = i.env.filter(|k| !k.is_empty());
+    match (i.cli, i.cli_key_file) {
+        (Some(_), Some(_)) => Err(ConfigError::Invalid(
+            "pass --api-key or --api-key-file, not both".into(),
+        )),
+        (Some(k), None) => Ok((k, ApiKeySource::CommandLine)),
+        (None, Some(path)) => Ok((read(&path)?, ApiKeySource::CommandLineFile(path))),
+        (None, None) => match (env, i.file, i.file_key_file) {
+            (Some(k), _, _) => Ok((Secret::new(k), ApiKeySource::Environment)),
+            (None, Some(_), Some(_)) => Err(ConfigError::Invalid(
+                "set api_key or api_key_file, not both".into(),
+            )),
+            (None, Some(k), None) => Ok((Secret::new(k), ApiKeySource::ConfigFile)),
+            (None, None, Some(path)) => Ok((read(&path)?, ApiKeySource::ConfigKeyFile(path))),
+            (None, None, None) => Err(ConfigError::Invalid(format!(
+                "no API key: pass --api-key-file, set {API_KEY_ENV}, or set api_key_file \
+                 (or api_key) in the config file"
+            ))),
+        },
+    }
+}
+
+/// Reads an API key file: refused when other users may read or write it (mode
+/// `o+r` or `o+w`, as ssh refuses such a private key) — a key every local user can
+/// read is no better than one on the command line. One line; its trailing newline
+/// (and surrounding blanks) is not part of the key.
+pub fn read_key_file(path: &Path) -> Result<Secret, ConfigError> {
+    use std::os::unix::fs::PermissionsExt;
+    let read_err = |source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(read_err)?;
+    // The mode of the file opened, not of whatever the path names a moment later.
+    let mode = file.metadata().map_err(read_err)?.permissions().mode();
+    if mode & 0o006 != 0 {
+        return Err(ConfigError::Invalid(format!(
+            "API key file {} is accessible to every user (mode {:o}): chmod o-rwx it \
+             (0600 or 0640)",
+            path.display(),
+            mode & 0o777
+        )));
+    }
+    const MAX: u64 = 4096;
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut std::io::Read::take(file, MAX + 1), &mut text)
+        .map_err(read_err)?;
+    if text.len() as u64 > MAX {
+        return Err(ConfigError::Invalid(format!(
+            "API key file {} is larger than {MAX} bytes",
+            path.display()
+        )));
+    }
+    let key = text.trim();
+    if key.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(ConfigError::Invalid(format!(
+            "API key file {} must hold the key alone on one line",
+            path.display()
+        )));
+    }
+    Ok(Secret::new(key))
+}
+
+/// `metrics_listen`: plain HTTP (what Prometheus scrapes by default), so it is
+/// meant for loopback or a private network; the main port keeps `/metrics` behind
+/// the API key whether or not this is set.
+fn parse_metrics_listen(text: Option<String>) -> Result<Option<SocketAddr>, ConfigError> {
+    text.map(|t| {
+        t.parse()
+            .map_err(|_| ConfigError::Invalid(format!("metrics_listen {t:?} is not ADDR:PORT")))
+    })
+    .transpose()
+}
+
+/// `enrollment.max_clients`: the limiter's table bound (its memory: about 40 bytes
+/// a client).
+fn enroll_max_clients(value: Option<usize>) -> Result<usize, ConfigError> {
+    let n = value.unwrap_or(crate::ratelimit::DEFAULT_MAX_KEYS);
+    if !(1..=1_000_000).contains(&n) {
+        return Err(ConfigError::Invalid(
+            "enrollment.max_clients must be 1..1000000".into(),
+        ));
+    }
+    Ok(n)
 }
 
 #[cfg(test)]
@@ -560,6 +693,150 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("timeouts.body"), "{err}");
+    }
+
+    fn inputs() -> ApiKeyInputs {
+        ApiKeyInputs {
+            cli: None,
+            cli_key_file: None,
+            env: None,
+            file: None,
+            file_key_file: None,
+        }
+    }
+
+    /// Pretends every key file holds `file:<its path>`.
+    fn fake_read(path: &Path) -> Result<Secret, ConfigError> {
+        Ok(Secret::new(format!("file:{}", path.display())))
+    }
+
+    #[test]
+    fn api_key_precedence_is_command_line_then_environment_then_config_file() {
+        let all = || ApiKeyInputs {
+            cli: Some(Secret::new("cli")),
+            cli_key_file: None,
+            env: Some("env".into()),
+            file: Some("conf".into()),
+            file_key_file: None,
+        };
+        let pick = |i| {
+            let (k, src) = resolve_api_key(i, &fake_read).unwrap();
+            (k.expose().to_owned(), src)
+        };
+        assert_eq!(pick(all()), ("cli".into(), ApiKeySource::CommandLine));
+        let i = ApiKeyInputs {
+            cli: None,
+            cli_key_file: Some("/k".into()),
+            ..all()
+        };
+        assert_eq!(
+            pick(i),
+            ("file:/k".into(), ApiKeySource::CommandLineFile("/k".into()))
+        );
+        let i = ApiKeyInputs { cli: None, ..all() };
+        assert_eq!(pick(i), ("env".into(), ApiKeySource::Environment));
+        // An empty variable is no key (systemd's `Environment=NETPILOT_API_KEY=`).
+        let i = ApiKeyInputs {
+            cli: None,
+            env: Some(String::new()),
+            ..all()
+        };
+        assert_eq!(pick(i), ("conf".into(), ApiKeySource::ConfigFile));
+        let i = ApiKeyInputs {
+            file_key_file: Some("/c".into()),
+            ..inputs()
+        };
+        assert_eq!(
+            pick(i),
+            ("file:/c".into(), ApiKeySource::ConfigKeyFile("/c".into()))
+        );
+    }
+
+    #[test]
+    fn two_keys_in_one_place_are_refused() {
+        let i = ApiKeyInputs {
+            cli: Some(Secret::new("cli")),
+            cli_key_file: Some("/k".into()),
+            ..inputs()
+        };
+        let err = resolve_api_key(i, &fake_read).unwrap_err();
+        assert!(err.to_string().contains("not both"), "{err}");
+        let i = ApiKeyInputs {
+            file: Some("conf".into()),
+            file_key_file: Some("/c".into()),
+            ..inputs()
+        };
+        let err = resolve_api_key(i, &fake_read).unwrap_err();
+        assert!(err.to_string().contains("not both"), "{err}");
+    }
+
+    #[test]
+    fn key_files_are_trimmed_and_refused_when_others_may_read_them() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("np-relay-keyfile-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("key");
+        let write = |text: &str, mode: u32| {
+            std::fs::write(&path, text).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        };
+        write("key-from-file-0123456789\n", 0o600);
+        assert_eq!(
+            read_key_file(&path).unwrap().expose(),
+            "key-from-file-0123456789"
+        );
+        write("key-from-file-0123456789\r\n", 0o640);
+        assert_eq!(
+            read_key_file(&path).unwrap().expose(),
+            "key-from-file-0123456789"
+        );
+        for mode in [0o644, 0o602, 0o666] {
+            write("key-from-file-0123456789\n", mode);
+            let err = read_key_file(&path).unwrap_err().to_string();
+            assert!(err.contains("every user"), "{mode:o}: {err}");
+            assert!(!err.contains("key-from-file"), "{err}");
+        }
+        write("first-line-0123456789\nsecond-line\n", 0o600);
+        let err = read_key_file(&path).unwrap_err().to_string();
+        assert!(err.contains("one line"), "{err}");
+        write(&"k".repeat(5000), 0o600);
+        let err = read_key_file(&path).unwrap_err().to_string();
+        assert!(err.contains("larger"), "{err}");
+        let err = read_key_file(&dir.join("missing")).unwrap_err().to_string();
+        assert!(err.contains("missing"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn metrics_listen_is_optional_and_checked() {
+        let base = "api_key = \"0123456789abcdef\"\n";
+        let c = Config::parse_str(base, Path::new("x")).unwrap();
+        assert_eq!(c.metrics_listen, None);
+        let c = Config::parse_str(
+            &format!("{base}metrics_listen = \"127.0.0.1:9443\"\n"),
+            Path::new("x"),
+        )
+        .unwrap();
+        assert_eq!(c.metrics_listen, Some("127.0.0.1:9443".parse().unwrap()));
+        let err = Config::parse_str(
+            &format!("{base}metrics_listen = \"9443\"\n"),
+            Path::new("x"),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("metrics_listen"), "{err}");
+    }
+
+    #[test]
+    fn enrollment_table_bound_is_checked() {
+        let base = "api_key = \"0123456789abcdef\"\n[enrollment]\n";
+        let c = Config::parse_str(base, Path::new("x")).unwrap();
+        assert_eq!(c.enroll_max_clients, 10_000);
+        let c = Config::parse_str(&format!("{base}max_clients = 5\n"), Path::new("x")).unwrap();
+        assert_eq!(c.enroll_max_clients, 5);
+        for bad in ["max_clients = 0", "max_clients = 2000000"] {
+            let err = Config::parse_str(&format!("{base}{bad}\n"), Path::new("x")).unwrap_err();
+            assert!(err.to_string().contains("max_clients"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod http;
 pub mod link_registry;
 pub mod metrics;
 pub mod peer_limits;
+pub mod metrics_http;
 pub mod ratelimit;
 pub mod recent_reports;
 pub mod report;
@@ -41,6 +42,8 @@ pub struct Ready {
     pub addr: std::net::SocketAddr,
     pub fingerprint: String,
     pub cert_path: std::path::PathBuf,
+    /// Where `metrics_listen` bound, when it is set.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// Opens the registry and TLS identity, then serves `listener` until `shutdown`.
@@ -73,15 +76,33 @@ pub async fn run(
     )?);
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "listening");
+    let metrics = match state.config.metrics_listen {
+        Some(at) => {
+            let l = metrics_http::bind(at).await?;
+            let bound = l.local_addr()?;
+            tracing::info!(addr = %bound, "serving /metrics without the API key");
+            let task = tokio::spawn(metrics_http::serve(
+                state.clone(),
+                l,
+                state.config.timeouts.handshake,
+            ));
+            Some((bound, task))
+        }
+        None => None,
+    };
 
     let sweeper = tokio::spawn(sweep(state.clone()));
     on_ready(Ready {
         addr,
         fingerprint: tls.fingerprint,
         cert_path: tls.cert_path,
+        metrics_addr: metrics.as_ref().map(|(a, _)| *a),
     });
     server::serve(state, listener, tls.config, shutdown).await;
     sweeper.abort();
+    if let Some((_, task)) = metrics {
+        task.abort();
+    }
     Ok(())
 }
 

@@ -4,17 +4,20 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use netpilot_relay::config::{CliOverrides, Config, Secret, API_KEY_ENV};
+use netpilot_relay::config::{ApiKeySource, CliOverrides, Config, Secret, API_KEY_ENV};
 
 const USAGE: &str = "\
 usage: netpilot-relay serve [--config FILE] [--data-dir DIR] [--listen ADDR:PORT]
-                            [--api-key KEY] [--log FILTER]
+                            [--api-key-file FILE] [--log FILTER]
        netpilot-relay check-config --config FILE
        netpilot-relay --version
 
-The API key may also come from the NETPILOT_API_KEY environment variable.
-Once listening, one line goes to stdout:
-  listening <addr> fingerprint <sha256> cert <path>";
+The API key, first found wins: --api-key-file FILE (one line, not readable by
+other users), the NETPILOT_API_KEY environment variable, api_key_file or api_key
+in the config file. --api-key KEY works too but shows the key to every local
+user in ps; the relay warns when it is used.
+Once listening, one line goes to stdout (metrics only with metrics_listen):
+  listening <addr> fingerprint <sha256> cert <path> [metrics <addr>]";
 
 fn main() -> anyhow::Result<()> {
     let mut args = lexopt::Parser::from_env();
@@ -33,6 +36,7 @@ fn main() -> anyhow::Result<()> {
                 );
             }
             Long("api-key") => cli.api_key = Some(Secret::new(args.value()?.string()?)),
+            Long("api-key-file") => cli.api_key_file = Some(PathBuf::from(args.value()?)),
             Long("log") => cli.log = Some(args.value()?.string()?),
             Long("version") | Short('V') => {
                 println!("netpilot-relay {}", env!("CARGO_PKG_VERSION"));
@@ -65,6 +69,14 @@ fn serve(config: Config) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    if config.api_key_source == ApiKeySource::CommandLine {
+        tracing::warn!(
+            "the API key was given with --api-key: every local user can read it in ps or \
+             /proc; use --api-key-file, {API_KEY_ENV} or api_key_file in the config file"
+        );
+    } else {
+        tracing::info!(source = %config.api_key_source.describe(), "API key loaded");
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -79,13 +91,22 @@ fn serve(config: Config) -> anyhow::Result<()> {
             |ready| {
                 use std::io::Write;
                 let mut out = std::io::stdout().lock();
-                let _ = writeln!(
+                let _ = write!(
                     out,
                     "listening {} fingerprint {} cert {}",
                     ready.addr,
                     ready.fingerprint,
                     ready.cert_path.display()
                 );
+                // Last, so readers of the first four fields are unaffected.
+                match ready.metrics_addr {
+                    Some(m) => {
+                        let _ = writeln!(out, " metrics {m}");
+                    }
+                    None => {
+                        let _ = writeln!(out);
+                    }
+                }
                 let _ = out.flush();
             },
             shutdown_signal(),

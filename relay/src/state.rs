@@ -83,8 +83,11 @@ impl AppState {
             .map(|r| (r.id, RouterMeta::from(r)))
             .collect();
         let sessions = Sessions::new(config.timeouts.session_idle, config.timeouts.router_idle);
-        let limiter =
-            RateLimiter::new(config.enroll_per_minute, std::time::Duration::from_secs(60));
+        let limiter = RateLimiter::with_max_keys(
+            config.enroll_per_minute,
+            std::time::Duration::from_secs(60),
+            config.enroll_max_clients,
+        );
         Ok(AppState {
             config,
             store: Mutex::new(store),

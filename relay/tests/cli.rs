@@ -115,18 +115,25 @@ fn the_systemd_unit_is_hardened_and_its_command_line_is_valid() {
         text.replace("api_key_file = \"/etc/netpilot-relay/api-key\"\n", ""),
     )
     .unwrap();
+    // The key comes from a file systemd hands over, never from the command line.
+    assert!(!argv.iter().any(|a| a == "--api-key"), "{exec}");
+    assert!(keys["LoadCredential"][0].starts_with("api-key:"), "{unit}");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let key = dir.join("api-key");
+        std::fs::write(&key, "unit-test-key-0123456789\n").unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o400)).unwrap();
+    }
     let args: Vec<String> = argv[1..]
         .iter()
         .map(|a| {
             a.replace("/etc/netpilot-relay/relay.toml", config.to_str().unwrap())
                 .replace("${STATE_DIRECTORY}", dir.to_str().unwrap())
+                .replace("${CREDENTIALS_DIRECTORY}", dir.to_str().unwrap())
         })
         .collect();
-    let out = relay()
-        .args(&args)
-        .env("NETPILOT_API_KEY", "unit-test-key-0123456789")
-        .output()
-        .unwrap();
+    assert!(args.iter().any(|a| a.ends_with("/api-key")), "{args:?}");
+    let out = relay().args(&args).output().unwrap();
     assert!(
         out.status.success(),
         "{args:?}: {}",

@@ -26,8 +26,9 @@
 //!    admin list is read once, after the measurement, to confirm `online`, and the
 //!    RSS it costs is printed too.
 //!
-//! The relay and agent binaries are built first (`cargo build --release` of both),
-//! unless `NETPILOT_RELAY_BIN` and `NETPILOT_AGENT_BIN` name them. The open-file
+//! The relay and agent binaries are built first, as they ship (the agent
+//! `--release`, the relay `--profile relay`), unless `NETPILOT_RELAY_BIN` and
+//! `NETPILOT_AGENT_BIN` name them. The open-file
 //! limit is raised before the relay starts, so the relay inherits it.
 
 use std::future::Future;
@@ -722,26 +723,33 @@ fn ensure_binaries() -> anyhow::Result<()> {
         .join("..")
         .join("Cargo.toml");
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    println!("building netpilot-relay and netpilot-agent (release)…");
-    let status = Command::new(cargo)
-        .args([
-            "build",
-            "--release",
-            "--bin",
-            "netpilot-relay",
-            "--bin",
-            "netpilot-agent",
-            "--manifest-path",
-        ])
-        .arg(&manifest)
-        .arg("--target-dir")
-        .arg(&target_dir)
-        .status()
-        .context("cannot run cargo to build the binaries")?;
-    ensure!(
-        status.success(),
-        "building the relay and agent binaries failed"
-    );
+    // Each in its shipping profile: the relay's (`relay`, panic = "unwind") is not
+    // `release`, so its binary lands in <target>/relay and is named to the harness.
+    for (profile, bin) in [("release", "netpilot-agent"), ("relay", "netpilot-relay")] {
+        println!("building {bin} (profile {profile})…");
+        let status = Command::new(&cargo)
+            .args([
+                "build",
+                "--profile",
+                profile,
+                "--bin",
+                bin,
+                "--manifest-path",
+            ])
+            .arg(&manifest)
+            .arg("--target-dir")
+            .arg(&target_dir)
+            .status()
+            .context("cannot run cargo to build the binaries")?;
+        ensure!(status.success(), "building {bin} failed");
+    }
+    if std::env::var_os("NETPILOT_RELAY_BIN").is_none() {
+        // Still one thread: nothing reads the environment concurrently.
+        std::env::set_var(
+            "NETPILOT_RELAY_BIN",
+            target_dir.join("relay").join("netpilot-relay"),
+        );
+    }
     Ok(())
 }
 

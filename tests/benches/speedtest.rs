@@ -225,6 +225,7 @@ async fn scenario(one_way_ms: u64) -> anyhow::Result<Scenario> {
             api_key: Some(Secret::new(API_KEY)),
             listen: Some(addr),
             log: Some("warn".into()),
+            ..Default::default()
         },
         None,
     )?;

@@ -88,9 +88,19 @@ pub struct Relay {
     child: Option<Child>,
     pub addr: std::net::SocketAddr,
     pub fingerprint: String,
+    /// The plain-HTTP metrics listener, when the config sets `metrics_listen`.
+    pub metrics_addr: Option<std::net::SocketAddr>,
     pub data_dir: PathBuf,
     config_file: PathBuf,
+    launch: Launch,
     _dir: Arc<tempfile::TempDir>,
+}
+
+/// What [`Relay::start_with`] adds to the relay's command line and environment.
+#[derive(Default, Clone)]
+struct Launch {
+    args: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 /// Options for starting a relay; `config` is extra TOML appended to the file.
@@ -108,7 +118,30 @@ impl Relay {
         // Sections must come after top-level keys; callers pass whole sections.
         config.push_str(&opts.config);
         std::fs::write(&config_file, config)?;
-        Self::spawn(dir, data_dir, config_file, "127.0.0.1:0".parse()?).await
+        let launch = Launch::default();
+        Self::spawn(dir, data_dir, config_file, "127.0.0.1:0".parse()?, launch).await
+    }
+
+    /// A relay whose config file is `config` alone (no API key added: the caller
+    /// gives it in `config`, `args` or `env`), with `args` after the usual ones and
+    /// `env` set. For the tests of where the key may come from.
+    pub async fn start_with(
+        config: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Relay> {
+        let dir = Arc::new(tempfile::tempdir()?);
+        let data_dir = dir.path().join("relay");
+        let config_file = dir.path().join("relay.toml");
+        std::fs::write(&config_file, config)?;
+        let launch = Launch {
+            args: args.iter().map(|a| a.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        Self::spawn(dir, data_dir, config_file, "127.0.0.1:0".parse()?, launch).await
     }
 
     async fn spawn(
@@ -116,6 +149,7 @@ impl Relay {
         data_dir: PathBuf,
         config_file: PathBuf,
         listen: std::net::SocketAddr,
+        launch: Launch,
     ) -> anyhow::Result<Relay> {
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -132,6 +166,8 @@ impl Relay {
             .arg("--log")
             .arg(std::env::var("NETPILOT_TEST_LOG").unwrap_or_else(|_| "info".into()))
             .env_remove("NETPILOT_API_KEY")
+            .args(&launch.args)
+            .envs(launch.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
             .kill_on_drop(true)
@@ -143,22 +179,31 @@ impl Relay {
             .await
             .map_err(|_| anyhow!("relay did not report its address within 30 s"))??
             .ok_or_else(|| {
+                // The log goes with the temporary directory: say what it says.
+                let log = dir.path().join("relay.log");
                 anyhow!(
-                    "relay exited before listening; see {}",
-                    dir.path().join("relay.log").display()
+                    "relay exited before listening; {} says:\n{}",
+                    log.display(),
+                    std::fs::read_to_string(&log).unwrap_or_default()
                 )
             })?;
-        // listening <addr> fingerprint <fp> cert <path>
+        // listening <addr> fingerprint <fp> cert <path> [metrics <addr>]
         let parts: Vec<&str> = line.split_whitespace().collect();
         if parts.len() < 4 || parts[0] != "listening" {
             bail!("unexpected relay output: {line}");
         }
+        let metrics_addr = match line.rsplit_once(" metrics ") {
+            Some((_, m)) => Some(m.trim().parse()?),
+            None => None,
+        };
         Ok(Relay {
             child: Some(child),
             addr: parts[1].parse()?,
             fingerprint: parts[3].to_owned(),
+            metrics_addr,
             data_dir,
             config_file,
+            launch,
             _dir: dir,
         })
     }
@@ -196,6 +241,7 @@ impl Relay {
             self.data_dir.clone(),
             self.config_file.clone(),
             self.addr,
+            self.launch.clone(),
         )
         .await?;
         *self = again;
@@ -541,10 +587,25 @@ impl Client {
         fingerprint: &str,
         key: &str,
     ) -> anyhow::Result<Client> {
-        let sender = h2_connect(addr, fingerprint).await?;
+        let sender = h2_connect(addr, fingerprint, None).await?;
         Ok(Client {
             sender: Arc::new(Mutex::new(sender)),
             key: Some(key.to_owned()),
+        })
+    }
+
+    /// A client whose connection comes from `source` (any of 127.0.0.0/8 is this
+    /// host), so the relay sees several clients on one machine.
+    pub async fn connect_from(
+        source: std::net::IpAddr,
+        addr: std::net::SocketAddr,
+        fingerprint: &str,
+        key: Option<&str>,
+    ) -> anyhow::Result<Client> {
+        let sender = h2_connect(addr, fingerprint, Some(source)).await?;
+        Ok(Client {
+            sender: Arc::new(Mutex::new(sender)),
+            key: key.map(str::to_owned),
         })
     }
 
@@ -614,13 +675,25 @@ impl Client {
 async fn h2_connect(
     addr: std::net::SocketAddr,
     fingerprint: &str,
+    source: Option<std::net::IpAddr>,
 ) -> anyhow::Result<SendRequest<Full<Bytes>>> {
     let tls = netpilot_agent::link::tls::client_config(
         &netpilot_agent::link::tls::Trust::Fingerprint(fingerprint.to_owned()),
     )?;
     let mut cfg = (*tls).clone();
     cfg.alpn_protocols = vec![b"h2".to_vec()];
-    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let tcp = match source {
+        None => tokio::net::TcpStream::connect(addr).await?,
+        Some(ip) => {
+            let socket = if ip.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()?
+            } else {
+                tokio::net::TcpSocket::new_v6()?
+            };
+            socket.bind(std::net::SocketAddr::new(ip, 0))?;
+            socket.connect(addr).await?
+        }
+    };
     tcp.set_nodelay(true)?;
     let name = rustls_pki_types::ServerName::try_from("localhost")?;
     let stream = tokio_rustls::TlsConnector::from(Arc::new(cfg))

@@ -165,6 +165,45 @@ async fn enrollment_attempts_are_rate_limited() {
     assert_eq!(codes[3], (429, "RATE_LIMITED".to_owned()));
 }
 
+/// The limiter on the real relay counts each client address on its own, and its
+/// table is bounded: with room for two clients, both inside their minute, a third
+/// is refused at once (fail-closed) while the two keep their own allowance.
+#[tokio::test]
+async fn the_enrollment_limit_counts_each_client_and_its_table_is_bounded() {
+    let relay = Relay::start(RelayOptions {
+        config: "[enrollment]\nper_minute = 2\nmax_clients = 2\n".into(),
+    })
+    .await
+    .unwrap();
+    let from = |last: u8| {
+        let ip = std::net::IpAddr::from([127, 0, 0, last]);
+        netpilot_tests::Client::connect_from(ip, relay.addr, &relay.fingerprint, None)
+    };
+    let attempt = |c: netpilot_tests::Client| async move {
+        let r = c
+            .post("/agent/v1/enroll", json!({"token": "00".repeat(32)}))
+            .await
+            .unwrap();
+        (r.status, r.code().to_owned())
+    };
+    let invalid = (401, "TOKEN_INVALID".to_owned());
+    let limited = (429, "RATE_LIMITED".to_owned());
+    let a = from(2).await.unwrap();
+    let b = from(3).await.unwrap();
+    assert_eq!(attempt(a.clone()).await, invalid);
+    assert_eq!(attempt(a.clone()).await, invalid);
+    assert_eq!(attempt(a.clone()).await, limited);
+    // Another address is another client, with its own allowance.
+    assert_eq!(attempt(b.clone()).await, invalid);
+    // The table is full (two clients inside their minute): a newcomer is refused
+    // before its first attempt counts, on a new connection or not.
+    assert_eq!(attempt(from(4).await.unwrap()).await, limited);
+    assert_eq!(attempt(from(5).await.unwrap()).await, limited);
+    // Those already counted keep what they had.
+    assert_eq!(attempt(b.clone()).await, invalid);
+    assert_eq!(attempt(b).await, limited);
+}
+
 #[tokio::test]
 async fn re_enrollment_with_a_fresh_token_replaces_the_secret() {
     let relay = Relay::start(RelayOptions::default()).await.unwrap();

@@ -538,6 +538,7 @@ const RELAY_LAYERS: &[(&str, &[&str])] = &[
             "session_api",
             "speedtest",
             "agent_link",
+            "metrics_http",
         ],
     ),
     ("routing and serving", &["api", "server"]),

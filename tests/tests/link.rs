@@ -236,14 +236,22 @@ async fn the_newest_of_two_agents_with_one_identity_wins() {
     .unwrap_or_else(|e| panic!("{e}\n{}", relay.log()));
 }
 
+/// `/health` is for anyone; `/metrics` on the shared port needs the API key (a
+/// keyless scrape address is `metrics_listen`, tests/tests/operator.rs).
 #[tokio::test]
-async fn health_and_metrics_need_no_api_key() {
+async fn health_needs_no_api_key_and_metrics_needs_it() {
     let relay = Relay::start(RelayOptions::default()).await.unwrap();
-    let c = relay.client().await.unwrap().with_key(None);
+    let keyed = relay.client().await.unwrap();
+    let c = keyed.with_key(None);
     let r = c.get("/health").await.unwrap();
     assert_eq!(r.status, 200);
     assert_eq!(r.body["data"]["status"], json!("ok"));
-    let m = c.get("/metrics").await.unwrap();
+    for anon in [c.clone(), keyed.with_key(Some("not-the-key-0123456789"))] {
+        let m = anon.get("/metrics").await.unwrap();
+        assert_eq!((m.status, m.code()), (401, "UNAUTHORIZED"), "{}", m.body);
+        assert!(!String::from_utf8_lossy(&m.raw).contains("netpilot_"));
+    }
+    let m = keyed.get("/metrics").await.unwrap();
     assert_eq!(m.status, 200);
     let text = String::from_utf8_lossy(&m.raw);
     for name in [

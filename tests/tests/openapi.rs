@@ -660,7 +660,9 @@ fn document_is_well_formed() {
                     "{at}: {NOT_IMPLEMENTED_EXT}: false and a 501 response go together"
                 ));
             }
-            // The relay asks for the API key on /api/ only.
+            // /api/ operations inherit the API key; the others say what they need
+            // (`/metrics` names the key itself, `/health` and the agent endpoints
+            // other schemes or none).
             let overrides = op.get("security").is_some();
             if path.starts_with("/api/") == overrides {
                 errs.push(format!(
@@ -1474,7 +1476,9 @@ async fn server_answers_as_documented() -> anyhow::Result<()> {
     let r = anon.get("/health").await?;
     run.expect("GET", "/health", "no key", &r, 200, None);
     let r = anon.get("/metrics").await?;
-    run.expect("GET", "/metrics", "no key", &r, 200, None);
+    run.expect("GET", "/metrics", "no key", &r, 401, Some("UNAUTHORIZED"));
+    let r = c.get("/metrics").await?;
+    run.expect("GET", "/metrics", "key", &r, 200, None);
     if !String::from_utf8_lossy(&r.raw).contains("netpilot_connected_agents ") {
         run.fail("GET /metrics: no netpilot_connected_agents gauge".into());
     }

@@ -276,7 +276,7 @@ async fn main() -> anyhow::Result<()> {
         println!("export K='Authorization: Bearer {API_KEY}'");
         println!("curl --cacert {cert} -H \"$K\" '{url}/api/scan/router?sessionId={sid}&routerId={router_id}'");
         println!("curl --cacert {cert} -H \"$K\" {url}/api/admin/routers");
-        println!("curl --cacert {cert} {url}/metrics");
+        println!("curl --cacert {cert} -H \"$K\" {url}/metrics");
         tokio::signal::ctrl_c().await?;
     }
     let _ = stop_agent.send(());
