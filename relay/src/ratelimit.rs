@@ -1,4 +1,4 @@
-//! A fixed-window limiter per client, for enrollment attempts. A client is an IPv4
+//! A fixed-window limiter per client ([`AddrKey`]), for enrollment attempts. A client is an IPv4
 //! address or an IPv6 /64 (one customer's network: whoever holds one address of it
 //! holds them all), an IPv4-mapped IPv6 address counting as its IPv4 address.
 //!
@@ -10,45 +10,22 @@
 //! own allowance.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::IpAddr;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::peer_limits::AddrKey;
+
 /// Clients tracked at once by default: a few hundred KiB at most.
 pub const DEFAULT_MAX_KEYS: usize = 10_000;
-
-/// Who is counted: an IPv4 address, or the /64 an IPv6 address belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ClientKey {
-    V4([u8; 4]),
-    V6Prefix64([u8; 8]),
-}
-
-impl ClientKey {
-    pub fn of(ip: IpAddr) -> ClientKey {
-        match ip {
-            IpAddr::V4(v4) => ClientKey::V4(v4.octets()),
-            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) => ClientKey::V4(v4.octets()),
-                None => ClientKey::V6Prefix64(prefix64(&v6)),
-            },
-        }
-    }
-}
-
-fn prefix64(v6: &Ipv6Addr) -> [u8; 8] {
-    let mut p = [0u8; 8];
-    p.copy_from_slice(&v6.octets()[..8]);
-    p
-}
 
 pub struct RateLimiter {
     per_window: u32,
     window: Duration,
     max_keys: usize,
     /// Window start and attempts so far, per client.
-    seen: HashMap<ClientKey, (Instant, u32)>,
+    seen: HashMap<AddrKey, (Instant, u32)>,
     /// When the oldest window in `seen` ends: until then a full table has nothing to
     /// drop, so a flood of newcomers does not rescan it on every attempt.
     next_expiry: Option<Instant>,
@@ -72,7 +49,7 @@ impl RateLimiter {
     /// Counts an attempt; false when the client is over its limit, or is new while
     /// the table is full.
     pub fn allow(&mut self, ip: IpAddr, now: Instant) -> bool {
-        let key = ClientKey::of(ip);
+        let key = AddrKey::of(ip);
         if !self.seen.contains_key(&key) && self.seen.len() >= self.max_keys {
             self.drop_expired(now);
             if self.seen.len() >= self.max_keys {
@@ -133,12 +110,12 @@ mod tests {
     #[test]
     fn ipv6_is_keyed_by_its_64() {
         assert_eq!(
-            ClientKey::of(ip("2001:db8:1:2:aaaa::1")),
-            ClientKey::of(ip("2001:db8:1:2:ffff:ffff:ffff:ffff"))
+            AddrKey::of(ip("2001:db8:1:2:aaaa::1")),
+            AddrKey::of(ip("2001:db8:1:2:ffff:ffff:ffff:ffff"))
         );
         assert_ne!(
-            ClientKey::of(ip("2001:db8:1:2::1")),
-            ClientKey::of(ip("2001:db8:1:3::1"))
+            AddrKey::of(ip("2001:db8:1:2::1")),
+            AddrKey::of(ip("2001:db8:1:3::1"))
         );
         let t0 = Instant::now();
         let mut l = RateLimiter::new(2, MINUTE);
@@ -153,8 +130,8 @@ mod tests {
     #[test]
     fn ipv4_mapped_ipv6_counts_as_its_ipv4_address() {
         assert_eq!(
-            ClientKey::of(ip("::ffff:192.0.2.7")),
-            ClientKey::of(ip("192.0.2.7"))
+            AddrKey::of(ip("::ffff:192.0.2.7")),
+            AddrKey::of(ip("192.0.2.7"))
         );
         let t0 = Instant::now();
         let mut l = RateLimiter::new(1, MINUTE);
@@ -173,7 +150,7 @@ mod tests {
         }
         // A flood of new clients: all refused, the table stays at its bound.
         for i in 0..1000u32 {
-            let v6 = Ipv6Addr::from((0x2001_0db8_u128 << 96) | (u128::from(i) << 64));
+            let v6 = std::net::Ipv6Addr::from((0x2001_0db8_u128 << 96) | (u128::from(i) << 64));
             assert!(!l.allow(IpAddr::V6(v6), t0 + Duration::from_secs(1)));
         }
         assert_eq!(l.tracked(), 3);
