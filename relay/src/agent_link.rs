@@ -98,7 +98,10 @@ async fn run_link(
             .register(router_id, sender, version.clone(), state.clock.instant());
     state.metrics.link_connects.fetch_add(1, Ordering::Relaxed);
     if let Some(r) = replaced {
-        state.metrics.link_replacements.fetch_add(1, Ordering::Relaxed);
+        state
+            .metrics
+            .link_replacements
+            .fetch_add(1, Ordering::Relaxed);
         if r.warn {
             tracing::warn!(
                 replacements = r.recent,

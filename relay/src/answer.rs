@@ -139,7 +139,9 @@ mod tests {
     const JSON: Option<&str> = Some("application/json");
 
     fn err(code: &str) -> String {
-        format!(r#"{{"success":false,"error":{{"code":"{code}","message":"m"}},"meta":{{"duration_ms":1}}}}"#)
+        format!(
+            r#"{{"success":false,"error":{{"code":"{code}","message":"m"}},"meta":{{"duration_ms":1}}}}"#
+        )
     }
 
     #[test]

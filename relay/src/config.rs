@@ -376,8 +376,11 @@ pub struct ForwardLimits {
     pub export_max_bytes: u64,
     /// The longest the CSV export may take, from the call's start to its last byte.
     pub export_deadline: Duration,
-    /// Calls in flight to one router; one more is refused with 429 `ROUTER_BUSY`.
+    /// Calls in flight to one router; more wait for a slot.
     pub calls_per_router: usize,
+    /// Calls that may wait for one of a router's slots (within the command
+    /// timeout); one more is refused with 429 `ROUTER_BUSY`.
+    pub calls_queued_per_router: usize,
     /// Answer bytes held at once, all routers together; a call that would go over
     /// is answered 503 `RELAY_BUSY`.
     pub answer_budget_bytes: usize,
@@ -391,6 +394,7 @@ impl Default for ForwardLimits {
             export_max_bytes: 32 * 1024 * 1024,
             export_deadline: Duration::from_secs(120),
             calls_per_router: 16,
+            calls_queued_per_router: 256,
             answer_budget_bytes: 64 * 1024 * 1024,
         }
     }
@@ -404,6 +408,7 @@ struct FileForwarding {
     export_max_bytes: Option<u64>,
     export_deadline: Option<String>,
     calls_per_router: Option<usize>,
+    calls_queued_per_router: Option<usize>,
     answer_budget_bytes: Option<usize>,
 }
 
@@ -420,6 +425,9 @@ impl ForwardLimits {
                 d.export_deadline,
             )?,
             calls_per_router: f.calls_per_router.unwrap_or(d.calls_per_router),
+            calls_queued_per_router: f
+                .calls_queued_per_router
+                .unwrap_or(d.calls_queued_per_router),
             answer_budget_bytes: f.answer_budget_bytes.unwrap_or(d.answer_budget_bytes),
         };
         const MIB: usize = 1024 * 1024;
@@ -446,6 +454,11 @@ impl ForwardLimits {
         if !(1..=1024).contains(&l.calls_per_router) {
             return Err(ConfigError::Invalid(
                 "forwarding.calls_per_router must be 1..1024".into(),
+            ));
+        }
+        if l.calls_queued_per_router > 65_536 {
+            return Err(ConfigError::Invalid(
+                "forwarding.calls_queued_per_router must be 0..65536".into(),
             ));
         }
         // A budget below one answer would refuse every call of that size.
@@ -480,6 +493,7 @@ mod forwarding_tests {
             "export_max_bytes = 10",
             "export_deadline = \"2h\"",
             "calls_per_router = 0",
+            "calls_queued_per_router = 100000",
             "answer_budget_bytes = 1024",
         ] {
             let err = Config::parse_str(&format!("{base}{bad}\n"), Path::new("x")).unwrap_err();
@@ -625,6 +639,7 @@ mod tests {
         assert_eq!(c.listen.to_string(), "0.0.0.0:443");
         assert_eq!(c.timeouts.session_idle, Duration::from_secs(1800));
         assert_eq!(c.tls_names, vec!["relay.example.com".to_owned()]);
+        assert_eq!(c.forwarding, ForwardLimits::default());
     }
 
     #[test]

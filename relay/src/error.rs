@@ -66,8 +66,8 @@ pub enum ApiError {
     /// An upload went on past the relay's limit.
     #[error("speed-test transfer exceeded {0} ms")]
     SpeedtestTooLong(u128),
-    /// The router has its maximum of calls in flight.
-    #[error("router {0} has {1} calls in flight, its maximum; try again")]
+    /// The router has its maximum of calls in flight and of calls waiting.
+    #[error("router {0} has its maximum of {1} calls in flight and its queue is full; try again")]
     RouterBusy(String, usize),
     /// Router answers in flight hold the relay's whole answer budget.
     #[error("the relay holds its maximum of router answers in flight; try again")]

@@ -90,7 +90,8 @@ pub async fn router_call(
         .links
         .sender(router_id)
         .ok_or_else(|| ApiError::RouterOffline(router_id.to_string()))?;
-    let slot = take_slot(state, router_id)?;
+    let deadline = tokio::time::Instant::now() + state.config.timeouts.command;
+    let slot = take_slot(state, router_id, deadline).await?;
     let expect = answer::expect(route.route.pattern, &query, &state.config.forwarding);
     let fwd = Forward {
         method,
@@ -99,6 +100,7 @@ pub async fn router_call(
         session_id,
         user: &user,
         request_id: &ctx.request_id,
+        deadline,
     };
     // From here the call goes to the router: only these count as forwarded.
     let result = forward(state, sender, router_id, fwd, expect, slot, ctx).await;
@@ -112,14 +114,21 @@ pub async fn router_call(
     result
 }
 
-/// One of the router's call slots, or 429 `ROUTER_BUSY`.
-fn take_slot(state: &AppState, router_id: Uuid) -> Result<CallSlot, ApiError> {
-    state.call_slots.try_take(router_id).ok_or_else(|| {
-        ApiError::RouterBusy(
-            router_id.to_string(),
-            state.config.forwarding.calls_per_router,
-        )
-    })
+/// One of the router's call slots, waited for until `deadline` (then 408), or 429
+/// `ROUTER_BUSY` at once when its slots and its queue are full.
+async fn take_slot(
+    state: &AppState,
+    router_id: Uuid,
+    deadline: tokio::time::Instant,
+) -> Result<CallSlot, ApiError> {
+    let limits = &state.config.forwarding;
+    let ticket = state.call_slots.enter(router_id).ok_or_else(|| {
+        tracing::debug!(%router_id, "router busy; call refused");
+        ApiError::RouterBusy(router_id.to_string(), limits.calls_per_router)
+    })?;
+    tokio::time::timeout_at(deadline, ticket.slot())
+        .await
+        .map_err(|_| ApiError::CommandTimeout(state.config.timeouts.command.as_millis()))
 }
 
 /// Sends the call and turns the router's answer into the relay's: a checked
@@ -133,8 +142,8 @@ async fn forward(
     slot: CallSlot,
     ctx: &Ctx,
 ) -> Result<Response<Body>, ApiError> {
-    let deadline = tokio::time::Instant::now() + state.config.timeouts.command;
-    let (parts, body) = send(state, sender, router_id, fwd, deadline).await?;
+    let deadline = fwd.deadline;
+    let (parts, body) = send(state, sender, router_id, fwd).await?;
     let content_type = parts
         .headers
         .get(CONTENT_TYPE)
@@ -207,7 +216,8 @@ pub async fn agent_health(
         .links
         .sender(router_id)
         .ok_or_else(|| ApiError::RouterOffline(router_id.to_string()))?;
-    let _slot = take_slot(state, router_id)?;
+    let deadline = tokio::time::Instant::now() + state.config.timeouts.command;
+    let _slot = take_slot(state, router_id, deadline).await?;
     let fwd = Forward {
         method: Method::GET,
         target: "/api/agent/health".to_owned(),
@@ -215,9 +225,9 @@ pub async fn agent_health(
         session_id,
         user,
         request_id: &ctx.request_id,
+        deadline,
     };
-    let deadline = tokio::time::Instant::now() + state.config.timeouts.command;
-    let (parts, body) = send(state, sender, router_id, fwd, deadline).await?;
+    let (parts, body) = send(state, sender, router_id, fwd).await?;
     let cap = state.config.forwarding.answer_max_bytes;
     let mut charge = state.answer_budget.charge();
     let bytes = read_answer(state, body, cap, deadline, &mut charge, router_id).await?;
@@ -245,6 +255,8 @@ struct Forward<'a> {
     session_id: Uuid,
     user: &'a str,
     request_id: &'a str,
+    /// When the router's answer must be in (the command timeout from the start).
+    deadline: tokio::time::Instant,
 }
 
 async fn send(
@@ -252,8 +264,8 @@ async fn send(
     mut sender: LinkSender,
     router_id: Uuid,
     fwd: Forward<'_>,
-    deadline: tokio::time::Instant,
 ) -> Result<(http::Parts, Incoming), ApiError> {
+    let deadline = fwd.deadline;
     // Ids may come in the query with no body at all; then nothing is claimed JSON.
     let has_body = fwd.body.as_ref().is_some_and(|b| !b.is_empty());
     let mut builder = Request::builder()

@@ -136,8 +136,7 @@ impl Links {
         r.at.push_back(now);
         let recent = r.at.len();
         let warn = recent >= SUSPECT_AFTER
-            && r
-                .last_warned
+            && r.last_warned
                 .is_none_or(|t| now.saturating_duration_since(t) >= REPLACEMENT_WINDOW);
         if warn {
             r.last_warned = Some(now);

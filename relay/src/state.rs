@@ -89,7 +89,10 @@ impl AppState {
         let sessions = Sessions::new(config.timeouts.session_idle, config.timeouts.router_idle);
         let limiter =
             RateLimiter::new(config.enroll_per_minute, std::time::Duration::from_secs(60));
-        let call_slots = CallSlots::new(config.forwarding.calls_per_router);
+        let call_slots = CallSlots::new(
+            config.forwarding.calls_per_router,
+            config.forwarding.calls_queued_per_router,
+        );
         let answer_budget = AnswerBudget::new(config.forwarding.answer_budget_bytes);
         Ok(AppState {
             call_slots,

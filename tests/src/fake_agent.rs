@@ -173,7 +173,10 @@ pub fn streamed(
 }
 
 /// Given chunks in order, then as [`streamed`].
-pub fn chunks(list: Vec<Bytes>, hold: Option<Pin<Box<dyn Future<Output = ()> + Send>>>) -> FakeBody {
+pub fn chunks(
+    list: Vec<Bytes>,
+    hold: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+) -> FakeBody {
     Script {
         chunks: list.into(),
         repeat: Bytes::new(),

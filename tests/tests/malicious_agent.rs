@@ -55,12 +55,16 @@ async fn rig(
     .await
     .unwrap();
     let router = relay.enrolled_router("alice").await.unwrap();
-    let agent = FakeAgent::start(&relay, &router, move |parts: hyper::http::request::Parts| {
-        if parts.uri.path() == "/api/agent/health" {
-            return Box::pin(async { health() }) as FakeFuture;
-        }
-        handler(parts)
-    })
+    let agent = FakeAgent::start(
+        &relay,
+        &router,
+        move |parts: hyper::http::request::Parts| {
+            if parts.uri.path() == "/api/agent/health" {
+                return Box::pin(async { health() }) as FakeFuture;
+            }
+            handler(parts)
+        },
+    )
     .await
     .unwrap();
     let session = Session::start(&relay.client().await.unwrap(), "alice", &router.router_id)
@@ -93,7 +97,13 @@ async fn six_huge_answers_get_502_and_the_relay_stays_small() {
     let (relay, _router, _agent, session) = rig("", move |_| {
         let chunk = chunk.clone();
         // 31 MiB with no length announced: the relay finds out by reading.
-        Box::pin(async move { answer(200, Some("application/json"), streamed(chunk, 31 * MIB, None)) })
+        Box::pin(async move {
+            answer(
+                200,
+                Some("application/json"),
+                streamed(chunk, 31 * MIB, None),
+            )
+        })
     })
     .await;
     let pid = relay.pid().unwrap();
@@ -114,7 +124,12 @@ async fn six_huge_answers_get_502_and_the_relay_stays_small() {
             .collect();
         for c in calls {
             let r = c.await.unwrap();
-            assert_eq!((r.status, r.code()), (502, "BAD_AGENT_RESPONSE"), "{}", r.body);
+            assert_eq!(
+                (r.status, r.code()),
+                (502, "BAD_AGENT_RESPONSE"),
+                "{}",
+                r.body
+            );
             assert!(r.body["error"]["message"]
                 .as_str()
                 .unwrap()
@@ -137,9 +152,13 @@ async fn six_huge_answers_get_502_and_the_relay_stays_small() {
     }
     // Nothing stays charged to the budget.
     let c = relay.client().await.unwrap();
-    eventually(Duration::from_secs(5), "answer budget back to 0", || async {
-        (metric(&metrics(&c).await, "netpilot_answer_bytes_in_flight") == Some(0)).then_some(())
-    })
+    eventually(
+        Duration::from_secs(5),
+        "answer budget back to 0",
+        || async {
+            (metric(&metrics(&c).await, "netpilot_answer_bytes_in_flight") == Some(0)).then_some(())
+        },
+    )
     .await
     .unwrap();
 }
@@ -180,7 +199,9 @@ async fn a_20_mib_csv_export_streams_through_intact() {
     let pid = relay.pid().unwrap();
     assert_eq!(session.get("/api/wifi/status").await.status, 200);
     let (before, _) = rss_kib(pid);
-    let r = session.get("/api/device-usage/history?format=csv&days=7").await;
+    let r = session
+        .get("/api/device-usage/history?format=csv&days=7")
+        .await;
     let (now, peak) = rss_kib(pid);
     assert_eq!(r.status, 200);
     assert_eq!(
@@ -221,7 +242,11 @@ async fn a_csv_export_is_cut_past_its_cap_or_deadline() {
                 } else if q.contains("days=2") {
                     // 64 KiB, then nothing, forever.
                     let hold = Box::pin(std::future::pending::<()>());
-                    answer(200, Some("text/csv"), streamed(chunk, 64 * 1024, Some(hold)))
+                    answer(
+                        200,
+                        Some("text/csv"),
+                        streamed(chunk, 64 * 1024, Some(hold)),
+                    )
                 } else {
                     // The cap is the export's, not a JSON answer's: 900 KiB passes.
                     answer(200, Some("text/csv"), streamed(chunk, 900 * 1024, None))
@@ -240,7 +265,10 @@ async fn a_csv_export_is_cut_past_its_cap_or_deadline() {
     let over = c
         .get(&session.q("/api/device-usage/history?format=csv&days=1"))
         .await;
-    assert!(over.is_err(), "an export over its cap arrived whole: {over:?}");
+    assert!(
+        over.is_err(),
+        "an export over its cap arrived whole: {over:?}"
+    );
 
     let started = std::time::Instant::now();
     let stalled = tokio::time::timeout(
@@ -249,16 +277,23 @@ async fn a_csv_export_is_cut_past_its_cap_or_deadline() {
     )
     .await
     .expect("a stalled export was not cut");
-    assert!(stalled.is_err(), "a stalled export ended cleanly: {stalled:?}");
+    assert!(
+        stalled.is_err(),
+        "a stalled export ended cleanly: {stalled:?}"
+    );
     println!("stalled export cut after {:?}", started.elapsed());
 
     // The relay still serves, and nothing stays charged.
     assert_eq!(c.get("/health").await.unwrap().status, 200);
     let log = relay.log();
     assert!(log.contains("CSV export cut"), "{log}");
-    eventually(Duration::from_secs(5), "answer budget back to 0", || async {
-        (metric(&metrics(c).await, "netpilot_answer_bytes_in_flight") == Some(0)).then_some(())
-    })
+    eventually(
+        Duration::from_secs(5),
+        "answer budget back to 0",
+        || async {
+            (metric(&metrics(c).await, "netpilot_answer_bytes_in_flight") == Some(0)).then_some(())
+        },
+    )
     .await
     .unwrap();
 }
@@ -296,7 +331,12 @@ async fn the_relay_speaks_for_itself() {
         ("/api/dns/categories", "envelope"),
     ] {
         let r = session.get(path).await;
-        assert_eq!((r.status, r.code()), (502, "BAD_AGENT_RESPONSE"), "{path}: {}", r.body);
+        assert_eq!(
+            (r.status, r.code()),
+            (502, "BAD_AGENT_RESPONSE"),
+            "{path}: {}",
+            r.body
+        );
         assert!(
             r.body["error"]["message"].as_str().unwrap().contains(why),
             "{path}: {}",
@@ -324,15 +364,18 @@ async fn the_relay_speaks_for_itself() {
 async fn calls_in_flight_per_router_are_limited() {
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let held = gate.clone();
-    let (relay, _router, agent, session) = rig("[forwarding]\ncalls_per_router = 2\n", move |parts| {
-        let gate = held.clone();
-        Box::pin(async move {
-            if parts.uri.path() == "/api/scan" {
-                gate.acquire().await.unwrap().forget();
-            }
-            ok_envelope()
-        })
-    })
+    let (relay, _router, agent, session) = rig(
+        "[forwarding]\ncalls_per_router = 2\ncalls_queued_per_router = 0\n",
+        move |parts| {
+            let gate = held.clone();
+            Box::pin(async move {
+                if parts.uri.path() == "/api/scan" {
+                    gate.acquire().await.unwrap().forget();
+                }
+                ok_envelope()
+            })
+        },
+    )
     .await;
     let before = agent.calls.load(Ordering::SeqCst);
     let held_calls: Vec<_> = (0..2)
@@ -341,9 +384,11 @@ async fn calls_in_flight_per_router_are_limited() {
             tokio::spawn(async move { s.get("/api/scan").await })
         })
         .collect();
-    eventually(Duration::from_secs(10), "two calls at the router", || async {
-        (agent.calls.load(Ordering::SeqCst) == before + 2).then_some(())
-    })
+    eventually(
+        Duration::from_secs(10),
+        "two calls at the router",
+        || async { (agent.calls.load(Ordering::SeqCst) == before + 2).then_some(()) },
+    )
     .await
     .unwrap();
     // The third is refused before it reaches the router.
@@ -352,7 +397,10 @@ async fn calls_in_flight_per_router_are_limited() {
     assert_relay_json(&r);
     assert_eq!(agent.calls.load(Ordering::SeqCst), before + 2);
     let m = metrics(&session.client).await;
-    assert!(!m.contains("status=\"429\""), "a refused call counted as forwarded:\n{m}");
+    assert!(
+        !m.contains("status=\"429\""),
+        "a refused call counted as forwarded:\n{m}"
+    );
     gate.add_permits(16);
     for c in held_calls {
         assert_eq!(c.await.unwrap().status, 200);
@@ -407,9 +455,13 @@ async fn answers_in_flight_share_one_budget() {
         let r = h.await.unwrap();
         assert_eq!((r.status, r.code()), (502, "BAD_AGENT_RESPONSE"));
     }
-    eventually(Duration::from_secs(5), "answer budget back to 0", || async {
-        (metric(&metrics(c).await, "netpilot_answer_bytes_in_flight") == Some(0)).then_some(())
-    })
+    eventually(
+        Duration::from_secs(5),
+        "answer budget back to 0",
+        || async {
+            (metric(&metrics(c).await, "netpilot_answer_bytes_in_flight") == Some(0)).then_some(())
+        },
+    )
     .await
     .unwrap();
 }
@@ -445,7 +497,10 @@ async fn forwarded_metrics_count_only_calls_sent_to_the_router() {
         .unwrap();
     assert_eq!(r.status, 400);
     let after = metrics(&c).await;
-    assert!(!after.contains(route), "relay-side refusals counted:\n{after}");
+    assert!(
+        !after.contains(route),
+        "relay-side refusals counted:\n{after}"
+    );
     // Still counted as errors, by code.
     assert!(after.contains("netpilot_errors_total{code=\"FORBIDDEN\"} 1\n"));
     assert_eq!(alice.get("/api/scan/router").await.status, 200);
@@ -455,7 +510,9 @@ async fn forwarded_metrics_count_only_calls_sent_to_the_router() {
         "{after}"
     );
     assert_eq!(
-        after.matches("netpilot_forwarded_requests_total{route=\"/api/scan/router\"").count(),
+        after
+            .matches("netpilot_forwarded_requests_total{route=\"/api/scan/router\"")
+            .count(),
         1
     );
 }
@@ -472,7 +529,13 @@ async fn a_wrong_secret_never_learns_that_a_router_was_revoked() {
         .unwrap();
     assert_eq!(r.status, 200);
     let wrong = "0".repeat(64);
-    let refusal = |r: Reply| (r.status, r.code().to_owned(), r.body["error"]["message"].clone());
+    let refusal = |r: Reply| {
+        (
+            r.status,
+            r.code().to_owned(),
+            r.body["error"]["message"].clone(),
+        )
+    };
     let on_revoked = fake_agent::connect(&relay, &revoked.router_id, &wrong)
         .await
         .unwrap()
@@ -495,7 +558,10 @@ async fn a_wrong_secret_never_learns_that_a_router_was_revoked() {
         let ep = netpilot_tests::relay_endpoint(&relay, &revoked, secret);
         let mut s = ep.http1().await.unwrap();
         let req = ep
-            .request(hyper::Method::GET, netpilot_proto::link::SPEEDTEST_PING_PATH)
+            .request(
+                hyper::Method::GET,
+                netpilot_proto::link::SPEEDTEST_PING_PATH,
+            )
             .body(netpilot_agent::link::dial::RelayBody::empty())
             .unwrap();
         let status = s.send_request(req).await.unwrap().status().as_u16();
@@ -532,9 +598,12 @@ async fn two_agents_on_one_identity_show_in_the_admin_view() {
         .unwrap();
     assert_eq!(view(c.get(&path).await.unwrap().body), (0, false));
 
-    let _second = Agent::start(&EnrolledRouter::at(&router.router_id, &copy), &["--simulate"])
-        .await
-        .unwrap();
+    let _second = Agent::start(
+        &EnrolledRouter::at(&router.router_id, &copy),
+        &["--simulate"],
+    )
+    .await
+    .unwrap();
     let (n, _) = eventually(Duration::from_secs(20), "a suspected duplicate", || async {
         let v = view(c.get(&path).await.unwrap().body);
         v.1.then_some(v)
@@ -543,9 +612,18 @@ async fn two_agents_on_one_identity_show_in_the_admin_view() {
     .unwrap();
     assert!(n >= 3, "{n}");
     let m = metrics(&c).await;
-    assert!(metric(&m, "netpilot_link_replacements_total").unwrap() >= 3, "{m}");
+    assert!(
+        metric(&m, "netpilot_link_replacements_total").unwrap() >= 3,
+        "{m}"
+    );
     let log = relay.log();
-    assert!(log.contains("two agents probably use one identity"), "{log}");
+    assert!(
+        log.contains("two agents probably use one identity"),
+        "{log}"
+    );
     // Rate-limited: one warning for the minute, however often they flap.
-    assert_eq!(log.matches("two agents probably use one identity").count(), 1);
+    assert_eq!(
+        log.matches("two agents probably use one identity").count(),
+        1
+    );
 }
