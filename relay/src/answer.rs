@@ -92,7 +92,7 @@ pub fn check(status: u16, content_type: Option<&str>, body: &[u8]) -> Result<(),
     if !mime(content_type).eq_ignore_ascii_case("application/json") {
         return Err(format!(
             "content type {:?} is not application/json",
-            content_type.unwrap_or("")
+            truncate(content_type.unwrap_or(""))
         ));
     }
     let shape: Shape =

@@ -4,10 +4,9 @@
 //! answer budget and passed back only if it is an envelope the agent may send
 //! (`answer`); the CSV export streams through under its own cap and deadline.
 
-use std::sync::Arc;
-
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
@@ -86,12 +85,13 @@ pub async fn router_call(
         target.push('?');
         target.push_str(&ser.finish());
     }
+    let deadline = tokio::time::Instant::now() + state.config.timeouts.command;
+    let slot = take_slot(state, router_id, deadline).await?;
+    // Looked up once a slot is ours: the link may have been replaced while waiting.
     let sender = state
         .links
         .sender(router_id)
         .ok_or_else(|| ApiError::RouterOffline(router_id.to_string()))?;
-    let deadline = tokio::time::Instant::now() + state.config.timeouts.command;
-    let slot = take_slot(state, router_id, deadline).await?;
     let expect = answer::expect(route.route.pattern, &query, &state.config.forwarding);
     let fwd = Forward {
         method,
@@ -212,12 +212,12 @@ pub async fn agent_health(
     user: &str,
     ctx: &Ctx,
 ) -> Result<Value, ApiError> {
+    let deadline = tokio::time::Instant::now() + state.config.timeouts.command;
+    let _slot = take_slot(state, router_id, deadline).await?;
     let sender = state
         .links
         .sender(router_id)
         .ok_or_else(|| ApiError::RouterOffline(router_id.to_string()))?;
-    let deadline = tokio::time::Instant::now() + state.config.timeouts.command;
-    let _slot = take_slot(state, router_id, deadline).await?;
     let fwd = Forward {
         method: Method::GET,
         target: "/api/agent/health".to_owned(),
