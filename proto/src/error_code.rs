@@ -173,6 +173,47 @@ error_codes! {
         HeadersTooLarge = "HEADERS_TOO_LARGE" => 431,
         /// A request target (path and query) over the relay's length cap.
         UriTooLong = "URI_TOO_LONG" => 414,
+        /// The router has the relay's maximum of calls in flight; try again (relay).
+        RouterBusy = "ROUTER_BUSY" => 429,
+        /// The relay holds its maximum of router answer bytes in flight, all routers
+        /// together; try again (relay).
+        RelayBusy = "RELAY_BUSY" => 503,
+        /// The router answered something the relay does not pass on: not an envelope,
+        /// too large, a code only the relay may send, or a status that is not its
+        /// code's (relay).
+        BadAgentResponse = "BAD_AGENT_RESPONSE" => 502,
+    }
+}
+
+impl ErrorCode {
+    /// Whether an agent may answer a forwarded call with this code. The others speak
+    /// for the relay (authentication, sessions, the link, its own limits): a router
+    /// that sends one is pretending to be the relay, and the relay does not pass it on.
+    /// A new code is the agent's unless listed here.
+    pub const fn agent_may_send(self) -> bool {
+        !matches!(
+            self,
+            ErrorCode::Unauthorized
+                | ErrorCode::SessionInvalid
+                | ErrorCode::Forbidden
+                | ErrorCode::RouterNotFound
+                | ErrorCode::CommandTimeout
+                | ErrorCode::RouterOffline
+                | ErrorCode::UnsupportedMediaType
+                | ErrorCode::RateLimited
+                | ErrorCode::TokenInvalid
+                | ErrorCode::TokenExpired
+                | ErrorCode::TokenUsed
+                | ErrorCode::RouterRevoked
+                | ErrorCode::BadGateway
+                | ErrorCode::SpeedtestTimeout
+                | ErrorCode::RouterBusy
+                | ErrorCode::RelayBusy
+                | ErrorCode::BadAgentResponse
+                | ErrorCode::BodyTimeout
+                | ErrorCode::HeadersTooLarge
+                | ErrorCode::UriTooLong
+        )
     }
 }
 
@@ -226,6 +267,31 @@ mod tests {
         assert_eq!(ErrorCode::parse("NO_SUCH_CODE"), None);
         assert_eq!(ErrorCode::parse("invalid_parameter"), None);
         assert!(serde_json::from_str::<ErrorCode>("\"NO_SUCH_CODE\"").is_err());
+    }
+
+    #[test]
+    fn the_relay_speaks_for_itself() {
+        for c in [
+            ErrorCode::Unauthorized,
+            ErrorCode::SessionInvalid,
+            ErrorCode::Forbidden,
+            ErrorCode::RouterRevoked,
+            ErrorCode::RouterOffline,
+            ErrorCode::BadAgentResponse,
+        ] {
+            assert!(!c.agent_may_send(), "{c}");
+        }
+        // Codes the agent does send (SPEEDTEST_BUSY: the relay refused its test).
+        for c in [
+            ErrorCode::InvalidParameter,
+            ErrorCode::NotFound,
+            ErrorCode::Internal,
+            ErrorCode::SpeedtestBusy,
+            ErrorCode::InvalidMac,
+            ErrorCode::NotImplemented,
+        ] {
+            assert!(c.agent_may_send(), "{c}");
+        }
     }
 
     #[test]

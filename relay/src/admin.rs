@@ -187,6 +187,10 @@ struct RouterView<'a> {
     enrolled_at: Option<String>,
     revoked: bool,
     revoked_at: Option<String>,
+    /// How often the router's live link was replaced by a new one in the last
+    /// minute; from three on, two agents probably share its identity.
+    link_replacements: usize,
+    duplicate_identity_suspected: bool,
     /// The latest agent reports (`POST /agent/v1/report`), newest first; in memory,
     /// so empty after a relay restart. Only in the one-router view: a list of many
     /// routers stays small.
@@ -212,6 +216,7 @@ struct RouterList<'a> {
 
 fn view<'a>(state: &AppState, r: &'a RouterRow) -> RouterView<'a> {
     let link = state.links.info(r.id);
+    let replaced = state.links.replacements(r.id, state.clock.instant());
     RouterView {
         router_id: r.id,
         name: &r.name,
@@ -234,6 +239,8 @@ fn view<'a>(state: &AppState, r: &'a RouterRow) -> RouterView<'a> {
         enrolled_at: r.enrolled_at.map(http::rfc3339_ms),
         revoked: r.revoked_at.is_some(),
         revoked_at: r.revoked_at.map(http::rfc3339_ms),
+        link_replacements: replaced.recent,
+        duplicate_identity_suspected: replaced.duplicate_identity_suspected,
         recent_reports: None,
     }
 }

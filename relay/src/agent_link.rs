@@ -92,8 +92,23 @@ async fn run_link(
             return;
         }
     };
-    let (generation, closed_by_relay) = state.links.register(router_id, sender, version.clone());
+    let (generation, closed_by_relay, replaced) =
+        state
+            .links
+            .register(router_id, sender, version.clone(), state.clock.instant());
     state.metrics.link_connects.fetch_add(1, Ordering::Relaxed);
+    if let Some(r) = replaced {
+        state
+            .metrics
+            .link_replacements
+            .fetch_add(1, Ordering::Relaxed);
+        if r.warn {
+            tracing::warn!(
+                replacements = r.recent,
+                "this router's link keeps replacing a live one: two agents probably use one identity (a copied state directory?)"
+            );
+        }
+    }
     touch(&state, router_id, Some(&version));
     tracing::info!("agent link up");
     // Boxed: the connection future is large and lives as long as the link.

@@ -37,7 +37,7 @@ pub async fn handle(
     );
     async move {
         let result = dispatch(&state, req, peer, &ctx).await;
-        let resp = match result {
+        let mut resp = match result {
             Ok(resp) => resp,
             Err(err) => {
                 let code = err.code();
@@ -53,6 +53,12 @@ pub async fn handle(
                 http::error(&err, &ctx)
             }
         };
+        // Every answer, the relay's own and the routers' it passes on: browsers take
+        // the content type as given, never guess HTML from a body.
+        resp.headers_mut().insert(
+            hyper::header::X_CONTENT_TYPE_OPTIONS,
+            hyper::header::HeaderValue::from_static("nosniff"),
+        );
         Ok(resp)
     }
     .instrument(span)
@@ -140,16 +146,8 @@ async fn dispatch(
             )))
         }
     };
-    let pattern = route.route.pattern;
-    let result = forward::router_call(state, req, route, ctx).await;
-    let status = match &result {
-        Ok(r) => r.status(),
-        Err(e) => e.status(),
-    };
-    state
-        .metrics
-        .record_forward(pattern, status.as_u16(), ctx.started.elapsed());
-    result
+    // Counted in the forwarded-call metrics only once sent to the router.
+    forward::router_call(state, req, route, ctx).await
 }
 
 /// Most header bytes a request may carry, counted as HTTP/2 counts a header list

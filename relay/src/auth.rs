@@ -37,7 +37,9 @@ pub fn check_api_key(req: &Request<Incoming>, key: &Secret) -> Result<(), ApiErr
 /// Who is calling an agent endpoint (the link, reports, speed tests): the router id
 /// header and the router secret as a bearer token, checked against what `lookup`
 /// knows of that router. Records the router id on the request span. A malformed id
-/// is 400, an unknown router or wrong secret 401, a revoked router 403.
+/// is 400, an unknown router or wrong secret 401, a revoked router 403 — but only
+/// to the holder of its secret: whether a router was revoked is told to no one
+/// else, so a wrong secret gets the same 401 for a revoked router as for a live one.
 pub fn authenticate_router(
     req: &Request<Incoming>,
     lookup: impl FnOnce(Uuid) -> Option<RouterMeta>,
@@ -51,12 +53,12 @@ pub fn authenticate_router(
     tracing::Span::current().record("router_id", tracing::field::display(router_id));
     let secret = bearer(req).ok_or(ApiError::Unauthorized)?;
     let meta = lookup(router_id).ok_or(ApiError::Unauthorized)?;
-    if meta.revoked {
-        return Err(ApiError::RouterRevoked);
-    }
     let stored = meta.secret_hash.ok_or(ApiError::Unauthorized)?;
     if !ct_eq(&sha256(secret.as_bytes()), &stored) {
         return Err(ApiError::Unauthorized);
+    }
+    if meta.revoked {
+        return Err(ApiError::RouterRevoked);
     }
     connection_authenticated(req);
     Ok(router_id)

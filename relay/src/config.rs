@@ -134,6 +134,8 @@ pub struct Config {
     /// presented a valid credential; authenticated connections never count.
     pub max_unauthenticated_per_address: usize,
     pub speedtest: SpeedtestLimits,
+    /// What router answers may cost the relay (`[forwarding]`).
+    pub forwarding: ForwardLimits,
     /// `tracing` filter, e.g. `info` or `netpilot_relay=debug`.
     pub log: String,
     /// Where the API key came from; `serve` warns when it was the command line.
@@ -173,6 +175,8 @@ struct FileConfig {
     enrollment: FileEnrollment,
     #[serde(default)]
     limits: FileLimits,
+    #[serde(default)]
+    forwarding: FileForwarding,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -381,6 +385,7 @@ impl Config {
             max_connections,
             max_unauthenticated_per_address,
             speedtest,
+            forwarding: ForwardLimits::from_file(file.forwarding)?,
             log: cli.log.or(file.log).unwrap_or_else(|| "info".to_owned()),
             api_key_source,
             metrics_listen,
@@ -388,6 +393,147 @@ impl Config {
         })
     }
 }
+
+// ---- [forwarding]: what a router's answers may cost the relay (issue 15, items 3-4).
+
+/// What one router's answers, and all of them together, may cost the relay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwardLimits {
+    /// The most a JSON answer may hold; it is read whole to be checked.
+    pub answer_max_bytes: usize,
+    /// The same for the routes that list devices or usage history.
+    pub list_answer_max_bytes: usize,
+    /// The most the usage-history CSV export may stream through.
+    pub export_max_bytes: u64,
+    /// The longest the CSV export may take, from the call's start to its last byte.
+    pub export_deadline: Duration,
+    /// Calls in flight to one router; more wait for a slot.
+    pub calls_per_router: usize,
+    /// Calls that may wait for one of a router's slots (within the command
+    /// timeout); one more is refused with 429 `ROUTER_BUSY`.
+    pub calls_queued_per_router: usize,
+    /// Answer bytes held at once, all routers together; a call that would go over
+    /// is answered 503 `RELAY_BUSY`.
+    pub answer_budget_bytes: usize,
+}
+
+impl Default for ForwardLimits {
+    fn default() -> Self {
+        ForwardLimits {
+            answer_max_bytes: 1024 * 1024,
+            list_answer_max_bytes: 8 * 1024 * 1024,
+            export_max_bytes: 32 * 1024 * 1024,
+            export_deadline: Duration::from_secs(120),
+            calls_per_router: 16,
+            calls_queued_per_router: 256,
+            answer_budget_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileForwarding {
+    answer_max_bytes: Option<usize>,
+    list_answer_max_bytes: Option<usize>,
+    export_max_bytes: Option<u64>,
+    export_deadline: Option<String>,
+    calls_per_router: Option<usize>,
+    calls_queued_per_router: Option<usize>,
+    answer_budget_bytes: Option<usize>,
+}
+
+impl ForwardLimits {
+    fn from_file(f: FileForwarding) -> Result<ForwardLimits, ConfigError> {
+        let d = ForwardLimits::default();
+        let l = ForwardLimits {
+            answer_max_bytes: f.answer_max_bytes.unwrap_or(d.answer_max_bytes),
+            list_answer_max_bytes: f.list_answer_max_bytes.unwrap_or(d.list_answer_max_bytes),
+            export_max_bytes: f.export_max_bytes.unwrap_or(d.export_max_bytes),
+            export_deadline: duration(
+                "forwarding.export_deadline",
+                f.export_deadline,
+                d.export_deadline,
+            )?,
+            calls_per_router: f.calls_per_router.unwrap_or(d.calls_per_router),
+            calls_queued_per_router: f
+                .calls_queued_per_router
+                .unwrap_or(d.calls_queued_per_router),
+            answer_budget_bytes: f.answer_budget_bytes.unwrap_or(d.answer_budget_bytes),
+        };
+        const MIB: usize = 1024 * 1024;
+        if !(16 * 1024..=64 * MIB).contains(&l.answer_max_bytes) {
+            return Err(ConfigError::Invalid(
+                "forwarding.answer_max_bytes must be 16 KiB..64 MiB".into(),
+            ));
+        }
+        if !(l.answer_max_bytes..=64 * MIB).contains(&l.list_answer_max_bytes) {
+            return Err(ConfigError::Invalid(
+                "forwarding.list_answer_max_bytes must be answer_max_bytes..64 MiB".into(),
+            ));
+        }
+        if !(64 * 1024..=1024 * MIB as u64).contains(&l.export_max_bytes) {
+            return Err(ConfigError::Invalid(
+                "forwarding.export_max_bytes must be 64 KiB..1 GiB".into(),
+            ));
+        }
+        if l.export_deadline > Duration::from_secs(3600) {
+            return Err(ConfigError::Invalid(
+                "forwarding.export_deadline must be at most 1h".into(),
+            ));
+        }
+        if !(1..=1024).contains(&l.calls_per_router) {
+            return Err(ConfigError::Invalid(
+                "forwarding.calls_per_router must be 1..1024".into(),
+            ));
+        }
+        if l.calls_queued_per_router > 65_536 {
+            return Err(ConfigError::Invalid(
+                "forwarding.calls_queued_per_router must be 0..65536".into(),
+            ));
+        }
+        // A budget below one answer would refuse every call of that size.
+        if !(l.list_answer_max_bytes..=16 * 1024 * MIB).contains(&l.answer_budget_bytes) {
+            return Err(ConfigError::Invalid(
+                "forwarding.answer_budget_bytes must be list_answer_max_bytes..16 GiB".into(),
+            ));
+        }
+        Ok(l)
+    }
+}
+
+#[cfg(test)]
+mod forwarding_tests {
+    use super::*;
+
+    #[test]
+    fn forwarding_limits_default_and_validate() {
+        let base = "api_key = \"0123456789abcdef\"\n[forwarding]\n";
+        let c = Config::parse_str(base, Path::new("x")).unwrap();
+        assert_eq!(c.forwarding, ForwardLimits::default());
+        let c = Config::parse_str(
+            &format!("{base}answer_max_bytes = 65536\nlist_answer_max_bytes = 131072\nexport_max_bytes = 1048576\nexport_deadline = \"5s\"\ncalls_per_router = 2\nanswer_budget_bytes = 262144\n"),
+            Path::new("x"),
+        )
+        .unwrap();
+        assert_eq!(c.forwarding.calls_per_router, 2);
+        assert_eq!(c.forwarding.export_deadline, Duration::from_secs(5));
+        for bad in [
+            "answer_max_bytes = 10",
+            "list_answer_max_bytes = 1024",
+            "export_max_bytes = 10",
+            "export_deadline = \"2h\"",
+            "calls_per_router = 0",
+            "calls_queued_per_router = 100000",
+            "answer_budget_bytes = 1024",
+        ] {
+            let err = Config::parse_str(&format!("{base}{bad}\n"), Path::new("x")).unwrap_err();
+            assert!(err.to_string().contains("forwarding."), "{bad}: {err}");
+        }
+    }
+}
+
+// ---- end of [forwarding]
 
 fn parse_file(path: &Path) -> Result<FileConfig, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -659,6 +805,7 @@ mod tests {
         assert_eq!(c.listen.to_string(), "0.0.0.0:443");
         assert_eq!(c.timeouts.session_idle, Duration::from_secs(1800));
         assert_eq!(c.tls_names, vec!["relay.example.com".to_owned()]);
+        assert_eq!(c.forwarding, ForwardLimits::default());
         assert_eq!(c.timeouts.h2_idle, Duration::from_secs(60));
         assert_eq!(c.max_unauthenticated_per_address, 64);
     }

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use http_body_util::Either;
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::sync::watch;
 
@@ -70,26 +71,50 @@ impl ActivityWatch {
 }
 
 /// A response body that holds its call's guard until the body is done.
-pub struct Tracked<B> {
-    inner: B,
+pub struct Tracked {
+    inner: crate::http::Body,
     _call: CallGuard,
 }
 
-impl<B> Tracked<B> {
-    pub fn new(inner: B, call: CallGuard) -> Tracked<B> {
+impl Tracked {
+    pub fn new(inner: crate::http::Body, call: CallGuard) -> Tracked {
         Tracked { inner, _call: call }
     }
 }
 
-impl<B: Body + Unpin> Body for Tracked<B> {
-    type Data = B::Data;
-    type Error = B::Error;
+/// Why a tracked body ended early (a cut stream). A named error polled out of each
+/// side by hand, not `Either`'s own boxed-error impl: hyper's bound on that boxed
+/// error inside the spawned connection task trips the compiler's higher-ranked
+/// lifetime check ("implementation of `From` is not general enough").
+#[derive(Debug)]
+pub struct BodyCut(crate::http::BoxError);
+
+impl std::fmt::Display for BodyCut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for BodyCut {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.0)
+    }
+}
+
+impl Body for Tracked {
+    type Data = bytes::Bytes;
+    type Error = BodyCut;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+        match &mut self.get_mut().inner {
+            Either::Left(full) => Pin::new(full)
+                .poll_frame(cx)
+                .map_err(|never| match never {}),
+            Either::Right(stream) => Pin::new(stream).poll_frame(cx).map_err(BodyCut),
+        }
     }
 
     fn is_end_stream(&self) -> bool {
@@ -124,7 +149,7 @@ mod tests {
     async fn a_tracked_body_holds_its_call_until_dropped() {
         let (activity, mut watch) = Activity::new();
         let body = Tracked::new(
-            http_body_util::Full::new(bytes::Bytes::from_static(b"x")),
+            crate::http::full(bytes::Bytes::from_static(b"x")),
             activity.begin(),
         );
         let r = tokio::time::timeout(

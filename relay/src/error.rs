@@ -66,6 +66,15 @@ pub enum ApiError {
     /// An upload went on past the relay's limit.
     #[error("speed-test transfer exceeded {0} ms")]
     SpeedtestTooLong(u128),
+    /// The router has its maximum of calls in flight and of calls waiting.
+    #[error("router {0} has its maximum of {1} calls in flight and its queue is full; try again")]
+    RouterBusy(String, usize),
+    /// Router answers in flight hold the relay's whole answer budget.
+    #[error("the relay holds its maximum of router answers in flight; try again")]
+    RelayBusy,
+    /// The router answered something the relay does not pass on.
+    #[error("router sent an answer the relay does not pass on: {0}")]
+    BadAgentResponse(String),
     /// Anything else; details are logged, not sent.
     #[error("internal error")]
     Internal(String),
@@ -105,6 +114,9 @@ impl ApiError {
             SpeedtestRunning => ErrorCode::SpeedtestRunning,
             SpeedtestBusy(_) => ErrorCode::SpeedtestBusy,
             SpeedtestTooLong(_) => ErrorCode::SpeedtestTimeout,
+            RouterBusy(..) => ErrorCode::RouterBusy,
+            RelayBusy => ErrorCode::RelayBusy,
+            BadAgentResponse(_) => ErrorCode::BadAgentResponse,
             Internal(_) => ErrorCode::Internal,
             BodyTimeout(_) => ErrorCode::BodyTimeout,
             HeadersTooLarge(_) => ErrorCode::HeadersTooLarge,

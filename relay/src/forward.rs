@@ -1,26 +1,30 @@
-//! Forwarding a router operation: session and ownership checks, then one h2 stream
-//! on the router's link, bounded by the command timeout. The agent's answer is
-//! passed back as it is; the relay never makes one up.
+//! Forwarding a router operation: session and ownership checks, a slot among the
+//! router's calls in flight, then one h2 stream on the router's link, bounded by the
+//! command timeout. The agent's answer is read under its route's cap and the relay's
+//! answer budget and passed back only if it is an envelope the agent may send
+//! (`answer`); the CSV export streams through under its own cap and deadline.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
+use bytes::{Bytes, BytesMut};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body as _, Frame, Incoming};
 use hyper::header::CONTENT_TYPE;
-use hyper::{Method, Request, Response};
+use hyper::{Method, Request, Response, StatusCode};
 use netpilot_proto::link::{HEADER_REQUEST_ID, HEADER_SESSION_ID, HEADER_USER_ID};
 use netpilot_proto::routes::RouteMatch;
 use serde_json::Value;
 use uuid::Uuid;
 
+use crate::answer::{self, Expect};
 use crate::error::ApiError;
 use crate::http::{self, Args, Body, Ctx};
+use crate::inflight::{CallSlot, Charge};
 use crate::link_registry::LinkSender;
 use crate::state::AppState;
-
-/// The most a router's answer may hold (CSV exports are the largest).
-const MAX_RESPONSE_BYTES: usize = 32 * 1024 * 1024;
 
 pub async fn router_call(
     state: &Arc<AppState>,
@@ -82,10 +86,14 @@ pub async fn router_call(
         target.push('?');
         target.push_str(&ser.finish());
     }
+    let deadline = tokio::time::Instant::now() + state.config.timeouts.command;
+    let slot = take_slot(state, router_id, deadline).await?;
+    // Looked up once a slot is ours: the link may have been replaced while waiting.
     let sender = state
         .links
         .sender(router_id)
         .ok_or_else(|| ApiError::RouterOffline(router_id.to_string()))?;
+    let expect = answer::expect(route.route.pattern, &query, &state.config.forwarding);
     let fwd = Forward {
         method,
         target,
@@ -93,13 +101,92 @@ pub async fn router_call(
         session_id,
         user: &user,
         request_id: &ctx.request_id,
+        deadline,
     };
-    let (parts, bytes) = send(state, sender, router_id, fwd).await?;
-    let mut resp = Response::builder().status(parts.status);
-    if let Some(ct) = parts.headers.get(CONTENT_TYPE) {
-        resp = resp.header(CONTENT_TYPE, ct);
-    }
-    resp.header(HEADER_REQUEST_ID, &ctx.request_id)
+    // From here the call goes to the router: only these count as forwarded.
+    let result = forward(state, sender, router_id, fwd, expect, slot, ctx).await;
+    let status = match &result {
+        Ok(r) => r.status(),
+        Err(e) => e.status(),
+    };
+    state
+        .metrics
+        .record_forward(route.route.pattern, status.as_u16(), ctx.started.elapsed());
+    result
+}
+
+/// One of the router's call slots, waited for until `deadline` (then 408), or 429
+/// `ROUTER_BUSY` at once when its slots and its queue are full.
+async fn take_slot(
+    state: &AppState,
+    router_id: Uuid,
+    deadline: tokio::time::Instant,
+) -> Result<CallSlot, ApiError> {
+    let limits = &state.config.forwarding;
+    let ticket = state.call_slots.enter(router_id).ok_or_else(|| {
+        tracing::debug!(%router_id, "router busy; call refused");
+        ApiError::RouterBusy(router_id.to_string(), limits.calls_per_router)
+    })?;
+    tokio::time::timeout_at(deadline, ticket.slot())
+        .await
+        .map_err(|_| ApiError::CommandTimeout(state.config.timeouts.command.as_millis()))
+}
+
+/// Sends the call and turns the router's answer into the relay's: a checked
+/// envelope, or the CSV export streamed through.
+async fn forward(
+    state: &Arc<AppState>,
+    sender: LinkSender,
+    router_id: Uuid,
+    fwd: Forward<'_>,
+    expect: Expect,
+    slot: CallSlot,
+    ctx: &Ctx,
+) -> Result<Response<Body>, ApiError> {
+    let deadline = fwd.deadline;
+    let (parts, body) = send(state, sender, router_id, fwd).await?;
+    let content_type = parts
+        .headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    let status = parts.status.as_u16();
+    let resp = Response::builder().header(HEADER_REQUEST_ID, &ctx.request_id);
+    let cap = match expect {
+        Expect::Export {
+            cap,
+            deadline: export_deadline,
+            ..
+        } if answer::is_csv(status, content_type) => {
+            let body = ExportBody {
+                inner: body,
+                sent: 0,
+                cap,
+                deadline: Box::pin(tokio::time::sleep_until(ctx.started + export_deadline)),
+                charge: state.answer_budget.charge(),
+                router_id,
+                _slot: slot,
+            };
+            return resp
+                .status(StatusCode::OK)
+                .header(CONTENT_TYPE, answer::CSV)
+                .body(http::fallible_stream(body))
+                .map_err(|e| ApiError::Internal(e.to_string()));
+        }
+        Expect::Export { error_cap, .. } => error_cap,
+        Expect::Json { cap } => cap,
+    };
+    let mut charge = state.answer_budget.charge();
+    let bytes = read_answer(state, body, cap, deadline, &mut charge, router_id).await?;
+    answer::check(status, content_type, &bytes).map_err(|why| {
+        tracing::warn!(%router_id, status, %why, "router answer not passed on");
+        ApiError::BadAgentResponse(why)
+    })?;
+    // The budget counts an answer while the relay reads it; once checked it is
+    // handed to hyper, which sends it at the web app's pace.
+    drop(charge);
+    drop(slot);
+    resp.status(parts.status)
+        .header(CONTENT_TYPE, "application/json")
         .body(http::full(bytes))
         .map_err(|e| ApiError::Internal(e.to_string()))
 }
@@ -126,6 +213,8 @@ pub async fn agent_health(
     user: &str,
     ctx: &Ctx,
 ) -> Result<Value, ApiError> {
+    let deadline = tokio::time::Instant::now() + state.config.timeouts.command;
+    let _slot = take_slot(state, router_id, deadline).await?;
     let sender = state
         .links
         .sender(router_id)
@@ -137,8 +226,18 @@ pub async fn agent_health(
         session_id,
         user,
         request_id: &ctx.request_id,
+        deadline,
     };
-    let (parts, bytes) = send(state, sender, router_id, fwd).await?;
+    let (parts, body) = send(state, sender, router_id, fwd).await?;
+    let cap = state.config.forwarding.answer_max_bytes;
+    let mut charge = state.answer_budget.charge();
+    let bytes = read_answer(state, body, cap, deadline, &mut charge, router_id).await?;
+    let content_type = parts
+        .headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    answer::check(parts.status.as_u16(), content_type, &bytes)
+        .map_err(ApiError::BadAgentResponse)?;
     if !parts.status.is_success() {
         return Err(ApiError::BadGateway(format!(
             "health check answered {}",
@@ -157,6 +256,8 @@ struct Forward<'a> {
     session_id: Uuid,
     user: &'a str,
     request_id: &'a str,
+    /// When the router's answer must be in (the command timeout from the start).
+    deadline: tokio::time::Instant,
 }
 
 async fn send(
@@ -164,7 +265,8 @@ async fn send(
     mut sender: LinkSender,
     router_id: Uuid,
     fwd: Forward<'_>,
-) -> Result<(http::Parts, Bytes), ApiError> {
+) -> Result<(http::Parts, Incoming), ApiError> {
+    let deadline = fwd.deadline;
     // Ids may come in the query with no body at all; then nothing is claimed JSON.
     let has_body = fwd.body.as_ref().is_some_and(|b| !b.is_empty());
     let mut builder = Request::builder()
@@ -183,38 +285,137 @@ async fn send(
     let req = builder
         .body(Full::new(fwd.body.unwrap_or_default()))
         .map_err(|e| ApiError::InvalidParameter(format!("cannot forward: {e}")))?;
-    let timeout = state.config.timeouts.command;
     let call = async {
         sender.ready().await?;
         let resp = sender.send_request(req).await?;
-        let (parts, body) = resp.into_parts();
-        Ok::<_, hyper::Error>((parts, body))
+        Ok::<_, hyper::Error>(resp.into_parts())
     };
-    let deadline = tokio::time::Instant::now() + timeout;
-    let (parts, body) = match tokio::time::timeout_at(deadline, call).await {
-        Err(_) => return Err(ApiError::CommandTimeout(timeout.as_millis())),
+    match tokio::time::timeout_at(deadline, call).await {
+        Err(_) => Err(ApiError::CommandTimeout(
+            state.config.timeouts.command.as_millis(),
+        )),
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "link failed during the call");
-            return Err(ApiError::RouterOffline(router_id.to_string()));
+            Err(ApiError::RouterOffline(router_id.to_string()))
         }
-        Ok(Ok(r)) => r,
+        Ok(Ok(r)) => Ok(r),
+    }
+}
+
+/// Reads a router's answer whole, at most `cap` bytes by `deadline`, each chunk
+/// charged to the relay's answer budget as it arrives.
+async fn read_answer(
+    state: &AppState,
+    mut body: Incoming,
+    cap: usize,
+    deadline: tokio::time::Instant,
+    charge: &mut Charge,
+    router_id: Uuid,
+) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        tracing::warn!(%router_id, cap, "router answer over its cap; not passed on");
+        ApiError::BadAgentResponse(format!("answer larger than {cap} bytes"))
     };
-    let bytes =
-        match tokio::time::timeout_at(deadline, Limited::new(body, MAX_RESPONSE_BYTES).collect())
-            .await
-        {
-            Err(_) => return Err(ApiError::CommandTimeout(timeout.as_millis())),
-            Ok(Err(e)) => {
-                if e.downcast_ref::<http_body_util::LengthLimitError>()
-                    .is_some()
-                {
-                    return Err(ApiError::BadGateway(format!(
-                        "answer larger than {MAX_RESPONSE_BYTES} bytes"
-                    )));
-                }
+    // A declared length over the cap is refused before a byte is read; a fitting
+    // one sizes the buffer (never above the cap, whatever is declared).
+    let declared = body.size_hint().exact();
+    if declared.is_some_and(|n| n > cap as u64) {
+        return Err(too_large());
+    }
+    let mut buf = BytesMut::with_capacity(declared.unwrap_or(0) as usize);
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) => {
+                return Err(ApiError::CommandTimeout(
+                    state.config.timeouts.command.as_millis(),
+                ))
+            }
+            Ok(None) => break,
+            Ok(Some(Err(e))) => {
+                tracing::debug!(error = %e, "link failed while reading the answer");
                 return Err(ApiError::RouterOffline(router_id.to_string()));
             }
-            Ok(Ok(c)) => c.to_bytes(),
+            Ok(Some(Ok(frame))) => frame,
         };
-    Ok((parts, bytes))
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers carry nothing the relay passes on
+        };
+        if buf.len() + data.len() > cap {
+            return Err(too_large());
+        }
+        if !charge.add(data.len()) {
+            tracing::warn!(%router_id, "answer budget exhausted; call refused");
+            return Err(ApiError::RelayBusy);
+        }
+        buf.extend_from_slice(&data);
+    }
+    Ok(buf.freeze())
+}
+
+/// Why a streamed export was cut.
+#[derive(Debug, thiserror::Error)]
+enum ExportCut {
+    #[error("export larger than {0} bytes")]
+    TooLarge(u64),
+    #[error("export past its deadline")]
+    Deadline,
+    #[error("the relay's answer budget is exhausted")]
+    Budget,
+    #[error("link failed during the export: {0}")]
+    Link(String),
+}
+
+/// The CSV export as it streams from the router to the web app: the router's
+/// body, cut (an error, so the client sees a reset, never a short file taken for
+/// a whole one) past its cap or deadline. Holds the call's slot to its end, and
+/// of the answer budget only the chunk being handed on: hyper asks for the next
+/// chunk only as the web app's flow control lets it go.
+struct ExportBody {
+    inner: Incoming,
+    sent: u64,
+    cap: u64,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    charge: Charge,
+    router_id: Uuid,
+    _slot: CallSlot,
+}
+
+impl hyper::body::Body for ExportBody {
+    type Data = Bytes;
+    type Error = ExportCut;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ExportCut>>> {
+        let this = self.get_mut();
+        // Asked for the next chunk: the previous one has been handed on.
+        this.charge.release();
+        let cut = |this: &ExportBody, why: ExportCut| {
+            tracing::warn!(router_id = %this.router_id, sent = this.sent, error = %why, "CSV export cut");
+            Poll::Ready(Some(Err(why)))
+        };
+        if this.deadline.as_mut().poll(cx).is_ready() {
+            return cut(this, ExportCut::Deadline);
+        }
+        loop {
+            let frame = match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Ready(Some(Err(e))) => return cut(this, ExportCut::Link(e.to_string())),
+                Poll::Ready(Some(Ok(frame))) => frame,
+            };
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            this.sent += data.len() as u64;
+            if this.sent > this.cap {
+                return cut(this, ExportCut::TooLarge(this.cap));
+            }
+            if !this.charge.add(data.len()) {
+                return cut(this, ExportCut::Budget);
+            }
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+    }
 }

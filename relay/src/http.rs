@@ -21,10 +21,15 @@ use uuid::Uuid;
 use crate::error::ApiError;
 
 /// Every relay response body: a whole buffer, or a stream made as it is sent (the
-/// speed test's download). The one place that decides what a handler may answer
-/// with. Buffers stay unboxed: every forwarded call answers with one, and boxing
-/// would cost an allocation per call; only a stream pays for its box.
-pub type Body = Either<Full<Bytes>, BoxBody<Bytes, Infallible>>;
+/// speed test's download, the usage CSV export passed through). The one place that
+/// decides what a handler may answer with. Buffers stay unboxed: every forwarded
+/// call answers with one, and boxing would cost an allocation per call; only a
+/// stream pays for its box. A stream may fail: hyper then resets the HTTP/2 stream
+/// (or closes the HTTP/1.1 connection before the last chunk), so a cut stream is
+/// never taken for a whole one.
+pub type Body = Either<Full<Bytes>, BoxBody<Bytes, BoxError>>;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A response body from bytes held in memory.
 pub fn full(bytes: impl Into<Bytes>) -> Body {
@@ -37,7 +42,16 @@ pub fn stream<B>(body: B) -> Body
 where
     B: hyper::body::Body<Data = Bytes, Error = Infallible> + Send + Sync + 'static,
 {
-    Either::Right(BoxBody::new(body))
+    Either::Right(BoxBody::new(body.map_err(|never| match never {})))
+}
+
+/// A response body produced frame by frame that may end in an error (cut).
+pub fn fallible_stream<B>(body: B) -> Body
+where
+    B: hyper::body::Body<Data = Bytes> + Send + Sync + 'static,
+    B::Error: Into<BoxError>,
+{
+    Either::Right(BoxBody::new(body.map_err(Into::into)))
 }
 pub use hyper::http::response::Parts;
 

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod agent_link;
+pub mod answer;
 pub mod api;
 pub mod auth;
 pub mod config;
@@ -11,10 +12,11 @@ pub mod enroll;
 pub mod error;
 pub mod forward;
 pub mod http;
+pub mod inflight;
 pub mod link_registry;
 pub mod metrics;
-pub mod peer_limits;
 pub mod metrics_http;
+pub mod peer_limits;
 pub mod ratelimit;
 pub mod recent_reports;
 pub mod report;

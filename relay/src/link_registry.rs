@@ -2,11 +2,17 @@
 //! entered by the task that runs the link (`agent_link`) and looked up by every
 //! forwarded call. Registration is guarded by a generation number so the cleanup of
 //! a replaced link never removes the link that replaced it.
+//!
+//! Newest wins; but two agents with one identity (a copied state directory) replace
+//! each other over and over. The registry remembers, per router, when its live link
+//! was replaced, so that pattern shows: counted, warned about, and in the admin view.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
+
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -29,6 +35,51 @@ struct Entry {
 pub struct Links {
     map: Mutex<HashMap<Uuid, Entry>>,
     next_generation: AtomicU64,
+    /// Routers whose live link was replaced recently; only those have an entry.
+    replaced: Mutex<HashMap<Uuid, Replacements>>,
+}
+
+/// Replacements within this window count towards a suspected duplicate identity.
+pub const REPLACEMENT_WINDOW: Duration = Duration::from_secs(60);
+/// This many replacements within the window: two agents probably share an identity
+/// (one agent that lost its connection replaces a dead link now and then, not
+/// three times a minute).
+pub const SUSPECT_AFTER: usize = 3;
+
+#[derive(Default)]
+struct Replacements {
+    /// When the router's live link was replaced, oldest first, within the window.
+    at: VecDeque<Instant>,
+    last_warned: Option<Instant>,
+}
+
+impl Replacements {
+    fn prune(&mut self, now: Instant) {
+        while self
+            .at
+            .front()
+            .is_some_and(|t| now.saturating_duration_since(*t) >= REPLACEMENT_WINDOW)
+        {
+            self.at.pop_front();
+        }
+    }
+}
+
+/// What registering a link that replaced a live one tells the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Replaced {
+    /// Replacements of this router's link within the window, this one included.
+    pub recent: usize,
+    /// Suspected duplicate identity, and no warning about it within the window:
+    /// warn now (so the log gets one line a minute, not one per flap).
+    pub warn: bool,
+}
+
+/// The admin view of a router's replacements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ReplacementInfo {
+    pub recent: usize,
+    pub duplicate_identity_suspected: bool,
 }
 
 /// What the admin list shows about a live link.
@@ -40,13 +91,15 @@ pub struct LinkInfo {
 
 impl Links {
     /// Registers a new link; an older link of the same router is closed (newest wins).
-    /// Returns the generation to pass to [`Links::remove`] and the close signal.
+    /// Returns the generation to pass to [`Links::remove`], the close signal, and
+    /// whether a live link was replaced.
     pub fn register(
         &self,
         router: Uuid,
         sender: LinkSender,
         agent_version: String,
-    ) -> (u64, oneshot::Receiver<()>) {
+        now: Instant,
+    ) -> (u64, oneshot::Receiver<()>, Option<Replaced>) {
         let generation = self.next_generation.fetch_add(1, Ordering::Relaxed) + 1;
         let (tx, rx) = oneshot::channel();
         let old = self.map.lock().expect("links lock").insert(
@@ -59,12 +112,49 @@ impl Links {
                 close: Some(tx),
             },
         );
+        let mut replaced = None;
         if let Some(mut old) = old {
+            // A link already dead (its agent reconnected first) is not two agents.
+            if !old.sender.is_closed() {
+                replaced = Some(self.note_replacement(router, now));
+            }
             if let Some(close) = old.close.take() {
                 let _ = close.send(());
             }
         }
-        (generation, rx)
+        (generation, rx, replaced)
+    }
+
+    fn note_replacement(&self, router: Uuid, now: Instant) -> Replaced {
+        let mut replaced = self.replaced.lock().expect("replacements lock");
+        // Forget routers that have been quiet for a window, so the map stays small.
+        replaced.retain(|_, r| {
+            r.prune(now);
+            !r.at.is_empty()
+        });
+        let r = replaced.entry(router).or_default();
+        r.at.push_back(now);
+        let recent = r.at.len();
+        let warn = recent >= SUSPECT_AFTER
+            && r.last_warned
+                .is_none_or(|t| now.saturating_duration_since(t) >= REPLACEMENT_WINDOW);
+        if warn {
+            r.last_warned = Some(now);
+        }
+        Replaced { recent, warn }
+    }
+
+    /// How often the router's live link was replaced within the window before `now`.
+    pub fn replacements(&self, router: Uuid, now: Instant) -> ReplacementInfo {
+        let mut replaced = self.replaced.lock().expect("replacements lock");
+        let recent = replaced.get_mut(&router).map_or(0, |r| {
+            r.prune(now);
+            r.at.len()
+        });
+        ReplacementInfo {
+            recent,
+            duplicate_identity_suspected: recent >= SUSPECT_AFTER,
+        }
     }
 
     /// Removes the link if it is still the given generation.
@@ -131,5 +221,57 @@ impl Links {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repeated_replacements_are_suspected_and_warned_once_a_window() {
+        let links = Links::default();
+        let r = Uuid::new_v4();
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        assert_eq!(
+            links.note_replacement(r, at(0)),
+            Replaced {
+                recent: 1,
+                warn: false
+            }
+        );
+        links.note_replacement(r, at(10));
+        assert!(!links.replacements(r, at(11)).duplicate_identity_suspected);
+        assert_eq!(
+            links.note_replacement(r, at(20)),
+            Replaced {
+                recent: 3,
+                warn: true
+            }
+        );
+        assert_eq!(
+            links.replacements(r, at(21)),
+            ReplacementInfo {
+                recent: 3,
+                duplicate_identity_suspected: true
+            }
+        );
+        // Still flapping: counted, not warned again within the window.
+        assert!(!links.note_replacement(r, at(30)).warn);
+        assert!(!links.note_replacement(r, at(70)).warn);
+        assert_eq!(
+            links.note_replacement(r, at(82)),
+            Replaced {
+                recent: 3,
+                warn: true
+            }
+        );
+        // Quiet for a window: forgotten.
+        assert_eq!(links.replacements(r, at(200)), ReplacementInfo::default());
+        assert_eq!(
+            links.replacements(Uuid::new_v4(), at(0)),
+            ReplacementInfo::default()
+        );
     }
 }

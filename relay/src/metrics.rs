@@ -27,6 +27,8 @@ pub struct Metrics {
     latency_sum_us: AtomicU64,
     pub link_connects: AtomicU64,
     pub link_rejects: AtomicU64,
+    /// Links that replaced a live link of the same router (two agents, one identity?).
+    pub link_replacements: AtomicU64,
     pub enrollments: AtomicU64,
     /// Speed-test bytes served to agents and received from them.
     pub speedtest_download_bytes: AtomicU64,
@@ -57,10 +59,13 @@ pub struct ConnectionCounters {
 const MAX_REPORT_SERIES: usize = 64;
 
 /// Values read at scrape time from the live state.
+#[derive(Default)]
 pub struct Gauges {
     pub connected_agents: usize,
     pub sessions: usize,
     pub speedtests: usize,
+    /// Bytes of router answers the relay holds right now (the answer budget's use).
+    pub answer_bytes_in_flight: usize,
 }
 
 impl Metrics {
@@ -148,6 +153,22 @@ impl Metrics {
             "netpilot_link_rejects_total",
             "Agent link attempts refused.",
             &self.link_rejects,
+        );
+        counter(
+            &mut out,
+            "netpilot_link_replacements_total",
+            "Agent links that replaced a live link of the same router.",
+            &self.link_replacements,
+        );
+        let _ = writeln!(
+            out,
+            "# HELP netpilot_answer_bytes_in_flight Bytes of router answers the relay holds."
+        );
+        let _ = writeln!(out, "# TYPE netpilot_answer_bytes_in_flight gauge");
+        let _ = writeln!(
+            out,
+            "netpilot_answer_bytes_in_flight {}",
+            g.answer_bytes_in_flight
         );
         counter(
             &mut out,
@@ -285,6 +306,7 @@ mod tests {
             connected_agents: 2,
             sessions: 1,
             speedtests: 0,
+            ..Default::default()
         });
         assert!(text.contains("netpilot_connected_agents 2\n"));
         assert!(text
@@ -308,6 +330,7 @@ mod tests {
             connected_agents: 0,
             sessions: 0,
             speedtests: 0,
+            ..Default::default()
         });
         assert!(text.contains(
             "netpilot_agent_reports_total{kind=\"wifi_change\",state=\"confirmed\"} 2\n"

@@ -37,6 +37,7 @@ pub fn scrape(state: &AppState) -> String {
         connected_agents: state.links.len(),
         sessions: state.sessions.lock().expect("sessions lock").len(),
         speedtests: state.speedtests.active(),
+        answer_bytes_in_flight: state.answer_budget.used(),
     };
     state.metrics.render(&gauges)
 }

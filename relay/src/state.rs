@@ -13,6 +13,7 @@ use uuid::Uuid;
 use crate::auth::RouterMeta;
 use crate::config::Config;
 use crate::error::ApiError;
+use crate::inflight::{AnswerBudget, CallSlots};
 use crate::link_registry::Links;
 use crate::metrics::Metrics;
 use crate::ratelimit::RateLimiter;
@@ -66,6 +67,9 @@ pub struct AppState {
     pub reports: Reports,
     /// Speed-test transfers in progress (one per router, a global cap).
     pub speedtests: Slots,
+    /// Calls in flight per router, and the bytes of all router answers in flight.
+    pub call_slots: CallSlots,
+    pub answer_budget: AnswerBudget,
     pub fingerprint: String,
     pub clock: Arc<dyn Clock>,
 }
@@ -88,7 +92,14 @@ impl AppState {
             std::time::Duration::from_secs(60),
             config.enroll_max_clients,
         );
+        let call_slots = CallSlots::new(
+            config.forwarding.calls_per_router,
+            config.forwarding.calls_queued_per_router,
+        );
+        let answer_budget = AnswerBudget::new(config.forwarding.answer_budget_bytes);
         Ok(AppState {
+            call_slots,
+            answer_budget,
             config,
             store: Mutex::new(store),
             routers: RwLock::new(routers),

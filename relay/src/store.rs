@@ -186,11 +186,13 @@ impl Store {
         Ok(())
     }
 
-    /// Revokes a router: its secret and pending tokens are gone for good.
+    /// Revokes a router for good: its pending tokens are gone and it never connects
+    /// again. The secret's hash stays, only so the relay tells "revoked" to the
+    /// holder of the secret and to no one else (`auth::authenticate_router`).
     pub fn revoke(&mut self, id: Uuid, now: i64) -> Result<RouterRow, StoreError> {
         let tx = self.conn.transaction()?;
         let changed = tx.execute(
-            "UPDATE routers SET revoked_at = COALESCE(revoked_at, ?1), secret_hash = NULL WHERE id = ?2",
+            "UPDATE routers SET revoked_at = COALESCE(revoked_at, ?1) WHERE id = ?2",
             params![now, id.to_string()],
         )?;
         if changed == 0 {
@@ -335,13 +337,14 @@ mod tests {
     }
 
     #[test]
-    fn revoke_clears_secret_and_tokens() {
+    fn revoke_clears_tokens_and_keeps_the_secret_to_check() {
         let mut s = Store::open_in_memory().unwrap();
         let id = Uuid::new_v4();
         s.create_router(id, "home", "u1", &h(1), 1_000, 0).unwrap();
-        let row = s.revoke(id, 5).unwrap();
-        assert_eq!(row.revoked_at, Some(5));
-        assert!(row.secret_hash.is_none());
+        s.redeem_token(&h(1), &h(2), 6).unwrap();
+        let row = s.revoke(id, 7).unwrap();
+        assert_eq!(row.revoked_at, Some(7));
+        assert_eq!(row.secret_hash, Some(h(2)));
         assert!(matches!(
             s.redeem_token(&h(1), &h(9), 6),
             Err(StoreError::TokenInvalid)

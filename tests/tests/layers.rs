@@ -514,7 +514,15 @@ const AGENT_LAYERS: &[(&str, &[&str])] = &[
 const RELAY_LAYERS: &[(&str, &[&str])] = &[
     (
         "foundation",
-        &["error", "http", "auth", "config", "ratelimit", "tls"],
+        &[
+            "error",
+            "http",
+            "auth",
+            "config",
+            "ratelimit",
+            "tls",
+            "answer",
+        ],
     ),
     (
         "state",
@@ -525,6 +533,7 @@ const RELAY_LAYERS: &[(&str, &[&str])] = &[
             "link_registry",
             "recent_reports",
             "speedtest_slots",
+            "inflight",
             "state",
         ],
     ),
