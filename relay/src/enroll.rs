@@ -13,6 +13,7 @@ use crate::auth;
 use crate::error::ApiError;
 use crate::http::{self, Args, Body, Ctx};
 use crate::state::AppState;
+use crate::sync::Locked;
 
 pub async fn enroll(
     state: &Arc<AppState>,
@@ -22,8 +23,7 @@ pub async fn enroll(
 ) -> Result<Response<Body>, ApiError> {
     let allowed = state
         .enroll_limiter
-        .lock()
-        .expect("limiter lock")
+        .locked()
         .allow(peer.ip(), state.clock.instant());
     if !allowed {
         return Err(ApiError::RateLimited);

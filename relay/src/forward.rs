@@ -25,6 +25,7 @@ use crate::http::{self, Args, Body, Ctx};
 use crate::inflight::{CallSlot, Charge};
 use crate::link_registry::LinkSender;
 use crate::state::AppState;
+use crate::sync::Locked;
 
 pub async fn router_call(
     state: &Arc<AppState>,
@@ -55,15 +56,13 @@ pub async fn router_call(
     let now = state.clock.instant();
     let user = state
         .sessions
-        .lock()
-        .expect("sessions lock")
+        .locked()
         .touch(session_id, now)
         .map_err(|e| e.into_api_error(session_id))?;
     check_owner(state, router_id, &user)?;
     state
         .sessions
-        .lock()
-        .expect("sessions lock")
+        .locked()
         .attach(session_id, router_id, now)
         .map_err(|e| e.into_api_error(session_id))?;
 

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::sync::Locked;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use uuid::Uuid;
 
@@ -61,7 +62,7 @@ impl CallSlots {
 
     /// A place among `router`'s calls, or `None` when its slots and queue are full.
     pub fn enter(&self, router: Uuid) -> Option<Ticket> {
-        let mut routers = self.routers.lock().expect("call slots lock");
+        let mut routers = self.routers.locked();
         let calls = routers.entry(router).or_insert_with(|| RouterCalls {
             slots: Arc::new(Semaphore::new(self.per_router)),
             holders: 0,
@@ -79,7 +80,7 @@ impl CallSlots {
 
     /// Calls in flight or waiting for `router`.
     pub fn holders(&self, router: Uuid) -> usize {
-        let routers = self.routers.lock().expect("call slots lock");
+        let routers = self.routers.locked();
         routers.get(&router).map_or(0, |c| c.holders)
     }
 }
@@ -102,7 +103,7 @@ impl Ticket {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        let mut routers = self.routers.lock().expect("call slots lock");
+        let mut routers = self.routers.locked();
         if let Some(calls) = routers.get_mut(&self.router) {
             calls.holders -= 1;
             if calls.holders == 0 {

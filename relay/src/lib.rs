@@ -27,6 +27,7 @@ pub mod speedtest;
 pub mod speedtest_slots;
 pub mod state;
 pub mod store;
+pub mod sync;
 pub mod tls;
 
 use std::future::Future;
@@ -37,6 +38,7 @@ use tokio::net::TcpListener;
 
 use crate::config::Config;
 use crate::state::{AppState, Clock};
+use crate::sync::Locked;
 
 /// What `run` reports once it is listening, for the operator and for tests.
 #[derive(Debug, Clone)]
@@ -116,7 +118,7 @@ async fn sweep(state: Arc<AppState>) {
     loop {
         tick.tick().await;
         let now = state.clock.instant();
-        let swept = state.sessions.lock().expect("sessions lock").sweep(now);
+        let swept = state.sessions.locked().sweep(now);
         if swept.sessions + swept.attachments > 0 {
             tracing::debug!(
                 sessions = swept.sessions,

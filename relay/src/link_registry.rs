@@ -14,6 +14,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
+use crate::sync::Locked;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::client::conn::http2::SendRequest;
@@ -102,7 +103,7 @@ impl Links {
     ) -> (u64, oneshot::Receiver<()>, Option<Replaced>) {
         let generation = self.next_generation.fetch_add(1, Ordering::Relaxed) + 1;
         let (tx, rx) = oneshot::channel();
-        let old = self.map.lock().expect("links lock").insert(
+        let old = self.map.locked().insert(
             router,
             Entry {
                 generation,
@@ -126,7 +127,7 @@ impl Links {
     }
 
     fn note_replacement(&self, router: Uuid, now: Instant) -> Replaced {
-        let mut replaced = self.replaced.lock().expect("replacements lock");
+        let mut replaced = self.replaced.locked();
         // Forget routers that have been quiet for a window, so the map stays small.
         replaced.retain(|_, r| {
             r.prune(now);
@@ -146,7 +147,7 @@ impl Links {
 
     /// How often the router's live link was replaced within the window before `now`.
     pub fn replacements(&self, router: Uuid, now: Instant) -> ReplacementInfo {
-        let mut replaced = self.replaced.lock().expect("replacements lock");
+        let mut replaced = self.replaced.locked();
         let recent = replaced.get_mut(&router).map_or(0, |r| {
             r.prune(now);
             r.at.len()
@@ -159,7 +160,7 @@ impl Links {
 
     /// Removes the link if it is still the given generation.
     pub fn remove(&self, router: Uuid, generation: u64) -> bool {
-        let mut map = self.map.lock().expect("links lock");
+        let mut map = self.map.locked();
         if map.get(&router).is_some_and(|e| e.generation == generation) {
             map.remove(&router);
             true
@@ -170,7 +171,7 @@ impl Links {
 
     /// Closes and removes a router's link at once (revocation, shutdown).
     pub fn close(&self, router: Uuid) -> bool {
-        let entry = self.map.lock().expect("links lock").remove(&router);
+        let entry = self.map.locked().remove(&router);
         match entry {
             Some(mut e) => {
                 if let Some(close) = e.close.take() {
@@ -183,13 +184,7 @@ impl Links {
     }
 
     pub fn close_all(&self) {
-        let drained: Vec<Entry> = self
-            .map
-            .lock()
-            .expect("links lock")
-            .drain()
-            .map(|(_, e)| e)
-            .collect();
+        let drained: Vec<Entry> = self.map.locked().drain().map(|(_, e)| e).collect();
         for mut e in drained {
             if let Some(close) = e.close.take() {
                 let _ = close.send(());
@@ -199,14 +194,14 @@ impl Links {
 
     /// A handle to send calls on, if the router is connected and its link usable.
     pub fn sender(&self, router: Uuid) -> Option<LinkSender> {
-        let map = self.map.lock().expect("links lock");
+        let map = self.map.locked();
         map.get(&router)
             .filter(|e| !e.sender.is_closed())
             .map(|e| e.sender.clone())
     }
 
     pub fn info(&self, router: Uuid) -> Option<LinkInfo> {
-        let map = self.map.lock().expect("links lock");
+        let map = self.map.locked();
         map.get(&router)
             .filter(|e| !e.sender.is_closed())
             .map(|e| LinkInfo {
@@ -216,7 +211,7 @@ impl Links {
     }
 
     pub fn len(&self) -> usize {
-        self.map.lock().expect("links lock").len()
+        self.map.locked().len()
     }
 
     pub fn is_empty(&self) -> bool {

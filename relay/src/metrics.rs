@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use crate::sync::Locked;
 use netpilot_proto::ErrorCode;
 
 /// Upper bounds of the forwarded-call latency histogram, in seconds.
@@ -70,12 +71,7 @@ pub struct Gauges {
 
 impl Metrics {
     pub fn record_forward(&self, route: &'static str, status: u16, elapsed: Duration) {
-        *self
-            .forwarded
-            .lock()
-            .expect("metrics lock")
-            .entry((route, status))
-            .or_default() += 1;
+        *self.forwarded.locked().entry((route, status)).or_default() += 1;
         let secs = elapsed.as_secs_f64();
         for (i, upper) in BUCKETS.iter().enumerate() {
             if secs <= *upper {
@@ -88,17 +84,12 @@ impl Metrics {
     }
 
     pub fn record_error(&self, code: ErrorCode) {
-        *self
-            .errors
-            .lock()
-            .expect("metrics lock")
-            .entry(code.as_str())
-            .or_default() += 1;
+        *self.errors.locked().entry(code.as_str()).or_default() += 1;
     }
 
     pub fn record_report(&self, kind: &str, state: &str) {
         let key = (label(kind).to_owned(), label(state).to_owned());
-        let mut map = self.reports.lock().expect("metrics lock");
+        let mut map = self.reports.locked();
         let key = if map.contains_key(&key) || map.len() < MAX_REPORT_SERIES {
             key
         } else {
@@ -211,7 +202,7 @@ impl Metrics {
 
         let _ = writeln!(out, "# HELP netpilot_forwarded_requests_total Calls forwarded to routers, by route and status.");
         let _ = writeln!(out, "# TYPE netpilot_forwarded_requests_total counter");
-        for ((route, status), n) in self.forwarded.lock().expect("metrics lock").iter() {
+        for ((route, status), n) in self.forwarded.locked().iter() {
             let _ = writeln!(
                 out,
                 "netpilot_forwarded_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}"
@@ -222,7 +213,7 @@ impl Metrics {
             "# HELP netpilot_agent_reports_total Reports received from agents, by kind and state."
         );
         let _ = writeln!(out, "# TYPE netpilot_agent_reports_total counter");
-        for ((kind, state), n) in self.reports.lock().expect("metrics lock").iter() {
+        for ((kind, state), n) in self.reports.locked().iter() {
             let _ = writeln!(
                 out,
                 "netpilot_agent_reports_total{{kind=\"{kind}\",state=\"{state}\"}} {n}"
@@ -230,7 +221,7 @@ impl Metrics {
         }
         let _ = writeln!(out, "# HELP netpilot_errors_total Error answers by code.");
         let _ = writeln!(out, "# TYPE netpilot_errors_total counter");
-        for (code, n) in self.errors.lock().expect("metrics lock").iter() {
+        for (code, n) in self.errors.locked().iter() {
             let _ = writeln!(out, "netpilot_errors_total{{code=\"{code}\"}} {n}");
         }
         let _ = writeln!(

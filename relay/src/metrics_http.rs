@@ -23,6 +23,7 @@ use tokio::task::JoinSet;
 
 use crate::metrics::Gauges;
 use crate::state::AppState;
+use crate::sync::Locked;
 
 pub const CONTENT_TYPE_TEXT: &str = "text/plain; version=0.0.4";
 
@@ -35,7 +36,7 @@ const SCRAPE_DEADLINE: Duration = Duration::from_secs(30);
 pub fn scrape(state: &AppState) -> String {
     let gauges = Gauges {
         connected_agents: state.links.len(),
-        sessions: state.sessions.lock().expect("sessions lock").len(),
+        sessions: state.sessions.locked().len(),
         speedtests: state.speedtests.active(),
         answer_bytes_in_flight: state.answer_budget.used(),
     };

@@ -5,6 +5,7 @@
 //! keeps "limit reached" log lines from flooding the log during an attack.
 //! Pure bookkeeping: no I/O, time passed in.
 
+use crate::sync::Locked;
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
 use std::sync::{Arc, Mutex};
@@ -60,7 +61,7 @@ impl UnauthenticatedPerAddress {
     /// holds the maximum of unauthenticated connections.
     pub fn try_acquire(self: &Arc<Self>, ip: IpAddr) -> Option<UnauthenticatedSlot> {
         let key = AddrKey::of(ip);
-        let mut counts = self.counts.lock().expect("per-address lock");
+        let mut counts = self.counts.locked();
         let n = counts.entry(key).or_default();
         if *n >= self.max {
             if *n == 0 {
@@ -77,17 +78,17 @@ impl UnauthenticatedPerAddress {
 
     /// Unauthenticated connections counted for `ip`'s key.
     pub fn count(&self, ip: IpAddr) -> usize {
-        let counts = self.counts.lock().expect("per-address lock");
+        let counts = self.counts.locked();
         counts.get(&AddrKey::of(ip)).copied().unwrap_or(0)
     }
 
     /// Distinct keys with at least one unauthenticated connection.
     pub fn keys(&self) -> usize {
-        self.counts.lock().expect("per-address lock").len()
+        self.counts.locked().len()
     }
 
     fn release(&self, key: AddrKey) {
-        let mut counts = self.counts.lock().expect("per-address lock");
+        let mut counts = self.counts.locked();
         if let Some(n) = counts.get_mut(&key) {
             *n -= 1;
             if *n == 0 {
@@ -122,12 +123,12 @@ impl ConnAuth {
 
     /// The connection has proven who it is: it no longer counts against its address.
     pub fn authenticated(&self) {
-        let slot = self.0.lock().expect("conn auth lock").take();
+        let slot = self.0.locked().take();
         drop(slot);
     }
 
     pub fn is_authenticated(&self) -> bool {
-        self.0.lock().expect("conn auth lock").is_none()
+        self.0.locked().is_none()
     }
 }
 
@@ -149,7 +150,7 @@ impl LogThrottle {
     /// `Some(suppressed)` when this event should be logged (with the count of
     /// events swallowed since the last line), `None` when it is swallowed.
     pub fn hit(&self, now: Instant) -> Option<u64> {
-        let mut st = self.state.lock().expect("log throttle lock");
+        let mut st = self.state.locked();
         let due =
             st.0.is_none_or(|last| now.duration_since(last) >= self.every);
         if due {

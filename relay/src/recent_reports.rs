@@ -5,6 +5,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 
+use crate::sync::Locked;
 use netpilot_proto::link::AgentEvent;
 use serde::Serialize;
 use uuid::Uuid;
@@ -29,7 +30,7 @@ pub struct Reports {
 
 impl Reports {
     pub fn push(&self, router: Uuid, report: StoredReport) {
-        let mut map = self.by_router.lock().expect("reports lock");
+        let mut map = self.by_router.locked();
         let list = map.entry(router).or_default();
         if list.len() == KEEP_PER_ROUTER {
             list.pop_back();
@@ -40,8 +41,7 @@ impl Reports {
     /// Newest first.
     pub fn recent(&self, router: Uuid) -> Vec<StoredReport> {
         self.by_router
-            .lock()
-            .expect("reports lock")
+            .locked()
             .get(&router)
             .map(|l| l.iter().cloned().collect())
             .unwrap_or_default()

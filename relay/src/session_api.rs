@@ -11,6 +11,7 @@ use crate::error::ApiError;
 use crate::forward;
 use crate::http::{self, only, Args, Body, Ctx};
 use crate::state::AppState;
+use crate::sync::Locked;
 
 pub async fn dispatch(
     state: &Arc<AppState>,
@@ -46,8 +47,7 @@ pub async fn dispatch(
             let now = state.clock.instant();
             state
                 .sessions
-                .lock()
-                .expect("sessions lock")
+                .locked()
                 .touch(session_id, now)
                 .map_err(|e| e.into_api_error(session_id))?;
             Ok(http::ok(
@@ -75,7 +75,7 @@ async fn start(
     }
     {
         let now = state.clock.instant();
-        let mut sessions = state.sessions.lock().expect("sessions lock");
+        let mut sessions = state.sessions.locked();
         sessions
             .start(session_id, &user_id, restart, now)
             .map_err(|e| e.into_api_error(session_id))?;
@@ -142,8 +142,7 @@ fn end(
     let now = state.clock.instant();
     state
         .sessions
-        .lock()
-        .expect("sessions lock")
+        .locked()
         .end(session_id, router_id, now)
         .map_err(|e| e.into_api_error(session_id))?;
     let message = match router_id {
@@ -157,8 +156,7 @@ fn status(state: &Arc<AppState>, session_id: Uuid, ctx: &Ctx) -> Result<Response
     let now = state.clock.instant();
     let view = state
         .sessions
-        .lock()
-        .expect("sessions lock")
+        .locked()
         .status(session_id, now)
         .map_err(|e| e.into_api_error(session_id))?;
     let routers: Vec<_> = view

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use uuid::Uuid;
 
 use crate::error::ApiError;
+use crate::sync::Locked;
 
 /// Who holds a transfer right now. One lock for both limits: the set is small
 /// (at most `concurrent` entries) and taken twice per transfer.
@@ -24,16 +25,13 @@ pub struct Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.busy
-            .lock()
-            .expect("speedtest slots lock")
-            .remove(&self.router);
+        self.busy.locked().remove(&self.router);
     }
 }
 
 impl Slots {
     pub fn acquire(&self, router: Uuid, max: usize) -> Result<Slot, ApiError> {
-        let mut busy = self.busy.lock().expect("speedtest slots lock");
+        let mut busy = self.busy.locked();
         if busy.contains(&router) {
             return Err(ApiError::SpeedtestRunning);
         }
@@ -49,7 +47,7 @@ impl Slots {
 
     /// Transfers in progress, for `/metrics`.
     pub fn active(&self) -> usize {
-        self.busy.lock().expect("speedtest slots lock").len()
+        self.busy.locked().len()
     }
 }
 

@@ -21,6 +21,7 @@ use crate::recent_reports::Reports;
 use crate::sessions::Sessions;
 use crate::speedtest_slots::Slots;
 use crate::store::{RouterRow, Store};
+use crate::sync::{Locked, ReadWrite};
 
 /// Time as the relay sees it. Injected so tests can drive it.
 pub trait Clock: Send + Sync + 'static {
@@ -115,7 +116,7 @@ impl AppState {
     }
 
     pub fn router_meta(&self, id: Uuid) -> Option<RouterMeta> {
-        self.routers.read().expect("routers lock").get(&id).cloned()
+        self.routers.read_locked().get(&id).cloned()
     }
 
     /// Runs a registry operation under the store lock; callers that change a router
@@ -124,14 +125,13 @@ impl AppState {
         &self,
         f: impl FnOnce(&mut Store) -> Result<T, crate::store::StoreError>,
     ) -> Result<T, ApiError> {
-        let mut store = self.store.lock().expect("store lock");
+        let mut store = self.store.locked();
         Ok(f(&mut store)?)
     }
 
     pub fn cache_router(&self, row: &RouterRow) {
         self.routers
-            .write()
-            .expect("routers lock")
+            .write_locked()
             .insert(row.id, RouterMeta::from(row));
     }
 }

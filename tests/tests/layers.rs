@@ -522,6 +522,9 @@ const RELAY_LAYERS: &[(&str, &[&str])] = &[
             "ratelimit",
             "tls",
             "answer",
+            "peer_limits",
+            "conn_activity",
+            "sync",
         ],
     ),
     (
