@@ -155,13 +155,19 @@ pub async fn serve(
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
 
+    let bodies = Arc::new(api::intake::BodyBudget::default());
     let mut api_addr = None;
     if let Some(addr) = config.api_listen {
         let listener = TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen on {addr}"))?;
         api_addr = Some(listener.local_addr()?);
-        tasks.spawn(local_api(listener, app.clone(), stop_rx.clone()));
+        tasks.spawn(local_api(
+            listener,
+            app.clone(),
+            bodies.clone(),
+            stop_rx.clone(),
+        ));
     }
     // Bound before `on_ready`: whoever started the agent may ask at once. The agent
     // enforces policy without it, so a socket it cannot have is logged.
@@ -203,7 +209,8 @@ pub async fn serve(
         stop_rx.clone(),
     ));
     let handler_app = app.clone();
-    let handler = move |req| api::handle(handler_app.clone(), req);
+    let handler_bodies = bodies.clone();
+    let handler = move |req| api::handle(handler_app.clone(), handler_bodies.clone(), req);
     tasks.spawn(link::serve::run(
         link_config,
         handler,
@@ -229,7 +236,12 @@ pub async fn serve(
 }
 
 /// The API on a local TCP listener, HTTP/1.1 without authentication.
-async fn local_api(listener: TcpListener, app: Arc<App>, mut stop: Shutdown) {
+async fn local_api(
+    listener: TcpListener,
+    app: Arc<App>,
+    bodies: Arc<api::intake::BodyBudget>,
+    mut stop: Shutdown,
+) {
     loop {
         let (tcp, _) = tokio::select! {
             r = listener.accept() => match r {
@@ -243,9 +255,9 @@ async fn local_api(listener: TcpListener, app: Arc<App>, mut stop: Shutdown) {
             _ = runtime::shutdown::stopped(&mut stop) => return,
         };
         let _ = tcp.set_nodelay(true);
-        let app = app.clone();
+        let (app, bodies) = (app.clone(), bodies.clone());
         tokio::spawn(async move {
-            let service = service_fn(move |req| api::handle(app.clone(), req));
+            let service = service_fn(move |req| api::handle(app.clone(), bodies.clone(), req));
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(10))
