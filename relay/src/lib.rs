@@ -12,6 +12,7 @@ pub mod forward;
 pub mod http;
 pub mod link_registry;
 pub mod metrics;
+pub mod private;
 pub mod ratelimit;
 pub mod recent_reports;
 pub mod report;
@@ -50,7 +51,7 @@ pub async fn run(
     on_ready: impl FnOnce(Ready),
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&config.data_dir)
+    private::dir(&config.data_dir)
         .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
     let tls = tls::load_or_create(
         config.tls_cert.as_deref(),
@@ -60,6 +61,12 @@ pub async fn run(
     )?;
     if tls.generated {
         tracing::info!(cert = %tls.cert_path.display(), "created a self-signed certificate");
+    }
+    // The relay's own key (an operator's key file is the operator's to protect).
+    if config.tls_key.is_none() {
+        let key = config.data_dir.join(tls::GENERATED_KEY);
+        private::restrict(&key, private::FILE_MODE)
+            .with_context(|| format!("cannot make {} private", key.display()))?;
     }
     tracing::info!(fingerprint = %tls.fingerprint, "relay certificate SHA-256 fingerprint");
     let store = store::Store::open(&config.data_dir).context("cannot open the registry")?;

@@ -514,7 +514,15 @@ const AGENT_LAYERS: &[(&str, &[&str])] = &[
 const RELAY_LAYERS: &[(&str, &[&str])] = &[
     (
         "foundation",
-        &["error", "http", "auth", "config", "ratelimit", "tls"],
+        &[
+            "error",
+            "http",
+            "auth",
+            "config",
+            "ratelimit",
+            "tls",
+            "private",
+        ],
     ),
     (
         "state",
