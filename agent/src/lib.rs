@@ -76,9 +76,11 @@ pub async fn run(
     serve(app, &identity, &config, on_ready, shutdown).await
 }
 
-/// Loads the identity; while the router is not enrolled (or the file is corrupt),
-/// says so and looks again every `identity_poll`, so a service started before
-/// enrollment neither crash-loops nor needs a restart afterwards. `None` on shutdown.
+/// Loads the identity; while the router is not enrolled (or the file is corrupt or
+/// holds values the relay never issues), says so once and looks again every
+/// `identity_poll`, so a service started before enrollment — or left with a broken
+/// identity — neither crash-loops under procd nor needs a restart after the owner
+/// enrolls again. `None` on shutdown.
 async fn wait_for_identity(
     config: &RunConfig,
     shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
@@ -90,7 +92,11 @@ async fn wait_for_identity(
             Err(e) => {
                 let message = e.to_string();
                 if message != last_error {
-                    tracing::warn!(error = %message, poll = ?config.identity_poll, "waiting for enrollment");
+                    if matches!(e, link::identity::IdentityError::Corrupt { .. }) {
+                        tracing::error!(error = %message, poll = ?config.identity_poll, "identity unusable; idle until the router is enrolled again");
+                    } else {
+                        tracing::warn!(error = %message, poll = ?config.identity_poll, "waiting for enrollment");
+                    }
                     last_error = message;
                 }
             }
