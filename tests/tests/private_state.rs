@@ -103,15 +103,26 @@ async fn the_agents_state_is_private_and_a_loose_install_is_tightened() {
 
     // A state directory from an agent before this rule.
     rig.agent.kill().await;
-    for (p, m) in [(&state, 0o755), (&db, 0o644), (&wal, 0o644)] {
+    let identity = state.join("identity.json");
+    for (p, m) in [
+        (&state, 0o755),
+        (&db, 0o644),
+        (&wal, 0o644),
+        (&identity, 0o644),
+    ] {
         chmod(p, m);
     }
     rig.restart_agent().await.unwrap();
-    expect(&[(&state, 0o700), (&db, 0o600), (&wal, 0o600)]);
+    expect(&[
+        (&state, 0o700),
+        (&db, 0o600),
+        (&wal, 0o600),
+        (&identity, 0o600),
+    ]);
     let log = agent_log(&rig.router);
     assert_eq!(
         log.matches("tightened permissions").count(),
-        3,
+        4,
         "one line per path: {log}"
     );
 }

@@ -74,8 +74,18 @@ impl Identity {
             path: path.clone(),
             message: e.to_string(),
         })?;
-        id.check()
-            .map_err(|message| IdentityError::Corrupt { path, message })?;
+        id.check().map_err(|message| IdentityError::Corrupt {
+            path: path.clone(),
+            message,
+        })?;
+        // Saved 0600 always; a file someone loosened since is tightened here.
+        match private::restrict(&path, private::FILE_MODE) {
+            Ok(Some(t)) => {
+                tracing::warn!(path = %path.display(), mode = %t, "tightened permissions: the agent's state is private")
+            }
+            Ok(None) => {}
+            Err(source) => return Err(IdentityError::Io { path, source }),
+        }
         Ok(id)
     }
 
