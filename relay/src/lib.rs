@@ -63,7 +63,7 @@ pub async fn run(
         tracing::info!(cert = %tls.cert_path.display(), "created a self-signed certificate");
     }
     // The relay's own key (an operator's key file is the operator's to protect).
-    if config.tls_key.is_none() {
+    if config.tls_cert.is_none() || config.tls_key.is_none() {
         let key = config.data_dir.join(tls::GENERATED_KEY);
         private::restrict(&key, private::FILE_MODE)
             .with_context(|| format!("cannot make {} private", key.display()))?;
