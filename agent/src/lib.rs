@@ -76,9 +76,11 @@ pub async fn run(
     serve(app, &identity, &config, on_ready, shutdown).await
 }
 
-/// Loads the identity; while the router is not enrolled (or the file is corrupt),
-/// says so and looks again every `identity_poll`, so a service started before
-/// enrollment neither crash-loops nor needs a restart afterwards. `None` on shutdown.
+/// Loads the identity; while the router is not enrolled (or the file is corrupt or
+/// holds values the relay never issues), says so once and looks again every
+/// `identity_poll`, so a service started before enrollment — or left with a broken
+/// identity — neither crash-loops under procd nor needs a restart after the owner
+/// enrolls again. `None` on shutdown.
 async fn wait_for_identity(
     config: &RunConfig,
     shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
@@ -90,7 +92,11 @@ async fn wait_for_identity(
             Err(e) => {
                 let message = e.to_string();
                 if message != last_error {
-                    tracing::warn!(error = %message, poll = ?config.identity_poll, "waiting for enrollment");
+                    if matches!(e, link::identity::IdentityError::Corrupt { .. }) {
+                        tracing::error!(error = %message, poll = ?config.identity_poll, "identity unusable; idle until the router is enrolled again");
+                    } else {
+                        tracing::warn!(error = %message, poll = ?config.identity_poll, "waiting for enrollment");
+                    }
                     last_error = message;
                 }
             }
@@ -155,13 +161,19 @@ pub async fn serve(
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
 
+    let bodies = Arc::new(api::intake::BodyBudget::default());
     let mut api_addr = None;
     if let Some(addr) = config.api_listen {
         let listener = TcpListener::bind(addr)
             .await
             .with_context(|| format!("cannot listen on {addr}"))?;
         api_addr = Some(listener.local_addr()?);
-        tasks.spawn(local_api(listener, app.clone(), stop_rx.clone()));
+        tasks.spawn(local_api(
+            listener,
+            app.clone(),
+            bodies.clone(),
+            stop_rx.clone(),
+        ));
     }
     // Bound before `on_ready`: whoever started the agent may ask at once. The agent
     // enforces policy without it, so a socket it cannot have is logged.
@@ -203,7 +215,8 @@ pub async fn serve(
         stop_rx.clone(),
     ));
     let handler_app = app.clone();
-    let handler = move |req| api::handle(handler_app.clone(), req);
+    let handler_bodies = bodies.clone();
+    let handler = move |req| api::handle(handler_app.clone(), handler_bodies.clone(), req);
     tasks.spawn(link::serve::run(
         link_config,
         handler,
@@ -229,7 +242,12 @@ pub async fn serve(
 }
 
 /// The API on a local TCP listener, HTTP/1.1 without authentication.
-async fn local_api(listener: TcpListener, app: Arc<App>, mut stop: Shutdown) {
+async fn local_api(
+    listener: TcpListener,
+    app: Arc<App>,
+    bodies: Arc<api::intake::BodyBudget>,
+    mut stop: Shutdown,
+) {
     loop {
         let (tcp, _) = tokio::select! {
             r = listener.accept() => match r {
@@ -243,9 +261,9 @@ async fn local_api(listener: TcpListener, app: Arc<App>, mut stop: Shutdown) {
             _ = runtime::shutdown::stopped(&mut stop) => return,
         };
         let _ = tcp.set_nodelay(true);
-        let app = app.clone();
+        let (app, bodies) = (app.clone(), bodies.clone());
         tokio::spawn(async move {
-            let service = service_fn(move |req| api::handle(app.clone(), req));
+            let service = service_fn(move |req| api::handle(app.clone(), bodies.clone(), req));
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(10))

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 
 use rusqlite::{params, Connection, OptionalExtension};
 
+use crate::runtime::private;
+
 pub const FILE_NAME: &str = "state.sqlite3";
 
 #[derive(Debug, thiserror::Error)]
@@ -17,6 +19,13 @@ pub enum StoreError {
         path: PathBuf,
         #[source]
         source: rusqlite::Error,
+    },
+    /// The state directory or the database file cannot be made private.
+    #[error("cannot make {path} private: {source}")]
+    Private {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
     },
     /// The file was written by a newer agent.
     #[error("state database {path} has schema version {found}, newer than this agent's {known}; upgrade the agent")]
@@ -118,6 +127,39 @@ CREATE TABLE dns_categories (
 "#,
 ];
 
+/// The state directory 0700 and the database 0600 before SQLite opens it (SQLite
+/// gives its `-wal` and `-shm` files the database's own mode); what an older agent
+/// left looser — the files beside the database, its backups — is tightened, once,
+/// with a log line.
+fn make_private(state_dir: &Path, db: &Path) -> Result<(), StoreError> {
+    let err = |path: &Path| {
+        let path = path.to_owned();
+        move |source| StoreError::Private { path, source }
+    };
+    let mut changed = Vec::new();
+    if let Some(t) = private::dir(state_dir).map_err(err(state_dir))? {
+        changed.push((state_dir.to_owned(), t));
+    }
+    if let Some(t) = private::file(db).map_err(err(db))? {
+        changed.push((db.to_owned(), t));
+    }
+    let beside = std::fs::read_dir(state_dir).map_err(err(state_dir))?;
+    for entry in beside.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(FILE_NAME) && name != FILE_NAME {
+            let path = entry.path();
+            if let Some(t) = private::restrict(&path, private::FILE_MODE).map_err(err(&path))? {
+                changed.push((path, t));
+            }
+        }
+    }
+    for (path, t) in changed {
+        tracing::warn!(path = %path.display(), mode = %t, "tightened permissions: the agent's state is private");
+    }
+    Ok(())
+}
+
 pub struct Store {
     conn: Connection,
     path: PathBuf,
@@ -156,6 +198,7 @@ impl Store {
 
     fn open_with(state_dir: &Path, migrations: &[&str]) -> Result<Store, StoreError> {
         let path = state_dir.join(FILE_NAME);
+        make_private(state_dir, &path)?;
         let err = |source| StoreError::Sqlite {
             path: path.clone(),
             source,
@@ -211,6 +254,13 @@ impl Store {
             self.conn
                 .execute("VACUUM INTO ?1", params![backup.to_string_lossy()])
                 .map_err(|e| self.err(e))?;
+            // A copy of the same secrets: as private as the database.
+            private::restrict(&backup, private::FILE_MODE).map_err(|source| {
+                StoreError::Private {
+                    path: backup.clone(),
+                    source,
+                }
+            })?;
         }
         for (i, sql) in migrations.iter().enumerate().skip(version as usize) {
             let tx = self.conn.transaction().map_err(|e| StoreError::Sqlite {

@@ -167,6 +167,9 @@ error_codes! {
         UnknownInterface = "UNKNOWN_INTERFACE" => 400,
         /// The selection holds no AP interface to change.
         NoApInterface = "NO_AP_INTERFACE" => 400,
+        /// The agent's memory budget for request bodies is full and stayed full
+        /// for its wait (many large calls at once); try again shortly.
+        AgentBusy = "AGENT_BUSY" => 503,
         /// A request body did not arrive whole within the relay's body deadline.
         BodyTimeout = "BODY_TIMEOUT" => 408,
         /// Request headers over the relay's size cap.

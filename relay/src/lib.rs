@@ -17,6 +17,7 @@ pub mod link_registry;
 pub mod metrics;
 pub mod metrics_http;
 pub mod peer_limits;
+pub mod private;
 pub mod ratelimit;
 pub mod recent_reports;
 pub mod report;
@@ -59,7 +60,7 @@ pub async fn run(
     on_ready: impl FnOnce(Ready),
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&config.data_dir)
+    private::dir(&config.data_dir)
         .with_context(|| format!("cannot create data directory {}", config.data_dir.display()))?;
     let tls = tls::load_or_create(
         config.tls_cert.as_deref(),
@@ -69,6 +70,12 @@ pub async fn run(
     )?;
     if tls.generated {
         tracing::info!(cert = %tls.cert_path.display(), "created a self-signed certificate");
+    }
+    // The relay's own key (an operator's key file is the operator's to protect).
+    if config.tls_cert.is_none() || config.tls_key.is_none() {
+        let key = config.data_dir.join(tls::GENERATED_KEY);
+        private::restrict(&key, private::FILE_MODE)
+            .with_context(|| format!("cannot make {} private", key.display()))?;
     }
     tracing::info!(fingerprint = %tls.fingerprint, "relay certificate SHA-256 fingerprint");
     let store = store::Store::open(&config.data_dir).context("cannot open the registry")?;

@@ -14,6 +14,9 @@ pub enum StoreError {
     /// SQLite failed (open, migrate, query).
     #[error("registry database: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// The database file cannot be made private (0600).
+    #[error("registry database file: {0}")]
+    Private(#[from] std::io::Error),
     /// The enrollment token is unknown.
     #[error("enrollment token is not valid")]
     TokenInvalid,
@@ -68,14 +71,27 @@ CREATE TABLE enrollment_tokens (
 );
 "#];
 
+/// The registry's file in the data directory.
+pub const FILE_NAME: &str = "registry.sqlite3";
+
 pub struct Store {
     conn: Connection,
 }
 
 impl Store {
     /// Opens (creating if needed) `registry.sqlite3` in `dir` and migrates it.
+    /// The file is made 0600 first (see `private`), and what an older relay left
+    /// beside it is tightened.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
-        Self::from_connection(Connection::open(dir.join("registry.sqlite3"))?)
+        let path = dir.join(FILE_NAME);
+        crate::private::file(&path)?;
+        for suffix in ["-wal", "-shm"] {
+            crate::private::restrict(
+                &dir.join(format!("{FILE_NAME}{suffix}")),
+                crate::private::FILE_MODE,
+            )?;
+        }
+        Self::from_connection(Connection::open(path)?)
     }
 
     pub fn open_in_memory() -> Result<Store, StoreError> {
@@ -270,6 +286,7 @@ impl From<StoreError> for ApiError {
             StoreError::Revoked => ApiError::RouterRevoked,
             StoreError::NotFound => ApiError::RouterNotFound(String::new()),
             StoreError::Sqlite(e) => ApiError::Internal(e.to_string()),
+            StoreError::Private(e) => ApiError::Internal(e.to_string()),
         }
     }
 }

@@ -40,6 +40,9 @@ pub struct TlsIdentity {
     pub generated: bool,
 }
 
+/// The key the relay generates for itself, under the data directory.
+pub const GENERATED_KEY: &str = "tls/relay-key.pem";
+
 /// Loads the configured pair, or the self-signed pair in `data_dir/tls/`, creating it
 /// when missing.
 pub fn load_or_create(
@@ -53,7 +56,7 @@ pub fn load_or_create(
         _ => {
             let dir = data_dir.join("tls");
             let c = dir.join("relay-cert.pem");
-            let k = dir.join("relay-key.pem");
+            let k = data_dir.join(GENERATED_KEY);
             let generated = if c.exists() && k.exists() {
                 false
             } else {
@@ -121,7 +124,7 @@ fn generate(dir: &Path, cert: &Path, key: &Path, names: &[String]) -> Result<(),
     sans.extend(names.iter().cloned());
     let ck =
         rcgen::generate_simple_self_signed(sans).map_err(|e| TlsError::Generate(e.to_string()))?;
-    std::fs::create_dir_all(dir).map_err(|source| TlsError::Write {
+    crate::private::dir(dir).map_err(|source| TlsError::Write {
         path: dir.to_owned(),
         source,
     })?;

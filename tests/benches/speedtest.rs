@@ -379,7 +379,7 @@ impl LinkPair {
             dead_after: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(5),
             backoff: Default::default(),
-            max_concurrent_calls: 256,
+            max_concurrent_calls: netpilot_agent::RunConfig::default().max_concurrent_calls,
         };
         let service = service_fn(agent_service);
         tokio::spawn(

@@ -525,6 +525,7 @@ const RELAY_LAYERS: &[(&str, &[&str])] = &[
             "peer_limits",
             "conn_activity",
             "sync",
+            "private",
         ],
     ),
     (

@@ -4,6 +4,7 @@
 
 pub mod dns;
 pub mod health;
+pub mod intake;
 pub mod policy;
 mod scan;
 pub mod usage;
@@ -25,6 +26,7 @@ use serde::Serialize;
 use tracing::Instrument;
 
 use crate::app::App;
+use intake::{Admitted, BodyBudget, IntakeError};
 
 pub type Body = Full<Bytes>;
 
@@ -74,6 +76,9 @@ pub enum AgentError {
     ResetFailed(String),
     #[error("request body is larger than {0} bytes")]
     PayloadTooLarge(usize),
+    /// Bodies in flight fill the memory budget and none left room in time.
+    #[error("{0}")]
+    Busy(String),
     /// A speed test is already running on this router.
     #[error("a speed test is already running")]
     SpeedtestRunning,
@@ -101,8 +106,15 @@ impl From<crate::speedtest::SpeedtestError> for AgentError {
     }
 }
 
-/// Bodies larger than this are refused; 16,384 devices of JSON fit well inside.
-const MAX_BODY: usize = 4 * 1024 * 1024;
+impl From<IntakeError> for AgentError {
+    fn from(e: IntakeError) -> Self {
+        match e {
+            IntakeError::Busy => AgentError::Busy(e.to_string()),
+            IntakeError::TooLarge(n) => AgentError::PayloadTooLarge(n),
+            IntakeError::Broken(_) => AgentError::InvalidParameter(e.to_string()),
+        }
+    }
+}
 
 impl AgentError {
     /// The only mapping from an agent error to its code; the status follows from it.
@@ -124,6 +136,7 @@ impl AgentError {
             AgentError::NoUsage(_) => ErrorCode::DeviceNotFound,
             AgentError::ResetFailed(_) => ErrorCode::UsageResetFailed,
             AgentError::PayloadTooLarge(_) => ErrorCode::PayloadTooLarge,
+            AgentError::Busy(_) => ErrorCode::AgentBusy,
             AgentError::SpeedtestRunning => ErrorCode::SpeedtestRunning,
             AgentError::SpeedtestBusy => ErrorCode::SpeedtestBusy,
             // The relay (the upstream of this measurement) failed us: a gateway error.
@@ -138,7 +151,13 @@ impl AgentError {
     }
 }
 
-pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+/// Answers one call; `bodies` is the agent's one budget for request bodies (the
+/// link and the local listener share it).
+pub async fn handle(
+    app: Arc<App>,
+    bodies: Arc<BodyBudget>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
     let started = Instant::now();
     let header = |name: &str| {
         req.headers()
@@ -159,7 +178,7 @@ pub async fn handle(app: Arc<App>, req: Request<Incoming>) -> Result<Response<Bo
             duration_ms: started.elapsed().as_millis() as u64,
             request_id: request_id.clone(),
         };
-        let resp = match dispatch(&app, req).await {
+        let resp = match dispatch(&app, &bodies, req).await {
             Ok(Reply(status, Payload::Json(value))) => json(status, &Envelope::ok(value, meta())),
             Ok(Reply(status, Payload::Raw(content_type, text))) => Response::builder()
                 .status(status)
@@ -201,7 +220,11 @@ impl Reply {
     }
 }
 
-async fn dispatch(app: &Arc<App>, req: Request<Incoming>) -> Result<Reply, AgentError> {
+async fn dispatch(
+    app: &Arc<App>,
+    bodies: &BodyBudget,
+    req: Request<Incoming>,
+) -> Result<Reply, AgentError> {
     let path = req.uri().path().to_owned();
     let route = match match_route(req.method().as_str(), &path) {
         Ok(m) => m,
@@ -216,6 +239,9 @@ async fn dispatch(app: &Arc<App>, req: Request<Incoming>) -> Result<Reply, Agent
             )))
         }
     };
+    // Before a byte of the body is read; held until the answer is built, so what
+    // the handler makes of the body is covered too. Calls without one pass at once.
+    let body = bodies.admit(req.body()).await?;
     match route.route.pattern {
         "/api/agent/health" => Reply::ok(health::health(app)),
         "/api/scan/router" => scan::router(app).await,
@@ -228,21 +254,21 @@ async fn dispatch(app: &Arc<App>, req: Request<Incoming>) -> Result<Reply, Agent
         }
         pattern if pattern.starts_with("/api/device-usage/") => {
             let method = route.route.method.as_str();
-            let call = call(method, pattern, route.param("mac"), req).await?;
+            let call = call(method, pattern, route.param("mac"), req, &body).await?;
             usage::handle(&app.usage, call).await
         }
         pattern if policy_route(pattern) => {
             let method = route.route.method.as_str();
-            let call = call(method, pattern, route.param("id"), req).await?;
+            let call = call(method, pattern, route.param("id"), req, &body).await?;
             policy::handle(&app.policy, &app.offload, call).await
         }
         pattern if pattern.starts_with("/api/dns/") => {
             let method = route.route.method.as_str();
-            let call = call(method, pattern, route.param("name"), req).await?;
+            let call = call(method, pattern, route.param("name"), req, &body).await?;
             dns::handle(&app.policy, call, app.policy.now()).await
         }
         pattern if pattern.starts_with("/api/wifi/") => {
-            let call = call(route.route.method.as_str(), pattern, None, req).await?;
+            let call = call(route.route.method.as_str(), pattern, None, req, &body).await?;
             wifi::handle(&app.wifi, call).await
         }
         other => Err(AgentError::NotImplemented(other)),
@@ -269,8 +295,8 @@ async fn call(
     pattern: &'static str,
     path_id: Option<&str>,
     req: Request<Incoming>,
+    body: &Admitted<'_>,
 ) -> Result<policy::Call, AgentError> {
-    use http_body_util::BodyExt;
     let header = |name: &str| {
         req.headers()
             .get(name)
@@ -296,12 +322,7 @@ async fn call(
             serde_json::Value::String(percent_decode(v)),
         );
     }
-    let limited = http_body_util::Limited::new(req.into_body(), MAX_BODY);
-    let bytes = limited
-        .collect()
-        .await
-        .map_err(|_| AgentError::PayloadTooLarge(MAX_BODY))?
-        .to_bytes();
+    let bytes = body.read(req.into_body()).await?;
     if !bytes.iter().all(u8::is_ascii_whitespace) {
         match serde_json::from_slice::<serde_json::Value>(&bytes) {
             Ok(serde_json::Value::Object(m)) => args.extend(m),

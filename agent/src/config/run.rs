@@ -38,6 +38,8 @@ pub struct RunConfig {
     pub dead_after: Duration,
     pub connect_timeout: Duration,
     pub backoff: BackoffConfig,
+    /// Streams the link serves at once (the relay queues the rest). With the
+    /// link's 64 KiB stream window, 16 make a 1 MiB connection window.
     pub max_concurrent_calls: u32,
     /// The LAN-side bridges (empty: every LAN-side zone's, from UCI `firewall`
     /// and `network`) and the WAN device (`None`: UCI `network.wan`'s).
@@ -114,7 +116,7 @@ impl Default for RunConfig {
             dead_after: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(15),
             backoff: BackoffConfig::default(),
-            max_concurrent_calls: 256,
+            max_concurrent_calls: 16,
             lan_ifs: Vec::new(),
             wan_if: None,
             timezone: None,

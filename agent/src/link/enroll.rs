@@ -31,6 +31,9 @@ pub enum EnrollError {
     /// The relay said no.
     #[error("relay refused enrollment: {code}: {message}")]
     Refused { code: String, message: String },
+    /// The relay's answer holds values it never issues; nothing was stored.
+    #[error("the relay's answer is unusable ({0}); nothing was stored")]
+    BadAnswer(String),
     /// Storing the identity failed.
     #[error(transparent)]
     Identity(#[from] IdentityError),
@@ -104,6 +107,8 @@ pub async fn enroll(args: EnrollArgs<'_>) -> Result<Identity, EnrollError> {
         trust: args.trust,
         name: data.name,
     };
+    // Stored, a bad value would stop every later start of the agent instead.
+    identity.check().map_err(EnrollError::BadAnswer)?;
     identity.save(args.state_dir)?;
     Ok(identity)
 }

@@ -1,6 +1,9 @@
 //! The router's identity after enrollment: router id, secret, relay URL and how to
-//! trust the relay. Stored as `identity.json` in the state directory, mode 0600,
-//! written through a temporary file and a rename so a crash never leaves half of it.
+//! trust the relay. Stored as `identity.json` in the state directory (0700), mode
+//! 0600, written through a temporary file and a rename so a crash never leaves half
+//! of it. Checked when the relay hands it out and whenever it is loaded: a value
+//! that cannot be sent (a secret with a line break, say) would otherwise fail deep
+//! in the link, again at every restart.
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
@@ -10,6 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::link::tls::Trust;
+use crate::runtime::private;
 
 pub const FILE_NAME: &str = "identity.json";
 
@@ -48,7 +52,7 @@ pub enum IdentityError {
         source: std::io::Error,
     },
     /// The file exists but is not a valid identity.
-    #[error("{path} is corrupt ({message}); enroll again with a new token")]
+    #[error("{path} is unusable ({message}); enroll again with a new token: netpilot-agent enroll --force --relay URL --token TOKEN")]
     Corrupt { path: PathBuf, message: String },
 }
 
@@ -70,13 +74,39 @@ impl Identity {
             path: path.clone(),
             message: e.to_string(),
         })?;
-        if id.router_id.is_empty() || id.router_secret.is_empty() {
-            return Err(IdentityError::Corrupt {
-                path,
-                message: "empty router id or secret".into(),
-            });
+        id.check().map_err(|message| IdentityError::Corrupt {
+            path: path.clone(),
+            message,
+        })?;
+        // Saved 0600 always; a file someone loosened since is tightened here.
+        match private::restrict(&path, private::FILE_MODE) {
+            Ok(Some(t)) => {
+                tracing::warn!(path = %path.display(), mode = %t, "tightened permissions: the agent's state is private")
+            }
+            Ok(None) => {}
+            Err(source) => return Err(IdentityError::Io { path, source }),
         }
         Ok(id)
+    }
+
+    /// What the relay issues: a UUID router id and a secret of 64 lowercase hex
+    /// digits; a relay URL and a pinned fingerprint the link can use.
+    pub fn check(&self) -> Result<(), String> {
+        if !is_uuid(&self.router_id) {
+            return Err(format!("router_id {:?} is not a UUID", self.router_id));
+        }
+        if !is_secret(&self.router_secret) {
+            // Never the value: it may be most of the real secret.
+            return Err(format!(
+                "router_secret is not 64 lowercase hex digits ({} characters)",
+                self.router_secret.chars().count()
+            ));
+        }
+        crate::link::dial::RelayAddr::parse(&self.relay_url).map_err(|e| e.to_string())?;
+        if let Trust::Fingerprint(f) = &self.trust {
+            crate::link::tls::parse_fingerprint(f).map_err(|e| e.to_string())?;
+        }
+        Ok(())
     }
 
     /// Proves the state directory can take the identity (exists or can be made, and a
@@ -86,7 +116,7 @@ impl Identity {
             let path = path.to_owned();
             move |source| IdentityError::Io { path, source }
         };
-        fs::create_dir_all(state_dir).map_err(io(state_dir))?;
+        private::dir(state_dir).map_err(io(state_dir))?;
         let probe = state_dir.join(format!(".{FILE_NAME}.probe"));
         let result = (|| {
             let mut f = OpenOptions::new()
@@ -108,7 +138,7 @@ impl Identity {
             let path = path.to_owned();
             move |source| IdentityError::Io { path, source }
         };
-        fs::create_dir_all(state_dir).map_err(io(state_dir))?;
+        private::dir(state_dir).map_err(io(state_dir))?;
         let path = Self::path(state_dir);
         let tmp = state_dir.join(format!(".{FILE_NAME}.tmp"));
         let bytes = serde_json::to_vec_pretty(self).expect("identity serialises");
@@ -129,6 +159,19 @@ impl Identity {
         }
         Ok(())
     }
+}
+
+/// The canonical text form, `8-4-4-4-12` hex digits.
+fn is_uuid(s: &str) -> bool {
+    s.len() == 36
+        && s.bytes().enumerate().all(|(i, b)| match i {
+            8 | 13 | 18 | 23 => b == b'-',
+            _ => b.is_ascii_hexdigit(),
+        })
+}
+
+fn is_secret(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 #[cfg(test)]
@@ -152,7 +195,7 @@ mod tests {
     fn sample() -> Identity {
         Identity {
             router_id: "0b7c3a5e-0000-4000-8000-000000000001".into(),
-            router_secret: "s3cr3t".into(),
+            router_secret: "5ec7e7".repeat(10) + "abcd",
             relay_url: "https://relay.example:8443".into(),
             trust: Trust::Fingerprint("ab".repeat(32)),
             name: "home".into(),
@@ -171,7 +214,7 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
-        assert!(!format!("{back:?}").contains("s3cr3t"));
+        assert!(!format!("{back:?}").contains("5ec7e7"));
         fs::remove_dir_all(dir).unwrap();
     }
 
@@ -185,6 +228,36 @@ mod tests {
         fs::write(Identity::path(&dir), b"{\"router_id\": ").unwrap();
         let err = Identity::load(&dir).unwrap_err();
         assert!(matches!(err, IdentityError::Corrupt { .. }), "{err}");
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn values_the_relay_never_issues_are_refused() {
+        assert!(sample().check().is_ok());
+        let bad = |f: fn(&mut Identity)| {
+            let mut id = sample();
+            f(&mut id);
+            id.check().unwrap_err()
+        };
+        assert!(bad(|i| i.router_id = "router-1".into()).contains("router_id"));
+        assert!(bad(|i| i.router_id.push('\n')).contains("router_id"));
+        assert!(bad(|i| i.router_id = i.router_id.replace('-', "x")).contains("UUID"));
+        let e = bad(|i| i.router_secret = "AB".repeat(32));
+        assert!(e.contains("64 lowercase hex") && !e.contains("ABAB"), "{e}");
+        assert!(bad(|i| i.router_secret.push('\n')).contains("router_secret"));
+        assert!(bad(|i| i.router_secret = String::new()).contains("router_secret"));
+        assert!(bad(|i| i.relay_url = "relay:443".into()).contains("relay URL"));
+        assert!(bad(|i| i.trust = Trust::Fingerprint("zz".into())).contains("fingerprint"));
+        // Loading such a file says which value and how to recover, no panic.
+        let dir = temp_dir();
+        let mut id = sample();
+        id.router_secret = "not\nhex".into();
+        id.save(&dir).unwrap();
+        let err = Identity::load(&dir).unwrap_err().to_string();
+        assert!(
+            err.contains("router_secret") && err.contains("enroll --force"),
+            "{err}"
+        );
         fs::remove_dir_all(dir).unwrap();
     }
 }

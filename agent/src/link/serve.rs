@@ -260,14 +260,32 @@ where
     Ok(Ended::Closed)
 }
 
-/// The agent's end of every link: the HTTP/2 server. Flow-control windows are
-/// hyper's defaults (1 MiB stream and connection window for what the relay sends).
-/// Public so the speed-test bench measures this very configuration.
+/// What the relay may send on one stream before the agent reads it. Small, so the
+/// calls waiting for the body budget (`api::intake`) hold little each.
+pub const STREAM_WINDOW: u32 = 64 * 1024;
+
+/// The agent's end of every link: the HTTP/2 server. At most
+/// `max_concurrent_calls` streams (the relay queues the rest under its command
+/// timeout); what the relay sends is bounded by flow control: `STREAM_WINDOW` per
+/// stream, and the connection window is exactly room for every stream's window.
+/// That product is the most unread request bodies can hold, and it never deadlocks:
+/// calls waiting for the body budget cannot fill the connection window, so the call
+/// holding the budget always gets its data. Public so the speed-test bench measures
+/// this very configuration.
 pub fn h2_server(config: &LinkConfig) -> hyper::server::conn::http2::Builder<TokioExecutor> {
     let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     b.timer(TokioTimer::new())
         .keep_alive_interval(Some(config.ping_interval))
         .keep_alive_timeout(config.dead_after.saturating_sub(config.ping_interval))
-        .max_concurrent_streams(config.max_concurrent_calls);
+        .max_concurrent_streams(config.max_concurrent_calls)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(connection_window(config.max_concurrent_calls))
+        // Headers from the relay are a few hundred bytes.
+        .max_header_list_size(16 * 1024);
     b
+}
+
+/// Room for every stream's full window (h2's largest window is 2^31-1).
+pub fn connection_window(max_streams: u32) -> u32 {
+    (max_streams.max(1) as u64 * STREAM_WINDOW as u64).min(i32::MAX as u64) as u32
 }

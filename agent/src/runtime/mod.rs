@@ -1,8 +1,11 @@
 //! The bottom layer: what every other module may use and that uses none of them —
-//! the injected clock and calendar arithmetic, the shutdown signal, and the one
-//! place that starts (and signals) processes.
+//! the injected clock and calendar arithmetic, the shutdown signal, giving memory
+//! back to the system, private files, and the one place that starts (and signals)
+//! processes.
 
 pub mod clock;
+pub mod memory;
+pub mod private;
 pub mod process;
 pub mod shutdown;
 
