@@ -36,6 +36,18 @@ fn run_until_stderr(dir: &std::path::Path, expect: &str) -> String {
         .spawn()
         .unwrap();
     let mut stderr = child.stderr.take().unwrap();
+    // A message that never comes must fail the test, not hang it: past the
+    // deadline the agent is killed, its stderr ends and the loop below fails.
+    let (done, deadline) = std::sync::mpsc::channel::<()>();
+    let pid = child.id().to_string();
+    let watchdog = std::thread::spawn(move || {
+        if deadline
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .is_err()
+        {
+            let _ = std::process::Command::new("kill").arg(&pid).status();
+        }
+    });
     let mut seen = String::new();
     let mut buf = [0u8; 4096];
     while !seen.contains(expect) {
@@ -43,6 +55,8 @@ fn run_until_stderr(dir: &std::path::Path, expect: &str) -> String {
         assert!(n > 0, "agent exited before saying {expect:?}: {seen}");
         seen.push_str(&String::from_utf8_lossy(&buf[..n]));
     }
+    let _ = done.send(());
+    watchdog.join().unwrap();
     assert!(
         child.try_wait().unwrap().is_none(),
         "the agent exited instead of waiting"
@@ -63,11 +77,15 @@ fn run_without_enrollment_waits_and_says_what_to_do() {
 }
 
 #[test]
-fn corrupt_identity_is_reported_as_corrupt() {
+fn corrupt_identity_is_reported_as_unusable() {
     let dir = tempdir();
     std::fs::write(dir.join("identity.json"), "{not json").unwrap();
-    let err = run_until_stderr(&dir, "waiting for enrollment");
-    assert!(err.contains("corrupt"), "{err}");
+    // Said once as an error, then the agent idles until it is enrolled again.
+    let err = run_until_stderr(&dir, "idle until the router is enrolled again");
+    assert!(
+        err.contains("identity.json is unusable") && err.contains("enroll --force"),
+        "{err}"
+    );
 }
 
 #[test]
