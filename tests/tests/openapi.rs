@@ -16,8 +16,11 @@
 //!
 //! The schema checker is hand-written (about a hundred lines) for the subset of JSON
 //! Schema the document uses: `type`, `const`, `enum`, `required`, `properties`, `items`,
-//! `allOf`, `anyOf`, `oneOf`, `$ref` to local components, `minLength`/`maxLength`,
-//! `minimum`/`maximum`. Any other validation keyword in the document fails the test.
+//! `allOf`, `anyOf`, `oneOf`, `not`, `$ref` to local components, `minLength`/`maxLength`,
+//! `minimum`/`maximum`, `minItems`/`maxItems`, `pattern` (a search, as JSON Schema
+//! reads it, with the `regex` crate: the document's patterns keep to the syntax
+//! ECMA-262, Python and Rust agree on — no look-around, no back-references — and
+//! each must compile). Any other validation keyword in the document fails the test.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -134,6 +137,10 @@ const VALIDATION_KEYWORDS: &[&str] = &[
     "maxLength",
     "minimum",
     "maximum",
+    "pattern",
+    "minItems",
+    "maxItems",
+    "not",
 ];
 const ANNOTATION_KEYWORDS: &[&str] = &[
     "description",
@@ -233,6 +240,13 @@ impl<'a> Checker<'a> {
             {
                 errs.push(format!("{at}: string longer than maxLength"));
             }
+            if let Some(p) = s.get("pattern").and_then(Value::as_str) {
+                match regex::Regex::new(p) {
+                    Ok(re) if re.is_match(text) => {}
+                    Ok(_) => errs.push(format!("{at}: {} does not match {p:?}", short(v))),
+                    Err(e) => errs.push(format!("{at}: pattern {p:?} does not compile: {e}")),
+                }
+            }
         }
         if let Some(x) = v.as_f64() {
             if s.get("minimum")
@@ -262,6 +276,22 @@ impl<'a> Checker<'a> {
                         self.check(sub, val, &format!("{at}.{k}"), true, errs);
                     }
                 }
+            }
+        }
+        if let Value::Array(items) = v {
+            let n = items.len() as u64;
+            if s.get("minItems").and_then(Value::as_u64).is_some_and(|min| n < min) {
+                errs.push(format!("{at}: fewer than minItems items"));
+            }
+            if s.get("maxItems").and_then(Value::as_u64).is_some_and(|max| n > max) {
+                errs.push(format!("{at}: more than maxItems items"));
+            }
+        }
+        if let Some(not) = s.get("not") {
+            let mut e = Vec::new();
+            self.check(not, v, at, false, &mut e);
+            if e.is_empty() {
+                errs.push(format!("{at}: matches the schema under `not` ({not})"));
             }
         }
         if let (Value::Array(items), Some(sub)) = (v, s.get("items")) {
@@ -340,7 +370,15 @@ impl<'a> Checker<'a> {
                     }),
                     None => errs.push(format!("{here}: not an object")),
                 },
-                "items" => self.lint_schema(v, &here, errs),
+                "items" | "not" => self.lint_schema(v, &here, errs),
+                "pattern" => match v.as_str().map(regex::Regex::new) {
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => errs.push(format!("{here}: does not compile: {e}")),
+                    None => errs.push(format!("{here}: not a string")),
+                },
+                "minItems" | "maxItems" | "minLength" | "maxLength" if !v.is_u64() => {
+                    errs.push(format!("{here}: not a non-negative integer"))
+                }
                 "allOf" | "anyOf" | "oneOf" => match v.as_array() {
                     Some(bs) if !bs.is_empty() => bs
                         .iter()
