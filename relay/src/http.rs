@@ -305,8 +305,7 @@ mod tests {
     #[test]
     fn a_whole_float_label_reads_as_the_integer() {
         let body: Map<String, Value> =
-            serde_json::from_value(serde_json::json!({"a": -128.0, "b": 1.5, "c": 1e300}))
-                .unwrap();
+            serde_json::from_value(serde_json::json!({"a": -128.0, "b": 1.5, "c": 1e300})).unwrap();
         let args = Args {
             body: Some(&body),
             query: &[],

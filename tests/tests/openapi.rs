@@ -241,9 +241,9 @@ impl<'a> Checker<'a> {
                 errs.push(format!("{at}: string longer than maxLength"));
             }
             if let Some(p) = s.get("pattern").and_then(Value::as_str) {
-                match regex::Regex::new(p) {
-                    Ok(re) if re.is_match(text) => {}
-                    Ok(_) => errs.push(format!("{at}: {} does not match {p:?}", short(v))),
+                match matches(p, text) {
+                    Ok(true) => {}
+                    Ok(false) => errs.push(format!("{at}: {} does not match {p:?}", short(v))),
                     Err(e) => errs.push(format!("{at}: pattern {p:?} does not compile: {e}")),
                 }
             }
@@ -280,10 +280,16 @@ impl<'a> Checker<'a> {
         }
         if let Value::Array(items) = v {
             let n = items.len() as u64;
-            if s.get("minItems").and_then(Value::as_u64).is_some_and(|min| n < min) {
+            if s.get("minItems")
+                .and_then(Value::as_u64)
+                .is_some_and(|min| n < min)
+            {
                 errs.push(format!("{at}: fewer than minItems items"));
             }
-            if s.get("maxItems").and_then(Value::as_u64).is_some_and(|max| n > max) {
+            if s.get("maxItems")
+                .and_then(Value::as_u64)
+                .is_some_and(|max| n > max)
+            {
                 errs.push(format!("{at}: more than maxItems items"));
             }
         }
@@ -418,6 +424,21 @@ impl<'a> Checker<'a> {
             }
         }
     }
+}
+
+/// `pattern` as JSON Schema reads it (a search), each pattern compiled once per thread.
+fn matches(pattern: &str, text: &str) -> Result<bool, regex::Error> {
+    thread_local! {
+        static COMPILED: std::cell::RefCell<BTreeMap<String, regex::Regex>> =
+            std::cell::RefCell::default();
+    }
+    COMPILED.with(|c| {
+        let mut c = c.borrow_mut();
+        if !c.contains_key(pattern) {
+            c.insert(pattern.to_owned(), regex::Regex::new(pattern)?);
+        }
+        Ok(c[pattern].is_match(text))
+    })
 }
 
 fn type_matches(t: &str, v: &Value) -> bool {
@@ -712,6 +733,158 @@ fn document_is_well_formed() {
         "docs/openapi.json:\n  {}",
         errs.join("\n  ")
     );
+}
+
+/// Strings near and far from each field's rules: separators, case, lengths, control,
+/// multi-byte and invisible characters, from a fixed-seed generator over each field's
+/// alphabet plus hand-picked edges.
+fn samples(alphabet: &str, edges: &[&str], max_len: usize) -> Vec<String> {
+    let chars: Vec<char> = alphabet.chars().collect();
+    let mut out: Vec<String> = edges.iter().map(|s| (*s).to_owned()).collect();
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for _ in 0..4000 {
+        let len = (next() % (max_len as u64 + 1)) as usize;
+        out.push(
+            (0..len)
+                .map(|_| chars[(next() % chars.len() as u64) as usize])
+                .collect(),
+        );
+    }
+    out
+}
+
+/// The document is never looser than the server: every string a request field's schema
+/// accepts, the agent's or the relay's own validator for that field accepts too (the
+/// schemathesis run checks the same through the live server; this pins each rule to
+/// its validator, in-process, on thousands of strings). And the schema is not
+/// vacuous: each refuses some of the samples and accepts the documented forms.
+#[test]
+fn request_rules_are_no_looser_than_the_validators() {
+    use netpilot_agent::dns::{categories, domain};
+    use netpilot_agent::policy::model;
+    use netpilot_agent::wifi::model::{Password, Ssid};
+
+    const A63: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    const A64: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    const G64: &str = "gggggggggggggggggggggggggggggggggggggggggggggggggggggggggggggggg";
+    let doc = doc();
+    let chk = Checker { doc: &doc };
+    let schema = |p: &str| chk.pointer(p).clone();
+    type Rule = Box<dyn Fn(&str) -> bool>;
+    let label = |max: usize| -> Rule {
+        Box::new(move |s: &str| {
+            let body: Map<String, Value> = [("v".to_owned(), json!(s))].into_iter().collect();
+            netpilot_relay::http::Args {
+                body: Some(&body),
+                query: &[],
+            }
+            .label("v", max)
+            .is_ok()
+        })
+    };
+    let cases: Vec<(&str, Value, Rule, &str, &[&str], usize)> = vec![
+        (
+            "DeviceTarget.mac",
+            schema("#/components/schemas/DeviceTarget/properties/mac"),
+            Box::new(|s| model::Mac::parse(s).is_ok()),
+            "0123456789abcdefABCDEF:-.g ",
+            &["aa:bb:cc:dd:ee:f0", "AA-BB-CC-DD-EE-F0", "aabb.ccdd.eef0", "aabbccddeef0", "00:00:00:00:00:00", "01:00:5e:00:00:01", "aa:bb-cc:dd:ee:f0"],
+            17,
+        ),
+        (
+            "Schedule.start",
+            schema("#/components/schemas/Schedule/properties/start"),
+            Box::new(|s| model::parse_time("start", s, false).is_ok()),
+            "0123456789: +",
+            &["00:00", "23:59", "24:00", "7:30", "07:3", "+1:00"],
+            6,
+        ),
+        (
+            "Schedule.end",
+            schema("#/components/schemas/Schedule/properties/end"),
+            Box::new(|s| model::parse_time("end", s, true).is_ok()),
+            "0123456789: +",
+            &["24:00", "24:01", "23:59"],
+            6,
+        ),
+        (
+            "Group.name",
+            schema("#/components/schemas/Group/properties/name"),
+            Box::new(|s| model::validate_name("name", s).is_ok()),
+            "aZ 09-é中🚀\t\n\u{7f}\u{85}",
+            &["Kids", "", "\u{1F680}\u{1F680}\u{1F680}\u{1F680}\u{1F680}\u{1F680}\u{1F680}\u{1F680}\u{1F680}\u{1F680}\u{1F680}\u{1F680}\u{1F680}\u{1F680}\u{1F680}\u{1F680}\u{1F680}"],
+            70,
+        ),
+        (
+            "WifiSsid.ssid",
+            schema("#/components/schemas/WifiSsid/properties/ssid"),
+            Box::new(|s| Ssid::parse(s).is_ok()),
+            "aZ 09'\"é中🚀\t\n\u{7f}\u{85}",
+            &["Home", "", "Café 🚀"],
+            36,
+        ),
+        (
+            "WifiPassword.password",
+            schema("#/components/schemas/WifiPassword/properties/password"),
+            Box::new(|s| Password::parse(s).is_ok()),
+            "aZ09 ~!'\"é\t\u{7f}abcdef",
+            &["12345678", "1234567", A63, A64, G64],
+            70,
+        ),
+        (
+            "DnsPolicy.blockDomains[]",
+            schema("#/components/schemas/DnsPolicy/properties/blockDomains/items"),
+            Box::new(|s| domain::normalize(s).is_ok()),
+            "abz09-_.*é中 \u{200b}:[]",
+            &["example.com", "*.example.com", "example.com.", "1.2.3.4", "a..b", "-a.com", "a-.com", "com", "xn--caf-dma.fr", "_dmarc.example.com"],
+            30,
+        ),
+        (
+            "DnsPolicy.categories[]",
+            schema("#/components/schemas/DnsPolicy/properties/categories/items"),
+            Box::new(|s| categories::validate_name(s).is_ok()),
+            "az09_-A. ",
+            &["social", "ads-2", "_x", "Social", ""],
+            34,
+        ),
+        (
+            "CreateRouterRequest.name",
+            schema("#/components/schemas/CreateRouterRequest/properties/name"),
+            label(64),
+            "aZ 09é中🚀\t\n\u{85}\u{3000}",
+            &["Home router", " ", " x ", ""],
+            70,
+        ),
+    ];
+    let mut errs = Vec::new();
+    for (field, sch, rule, alphabet, edges, max_len) in &cases {
+        let (mut accepted, mut refused) = (0, 0);
+        for s in samples(alphabet, edges, *max_len) {
+            if chk.validate(sch, &json!(s)).is_empty() {
+                accepted += 1;
+                if !rule(&s) {
+                    errs.push(format!(
+                        "{field}: the schema accepts {s:?}, the server refuses it"
+                    ));
+                }
+            } else {
+                refused += 1;
+            }
+        }
+        if accepted == 0 || refused == 0 {
+            errs.push(format!(
+                "{field}: accepted {accepted}, refused {refused}: a vacuous rule"
+            ));
+        }
+    }
+    errs.truncate(40);
+    assert!(errs.is_empty(), "{}", errs.join("\n"));
 }
 
 #[test]
