@@ -741,20 +741,10 @@ fn document_is_well_formed() {
 fn samples(alphabet: &str, edges: &[&str], max_len: usize) -> Vec<String> {
     let chars: Vec<char> = alphabet.chars().collect();
     let mut out: Vec<String> = edges.iter().map(|s| (*s).to_owned()).collect();
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut next = move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    };
+    let mut rng = netpilot_testkit::XorShift::new(15);
     for _ in 0..4000 {
-        let len = (next() % (max_len as u64 + 1)) as usize;
-        out.push(
-            (0..len)
-                .map(|_| chars[(next() % chars.len() as u64) as usize])
-                .collect(),
-        );
+        let len = rng.below(max_len as u64 + 1) as usize;
+        out.push((0..len).map(|_| *rng.pick(&chars)).collect());
     }
     out
 }
@@ -848,7 +838,8 @@ fn request_rules_are_no_looser_than_the_validators() {
         (
             "DnsPolicy.categories[]",
             schema("#/components/schemas/DnsPolicy/properties/categories/items"),
-            Box::new(|s| categories::validate_name(s).is_ok()),
+            // As `dns.categories` reads them: case-insensitive.
+            Box::new(|s| categories::validate_name(&s.trim().to_ascii_lowercase()).is_ok()),
             "az09_-A. ",
             &["social", "ads-2", "_x", "Social", ""],
             34,
