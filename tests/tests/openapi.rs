@@ -767,6 +767,8 @@ fn request_rules_are_no_looser_than_the_validators() {
     let chk = Checker { doc: &doc };
     let schema = |p: &str| chk.pointer(p).clone();
     type Rule = Box<dyn Fn(&str) -> bool>;
+    /// Field, its schema, its validator, the sample alphabet, edge cases, longest sample.
+    type Case<'e> = (&'static str, Value, Rule, &'static str, &'e [&'e str], usize);
     let label = |max: usize| -> Rule {
         Box::new(move |s: &str| {
             let body: Map<String, Value> = [("v".to_owned(), json!(s))].into_iter().collect();
@@ -778,7 +780,7 @@ fn request_rules_are_no_looser_than_the_validators() {
             .is_ok()
         })
     };
-    let cases: Vec<(&str, Value, Rule, &str, &[&str], usize)> = vec![
+    let cases: Vec<Case<'_>> = vec![
         (
             "DeviceTarget.mac",
             schema("#/components/schemas/DeviceTarget/properties/mac"),
