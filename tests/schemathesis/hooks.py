@@ -67,6 +67,8 @@ NOT_EXPRESSIBLE = [
     ("DUPLICATE_DEVICE", ""),  # one MAC twice (in any notation) across the groups sent
     ("LIMIT_EXCEEDED", ""),  # totals across groups (devices, categories, groups)
     ("INVALID_SCHEDULE", "start and end are equal"),  # two fields compared
+    ("INVALID_GROUP", "listed twice"),  # sync-all: one group id twice in the array
+    ("INVALID_PASSWORD", "WPA3"),  # 64 hex digits on a WPA3 (sae) interface
 ]
 
 

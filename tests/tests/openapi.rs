@@ -768,7 +768,14 @@ fn request_rules_are_no_looser_than_the_validators() {
     let schema = |p: &str| chk.pointer(p).clone();
     type Rule = Box<dyn Fn(&str) -> bool>;
     /// Field, its schema, its validator, the sample alphabet, edge cases, longest sample.
-    type Case<'e> = (&'static str, Value, Rule, &'static str, &'e [&'e str], usize);
+    type Case<'e> = (
+        &'static str,
+        Value,
+        Rule,
+        &'static str,
+        &'e [&'e str],
+        usize,
+    );
     let label = |max: usize| -> Rule {
         Box::new(move |s: &str| {
             let body: Map<String, Value> = [("v".to_owned(), json!(s))].into_iter().collect();
