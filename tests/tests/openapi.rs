@@ -959,6 +959,29 @@ fn checker_rejects_drift() {
         !chk.validate(info, &router).is_empty(),
         "accepted an undocumented load average"
     );
+
+    // The request keywords: `not` (one field in two spellings), `minItems`, `pattern`.
+    let bandwidth = chk.pointer("#/components/schemas/Bandwidth");
+    assert_eq!(
+        chk.validate(bandwidth, &json!({"download_kbps": 8})),
+        Vec::<String>::new()
+    );
+    assert!(!chk
+        .validate(bandwidth, &json!({"downloadKbps": 8, "download_kbps": 8}))
+        .is_empty());
+    assert!(!chk
+        .validate(bandwidth, &json!({"downloadKbps": 7}))
+        .is_empty());
+    let schedule = chk.pointer("#/components/schemas/Schedule");
+    let window = json!({"days": ["mon"], "start": "22:00", "end": "24:00", "action": "block"});
+    assert_eq!(chk.validate(schedule, &window), Vec::<String>::new());
+    let mut no_days = window.clone();
+    no_days["days"] = json!([]);
+    let mut bad_time = window.clone();
+    bad_time["start"] = json!("24:00");
+    for bad in [&no_days, &bad_time] {
+        assert!(!chk.validate(schedule, bad).is_empty(), "accepted {bad}");
+    }
 }
 
 // ------------------------------------------------------------------ live checks
