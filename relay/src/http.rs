@@ -264,6 +264,11 @@ impl Args<'_> {
         let s = match self.get(camel) {
             Some(Value::String(s)) => s,
             Some(Value::Number(n)) if n.is_i64() || n.is_u64() => n.to_string(),
+            // JSON has one number type: `-128.0` is the integer -128 to JSON Schema (and
+            // to the document, which allows integers), so it is read as "-128".
+            Some(Value::Number(n)) if n.as_f64().is_some_and(is_exact_integer) => {
+                format!("{}", n.as_f64().unwrap_or_default() as i64)
+            }
             Some(other) => {
                 return Err(ApiError::InvalidParameter(format!(
                     "{camel} must be a string, got {other}"
@@ -284,6 +289,12 @@ impl Args<'_> {
         }
         Ok(s)
     }
+}
+
+/// A float that is a whole number small enough to hold exactly (|x| < 2^53).
+fn is_exact_integer(x: f64) -> bool {
+    const EXACT: f64 = 9_007_199_254_740_992.0;
+    x.fract() == 0.0 && x.abs() < EXACT
 }
 
 fn to_snake(camel: &str) -> String {
@@ -307,6 +318,20 @@ pub fn rfc3339_ms(ms: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// schemathesis (issue 15) sent `"ownerUserId": -128.0`, an integer to JSON Schema.
+    #[test]
+    fn a_whole_float_label_reads_as_the_integer() {
+        let body: Map<String, Value> =
+            serde_json::from_value(serde_json::json!({"a": -128.0, "b": 1.5, "c": 1e300})).unwrap();
+        let args = Args {
+            body: Some(&body),
+            query: &[],
+        };
+        assert_eq!(args.label("a", 128).unwrap(), "-128");
+        assert!(args.label("b", 128).is_err());
+        assert!(args.label("c", 128).is_err());
+    }
 
     #[test]
     fn snake_alias() {

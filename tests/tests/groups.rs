@@ -298,3 +298,30 @@ async fn ten_thousand_devices_are_accepted_and_twenty_thousand_refused_quickly()
         "the accepted state stays"
     );
 }
+
+/// Found by schemathesis (issue 15) after the tour: deleting a group
+/// (`DELETE /api/groups/{id}`, or `sync-all` without it) failed with `500 APPLY_FAILED`
+/// ("dev_group: no chain g2_up") once the group's devices sat in the live `dev_group`:
+/// the compile stayed pinned to a map that jumped to the deleted group's chains.
+#[tokio::test]
+async fn a_group_whose_devices_are_in_dev_group_can_be_deleted() {
+    let (api, _rig) = alice().await;
+    let group = json!({"id": 3, "name": "Kids",
+        "devices": [{"mac": "02:00:00:00:01:01"}, {"mac": "02-00-00-00-01-02"}],
+        "policy": {"dns": {"categories": ["social"], "blockDomains": ["example.com"]}}});
+    for delete_by_sync_all in [false, true] {
+        ok(&api.post("/api/groups/sync", json!({"group": group})).await);
+        ok(&api
+            .post("/api/block", json!({"mac": "02:00:00:00:01:05"}))
+            .await);
+        let r = if delete_by_sync_all {
+            api.post("/api/groups/sync-all", json!({"groups": []}))
+                .await
+        } else {
+            api.delete("/api/groups/3").await
+        };
+        ok(&r);
+        let gone = api.get("/api/groups/3").await;
+        assert_eq!((gone.status, gone.code()), (404, "GROUP_NOT_FOUND"));
+    }
+}

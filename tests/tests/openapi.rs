@@ -16,8 +16,11 @@
 //!
 //! The schema checker is hand-written (about a hundred lines) for the subset of JSON
 //! Schema the document uses: `type`, `const`, `enum`, `required`, `properties`, `items`,
-//! `allOf`, `anyOf`, `oneOf`, `$ref` to local components, `minLength`/`maxLength`,
-//! `minimum`/`maximum`. Any other validation keyword in the document fails the test.
+//! `allOf`, `anyOf`, `oneOf`, `not`, `$ref` to local components, `minLength`/`maxLength`,
+//! `minimum`/`maximum`, `minItems`/`maxItems`, `pattern` (a search, as JSON Schema
+//! reads it, with the `regex` crate: the document's patterns keep to the syntax
+//! ECMA-262, Python and Rust agree on — no look-around, no back-references — and
+//! each must compile). Any other validation keyword in the document fails the test.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -134,6 +137,10 @@ const VALIDATION_KEYWORDS: &[&str] = &[
     "maxLength",
     "minimum",
     "maximum",
+    "pattern",
+    "minItems",
+    "maxItems",
+    "not",
 ];
 const ANNOTATION_KEYWORDS: &[&str] = &[
     "description",
@@ -233,6 +240,13 @@ impl<'a> Checker<'a> {
             {
                 errs.push(format!("{at}: string longer than maxLength"));
             }
+            if let Some(p) = s.get("pattern").and_then(Value::as_str) {
+                match matches(p, text) {
+                    Ok(true) => {}
+                    Ok(false) => errs.push(format!("{at}: {} does not match {p:?}", short(v))),
+                    Err(e) => errs.push(format!("{at}: pattern {p:?} does not compile: {e}")),
+                }
+            }
         }
         if let Some(x) = v.as_f64() {
             if s.get("minimum")
@@ -262,6 +276,28 @@ impl<'a> Checker<'a> {
                         self.check(sub, val, &format!("{at}.{k}"), true, errs);
                     }
                 }
+            }
+        }
+        if let Value::Array(items) = v {
+            let n = items.len() as u64;
+            if s.get("minItems")
+                .and_then(Value::as_u64)
+                .is_some_and(|min| n < min)
+            {
+                errs.push(format!("{at}: fewer than minItems items"));
+            }
+            if s.get("maxItems")
+                .and_then(Value::as_u64)
+                .is_some_and(|max| n > max)
+            {
+                errs.push(format!("{at}: more than maxItems items"));
+            }
+        }
+        if let Some(not) = s.get("not") {
+            let mut e = Vec::new();
+            self.check(not, v, at, false, &mut e);
+            if e.is_empty() {
+                errs.push(format!("{at}: matches the schema under `not` ({not})"));
             }
         }
         if let (Value::Array(items), Some(sub)) = (v, s.get("items")) {
@@ -340,7 +376,15 @@ impl<'a> Checker<'a> {
                     }),
                     None => errs.push(format!("{here}: not an object")),
                 },
-                "items" => self.lint_schema(v, &here, errs),
+                "items" | "not" => self.lint_schema(v, &here, errs),
+                "pattern" => match v.as_str().map(regex::Regex::new) {
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => errs.push(format!("{here}: does not compile: {e}")),
+                    None => errs.push(format!("{here}: not a string")),
+                },
+                "minItems" | "maxItems" | "minLength" | "maxLength" if !v.is_u64() => {
+                    errs.push(format!("{here}: not a non-negative integer"))
+                }
                 "allOf" | "anyOf" | "oneOf" => match v.as_array() {
                     Some(bs) if !bs.is_empty() => bs
                         .iter()
@@ -380,6 +424,21 @@ impl<'a> Checker<'a> {
             }
         }
     }
+}
+
+/// `pattern` as JSON Schema reads it (a search), each pattern compiled once per thread.
+fn matches(pattern: &str, text: &str) -> Result<bool, regex::Error> {
+    thread_local! {
+        static COMPILED: std::cell::RefCell<BTreeMap<String, regex::Regex>> =
+            std::cell::RefCell::default();
+    }
+    COMPILED.with(|c| {
+        let mut c = c.borrow_mut();
+        if !c.contains_key(pattern) {
+            c.insert(pattern.to_owned(), regex::Regex::new(pattern)?);
+        }
+        Ok(c[pattern].is_match(text))
+    })
 }
 
 fn type_matches(t: &str, v: &Value) -> bool {
@@ -678,6 +737,158 @@ fn document_is_well_formed() {
     );
 }
 
+/// Strings near and far from each field's rules: separators, case, lengths, control,
+/// multi-byte and invisible characters, from a fixed-seed generator over each field's
+/// alphabet plus hand-picked edges.
+fn samples(alphabet: &str, edges: &[&str], max_len: usize) -> Vec<String> {
+    let chars: Vec<char> = alphabet.chars().collect();
+    let mut out: Vec<String> = edges.iter().map(|s| (*s).to_owned()).collect();
+    let mut rng = netpilot_testkit::XorShift::new(15);
+    for _ in 0..4000 {
+        let len = rng.below(max_len as u64 + 1) as usize;
+        out.push((0..len).map(|_| *rng.pick(&chars)).collect());
+    }
+    out
+}
+
+/// The document is never looser than the server: every string a request field's schema
+/// accepts, the agent's or the relay's own validator for that field accepts too (the
+/// schemathesis run checks the same through the live server; this pins each rule to
+/// its validator, in-process, on thousands of strings). And the schema is not
+/// vacuous: each refuses some of the samples and accepts the documented forms.
+#[test]
+fn request_rules_are_no_looser_than_the_validators() {
+    use netpilot_agent::dns::{categories, domain};
+    use netpilot_agent::policy::model;
+    use netpilot_agent::wifi::model::{Password, Ssid};
+
+    const A63: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    const A64: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    const G64: &str = "gggggggggggggggggggggggggggggggggggggggggggggggggggggggggggggggg";
+    let doc = doc();
+    let chk = Checker { doc: &doc };
+    let schema = |p: &str| chk.pointer(p).clone();
+    type Rule = Box<dyn Fn(&str) -> bool>;
+    /// Field, its schema, its validator, the sample alphabet, edge cases, longest sample.
+    type Case<'e> = (
+        &'static str,
+        Value,
+        Rule,
+        &'static str,
+        &'e [&'e str],
+        usize,
+    );
+    let label = |max: usize| -> Rule {
+        Box::new(move |s: &str| {
+            let body: Map<String, Value> = [("v".to_owned(), json!(s))].into_iter().collect();
+            netpilot_relay::http::Args {
+                body: Some(&body),
+                query: &[],
+            }
+            .label("v", max)
+            .is_ok()
+        })
+    };
+    let cases: Vec<Case<'_>> = vec![
+        (
+            "DeviceTarget.mac",
+            schema("#/components/schemas/DeviceTarget/properties/mac"),
+            Box::new(|s| model::Mac::parse(s).is_ok()),
+            "0123456789abcdefABCDEF:-.g ",
+            &["aa:bb:cc:dd:ee:f0", "AA-BB-CC-DD-EE-F0", "aabb.ccdd.eef0", "aabbccddeef0", "00:00:00:00:00:00", "01:00:5e:00:00:01", "aa:bb-cc:dd:ee:f0"],
+            17,
+        ),
+        (
+            "Schedule.start",
+            schema("#/components/schemas/Schedule/properties/start"),
+            Box::new(|s| model::parse_time("start", s, false).is_ok()),
+            "0123456789: +",
+            &["00:00", "23:59", "24:00", "7:30", "07:3", "+1:00"],
+            6,
+        ),
+        (
+            "Schedule.end",
+            schema("#/components/schemas/Schedule/properties/end"),
+            Box::new(|s| model::parse_time("end", s, true).is_ok()),
+            "0123456789: +",
+            &["24:00", "24:01", "23:59"],
+            6,
+        ),
+        (
+            "Group.name",
+            schema("#/components/schemas/Group/properties/name"),
+            Box::new(|s| model::validate_name("name", s).is_ok()),
+            "aZ 09-é中🚀\t\n\u{7f}\u{85}",
+            &["Kids", "", "\u{1F680}\u{1F680}\u{1F680}\u{1F680}\u{1F680}\u{1F680}\u{1F680}\u{1F680}\u{1F680}\u{1F680}\u{1F680}\u{1F680}\u{1F680}\u{1F680}\u{1F680}\u{1F680}\u{1F680}"],
+            70,
+        ),
+        (
+            "WifiSsid.ssid",
+            schema("#/components/schemas/WifiSsid/properties/ssid"),
+            Box::new(|s| Ssid::parse(s).is_ok()),
+            "aZ 09'\"é中🚀\t\n\u{7f}\u{85}",
+            &["Home", "", "Café 🚀"],
+            36,
+        ),
+        (
+            "WifiPassword.password",
+            schema("#/components/schemas/WifiPassword/properties/password"),
+            Box::new(|s| Password::parse(s).is_ok()),
+            "aZ09 ~!'\"é\t\u{7f}abcdef",
+            &["12345678", "1234567", A63, A64, G64],
+            70,
+        ),
+        (
+            "DnsPolicy.blockDomains[]",
+            schema("#/components/schemas/DnsPolicy/properties/blockDomains/items"),
+            Box::new(|s| domain::normalize(s).is_ok()),
+            "abz09-_.*é中 \u{200b}:[]",
+            &["example.com", "*.example.com", "example.com.", "1.2.3.4", "a..b", "-a.com", "a-.com", "com", "xn--caf-dma.fr", "_dmarc.example.com"],
+            30,
+        ),
+        (
+            "DnsPolicy.categories[]",
+            schema("#/components/schemas/DnsPolicy/properties/categories/items"),
+            // As `dns.categories` reads them: case-insensitive.
+            Box::new(|s| categories::validate_name(&s.trim().to_ascii_lowercase()).is_ok()),
+            "az09_-A. ",
+            &["social", "ads-2", "_x", "Social", ""],
+            34,
+        ),
+        (
+            "CreateRouterRequest.name",
+            schema("#/components/schemas/CreateRouterRequest/properties/name"),
+            label(64),
+            "aZ 09é中🚀\t\n\u{85}\u{3000}",
+            &["Home router", " ", " x ", ""],
+            70,
+        ),
+    ];
+    let mut errs = Vec::new();
+    for (field, sch, rule, alphabet, edges, max_len) in &cases {
+        let (mut accepted, mut refused) = (0, 0);
+        for s in samples(alphabet, edges, *max_len) {
+            if chk.validate(sch, &json!(s)).is_empty() {
+                accepted += 1;
+                if !rule(&s) {
+                    errs.push(format!(
+                        "{field}: the schema accepts {s:?}, the server refuses it"
+                    ));
+                }
+            } else {
+                refused += 1;
+            }
+        }
+        if accepted == 0 || refused == 0 {
+            errs.push(format!(
+                "{field}: accepted {accepted}, refused {refused}: a vacuous rule"
+            ));
+        }
+    }
+    errs.truncate(40);
+    assert!(errs.is_empty(), "{}", errs.join("\n"));
+}
+
 #[test]
 fn checker_rejects_drift() {
     let doc = doc();
@@ -750,6 +961,29 @@ fn checker_rejects_drift() {
         !chk.validate(info, &router).is_empty(),
         "accepted an undocumented load average"
     );
+
+    // The request keywords: `not` (one field in two spellings), `minItems`, `pattern`.
+    let bandwidth = chk.pointer("#/components/schemas/Bandwidth");
+    assert_eq!(
+        chk.validate(bandwidth, &json!({"download_kbps": 8})),
+        Vec::<String>::new()
+    );
+    assert!(!chk
+        .validate(bandwidth, &json!({"downloadKbps": 8, "download_kbps": 8}))
+        .is_empty());
+    assert!(!chk
+        .validate(bandwidth, &json!({"downloadKbps": 7}))
+        .is_empty());
+    let schedule = chk.pointer("#/components/schemas/Schedule");
+    let window = json!({"days": ["mon"], "start": "22:00", "end": "24:00", "action": "block"});
+    assert_eq!(chk.validate(schedule, &window), Vec::<String>::new());
+    let mut no_days = window.clone();
+    no_days["days"] = json!([]);
+    let mut bad_time = window.clone();
+    bad_time["start"] = json!("24:00");
+    for bad in [&no_days, &bad_time] {
+        assert!(!chk.validate(schedule, bad).is_empty(), "accepted {bad}");
+    }
 }
 
 // ------------------------------------------------------------------ live checks

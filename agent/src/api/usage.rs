@@ -42,7 +42,7 @@ fn int_arg(
     let n = match call.args.get(name) {
         None | Some(Value::Null) => return Ok(None),
         Some(Value::String(s)) => s.trim().parse::<u64>().map_err(|_| bad())?,
-        Some(Value::Number(n)) => n.as_u64().ok_or_else(bad)?,
+        Some(Value::Number(n)) => crate::policy::model::whole_number(n).ok_or_else(bad)?,
         Some(_) => return Err(bad()),
     };
     if range.contains(&n) {

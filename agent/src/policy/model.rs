@@ -467,9 +467,20 @@ pub struct ScheduleIn {
     pub action: Option<serde_json::Value>,
 }
 
+/// A JSON number that is a non-negative whole number: `7` or `7.0` (one number type in
+/// JSON; the OpenAPI document's `integer` admits both), exact below 2^53.
+pub fn whole_number(n: &serde_json::Number) -> Option<u64> {
+    const EXACT: f64 = 9_007_199_254_740_992.0;
+    n.as_u64().or_else(|| {
+        n.as_f64()
+            .filter(|x| x.fract() == 0.0 && (0.0..EXACT).contains(x))
+            .map(|x| x as u64)
+    })
+}
+
 pub fn group_id(v: &serde_json::Value) -> Result<GroupId, Invalid> {
     let n = match v {
-        serde_json::Value::Number(n) => n.as_u64(),
+        serde_json::Value::Number(n) => whole_number(n),
         serde_json::Value::String(s) => s.trim().parse::<u64>().ok(),
         _ => None,
     };
@@ -607,7 +618,7 @@ fn kbps(what: &str, v: &Option<serde_json::Value>) -> Result<Option<u32>, Invali
     if v.is_null() {
         return Ok(None);
     }
-    let n = v.as_u64().ok_or_else(|| {
+    let n = v.as_number().and_then(whole_number).ok_or_else(|| {
         invalid(
             ErrorCode::InvalidPolicy,
             format!("{what} must be a whole number of kbit/s or null, got {v}"),
@@ -1016,6 +1027,18 @@ impl fmt::Display for Desired {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// schemathesis (issue 15) sent `"id": 7094.0` and `"downloadKbps": 5000.0`: JSON
+    /// has one number type and the OpenAPI `integer` admits both spellings.
+    #[test]
+    fn whole_numbers_written_as_floats_are_integers() {
+        assert_eq!(group_id(&json!(7094.0)), Ok(7094));
+        assert!(group_id(&json!(7094.5)).is_err());
+        assert!(group_id(&json!(-1.0)).is_err());
+        assert!(group_id(&json!(1e300)).is_err());
+        assert_eq!(kbps("down", &Some(json!(5000.0))), Ok(Some(5000)));
+        assert!(kbps("down", &Some(json!(5000.25))).is_err());
+    }
 
     #[test]
     fn macs_in_every_common_notation_normalise() {

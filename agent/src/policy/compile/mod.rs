@@ -269,7 +269,20 @@ pub fn compile(desired: &Desired, ctx: &Context<'_>) -> Result<Compiled, Compile
 
     let mut sets = table::Sets::default();
     table::dns_devices(&mut sets, &wanted, &dns, guest_slot);
-    let (pin, moved) = table::device_groups(&mut sets, wanted, ctx.pinned, guest_slot);
+    // A pin holds only while every chain its elements jump to is still compiled: a
+    // group deleted while its devices sit in the live `dev_group` takes its chains
+    // with it, and nft refuses a map that jumps to a chain that is gone (found by
+    // schemathesis: DELETE /api/groups/{id} and sync-all failed with APPLY_FAILED
+    // once the engine had compacted). Then `dev_group` is compiled whole again.
+    let pinned = ctx.pinned.filter(|p| {
+        p.assignment.values().all(|slot| {
+            desired
+                .groups
+                .keys()
+                .any(|id| desired.slots.get(id) == Some(slot))
+        })
+    });
+    let (pin, moved) = table::device_groups(&mut sets, wanted, pinned, guest_slot);
     let whitelist_active = table::lists(&mut sets, desired);
     let bridge = if tc.up.is_empty() {
         String::new()

@@ -305,6 +305,24 @@ fn the_same_state_compiles_to_the_same_digest_and_a_move_is_an_element_delta() {
     let d = compile(&gone, &pinned_ctx(&a.pin)).unwrap();
     assert_eq!(d.moved, 1);
     assert!(d.elements["dev_moved"].contains("02:4e:50:00:00:12 : goto g1_up"));
+    // A group deleted with devices in the pinned dev_group: no element may jump to
+    // its chains any more, so the pin is dropped and dev_group compiled whole.
+    let mut deleted = home();
+    deleted.groups.remove(&4);
+    let e = compile(&deleted, &pinned_ctx(&a.pin)).unwrap();
+    let gone_slot = format!("goto g{}_up", home().slots[&4]);
+    for set in ["dev_group", "dev_moved"] {
+        assert!(
+            e.elements[set].iter().all(|el| !el.ends_with(&gone_slot)),
+            "{set} still jumps to the deleted group's chain: {:?}",
+            e.elements[set]
+        );
+    }
+    assert_eq!(
+        e,
+        compile_in(&deleted, "UTC0", NOW),
+        "the same as an unpinned compile"
+    );
     let mut limited = home();
     limited
         .groups
