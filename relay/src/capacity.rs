@@ -46,8 +46,11 @@ pub struct Plan {
     pub max_connections: usize,
     pub max_links: usize,
     pub reserved_api_connections: usize,
-    /// One line per cap lowered, for the operator's log.
+    /// One line per cap the operator set and that was lowered: a warning.
     pub warnings: Vec<String>,
+    /// One line per default that was lowered: information, since a default that
+    /// follows the machine's limit is what the operator asked for by setting none.
+    pub notes: Vec<String>,
 }
 
 /// The configured caps as they come from the config file.
@@ -56,6 +59,7 @@ pub struct Wanted {
     pub max_connections: usize,
     pub max_links: usize,
     pub reserved_api_connections: usize,
+    pub set: crate::config::SetByOperator,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -79,37 +83,53 @@ pub fn plan(nofile: u64, wanted: Wanted) -> Result<Plan, PlanError> {
             need: FD_HEADROOM + MIN_FD_BUDGET,
         });
     }
-    let mut warnings = Vec::new();
+    let (mut warnings, mut notes) = (Vec::new(), Vec::new());
+    let mut say = |set: bool, line: String| {
+        if set {
+            warnings.push(line)
+        } else {
+            notes.push(line)
+        }
+    };
     let mut reserved = wanted.reserved_api_connections;
     // A reserve that is most of the budget would leave no room for links at all.
     if reserved > fd_budget / 2 {
         reserved = fd_budget / 2;
-        warnings.push(format!(
-            "capacity.reserved_api_connections lowered from {} to {reserved}: half of the \
+        say(
+            wanted.set.reserved_api_connections,
+            format!(
+                "capacity.reserved_api_connections lowered from {} to {reserved}: half of the \
              {fd_budget} descriptors the open-file limit {nofile} leaves for clients",
-            wanted.reserved_api_connections
-        ));
+                wanted.reserved_api_connections
+            ),
+        );
     }
     let mut max_connections = wanted.max_connections;
     if max_connections > fd_budget {
         max_connections = fd_budget;
-        warnings.push(format!(
-            "limits.max_connections lowered from {} to {max_connections}: the open-file \
+        say(
+            wanted.set.max_connections,
+            format!(
+                "limits.max_connections lowered from {} to {max_connections}: the open-file \
              limit is {nofile} and {FD_HEADROOM} descriptors stay for the registry, logs \
              and listeners",
-            wanted.max_connections
-        ));
+                wanted.max_connections
+            ),
+        );
     }
     let link_room = fd_budget - reserved;
     let mut max_links = wanted.max_links;
     if max_links > link_room {
         max_links = link_room;
-        warnings.push(format!(
-            "capacity.max_links lowered from {} to {max_links}: the open-file limit is \
+        say(
+            wanted.set.max_links,
+            format!(
+                "capacity.max_links lowered from {} to {max_links}: the open-file limit is \
              {nofile}, {FD_HEADROOM} descriptors stay for the relay itself and {reserved} \
              for API connections",
-            wanted.max_links
-        ));
+                wanted.max_links
+            ),
+        );
     }
     Ok(Plan {
         fd_budget,
@@ -117,6 +137,7 @@ pub fn plan(nofile: u64, wanted: Wanted) -> Result<Plan, PlanError> {
         max_links,
         reserved_api_connections: reserved,
         warnings,
+        notes,
     })
 }
 
@@ -338,10 +359,16 @@ mod tests {
     use super::*;
 
     fn wanted(c: usize, l: usize, r: usize) -> Wanted {
+        let all = crate::config::SetByOperator {
+            max_connections: true,
+            max_links: true,
+            reserved_api_connections: true,
+        };
         Wanted {
             max_connections: c,
             max_links: l,
             reserved_api_connections: r,
+            set: all,
         }
     }
 
@@ -352,7 +379,19 @@ mod tests {
         assert_eq!(p.max_links, 50_000);
         assert_eq!(p.reserved_api_connections, 256);
         assert_eq!(p.fd_budget, 1_048_576 - FD_HEADROOM);
-        assert!(p.warnings.is_empty());
+        assert!(p.warnings.is_empty() && p.notes.is_empty());
+    }
+
+    #[test]
+    fn lowered_defaults_are_notes_and_lowered_settings_warnings() {
+        let mut w = wanted(50_000, 100_000, 256);
+        w.set.max_links = false;
+        let p = plan(65_536, w).unwrap();
+        assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+        assert_eq!(p.notes.len(), 1);
+        assert_eq!(p.max_links, 65_536 - 256 - 256);
+        w.set.max_links = true;
+        assert_eq!(plan(65_536, w).unwrap().warnings.len(), 1);
     }
 
     #[test]
@@ -387,6 +426,7 @@ mod tests {
             max_links: 10,
             reserved_api_connections: 4,
             warnings: vec![],
+            notes: vec![],
         };
         let cap = Capacity::new(&p, 0, now);
         let links: Vec<_> = (0..6).map(|_| cap.try_link(now).unwrap()).collect();

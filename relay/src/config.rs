@@ -325,6 +325,7 @@ impl Config {
                 "limits.max_body_bytes must be 1 KiB..64 MiB".into(),
             ));
         }
+        let max_connections_set = file.limits.max_connections.is_some();
         let max_connections = file.limits.max_connections.unwrap_or(50_000);
         if max_connections == 0 {
             return Err(ConfigError::Invalid(
@@ -390,7 +391,11 @@ impl Config {
             max_unauthenticated_per_address,
             speedtest,
             forwarding: ForwardLimits::from_file(file.forwarding)?,
-            capacity: CapacityLimits::from_file(file.capacity, max_connections)?,
+            capacity: CapacityLimits::from_file(
+                file.capacity,
+                max_connections,
+                max_connections_set,
+            )?,
             log: cli.log.or(file.log).unwrap_or_else(|| "info".to_owned()),
             api_key_source,
             metrics_listen,
@@ -555,6 +560,16 @@ pub struct CapacityLimits {
     /// Link upgrades accepted per second (burst: one second's worth); more are
     /// answered 503 `LINKS_BUSY` with `Retry-After`. 0: no limit.
     pub max_link_accepts_per_second: u32,
+    /// Which caps the config file set: a default lowered to fit the open-file limit
+    /// is logged as information, a setting lowered as a warning.
+    pub set: SetByOperator,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SetByOperator {
+    pub max_connections: bool,
+    pub max_links: bool,
+    pub reserved_api_connections: bool,
 }
 
 impl Default for CapacityLimits {
@@ -563,6 +578,7 @@ impl Default for CapacityLimits {
             max_links: 100_000,
             reserved_api_connections: 256,
             max_link_accepts_per_second: 500,
+            set: SetByOperator::default(),
         }
     }
 }
@@ -576,9 +592,18 @@ struct FileCapacity {
 }
 
 impl CapacityLimits {
-    fn from_file(f: FileCapacity, max_connections: usize) -> Result<CapacityLimits, ConfigError> {
+    fn from_file(
+        f: FileCapacity,
+        max_connections: usize,
+        max_connections_set: bool,
+    ) -> Result<CapacityLimits, ConfigError> {
         let d = CapacityLimits::default();
         let c = CapacityLimits {
+            set: SetByOperator {
+                max_connections: max_connections_set,
+                max_links: f.max_links.is_some(),
+                reserved_api_connections: f.reserved_api_connections.is_some(),
+            },
             max_links: f.max_links.unwrap_or(d.max_links),
             reserved_api_connections: f
                 .reserved_api_connections
@@ -625,7 +650,12 @@ mod capacity_tests {
             CapacityLimits {
                 max_links: 3,
                 reserved_api_connections: 0,
-                max_link_accepts_per_second: 0
+                max_link_accepts_per_second: 0,
+                set: SetByOperator {
+                    max_connections: false,
+                    max_links: true,
+                    reserved_api_connections: true,
+                },
             }
         );
         // A small max_connections takes a default reserve it can hold.
@@ -926,6 +956,7 @@ mod tests {
         assert_eq!(c.forwarding, ForwardLimits::default());
         assert_eq!(c.timeouts.h2_idle, Duration::from_secs(60));
         assert_eq!(c.max_unauthenticated_per_address, 64);
+        assert_eq!(c.capacity.max_links, CapacityLimits::default().max_links);
     }
 
     #[test]

@@ -87,10 +87,14 @@ pub async fn run(
             max_connections: config.max_connections,
             max_links: config.capacity.max_links,
             reserved_api_connections: config.capacity.reserved_api_connections,
+            set: config.capacity.set,
         },
     )?;
     for w in &plan.warnings {
         tracing::warn!("{w}");
+    }
+    for n in &plan.notes {
+        tracing::info!("{n}");
     }
     tracing::info!(
         open_file_limit = nofile,

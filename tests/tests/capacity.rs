@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use netpilot_tests::fake_agent::{connect, credentials};
-use netpilot_tests::{eventually, Client, Relay, RelayOptions, Reply, API_KEY};
+use netpilot_tests::{eventually, Agent, Client, Relay, RelayOptions, Reply, API_KEY};
 use serde_json::json;
 
 fn limits_line(pid: u32) -> String {
@@ -134,6 +134,63 @@ async fn links_beyond_max_links_are_refused_and_the_slot_comes_back() {
         "{text}"
     );
     drop(third);
+}
+
+#[tokio::test]
+async fn the_real_agent_backs_off_on_links_busy_and_comes_in_when_a_slot_frees() {
+    let relay = Relay::start(RelayOptions {
+        config: "[capacity]\nmax_links = 1\nmax_link_accepts_per_second = 0\n".into(),
+    })
+    .await
+    .unwrap();
+    let holder = relay.enrolled_router("u").await.unwrap();
+    let (hid, hsecret) = credentials(&holder).unwrap();
+    let held = connect(&relay, &hid, &hsecret)
+        .await
+        .unwrap()
+        .expect("the one link");
+    let router = relay.enrolled_router("u").await.unwrap();
+    let agent_log = router.state_dir.parent().unwrap().join("agent.log");
+    let refusals = || {
+        std::fs::read_to_string(&agent_log)
+            .unwrap_or_default()
+            .matches("503 Service Unavailable LINKS_BUSY")
+            .count()
+    };
+    // Backoff from 200 ms doubling to 2 s, with full jitter.
+    let _agent = Agent::start(
+        &router,
+        &[
+            "--simulate",
+            "--backoff-base",
+            "200ms",
+            "--backoff-cap",
+            "2s",
+        ],
+    )
+    .await
+    .unwrap();
+    eventually(Duration::from_secs(10), "two refusals", || async {
+        (refusals() >= 2).then_some(())
+    })
+    .await
+    .unwrap();
+    let before = refusals();
+    let window = Duration::from_secs(3);
+    tokio::time::sleep(window).await;
+    let during = refusals() - before;
+    println!("{during} refused dials in {window:?}");
+    // A loop without backoff dials hundreds of times in 3 s; a jittered delay
+    // that doubles from 200 ms to 2 s expects a handful (about 3 + 3/1 s).
+    assert!(
+        during <= 15,
+        "{during} refused dials in {window:?}: the agent does not back off"
+    );
+    drop(held);
+    relay
+        .wait_online(&router.router_id, true, Duration::from_secs(15))
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
