@@ -159,7 +159,8 @@ async fn storm(n: usize, rate: u32) -> anyhow::Result<Figures> {
     })
     .await??;
     let online_secs = started.elapsed().as_secs_f64();
-    let m = admin.get("/metrics").await?;
+    // A new connection: the enrollment one may have been idle past `h2_idle`.
+    let m = relay.client().await?.get("/metrics").await?;
     let refused = String::from_utf8_lossy(&m.raw)
         .lines()
         .filter_map(|l| l.strip_prefix("netpilot_links_refused_total{reason=\""))
