@@ -185,6 +185,10 @@ error_codes! {
         /// too large, a code only the relay may send, or a status that is not its
         /// code's (relay).
         BadAgentResponse = "BAD_AGENT_RESPONSE" => 502,
+        /// The relay takes no new agent link now: its link cap, its reserve for API
+        /// connections or its rate of link upgrades; the agent backs off and dials
+        /// again later (`Retry-After` says when) (relay).
+        LinksBusy = "LINKS_BUSY" => 503,
     }
 }
 
@@ -212,6 +216,7 @@ impl ErrorCode {
                 | ErrorCode::SpeedtestTimeout
                 | ErrorCode::RouterBusy
                 | ErrorCode::RelayBusy
+                | ErrorCode::LinksBusy
                 | ErrorCode::BadAgentResponse
                 | ErrorCode::BodyTimeout
                 | ErrorCode::HeadersTooLarge

@@ -1,5 +1,6 @@
 //! `/api/admin/routers`: create a router with a one-time enrollment token, list
-//! routers with their online state, show one, revoke one (its link closes at once),
+//! routers with their online state (in pages: one answer for 19,500 routers was
+//! 6.3 MiB), show one, revoke one (its link closes at once),
 //! and issue a fresh token for a router that must enroll again.
 
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use crate::http::{self, only, Args, Body, Ctx};
 use crate::recent_reports::StoredReport;
 use crate::state::AppState;
 use crate::store::RouterRow;
+use crate::sync::ReadWrite;
 
 pub async fn dispatch(
     state: &Arc<AppState>,
@@ -98,6 +100,14 @@ async fn create(
     Ok(http::ok(StatusCode::CREATED, created, ctx))
 }
 
+/// Routers per page of the admin list when the client names no `limit`.
+pub const DEFAULT_PAGE: usize = 500;
+/// The most one page may hold: about 1.7 MiB of JSON.
+pub const MAX_PAGE: usize = 5000;
+
+/// One page of routers, oldest first. `limit` (1-5000, default 500) and `cursor`
+/// (the `next_cursor` of the page before); `total` and `online` count every
+/// router of the filter, not only this page's.
 fn list(
     state: &Arc<AppState>,
     req: &Request<Incoming>,
@@ -112,23 +122,73 @@ fn list(
         Some(_) => Some(args.label("ownerUserId", 128)?),
         None => None,
     };
-    let rows = state.with_store(|s| s.routers())?;
-    let routers: Vec<RouterView> = rows
-        .iter()
-        .filter(|r| owner.as_ref().is_none_or(|o| &r.owner_user_id == o))
-        .map(|r| view(state, r))
-        .collect();
-    let online = routers.iter().filter(|r| r.online).count();
-    let total = routers.len();
+    let limit = page_limit(args.get("limit"))?;
+    let after = match args.opt_uuid("cursor")? {
+        Some(id) => {
+            let row = state.with_store(|s| s.router(id))?.ok_or_else(|| {
+                ApiError::InvalidParameter(format!(
+                    "cursor {id} is not a router: pass the next_cursor of the page before"
+                ))
+            })?;
+            Some((row.created_at, row.id))
+        }
+        None => None,
+    };
+    // One more than the page, to know whether another page follows.
+    let mut rows = state.with_store(|s| s.routers_page(owner.as_deref(), after, limit + 1))?;
+    let next_cursor = if rows.len() > limit {
+        rows.truncate(limit);
+        rows.last().map(|r| r.id)
+    } else {
+        None
+    };
+    let routers: Vec<RouterView> = rows.iter().map(|r| view(state, r)).collect();
+    let (total, online) = counts(state, owner.as_deref());
     Ok(http::ok(
         StatusCode::OK,
         RouterList {
             routers,
             total,
             online,
+            limit,
+            next_cursor,
         },
         ctx,
     ))
+}
+
+fn page_limit(v: Option<serde_json::Value>) -> Result<usize, ApiError> {
+    let bad = || ApiError::InvalidParameter(format!("limit must be an integer 1..{MAX_PAGE}"));
+    match v {
+        None => Ok(DEFAULT_PAGE),
+        Some(serde_json::Value::String(s)) => {
+            let s = s.trim();
+            if s.is_empty() || s.len() > 6 || !s.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(bad());
+            }
+            let n: usize = s.parse().map_err(|_| bad())?;
+            if (1..=MAX_PAGE).contains(&n) {
+                Ok(n)
+            } else {
+                Err(bad())
+            }
+        }
+        Some(_) => Err(bad()),
+    }
+}
+
+/// Routers of the filter and how many are online, from memory: the router cache
+/// holds every router, the link registry every live link.
+fn counts(state: &AppState, owner: Option<&str>) -> (usize, usize) {
+    let live = state.links.live_ids();
+    let routers = state.routers.read_locked();
+    let of_owner = |m: &crate::auth::RouterMeta| owner.is_none_or(|o| m.owner_user_id == o);
+    let total = routers.values().filter(|m| of_owner(m)).count();
+    let online = live
+        .iter()
+        .filter(|id| routers.get(id).is_some_and(of_owner))
+        .count();
+    (total, online)
 }
 
 fn revoke(state: &Arc<AppState>, id: Uuid, ctx: &Ctx) -> Result<Response<Body>, ApiError> {
@@ -212,6 +272,9 @@ struct RouterList<'a> {
     routers: Vec<RouterView<'a>>,
     total: usize,
     online: usize,
+    limit: usize,
+    /// Pass as `cursor` for the next page; null on the last page.
+    next_cursor: Option<Uuid>,
 }
 
 fn view<'a>(state: &AppState, r: &'a RouterRow) -> RouterView<'a> {
@@ -242,5 +305,31 @@ fn view<'a>(state: &AppState, r: &'a RouterRow) -> RouterView<'a> {
         link_replacements: replaced.recent,
         duplicate_identity_suspected: replaced.duplicate_identity_suspected,
         recent_reports: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    #[test]
+    fn page_limit_defaults_and_stays_in_range() {
+        let s = |v: &str| Some(Value::String(v.into()));
+        assert_eq!(page_limit(None).unwrap(), DEFAULT_PAGE);
+        assert_eq!(page_limit(s("1")).unwrap(), 1);
+        assert_eq!(page_limit(s(" 5000 ")).unwrap(), MAX_PAGE);
+        for bad in [
+            "0",
+            "5001",
+            "-1",
+            "1.5",
+            "",
+            "abc",
+            "99999999999999999999",
+            "+3",
+        ] {
+            assert!(page_limit(s(bad)).is_err(), "{bad}");
+        }
     }
 }

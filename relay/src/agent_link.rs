@@ -18,6 +18,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::auth;
+use crate::capacity::LinkSlot;
 use crate::error::ApiError;
 use crate::http::{self, Body};
 use crate::state::AppState;
@@ -57,10 +58,28 @@ pub fn connect(
             return Err(e);
         }
     };
+    // After authentication: a flood of bad credentials spends none of the rate
+    // that real routers coming back need.
+    let slot = match state.capacity.try_link(state.clock.instant()) {
+        Ok(slot) => slot,
+        Err(why) => {
+            if let Some(suppressed) = state.link_refusal_log.hit(std::time::Instant::now()) {
+                tracing::warn!(
+                    reason = why.reason(),
+                    suppressed,
+                    "agent link refused: the node keeps its capacity for the web app"
+                );
+            }
+            return Err(ApiError::LinksBusy {
+                reason: why.reason(),
+                retry_after_secs: why.retry_after_secs(),
+            });
+        }
+    };
     let on_upgrade = hyper::upgrade::on(&mut req);
     let span =
         tracing::info_span!(parent: None, "link", %router_id, %peer, agent_version = %version);
-    tokio::spawn(run_link(state.clone(), router_id, version, on_upgrade).instrument(span));
+    tokio::spawn(run_link(state.clone(), router_id, version, on_upgrade, slot).instrument(span));
     Ok(Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
         .header(UPGRADE, UPGRADE_PROTOCOL)
@@ -74,6 +93,8 @@ async fn run_link(
     router_id: Uuid,
     version: String,
     on_upgrade: hyper::upgrade::OnUpgrade,
+    // Held for the link's life: it counts against `capacity.max_links`.
+    _slot: LinkSlot,
 ) {
     let upgraded = match on_upgrade.await {
         Ok(u) => u,

@@ -136,6 +136,8 @@ pub struct Config {
     pub speedtest: SpeedtestLimits,
     /// What router answers may cost the relay (`[forwarding]`).
     pub forwarding: ForwardLimits,
+    /// Links, the API reserve and the link-accept rate (`[capacity]`, issue 16).
+    pub capacity: CapacityLimits,
     /// `tracing` filter, e.g. `info` or `netpilot_relay=debug`.
     pub log: String,
     /// Where the API key came from; `serve` warns when it was the command line.
@@ -177,6 +179,8 @@ struct FileConfig {
     limits: FileLimits,
     #[serde(default)]
     forwarding: FileForwarding,
+    #[serde(default)]
+    capacity: FileCapacity,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -321,6 +325,7 @@ impl Config {
                 "limits.max_body_bytes must be 1 KiB..64 MiB".into(),
             ));
         }
+        let max_connections_set = file.limits.max_connections.is_some();
         let max_connections = file.limits.max_connections.unwrap_or(50_000);
         if max_connections == 0 {
             return Err(ConfigError::Invalid(
@@ -386,6 +391,11 @@ impl Config {
             max_unauthenticated_per_address,
             speedtest,
             forwarding: ForwardLimits::from_file(file.forwarding)?,
+            capacity: CapacityLimits::from_file(
+                file.capacity,
+                max_connections,
+                max_connections_set,
+            )?,
             log: cli.log.or(file.log).unwrap_or_else(|| "info".to_owned()),
             api_key_source,
             metrics_listen,
@@ -534,6 +544,144 @@ mod forwarding_tests {
 }
 
 // ---- end of [forwarding]
+
+// ---- [capacity]: a node at its limits still serves the web app (issue 16, item 7).
+
+/// Agent links and the share of the node kept for API connections. At start the
+/// relay also fits these and `limits.max_connections` into its open-file limit
+/// (`capacity::plan`), lowering them with a warning.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CapacityLimits {
+    /// Agent links up at once; they count apart from `limits.max_connections`.
+    pub max_links: usize,
+    /// Descriptors a link upgrade may never take: when the node is down to these,
+    /// new links are refused (503 `LINKS_BUSY`) and API connections still get in.
+    pub reserved_api_connections: usize,
+    /// Link upgrades accepted per second (burst: one second's worth); more are
+    /// answered 503 `LINKS_BUSY` with `Retry-After`. 0: no limit.
+    pub max_link_accepts_per_second: u32,
+    /// Which caps the config file set: a default lowered to fit the open-file limit
+    /// is logged as information, a setting lowered as a warning.
+    pub set: SetByOperator,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SetByOperator {
+    pub max_connections: bool,
+    pub max_links: bool,
+    pub reserved_api_connections: bool,
+}
+
+impl Default for CapacityLimits {
+    fn default() -> Self {
+        CapacityLimits {
+            max_links: 100_000,
+            reserved_api_connections: 256,
+            max_link_accepts_per_second: 500,
+            set: SetByOperator::default(),
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileCapacity {
+    max_links: Option<usize>,
+    reserved_api_connections: Option<usize>,
+    max_link_accepts_per_second: Option<u32>,
+}
+
+impl CapacityLimits {
+    fn from_file(
+        f: FileCapacity,
+        max_connections: usize,
+        max_connections_set: bool,
+    ) -> Result<CapacityLimits, ConfigError> {
+        let d = CapacityLimits::default();
+        let c = CapacityLimits {
+            set: SetByOperator {
+                max_connections: max_connections_set,
+                max_links: f.max_links.is_some(),
+                reserved_api_connections: f.reserved_api_connections.is_some(),
+            },
+            max_links: f.max_links.unwrap_or(d.max_links),
+            reserved_api_connections: f
+                .reserved_api_connections
+                .unwrap_or(d.reserved_api_connections.min(max_connections / 2)),
+            max_link_accepts_per_second: f
+                .max_link_accepts_per_second
+                .unwrap_or(d.max_link_accepts_per_second),
+        };
+        if !(1..=10_000_000).contains(&c.max_links) {
+            return Err(ConfigError::Invalid(
+                "capacity.max_links must be 1..10000000".into(),
+            ));
+        }
+        if c.reserved_api_connections >= max_connections {
+            return Err(ConfigError::Invalid(format!(
+                "capacity.reserved_api_connections must be below limits.max_connections ({max_connections})"
+            )));
+        }
+        if c.max_link_accepts_per_second > 1_000_000 {
+            return Err(ConfigError::Invalid(
+                "capacity.max_link_accepts_per_second must be 0..1000000 (0: no limit)".into(),
+            ));
+        }
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod capacity_tests {
+    use super::*;
+
+    #[test]
+    fn capacity_defaults_and_validation() {
+        let base = "api_key = \"0123456789abcdef\"\n";
+        let c = Config::parse_str(base, Path::new("x")).unwrap();
+        assert_eq!(c.capacity, CapacityLimits::default());
+        let c = Config::parse_str(
+            &format!("{base}[capacity]\nmax_links = 3\nreserved_api_connections = 0\nmax_link_accepts_per_second = 0\n"),
+            Path::new("x"),
+        )
+        .unwrap();
+        assert_eq!(
+            c.capacity,
+            CapacityLimits {
+                max_links: 3,
+                reserved_api_connections: 0,
+                max_link_accepts_per_second: 0,
+                set: SetByOperator {
+                    max_connections: false,
+                    max_links: true,
+                    reserved_api_connections: true,
+                },
+            }
+        );
+        // A small max_connections takes a default reserve it can hold.
+        let c = Config::parse_str(
+            &format!("{base}[limits]\nmax_connections = 10\n"),
+            Path::new("x"),
+        )
+        .unwrap();
+        assert_eq!(c.capacity.reserved_api_connections, 5);
+        for bad in [
+            "[capacity]\nmax_links = 0\n",
+            "[capacity]\nreserved_api_connections = 50000\n",
+            "[capacity]\nmax_link_accepts_per_second = 2000000\n",
+            "[capacity]\nmax_link = 1\n",
+        ] {
+            let err = Config::parse_str(&format!("{base}{bad}"), Path::new("x")).unwrap_err();
+            let msg = err.to_string();
+            assert!(
+                msg.contains("capacity") || msg.contains("max_links"),
+                "{bad}: {msg}"
+            );
+        }
+    }
+}
+
+// ---- end of [capacity]
 
 fn parse_file(path: &Path) -> Result<FileConfig, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -808,6 +956,7 @@ mod tests {
         assert_eq!(c.forwarding, ForwardLimits::default());
         assert_eq!(c.timeouts.h2_idle, Duration::from_secs(60));
         assert_eq!(c.max_unauthenticated_per_address, 64);
+        assert_eq!(c.capacity.max_links, CapacityLimits::default().max_links);
     }
 
     #[test]

@@ -84,6 +84,13 @@ pub enum ApiError {
     /// Request headers over the cap.
     #[error("request headers exceed {0} bytes")]
     HeadersTooLarge(usize),
+    /// A link upgrade refused to keep the node serving the web app: the link cap,
+    /// the API reserve or the link-accept rate (`capacity`); retry after the secs.
+    #[error("the relay takes no new agent link now ({reason}); retry in {retry_after_secs} s")]
+    LinksBusy {
+        reason: &'static str,
+        retry_after_secs: u64,
+    },
     /// Request target (path and query) over the cap.
     #[error("request target exceeds {0} bytes")]
     UriTooLong(usize),
@@ -121,6 +128,7 @@ impl ApiError {
             BodyTimeout(_) => ErrorCode::BodyTimeout,
             HeadersTooLarge(_) => ErrorCode::HeadersTooLarge,
             UriTooLong(_) => ErrorCode::UriTooLong,
+            LinksBusy { .. } => ErrorCode::LinksBusy,
         }
     }
 

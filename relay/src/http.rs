@@ -111,10 +111,25 @@ pub fn error(err: &ApiError, ctx: &Ctx) -> Response<Body> {
         &Envelope::err(err.code(), err.to_string(), ctx.meta()),
         ctx,
     );
-    if let ApiError::MethodNotAllowed(allowed) = err {
-        if let Ok(v) = HeaderValue::from_str(allowed) {
-            resp.headers_mut().insert(hyper::header::ALLOW, v);
+    match err {
+        ApiError::MethodNotAllowed(allowed) => {
+            if let Ok(v) = HeaderValue::from_str(allowed) {
+                resp.headers_mut().insert(hyper::header::ALLOW, v);
+            }
         }
+        ApiError::LinksBusy {
+            retry_after_secs, ..
+        } => {
+            let h = resp.headers_mut();
+            h.insert(
+                hyper::header::RETRY_AFTER,
+                HeaderValue::from(*retry_after_secs),
+            );
+            // The refused agent dials a new connection when it comes back; holding
+            // this one would keep a descriptor the node is short of.
+            h.insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        _ => {}
     }
     resp
 }

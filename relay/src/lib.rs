@@ -6,6 +6,7 @@ pub mod agent_link;
 pub mod answer;
 pub mod api;
 pub mod auth;
+pub mod capacity;
 pub mod config;
 pub mod conn_activity;
 pub mod enroll;
@@ -79,11 +80,35 @@ pub async fn run(
     }
     tracing::info!(fingerprint = %tls.fingerprint, "relay certificate SHA-256 fingerprint");
     let store = store::Store::open(&config.data_dir).context("cannot open the registry")?;
+    let nofile = capacity::nofile_limit().context("cannot read the open-file limit")?;
+    let plan = capacity::plan(
+        nofile,
+        capacity::Wanted {
+            max_connections: config.max_connections,
+            max_links: config.capacity.max_links,
+            reserved_api_connections: config.capacity.reserved_api_connections,
+            set: config.capacity.set,
+        },
+    )?;
+    for w in &plan.warnings {
+        tracing::warn!("{w}");
+    }
+    for n in &plan.notes {
+        tracing::info!("{n}");
+    }
+    tracing::info!(
+        open_file_limit = nofile,
+        max_connections = plan.max_connections,
+        max_links = plan.max_links,
+        reserved_api_connections = plan.reserved_api_connections,
+        "capacity"
+    );
     let state = Arc::new(AppState::new(
         config,
         store,
         tls.fingerprint.clone(),
         clock,
+        plan,
     )?);
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "listening");

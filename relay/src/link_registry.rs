@@ -210,6 +210,15 @@ impl Links {
             })
     }
 
+    /// Routers with a usable link now.
+    pub fn live_ids(&self) -> Vec<Uuid> {
+        let map = self.map.locked();
+        map.iter()
+            .filter(|(_, e)| !e.sender.is_closed())
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
     pub fn len(&self) -> usize {
         self.map.locked().len()
     }

@@ -77,6 +77,16 @@ fn serve(config: Config) -> anyhow::Result<()> {
     } else {
         tracing::info!(source = %config.api_key_source.describe(), "API key loaded");
     }
+    // Before anything opens a descriptor; `run` then fits its caps into the result.
+    match netpilot_relay::capacity::raise_nofile() {
+        Ok(r) if r.before < r.after => tracing::info!(
+            from = r.before,
+            to = r.after,
+            "raised the open-file soft limit to the hard limit"
+        ),
+        Ok(r) => tracing::info!(limit = r.after, hard = r.hard, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

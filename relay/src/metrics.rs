@@ -49,6 +49,11 @@ pub struct ConnectionCounters {
     /// Refused at accept: the address already holds
     /// `limits.max_unauthenticated_per_address` unauthenticated connections.
     pub refused_per_address: AtomicU64,
+    /// Refused at accept: connections and links hold the whole open-file budget.
+    pub refused_fd_budget: AtomicU64,
+    /// `accept` itself failed (`EMFILE`, `ENFILE`, …): the open-file limit was met
+    /// by something the budget does not count.
+    pub accept_errors: AtomicU64,
     /// Closed: no request within `timeouts.handshake` of accept (TLS included).
     pub closed_first_request: AtomicU64,
     /// Closed: an HTTP/2 connection with no call in flight for `timeouts.h2_idle`.
@@ -67,6 +72,12 @@ pub struct Gauges {
     pub speedtests: usize,
     /// Bytes of router answers the relay holds right now (the answer budget's use).
     pub answer_bytes_in_flight: usize,
+    /// Client sockets (connections and links) held, and the budget the open-file
+    /// limit leaves for them.
+    pub fds_in_use: usize,
+    pub fd_budget: usize,
+    /// Link upgrades refused so far, by reason (`capacity`).
+    pub links_refused: [(&'static str, u64); 3],
 }
 
 impl Metrics {
@@ -177,6 +188,7 @@ impl Metrics {
         for (reason, v) in [
             ("max_connections", &c.refused_max_connections),
             ("per_address", &c.refused_per_address),
+            ("fd_budget", &c.refused_fd_budget),
         ] {
             let _ = writeln!(
                 out,
@@ -197,6 +209,40 @@ impl Metrics {
                 out,
                 "netpilot_connections_closed_total{{reason=\"{reason}\"}} {}",
                 v.load(Ordering::Relaxed)
+            );
+        }
+
+        let _ = writeln!(
+            out,
+            "# HELP netpilot_accept_errors_total Failed accepts (EMFILE, ENFILE, ...)."
+        );
+        let _ = writeln!(out, "# TYPE netpilot_accept_errors_total counter");
+        let _ = writeln!(
+            out,
+            "netpilot_accept_errors_total {}",
+            c.accept_errors.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP netpilot_client_sockets Client connections and agent links held."
+        );
+        let _ = writeln!(out, "# TYPE netpilot_client_sockets gauge");
+        let _ = writeln!(out, "netpilot_client_sockets {}", g.fds_in_use);
+        let _ = writeln!(
+            out,
+            "# HELP netpilot_client_sockets_budget Client sockets the open-file limit allows."
+        );
+        let _ = writeln!(out, "# TYPE netpilot_client_sockets_budget gauge");
+        let _ = writeln!(out, "netpilot_client_sockets_budget {}", g.fd_budget);
+        let _ = writeln!(
+            out,
+            "# HELP netpilot_links_refused_total Agent link upgrades refused (503 LINKS_BUSY), by reason."
+        );
+        let _ = writeln!(out, "# TYPE netpilot_links_refused_total counter");
+        for (reason, n) in g.links_refused {
+            let _ = writeln!(
+                out,
+                "netpilot_links_refused_total{{reason=\"{reason}\"}} {n}"
             );
         }
 

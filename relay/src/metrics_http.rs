@@ -34,11 +34,15 @@ const SCRAPE_DEADLINE: Duration = Duration::from_secs(30);
 
 /// The Prometheus text of the relay's counters and its gauges read now.
 pub fn scrape(state: &AppState) -> String {
+    let (fds_in_use, fd_budget) = state.capacity.fds_in_use();
     let gauges = Gauges {
         connected_agents: state.links.len(),
         sessions: state.sessions.locked().len(),
         speedtests: state.speedtests.active(),
         answer_bytes_in_flight: state.answer_budget.used(),
+        fds_in_use,
+        fd_budget,
+        links_refused: state.capacity.refused().map(|(why, n)| (why.reason(), n)),
     };
     state.metrics.render(&gauges)
 }

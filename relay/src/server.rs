@@ -19,12 +19,13 @@ use hyper::service::service_fn;
 use hyper::Request;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
 use crate::api::HTTP_HEADER_HARD_LIMIT;
+use crate::capacity::{ConnRefusal, ACCEPT_ERROR_PAUSE};
 use crate::conn_activity::{Activity, ActivityWatch, Tracked};
 use crate::peer_limits::{ConnAuth, LogThrottle, UnauthenticatedPerAddress};
 use crate::state::AppState;
@@ -39,10 +40,10 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let acceptor = TlsAcceptor::from(tls);
-    let slots = Arc::new(Semaphore::new(state.config.max_connections));
     let per_address = UnauthenticatedPerAddress::new(state.config.max_unauthenticated_per_address);
     let global_log = LogThrottle::new(LIMIT_LOG_EVERY);
     let per_address_log = LogThrottle::new(LIMIT_LOG_EVERY);
+    let accept_log = LogThrottle::new(LIMIT_LOG_EVERY);
     let (stop_tx, stop_rx) = watch::channel(false);
     // Every connection task holds a clone; when all are dropped, the drain is done.
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
@@ -52,9 +53,13 @@ pub async fn serve(
             r = listener.accept() => match r {
                 Ok(pair) => pair,
                 Err(e) => {
-                    // EMFILE and friends: back off briefly instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    // EMFILE and friends: back off briefly instead of spinning, and
+                    // say so once a second, not on every retry.
+                    state.metrics.connections.accept_errors.fetch_add(1, Ordering::Relaxed);
+                    if let Some(suppressed) = accept_log.hit(std::time::Instant::now()) {
+                        tracing::warn!(error = %e, suppressed, "accept failed");
+                    }
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
                     continue;
                 }
             },
@@ -75,14 +80,21 @@ pub async fn serve(
             }
             continue;
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            metrics
-                .refused_max_connections
-                .fetch_add(1, Ordering::Relaxed);
-            if let Some(suppressed) = global_log.hit(std::time::Instant::now()) {
-                tracing::warn!(%peer, suppressed, "connection limit reached; dropping connection");
+        let permit = match state.capacity.try_connection() {
+            Ok(slot) => slot,
+            Err(why) => {
+                let (counter, limit) = match why {
+                    ConnRefusal::MaxConnections => {
+                        (&metrics.refused_max_connections, "max_connections")
+                    }
+                    ConnRefusal::FdBudget => (&metrics.refused_fd_budget, "open-file budget"),
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                if let Some(suppressed) = global_log.hit(std::time::Instant::now()) {
+                    tracing::warn!(%peer, limit, suppressed, "connection limit reached; dropping connection");
+                }
+                continue;
             }
-            continue;
         };
         let _ = tcp.set_nodelay(true);
         let state = state.clone();

@@ -11,11 +11,13 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::auth::RouterMeta;
+use crate::capacity::{Capacity, Plan};
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::inflight::{AnswerBudget, CallSlots};
 use crate::link_registry::Links;
 use crate::metrics::Metrics;
+use crate::peer_limits::LogThrottle;
 use crate::ratelimit::RateLimiter;
 use crate::recent_reports::Reports;
 use crate::sessions::Sessions;
@@ -73,6 +75,12 @@ pub struct AppState {
     pub answer_budget: AnswerBudget,
     pub fingerprint: String,
     pub clock: Arc<dyn Clock>,
+    /// Connections and links within the open-file limit, the API reserve, the
+    /// link-accept rate (issue 16, item 7).
+    pub capacity: Capacity,
+    pub capacity_plan: Plan,
+    /// One "link refused" line a second during a reconnect storm.
+    pub link_refusal_log: LogThrottle,
 }
 
 impl AppState {
@@ -81,6 +89,7 @@ impl AppState {
         store: Store,
         fingerprint: String,
         clock: Arc<dyn Clock>,
+        capacity_plan: Plan,
     ) -> Result<Self, ApiError> {
         let routers = store
             .routers()?
@@ -98,7 +107,15 @@ impl AppState {
             config.forwarding.calls_queued_per_router,
         );
         let answer_budget = AnswerBudget::new(config.forwarding.answer_budget_bytes);
+        let capacity = Capacity::new(
+            &capacity_plan,
+            config.capacity.max_link_accepts_per_second,
+            clock.instant(),
+        );
         Ok(AppState {
+            capacity,
+            capacity_plan,
+            link_refusal_log: LogThrottle::new(std::time::Duration::from_secs(1)),
             call_slots,
             answer_budget,
             config,

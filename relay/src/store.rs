@@ -50,7 +50,8 @@ pub struct RouterRow {
 }
 
 /// Forward-only migrations; `PRAGMA user_version` is the index of the last applied.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE routers (
     id            TEXT PRIMARY KEY,   -- UUID, lower-case hyphenated
     name          TEXT NOT NULL,      -- shown to the owner
@@ -69,7 +70,13 @@ CREATE TABLE enrollment_tokens (
     expires_at INTEGER NOT NULL,      -- unix ms
     used_at    INTEGER                -- unix ms; set once, the token never works again
 );
-"#];
+"#,
+    // The admin list is paged oldest first, for all routers or one owner's (issue 16).
+    r#"
+CREATE INDEX routers_created ON routers(created_at, id);
+CREATE INDEX routers_owner_created ON routers(owner_user_id, created_at, id);
+"#,
+];
 
 /// The registry's file in the data directory.
 pub const FILE_NAME: &str = "registry.sqlite3";
@@ -255,6 +262,31 @@ impl Store {
     }
 }
 
+impl Store {
+    /// One page of the admin list, oldest first: at most `limit` routers after the
+    /// position `after` (a router's `(created_at, id)`), of one owner or all. A
+    /// position rather than an offset, so a router created while an operator pages
+    /// does not shift the pages under them.
+    pub fn routers_page(
+        &self,
+        owner: Option<&str>,
+        after: Option<(i64, Uuid)>,
+        limit: usize,
+    ) -> Result<Vec<RouterRow>, StoreError> {
+        let (after_at, after_id) = match after {
+            Some((at, id)) => (Some(at), Some(id.to_string())),
+            None => (None, None),
+        };
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "{SELECT_ROUTER} WHERE (?1 IS NULL OR owner_user_id = ?1) \
+             AND (?2 IS NULL OR (created_at, id) > (?2, ?3)) \
+             ORDER BY created_at, id LIMIT ?4"
+        ))?;
+        let rows = stmt.query_map(params![owner, after_at, after_id, limit as i64], router_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
 const SELECT_ROUTER: &str = "SELECT id, name, owner_user_id, secret_hash, created_at, enrolled_at, revoked_at, last_seen, agent_version FROM routers";
 
 fn router_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RouterRow> {
@@ -318,6 +350,40 @@ mod tests {
         ));
         // The first secret stays.
         assert_eq!(s.router(id).unwrap().unwrap().secret_hash, Some(h(9)));
+    }
+
+    #[test]
+    fn pages_follow_creation_order_from_a_position_and_filter_by_owner() {
+        let mut s = Store::open_in_memory().unwrap();
+        let mut ids = Vec::new();
+        for i in 0..7u8 {
+            let id = Uuid::new_v4();
+            // Two routers per millisecond: the id breaks the tie.
+            let owner = if i % 2 == 0 { "even" } else { "odd" };
+            s.create_router(id, "r", owner, &h(i), 1_000, i64::from(i / 2))
+                .unwrap();
+            ids.push(id);
+        }
+        let all = s.routers().unwrap();
+        let mut walked = Vec::new();
+        let mut after = None;
+        loop {
+            let page = s.routers_page(None, after, 3).unwrap();
+            walked.extend(page.iter().map(|r| r.id));
+            match page.last() {
+                Some(last) if page.len() == 3 => after = Some((last.created_at, last.id)),
+                _ => break,
+            }
+        }
+        assert_eq!(walked, all.iter().map(|r| r.id).collect::<Vec<_>>());
+        let even = s.routers_page(Some("even"), None, 100).unwrap();
+        assert_eq!(even.len(), 4);
+        assert!(even.iter().all(|r| r.owner_user_id == "even"));
+        let rest = s
+            .routers_page(Some("even"), Some((even[1].created_at, even[1].id)), 100)
+            .unwrap();
+        assert_eq!(rest.len(), 2);
+        assert!(ids.contains(&rest[0].id));
     }
 
     #[test]

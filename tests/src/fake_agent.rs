@@ -64,8 +64,19 @@ pub async fn connect(
     router_id: &str,
     secret: &str,
 ) -> anyhow::Result<Result<hyper::upgrade::Upgraded, Reply>> {
-    let tls = client_config(&Trust::Fingerprint(relay.fingerprint.clone()))?;
-    let tcp = tokio::net::TcpStream::connect(relay.addr).await?;
+    connect_to(relay.addr, &relay.fingerprint, router_id, secret).await
+}
+
+/// [`connect`] by the relay's address and fingerprint, for tasks that do not hold
+/// the [`Relay`].
+pub async fn connect_to(
+    addr: std::net::SocketAddr,
+    fingerprint: &str,
+    router_id: &str,
+    secret: &str,
+) -> anyhow::Result<Result<hyper::upgrade::Upgraded, Reply>> {
+    let tls = client_config(&Trust::Fingerprint(fingerprint.to_owned()))?;
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
     let name = rustls_pki_types::ServerName::try_from("localhost")?;
     let stream = tokio_rustls::TlsConnector::from(tls)
         .connect(name, tcp)

@@ -102,6 +102,8 @@ pub struct Relay {
 struct Launch {
     args: Vec<String>,
     env: Vec<(String, String)>,
+    /// The open-file limit (soft, hard) the relay starts under.
+    nofile: Option<(u64, u64)>,
 }
 
 /// Options for starting a relay; `config` is extra TOML appended to the file.
@@ -123,6 +125,27 @@ impl Relay {
         Self::spawn(dir, data_dir, config_file, "127.0.0.1:0".parse()?, launch).await
     }
 
+    /// [`Relay::start`] under the open-file limit (`soft`, `hard`), as a shell or a
+    /// container would start it.
+    pub async fn start_with_nofile(
+        opts: RelayOptions,
+        soft: u64,
+        hard: u64,
+    ) -> anyhow::Result<Relay> {
+        let dir = Arc::new(tempfile::tempdir()?);
+        let data_dir = dir.path().join("relay");
+        let config_file = dir.path().join("relay.toml");
+        std::fs::write(
+            &config_file,
+            format!("api_key = \"{API_KEY}\"\n{}", opts.config),
+        )?;
+        let launch = Launch {
+            nofile: Some((soft, hard)),
+            ..Launch::default()
+        };
+        Self::spawn(dir, data_dir, config_file, "127.0.0.1:0".parse()?, launch).await
+    }
+
     /// A relay whose config file is `config` alone (no API key added: the caller
     /// gives it in `config`, `args` or `env`), with `args` after the usual ones and
     /// `env` set. For the tests of where the key may come from.
@@ -141,6 +164,7 @@ impl Relay {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            nofile: None,
         };
         Self::spawn(dir, data_dir, config_file, "127.0.0.1:0".parse()?, launch).await
     }
@@ -156,7 +180,22 @@ impl Relay {
             .create(true)
             .append(true)
             .open(dir.path().join("relay.log"))?;
-        let mut child = Command::new(binary("netpilot-relay"))
+        let mut cmd = Command::new(binary("netpilot-relay"));
+        if let Some((soft, hard)) = launch.nofile {
+            // SAFETY: between fork and exec only setrlimit runs, an async-signal-safe
+            // system call; nothing allocates or takes a lock.
+            unsafe {
+                cmd.pre_exec(move || {
+                    nix::sys::resource::setrlimit(
+                        nix::sys::resource::Resource::RLIMIT_NOFILE,
+                        soft,
+                        hard,
+                    )
+                    .map_err(std::io::Error::from)
+                });
+            }
+        }
+        let mut child = cmd
             .arg("serve")
             .arg("--config")
             .arg(&config_file)
