@@ -718,7 +718,10 @@ pub fn relay_endpoint(
     let id = netpilot_agent::link::identity::Identity::load(&router.state_dir)
         .expect("enrolled identity");
     netpilot_agent::link::dial::RelayEndpoint::new(
-        netpilot_agent::link::dial::RelayAddr::parse(&relay.url()).expect("the relay's URL"),
+        std::sync::Arc::new(netpilot_agent::link::dial::Relays::new(
+            netpilot_agent::link::dial::RelayAddr::parse(&relay.url()).expect("the relay's URL"),
+            [],
+        )),
         netpilot_agent::link::tls::client_config(&id.trust).expect("the identity's TLS trust"),
         id.router_id,
         secret.map(str::to_owned).unwrap_or(id.router_secret),
