@@ -196,8 +196,6 @@ pub fn relay_endpoint(
 pub struct App {
     pub mode: Mode,
     pub router_id: String,
-    /// The relay the link dials, for the status.
-    pub relay_url: String,
     pub files: Arc<dyn Files>,
     pub started: Instant,
     /// The relays the link dials and reports follow (the link moves `current`).
@@ -355,7 +353,6 @@ impl App {
         Ok(App {
             mode,
             router_id: identity.router_id.clone(),
-            relay_url: identity.relay_url.clone(),
             files,
             started: Instant::now(),
             link: Arc::default(),
