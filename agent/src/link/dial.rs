@@ -168,19 +168,18 @@ async fn dial_sticky(
                 *last_good.lock().expect("last good address lock") = Some(a);
                 return Ok(s);
             }
-            Err(e) => {
-                tracing::debug!(address = %a, error = %e, "relay address failed");
-                error = e;
-            }
+            // The last address's error is the dial's: each names its address.
+            Err(e) => error = e,
         }
     }
     Err(error)
 }
 
-/// The resolver's order, rotated so the address that last worked comes first.
+/// The resolver's order with the address that last worked moved to the front.
 fn sticky_order(mut addrs: Vec<SocketAddr>, preferred: Option<SocketAddr>) -> Vec<SocketAddr> {
     if let Some(i) = preferred.and_then(|p| addrs.iter().position(|a| *a == p)) {
-        addrs.rotate_left(i);
+        let a = addrs.remove(i);
+        addrs.insert(0, a);
     }
     addrs
 }
@@ -513,8 +512,8 @@ mod tests {
             .collect();
         assert_eq!(sticky_order(a.clone(), None), a);
         assert_eq!(
-            sticky_order(a.clone(), Some(a[1])),
-            [a[1], a[2], a[0]],
+            sticky_order(a.clone(), Some(a[2])),
+            [a[2], a[0], a[1]],
             "sticky, then the rest in the resolver's order"
         );
         // Gone from the answer: the resolver's order.

@@ -167,11 +167,7 @@ pub async fn run<B>(
         if delay.is_zero() {
             continue;
         }
-        tracing::info!(
-            delay_ms = delay.as_millis() as u64,
-            relay = %config.relays.get(retry.current()).authority,
-            "reconnecting"
-        );
+        tracing::info!(delay_ms = delay.as_millis() as u64, "reconnecting");
         if wait_or_shutdown(delay, &mut shutdown, &status).await {
             return;
         }
