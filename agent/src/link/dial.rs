@@ -222,27 +222,22 @@ async fn dial_one(
     }
 }
 
-/// A fresh TLS connection with an HTTP/1.1 client on it; the connection runs in a
-/// task that ends when the returned sender is dropped (or the peer closes).
-/// Enrollment, reports and the speed test all come through here, so hyper's client
-/// exists once in the binary.
+/// A fresh TLS connection to relay `i` of `relays` with an HTTP/1.1 client on it;
+/// the connection runs in a task that ends when the returned sender is dropped (or
+/// the peer closes). Enrollment, reports and the speed test all come through here,
+/// so hyper's client (and the dial) exists once in the binary.
 pub async fn http1(
-    addr: &RelayAddr,
+    relays: &Relays,
+    i: usize,
     tls: Arc<ClientConfig>,
     timeout: Duration,
 ) -> Result<hyper::client::conn::http1::SendRequest<RelayBody>, DialError> {
-    http1_on(dial(addr, tls, timeout).await?, addr).await
-}
-
-async fn http1_on(
-    stream: TlsStream<TcpStream>,
-    addr: &RelayAddr,
-) -> Result<hyper::client::conn::http1::SendRequest<RelayBody>, DialError> {
+    let stream = relays.dial(i, tls, timeout).await?;
     let (sender, conn) =
         hyper::client::conn::http1::handshake::<_, RelayBody>(hyper_util::rt::TokioIo::new(stream))
             .await
             .map_err(|e| DialError::Connect {
-                addr: addr.authority.clone(),
+                addr: relays.get(i).authority.clone(),
                 message: e.to_string(),
             })?;
     tokio::spawn(conn);
@@ -304,12 +299,13 @@ impl RelayEndpoint {
     pub async fn http1(
         &self,
     ) -> Result<hyper::client::conn::http1::SendRequest<RelayBody>, DialError> {
-        let i = self.relays.current();
-        let stream = self
-            .relays
-            .dial(i, self.tls.clone(), self.connect_timeout)
-            .await?;
-        http1_on(stream, self.relays.get(i)).await
+        http1(
+            &self.relays,
+            self.relays.current(),
+            self.tls.clone(),
+            self.connect_timeout,
+        )
+        .await
     }
 
     /// The relay calls go to now.
