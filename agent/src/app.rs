@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::RunConfig;
 use crate::error::Context;
-use crate::link::dial::{RelayAddr, RelayEndpoint};
+use crate::link::dial::{RelayAddr, RelayEndpoint, Relays};
 use crate::link::identity::Identity;
 use crate::link::report::{RelayReporter, Reporter};
 use crate::link::serve::LinkStatus;
@@ -169,13 +169,23 @@ fn real_nlbw(config: &RunConfig) -> Arc<dyn nlbw::Nlbw> {
 /// A report's whole exchange (connect, TLS, request, answer) must fit in this.
 const REPORT_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// The relay and the router's credentials, for calls made outside the link.
+/// The relays to dial, in order: the configured list, or the one enrollment stored.
+pub fn relays(identity: &Identity, config: &RunConfig) -> crate::error::Result<Relays> {
+    let mut urls = config.relay_urls.iter().map(String::as_str);
+    let first = RelayAddr::parse(urls.next().unwrap_or(&identity.relay_url))?;
+    Ok(Relays::new(
+        first,
+        urls.map(RelayAddr::parse).collect::<Result<Vec<_>, _>>()?,
+    ))
+}
+
+/// The relays and the router's credentials, for calls made outside the link.
 pub fn relay_endpoint(
     identity: &Identity,
     config: &RunConfig,
 ) -> crate::error::Result<RelayEndpoint> {
     Ok(RelayEndpoint::new(
-        RelayAddr::parse(&identity.relay_url)?,
+        Arc::new(relays(identity, config)?),
         tls::client_config(&identity.trust)?,
         identity.router_id.clone(),
         identity.router_secret.clone(),
@@ -186,10 +196,10 @@ pub fn relay_endpoint(
 pub struct App {
     pub mode: Mode,
     pub router_id: String,
-    /// The relay the link dials, for the status.
-    pub relay_url: String,
     pub files: Arc<dyn Files>,
     pub started: Instant,
+    /// The relays the link dials and reports follow (the link moves `current`).
+    pub relays: Arc<Relays>,
     /// Written by the link, read by the health endpoint.
     pub link: Arc<LinkStatus>,
     /// Starts recorded in the state database, this one included.
@@ -343,10 +353,10 @@ impl App {
         Ok(App {
             mode,
             router_id: identity.router_id.clone(),
-            relay_url: identity.relay_url.clone(),
             files,
             started: Instant::now(),
             link: Arc::default(),
+            relays: endpoint.relays.clone(),
             starts,
             scanner: Arc::new(scanner),
             policy: Arc::new(engine),

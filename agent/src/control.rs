@@ -214,7 +214,8 @@ async fn status(app: &App) -> StatusAnswer {
             clock_unset: health.clock_unset,
         },
         link: LinkSection {
-            relay: app.relay_url.clone(),
+            // The relay in use (or being tried), not the first of the list.
+            relay: format!("https://{}", app.relays.get(app.relays.current()).authority),
             connected: link.connected_since.is_some(),
             connected_since_unix: unix(link.connected_since),
             connects: link.connects,

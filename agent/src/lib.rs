@@ -37,7 +37,6 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::app::{App, Backends};
-use crate::link::dial::RelayAddr;
 use crate::link::identity::Identity;
 use crate::link::serve::LinkConfig;
 use crate::runtime::shutdown::Shutdown;
@@ -61,7 +60,7 @@ pub async fn run(
     let Some(mut identity) = wait_for_identity(&config, &mut shutdown).await else {
         return Ok(());
     };
-    if let Some(url) = &config.relay_url {
+    if let Some(url) = config.relay_urls.first() {
         identity.relay_url = url.clone();
     }
     if let Some(trust) = &config.trust {
@@ -148,7 +147,7 @@ pub async fn serve(
 ) -> crate::error::Result<()> {
     config.validate()?;
     let link_config = LinkConfig {
-        relay: RelayAddr::parse(&identity.relay_url)?,
+        relays: app.relays.clone(),
         router_id: identity.router_id.clone(),
         secret: identity.router_secret.clone(),
         tls: link::tls::client_config(&identity.trust)?,

@@ -282,7 +282,7 @@ impl SpeedTester {
             download_bytes: down.0,
             upload_bytes: up.0,
             duration_ms: 0,
-            server: e.relay.authority.clone(),
+            server: e.relay().authority.clone(),
             method: METHOD,
         })
     }

@@ -147,6 +147,8 @@ pub struct Config {
     /// Clients (IPv4 addresses, IPv6 /64s) the enrollment limiter tracks at once;
     /// when all are inside their minute, newcomers are refused.
     pub enroll_max_clients: usize,
+    /// Relay failover (issue 16): the listen backlog (`limits.listen_backlog`).
+    pub listen_backlog: u32,
 }
 
 /// What the command line says; `None` leaves the file's or the default value.
@@ -227,11 +229,15 @@ struct FileLimits {
     speedtest_concurrent: Option<usize>,
     speedtest_max_bytes: Option<u64>,
     speedtest_max_duration: Option<String>,
+    // Relay failover (issue 16).
+    listen_backlog: Option<u32>,
 }
 
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8443";
 pub const DEFAULT_DATA_DIR: &str = "netpilot-relay-data";
 pub const API_KEY_ENV: &str = "NETPILOT_API_KEY";
+/// Relay failover (issue 16): tokio's own default is 1024.
+pub const DEFAULT_LISTEN_BACKLOG: u32 = 4096;
 
 impl Config {
     /// Builds the configuration: defaults, then the file, then `NETPILOT_API_KEY`,
@@ -343,6 +349,17 @@ impl Config {
         }
         // --- end of hardening: connections ---
 
+        // --- Relay failover (issue 16): a reconnect storm's handshakes wait in the
+        // kernel's accept queue rather than being dropped (and retried a second
+        // later, or never) when it overflows. Linux caps it at net.core.somaxconn.
+        let listen_backlog = file.limits.listen_backlog.unwrap_or(DEFAULT_LISTEN_BACKLOG);
+        if !(1..=65_535).contains(&listen_backlog) {
+            return Err(ConfigError::Invalid(
+                "limits.listen_backlog must be 1..65535".into(),
+            ));
+        }
+        // --- end of relay failover ---
+
         let d = SpeedtestLimits::default();
         let speedtest = SpeedtestLimits {
             concurrent: file.limits.speedtest_concurrent.unwrap_or(d.concurrent),
@@ -400,6 +417,7 @@ impl Config {
             api_key_source,
             metrics_listen,
             enroll_max_clients,
+            listen_backlog,
         })
     }
 }
@@ -1132,6 +1150,20 @@ mod tests {
         for bad in ["max_clients = 0", "max_clients = 2000000"] {
             let err = Config::parse_str(&format!("{base}{bad}\n"), Path::new("x")).unwrap_err();
             assert!(err.to_string().contains("max_clients"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn listen_backlog_defaults_and_is_checked() {
+        let base = "api_key = \"0123456789abcdef\"\n[limits]\n";
+        let c = Config::parse_str(base, Path::new("x")).unwrap();
+        assert_eq!(c.listen_backlog, 4096);
+        let c =
+            Config::parse_str(&format!("{base}listen_backlog = 128\n"), Path::new("x")).unwrap();
+        assert_eq!(c.listen_backlog, 128);
+        for bad in ["listen_backlog = 0", "listen_backlog = 70000"] {
+            let err = Config::parse_str(&format!("{base}{bad}\n"), Path::new("x")).unwrap_err();
+            assert!(err.to_string().contains("listen_backlog"), "{bad}: {err}");
         }
     }
 

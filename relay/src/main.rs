@@ -91,8 +91,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(config.listen)
-            .await
+        let listener = bind(config.listen, config.listen_backlog)
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         netpilot_relay::run(
             config,
@@ -133,4 +132,18 @@ async fn shutdown_signal() {
         _ = term.recv() => {}
     }
     tracing::info!("shutdown requested");
+}
+
+/// The relay's listener with `backlog` pending connections (issue 16: tokio's
+/// `TcpListener::bind` fixes it at 1024, too few for a fleet reconnecting at once).
+fn bind(addr: std::net::SocketAddr, backlog: u32) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As `TcpListener::bind` does: a restart must not wait out TIME_WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
 }

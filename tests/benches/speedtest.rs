@@ -45,7 +45,7 @@ use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
-use netpilot_agent::link::dial::{RelayAddr, RelayEndpoint};
+use netpilot_agent::link::dial::{RelayAddr, RelayEndpoint, Relays};
 use netpilot_agent::link::enroll::{enroll, EnrollArgs};
 use netpilot_agent::link::tls::Trust;
 use netpilot_agent::speedtest::{median, RunArgs, SpeedTester};
@@ -263,7 +263,7 @@ async fn scenario(one_way_ms: u64) -> anyhow::Result<Scenario> {
     let relay_addr = RelayAddr::parse(&format!("https://{via}"))?;
     let tester = SpeedTester::new(
         RelayEndpoint::new(
-            relay_addr.clone(),
+            Arc::new(Relays::new(relay_addr.clone(), [])),
             client_tls.clone(),
             identity.router_id.clone(),
             identity.router_secret.clone(),
@@ -371,7 +371,7 @@ impl LinkPair {
         .await?;
         let relay_tls = accept.await??;
         let link_config = netpilot_agent::link::serve::LinkConfig {
-            relay,
+            relays: Arc::new(Relays::new(relay, [])),
             router_id: String::new(),
             secret: String::new(),
             tls: client_tls,

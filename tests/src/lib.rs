@@ -273,6 +273,25 @@ impl Relay {
         terminate(&mut c).await
     }
 
+    /// Another relay of the same deployment on its own address: a copy of this
+    /// one's data directory (registry and TLS identity) and config file, taken now.
+    /// Stop this relay first (`terminate`) so the copy of its database is whole.
+    pub async fn start_copy(&self) -> anyhow::Result<Relay> {
+        let dir = Arc::new(tempfile::tempdir()?);
+        let data_dir = dir.path().join("relay");
+        copy_dir(&self.data_dir, &data_dir)?;
+        let config_file = dir.path().join("relay.toml");
+        std::fs::copy(&self.config_file, &config_file)?;
+        Self::spawn(
+            dir,
+            data_dir,
+            config_file,
+            "127.0.0.1:0".parse()?,
+            self.launch.clone(),
+        )
+        .await
+    }
+
     /// Starts the relay again on the same address and data directory.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
         self.kill().await;
@@ -358,6 +377,21 @@ impl Relay {
     }
 }
 
+fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(to)?;
+    std::fs::set_permissions(to, std::fs::metadata(from)?.permissions())?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(())
+}
+
 pub async fn enroll(
     relay_url: &str,
     token: &str,
@@ -436,11 +470,15 @@ pub struct Agent {
     pub api_addr: Option<std::net::SocketAddr>,
 }
 
-/// Agent flags for tests: fast reconnects, no start delay.
+/// Agent flags for tests: fast reconnects, no start delay, a short spread of the
+/// first retry after a lost link (tests of a relay restart wait seconds, not the
+/// production window).
 pub fn fast_agent_args() -> Vec<String> {
     [
         "--start-delay-max",
         "0s",
+        "--reconnect-spread",
+        "200ms",
         "--backoff-base",
         "50ms",
         "--backoff-cap",
@@ -757,7 +795,10 @@ pub fn relay_endpoint(
     let id = netpilot_agent::link::identity::Identity::load(&router.state_dir)
         .expect("enrolled identity");
     netpilot_agent::link::dial::RelayEndpoint::new(
-        netpilot_agent::link::dial::RelayAddr::parse(&relay.url()).expect("the relay's URL"),
+        std::sync::Arc::new(netpilot_agent::link::dial::Relays::new(
+            netpilot_agent::link::dial::RelayAddr::parse(&relay.url()).expect("the relay's URL"),
+            [],
+        )),
         netpilot_agent::link::tls::client_config(&id.trust).expect("the identity's TLS trust"),
         id.router_id,
         secret.map(str::to_owned).unwrap_or(id.router_secret),

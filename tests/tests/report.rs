@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use netpilot_agent::link::dial::{RelayAddr, RelayBody, RelayEndpoint};
+use netpilot_agent::link::dial::{RelayAddr, RelayBody, RelayEndpoint, Relays};
 use netpilot_agent::link::identity::Identity;
 use netpilot_agent::link::report::{AgentEvent, RelayReporter, ReportError, Reporter};
 use netpilot_proto::link::REPORT_PATH;
@@ -158,7 +158,10 @@ async fn an_unreachable_relay_is_a_typed_error() -> anyhow::Result<()> {
         &netpilot_agent::link::tls::Trust::Fingerprint("ab".repeat(32)),
     )?;
     let e = RelayEndpoint::new(
-        RelayAddr::parse(&format!("https://127.0.0.1:{port}"))?,
+        std::sync::Arc::new(Relays::new(
+            RelayAddr::parse(&format!("https://127.0.0.1:{port}"))?,
+            [],
+        )),
         tls,
         uuid::Uuid::new_v4().to_string(),
         "s".repeat(64),

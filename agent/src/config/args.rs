@@ -16,11 +16,12 @@ pub const USAGE: &str = "\
 usage: netpilot-agent enroll --relay URL --token TOKEN [--ca FILE | --fingerprint SHA256]
                              [--state-dir DIR] [--force]
        netpilot-agent run [--state-dir DIR] [--simulate] [--api-listen ADDR:PORT]
-                          [--relay URL] [--ca FILE | --fingerprint SHA256]
+                          [--relay URL]... [--ca FILE | --fingerprint SHA256]
                           [--log FILTER] [--root DIR] [--identity-poll DUR]
                           [--ping-interval DUR] [--dead-after DUR] [--connect-timeout DUR]
                           [--backoff-base DUR] [--backoff-cap DUR] [--healthy-after DUR]
-                          [--start-delay-max DUR] [--lan-if IF]... [--wan-if IF]
+                          [--start-delay-max DUR] [--reconnect-spread DUR]
+                          [--lan-if IF]... [--wan-if IF]
                           [--timezone POSIX-TZ] [--check-interval DUR]
                           [--nft PROGRAM] [--tc PROGRAM] [--ip PROGRAM] [--ubus PROGRAM]
                           [--uci PROGRAM] [--uci-confdir DIR] [--uci-savedir DIR]
@@ -48,6 +49,9 @@ command line wins over it. DIR defaults to /etc/netpilot. DUR is like 20s, 250ms
 (not masquerading), network.lan's first; --wan-if to network.wan's (br-lan, wan).
 --timezone defaults to UCI system.timezone, then /etc/TZ, then UTC.
 --fingerprint is the SHA-256 of the relay certificate's DER, hex, colons optional.
+--relay (repeatable) lists the relays in the order tried; the agent stays on one that
+works and moves to the next when it fails. After a lost link the first retry waits a
+random delay up to --reconnect-spread (30s) so a fleet does not return in one second.
 A Wi-Fi change is rolled back unless a report reaches the relay within --wifi-grace
 (default 90s); reports start --wifi-settle after the reload (10s) and repeat every
 --wifi-retry (5s). --uci-confdir/--uci-savedir are uci's -c/-t (default uci's own).
@@ -91,7 +95,9 @@ pub(super) struct CommandLine {
     pub log: Option<String>,
     pub state_dir: Option<PathBuf>,
     pub start_delay: Option<Duration>,
-    pub relay: Option<String>,
+    pub reconnect_spread: Option<Duration>,
+    /// `--relay`, repeatable, in order.
+    pub relays: Vec<String>,
     /// `--ca` or `--fingerprint` (checked), never both.
     pub trust: Option<Trust>,
     pub token: Option<String>,
@@ -107,11 +113,12 @@ pub(super) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Parsed, 
     let mut log = None;
     let mut state_dir = None;
     let mut start_delay = None;
+    let mut reconnect_spread = None;
+    let mut relays = Vec::new();
     // The first --dns-upstream replaces the default; more add to it.
     let mut dns_upstream_given = false;
     let mut config = None;
-    let (mut relay, mut token, mut ca, mut fingerprint, mut force) =
-        (None, None, None, None, false);
+    let (mut token, mut ca, mut fingerprint, mut force) = (None, None, None, false);
     let mut json = false;
     while let Some(arg) = args.next()? {
         match arg {
@@ -119,7 +126,7 @@ pub(super) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Parsed, 
             Long("help") | Short('h') => return Ok(Parsed::Help),
             Long("config") => config = Some(PathBuf::from(args.value()?)),
             Long("state-dir") => state_dir = Some(PathBuf::from(args.value()?)),
-            Long("relay") => relay = Some(args.value()?.string()?),
+            Long("relay") => relays.push(args.value()?.string()?),
             Long("token") => token = Some(args.value()?.string()?),
             Long("ca") => ca = Some(PathBuf::from(args.value()?)),
             Long("fingerprint") => fingerprint = Some(args.value()?.string()?),
@@ -199,6 +206,9 @@ pub(super) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Parsed, 
                     .map_err(|e| ConfigError::invalid("usage-retention-days", v, "a number", e))?;
             }
             Long("start-delay-max") => start_delay = Some(duration(&mut args, "start-delay-max")?),
+            Long("reconnect-spread") => {
+                reconnect_spread = Some(duration(&mut args, "reconnect-spread")?)
+            }
             Value(v) if command.is_none() => command = Some(v.string()?),
             _ => return Err(ConfigError::Unexpected(arg.unexpected())),
         }
@@ -230,7 +240,8 @@ pub(super) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Parsed, 
         log,
         state_dir,
         start_delay,
-        relay,
+        reconnect_spread,
+        relays,
         trust,
         token,
         force,
@@ -239,12 +250,17 @@ pub(super) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Parsed, 
 }
 
 /// A duration option's value. Zero is refused except where it means "none": no
-/// start delay, reports right after a Wi-Fi reload.
+/// start delay or spread, reports right after a Wi-Fi reload.
 fn duration(args: &mut lexopt::Parser, option: &'static str) -> Result<Duration, ConfigError> {
     let v = args.value()?.string()?;
     let d =
         super::duration::parse(&v).map_err(|e| ConfigError::invalid(option, v, "a duration", e))?;
-    if d.is_zero() && !matches!(option, "start-delay-max" | "wifi-settle") {
+    if d.is_zero()
+        && !matches!(
+            option,
+            "start-delay-max" | "reconnect-spread" | "wifi-settle"
+        )
+    {
         return Err(ConfigError::NotPositive(option));
     }
     Ok(d)

@@ -237,11 +237,15 @@ impl AgentConfig {
         if let Some(d) = line.start_delay.or(settings.start_delay) {
             run.backoff.start_delay_max = d;
         }
+        if let Some(d) = line.reconnect_spread.or(settings.reconnect_spread) {
+            run.backoff.reconnect_spread = d;
+        }
         if let Some(m) = settings.flow_offloading {
             run.flow_offloading = m;
         }
         // Either trust option on the command line replaces both of the file's; both
-        // override what enrollment stored, as does the relay URL.
+        // override what enrollment stored, as does the relay list (the command line's
+        // replaces the file's).
         run.trust = line
             .trust
             .or(match (settings.ca_file, settings.fingerprint) {
@@ -249,10 +253,15 @@ impl AgentConfig {
                 (None, Some(fp)) => Some(Trust::Fingerprint(fp)),
                 (None, None) => None,
             });
-        run.relay_url = line.relay.or(settings.relay_url);
+        run.relay_urls = if line.relays.is_empty() {
+            settings.relay_urls
+        } else {
+            line.relays
+        };
         let command = match line.verb {
             args::Verb::Enroll => Command::Enroll(EnrollConfig {
-                relay_url: run.relay_url,
+                // Enrollment asks the first; the identity stores it.
+                relay_url: run.relay_urls.into_iter().next(),
                 token: line.token,
                 trust: run.trust.unwrap_or(Trust::System),
                 state_dir: run.state_dir,

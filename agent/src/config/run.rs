@@ -21,8 +21,9 @@ pub const NO_SIMULATED_ROUTER: &str =
 #[derive(Debug, Clone)]
 pub struct RunConfig {
     pub state_dir: PathBuf,
-    /// Override the relay URL stored at enrollment (from UCI or the command line).
-    pub relay_url: Option<String>,
+    /// Override the relay URL stored at enrollment (from UCI or the command line):
+    /// the relays in the order tried. Empty: the one enrollment stored.
+    pub relay_urls: Vec<String>,
     /// Override how the relay is trusted.
     pub trust: Option<Trust>,
     /// How often to look for an identity while not enrolled.
@@ -106,7 +107,7 @@ impl Default for RunConfig {
     fn default() -> Self {
         RunConfig {
             state_dir: PathBuf::from("/etc/netpilot"),
-            relay_url: None,
+            relay_urls: Vec::new(),
             trust: None,
             identity_poll: Duration::from_secs(30),
             simulate: false,

@@ -15,8 +15,9 @@ pub const DEFAULT_PATH: &str = "/etc/config/netpilot";
 pub struct Settings {
     /// `enabled '0'` stops the init script from starting the agent.
     pub enabled: Option<bool>,
-    /// Overrides the relay URL stored at enrollment (e.g. the relay moved).
-    pub relay_url: Option<String>,
+    /// Override the relay URL stored at enrollment (e.g. the relay moved): every
+    /// `relay_url` and `relay` (option or list), in the file's order.
+    pub relay_urls: Vec<String>,
     /// Overrides how the relay is trusted: a pinned SHA-256 or a CA file.
     pub fingerprint: Option<String>,
     pub ca_file: Option<PathBuf>,
@@ -24,6 +25,8 @@ pub struct Settings {
     pub state_dir: Option<PathBuf>,
     /// Upper bound of the random delay before the first connection.
     pub start_delay: Option<Duration>,
+    /// Upper bound of the random delay before the first retry after a lost link.
+    pub reconnect_spread: Option<Duration>,
     /// `keep` (report only) or `disable` (the owner's consent to turn fw4's flow
     /// offloading off while policies need the forward path).
     pub flow_offloading: Option<crate::offload::Mode>,
@@ -38,6 +41,8 @@ pub struct Settings {
 const KNOWN: &[&str] = &[
     "enabled",
     "relay_url",
+    "relay",
+    "reconnect_spread",
     "fingerprint",
     "ca_file",
     "log_level",
@@ -115,7 +120,14 @@ impl Settings {
                 ))
             }
         };
-        s.relay_url = text("relay_url");
+        s.relay_urls = section
+            .values
+            .iter()
+            .filter(|(k, _)| k == "relay_url" || k == "relay")
+            .map(|(_, v)| v.trim())
+            .filter(|v| !v.is_empty())
+            .map(str::to_owned)
+            .collect();
         s.fingerprint = text("fingerprint");
         s.ca_file = text("ca_file").map(PathBuf::from);
         if s.fingerprint.is_some() && s.ca_file.is_some() {
@@ -135,6 +147,13 @@ impl Settings {
             Some(v) => Some(
                 super::duration::parse(&v)
                     .map_err(|e| invalid("start_delay", format!("{v:?}: {e}")))?,
+            ),
+        };
+        s.reconnect_spread = match text("reconnect_spread") {
+            None => None,
+            Some(v) => Some(
+                super::duration::parse(&v)
+                    .map_err(|e| invalid("reconnect_spread", format!("{v:?}: {e}")))?,
             ),
         };
         s.flow_offloading = match text("flow_offloading") {
@@ -201,6 +220,10 @@ mod tests {
             ("config agent\n\toption enabled 'maybe'\n", "enabled"),
             ("config agent\n\toption fingerprint 'zz'\n", "fingerprint"),
             ("config agent\n\toption start_delay 'soon'\n", "start_delay"),
+            (
+                "config agent\n\toption reconnect_spread 'soon'\n",
+                "reconnect_spread",
+            ),
             (
                 "config agent\n\toption flow_offloading 'off'\n",
                 "flow_offloading",

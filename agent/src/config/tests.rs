@@ -66,7 +66,7 @@ fn defaults_without_file_or_options() {
     let (run, config) = run_config(&["run"], Path::new(NO_FILE));
     let defaults = RunConfig::default();
     assert_eq!(run.state_dir, Path::new("/etc/netpilot"));
-    assert_eq!(run.relay_url, None);
+    assert!(run.relay_urls.is_empty());
     assert_eq!(run.trust, None);
     assert_eq!(
         run.backoff.start_delay_max,
@@ -81,7 +81,7 @@ fn defaults_without_file_or_options() {
 fn the_uci_file_beats_the_defaults() {
     let (run, config) = run_config(&["run"], &full_file());
     assert_eq!(run.state_dir, Path::new("/uci/state"));
-    assert_eq!(run.relay_url.as_deref(), Some("https://uci.example:8443"));
+    assert_eq!(run.relay_urls, ["https://uci.example:8443"]);
     assert_eq!(run.trust, Some(Trust::Fingerprint(FINGERPRINT.into())));
     assert_eq!(run.backoff.start_delay_max, Duration::from_secs(7));
     assert_eq!(config.log, "warn");
@@ -112,7 +112,7 @@ fn the_command_line_beats_the_uci_file() {
         &file,
     );
     assert_eq!(run.state_dir, Path::new("/cli/state"));
-    assert_eq!(run.relay_url.as_deref(), Some("https://cli.example"));
+    assert_eq!(run.relay_urls, ["https://cli.example"]);
     // --ca replaces the file's fingerprint rather than clashing with it.
     assert_eq!(run.trust, Some(Trust::CaFile("/cli/ca.pem".into())));
     assert_eq!(run.backoff.start_delay_max, Duration::ZERO);
@@ -478,4 +478,49 @@ fn control_requests_take_the_socket_and_json() {
         );
         assert_eq!(ControlVerb::parse(word), Some(want));
     }
+}
+
+#[test]
+fn relays_are_a_list_in_order_and_the_command_line_replaces_the_file_s() {
+    let file = uci("config agent 'main'\n\
+         \toption relay_url 'https://a.example'\n\
+         \tlist relay 'https://b.example:8443'\n\
+         \tlist relay 'https://c.example'\n\
+         \toption reconnect_spread '45s'\n");
+    let (run, config) = run_config(&["run"], &file);
+    assert_eq!(
+        run.relay_urls,
+        [
+            "https://a.example",
+            "https://b.example:8443",
+            "https://c.example"
+        ]
+    );
+    assert_eq!(run.backoff.reconnect_spread, Duration::from_secs(45));
+    assert!(config.warnings.is_empty(), "{:?}", config.warnings);
+
+    let (run, _) = run_config(
+        &[
+            "run",
+            "--relay",
+            "https://x.example",
+            "--relay",
+            "https://y.example",
+            "--reconnect-spread",
+            "0s",
+        ],
+        &file,
+    );
+    assert_eq!(run.relay_urls, ["https://x.example", "https://y.example"]);
+    assert_eq!(run.backoff.reconnect_spread, Duration::ZERO);
+
+    // Enrollment asks the first relay (and stores it).
+    let Command::Enroll(e) = load(&["enroll", "--token", "t"], &file).unwrap().command else {
+        panic!("not enroll");
+    };
+    assert_eq!(e.args().unwrap().relay_url, "https://a.example");
+
+    // The default window.
+    let (run, _) = run_config(&["run"], Path::new(NO_FILE));
+    assert_eq!(run.backoff.reconnect_spread, Duration::from_secs(30));
 }

@@ -1,6 +1,9 @@
-//! Reconnect delays: exponential backoff with full jitter (a uniform pick between
-//! zero and the exponential ceiling), reset after a healthy link. Pure: the caller
-//! supplies the random numbers.
+//! Reconnect delays and which relay to dial: exponential backoff with full jitter (a
+//! uniform pick between zero and the exponential ceiling), reset after a healthy
+//! link; the first retry after a lost link spread over `reconnect_spread` so a fleet
+//! does not come back in the same second; the relay list walked in order, staying on
+//! the one that works. Pure: the caller supplies the random numbers and the
+//! durations.
 
 use std::time::Duration;
 
@@ -13,6 +16,10 @@ pub struct BackoffConfig {
     /// The first connection waits a random delay up to this, so a fleet does not
     /// reconnect in the same second after a relay restart or a power cut.
     pub start_delay_max: Duration,
+    /// The first retry after a lost link waits a random delay up to this: 100,000
+    /// routers losing one relay at once arrive over this window, not in one second.
+    /// The price: a router may stay offline this long after a relay restart.
+    pub reconnect_spread: Duration,
 }
 
 impl Default for BackoffConfig {
@@ -22,6 +29,7 @@ impl Default for BackoffConfig {
             cap: Duration::from_secs(60),
             healthy_after: Duration::from_secs(60),
             start_delay_max: Duration::from_secs(10),
+            reconnect_spread: Duration::from_secs(30),
         }
     }
 }
@@ -62,6 +70,85 @@ impl Backoff {
 
     pub fn start_delay(&self, r: f64) -> Duration {
         self.config.start_delay_max.mul_f64(r.clamp(0.0, 1.0))
+    }
+}
+
+/// How the last attempt ended, for [`Retry::after`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attempt {
+    /// A link was up this long, then lost: the relay (or the way to it) went away.
+    Lost { lasted: Duration },
+    /// The dial or the upgrade failed: this relay is down, refusing, or unreachable.
+    Failed,
+    /// The link was dropped on purpose (the WAN came back, `reconnect`): same relay,
+    /// at once.
+    Redial,
+    /// The relay said to go elsewhere (it is draining): the next relay, at once.
+    GoElsewhere,
+}
+
+/// The retry policy over a list of relays: which one to dial next and after how
+/// long. A relay that works is kept (sticky); a failure moves to the next one at
+/// once, and only a whole round of failures waits the backoff, so a dead relay
+/// costs one connect attempt, not a backoff period.
+#[derive(Debug)]
+pub struct Retry {
+    backoff: Backoff,
+    relays: usize,
+    current: usize,
+    /// Relays that failed in a row since the last link or full round.
+    failed: usize,
+}
+
+impl Retry {
+    pub fn new(config: BackoffConfig, relays: usize) -> Self {
+        Retry {
+            backoff: Backoff::new(config),
+            relays: relays.max(1),
+            current: 0,
+            failed: 0,
+        }
+    }
+
+    /// The index of the relay to dial next.
+    pub fn current(&self) -> usize {
+        self.current
+    }
+
+    /// Moves on after `attempt`; the wait before the next dial, for a uniform
+    /// random `r` in [0, 1).
+    pub fn after(&mut self, attempt: Attempt, r: f64) -> Duration {
+        match attempt {
+            Attempt::Lost { lasted } => {
+                self.backoff.link_ended(lasted);
+                self.failed = 0;
+                // Every router of a lost relay gets here in the same instant: spread
+                // them, and never wait less than a flapping link's backoff.
+                let spread = self.backoff.config.reconnect_spread;
+                self.backoff
+                    .next_delay(r)
+                    .max(spread.mul_f64(r.clamp(0.0, 1.0)))
+            }
+            Attempt::Redial => Duration::ZERO,
+            Attempt::GoElsewhere => {
+                self.failed = 1;
+                self.rotate();
+                Duration::ZERO
+            }
+            Attempt::Failed => {
+                self.failed += 1;
+                self.rotate();
+                if self.failed < self.relays {
+                    return Duration::ZERO;
+                }
+                self.failed = 0;
+                self.backoff.next_delay(r)
+            }
+        }
+    }
+
+    fn rotate(&mut self) {
+        self.current = (self.current + 1) % self.relays;
     }
 }
 
@@ -130,6 +217,111 @@ mod tests {
             b.next_delay(1.0);
         }
         assert_eq!(b.ceiling(), 60 * S);
+    }
+
+    /// A small seeded generator (xorshift64*), so the distribution tests are
+    /// deterministic.
+    fn seeded(mut x: u64) -> impl FnMut() -> f64 {
+        move || {
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            (x.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 / (1u64 << 53) as f64
+        }
+    }
+
+    fn spread(secs: u64) -> BackoffConfig {
+        BackoffConfig {
+            reconnect_spread: Duration::from_secs(secs),
+            ..BackoffConfig::default()
+        }
+    }
+
+    #[test]
+    fn first_retry_after_a_lost_link_is_spread_over_the_window() {
+        let mut rng = seeded(0x5eed);
+        let window = 30 * S;
+        let mut per_second = [0u32; 30];
+        let n = 100_000;
+        for _ in 0..n {
+            let mut r = Retry::new(spread(30), 1);
+            let d = r.after(Attempt::Lost { lasted: 3600 * S }, rng());
+            assert!(d < window, "{d:?}");
+            per_second[d.as_secs() as usize] += 1;
+        }
+        // Uniform: each second holds about 1/30 of the fleet, never 1/10 of it.
+        let (lo, hi) = (n / 30 * 9 / 10, n / 30 * 11 / 10);
+        for (s, c) in per_second.iter().enumerate() {
+            assert!((lo..=hi).contains(c), "second {s}: {c} of {n}");
+        }
+    }
+
+    #[test]
+    fn the_window_bounds_come_from_r() {
+        let mut r = Retry::new(spread(30), 2);
+        assert_eq!(
+            r.after(Attempt::Lost { lasted: 90 * S }, 0.0),
+            Duration::ZERO
+        );
+        let mut r = Retry::new(spread(30), 2);
+        assert_eq!(r.after(Attempt::Lost { lasted: 90 * S }, 0.5), 15 * S);
+        // No spread configured: today's backoff, within its 1 s ceiling.
+        let mut r = Retry::new(spread(0), 2);
+        assert!(r.after(Attempt::Lost { lasted: 90 * S }, 0.999) < S);
+    }
+
+    #[test]
+    fn a_flapping_link_waits_at_least_its_backoff() {
+        let mut r = Retry::new(spread(2), 1);
+        for _ in 0..6 {
+            r.after(Attempt::Failed, 0.5);
+        }
+        // Ceiling 64 s → cap 60 s; r = 0.5 → 30 s, more than the 2 s window.
+        assert_eq!(r.after(Attempt::Lost { lasted: S }, 0.5), 30 * S);
+    }
+
+    #[test]
+    fn failures_rotate_in_order_and_only_a_full_round_waits() {
+        let mut r = Retry::new(spread(30), 3);
+        let mut seen = vec![r.current()];
+        let mut waits = Vec::new();
+        for _ in 0..6 {
+            waits.push(r.after(Attempt::Failed, 0.5));
+            seen.push(r.current());
+        }
+        assert_eq!(seen, [0, 1, 2, 0, 1, 2, 0]);
+        // Rounds back off 0.5 s, then 1 s (ceilings 1 s, 2 s).
+        let z = Duration::ZERO;
+        assert_eq!(waits, [z, z, S / 2, z, z, S]);
+    }
+
+    #[test]
+    fn a_working_relay_is_kept() {
+        let mut r = Retry::new(spread(30), 3);
+        r.after(Attempt::Failed, 0.5);
+        assert_eq!(r.current(), 1);
+        // Lost after working, redialled: still the same relay.
+        r.after(Attempt::Lost { lasted: 90 * S }, 0.5);
+        assert_eq!(r.current(), 1);
+        assert_eq!(r.after(Attempt::Redial, 0.5), Duration::ZERO);
+        assert_eq!(r.current(), 1);
+        // The lost link reset the round: two more failures do not wait yet.
+        assert_eq!(r.after(Attempt::Failed, 0.5), Duration::ZERO);
+        assert_eq!(r.after(Attempt::Failed, 0.5), Duration::ZERO);
+        assert_eq!(r.current(), 0);
+    }
+
+    #[test]
+    fn go_elsewhere_moves_on_without_waiting() {
+        let mut r = Retry::new(spread(30), 2);
+        assert_eq!(r.after(Attempt::GoElsewhere, 0.9), Duration::ZERO);
+        assert_eq!(r.current(), 1);
+        // The other relay failing too completes the round: now it backs off.
+        assert!(r.after(Attempt::Failed, 0.9) > Duration::ZERO);
+        // One relay that keeps saying "elsewhere" cannot make a busy loop.
+        let mut one = Retry::new(spread(30), 1);
+        assert_eq!(one.after(Attempt::GoElsewhere, 0.9), Duration::ZERO);
+        assert!(one.after(Attempt::Failed, 0.9) > Duration::ZERO);
     }
 
     #[test]

@@ -1,8 +1,12 @@
 //! Opening a TLS connection to the relay: parse the relay URL, connect TCP within a
-//! deadline, then TLS. Shared by enrollment, the link, reports and the speed test;
-//! [`RelayEndpoint`] adds the router's credentials for the calls made outside the link.
+//! deadline, then TLS, address by address when the name has several. Shared by
+//! enrollment, the link, reports and the speed test; [`Relays`] is the configured
+//! list and the one that works now; [`RelayEndpoint`] adds the router's credentials
+//! for the calls made outside the link.
 
-use std::sync::Arc;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rustls::ClientConfig;
@@ -64,30 +68,144 @@ impl RelayAddr {
     }
 }
 
+/// The relays this router may link to, in the configured order, and the one in use:
+/// the link moves `current` (see `backoff::Retry`), reports and the speed test follow
+/// it. Each relay remembers the address of its name that last answered, dialled first.
+#[derive(Debug)]
+pub struct Relays {
+    relays: Vec<(RelayAddr, Mutex<Option<SocketAddr>>)>,
+    current: AtomicUsize,
+}
+
+impl Relays {
+    /// At least one relay.
+    pub fn new(first: RelayAddr, more: impl IntoIterator<Item = RelayAddr>) -> Self {
+        Relays {
+            relays: std::iter::once(first)
+                .chain(more)
+                .map(|r| (r, Mutex::new(None)))
+                .collect(),
+            current: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.relays.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.relays.is_empty()
+    }
+
+    pub fn current(&self) -> usize {
+        self.current.load(Ordering::Relaxed)
+    }
+
+    pub fn set_current(&self, i: usize) {
+        self.current.store(i % self.relays.len(), Ordering::Relaxed);
+    }
+
+    pub fn get(&self, i: usize) -> &RelayAddr {
+        &self.relays[i % self.relays.len()].0
+    }
+
+    /// TLS to relay `i`, its last good address first.
+    pub async fn dial(
+        &self,
+        i: usize,
+        tls: Arc<ClientConfig>,
+        timeout: Duration,
+    ) -> Result<TlsStream<TcpStream>, DialError> {
+        let (addr, last_good) = &self.relays[i % self.relays.len()];
+        dial_sticky(addr, tls, timeout, last_good).await
+    }
+}
+
 pub async fn dial(
     addr: &RelayAddr,
     tls: Arc<ClientConfig>,
     timeout: Duration,
 ) -> Result<TlsStream<TcpStream>, DialError> {
+    dial_sticky(addr, tls, timeout, &Mutex::new(None)).await
+}
+
+/// Tries every address the name resolves to, `last_good` first, each with its own
+/// deadline for TCP and for TLS, so one dead or black-holed node of a round-robin
+/// name does not fail the dial; the address that answers is remembered. Every
+/// address must pass the same name or pin check: the relays of one deployment share
+/// the certificate (or the CA).
+async fn dial_sticky(
+    addr: &RelayAddr,
+    tls: Arc<ClientConfig>,
+    timeout: Duration,
+    last_good: &Mutex<Option<SocketAddr>>,
+) -> Result<TlsStream<TcpStream>, DialError> {
     let target = format!("{}:{}", addr.host, addr.port);
-    let tcp =
-        match tokio::time::timeout(timeout, TcpStream::connect((addr.host.as_str(), addr.port)))
-            .await
-        {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                return Err(DialError::Connect {
-                    addr: target,
-                    message: e.to_string(),
-                })
+    let lookup = tokio::net::lookup_host((addr.host.as_str(), addr.port));
+    let resolved: Vec<SocketAddr> = match tokio::time::timeout(timeout, lookup).await {
+        Ok(Ok(a)) => a.collect(),
+        Ok(Err(e)) => {
+            return Err(DialError::Connect {
+                addr: target,
+                message: e.to_string(),
+            })
+        }
+        Err(_) => {
+            return Err(DialError::Connect {
+                addr: target,
+                message: format!("no name resolution within {timeout:?}"),
+            })
+        }
+    };
+    let preferred = *last_good.lock().expect("last good address lock");
+    let mut error = DialError::Connect {
+        addr: target.clone(),
+        message: "the name has no address".into(),
+    };
+    for a in sticky_order(resolved, preferred) {
+        match dial_one(addr, a, tls.clone(), timeout).await {
+            Ok(s) => {
+                *last_good.lock().expect("last good address lock") = Some(a);
+                return Ok(s);
             }
-            Err(_) => {
-                return Err(DialError::Connect {
-                    addr: target,
-                    message: format!("no answer within {timeout:?}"),
-                })
-            }
-        };
+            // The last address's error is the dial's: each names its address.
+            Err(e) => error = e,
+        }
+    }
+    Err(error)
+}
+
+/// The resolver's order with the address that last worked moved to the front.
+fn sticky_order(mut addrs: Vec<SocketAddr>, preferred: Option<SocketAddr>) -> Vec<SocketAddr> {
+    if let Some(i) = preferred.and_then(|p| addrs.iter().position(|a| *a == p)) {
+        let a = addrs.remove(i);
+        addrs.insert(0, a);
+    }
+    addrs
+}
+
+async fn dial_one(
+    addr: &RelayAddr,
+    to: SocketAddr,
+    tls: Arc<ClientConfig>,
+    timeout: Duration,
+) -> Result<TlsStream<TcpStream>, DialError> {
+    let target = to.to_string();
+    let tcp = match tokio::time::timeout(timeout, TcpStream::connect(to)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            return Err(DialError::Connect {
+                addr: target,
+                message: e.to_string(),
+            })
+        }
+        Err(_) => {
+            return Err(DialError::Connect {
+                addr: target,
+                message: format!("no answer within {timeout:?}"),
+            })
+        }
+    };
     let _ = tcp.set_nodelay(true);
     let name = ServerName::try_from(addr.host.clone())
         .map_err(|_| DialError::BadUrl(addr.host.clone()))?;
@@ -104,21 +222,22 @@ pub async fn dial(
     }
 }
 
-/// A fresh TLS connection with an HTTP/1.1 client on it; the connection runs in a
-/// task that ends when the returned sender is dropped (or the peer closes).
-/// Enrollment, reports and the speed test all come through here, so hyper's client
-/// exists once in the binary.
+/// A fresh TLS connection to relay `i` of `relays` with an HTTP/1.1 client on it;
+/// the connection runs in a task that ends when the returned sender is dropped (or
+/// the peer closes). Enrollment, reports and the speed test all come through here,
+/// so hyper's client (and the dial) exists once in the binary.
 pub async fn http1(
-    addr: &RelayAddr,
+    relays: &Relays,
+    i: usize,
     tls: Arc<ClientConfig>,
     timeout: Duration,
 ) -> Result<hyper::client::conn::http1::SendRequest<RelayBody>, DialError> {
-    let stream = dial(addr, tls, timeout).await?;
+    let stream = relays.dial(i, tls, timeout).await?;
     let (sender, conn) =
         hyper::client::conn::http1::handshake::<_, RelayBody>(hyper_util::rt::TokioIo::new(stream))
             .await
             .map_err(|e| DialError::Connect {
-                addr: addr.authority.clone(),
+                addr: relays.get(i).authority.clone(),
                 message: e.to_string(),
             })?;
     tokio::spawn(conn);
@@ -139,7 +258,8 @@ pub enum Exchange {
 /// identity in `lib.rs::run`. The secret never appears in `Debug`.
 #[derive(Clone)]
 pub struct RelayEndpoint {
-    pub relay: RelayAddr,
+    /// The link's relays: calls go to the one the link uses now.
+    pub relays: Arc<Relays>,
     pub tls: Arc<ClientConfig>,
     pub router_id: String,
     secret: String,
@@ -150,7 +270,7 @@ pub struct RelayEndpoint {
 impl std::fmt::Debug for RelayEndpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RelayEndpoint")
-            .field("relay", &self.relay.authority)
+            .field("relay", &self.relay().authority)
             .field("router_id", &self.router_id)
             .field("secret", &"<redacted>")
             .finish()
@@ -159,14 +279,14 @@ impl std::fmt::Debug for RelayEndpoint {
 
 impl RelayEndpoint {
     pub fn new(
-        relay: RelayAddr,
+        relays: Arc<Relays>,
         tls: Arc<ClientConfig>,
         router_id: String,
         secret: String,
         connect_timeout: Duration,
     ) -> Self {
         RelayEndpoint {
-            relay,
+            relays,
             tls,
             router_id,
             secret,
@@ -179,7 +299,18 @@ impl RelayEndpoint {
     pub async fn http1(
         &self,
     ) -> Result<hyper::client::conn::http1::SendRequest<RelayBody>, DialError> {
-        http1(&self.relay, self.tls.clone(), self.connect_timeout).await
+        http1(
+            &self.relays,
+            self.relays.current(),
+            self.tls.clone(),
+            self.connect_timeout,
+        )
+        .await
+    }
+
+    /// The relay calls go to now.
+    pub fn relay(&self) -> &RelayAddr {
+        self.relays.get(self.relays.current())
     }
 
     /// Sends `req` on `sender`: the answer if it is 2xx, otherwise the relay's
@@ -213,7 +344,7 @@ impl RelayEndpoint {
         http::Request::builder()
             .method(method)
             .uri(path_and_query)
-            .header(http::header::HOST, &self.relay.authority)
+            .header(http::header::HOST, &self.relay().authority)
             .header(
                 http::header::AUTHORIZATION,
                 format!("Bearer {}", self.secret),
@@ -357,13 +488,55 @@ mod tests {
             crate::link::tls::client_config(&crate::link::tls::Trust::Fingerprint("ab".repeat(32)))
                 .unwrap();
         let e = RelayEndpoint::new(
-            RelayAddr::parse("https://relay:1").unwrap(),
+            Arc::new(Relays::new(
+                RelayAddr::parse("https://relay:1").unwrap(),
+                [],
+            )),
             tls,
             "r".into(),
             "s3cr3t-value".into(),
             Duration::from_secs(1),
         );
         assert!(!format!("{e:?}").contains("s3cr3t"));
+    }
+
+    #[test]
+    fn the_address_that_worked_is_dialled_first() {
+        let a: Vec<SocketAddr> = ["10.0.0.1:443", "10.0.0.2:443", "10.0.0.3:443"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        assert_eq!(sticky_order(a.clone(), None), a);
+        assert_eq!(
+            sticky_order(a.clone(), Some(a[2])),
+            [a[2], a[0], a[1]],
+            "sticky, then the rest in the resolver's order"
+        );
+        // Gone from the answer: the resolver's order.
+        let gone = "10.9.9.9:443".parse().unwrap();
+        assert_eq!(sticky_order(a.clone(), Some(gone)), a);
+    }
+
+    #[tokio::test]
+    async fn a_failed_dial_keeps_the_last_good_address() {
+        // Something that accepts TCP but is no relay: the handshake fails, the
+        // error says TLS (not a refusal), and nothing is remembered as good.
+        let up = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = up.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (s, _) = up.accept().await.unwrap();
+            drop(s);
+        });
+        let relay = RelayAddr::parse(&format!("https://127.0.0.1:{port}")).unwrap();
+        let tls =
+            crate::link::tls::client_config(&crate::link::tls::Trust::Fingerprint("ab".repeat(32)))
+                .unwrap();
+        let last_good = Mutex::new(None);
+        let err = dial_sticky(&relay, tls, Duration::from_secs(5), &last_good)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, DialError::Tls { .. }), "{err}");
+        assert_eq!(*last_good.lock().unwrap(), None);
     }
 
     #[test]

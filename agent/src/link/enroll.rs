@@ -10,7 +10,7 @@ use hyper::Request;
 use netpilot_proto::link::{EnrollRequest, EnrollResponse, ENROLL_PATH};
 use netpilot_proto::Envelope;
 
-use crate::link::dial::{http1, DialError, RelayAddr, RelayBody};
+use crate::link::dial::{http1, DialError, RelayAddr, RelayBody, Relays};
 use crate::link::identity::{Identity, IdentityError};
 use crate::link::tls::{client_config, TlsError, Trust};
 
@@ -53,11 +53,12 @@ pub async fn enroll(args: EnrollArgs<'_>) -> Result<Identity, EnrollError> {
             return Err(EnrollError::AlreadyEnrolled(existing.router_id));
         }
     }
-    let relay = RelayAddr::parse(args.relay_url)?;
+    let relays = Relays::new(RelayAddr::parse(args.relay_url)?, []);
+    let relay = relays.get(0);
     let tls = client_config(&args.trust)?;
     // A token works once: never spend it on a state directory that cannot keep it.
     Identity::check_writable(args.state_dir)?;
-    let mut sender = http1(&relay, tls, Duration::from_secs(15)).await?;
+    let mut sender = http1(&relays, 0, tls, Duration::from_secs(15)).await?;
     let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .map(|h| h.trim().to_owned());

@@ -1,7 +1,9 @@
 //! The agent's half of the link: dial the relay, ask to upgrade
 //! `GET /agent/v1/connect` with the router secret, and on `101` be the HTTP/2 server
 //! on the upgraded stream, handing every call to the handler it was given (the
-//! agent API). Reconnects forever with backoff and full jitter until shutdown.
+//! agent API). Reconnects forever until shutdown, over the relay list as
+//! `backoff::Retry` decides (next relay at once on a failure, sticky on success, the
+//! first retry after a lost link spread out, backoff with full jitter per round).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -19,8 +21,8 @@ use netpilot_proto::link::{
 };
 use rustls::ClientConfig;
 
-use super::backoff::{random_unit, Backoff, BackoffConfig};
-use super::dial::{dial, DialError, RelayAddr, RelayBody};
+use super::backoff::{random_unit, Attempt, Backoff, BackoffConfig, Retry};
+use super::dial::{DialError, RelayBody, Relays};
 use crate::runtime::shutdown::{self, Shutdown};
 
 /// What the link is doing, for the health endpoint.
@@ -74,7 +76,8 @@ where
 
 #[derive(Clone)]
 pub struct LinkConfig {
-    pub relay: RelayAddr,
+    /// Shared with reports and the speed test, which follow the relay in use.
+    pub relays: Arc<Relays>,
     pub router_id: String,
     pub secret: String,
     pub tls: Arc<ClientConfig>,
@@ -116,8 +119,7 @@ pub async fn run<B>(
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let mut backoff = Backoff::new(config.backoff.clone());
-    let start_delay = backoff.start_delay(random_unit());
+    let start_delay = Backoff::new(config.backoff.clone()).start_delay(random_unit());
     if !start_delay.is_zero() {
         tracing::info!(
             delay_ms = start_delay.as_millis() as u64,
@@ -127,12 +129,26 @@ pub async fn run<B>(
             return;
         }
     }
+    let mut retry = Retry::new(config.backoff.clone(), config.relays.len());
     loop {
-        let attempt_started = Instant::now();
-        let mut redial = false;
-        match connect_and_serve(&config, handler.clone(), &status, &mut shutdown).await {
-            Ok(Ended::Redial) => redial = true,
-            Ok(Ended::Closed) => tracing::info!("link ended"),
+        let relay = retry.current();
+        config.relays.set_current(relay);
+        let attempt = match connect_and_serve(
+            &config,
+            relay,
+            handler.clone(),
+            &status,
+            &mut shutdown,
+        )
+        .await
+        {
+            Ok((Ended::Redial, _)) => Attempt::Redial,
+            Ok((Ended::Closed, up)) => {
+                tracing::info!("link ended");
+                Attempt::Lost {
+                    lasted: up.elapsed(),
+                }
+            }
             Err(e) => {
                 if crate::link::tls::clock_unset(SystemTime::now()) {
                     tracing::warn!(error = %e, "link failed; the system clock is before this build, so it is probably not set yet (NTP)");
@@ -140,17 +156,17 @@ pub async fn run<B>(
                     tracing::warn!(error = %e, "link failed");
                 }
                 status.update(|l| l.last_error = Some(e.to_string()));
+                Attempt::Failed
             }
-        }
+        };
         status.update(|l| l.connected_since = None);
         if *shutdown.borrow() {
             return;
         }
-        backoff.link_ended(attempt_started.elapsed());
-        if redial {
+        let delay = retry.after(attempt, random_unit());
+        if delay.is_zero() {
             continue;
         }
-        let delay = backoff.next_delay(random_unit());
         tracing::info!(delay_ms = delay.as_millis() as u64, "reconnecting");
         if wait_or_shutdown(delay, &mut shutdown, &status).await {
             return;
@@ -176,19 +192,25 @@ enum Ended {
     Redial,
 }
 
-/// One link, from dial to its end (lost, redial, or shutdown).
+/// One link to relay `relay`, from dial to its end (lost, redial, or shutdown), and
+/// when it came up.
 async fn connect_and_serve<B>(
     config: &LinkConfig,
+    relay: usize,
     handler: impl Handler<B>,
     status: &LinkStatus,
     shutdown: &mut Shutdown,
-) -> Result<Ended, LinkError>
+) -> Result<(Ended, Instant), LinkError>
 where
     B: hyper::body::Body + Send + 'static,
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let tls = dial(&config.relay, config.tls.clone(), config.connect_timeout).await?;
+    let addr = config.relays.get(relay);
+    let tls = config
+        .relays
+        .dial(relay, config.tls.clone(), config.connect_timeout)
+        .await?;
     let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
         .handshake::<_, RelayBody>(TokioIo::new(tls))
         .await
@@ -197,7 +219,7 @@ where
     let req = Request::builder()
         .method("GET")
         .uri(CONNECT_PATH)
-        .header(HOST, &config.relay.authority)
+        .header(HOST, &addr.authority)
         .header(CONNECTION, "upgrade")
         .header(UPGRADE, UPGRADE_PROTOCOL)
         .header(AUTHORIZATION, format!("Bearer {}", config.secret))
@@ -239,7 +261,8 @@ where
         l.connects += 1;
         l.last_error = None;
     });
-    tracing::info!(relay = %config.relay.authority, "link up");
+    tracing::info!(relay = %addr.authority, "link up");
+    let up = Instant::now();
     let mut conn = Box::pin(conn);
     tokio::select! {
         r = conn.as_mut() => {
@@ -250,14 +273,14 @@ where
         // Dropped without a goodbye: the link this is asked on is likely dead.
         _ = status.redial.notified() => {
             tracing::info!("redial asked for; dropping the link");
-            return Ok(Ended::Redial);
+            return Ok((Ended::Redial, up));
         }
         _ = shutdown::stopped(shutdown) => {
             conn.as_mut().graceful_shutdown();
             let _ = tokio::time::timeout(Duration::from_secs(2), conn).await;
         }
     }
-    Ok(Ended::Closed)
+    Ok((Ended::Closed, up))
 }
 
 /// What the relay may send on one stream before the agent reads it. Small, so the
