@@ -729,6 +729,27 @@ mod tests {
         assert_eq!(c.speedtest, SpeedtestLimits::default());
     }
 
+    // Silent links (issue 16 item 8).
+    #[test]
+    fn probe_settings_have_defaults_and_are_read() {
+        let c = Config::parse_str("api_key = \"0123456789abcdef\"\n", Path::new("x")).unwrap();
+        assert_eq!(c.timeouts.probe_after, Duration::from_secs(3));
+        assert_eq!(c.timeouts.probe_timeout, Duration::from_secs(2));
+        let c = Config::parse_str(
+            "api_key = \"0123456789abcdef\"\n[timeouts]\nprobe_after = \"500ms\"\nprobe_timeout = \"1s\"\n",
+            Path::new("x"),
+        )
+        .unwrap();
+        assert_eq!(c.timeouts.probe_after, Duration::from_millis(500));
+        assert_eq!(c.timeouts.probe_timeout, Duration::from_secs(1));
+        let err = Config::parse_str(
+            "api_key = \"0123456789abcdef\"\n[timeouts]\nprobe_timeout = \"0s\"\n",
+            Path::new("x"),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("probe_timeout"), "{err}");
+    }
+
     #[test]
     fn speedtest_limits_are_validated() {
         let base = "api_key = \"0123456789abcdef\"\n[limits]\n";
