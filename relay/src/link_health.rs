@@ -245,3 +245,90 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RULES: PingRules = PingRules {
+        ping_interval: Duration::from_secs(60),
+        idle_timeout: Duration::from_secs(60),
+        probe_timeout: Duration::from_millis(300),
+    };
+
+    /// A client link over an in-memory pipe, its PING loop running as the link
+    /// task runs it (the link gone when the loop ends). `answer`: an h2 server
+    /// serves the far end; otherwise nothing ever reads it (a silent WAN).
+    async fn link(answer: bool) -> (Arc<LinkHealth>, tokio::task::JoinHandle<Silence>) {
+        let (near, far) = tokio::io::duplex(64 * 1024);
+        if answer {
+            tokio::spawn(async move {
+                let mut server = h2::server::handshake(far).await.unwrap();
+                while server.accept().await.is_some() {}
+            });
+        } else {
+            tokio::spawn(async move {
+                let _far = far;
+                std::future::pending::<()>().await;
+            });
+        }
+        let health = LinkHealth::new();
+        let (_send, mut conn) = h2::client::handshake(Watched::new(near, health.clone()))
+            .await
+            .unwrap();
+        let pinger = conn.ping_pong().unwrap();
+        tokio::spawn(async move {
+            let _ = conn.await;
+            drop(_send);
+        });
+        let h = health.clone();
+        let task = tokio::spawn(async move {
+            let silence = h.ping_loop(pinger, RULES).await;
+            h.mark_gone();
+            silence
+        });
+        (health, task)
+    }
+
+    #[tokio::test]
+    async fn an_answered_probe_lets_calls_through_and_counts_as_received() {
+        let (health, _task) = link(true).await;
+        let before = health.quiet_for();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(health.probe(RULES.probe_timeout).await);
+        assert!(health.quiet_for() < before + Duration::from_millis(50));
+        assert!(!health.is_gone());
+        // Quiet for less than probe_after: nothing to wait for.
+        let waited = tokio::time::timeout(
+            Duration::from_millis(200),
+            health.until_silent(Duration::from_secs(60), RULES.probe_timeout),
+        )
+        .await;
+        assert!(waited.is_err(), "a healthy link was called silent");
+    }
+
+    #[tokio::test]
+    async fn concurrent_calls_share_one_unanswered_probe_and_the_link_ends() {
+        let (health, task) = link(false).await;
+        let started = Instant::now();
+        let calls: Vec<_> = (0..3)
+            .map(|_| {
+                let h = health.clone();
+                tokio::spawn(
+                    async move { h.until_silent(Duration::ZERO, RULES.probe_timeout).await },
+                )
+            })
+            .collect();
+        for c in calls {
+            c.await.unwrap();
+        }
+        let took = started.elapsed();
+        assert!(
+            took >= RULES.probe_timeout && took < Duration::from_secs(1),
+            "{took:?}"
+        );
+        assert!(matches!(task.await.unwrap(), Silence::Unanswered(_)));
+        assert!(health.is_gone());
+        assert!(!health.probe(RULES.probe_timeout).await);
+    }
+}
