@@ -132,10 +132,13 @@ async fn run_link(
             Err(e) => tracing::info!(error = %e, "agent link lost"),
         },
         silence = health.ping_loop(pinger, rules) => match silence {
-            Silence::Unanswered(waited) => tracing::info!(
-                waited_ms = waited.as_millis() as u64,
-                "agent link silent: PING unanswered; closed"
-            ),
+            Silence::Unanswered(waited) => {
+                state.metrics.link_silent.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    waited_ms = waited.as_millis() as u64,
+                    "agent link silent: PING unanswered; closed"
+                );
+            }
             Silence::Lost(e) => tracing::info!(error = %e, "agent link lost"),
         },
     }

@@ -306,7 +306,7 @@ async fn send(
     match tokio::time::timeout_at(deadline, call).await {
         Err(_) => Err(ApiError::CommandTimeout(t.command.as_millis())),
         Ok(Ok(None)) => {
-            tracing::info!(%router_id, "link silent; call refused");
+            tracing::info!(%router_id, "link went silent; call answered offline");
             Err(ApiError::RouterOffline(router_id.to_string()))
         }
         Ok(Err(e)) => {

@@ -435,4 +435,12 @@ async fn calls_on_a_silent_wan_answer_503_within_the_probe_timeout_and_the_route
         "{}",
         relay.log()
     );
+    let metrics = c.get("/metrics").await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&metrics.raw)
+            .lines()
+            .any(|l| l == "netpilot_link_silent_total 1"),
+        "{}",
+        String::from_utf8_lossy(&metrics.raw)
+    );
 }
