@@ -1,18 +1,18 @@
 //! The agent side of the shared port: authenticate `GET /agent/v1/connect`, answer
 //! `101`, and run the link — the relay becomes the HTTP/2 client on the upgraded
-//! stream — until it dies, is replaced by a newer link, or is revoked. The running
-//! link is entered in the link registry, where calls find it.
+//! stream — until it dies, goes silent (`link_health`), is replaced by a newer
+//! link, or is revoked. The running link is entered in the link registry, where
+//! calls find it.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{CONNECTION, UPGRADE};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::TokioIo;
 use netpilot_proto::link::{HEADER_AGENT_VERSION, UPGRADE_PROTOCOL};
 use tracing::Instrument;
 use uuid::Uuid;
@@ -21,6 +21,8 @@ use crate::auth;
 use crate::capacity::LinkSlot;
 use crate::error::ApiError;
 use crate::http::{self, Body};
+use crate::link_health::{LinkHealth, PingRules, Silence, Watched};
+use crate::link_registry::LinkSender;
 use crate::state::AppState;
 
 pub fn connect(
@@ -103,15 +105,21 @@ async fn run_link(
             return;
         }
     };
-    let handshake = h2_client(&state.config.timeouts)
-        .handshake::<_, Full<Bytes>>(upgraded)
-        .await;
-    let (sender, conn) = match handshake {
+    let health = LinkHealth::new();
+    let io = Watched::new(TokioIo::new(upgraded), health.clone());
+    let (send, mut conn) = match h2_client().handshake::<_, Bytes>(io).await {
         Ok(pair) => pair,
         Err(e) => {
             tracing::warn!(error = %e, "h2 handshake on the link failed");
             return;
         }
+    };
+    let pinger = conn
+        .ping_pong()
+        .expect("a new connection's PING handle is untaken");
+    let sender = LinkSender {
+        send,
+        health: health.clone(),
     };
     let (generation, closed_by_relay, replaced) =
         state
@@ -134,6 +142,7 @@ async fn run_link(
     tracing::info!("agent link up");
     // Boxed: the connection future is large and lives as long as the link.
     let conn = Box::pin(conn);
+    let rules = PingRules::from_timeouts(&state.config.timeouts);
     // Biased: a replaced or revoked link also loses its last sender, which ends the
     // connection future too; the relay's own close is the cause worth logging.
     tokio::select! {
@@ -143,23 +152,38 @@ async fn run_link(
             Ok(()) => tracing::info!("agent link closed"),
             Err(e) => tracing::info!(error = %e, "agent link lost"),
         },
+        silence = health.ping_loop(pinger, rules) => match silence {
+            Silence::Unanswered(waited) => {
+                state.metrics.link_silent.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(
+                    waited_ms = waited.as_millis() as u64,
+                    "agent link silent: PING unanswered; closed"
+                );
+            }
+            Silence::Lost(e) => tracing::info!(error = %e, "agent link lost"),
+        },
     }
+    // Out of the registry before calls hear the link is gone, so whoever is told
+    // "offline" finds the router offline everywhere.
     state.links.remove(router_id, generation);
+    health.mark_gone();
     touch(&state, router_id, None);
 }
 
-/// The relay's end of every link: the HTTP/2 client, PINGing while idle. Flow-control
-/// windows are hyper's defaults (a 2 MiB stream and 5 MiB connection window for
-/// what the agent sends). Public so the speed-test bench measures this very
-/// configuration.
-pub fn h2_client(
-    t: &crate::config::Timeouts,
-) -> hyper::client::conn::http2::Builder<TokioExecutor> {
-    let mut b = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
-    b.timer(TokioTimer::new())
-        .keep_alive_interval(t.ping_interval)
-        .keep_alive_timeout(t.dead_after - t.ping_interval)
-        .keep_alive_while_idle(true);
+/// The relay's end of every link: the HTTP/2 client. Flow-control windows are
+/// hyper's client defaults (a 2 MiB stream and 5 MiB connection window for what the
+/// agent sends); PINGs are the link's own (`link_health`). Public so the speed-test
+/// bench measures this very configuration.
+pub fn h2_client() -> h2::client::Builder {
+    let mut b = h2::client::Builder::new();
+    b.initial_max_send_streams(100)
+        .initial_window_size(2 * 1024 * 1024)
+        .initial_connection_window_size(5 * 1024 * 1024)
+        .max_frame_size(16 * 1024)
+        .max_header_list_size(16 * 1024)
+        .max_send_buffer_size(1024 * 1024)
+        .max_local_error_reset_streams(Some(1024))
+        .enable_push(false);
     b
 }
 

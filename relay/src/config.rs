@@ -72,6 +72,11 @@ pub struct Timeouts {
     /// A request body must arrive whole within this long of the request head
     /// (then 408 `BODY_TIMEOUT`).
     pub body: Duration,
+    // --- Silent links (issue 16 item 8) ---
+    /// A call on a link that has received nothing for this long first PINGs it.
+    pub probe_after: Duration,
+    /// A probe PING unanswered this long: the link is dead (503, router offline).
+    pub probe_timeout: Duration,
 }
 
 impl Default for Timeouts {
@@ -87,6 +92,9 @@ impl Default for Timeouts {
             shutdown_grace: Duration::from_secs(5),
             h2_idle: Duration::from_secs(60),
             body: Duration::from_secs(10),
+            // Silent links (issue 16 item 8).
+            probe_after: Duration::from_secs(3),
+            probe_timeout: Duration::from_secs(2),
         }
     }
 }
@@ -209,6 +217,9 @@ struct FileTimeouts {
     // Hardening: connections (issue 15).
     h2_idle: Option<String>,
     body: Option<String>,
+    // Silent links (issue 16 item 8).
+    probe_after: Option<String>,
+    probe_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -318,6 +329,9 @@ impl Config {
             )?,
             h2_idle: duration("timeouts.h2_idle", t.h2_idle, d.h2_idle)?,
             body: duration("timeouts.body", t.body, d.body)?,
+            // Silent links (issue 16 item 8).
+            probe_after: duration("timeouts.probe_after", t.probe_after, d.probe_after)?,
+            probe_timeout: duration("timeouts.probe_timeout", t.probe_timeout, d.probe_timeout)?,
         };
         if timeouts.dead_after <= timeouts.ping_interval {
             return Err(ConfigError::Invalid(
@@ -879,6 +893,27 @@ mod tests {
         assert_eq!(c.timeouts.dead_after, Duration::from_secs(60));
         assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
         assert_eq!(c.speedtest, SpeedtestLimits::default());
+    }
+
+    // Silent links (issue 16 item 8).
+    #[test]
+    fn probe_settings_have_defaults_and_are_read() {
+        let c = Config::parse_str("api_key = \"0123456789abcdef\"\n", Path::new("x")).unwrap();
+        assert_eq!(c.timeouts.probe_after, Duration::from_secs(3));
+        assert_eq!(c.timeouts.probe_timeout, Duration::from_secs(2));
+        let c = Config::parse_str(
+            "api_key = \"0123456789abcdef\"\n[timeouts]\nprobe_after = \"500ms\"\nprobe_timeout = \"1s\"\n",
+            Path::new("x"),
+        )
+        .unwrap();
+        assert_eq!(c.timeouts.probe_after, Duration::from_millis(500));
+        assert_eq!(c.timeouts.probe_timeout, Duration::from_secs(1));
+        let err = Config::parse_str(
+            "api_key = \"0123456789abcdef\"\n[timeouts]\nprobe_timeout = \"0s\"\n",
+            Path::new("x"),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("probe_timeout"), "{err}");
     }
 
     #[test]

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
-use http_body_util::{BodyExt, Full};
-use hyper::body::{Body as _, Frame, Incoming};
+use h2::RecvStream;
+use hyper::body::{Frame, Incoming};
 use hyper::header::CONTENT_TYPE;
 use hyper::{Method, Request, Response, StatusCode};
 use netpilot_proto::link::{HEADER_REQUEST_ID, HEADER_SESSION_ID, HEADER_USER_ID};
@@ -143,7 +143,7 @@ async fn forward(
     ctx: &Ctx,
 ) -> Result<Response<Body>, ApiError> {
     let deadline = fwd.deadline;
-    let (parts, body) = send(state, sender, router_id, fwd).await?;
+    let (parts, body) = send(state, &sender, router_id, fwd).await?;
     let content_type = parts
         .headers
         .get(CONTENT_TYPE)
@@ -157,7 +157,7 @@ async fn forward(
             ..
         } if answer::is_csv(status, content_type) => {
             let body = ExportBody {
-                inner: body,
+                inner: body.stream,
                 sent: 0,
                 cap,
                 deadline: Box::pin(tokio::time::sleep_until(ctx.started + export_deadline)),
@@ -175,7 +175,7 @@ async fn forward(
         Expect::Json { cap } => cap,
     };
     let mut charge = state.answer_budget.charge();
-    let bytes = read_answer(state, body, cap, deadline, &mut charge, router_id).await?;
+    let bytes = read_answer(state, &sender, body, cap, deadline, &mut charge, router_id).await?;
     answer::check(status, content_type, &bytes).map_err(|why| {
         tracing::warn!(%router_id, status, %why, "router answer not passed on");
         ApiError::BadAgentResponse(why)
@@ -227,10 +227,10 @@ pub async fn agent_health(
         request_id: &ctx.request_id,
         deadline,
     };
-    let (parts, body) = send(state, sender, router_id, fwd).await?;
+    let (parts, body) = send(state, &sender, router_id, fwd).await?;
     let cap = state.config.forwarding.answer_max_bytes;
     let mut charge = state.answer_budget.charge();
-    let bytes = read_answer(state, body, cap, deadline, &mut charge, router_id).await?;
+    let bytes = read_answer(state, &sender, body, cap, deadline, &mut charge, router_id).await?;
     let content_type = parts
         .headers
         .get(CONTENT_TYPE)
@@ -261,10 +261,10 @@ struct Forward<'a> {
 
 async fn send(
     state: &AppState,
-    mut sender: LinkSender,
+    sender: &LinkSender,
     router_id: Uuid,
     fwd: Forward<'_>,
-) -> Result<(http::Parts, Incoming), ApiError> {
+) -> Result<(http::Parts, AnswerBody), ApiError> {
     let deadline = fwd.deadline;
     // Ids may come in the query with no body at all; then nothing is claimed JSON.
     let has_body = fwd.body.as_ref().is_some_and(|b| !b.is_empty());
@@ -282,30 +282,65 @@ async fn send(
         builder = builder.header(CONTENT_TYPE, "application/json");
     }
     let req = builder
-        .body(Full::new(fwd.body.unwrap_or_default()))
+        .body(())
         .map_err(|e| ApiError::InvalidParameter(format!("cannot forward: {e}")))?;
+    let body = fwd.body.unwrap_or_default();
+    let t = &state.config.timeouts;
     let call = async {
-        sender.ready().await?;
-        let resp = sender.send_request(req).await?;
-        Ok::<_, hyper::Error>(resp.into_parts())
+        let mut send = sender.send.clone().ready().await?;
+        let (resp, mut stream) = send.send_request(req, body.is_empty())?;
+        if !body.is_empty() {
+            // Bounded by the relay's body limit; h2 sends it as the window opens.
+            stream.send_data(body, true)?;
+        }
+        Ok::<_, h2::Error>(Some(resp.await?.into_parts()))
+    };
+    // A silent WAN answers 503 once a PING goes unanswered, not 408 after the
+    // command timeout.
+    let call = async {
+        tokio::select! {
+            r = call => r,
+            _ = sender.health.until_silent(t.probe_after, t.probe_timeout) => Ok(None),
+        }
     };
     match tokio::time::timeout_at(deadline, call).await {
-        Err(_) => Err(ApiError::CommandTimeout(
-            state.config.timeouts.command.as_millis(),
-        )),
+        Err(_) => Err(ApiError::CommandTimeout(t.command.as_millis())),
+        Ok(Ok(None)) => {
+            tracing::info!(%router_id, "link went silent; call answered offline");
+            Err(ApiError::RouterOffline(router_id.to_string()))
+        }
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "link failed during the call");
             Err(ApiError::RouterOffline(router_id.to_string()))
         }
-        Ok(Ok(r)) => Ok(r),
+        Ok(Ok(Some((parts, stream)))) => {
+            let declared = declared_length(&parts.headers);
+            Ok((parts, AnswerBody { stream, declared }))
+        }
     }
+}
+
+/// The router's answer body as it starts to arrive.
+struct AnswerBody {
+    stream: RecvStream,
+    /// Its `content-length`, if the agent declared one.
+    declared: Option<u64>,
+}
+
+/// The length the agent declared for its answer, if any.
+fn declared_length(headers: &hyper::HeaderMap) -> Option<u64> {
+    headers
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
 }
 
 /// Reads a router's answer whole, at most `cap` bytes by `deadline`, each chunk
 /// charged to the relay's answer budget as it arrives.
 async fn read_answer(
     state: &AppState,
-    mut body: Incoming,
+    link: &LinkSender,
+    body: AnswerBody,
     cap: usize,
     deadline: tokio::time::Instant,
     charge: &mut Charge,
@@ -317,28 +352,42 @@ async fn read_answer(
     };
     // A declared length over the cap is refused before a byte is read; a fitting
     // one sizes the buffer (never above the cap, whatever is declared).
-    let declared = body.size_hint().exact();
+    let AnswerBody {
+        stream: mut body,
+        declared,
+    } = body;
     if declared.is_some_and(|n| n > cap as u64) {
         return Err(too_large());
     }
     let mut buf = BytesMut::with_capacity(declared.unwrap_or(0) as usize);
     loop {
-        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+        let t = &state.config.timeouts;
+        // An answer that stops coming on a silent link ends as the call would.
+        let next = async {
+            tokio::select! {
+                d = body.data() => Some(d),
+                _ = link.health.until_silent(t.probe_after, t.probe_timeout) => None,
+            }
+        };
+        let data = match tokio::time::timeout_at(deadline, next).await {
             Err(_) => {
                 return Err(ApiError::CommandTimeout(
                     state.config.timeouts.command.as_millis(),
                 ))
             }
-            Ok(None) => break,
-            Ok(Some(Err(e))) => {
+            Ok(None) => {
+                tracing::info!(%router_id, "link silent while reading the answer");
+                return Err(ApiError::RouterOffline(router_id.to_string()));
+            }
+            Ok(Some(None)) => break,
+            Ok(Some(Some(Err(e)))) => {
                 tracing::debug!(error = %e, "link failed while reading the answer");
                 return Err(ApiError::RouterOffline(router_id.to_string()));
             }
-            Ok(Some(Ok(frame))) => frame,
+            Ok(Some(Some(Ok(data)))) => data,
         };
-        let Ok(data) = frame.into_data() else {
-            continue; // trailers carry nothing the relay passes on
-        };
+        // Read is taken: the agent may send more (trailers, if any, are ignored).
+        let _ = body.flow_control().release_capacity(data.len());
         if buf.len() + data.len() > cap {
             return Err(too_large());
         }
@@ -370,7 +419,7 @@ enum ExportCut {
 /// of the answer budget only the chunk being handed on: hyper asks for the next
 /// chunk only as the web app's flow control lets it go.
 struct ExportBody {
-    inner: Incoming,
+    inner: RecvStream,
     sent: u64,
     cap: u64,
     deadline: Pin<Box<tokio::time::Sleep>>,
@@ -398,15 +447,16 @@ impl hyper::body::Body for ExportBody {
             return cut(this, ExportCut::Deadline);
         }
         loop {
-            let frame = match Pin::new(&mut this.inner).poll_frame(cx) {
+            let data = match this.inner.poll_data(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(None) => return Poll::Ready(None),
                 Poll::Ready(Some(Err(e))) => return cut(this, ExportCut::Link(e.to_string())),
-                Poll::Ready(Some(Ok(frame))) => frame,
+                Poll::Ready(Some(Ok(data))) => data,
             };
-            let Ok(data) = frame.into_data() else {
+            let _ = this.inner.flow_control().release_capacity(data.len());
+            if data.is_empty() {
                 continue;
-            };
+            }
             this.sent += data.len() as u64;
             if this.sent > this.cap {
                 return cut(this, ExportCut::TooLarge(this.cap));

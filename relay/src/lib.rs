@@ -14,6 +14,7 @@ pub mod error;
 pub mod forward;
 pub mod http;
 pub mod inflight;
+pub mod link_health;
 pub mod link_registry;
 pub mod metrics;
 pub mod metrics_http;

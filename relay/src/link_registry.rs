@@ -1,7 +1,9 @@
 //! The registry of live agent links: one h2 client handle per connected router,
 //! entered by the task that runs the link (`agent_link`) and looked up by every
 //! forwarded call. Registration is guarded by a generation number so the cleanup of
-//! a replaced link never removes the link that replaced it.
+//! a replaced link never removes the link that replaced it. The link task takes a
+//! link out the moment it fails, including when it goes silent (`link_health`), so
+//! the registry is also the answer to "is this router online".
 //!
 //! Newest wins; but two agents with one identity (a copied state directory) replace
 //! each other over and over. The registry remembers, per router, when its live link
@@ -14,14 +16,19 @@ use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
+use crate::link_health::LinkHealth;
 use crate::sync::Locked;
 use bytes::Bytes;
-use http_body_util::Full;
-use hyper::client::conn::http2::SendRequest;
+use std::sync::Arc;
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
-pub type LinkSender = SendRequest<Full<Bytes>>;
+/// What a call needs of a link: its h2 handle, and its health to ask first.
+#[derive(Clone)]
+pub struct LinkSender {
+    pub send: h2::client::SendRequest<Bytes>,
+    pub health: Arc<LinkHealth>,
+}
 
 struct Entry {
     generation: u64,
@@ -116,7 +123,7 @@ impl Links {
         let mut replaced = None;
         if let Some(mut old) = old {
             // A link already dead (its agent reconnected first) is not two agents.
-            if !old.sender.is_closed() {
+            if !old.sender.health.is_gone() {
                 replaced = Some(self.note_replacement(router, now));
             }
             if let Some(close) = old.close.take() {
@@ -196,14 +203,14 @@ impl Links {
     pub fn sender(&self, router: Uuid) -> Option<LinkSender> {
         let map = self.map.locked();
         map.get(&router)
-            .filter(|e| !e.sender.is_closed())
+            .filter(|e| !e.sender.health.is_gone())
             .map(|e| e.sender.clone())
     }
 
     pub fn info(&self, router: Uuid) -> Option<LinkInfo> {
         let map = self.map.locked();
         map.get(&router)
-            .filter(|e| !e.sender.is_closed())
+            .filter(|e| !e.sender.health.is_gone())
             .map(|e| LinkInfo {
                 agent_version: e.agent_version.clone(),
                 connected_at: e.connected_at,

@@ -30,6 +30,8 @@ pub struct Metrics {
     pub link_rejects: AtomicU64,
     /// Links that replaced a live link of the same router (two agents, one identity?).
     pub link_replacements: AtomicU64,
+    /// Links closed because a PING went unanswered (a silent WAN; issue 16 item 8).
+    pub link_silent: AtomicU64,
     pub enrollments: AtomicU64,
     /// Speed-test bytes served to agents and received from them.
     pub speedtest_download_bytes: AtomicU64,
@@ -161,6 +163,12 @@ impl Metrics {
             "netpilot_link_replacements_total",
             "Agent links that replaced a live link of the same router.",
             &self.link_replacements,
+        );
+        counter(
+            &mut out,
+            "netpilot_link_silent_total",
+            "Agent links closed because a PING went unanswered.",
+            &self.link_silent,
         );
         let _ = writeln!(
             out,

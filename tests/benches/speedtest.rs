@@ -1,8 +1,8 @@
 //! Speed-test benchmark: which transport measures a router's line better — its own
 //! TLS connection to the relay's speed-test endpoints (what the product does), or
 //! bulk data on an HTTP/2 stream of a connection configured like the link (the same
-//! hyper builders, `netpilot_relay::agent_link::h2_client` and
-//! `netpilot_agent::link::serve::h2_server`, so the same flow-control windows and PINGs).
+//! builders, `netpilot_relay::agent_link::h2_client` (h2) and
+//! `netpilot_agent::link::serve::h2_server` (hyper), so the same flow-control windows).
 //! A program that prints figures (`cargo bench -p netpilot-tests --bench
 //! speedtest`); it never asserts on timing.
 //!
@@ -40,8 +40,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use bytes::Bytes;
+use h2::RecvStream;
 use http_body_util::{BodyExt, Either, Full};
-use hyper::body::{Frame, Incoming, SizeHint};
+use hyper::body::{Body as _, Frame, Incoming, SizeHint};
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
@@ -319,7 +320,7 @@ fn medians(v: &[Figures]) -> Figures {
     }
 }
 
-type RelaySide = hyper::client::conn::http2::SendRequest<Gen>;
+type RelaySide = h2::client::SendRequest<Bytes>;
 
 /// A relay-side h2 client and an agent-side h2 server on one TLS connection, built
 /// with the link's builders.
@@ -386,18 +387,15 @@ impl LinkPair {
             netpilot_agent::link::serve::h2_server(&link_config)
                 .serve_connection(TokioIo::new(agent_tls), service),
         );
-        let timeouts = netpilot_relay::config::Timeouts::default();
-        let (sender, conn) = netpilot_relay::agent_link::h2_client(&timeouts)
-            .handshake::<_, Gen>(TokioIo::new(relay_tls))
+        let (sender, conn) = netpilot_relay::agent_link::h2_client()
+            .handshake::<_, Bytes>(relay_tls)
             .await?;
         tokio::spawn(conn);
         Ok(LinkPair { sender })
     }
 
-    async fn call(&self, req: Request<Gen>) -> anyhow::Result<Response<Incoming>> {
-        let mut s = self.sender.clone();
-        s.ready().await?;
-        Ok(s.send_request(req).await?)
+    async fn call(&self, req: Request<Gen>) -> anyhow::Result<Response<RecvStream>> {
+        call(self.sender.clone(), req).await
     }
 
     fn pinger(&self) -> Pinger {
@@ -412,16 +410,12 @@ impl LinkPair {
                     _ = tick.tick() => {}
                 }
                 let t = Instant::now();
-                let mut s = sender.clone();
-                if s.ready().await.is_err() {
-                    break;
-                }
                 let req = Request::get("http://agent/ping")
                     .body(Gen::empty())
                     .unwrap();
-                match s.send_request(req).await {
+                match call(sender.clone(), req).await {
                     Ok(resp) => {
-                        let _ = resp.into_body().collect().await;
+                        let _ = read_all(resp.into_body()).await;
                         rtts.push(t.elapsed().as_secs_f64() * 1000.0);
                     }
                     Err(_) => break,
@@ -441,14 +435,14 @@ impl LinkPair {
             let resp = self
                 .call(Request::get("http://agent/ping").body(Gen::empty())?)
                 .await?;
-            resp.into_body().collect().await?;
+            read_all(resp.into_body()).await?;
             idle.push(t.elapsed().as_secs_f64() * 1000.0);
         }
         let pinger = self.pinger();
         let resp = self
             .call(Request::post("http://agent/down").body(Gen::new(BYTES, DIRECTION))?)
             .await?;
-        let v: Value = serde_json::from_slice(&resp.into_body().collect().await?.to_bytes())?;
+        let v: Value = serde_json::from_slice(&read_all(resp.into_body()).await?)?;
         let busy = pinger.stop().await;
         let down = mbps(
             v["bytes"].as_u64().unwrap_or(0),
@@ -467,10 +461,10 @@ impl LinkPair {
         let t0 = Instant::now();
         let mut body = resp.into_body();
         let mut n = 0u64;
-        while let Some(f) = body.frame().await {
-            if let Some(d) = f?.data_ref() {
-                n += d.len() as u64;
-            }
+        while let Some(d) = body.data().await {
+            let d = d?;
+            n += d.len() as u64;
+            let _ = body.flow_control().release_capacity(d.len());
         }
         let up = mbps(n, t0.elapsed().as_micros() as u64);
         Ok(Figures {
@@ -480,6 +474,49 @@ impl LinkPair {
             busy_rtt_ms: busy,
         })
     }
+}
+
+/// One call on the link's h2 client, the request body sent as the window opens.
+async fn call(sender: RelaySide, req: Request<Gen>) -> anyhow::Result<Response<RecvStream>> {
+    let (parts, body) = req.into_parts();
+    let mut s = sender.ready().await?;
+    let (resp, stream) = s.send_request(Request::from_parts(parts, ()), body.is_end_stream())?;
+    if !body.is_end_stream() {
+        tokio::spawn(pump(body, stream));
+    }
+    Ok(resp.await?)
+}
+
+async fn pump(mut body: Gen, mut stream: h2::SendStream<Bytes>) {
+    while let Some(Ok(frame)) = body.frame().await {
+        let Ok(mut left) = frame.into_data() else {
+            continue;
+        };
+        while !left.is_empty() {
+            stream.reserve_capacity(left.len());
+            match std::future::poll_fn(|cx| stream.poll_capacity(cx)).await {
+                Some(Ok(n)) if n > 0 => {
+                    let chunk = left.split_to(n.min(left.len()));
+                    if stream.send_data(chunk, false).is_err() {
+                        return;
+                    }
+                }
+                Some(Ok(_)) => {}
+                _ => return,
+            }
+        }
+    }
+    let _ = stream.send_data(Bytes::new(), true);
+}
+
+async fn read_all(mut body: RecvStream) -> anyhow::Result<Bytes> {
+    let mut buf = Vec::new();
+    while let Some(d) = body.data().await {
+        let d = d?;
+        let _ = body.flow_control().release_capacity(d.len());
+        buf.extend_from_slice(&d);
+    }
+    Ok(Bytes::from(buf))
 }
 
 fn mbps(bytes: u64, us: u64) -> f64 {

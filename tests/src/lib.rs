@@ -10,6 +10,7 @@
 //! the `netns_` tests).
 
 pub mod fake_agent;
+pub mod freeze_proxy;
 pub mod fw4;
 pub mod lab;
 pub mod rig;

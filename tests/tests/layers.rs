@@ -534,6 +534,7 @@ const RELAY_LAYERS: &[(&str, &[&str])] = &[
             "store",
             "sessions",
             "metrics",
+            "link_health",
             "link_registry",
             "recent_reports",
             "speedtest_slots",

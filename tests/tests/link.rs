@@ -1,9 +1,11 @@
 //! The link's life with the real binaries: death and return of the agent, of the
-//! relay, a silent (frozen) agent caught by keepalive PINGs, revocation, two agents
-//! with one identity, and many concurrent calls over one link.
+//! relay, a silent (frozen) agent caught by keepalive PINGs, a silent WAN caught by
+//! a call's probe PING, revocation, two agents with one identity, and many
+//! concurrent calls over one link.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use netpilot_tests::freeze_proxy::FreezeProxy;
 use netpilot_tests::{eventually, Agent, ApiRig, Relay, RelayOptions, Session};
 use serde_json::json;
 
@@ -330,4 +332,115 @@ async fn the_uci_config_can_point_the_agent_at_a_moved_relay() {
     old.wait_online(&router.router_id, true, Duration::from_secs(10))
         .await
         .unwrap();
+}
+
+/// Issue 16 item 8: quiet 500 ms, a call PINGs; 2 s without an answer and the link
+/// is dead.
+const SILENT_LINK: &str = "[timeouts]\nprobe_after = \"500ms\"\nprobe_timeout = \"2s\"\n";
+
+fn median(v: &mut [Duration]) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+#[tokio::test]
+async fn calls_on_a_silent_wan_answer_503_within_the_probe_timeout_and_the_router_is_offline_at_once(
+) {
+    let relay = Relay::start(RelayOptions {
+        config: SILENT_LINK.into(),
+    })
+    .await
+    .unwrap();
+    let router = relay.enrolled_router("alice").await.unwrap();
+    let proxy = FreezeProxy::start(relay.addr).await.unwrap();
+    let url = proxy.url();
+    // The agent's own keepalive would notice after a minute: outside this test.
+    let _agent = Agent::start(
+        &router,
+        &[
+            "--simulate",
+            "--relay",
+            &url,
+            "--ping-interval",
+            "20s",
+            "--dead-after",
+            "60s",
+        ],
+    )
+    .await
+    .unwrap();
+    relay
+        .wait_online(&router.router_id, true, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let c = relay.client().await.unwrap();
+    let alice = Session::start(&c, "alice", &router.router_id)
+        .await
+        .unwrap();
+
+    // A healthy link: back-to-back calls (no probe) and calls after a quiet spell
+    // (a PING beside the call). Figures, not assertions: the machine is shared.
+    let mut active = Vec::new();
+    for _ in 0..20 {
+        let t = Instant::now();
+        assert_eq!(alice.get("/api/scan/router").await.status, 200);
+        active.push(t.elapsed());
+    }
+    let mut after_quiet = Vec::new();
+    for _ in 0..5 {
+        // Quiet is the condition under test: nothing to await but time.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let t = Instant::now();
+        assert_eq!(alice.get("/api/scan/router").await.status, 200);
+        after_quiet.push(t.elapsed());
+    }
+    println!(
+        "call median: active link {:?}, quiet link (probed) {:?}",
+        median(&mut active),
+        median(&mut after_quiet)
+    );
+
+    // The WAN dies silently on a quiet link; four calls arrive at once.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    proxy.freeze();
+    let started = Instant::now();
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let (c, path) = (c.clone(), alice.q("/api/scan/router"));
+        calls.spawn(async move {
+            let r = c.get(&path).await.unwrap();
+            (r.status, r.code().to_owned(), started.elapsed())
+        });
+    }
+    while let Some(r) = calls.join_next().await {
+        let (status, code, took) = r.unwrap();
+        assert_eq!((status, code.as_str()), (503, "ROUTER_OFFLINE"));
+        println!("silent link: 503 after {took:?}");
+        assert!(took < Duration::from_secs(5), "503 only after {took:?}");
+        assert!(
+            took >= Duration::from_millis(1500),
+            "503 after {took:?}: before the probe could time out"
+        );
+    }
+    // Offline at once, no polling: the link left the registry before the 503.
+    let r = c
+        .get(&format!("/api/admin/routers/{}", router.router_id))
+        .await
+        .unwrap();
+    assert_eq!(r.body["data"]["online"], json!(false), "{}", r.body);
+    // One shared probe, one verdict.
+    assert_eq!(
+        relay.log().matches("PING unanswered").count(),
+        1,
+        "{}",
+        relay.log()
+    );
+    let metrics = c.get("/metrics").await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&metrics.raw)
+            .lines()
+            .any(|l| l == "netpilot_link_silent_total 1"),
+        "{}",
+        String::from_utf8_lossy(&metrics.raw)
+    );
 }

@@ -75,6 +75,9 @@ const NOT_IMPLEMENTED_EXT: &str = "x-netpilot-implemented";
 
 // Relay settings the live test relies on.
 const COMMAND_TIMEOUT: &str = "5s";
+/// Longer than the command timeout: the 408 case below stops the agent, which is also
+/// a silent link; probed, it would answer 503 (that case is `tests/link.rs`'s).
+const PROBE_AFTER: &str = "1h";
 const ENROLL_PER_MINUTE: usize = 12;
 const MAX_BODY_BYTES: usize = 4096;
 /// The relay's fixed cap for enrollment bodies (`relay/src/enroll.rs`).
@@ -1700,7 +1703,7 @@ async fn server_answers_as_documented() -> anyhow::Result<()> {
         seen: BTreeMap::new(),
     };
     let config = format!(
-        "[timeouts]\ncommand = \"{COMMAND_TIMEOUT}\"\n[enrollment]\nper_minute = {ENROLL_PER_MINUTE}\n[limits]\nmax_body_bytes = {MAX_BODY_BYTES}\n"
+        "[timeouts]\ncommand = \"{COMMAND_TIMEOUT}\"\nprobe_after = \"{PROBE_AFTER}\"\n[enrollment]\nper_minute = {ENROLL_PER_MINUTE}\n[limits]\nmax_body_bytes = {MAX_BODY_BYTES}\n"
     );
     let relay = Relay::start(RelayOptions { config }).await?;
     let c = relay.client().await?;
