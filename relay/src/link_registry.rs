@@ -221,7 +221,7 @@ impl Links {
     pub fn live_ids(&self) -> Vec<Uuid> {
         let map = self.map.locked();
         map.iter()
-            .filter(|(_, e)| !e.sender.is_closed())
+            .filter(|(_, e)| !e.sender.health.is_gone())
             .map(|(id, _)| *id)
             .collect()
     }
