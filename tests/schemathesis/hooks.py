@@ -69,6 +69,7 @@ NOT_EXPRESSIBLE = [
     ("INVALID_SCHEDULE", "start and end are equal"),  # two fields compared
     ("INVALID_GROUP", "listed twice"),  # sync-all: one group id twice in the array
     ("INVALID_PASSWORD", "WPA3"),  # 64 hex digits on a WPA3 (sae) interface
+    ("INVALID_PARAMETER", "is not a router"),  # admin list: a cursor naming no router
 ]
 
 

@@ -535,6 +535,7 @@ const RELAY_LAYERS: &[(&str, &[&str])] = &[
             "sessions",
             "metrics",
             "link_health",
+            "capacity",
             "link_registry",
             "recent_reports",
             "speedtest_slots",
