@@ -31,6 +31,9 @@
 //! `NETPILOT_AGENT_BIN` name them. The open-file
 //! limit is raised before the relay starts, so the relay inherits it.
 
+#[path = "common/enroll.rs"]
+mod enroll;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -47,14 +50,13 @@ use hyper::{Request, StatusCode, Uri};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use netpilot_agent::app::{App, Backends};
 use netpilot_agent::link::backoff::BackoffConfig;
-use netpilot_agent::link::identity::Identity;
 use netpilot_agent::link::tls::Trust;
 use netpilot_agent::store::Location;
 use netpilot_agent::RunConfig;
 use netpilot_tests::{q, start_session, Agent, Client, Relay, RelayOptions};
 use serde_json::{json, Value};
 use tokio::net::TcpStream;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -500,7 +502,7 @@ async fn relay_memory_with(relay: &Relay) -> anyhow::Result<Memory> {
 
     println!("memory: creating and enrolling {AGENTS} routers ({ENROLL_CONCURRENCY} at a time)");
     let t = Instant::now();
-    let identities = enroll_many(relay, &admin, AGENTS).await?;
+    let identities = enroll::enroll_many(relay, &admin, AGENTS, USER, ENROLL_CONCURRENCY).await?;
     println!("  enrolled in {:.1} s", t.elapsed().as_secs_f64());
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_enrolled_kib = rss_kib(pid)?;
@@ -583,54 +585,6 @@ async fn relay_memory_with(relay: &Relay) -> anyhow::Result<Memory> {
         list_growth_kib,
         connect_secs,
     })
-}
-
-/// Creates `n` routers and trades each one's token for its secret, as
-/// `netpilot-agent enroll` would, but in memory and over one HTTP/2 connection.
-async fn enroll_many(relay: &Relay, admin: &Client, n: usize) -> anyhow::Result<Vec<Identity>> {
-    let slots = Arc::new(Semaphore::new(ENROLL_CONCURRENCY));
-    let anonymous = admin.with_key(None);
-    let mut tasks = JoinSet::new();
-    for i in 0..n {
-        let slot = slots.clone().acquire_owned().await?;
-        let (admin, anonymous) = (admin.clone(), anonymous.clone());
-        let (relay_url, fingerprint) = (relay.url(), relay.fingerprint.clone());
-        tasks.spawn(async move {
-            let _slot = slot;
-            let r = admin
-                .post(
-                    "/api/admin/routers",
-                    json!({"ownerUserId": USER, "name": format!("bench {i}")}),
-                )
-                .await?;
-            ensure!(r.status == 201, "create router: {} {}", r.status, r.body);
-            let token = r.body["data"]["enrollment_token"]
-                .as_str()
-                .unwrap_or_default();
-            let r = anonymous
-                .post("/agent/v1/enroll", json!({"token": token}))
-                .await?;
-            ensure!(r.status == 200, "enroll: {} {}", r.status, r.body);
-            let field = |name: &str| {
-                r.body["data"][name]
-                    .as_str()
-                    .map(str::to_owned)
-                    .ok_or_else(|| anyhow!("enroll answer without {name}: {}", r.body))
-            };
-            Ok(Identity {
-                router_id: field("router_id")?,
-                router_secret: field("router_secret")?,
-                relay_url,
-                trust: Trust::Fingerprint(fingerprint),
-                name: field("name")?,
-            })
-        });
-    }
-    let mut identities = Vec::with_capacity(n);
-    while let Some(r) = tasks.join_next().await {
-        identities.push(r??);
-    }
-    Ok(identities)
 }
 
 /// `connected_agents` from `/health`: cheap to poll, unlike the admin list.

@@ -15,19 +15,19 @@
 //! Run: `cargo test -p netpilot-tests --bench link_storm` (a debug build; `cargo
 //! bench` builds the release profile, fat LTO, which takes long).
 
+#[path = "common/enroll.rs"]
+mod enroll;
+
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{anyhow, ensure};
+use anyhow::ensure;
 use netpilot_agent::app::{App, Backends};
 use netpilot_agent::link::backoff::BackoffConfig;
-use netpilot_agent::link::identity::Identity;
-use netpilot_agent::link::tls::Trust;
 use netpilot_agent::store::Location;
 use netpilot_agent::RunConfig;
 use netpilot_tests::{Client, Relay, RelayOptions, API_KEY};
-use serde_json::json;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
@@ -118,7 +118,7 @@ async fn storm(n: usize, rate: u32) -> anyhow::Result<Figures> {
     })
     .await?;
     let admin = relay.client().await?;
-    let identities = enroll_many(&relay, &admin, n).await?;
+    let identities = enroll::enroll_many(&relay, &admin, n, "storm", 32).await?;
     let (stop, stopped) = watch::channel(false);
     let config = RunConfig {
         simulate: true,
@@ -224,51 +224,4 @@ async fn poll(
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     Ok((kept, fresh, online, failed))
-}
-
-/// Creates `n` routers and trades each one's token for its secret over the API.
-async fn enroll_many(relay: &Relay, admin: &Client, n: usize) -> anyhow::Result<Vec<Identity>> {
-    let slots = Arc::new(Semaphore::new(32));
-    let anonymous = admin.with_key(None);
-    let mut tasks = JoinSet::new();
-    for i in 0..n {
-        let slot = slots.clone().acquire_owned().await?;
-        let (admin, anonymous) = (admin.clone(), anonymous.clone());
-        let (relay_url, fingerprint) = (relay.url(), relay.fingerprint.clone());
-        tasks.spawn(async move {
-            let _slot = slot;
-            let r = admin
-                .post(
-                    "/api/admin/routers",
-                    json!({"ownerUserId": "storm", "name": format!("storm {i}")}),
-                )
-                .await?;
-            ensure!(r.status == 201, "create router: {} {}", r.status, r.body);
-            let token = r.body["data"]["enrollment_token"]
-                .as_str()
-                .unwrap_or_default();
-            let r = anonymous
-                .post("/agent/v1/enroll", json!({"token": token}))
-                .await?;
-            ensure!(r.status == 200, "enroll: {} {}", r.status, r.body);
-            let field = |name: &str| {
-                r.body["data"][name]
-                    .as_str()
-                    .map(str::to_owned)
-                    .ok_or_else(|| anyhow!("enroll answer without {name}: {}", r.body))
-            };
-            Ok(Identity {
-                router_id: field("router_id")?,
-                router_secret: field("router_secret")?,
-                relay_url,
-                trust: Trust::Fingerprint(fingerprint),
-                name: field("name")?,
-            })
-        });
-    }
-    let mut identities = Vec::with_capacity(n);
-    while let Some(r) = tasks.join_next().await {
-        identities.push(r??);
-    }
-    Ok(identities)
 }
