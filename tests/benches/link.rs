@@ -31,8 +31,8 @@
 //! `NETPILOT_AGENT_BIN` name them. The open-file
 //! limit is raised before the relay starts, so the relay inherits it.
 
-#[path = "common/enroll.rs"]
-mod enroll;
+#[path = "common/fleet.rs"]
+mod fleet;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -48,11 +48,7 @@ use hyper::client::conn::{http1, http2};
 use hyper::header::{HeaderValue, AUTHORIZATION, HOST};
 use hyper::{Request, StatusCode, Uri};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use netpilot_agent::app::{App, Backends};
-use netpilot_agent::link::backoff::BackoffConfig;
 use netpilot_agent::link::tls::Trust;
-use netpilot_agent::store::Location;
-use netpilot_agent::RunConfig;
 use netpilot_tests::{q, start_session, Agent, Client, Relay, RelayOptions};
 use serde_json::{json, Value};
 use tokio::net::TcpStream;
@@ -502,43 +498,15 @@ async fn relay_memory_with(relay: &Relay) -> anyhow::Result<Memory> {
 
     println!("memory: creating and enrolling {AGENTS} routers ({ENROLL_CONCURRENCY} at a time)");
     let t = Instant::now();
-    let identities = enroll::enroll_many(relay, &admin, AGENTS, USER, ENROLL_CONCURRENCY).await?;
+    let identities = fleet::enroll_many(relay, &admin, AGENTS, USER, ENROLL_CONCURRENCY).await?;
     println!("  enrolled in {:.1} s", t.elapsed().as_secs_f64());
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_enrolled_kib = rss_kib(pid)?;
 
     println!("  connecting {AGENTS} in-process agents");
     let (stop, stopped) = watch::channel(false);
-    let config = RunConfig {
-        simulate: true,
-        // Thousands of agents in one process: none serves the router's socket.
-        control: None,
-        backoff: BackoffConfig {
-            start_delay_max: Duration::ZERO,
-            ..Default::default()
-        },
-        ..Default::default()
-    };
     let t = Instant::now();
-    let mut agents = JoinSet::new();
-    for identity in identities {
-        let config = config.clone();
-        let mut stopped = stopped.clone();
-        agents.spawn(async move {
-            // A whole simulated router per agent, keeping its state in memory.
-            let app = Arc::new(App::build(
-                Backends::simulated(&config)?,
-                &config,
-                &identity,
-                &Location::Memory,
-                1,
-            )?);
-            let shutdown = async move {
-                let _ = stopped.wait_for(|s| *s).await;
-            };
-            netpilot_agent::serve(app, &identity, &config, |_| {}, shutdown).await
-        });
-    }
+    let mut agents = fleet::start_agents(identities, &stopped);
     let deadline = Instant::now() + ONLINE_WITHIN;
     let mut online = 0;
     while Instant::now() < deadline {

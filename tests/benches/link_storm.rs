@@ -15,20 +15,14 @@
 //! Run: `cargo test -p netpilot-tests --bench link_storm` (a debug build; `cargo
 //! bench` builds the release profile, fat LTO, which takes long).
 
-#[path = "common/enroll.rs"]
-mod enroll;
+#[path = "common/fleet.rs"]
+mod fleet;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::ensure;
-use netpilot_agent::app::{App, Backends};
-use netpilot_agent::link::backoff::BackoffConfig;
-use netpilot_agent::store::Location;
-use netpilot_agent::RunConfig;
 use netpilot_tests::{Client, Relay, RelayOptions, API_KEY};
 use tokio::sync::watch;
-use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 const ONLINE_WITHIN: Duration = Duration::from_secs(180);
@@ -118,36 +112,10 @@ async fn storm(n: usize, rate: u32) -> anyhow::Result<Figures> {
     })
     .await?;
     let admin = relay.client().await?;
-    let identities = enroll::enroll_many(&relay, &admin, n, "storm", 32).await?;
+    let identities = fleet::enroll_many(&relay, &admin, n, "storm", 32).await?;
     let (stop, stopped) = watch::channel(false);
-    let config = RunConfig {
-        simulate: true,
-        control: None,
-        backoff: BackoffConfig {
-            start_delay_max: Duration::ZERO,
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    let mut agents = JoinSet::new();
     let started = Instant::now();
-    for identity in identities {
-        let config = config.clone();
-        let mut stopped = stopped.clone();
-        agents.spawn(async move {
-            let app = Arc::new(App::build(
-                Backends::simulated(&config)?,
-                &config,
-                &identity,
-                &Location::Memory,
-                1,
-            )?);
-            let shutdown = async move {
-                let _ = stopped.wait_for(|s| *s).await;
-            };
-            netpilot_agent::serve(app, &identity, &config, |_| {}, shutdown).await
-        });
-    }
+    let mut agents = fleet::start_agents(identities, &stopped);
     // The poller has a thread and runtime of its own, so the agents' work in this
     // process does not delay its calls (the machine's cores are shared all the same).
     let (addr, fingerprint) = (relay.addr, relay.fingerprint.clone());

@@ -1,13 +1,19 @@
-//! What the benches share: routers created and enrolled in memory, many at once.
+//! What the benches share: routers created and enrolled in memory, many at once, and
+//! a fleet of in-process agents serving them.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{anyhow, ensure};
+use netpilot_agent::app::{App, Backends};
+use netpilot_agent::link::backoff::BackoffConfig;
 use netpilot_agent::link::identity::Identity;
 use netpilot_agent::link::tls::Trust;
+use netpilot_agent::store::Location;
+use netpilot_agent::RunConfig;
 use netpilot_tests::{Client, Relay};
 use serde_json::json;
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
 /// Creates `n` routers and trades each one's token for its secret, as
@@ -62,4 +68,42 @@ pub async fn enroll_many(
         identities.push(r??);
     }
     Ok(identities)
+}
+
+/// One simulated router per identity, each a whole agent keeping its state in memory,
+/// all dialling at once (no start delay) until `stopped` turns true. A task ends early
+/// only when its agent cannot start.
+pub fn start_agents(
+    identities: Vec<Identity>,
+    stopped: &watch::Receiver<bool>,
+) -> JoinSet<netpilot_agent::error::Result<()>> {
+    let config = RunConfig {
+        simulate: true,
+        // Thousands of agents in one process: none serves the router's socket.
+        control: None,
+        backoff: BackoffConfig {
+            start_delay_max: Duration::ZERO,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let mut agents = JoinSet::new();
+    for identity in identities {
+        let config = config.clone();
+        let mut stopped = stopped.clone();
+        agents.spawn(async move {
+            let app = Arc::new(App::build(
+                Backends::simulated(&config)?,
+                &config,
+                &identity,
+                &Location::Memory,
+                1,
+            )?);
+            let shutdown = async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            };
+            netpilot_agent::serve(app, &identity, &config, |_| {}, shutdown).await
+        });
+    }
+    agents
 }
