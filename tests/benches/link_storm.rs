@@ -28,7 +28,8 @@ use tokio::time::Instant;
 const ONLINE_WITHIN: Duration = Duration::from_secs(180);
 
 fn main() -> anyhow::Result<()> {
-    raise_nofile();
+    // Thousands of agents in this process: as the relay does at start.
+    let _ = netpilot_relay::capacity::raise_nofile();
     let agents: usize = std::env::var("NETPILOT_STORM_AGENTS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -50,15 +51,6 @@ fn main() -> anyhow::Result<()> {
     })?;
     rt.shutdown_timeout(Duration::from_secs(1));
     Ok(())
-}
-
-fn raise_nofile() {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        if soft < hard {
-            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
-        }
-    }
 }
 
 struct Figures {
