@@ -50,7 +50,7 @@ fn main() -> anyhow::Result<()> {
             _ => bail!("{}\n\n{USAGE}", arg.unexpected()),
         }
     }
-    let config = Config::load(cli, std::env::var(API_KEY_ENV).ok())?;
+    let config = Config::load(cli, &|k| std::env::var(k).ok())?;
     match command.as_deref() {
         Some("serve") => serve(config),
         Some("check-config") => {

@@ -228,7 +228,7 @@ async fn scenario(one_way_ms: u64) -> anyhow::Result<Scenario> {
             log: Some("warn".into()),
             ..Default::default()
         },
-        None,
+        &|_| None,
     )?;
     // Dropped at the end of the scenario, which stops the relay.
     let relay = netpilot_tests::in_process_relay(config, listener).await?;

@@ -48,7 +48,7 @@ async fn main() -> anyhow::Result<()> {
             listen: Some(listener.local_addr()?),
             ..Default::default()
         },
-        None,
+        &|_| None,
     )?;
     let relay = netpilot_tests::in_process_relay(config, listener).await?;
     let ready = &relay.ready;

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub mod cluster;
+
 /// The web-app backend's API key. Never printed.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
@@ -157,6 +159,8 @@ pub struct Config {
     pub enroll_max_clients: usize,
     /// Relay failover (issue 16): the listen backlog (`limits.listen_backlog`).
     pub listen_backlog: u32,
+    /// `[cluster]`: one node of many (issue 16); `None` is a single node.
+    pub cluster: Option<cluster::ClusterConfig>,
 }
 
 /// What the command line says; `None` leaves the file's or the default value.
@@ -191,6 +195,7 @@ struct FileConfig {
     forwarding: FileForwarding,
     #[serde(default)]
     capacity: FileCapacity,
+    cluster: Option<cluster::FileCluster>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -251,14 +256,18 @@ pub const API_KEY_ENV: &str = "NETPILOT_API_KEY";
 pub const DEFAULT_LISTEN_BACKLOG: u32 = 4096;
 
 impl Config {
-    /// Builds the configuration: defaults, then the file, then `NETPILOT_API_KEY`,
-    /// then the command line.
-    pub fn load(cli: CliOverrides, env_api_key: Option<String>) -> Result<Config, ConfigError> {
+    /// Builds the configuration: defaults, then the file, then the environment
+    /// (`NETPILOT_API_KEY`, the cluster's `NETPILOT_*`), then the command line.
+    /// `env` reads one variable (injected for tests).
+    pub fn load(
+        cli: CliOverrides,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
         let file = match &cli.config_file {
             Some(path) => parse_file(path)?,
             None => FileConfig::default(),
         };
-        Self::from_parts(file, cli, env_api_key)
+        Self::from_parts(file, cli, env)
     }
 
     /// Parses a config file on its own (used by the example-config test too).
@@ -267,14 +276,15 @@ impl Config {
             path: origin.to_owned(),
             message: e.to_string(),
         })?;
-        Self::from_parts(file, CliOverrides::default(), None)
+        Self::from_parts(file, CliOverrides::default(), &|_| None)
     }
 
     fn from_parts(
         file: FileConfig,
         cli: CliOverrides,
-        env_api_key: Option<String>,
+        env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
+        let env_api_key = env(API_KEY_ENV);
         let listen_text = cli
             .listen
             .map(|a| a.to_string())
@@ -305,6 +315,16 @@ impl Config {
         if file.tls.cert.is_some() != file.tls.key.is_some() {
             return Err(ConfigError::Invalid(
                 "tls.cert and tls.key go together".into(),
+            ));
+        }
+        let cluster = cluster::ClusterConfig::resolve(file.cluster, env)?;
+        // Agents pin the relay's certificate: every node must present the same one,
+        // so a node never makes up its own.
+        if cluster.is_some() && file.tls.cert.is_none() {
+            return Err(ConfigError::Invalid(
+                "cluster mode needs tls.cert and tls.key, the same pair on every node \
+                 (agents pin the relay's certificate)"
+                    .into(),
             ));
         }
 
@@ -432,6 +452,7 @@ impl Config {
             metrics_listen,
             enroll_max_clients,
             listen_backlog,
+            cluster,
         })
     }
 }
@@ -726,7 +747,11 @@ fn parse_file(path: &Path) -> Result<FileConfig, ConfigError> {
     })
 }
 
-fn duration(key: &str, value: Option<String>, default: Duration) -> Result<Duration, ConfigError> {
+pub(crate) fn duration(
+    key: &str,
+    value: Option<String>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
     let Some(text) = value else {
         return Ok(default);
     };
@@ -814,6 +839,12 @@ fn resolve_api_key(
 /// read is no better than one on the command line. One line; its trailing newline
 /// (and surrounding blanks) is not part of the key.
 pub fn read_key_file(path: &Path) -> Result<Secret, ConfigError> {
+    read_secret_file(path, "API key")
+}
+
+/// Reads any secret file (API key, cluster secret, database URLs) under the same
+/// rules; `what` names it in errors.
+pub(crate) fn read_secret_file(path: &Path, what: &str) -> Result<Secret, ConfigError> {
     use std::os::unix::fs::PermissionsExt;
     let read_err = |source| ConfigError::Read {
         path: path.to_owned(),
@@ -824,7 +855,7 @@ pub fn read_key_file(path: &Path) -> Result<Secret, ConfigError> {
     let mode = file.metadata().map_err(read_err)?.permissions().mode();
     if mode & 0o006 != 0 {
         return Err(ConfigError::Invalid(format!(
-            "API key file {} is accessible to every user (mode {:o}): chmod o-rwx it \
+            "{what} file {} is accessible to every user (mode {:o}): chmod o-rwx it \
              (0600 or 0640)",
             path.display(),
             mode & 0o777
@@ -836,14 +867,14 @@ pub fn read_key_file(path: &Path) -> Result<Secret, ConfigError> {
         .map_err(read_err)?;
     if text.len() as u64 > MAX {
         return Err(ConfigError::Invalid(format!(
-            "API key file {} is larger than {MAX} bytes",
+            "{what} file {} is larger than {MAX} bytes",
             path.display()
         )));
     }
     let key = text.trim();
     if key.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(ConfigError::Invalid(format!(
-            "API key file {} must hold the key alone on one line",
+            "{what} file {} must hold the value alone on one line",
             path.display()
         )));
     }
@@ -886,7 +917,7 @@ mod tests {
 
     #[test]
     fn defaults_match_the_design() {
-        let c = Config::from_parts(FileConfig::default(), cli_with_key(), None).unwrap();
+        let c = Config::from_parts(FileConfig::default(), cli_with_key(), &|_| None).unwrap();
         assert_eq!(c.timeouts.session_idle, Duration::from_secs(1800));
         assert_eq!(c.timeouts.router_idle, Duration::from_secs(300));
         assert_eq!(c.timeouts.ping_interval, Duration::from_secs(20));
@@ -961,23 +992,23 @@ mod tests {
     #[test]
     fn command_line_beats_environment_beats_file() {
         let file: FileConfig = toml::from_str("api_key = \"from-file-0123456789\"").unwrap();
-        let c = Config::from_parts(
-            file,
-            CliOverrides::default(),
-            Some("from-env-0123456789".into()),
-        )
+        let c = Config::from_parts(file, CliOverrides::default(), &|k| {
+            (k == API_KEY_ENV).then(|| "from-env-0123456789".into())
+        })
         .unwrap();
         assert_eq!(c.api_key.expose(), "from-env-0123456789");
         let file: FileConfig = toml::from_str("api_key = \"from-file-0123456789\"").unwrap();
-        let c =
-            Config::from_parts(file, cli_with_key(), Some("from-env-0123456789".into())).unwrap();
+        let c = Config::from_parts(file, cli_with_key(), &|k| {
+            (k == API_KEY_ENV).then(|| "from-env-0123456789".into())
+        })
+        .unwrap();
         assert_eq!(c.api_key.expose(), "0123456789abcdef");
     }
 
     #[test]
     fn bad_values_are_explained() {
-        let err =
-            Config::from_parts(FileConfig::default(), CliOverrides::default(), None).unwrap_err();
+        let err = Config::from_parts(FileConfig::default(), CliOverrides::default(), &|_| None)
+            .unwrap_err();
         assert!(err.to_string().contains("no API key"));
         let err = Config::parse_str("api_key = \"short\"", Path::new("x")).unwrap_err();
         assert!(err.to_string().contains("at least 16"));
@@ -1000,7 +1031,7 @@ mod tests {
         // The key comes from the environment in deployments; the test supplies one.
         let text = format!(
             "api_key = \"example-key-0123456789\"\n{}",
-            include_str!("../netpilot-relay.example.toml")
+            include_str!("../../netpilot-relay.example.toml")
         );
         let c = Config::parse_str(&text, Path::new("netpilot-relay.example.toml")).unwrap();
         assert_eq!(c.listen.to_string(), "0.0.0.0:443");
@@ -1014,7 +1045,7 @@ mod tests {
 
     #[test]
     fn connection_hardening_settings() {
-        let c = Config::from_parts(FileConfig::default(), cli_with_key(), None).unwrap();
+        let c = Config::from_parts(FileConfig::default(), cli_with_key(), &|_| None).unwrap();
         assert_eq!(c.timeouts.handshake, Duration::from_secs(10));
         assert_eq!(c.timeouts.h2_idle, Duration::from_secs(60));
         assert_eq!(c.timeouts.body, Duration::from_secs(10));
@@ -1203,8 +1234,22 @@ mod tests {
     }
 
     #[test]
+    fn cluster_mode_needs_the_shared_certificate() {
+        let file: FileConfig = toml::from_str(
+            "[cluster]\nnode_id = \"a\"\npostgres_url = \"postgres://h/db\"\n\
+             redis_url = \"redis://h\"\ninternal_listen = \"127.0.0.1:9\"\n\
+             secret = \"0123456789abcdef0123456789abcdef\"\n",
+        )
+        .unwrap();
+        let err = Config::from_parts(file, cli_with_key(), &|_| None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("tls.cert"), "{err}");
+    }
+
+    #[test]
     fn api_key_is_never_printed() {
-        let c = Config::from_parts(FileConfig::default(), cli_with_key(), None).unwrap();
+        let c = Config::from_parts(FileConfig::default(), cli_with_key(), &|_| None).unwrap();
         assert!(!format!("{c:?}").contains("0123456789abcdef"));
     }
 }
