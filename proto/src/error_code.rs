@@ -189,6 +189,14 @@ error_codes! {
         /// connections or its rate of link upgrades; the agent backs off and dials
         /// again later (`Retry-After` says when) (relay).
         LinksBusy = "LINKS_BUSY" => 503,
+        /// Cluster mode: the node that holds the router's link cannot be reached
+        /// from the node the call entered (a partition, a node just killed); the
+        /// call was not delivered (relay).
+        RouterUnreachable = "ROUTER_UNREACHABLE" => 503,
+        /// Cluster mode: the shared session and link store (Redis) cannot be
+        /// reached, so the relay cannot check the session and refuses the call
+        /// (fails closed) (relay).
+        ClusterUnavailable = "CLUSTER_UNAVAILABLE" => 503,
     }
 }
 
@@ -221,6 +229,8 @@ impl ErrorCode {
                 | ErrorCode::BodyTimeout
                 | ErrorCode::HeadersTooLarge
                 | ErrorCode::UriTooLong
+                | ErrorCode::RouterUnreachable
+                | ErrorCode::ClusterUnavailable
         )
     }
 }

@@ -30,7 +30,7 @@ pub async fn dispatch(
     match segments.as_slice() {
         [] | [""] => match *req.method() {
             Method::POST => create(state, req, ctx).await,
-            Method::GET => list(state, &req, ctx),
+            Method::GET => list(state, &req, ctx).await,
             _ => Err(ApiError::MethodNotAllowed("GET, POST".into())),
         },
         [id] => {
@@ -42,9 +42,10 @@ pub async fn dispatch(
                         .ok_or_else(|| ApiError::RouterNotFound(id.to_string()))?;
                     let mut one = view(state, &row);
                     one.recent_reports = Some(state.reports.recent(id));
+                    place(state, std::slice::from_mut(&mut one)).await?;
                     Ok(http::ok(StatusCode::OK, one, ctx))
                 }
-                Method::DELETE => revoke(state, id, ctx),
+                Method::DELETE => revoke(state, id, ctx).await,
                 _ => Err(ApiError::MethodNotAllowed("GET, DELETE".into())),
             }
         }
@@ -90,6 +91,7 @@ async fn create(
         )
     })?;
     state.cache_router(&row);
+    crate::cluster_sync::announce_changed(state, row.id).await;
     tracing::info!(router_id = %id, owner_user_id = %owner, "router created");
     let created = Created {
         router: view(state, &row),
@@ -108,7 +110,7 @@ pub const MAX_PAGE: usize = 5000;
 /// One page of routers, oldest first. `limit` (1-5000, default 500) and `cursor`
 /// (the `next_cursor` of the page before); `total` and `online` count every
 /// router of the filter, not only this page's.
-fn list(
+async fn list(
     state: &Arc<AppState>,
     req: &Request<Incoming>,
     ctx: &Ctx,
@@ -142,8 +144,12 @@ fn list(
     } else {
         None
     };
-    let routers: Vec<RouterView> = rows.iter().map(|r| view(state, r)).collect();
-    let (total, online) = counts(state, owner.as_deref());
+    let mut routers: Vec<RouterView> = rows.iter().map(|r| view(state, r)).collect();
+    place(state, &mut routers).await?;
+    let (total, mut online) = counts(state, owner.as_deref());
+    if let Some(c) = &state.cluster {
+        online = cluster_online(state, c, owner.as_deref()).await?;
+    }
     Ok(http::ok(
         StatusCode::OK,
         RouterList {
@@ -177,6 +183,51 @@ fn page_limit(v: Option<serde_json::Value>) -> Result<usize, ApiError> {
     }
 }
 
+/// Cluster mode: which node holds each router's link, as the directory says; a
+/// router is online when a present node holds it.
+async fn place(state: &AppState, views: &mut [RouterView<'_>]) -> Result<(), ApiError> {
+    let Some(c) = &state.cluster else {
+        return Ok(());
+    };
+    let ids: Vec<Uuid> = views.iter().map(|v| v.router_id).collect();
+    let holders = c
+        .holders(&ids)
+        .await
+        .map_err(|e| ApiError::ClusterUnavailable(e.to_string()))?;
+    for (v, h) in views.iter_mut().zip(holders) {
+        v.online = h.is_some();
+        v.node = Some(h);
+    }
+    Ok(())
+}
+
+/// Cluster mode: routers online in the whole cluster (of one owner, or all).
+async fn cluster_online(
+    state: &AppState,
+    c: &crate::cluster::Cluster,
+    owner: Option<&str>,
+) -> Result<usize, ApiError> {
+    let ids: Vec<Uuid> = state
+        .routers
+        .read_locked()
+        .iter()
+        .filter(|(_, m)| owner.is_none_or(|o| m.owner_user_id == o))
+        .map(|(id, _)| *id)
+        .collect();
+    let mut online = 0;
+    // In slices, so one answer never builds a command of a whole fleet's keys.
+    for chunk in ids.chunks(5_000) {
+        online += c
+            .holders(chunk)
+            .await
+            .map_err(|e| ApiError::ClusterUnavailable(e.to_string()))?
+            .iter()
+            .filter(|h| h.is_some())
+            .count();
+    }
+    Ok(online)
+}
+
 /// Routers of the filter and how many are online, from memory: the router cache
 /// holds every router, the link registry every live link.
 fn counts(state: &AppState, owner: Option<&str>) -> (usize, usize) {
@@ -191,7 +242,7 @@ fn counts(state: &AppState, owner: Option<&str>) -> (usize, usize) {
     (total, online)
 }
 
-fn revoke(state: &Arc<AppState>, id: Uuid, ctx: &Ctx) -> Result<Response<Body>, ApiError> {
+async fn revoke(state: &Arc<AppState>, id: Uuid, ctx: &Ctx) -> Result<Response<Body>, ApiError> {
     let now = state.clock.now_ms();
     let row = state
         .with_store(|s| s.revoke(id, now))
@@ -200,7 +251,9 @@ fn revoke(state: &Arc<AppState>, id: Uuid, ctx: &Ctx) -> Result<Response<Body>, 
             other => other,
         })?;
     state.cache_router(&row);
-    let was_connected = state.links.close(id);
+    // Cluster mode: every node closes the link it may hold, at once.
+    let elsewhere = crate::cluster_sync::announce_revoked(state, id).await;
+    let was_connected = state.links.close(id) || elsewhere;
     tracing::info!(router_id = %id, was_connected, "router revoked");
     Ok(http::ok(
         StatusCode::OK,
@@ -251,6 +304,9 @@ struct RouterView<'a> {
     /// minute; from three on, two agents probably share its identity.
     link_replacements: usize,
     duplicate_identity_suspected: bool,
+    /// Cluster mode: the node holding the router's link (null when offline).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    node: Option<Option<String>>,
     /// The latest agent reports (`POST /agent/v1/report`), newest first; in memory,
     /// so empty after a relay restart. Only in the one-router view: a list of many
     /// routers stays small.
@@ -305,6 +361,7 @@ fn view<'a>(state: &AppState, r: &'a RouterRow) -> RouterView<'a> {
         link_replacements: replaced.recent,
         duplicate_identity_suspected: replaced.duplicate_identity_suspected,
         recent_reports: None,
+        node: None,
     }
 }
 

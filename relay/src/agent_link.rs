@@ -138,6 +138,8 @@ async fn run_link(
             );
         }
     }
+    // Cluster mode: peers route this router's calls here from now on.
+    crate::cluster_sync::link_up(&state, router_id, generation).await;
     touch(&state, router_id, Some(&version));
     tracing::info!("agent link up");
     // Boxed: the connection future is large and lives as long as the link.
@@ -167,6 +169,7 @@ async fn run_link(
     // "offline" finds the router offline everywhere.
     state.links.remove(router_id, generation);
     health.mark_gone();
+    crate::cluster_sync::link_down(&state, router_id, generation).await;
     touch(&state, router_id, None);
 }
 

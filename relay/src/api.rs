@@ -76,15 +76,15 @@ async fn dispatch(
     match path.as_str() {
         "/health" => {
             only(&req, &[Method::GET])?;
-            return Ok(http::ok(
-                StatusCode::OK,
-                serde_json::json!({
-                    "status": "ok",
-                    "version": env!("CARGO_PKG_VERSION"),
-                    "connected_agents": state.links.len(),
-                }),
-                ctx,
-            ));
+            let mut health = serde_json::json!({
+                "status": "ok",
+                "version": env!("CARGO_PKG_VERSION"),
+                "connected_agents": state.links.len(),
+            });
+            if state.cluster.is_some() {
+                health["cluster"] = crate::cluster_sync::health(state).await;
+            }
+            return Ok(http::ok(StatusCode::OK, health, ctx));
         }
         // Behind the key here; `metrics_listen` serves scrapers without it.
         "/metrics" => {

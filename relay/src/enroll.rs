@@ -43,6 +43,7 @@ pub async fn enroll(
     let now = state.clock.now_ms();
     let row = state.with_store(|s| s.redeem_token(&token_hash, &secret_hash, now))?;
     state.cache_router(&row);
+    crate::cluster_sync::announce_changed(state, row.id).await;
     state.metrics.enrollments.fetch_add(1, Ordering::Relaxed);
     let hostname = args.label("hostname", 253).ok();
     tracing::info!(router_id = %row.id, %peer, ?hostname, "router enrolled");

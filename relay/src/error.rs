@@ -94,6 +94,16 @@ pub enum ApiError {
     /// Request target (path and query) over the cap.
     #[error("request target exceeds {0} bytes")]
     UriTooLong(usize),
+    /// The link refused the call before the agent took it (its agent is moving to
+    /// another node): offline to the client, sent after the router in a cluster.
+    #[error("router {0} is not connected")]
+    LinkRefused(String),
+    /// Cluster mode: the node holding the router's link cannot be reached.
+    #[error("router {0} is linked to node {1}, which cannot be reached: {2}")]
+    RouterUnreachable(String, String, String),
+    /// Cluster mode: Redis (sessions, the link directory) cannot be reached.
+    #[error("the cluster's shared state cannot be reached; try again shortly")]
+    ClusterUnavailable(String),
 }
 
 impl ApiError {
@@ -129,6 +139,9 @@ impl ApiError {
             HeadersTooLarge(_) => ErrorCode::HeadersTooLarge,
             UriTooLong(_) => ErrorCode::UriTooLong,
             LinksBusy { .. } => ErrorCode::LinksBusy,
+            RouterUnreachable(..) => ErrorCode::RouterUnreachable,
+            LinkRefused(_) => ErrorCode::RouterOffline,
+            ClusterUnavailable(_) => ErrorCode::ClusterUnavailable,
         }
     }
 

@@ -11,6 +11,7 @@ use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
 use h2::RecvStream;
+use http_body_util::BodyExt;
 use hyper::body::{Frame, Incoming};
 use hyper::header::CONTENT_TYPE;
 use hyper::{Method, Request, Response, StatusCode};
@@ -20,12 +21,14 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::answer::{self, Expect};
+use crate::cluster::directory::Holder;
+use crate::cluster::peers::{self, PeerError};
+use crate::cluster::Cluster;
 use crate::error::ApiError;
 use crate::http::{self, Args, Body, Ctx};
 use crate::inflight::{CallSlot, Charge};
 use crate::link_registry::LinkSender;
 use crate::state::AppState;
-use crate::sync::Locked;
 
 pub async fn router_call(
     state: &Arc<AppState>,
@@ -53,17 +56,16 @@ pub async fn router_call(
     span.record("session_id", tracing::field::display(session_id));
     span.record("router_id", tracing::field::display(router_id));
 
-    let now = state.clock.instant();
     let user = state
         .sessions
-        .locked()
-        .touch(session_id, now)
+        .touch(session_id)
+        .await
         .map_err(|e| e.into_api_error(session_id))?;
     check_owner(state, router_id, &user)?;
     state
         .sessions
-        .locked()
-        .attach(session_id, router_id, now)
+        .attach(session_id, router_id)
+        .await
         .map_err(|e| e.into_api_error(session_id))?;
 
     // The agent does not need the relay's ids; everything else passes as it came.
@@ -85,25 +87,18 @@ pub async fn router_call(
         target.push('?');
         target.push_str(&ser.finish());
     }
-    let deadline = tokio::time::Instant::now() + state.config.timeouts.command;
-    let slot = take_slot(state, router_id, deadline).await?;
-    // Looked up once a slot is ours: the link may have been replaced while waiting.
-    let sender = state
-        .links
-        .sender(router_id)
-        .ok_or_else(|| ApiError::RouterOffline(router_id.to_string()))?;
-    let expect = answer::expect(route.route.pattern, &query, &state.config.forwarding);
-    let fwd = Forward {
+    let delivery = Delivery {
         method,
         target,
+        pattern: route.route.pattern,
+        query,
         body: body_bytes,
         session_id,
-        user: &user,
-        request_id: &ctx.request_id,
-        deadline,
+        user,
+        deadline: tokio::time::Instant::now() + state.config.timeouts.command,
     };
     // From here the call goes to the router: only these count as forwarded.
-    let result = forward(state, sender, router_id, fwd, expect, slot, ctx).await;
+    let result = deliver(state, router_id, delivery, ctx).await;
     let status = match &result {
         Ok(r) => r.status(),
         Err(e) => e.status(),
@@ -112,6 +107,211 @@ pub async fn router_call(
         .metrics
         .record_forward(route.route.pattern, status.as_u16(), ctx.started.elapsed());
     result
+}
+
+/// Delivers a checked call wherever the router's link is: here, or (cluster mode)
+/// on the node the directory names.
+async fn deliver(
+    state: &Arc<AppState>,
+    router_id: Uuid,
+    delivery: Delivery,
+    ctx: &Ctx,
+) -> Result<Response<Body>, ApiError> {
+    match &state.cluster {
+        // Cluster mode: a link here is used as on a single node; else the directory
+        // says which node has it. A link that refused the call unprocessed (its
+        // agent moved to another node) sends it after the router.
+        Some(cluster) if state.links.sender(router_id).is_none() => {
+            deliver_elsewhere(state, cluster, router_id, delivery, ctx).await
+        }
+        Some(cluster) => match deliver_local(state, router_id, delivery.clone(), ctx).await {
+            Err(ApiError::LinkRefused(_)) => {
+                deliver_elsewhere(state, cluster, router_id, delivery, ctx).await
+            }
+            r => r,
+        },
+        None => deliver_local(state, router_id, delivery, ctx).await,
+    }
+}
+
+/// A router call as it goes to the router, once the node it entered has checked the
+/// session and ownership; the same whether this node holds the router's link or a
+/// peer does (`peer_api` rebuilds it from a forwarded call).
+#[derive(Clone)]
+pub struct Delivery {
+    pub method: Method,
+    /// Path and query as the agent gets them (without the relay's ids).
+    pub target: String,
+    /// The route's pattern: which answers to expect, and the metrics label.
+    pub pattern: &'static str,
+    pub query: Vec<(String, String)>,
+    pub body: Option<Bytes>,
+    pub session_id: Uuid,
+    pub user: String,
+    /// When the router's answer must be in (the command timeout from the start).
+    pub deadline: tokio::time::Instant,
+}
+
+/// Delivers a call over this node's link to the router.
+pub async fn deliver_local(
+    state: &Arc<AppState>,
+    router_id: Uuid,
+    d: Delivery,
+    ctx: &Ctx,
+) -> Result<Response<Body>, ApiError> {
+    let slot = take_slot(state, router_id, d.deadline).await?;
+    // Looked up once a slot is ours: the link may have been replaced while waiting.
+    let sender = state
+        .links
+        .sender(router_id)
+        .ok_or_else(|| ApiError::RouterOffline(router_id.to_string()))?;
+    let expect = answer::expect(d.pattern, &d.query, &state.config.forwarding);
+    let fwd = Forward {
+        method: d.method,
+        target: d.target,
+        body: d.body,
+        session_id: d.session_id,
+        user: &d.user,
+        request_id: &ctx.request_id,
+        deadline: d.deadline,
+    };
+    forward(state, sender, router_id, fwd, expect, slot, ctx).await
+}
+
+/// How long a call waits for a router that is moving between nodes (its old link
+/// refused the call, or the directory names a node whose link just closed) to show
+/// up on its new node, before it answers offline.
+const HANDOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+/// How often the directory is read again meanwhile.
+const HANDOVER_POLL: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Cluster mode: delivers a call to the node the directory says holds the
+/// router's link, and passes its answer through as it comes.
+async fn deliver_elsewhere(
+    state: &Arc<AppState>,
+    cluster: &Cluster,
+    router_id: Uuid,
+    d: Delivery,
+    ctx: &Ctx,
+) -> Result<Response<Body>, ApiError> {
+    let wait_until = (tokio::time::Instant::now() + HANDOVER_WAIT).min(d.deadline);
+    let offline = || ApiError::RouterOffline(router_id.to_string());
+    loop {
+        let waiting = tokio::time::Instant::now() < wait_until;
+        let holder = cluster
+            .lookup(router_id)
+            .await
+            .map_err(|e| ApiError::ClusterUnavailable(e.to_string()))?;
+        match holder {
+            Holder::Nobody => return Err(offline()),
+            // Its node is gone (killed, cut off from Redis): the agent comes back
+            // through another node within its retry window.
+            Holder::Gone { id } => {
+                tracing::debug!(%router_id, node = %id, "router's node is gone");
+                return Err(offline());
+            }
+            Holder::Here => {
+                if state.links.sender(router_id).is_some() {
+                    return match deliver_local(state, router_id, d.clone(), ctx).await {
+                        Err(ApiError::LinkRefused(_)) if waiting => {
+                            tokio::time::sleep(HANDOVER_POLL).await;
+                            continue;
+                        }
+                        r => r,
+                    };
+                }
+                if !waiting {
+                    return Err(offline());
+                }
+            }
+            Holder::Node { id, addr } => {
+                match peer_call(state, cluster, &addr, router_id, &d, ctx).await {
+                    Ok(resp) if resp.headers().contains_key(peers::HEADER_NOT_HERE) && waiting => {}
+                    Ok(resp) => return Ok(pass_through(resp)),
+                    Err(e) => {
+                        cluster
+                            .metrics
+                            .forwards_out_failed
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        tracing::warn!(%router_id, node = %id, error = %e, "peer unreachable");
+                        return Err(match e {
+                            PeerError::Timeout => {
+                                ApiError::CommandTimeout(state.config.timeouts.command.as_millis())
+                            }
+                            e => ApiError::RouterUnreachable(
+                                router_id.to_string(),
+                                id,
+                                e.to_string(),
+                            ),
+                        });
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(HANDOVER_POLL).await;
+    }
+}
+
+/// Sends one call to the peer at `addr` (its internal listener).
+async fn peer_call(
+    state: &AppState,
+    cluster: &Cluster,
+    addr: &str,
+    router_id: Uuid,
+    d: &Delivery,
+    ctx: &Ctx,
+) -> Result<Response<Incoming>, PeerError> {
+    let left = d
+        .deadline
+        .saturating_duration_since(tokio::time::Instant::now());
+    let mut b = Request::builder()
+        .method(Method::POST)
+        .uri(format!("https://{addr}{}", peers::CALL_PATH))
+        .header(
+            hyper::header::AUTHORIZATION,
+            format!("Bearer {}", cluster.secret.expose()),
+        )
+        .header(peers::HEADER_METHOD, d.method.as_str())
+        .header(peers::HEADER_TARGET, &d.target)
+        .header(peers::HEADER_ROUTER, router_id.to_string())
+        .header(peers::HEADER_FROM, &cluster.node_id)
+        .header(peers::HEADER_DEADLINE_MS, left.as_millis().to_string())
+        .header(HEADER_REQUEST_ID, &ctx.request_id)
+        .header(HEADER_SESSION_ID, d.session_id.to_string())
+        .header(
+            HEADER_USER_ID,
+            form_urlencoded::byte_serialize(d.user.as_bytes()).collect::<String>(),
+        );
+    let body = d.body.clone().unwrap_or_default();
+    if !body.is_empty() {
+        b = b.header(CONTENT_TYPE, "application/json");
+    }
+    let req = b
+        .body(http_body_util::Full::new(body))
+        .map_err(|e| PeerError::Connect {
+            addr: addr.to_owned(),
+            why: e.to_string(),
+        })?;
+    cluster
+        .metrics
+        .forwards_out
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    // The peer answers 408 at the deadline itself; a little longer here covers the hop.
+    let margin = std::time::Duration::from_secs(1);
+    match tokio::time::timeout_at(d.deadline + margin, cluster.peers.send(addr, req)).await {
+        Ok(r) => r,
+        Err(_) => {
+            let _ = state;
+            Err(PeerError::Timeout)
+        }
+    }
+}
+
+/// A peer's answer, passed on as it comes (the peer already checked the router's).
+fn pass_through(resp: Response<Incoming>) -> Response<Body> {
+    let (mut parts, body) = resp.into_parts();
+    parts.headers.remove(peers::HEADER_NOT_HERE);
+    Response::from_parts(parts, http::fallible_stream(body))
 }
 
 /// One of the router's call slots, waited for until `deadline` (then 408), or 429
@@ -204,6 +404,9 @@ pub fn check_owner(state: &AppState, router_id: Uuid, user: &str) -> Result<(), 
     Ok(())
 }
 
+/// The agent's health route (asked at session start).
+const HEALTH_ROUTE: &str = "/api/agent/health";
+
 /// Asks the agent for its health (used by session start).
 pub async fn agent_health(
     state: &Arc<AppState>,
@@ -212,35 +415,36 @@ pub async fn agent_health(
     user: &str,
     ctx: &Ctx,
 ) -> Result<Value, ApiError> {
-    let deadline = tokio::time::Instant::now() + state.config.timeouts.command;
-    let _slot = take_slot(state, router_id, deadline).await?;
-    let sender = state
-        .links
-        .sender(router_id)
-        .ok_or_else(|| ApiError::RouterOffline(router_id.to_string()))?;
-    let fwd = Forward {
+    let d = Delivery {
         method: Method::GET,
-        target: "/api/agent/health".to_owned(),
+        target: HEALTH_ROUTE.to_owned(),
+        pattern: HEALTH_ROUTE,
+        query: Vec::new(),
         body: None,
         session_id,
-        user,
-        request_id: &ctx.request_id,
-        deadline,
+        user: user.to_owned(),
+        deadline: tokio::time::Instant::now() + state.config.timeouts.command,
     };
-    let (parts, body) = send(state, &sender, router_id, fwd).await?;
-    let cap = state.config.forwarding.answer_max_bytes;
-    let mut charge = state.answer_budget.charge();
-    let bytes = read_answer(state, &sender, body, cap, deadline, &mut charge, router_id).await?;
-    let content_type = parts
-        .headers
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok());
-    answer::check(parts.status.as_u16(), content_type, &bytes)
-        .map_err(ApiError::BadAgentResponse)?;
-    if !parts.status.is_success() {
+    // Wherever the link is; the answer was checked on the way (`answer::check`).
+    let resp = deliver(state, router_id, d, ctx).await?;
+    let status = resp.status();
+    // Bounded already: a local answer was read under its cap, a peer's was on
+    // the peer. Matched by side so no error conversion is generic over lifetimes
+    // (which a spawned connection task cannot prove Send).
+    let bytes = match resp.into_body() {
+        http_body_util::Either::Left(full) => match full.collect().await {
+            Ok(c) => c.to_bytes(),
+            Err(never) => match never {},
+        },
+        http_body_util::Either::Right(stream) => stream
+            .collect()
+            .await
+            .map_err(|e| ApiError::BadGateway(e.to_string()))?
+            .to_bytes(),
+    };
+    if !status.is_success() {
         return Err(ApiError::BadGateway(format!(
-            "health check answered {}",
-            parts.status
+            "health check answered {status}"
         )));
     }
     let v: Value =
@@ -287,13 +491,22 @@ async fn send(
     let body = fwd.body.unwrap_or_default();
     let t = &state.config.timeouts;
     let call = async {
-        let mut send = sender.send.clone().ready().await?;
-        let (resp, mut stream) = send.send_request(req, body.is_empty())?;
+        let mut send = sender.send.clone().ready().await.map_err(Failed::Unsent)?;
+        let (resp, mut stream) = send
+            .send_request(req, body.is_empty())
+            .map_err(Failed::Unsent)?;
         if !body.is_empty() {
             // Bounded by the relay's body limit; h2 sends it as the window opens.
-            stream.send_data(body, true)?;
+            stream.send_data(body, true).map_err(Failed::Sent)?;
         }
-        Ok::<_, h2::Error>(Some(resp.await?.into_parts()))
+        let resp = resp.await.map_err(|e| {
+            if refused(&e) {
+                Failed::Unsent(e)
+            } else {
+                Failed::Sent(e)
+            }
+        })?;
+        Ok::<_, Failed>(Some(resp.into_parts()))
     };
     // A silent WAN answers 503 once a PING goes unanswered, not 408 after the
     // command timeout.
@@ -309,7 +522,11 @@ async fn send(
             tracing::info!(%router_id, "link went silent; call answered offline");
             Err(ApiError::RouterOffline(router_id.to_string()))
         }
-        Ok(Err(e)) => {
+        Ok(Err(Failed::Unsent(e))) => {
+            tracing::debug!(error = %e, "link refused the call; nothing ran");
+            Err(ApiError::LinkRefused(router_id.to_string()))
+        }
+        Ok(Err(Failed::Sent(e))) => {
             tracing::debug!(error = %e, "link failed during the call");
             Err(ApiError::RouterOffline(router_id.to_string()))
         }
@@ -318,6 +535,20 @@ async fn send(
             Ok((parts, AnswerBody { stream, declared }))
         }
     }
+}
+
+/// How a call failed on the link: before the agent took it (safe to send again,
+/// elsewhere) or after (it may have run).
+enum Failed {
+    Unsent(h2::Error),
+    Sent(h2::Error),
+}
+
+/// The agent refused the stream without processing it: `REFUSED_STREAM`, or its
+/// graceful GOAWAY (sent when it moves to another node) left this stream out.
+fn refused(e: &h2::Error) -> bool {
+    e.reason() == Some(h2::Reason::REFUSED_STREAM)
+        || (e.is_go_away() && e.is_remote() && e.reason() == Some(h2::Reason::NO_ERROR))
 }
 
 /// The router's answer body as it starts to arrive.

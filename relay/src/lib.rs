@@ -7,6 +7,8 @@ pub mod answer;
 pub mod api;
 pub mod auth;
 pub mod capacity;
+pub mod cluster;
+pub mod cluster_sync;
 pub mod config;
 pub mod conn_activity;
 pub mod enroll;
@@ -18,6 +20,7 @@ pub mod link_health;
 pub mod link_registry;
 pub mod metrics;
 pub mod metrics_http;
+pub mod peer_api;
 pub mod peer_limits;
 pub mod private;
 pub mod ratelimit;
@@ -25,6 +28,7 @@ pub mod recent_reports;
 pub mod report;
 pub mod server;
 pub mod session_api;
+pub mod session_store;
 pub mod sessions;
 pub mod speedtest;
 pub mod speedtest_slots;
@@ -41,7 +45,6 @@ use tokio::net::TcpListener;
 
 use crate::config::Config;
 use crate::state::{AppState, Clock};
-use crate::sync::Locked;
 
 /// What `run` reports once it is listening, for the operator and for tests.
 #[derive(Debug, Clone)]
@@ -56,7 +59,7 @@ pub struct Ready {
 /// Opens the registry and TLS identity, then serves `listener` until `shutdown`.
 /// `on_ready` is called once everything is in place.
 pub async fn run(
-    config: Config,
+    mut config: Config,
     listener: TcpListener,
     clock: Arc<dyn Clock>,
     on_ready: impl FnOnce(Ready),
@@ -104,13 +107,56 @@ pub async fn run(
         reserved_api_connections = plan.reserved_api_connections,
         "capacity"
     );
+    // Cluster mode: the internal listener first, so a node configured with port 0
+    // (tests) advertises the port it got.
+    let internal = match &config.cluster {
+        None => None,
+        Some(c) => Some(peer_api::bind(c.internal_listen).await.with_context(|| {
+            format!(
+                "cannot listen on {} (cluster.internal_listen)",
+                c.internal_listen
+            )
+        })?),
+    };
+    let cluster = match &mut config.cluster {
+        None => None,
+        Some(c) => {
+            if c.internal_address.port() == 0 {
+                if let Some(l) = &internal {
+                    c.internal_address.set_port(l.local_addr()?.port());
+                }
+            }
+            let cluster = cluster::Cluster::connect(c, &tls.fingerprint)
+                .await
+                .with_context(|| format!("cluster node {}: cannot reach Redis", c.node_id))?;
+            tracing::info!(node = %c.node_id, internal = %c.internal_address, "cluster mode");
+            Some(Arc::new(cluster))
+        }
+    };
     let state = Arc::new(AppState::new(
         config,
         store,
         tls.fingerprint.clone(),
         clock,
         plan,
+        cluster,
     )?);
+    // Cluster mode: the internal listener peers forward calls to, and the
+    // background work (presence, change broadcast, directory upkeep).
+    let cluster_tasks = match internal {
+        None => Vec::new(),
+        Some(internal) => {
+            if let Some(cl) = &state.cluster {
+                cl.heartbeat_once(state.clock.now_ms())
+                    .await
+                    .context("cannot announce this node in Redis")?;
+            }
+            vec![
+                tokio::spawn(peer_api::serve(state.clone(), internal, tls.config.clone())),
+                tokio::spawn(cluster_sync::run(state.clone())),
+            ]
+        }
+    };
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "listening");
     let metrics = match state.config.metrics_listen {
@@ -135,7 +181,15 @@ pub async fn run(
         cert_path: tls.cert_path,
         metrics_addr: metrics.as_ref().map(|(a, _)| *a),
     });
-    server::serve(state, listener, tls.config, shutdown).await;
+    server::serve(state.clone(), listener, tls.config, shutdown).await;
+    if let Some(c) = &state.cluster {
+        if let Err(e) = c.leave().await {
+            tracing::warn!(error = %e, "cannot leave the cluster's node list");
+        }
+    }
+    for t in cluster_tasks {
+        t.abort();
+    }
     sweeper.abort();
     if let Some((_, task)) = metrics {
         task.abort();
@@ -150,8 +204,7 @@ async fn sweep(state: Arc<AppState>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let now = state.clock.instant();
-        let swept = state.sessions.locked().sweep(now);
+        let swept = state.sessions.sweep();
         if swept.sessions + swept.attachments > 0 {
             tracing::debug!(
                 sessions = swept.sessions,

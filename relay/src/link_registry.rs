@@ -190,6 +190,20 @@ impl Links {
         }
     }
 
+    /// Takes a router's link out of the registry without closing it (cluster mode:
+    /// the router linked to another node, so calls go there from now on while the
+    /// ones in flight here finish). Returns the generation and the close signal, to
+    /// fire once they had their time.
+    pub fn supersede(&self, router: Uuid) -> Option<(u64, oneshot::Sender<()>)> {
+        let mut e = self.map.locked().remove(&router)?;
+        Some((e.generation, e.close.take()?))
+    }
+
+    /// The generation of a router's link, if it has one here.
+    pub fn generation(&self, router: Uuid) -> Option<u64> {
+        self.map.locked().get(&router).map(|e| e.generation)
+    }
+
     pub fn close_all(&self) {
         let drained: Vec<Entry> = self.map.locked().drain().map(|(_, e)| e).collect();
         for mut e in drained {

@@ -23,7 +23,6 @@ use tokio::task::JoinSet;
 
 use crate::metrics::Gauges;
 use crate::state::AppState;
-use crate::sync::Locked;
 
 pub const CONTENT_TYPE_TEXT: &str = "text/plain; version=0.0.4";
 
@@ -37,14 +36,18 @@ pub fn scrape(state: &AppState) -> String {
     let (fds_in_use, fd_budget) = state.capacity.fds_in_use();
     let gauges = Gauges {
         connected_agents: state.links.len(),
-        sessions: state.sessions.locked().len(),
+        sessions: state.sessions.local_count().unwrap_or(0),
         speedtests: state.speedtests.active(),
         answer_bytes_in_flight: state.answer_budget.used(),
         fds_in_use,
         fd_budget,
         links_refused: state.capacity.refused().map(|(why, n)| (why.reason(), n)),
     };
-    state.metrics.render(&gauges)
+    let mut out = state.metrics.render(&gauges);
+    if let Some(c) = &state.cluster {
+        c.metrics.render(&mut out, c.peers.connected());
+    }
+    out
 }
 
 /// Serves `GET /metrics` on `listener` until the task is dropped (dropping it

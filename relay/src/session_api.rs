@@ -11,7 +11,6 @@ use crate::error::ApiError;
 use crate::forward;
 use crate::http::{self, only, Args, Body, Ctx};
 use crate::state::AppState;
-use crate::sync::Locked;
 
 pub async fn dispatch(
     state: &Arc<AppState>,
@@ -42,13 +41,12 @@ pub async fn dispatch(
     tracing::Span::current().record("session_id", tracing::field::display(session_id));
     match action {
         "start" => start(state, &args, session_id, ctx).await,
-        "end" => end(state, &args, session_id, ctx),
+        "end" => end(state, &args, session_id, ctx).await,
         "refresh" => {
-            let now = state.clock.instant();
             state
                 .sessions
-                .locked()
-                .touch(session_id, now)
+                .touch(session_id)
+                .await
                 .map_err(|e| e.into_api_error(session_id))?;
             Ok(http::ok(
                 StatusCode::OK,
@@ -56,7 +54,7 @@ pub async fn dispatch(
                 ctx,
             ))
         }
-        _ => status(state, session_id, ctx),
+        _ => status(state, session_id, ctx).await,
     }
 }
 
@@ -73,18 +71,11 @@ async fn start(
         tracing::Span::current().record("router_id", tracing::field::display(r));
         forward::check_owner(state, r, &user_id)?;
     }
-    {
-        let now = state.clock.instant();
-        let mut sessions = state.sessions.locked();
-        sessions
-            .start(session_id, &user_id, restart, now)
-            .map_err(|e| e.into_api_error(session_id))?;
-        if let Some(r) = router_id {
-            sessions
-                .attach(session_id, r, now)
-                .map_err(|e| e.into_api_error(session_id))?;
-        }
-    }
+    state
+        .sessions
+        .start(session_id, &user_id, restart, router_id)
+        .await
+        .map_err(|e| e.into_api_error(session_id))?;
     let (reachable, ready, message) = match router_id {
         None => (false, false, "Session started".to_owned()),
         Some(r) => match forward::agent_health(state, r, session_id, &user_id, ctx).await {
@@ -125,7 +116,7 @@ async fn start(
     ))
 }
 
-fn end(
+async fn end(
     state: &Arc<AppState>,
     args: &Args<'_>,
     session_id: Uuid,
@@ -139,11 +130,10 @@ fn end(
         ));
     }
     let router_id = args.opt_uuid("routerId")?;
-    let now = state.clock.instant();
     state
         .sessions
-        .locked()
-        .end(session_id, router_id, now)
+        .end(session_id, router_id)
+        .await
         .map_err(|e| e.into_api_error(session_id))?;
     let message = match router_id {
         None => "Session ended".to_owned(),
@@ -152,20 +142,41 @@ fn end(
     Ok(http::ok(StatusCode::OK, json!({ "message": message }), ctx))
 }
 
-fn status(state: &Arc<AppState>, session_id: Uuid, ctx: &Ctx) -> Result<Response<Body>, ApiError> {
-    let now = state.clock.instant();
+async fn status(
+    state: &Arc<AppState>,
+    session_id: Uuid,
+    ctx: &Ctx,
+) -> Result<Response<Body>, ApiError> {
     let view = state
         .sessions
-        .locked()
-        .status(session_id, now)
+        .status(session_id)
+        .await
         .map_err(|e| e.into_api_error(session_id))?;
+    // Cluster mode: online anywhere in the cluster, as the directory says.
+    let online: Vec<bool> = match &state.cluster {
+        None => view
+            .routers
+            .iter()
+            .map(|a| state.links.sender(a.router_id).is_some())
+            .collect(),
+        Some(c) => {
+            let ids: Vec<Uuid> = view.routers.iter().map(|a| a.router_id).collect();
+            c.holders(&ids)
+                .await
+                .map_err(|e| ApiError::ClusterUnavailable(e.to_string()))?
+                .iter()
+                .map(Option::is_some)
+                .collect()
+        }
+    };
     let routers: Vec<_> = view
         .routers
         .iter()
-        .map(|a| {
+        .zip(online)
+        .map(|(a, online)| {
             json!({
                 "router_id": a.router_id,
-                "online": state.links.sender(a.router_id).is_some(),
+                "online": online,
                 "attached_for_s": a.attached_for.as_secs(),
                 "idle_s": a.idle.as_secs(),
                 "detaches_in_s": a.detaches_in.as_secs(),

@@ -30,6 +30,9 @@ pub enum SessionError {
     Invalid,
     /// The session id is held by another user.
     OtherUser,
+    /// Cluster mode: the session store (Redis) did not answer; the call is refused
+    /// (never let through unchecked).
+    Unavailable(String),
 }
 
 impl SessionError {
@@ -40,6 +43,7 @@ impl SessionError {
             SessionError::OtherUser => {
                 ApiError::Forbidden(format!("session {id} belongs to another user"))
             }
+            SessionError::Unavailable(why) => ApiError::ClusterUnavailable(why),
         }
     }
 }

@@ -12,6 +12,7 @@ use uuid::Uuid;
 
 use crate::auth::RouterMeta;
 use crate::capacity::{Capacity, Plan};
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::inflight::{AnswerBudget, CallSlots};
@@ -20,7 +21,7 @@ use crate::metrics::Metrics;
 use crate::peer_limits::LogThrottle;
 use crate::ratelimit::RateLimiter;
 use crate::recent_reports::Reports;
-use crate::sessions::Sessions;
+use crate::session_store::{RedisSessions, SessionStore};
 use crate::speedtest_slots::Slots;
 use crate::store::{RouterRow, Store};
 use crate::sync::{Locked, ReadWrite};
@@ -62,7 +63,7 @@ pub struct AppState {
     pub config: Config,
     pub store: Mutex<Store>,
     pub routers: RwLock<HashMap<Uuid, RouterMeta>>,
-    pub sessions: Mutex<Sessions>,
+    pub sessions: SessionStore,
     pub links: Links,
     pub metrics: Metrics,
     pub enroll_limiter: Mutex<RateLimiter>,
@@ -81,6 +82,9 @@ pub struct AppState {
     pub capacity_plan: Plan,
     /// One "link refused" line a second during a reconnect storm.
     pub link_refusal_log: LogThrottle,
+    /// Cluster mode (issue 16): Redis, the link directory and the peers; `None` on
+    /// a single node.
+    pub cluster: Option<Arc<Cluster>>,
 }
 
 impl AppState {
@@ -90,13 +94,29 @@ impl AppState {
         fingerprint: String,
         clock: Arc<dyn Clock>,
         capacity_plan: Plan,
+        cluster: Option<Arc<Cluster>>,
     ) -> Result<Self, ApiError> {
         let routers = store
             .routers()?
             .iter()
             .map(|r| (r.id, RouterMeta::from(r)))
             .collect();
-        let sessions = Sessions::new(config.timeouts.session_idle, config.timeouts.router_idle);
+        let sessions = match &cluster {
+            None => {
+                let clock = clock.clone();
+                SessionStore::memory(
+                    config.timeouts.session_idle,
+                    config.timeouts.router_idle,
+                    Arc::new(move || clock.instant()),
+                )
+            }
+            Some(c) => SessionStore::Redis(RedisSessions::new(
+                c.redis.clone(),
+                config.timeouts.session_idle,
+                config.timeouts.router_idle,
+                c.redis_timeout,
+            )),
+        };
         let limiter = RateLimiter::with_max_keys(
             config.enroll_per_minute,
             std::time::Duration::from_secs(60),
@@ -121,7 +141,7 @@ impl AppState {
             config,
             store: Mutex::new(store),
             routers: RwLock::new(routers),
-            sessions: Mutex::new(sessions),
+            sessions,
             links: Links::default(),
             metrics: Metrics::default(),
             enroll_limiter: Mutex::new(limiter),
@@ -129,6 +149,7 @@ impl AppState {
             speedtests: Default::default(),
             fingerprint,
             clock,
+            cluster,
         })
     }
 

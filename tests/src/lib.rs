@@ -9,6 +9,7 @@
 //! kit's namespaces (`netpilot-testkit`, which also holds the requirement check of
 //! the `netns_` tests).
 
+pub mod cluster;
 pub mod engines;
 pub mod fake_agent;
 pub mod freeze_proxy;

@@ -533,6 +533,8 @@ const RELAY_LAYERS: &[(&str, &[&str])] = &[
         &[
             "store",
             "sessions",
+            "cluster",
+            "session_store",
             "metrics",
             "link_health",
             "capacity",
@@ -552,7 +554,9 @@ const RELAY_LAYERS: &[(&str, &[&str])] = &[
             "report",
             "session_api",
             "speedtest",
+            "cluster_sync",
             "agent_link",
+            "peer_api",
             "metrics_http",
         ],
     ),

@@ -1,0 +1,182 @@
+//! A relay cluster for the tests: a Redis of its own and N relay processes in
+//! cluster mode on `127.0.0.1:0`, each with its internal listener on port 0,
+//! sharing one certificate (agents pin it) and one registry. Nodes are started,
+//! killed and restarted one by one, as an operator would.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use serde_json::json;
+
+use crate::engines::{Postgres, Redis};
+use crate::{Agent, Client, EnrolledRouter, Launch, Relay, RelayOptions, API_KEY};
+
+/// The node-to-node secret of test clusters.
+pub const CLUSTER_SECRET: &str = "test-cluster-secret-0123456789abcdef";
+
+/// Presence renewed often and forgotten soon, so tests see a dead node quickly.
+const FAST_PRESENCE: &str = "heartbeat = \"200ms\"\nnode_ttl = \"1s\"\n";
+
+pub struct ClusterRig {
+    pub redis: Redis,
+    pub postgres: Postgres,
+    pub postgres_url: String,
+    pub nodes: Vec<Relay>,
+    /// The certificate and key every node presents.
+    cert: PathBuf,
+    key: PathBuf,
+    /// The data directory of the single relay the cluster grew from.
+    seed: PathBuf,
+    /// Extra TOML after each node's `[cluster]` section (whole sections).
+    extra: String,
+    _dir: Arc<tempfile::TempDir>,
+}
+
+impl ClusterRig {
+    /// Starts Redis, PostgreSQL and `n` nodes, with a router enrolled for each of
+    /// `owners` (in order); `extra` is appended to every node's config (whole
+    /// sections, e.g. `[timeouts]`).
+    pub async fn start(
+        n: usize,
+        extra: &str,
+        owners: &[&str],
+    ) -> anyhow::Result<(ClusterRig, Vec<EnrolledRouter>)> {
+        let dir = Arc::new(tempfile::tempdir()?);
+        let redis = Redis::start().await?;
+        let postgres = Postgres::start().await?;
+        let postgres_url = postgres.create_database("netpilot").await?;
+        // The certificate and the routers: made by a single relay, as a deployment
+        // that grows into a cluster has them; its registry is what the nodes share.
+        let mut maker = Relay::start(RelayOptions::default()).await?;
+        let mut routers = Vec::new();
+        for owner in owners {
+            routers.push(maker.enrolled_router(owner).await?);
+        }
+        maker.terminate().await?;
+        let seed = dir.path().join("seed");
+        crate::copy_dir(&maker.data_dir, &seed)?;
+        let cert = dir.path().join("cluster-cert.pem");
+        let key = dir.path().join("cluster-key.pem");
+        std::fs::copy(maker.data_dir.join("tls/relay-cert.pem"), &cert)?;
+        std::fs::copy(maker.data_dir.join("tls/relay-key.pem"), &key)?;
+        let mut rig = ClusterRig {
+            redis,
+            postgres,
+            postgres_url,
+            nodes: Vec::new(),
+            cert,
+            key,
+            seed,
+            extra: extra.to_owned(),
+            _dir: dir,
+        };
+        for i in 0..n {
+            let node = rig.spawn_node(i, "127.0.0.1:0".parse()?).await?;
+            rig.nodes.push(node);
+        }
+        Ok((rig, routers))
+    }
+
+    fn config(&self, i: usize) -> String {
+        format!(
+            "api_key = \"{API_KEY}\"\n\
+             [tls]\ncert = \"{}\"\nkey = \"{}\"\n\
+             [cluster]\nnode_id = \"node-{i}\"\npostgres_url = \"{}\"\nredis_url = \"{}\"\n\
+             internal_listen = \"127.0.0.1:0\"\nsecret = \"{CLUSTER_SECRET}\"\n{FAST_PRESENCE}\n{}",
+            self.cert.display(),
+            self.key.display(),
+            self.postgres_url,
+            self.redis.url(),
+            self.extra,
+        )
+    }
+
+    async fn spawn_node(&self, i: usize, listen: std::net::SocketAddr) -> anyhow::Result<Relay> {
+        let dir = Arc::new(tempfile::tempdir()?);
+        let data_dir = dir.path().join("relay");
+        crate::copy_dir(&self.seed, &data_dir)?;
+        let config_file = dir.path().join("relay.toml");
+        std::fs::write(&config_file, self.config(i))?;
+        Relay::spawn(dir, data_dir, config_file, listen, Launch::default())
+            .await
+            .with_context(|| format!("cannot start node-{i}"))
+    }
+
+    /// Node `i` killed with SIGKILL (no goodbye: its presence expires on its own).
+    pub async fn kill(&mut self, i: usize) {
+        self.nodes[i].kill().await;
+    }
+
+    /// Node `i` started again on its address (after `kill` or `terminate`).
+    pub async fn restart(&mut self, i: usize) -> anyhow::Result<()> {
+        let addr = self.nodes[i].addr;
+        self.nodes[i].kill().await;
+        self.nodes[i] = self.spawn_node(i, addr).await?;
+        Ok(())
+    }
+
+    /// A router created through node `via` and enrolled there.
+    pub async fn enrolled_router(&self, via: usize, owner: &str) -> anyhow::Result<EnrolledRouter> {
+        self.nodes[via].enrolled_router(owner).await
+    }
+
+    /// `--relay URL` for every node, in order: an agent's relay list.
+    pub fn relay_args(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .flat_map(|n| ["--relay".to_owned(), n.url()])
+            .collect()
+    }
+
+    /// Starts an agent for `router` with the node list, first `first` (it stays
+    /// on the first that works).
+    pub async fn agent(&self, router: &EnrolledRouter, first: usize) -> anyhow::Result<Agent> {
+        let mut args: Vec<String> = vec!["--simulate".into()];
+        let n = self.nodes.len();
+        for k in 0..n {
+            args.push("--relay".into());
+            args.push(self.nodes[(first + k) % n].url());
+        }
+        args.extend(["--reconnect-spread".into(), "200ms".into()]);
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        Agent::start(router, &refs).await
+    }
+
+    /// A REST client of node `i`.
+    pub async fn client(&self, i: usize) -> anyhow::Result<Client> {
+        self.nodes[i].client().await
+    }
+
+    /// Waits until node `i`'s admin view says which node holds the router's link
+    /// (`None`: offline).
+    pub async fn wait_holder(
+        &self,
+        i: usize,
+        router_id: &str,
+        holder: Option<usize>,
+        within: Duration,
+    ) -> anyhow::Result<()> {
+        let c = self.client(i).await?;
+        let want = match holder {
+            Some(h) => json!(format!("node-{h}")),
+            None => json!(null),
+        };
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let r = c.get(&format!("/api/admin/routers/{router_id}")).await?;
+            if r.body["data"]["node"] == want && r.body["data"]["online"] == json!(holder.is_some())
+            {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!(
+                    "router {router_id} not held by {want} within {within:?} (asked node-{i}): {}",
+                    r.body
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
