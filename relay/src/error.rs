@@ -94,8 +94,9 @@ pub enum ApiError {
     /// Request target (path and query) over the cap.
     #[error("request target exceeds {0} bytes")]
     UriTooLong(usize),
-    /// The link refused the call before the agent took it (its agent is moving to
-    /// another node): offline to the client, sent after the router in a cluster.
+    /// Nothing reached the router: its link was gone, or refused the call before
+    /// the agent took it (its agent is moving to another node). Offline to the
+    /// client; in a cluster the call may follow the router to its new node.
     #[error("router {0} is not connected")]
     LinkRefused(String),
     /// Cluster mode: the node holding the router's link cannot be reached.

@@ -161,10 +161,11 @@ pub async fn deliver_local(
 ) -> Result<Response<Body>, ApiError> {
     let slot = take_slot(state, router_id, d.deadline).await?;
     // Looked up once a slot is ours: the link may have been replaced while waiting.
+    // Nothing was sent, so (in a cluster) the call may follow the router.
     let sender = state
         .links
         .sender(router_id)
-        .ok_or_else(|| ApiError::RouterOffline(router_id.to_string()))?;
+        .ok_or_else(|| ApiError::LinkRefused(router_id.to_string()))?;
     let expect = answer::expect(d.pattern, &d.query, &state.config.forwarding);
     let fwd = Forward {
         method: d.method,

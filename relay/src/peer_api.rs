@@ -101,7 +101,9 @@ async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Body> 
         match call(&state, req, &ctx).await {
             Ok(resp) => resp,
             Err(err) => {
-                let not_here = matches!(err, ApiError::RouterOffline(_));
+                // Only when nothing reached the router: the entering node may then
+                // send the call after it, and it must never run twice.
+                let not_here = matches!(err, ApiError::LinkRefused(_));
                 let mut resp = http::error(&err, &ctx);
                 if not_here {
                     resp.headers_mut().insert(
@@ -176,7 +178,7 @@ async fn call(
         Some(bytes)
     };
     if state.links.sender(router_id).is_none() {
-        return Err(ApiError::RouterOffline(router_id.to_string()));
+        return Err(ApiError::LinkRefused(router_id.to_string()));
     }
     let d = Delivery {
         method,

@@ -34,11 +34,7 @@ pub enum SessionStore {
 }
 
 impl SessionStore {
-    pub fn memory(
-        session_idle: Duration,
-        router_idle: Duration,
-        clock: Now,
-    ) -> Self {
+    pub fn memory(session_idle: Duration, router_idle: Duration, clock: Now) -> Self {
         SessionStore::Memory {
             sessions: Mutex::new(Sessions::new(session_idle, router_idle)),
             clock,
@@ -70,9 +66,7 @@ impl SessionStore {
     /// The session's user for a call, counting the call as activity.
     pub async fn touch(&self, id: Uuid) -> Result<String, SessionError> {
         match self {
-            SessionStore::Memory { sessions, clock } => {
-                sessions.locked().touch(id, clock())
-            }
+            SessionStore::Memory { sessions, clock } => sessions.locked().touch(id, clock()),
             SessionStore::Redis(r) => r.touch(id).await,
         }
     }
@@ -89,18 +83,14 @@ impl SessionStore {
 
     pub async fn end(&self, id: Uuid, router: Option<Uuid>) -> Result<(), SessionError> {
         match self {
-            SessionStore::Memory { sessions, clock } => {
-                sessions.locked().end(id, router, clock())
-            }
+            SessionStore::Memory { sessions, clock } => sessions.locked().end(id, router, clock()),
             SessionStore::Redis(r) => r.end(id, router).await,
         }
     }
 
     pub async fn status(&self, id: Uuid) -> Result<SessionView, SessionError> {
         match self {
-            SessionStore::Memory { sessions, clock } => {
-                sessions.locked().status(id, clock())
-            }
+            SessionStore::Memory { sessions, clock } => sessions.locked().status(id, clock()),
             SessionStore::Redis(r) => r.status(id).await,
         }
     }

@@ -73,16 +73,31 @@ pub async fn enroll_many(
 /// One simulated router per identity, each a whole agent keeping its state in memory,
 /// all dialling at once (no start delay) until `stopped` turns true. A task ends early
 /// only when its agent cannot start.
+#[allow(dead_code)] // not every bench uses both
 pub fn start_agents(
     identities: Vec<Identity>,
     stopped: &watch::Receiver<bool>,
 ) -> JoinSet<netpilot_agent::error::Result<()>> {
+    let spread = BackoffConfig::default().reconnect_spread;
+    start_agents_with(identities, Vec::new(), spread, stopped)
+}
+
+/// [`start_agents`] with a relay list (tried in order, as `--relay` repeated; empty:
+/// each identity's own) and the spread of the first retry after a lost link.
+pub fn start_agents_with(
+    identities: Vec<Identity>,
+    relays: Vec<String>,
+    reconnect_spread: Duration,
+    stopped: &watch::Receiver<bool>,
+) -> JoinSet<netpilot_agent::error::Result<()>> {
     let config = RunConfig {
+        relay_urls: relays,
         simulate: true,
         // Thousands of agents in one process: none serves the router's socket.
         control: None,
         backoff: BackoffConfig {
             start_delay_max: Duration::ZERO,
+            reconnect_spread,
             ..Default::default()
         },
         ..Default::default()
