@@ -130,8 +130,8 @@ async fn bench(per_node: usize) -> anyhow::Result<()> {
     // Routers, enrolled through each node in turn (one registry behind them all).
     let t = Instant::now();
     let mut shares: Vec<Vec<Identity>> = Vec::new();
-    for i in 0..n {
-        shares.push(fleet::enroll_many(&rig.nodes[i], &clients[i], per_node, "bench", 64).await?);
+    for (node, client) in rig.nodes.iter().zip(&clients) {
+        shares.push(fleet::enroll_many(node, client, per_node, "bench", 64).await?);
     }
     println!(
         "enrolled {} routers in {:.1} s",
@@ -304,8 +304,8 @@ async fn bench(per_node: usize) -> anyhow::Result<()> {
         }
     }
     let mut after = Vec::new();
-    for i in 1..n {
-        let here = links(&clients[i]).await.max(1);
+    for (i, c) in clients.iter().enumerate().skip(1) {
+        let here = links(c).await.max(1);
         after.push(format!(
             "node-{i} {:.1} KiB ({here} links)",
             rss_kib(pids[i]).saturating_sub(base_rss[i]) as f64 / here as f64
