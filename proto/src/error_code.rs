@@ -189,6 +189,9 @@ error_codes! {
         /// connections or its rate of link upgrades; the agent backs off and dials
         /// again later (`Retry-After` says when) (relay).
         LinksBusy = "LINKS_BUSY" => 503,
+        /// The relay is draining (shutting down or restarting): it takes no new agent
+        /// link; the agent dials the next relay in its list at once (relay).
+        RelayDraining = "RELAY_DRAINING" => 503,
     }
 }
 
@@ -217,6 +220,7 @@ impl ErrorCode {
                 | ErrorCode::RouterBusy
                 | ErrorCode::RelayBusy
                 | ErrorCode::LinksBusy
+                | ErrorCode::RelayDraining
                 | ErrorCode::BadAgentResponse
                 | ErrorCode::BodyTimeout
                 | ErrorCode::HeadersTooLarge

@@ -94,6 +94,9 @@ pub enum ApiError {
     /// Request target (path and query) over the cap.
     #[error("request target exceeds {0} bytes")]
     UriTooLong(usize),
+    /// The node is draining (SIGTERM): no new agent link; `/health` says so too.
+    #[error("the relay is draining; use another relay")]
+    RelayDraining,
 }
 
 impl ApiError {
@@ -129,6 +132,7 @@ impl ApiError {
             HeadersTooLarge(_) => ErrorCode::HeadersTooLarge,
             UriTooLong(_) => ErrorCode::UriTooLong,
             LinksBusy { .. } => ErrorCode::LinksBusy,
+            RelayDraining => ErrorCode::RelayDraining,
         }
     }
 

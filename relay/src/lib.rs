@@ -9,6 +9,7 @@ pub mod auth;
 pub mod capacity;
 pub mod config;
 pub mod conn_activity;
+pub mod drain;
 pub mod enroll;
 pub mod error;
 pub mod forward;

@@ -13,6 +13,7 @@ use uuid::Uuid;
 use crate::auth::RouterMeta;
 use crate::capacity::{Capacity, Plan};
 use crate::config::Config;
+use crate::drain::Drain;
 use crate::error::ApiError;
 use crate::inflight::{AnswerBudget, CallSlots};
 use crate::link_registry::Links;
@@ -81,6 +82,8 @@ pub struct AppState {
     pub capacity_plan: Plan,
     /// One "link refused" line a second during a reconnect storm.
     pub link_refusal_log: LogThrottle,
+    /// Whether the node drains (SIGTERM) and what the drain did (issue 16 item 5).
+    pub drain: Drain,
 }
 
 impl AppState {
@@ -129,6 +132,7 @@ impl AppState {
             speedtests: Default::default(),
             fingerprint,
             clock,
+            drain: Drain::default(),
         })
     }
 
