@@ -376,3 +376,43 @@ async fn links_busy_sends_the_agent_on_at_once_and_a_refused_round_waits_retry_a
     let agent = agent_log(&routers[2]);
     assert!(agent.contains("LINKS_BUSY"), "{agent}");
 }
+
+#[tokio::test]
+async fn with_no_other_relay_up_the_agent_stays_then_tries_the_draining_relay_last() {
+    let (mut a, mut b, routers) = pair("[timeouts]\ndrain = \"3s\"\n", 1).await;
+    let router = &routers[0];
+    b.kill().await;
+    let (a_url, b_url) = (a.url(), b.url());
+    let mut args = vec!["--simulate", "--relay", &a_url, "--relay", &b_url];
+    args.extend_from_slice(SLOW_RETRY);
+    let _agent = Agent::start(router, &args).await.unwrap();
+    a.wait_online(&router.router_id, true, Duration::from_secs(10))
+        .await
+        .unwrap();
+
+    a.sigterm().unwrap();
+    eventually(Duration::from_secs(5), "the agent to find B down", || {
+        let log = agent_log(router);
+        async move { log.contains("no other relay took the link").then_some(()) }
+    })
+    .await
+    .unwrap();
+    // Still served by the draining relay meanwhile.
+    a.wait_online(&router.router_id, true, Duration::from_secs(1))
+        .await
+        .unwrap();
+    // B comes back while A drains; the agent does not leave A for it before A
+    // closes, and then goes to B at once (A, which drained, comes last).
+    b.restart().await.unwrap();
+    let status = a.wait_exit(Duration::from_secs(15)).await.unwrap();
+    let exited = Instant::now();
+    assert!(status.success(), "relay exit: {status}");
+    assert!(a.log().contains("links_cut=1"), "{}", a.log());
+    b.wait_online(&router.router_id, true, HANDOVER_BOUND)
+        .await
+        .unwrap();
+    println!("A closed after its drain; on B {:?} later", exited.elapsed());
+    let link = link_status(&AgentPaths::of(router).control);
+    assert_eq!(link["relay"], b_url.as_str(), "{link}");
+    assert!(!agent_log(router).contains("reconnecting"), "{}", agent_log(router));
+}

@@ -234,8 +234,11 @@ where
 {
     let others = config.relays.len() > 1;
     let builder = h2_server(config);
-    // One link's connection, and what its relay's drain message wakes. The agent
-    // with one relay answers that it stays, and is not woken: it has nowhere to go.
+    // One link: its connection runs in a task (the old one serves on beside the new
+    // one during a move) that closes it gracefully, calls in flight finishing, when
+    // `close` is dropped; `drain` wakes when its relay sends the drain message. An
+    // agent with one relay answers that it stays, and is not woken: it has nowhere
+    // to go.
     let serve = |upgraded| {
         let drain = Arc::new(tokio::sync::Notify::new());
         let wake = drain.clone();
@@ -257,9 +260,24 @@ where
                 Ok(resp)
             }
         });
-        (Box::pin(builder.serve_connection(upgraded, svc)), drain)
+        let conn = builder.serve_connection(upgraded, svc);
+        let (close, closed) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let mut conn = std::pin::pin!(conn);
+            let r = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = closed => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = r {
+                tracing::info!(error = %e, "link lost");
+            }
+        });
+        (task, close, drain)
     };
-    let (mut conn, mut drain) = serve(open(config, relay).await?);
+    let (mut task, mut close, mut drain) = serve(open(config, relay).await?);
     loop {
         status.update(|l| {
             l.connected_since = Some(SystemTime::now());
@@ -269,61 +287,41 @@ where
         tracing::info!(relay = %config.relays.get(relay).authority, "link up");
         let up = Instant::now();
         tokio::select! {
-            r = conn.as_mut() => {
-                if let Err(e) = r {
-                    tracing::info!(error = %e, "link lost");
-                }
-                return Ok((Ended::Closed, up, relay));
-            }
+            _ = &mut task => return Ok((Ended::Closed, up, relay)),
             // Dropped without a goodbye: the link this is asked on is likely dead.
             _ = status.redial.notified() => {
                 tracing::info!("redial asked for; dropping the link");
+                task.abort();
                 return Ok((Ended::Redial, up, relay));
             }
             _ = shutdown::stopped(shutdown) => {
-                conn.as_mut().graceful_shutdown();
-                let _ = tokio::time::timeout(Duration::from_secs(2), conn).await;
+                drop(close);
+                let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
                 return Ok((Ended::Closed, up, relay));
             }
             _ = drain.notified() => {}
         }
         tracing::info!("relay draining: dialling the next relay before leaving this one");
-        // The old link serves on in its own task until the new one is up, then
-        // closes gracefully: calls in flight on it finish.
-        let (close, closed) = tokio::sync::oneshot::channel::<()>();
-        let mut old = tokio::spawn(async move {
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = closed => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                }
-            }
-        });
         let moved = tokio::select! {
             m = open_elsewhere(config, relay) => m,
             _ = shutdown::stopped(shutdown) => None,
         };
-        match moved {
-            Some((next, upgraded)) => {
-                let _ = close.send(());
-                relay = next;
-                config.relays.set_current(relay);
-                (conn, drain) = serve(upgraded);
-            }
-            None => {
-                tracing::warn!("no other relay took the link; staying on the draining one");
-                tokio::select! {
-                    _ = &mut old => {}
-                    _ = status.redial.notified() => old.abort(),
-                    _ = shutdown::stopped(shutdown) => {
-                        let _ = close.send(());
-                        let _ = tokio::time::timeout(Duration::from_secs(2), old).await;
-                    }
+        let Some((next, upgraded)) = moved else {
+            tracing::warn!("no other relay took the link; staying on the draining one");
+            tokio::select! {
+                _ = &mut task => {}
+                _ = status.redial.notified() => task.abort(),
+                _ = shutdown::stopped(shutdown) => {
+                    drop(close);
+                    let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
                 }
-                return Ok((Ended::Drained, up, relay));
             }
-        }
+            return Ok((Ended::Drained, up, relay));
+        };
+        // The new link is up: the old one closes gracefully in its task.
+        relay = next;
+        config.relays.set_current(relay);
+        (task, close, drain) = serve(upgraded);
     }
 }
 
