@@ -411,8 +411,15 @@ async fn with_no_other_relay_up_the_agent_stays_then_tries_the_draining_relay_la
     b.wait_online(&router.router_id, true, HANDOVER_BOUND)
         .await
         .unwrap();
-    println!("A closed after its drain; on B {:?} later", exited.elapsed());
+    println!(
+        "A closed after its drain; on B {:?} later",
+        exited.elapsed()
+    );
     let link = link_status(&AgentPaths::of(router).control);
     assert_eq!(link["relay"], b_url.as_str(), "{link}");
-    assert!(!agent_log(router).contains("reconnecting"), "{}", agent_log(router));
+    assert!(
+        !agent_log(router).contains("reconnecting"),
+        "{}",
+        agent_log(router)
+    );
 }
