@@ -189,6 +189,95 @@ pub fn render(drain: &Drain, out: &mut String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::link_health::LinkHealth;
+    use std::sync::Arc;
+    use uuid::Uuid;
+
+    /// How the fake agent at the far end of a link answers the drain message.
+    #[derive(Clone, Copy)]
+    enum Agent {
+        /// 202, then leaves (its link task takes it out of the registry).
+        Moves,
+        /// 202, and never leaves.
+        Lingers,
+        /// 409: no other relay.
+        Stays,
+    }
+
+    /// A link over an in-memory pipe, registered in `links`, its far end an h2
+    /// server playing `agent`.
+    async fn link(links: &Arc<Links>, agent: Agent) {
+        let (near, far) = tokio::io::duplex(64 * 1024);
+        let router = Uuid::new_v4();
+        let (send, conn) = h2::client::handshake(near).await.unwrap();
+        tokio::spawn(conn);
+        let sender = LinkSender {
+            send,
+            health: LinkHealth::new(),
+        };
+        let (generation, closed, _) =
+            links.register(router, sender, "test".into(), tokio::time::Instant::now());
+        let links = links.clone();
+        tokio::spawn(async move {
+            // Held: dropping it is how the relay closes a link.
+            let _closed = closed;
+            let mut server = h2::server::handshake(far).await.unwrap();
+            while let Some(Ok((req, mut respond))) = server.accept().await {
+                assert_eq!(req.uri().path(), DRAIN_PATH);
+                let status = match agent {
+                    Agent::Stays => 409,
+                    _ => MOVING,
+                };
+                let resp = hyper::Response::builder().status(status).body(()).unwrap();
+                respond.send_response(resp, true).unwrap();
+                if let Agent::Moves = agent {
+                    links.remove(router, generation);
+                }
+            }
+            std::future::pending::<()>().await;
+        });
+    }
+
+    fn counts(d: &Drain) -> [u64; 3] {
+        [&d.told, &d.left, &d.cut].map(|c| c.load(Ordering::Relaxed))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waits_for_links_that_move_not_for_those_that_stay() {
+        let links = Arc::new(Links::default());
+        link(&links, Agent::Moves).await;
+        link(&links, Agent::Stays).await;
+        link(&links, Agent::Moves).await;
+        let drain = Drain::default();
+        let started = tokio::time::Instant::now();
+        super::links(&links, &drain, Duration::from_secs(30)).await;
+        // Three links told over the first 10 s: the last at 6.7 s, long before 30 s.
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(counts(&drain), [2, 2, 1], "told, left, cut");
+        assert_eq!(links.len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_link_that_says_it_moves_and_does_not_is_cut_at_the_deadline() {
+        let links = Arc::new(Links::default());
+        link(&links, Agent::Lingers).await;
+        let drain = Drain::default();
+        let started = tokio::time::Instant::now();
+        super::links(&links, &drain, Duration::from_secs(30)).await;
+        assert_eq!(started.elapsed(), Duration::from_secs(30));
+        assert_eq!(counts(&drain), [1, 0, 1], "told, left, cut");
+    }
+
+    #[tokio::test]
+    async fn no_link_no_wait() {
+        let drain = Drain::default();
+        super::links(&Links::default(), &drain, Duration::from_secs(30)).await;
+        assert_eq!(counts(&drain), [0, 0, 0]);
+    }
 
     #[test]
     fn tells_are_spread_over_the_first_third() {
