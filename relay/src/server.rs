@@ -199,6 +199,8 @@ pub async fn serve(
     // Links that stayed (no other relay, an old agent, the deadline) may still
     // carry calls: they get the grace period before their links close.
     let grace = state.config.timeouts.shutdown_grace;
+    let waiting = std::time::Instant::now();
+    let had_calls = !state.call_slots.is_idle();
     let calls_done = async {
         while !state.call_slots.is_idle() {
             tokio::time::sleep(CALLS_POLL).await;
@@ -208,6 +210,11 @@ pub async fn serve(
         tracing::warn!(
             ?grace,
             "forwarded calls still in flight after the grace period; cut"
+        );
+    } else if had_calls {
+        tracing::info!(
+            waited_ms = waiting.elapsed().as_millis() as u64,
+            "forwarded calls in flight have finished"
         );
     }
     tracing::info!("shutting down: no new connections");
