@@ -197,6 +197,9 @@ error_codes! {
         /// reached, so the relay cannot check the session and refuses the call
         /// (fails closed) (relay).
         ClusterUnavailable = "CLUSTER_UNAVAILABLE" => 503,
+        /// The relay is draining (shutting down or restarting): it takes no new agent
+        /// link; the agent dials the next relay in its list at once (relay).
+        RelayDraining = "RELAY_DRAINING" => 503,
     }
 }
 
@@ -225,6 +228,7 @@ impl ErrorCode {
                 | ErrorCode::RouterBusy
                 | ErrorCode::RelayBusy
                 | ErrorCode::LinksBusy
+                | ErrorCode::RelayDraining
                 | ErrorCode::BadAgentResponse
                 | ErrorCode::BodyTimeout
                 | ErrorCode::HeadersTooLarge

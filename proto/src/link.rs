@@ -13,6 +13,12 @@ pub const REPORT_PATH: &str = "/agent/v1/report";
 pub const SPEEDTEST_DOWNLOAD_PATH: &str = "/agent/v1/speedtest/download";
 pub const SPEEDTEST_UPLOAD_PATH: &str = "/agent/v1/speedtest/upload";
 pub const SPEEDTEST_PING_PATH: &str = "/agent/v1/speedtest/ping";
+/// Sent by the relay to the agent on the link (never forwarded from the public
+/// API, which forwards `/api/` routes only): this relay is draining; dial the next
+/// relay now and leave this link once the new one is up. The agent answers `202`
+/// when it will try to move, `409` when it has no other relay (it stays until the
+/// relay closes the link, and the relay does not wait for it).
+pub const DRAIN_PATH: &str = "/link/v1/drain";
 /// Value of the `Upgrade` header on the connect request.
 pub const UPGRADE_PROTOCOL: &str = "netpilot-link/1";
 

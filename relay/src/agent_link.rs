@@ -60,6 +60,10 @@ pub fn connect(
             return Err(e);
         }
     };
+    if state.drain.is_draining() {
+        state.metrics.link_rejects.fetch_add(1, Ordering::Relaxed);
+        return Err(ApiError::RelayDraining);
+    }
     // After authentication: a flood of bad credentials spends none of the rate
     // that real routers coming back need.
     let slot = match state.capacity.try_link(state.clock.instant()) {
@@ -142,6 +146,13 @@ async fn run_link(
     crate::cluster_sync::link_up(&state, router_id, generation).await;
     touch(&state, router_id, Some(&version));
     tracing::info!("agent link up");
+    // Upgraded just before the drain began, registered just after it told every
+    // link: told here (the flag is set before the drain reads the registry).
+    if state.drain.is_draining() {
+        if let Some(sender) = state.links.sender(router_id) {
+            tokio::spawn(crate::drain::tell(sender));
+        }
+    }
     // Boxed: the connection future is large and lives as long as the link.
     let conn = Box::pin(conn);
     let rules = PingRules::from_timeouts(&state.config.timeouts);

@@ -76,6 +76,9 @@ async fn dispatch(
     match path.as_str() {
         "/health" => {
             only(&req, &[Method::GET])?;
+            if state.drain.is_draining() {
+                return Ok(draining_health(ctx));
+            }
             let mut health = serde_json::json!({
                 "status": "ok",
                 "version": env!("CARGO_PKG_VERSION"),
@@ -148,6 +151,21 @@ async fn dispatch(
     };
     // Counted in the forwarded-call metrics only once sent to the router.
     forward::router_call(state, req, route, ctx).await
+}
+
+/// `/health` of a draining node: 503, so load balancers send new connections
+/// elsewhere, as an error envelope that also says `"status": "draining"` where the
+/// healthy answer says `"ok"`.
+fn draining_health(ctx: &Ctx) -> Response<Body> {
+    let err = ApiError::RelayDraining;
+    let mut v = serde_json::to_value(netpilot_proto::envelope::Envelope::<()>::err(
+        err.code(),
+        err.to_string(),
+        ctx.meta(),
+    ))
+    .unwrap_or_default();
+    v["status"] = serde_json::Value::from("draining");
+    http::json_response(err.status(), &v, ctx)
 }
 
 /// Most header bytes a request may carry, counted as HTTP/2 counts a header list

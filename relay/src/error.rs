@@ -105,6 +105,9 @@ pub enum ApiError {
     /// Cluster mode: Redis (sessions, the link directory) cannot be reached.
     #[error("the cluster's shared state cannot be reached; try again shortly")]
     ClusterUnavailable(String),
+    /// The node is draining (SIGTERM): no new agent link; `/health` says so too.
+    #[error("the relay is draining; use another relay")]
+    RelayDraining,
 }
 
 impl ApiError {
@@ -143,6 +146,7 @@ impl ApiError {
             RouterUnreachable(..) => ErrorCode::RouterUnreachable,
             LinkRefused(_) => ErrorCode::RouterOffline,
             ClusterUnavailable(_) => ErrorCode::ClusterUnavailable,
+            RelayDraining => ErrorCode::RelayDraining,
         }
     }
 

@@ -512,7 +512,10 @@ async fn send(
     // A silent WAN answers 503 once a PING goes unanswered, not 408 after the
     // command timeout.
     let call = async {
+        // Biased: an answer that arrived before its link closed (an agent leaving
+        // a draining relay closes the link right after its last answer) is read.
         tokio::select! {
+            biased;
             r = call => r,
             _ = sender.health.until_silent(t.probe_after, t.probe_timeout) => Ok(None),
         }
@@ -596,7 +599,9 @@ async fn read_answer(
         let t = &state.config.timeouts;
         // An answer that stops coming on a silent link ends as the call would.
         let next = async {
+            // Biased, as for the head: data already here is read first.
             tokio::select! {
+                biased;
                 d = body.data() => Some(d),
                 _ = link.health.until_silent(t.probe_after, t.probe_timeout) => None,
             }

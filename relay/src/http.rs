@@ -129,6 +129,11 @@ pub fn error(err: &ApiError, ctx: &Ctx) -> Response<Body> {
             // this one would keep a descriptor the node is short of.
             h.insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
         }
+        // The agent dials another relay; nothing more comes on this connection.
+        ApiError::RelayDraining => {
+            resp.headers_mut()
+                .insert(hyper::header::CONNECTION, HeaderValue::from_static("close"));
+        }
         _ => {}
     }
     resp

@@ -78,6 +78,11 @@ impl CallSlots {
         })
     }
 
+    /// No forwarded call is in flight or waiting, for any router.
+    pub fn is_idle(&self) -> bool {
+        self.routers.locked().is_empty()
+    }
+
     /// Calls in flight or waiting for `router`.
     pub fn holders(&self, router: Uuid) -> usize {
         let routers = self.routers.locked();

@@ -11,6 +11,7 @@ pub mod cluster;
 pub mod cluster_sync;
 pub mod config;
 pub mod conn_activity;
+pub mod drain;
 pub mod enroll;
 pub mod error;
 pub mod forward;

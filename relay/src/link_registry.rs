@@ -45,6 +45,8 @@ pub struct Links {
     next_generation: AtomicU64,
     /// Routers whose live link was replaced recently; only those have an entry.
     replaced: Mutex<HashMap<Uuid, Replacements>>,
+    /// Woken whenever a link leaves (a drain waits for them).
+    shrunk: tokio::sync::Notify,
 }
 
 /// Replacements within this window count towards a suspected duplicate identity.
@@ -170,6 +172,7 @@ impl Links {
         let mut map = self.map.locked();
         if map.get(&router).is_some_and(|e| e.generation == generation) {
             map.remove(&router);
+            self.shrunk.notify_waiters();
             true
         } else {
             false
@@ -179,6 +182,7 @@ impl Links {
     /// Closes and removes a router's link at once (revocation, shutdown).
     pub fn close(&self, router: Uuid) -> bool {
         let entry = self.map.locked().remove(&router);
+        self.shrunk.notify_waiters();
         match entry {
             Some(mut e) => {
                 if let Some(close) = e.close.take() {
@@ -196,6 +200,7 @@ impl Links {
     /// fire once they had their time.
     pub fn supersede(&self, router: Uuid) -> Option<(u64, oneshot::Sender<()>)> {
         let mut e = self.map.locked().remove(&router)?;
+        self.shrunk.notify_waiters();
         Some((e.generation, e.close.take()?))
     }
 
@@ -206,6 +211,7 @@ impl Links {
 
     pub fn close_all(&self) {
         let drained: Vec<Entry> = self.map.locked().drain().map(|(_, e)| e).collect();
+        self.shrunk.notify_waiters();
         for mut e in drained {
             if let Some(close) = e.close.take() {
                 let _ = close.send(());
@@ -242,6 +248,20 @@ impl Links {
 
     pub fn len(&self) -> usize {
         self.map.locked().len()
+    }
+
+    /// Every usable link's handle, to tell them all something (a drain).
+    pub fn live_senders(&self) -> Vec<LinkSender> {
+        let map = self.map.locked();
+        map.values()
+            .filter(|e| !e.sender.health.is_gone())
+            .map(|e| e.sender.clone())
+            .collect()
+    }
+
+    /// Resolves after a link leaves, if awaited (or `enable`d) before it left.
+    pub fn shrunk(&self) -> tokio::sync::futures::Notified<'_> {
+        self.shrunk.notified()
     }
 
     pub fn is_empty(&self) -> bool {

@@ -47,6 +47,7 @@ pub fn scrape(state: &AppState) -> String {
     if let Some(c) = &state.cluster {
         c.metrics.render(&mut out, c.peers.connected());
     }
+    crate::drain::render(&state.drain, &mut out);
     out
 }
 

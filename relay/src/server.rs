@@ -1,8 +1,10 @@
 //! The shared port: accept TCP, refuse what the connection caps do not allow, finish
 //! TLS and read the first request head within one deadline, then serve HTTP/2 (web
 //! clients, chosen by ALPN `h2`) or HTTP/1.1 with upgrades (agent links, everything
-//! else) through one dispatcher. Shutdown stops accepting, closes links and waits
-//! for in-flight calls up to the grace period.
+//! else) through one dispatcher. Shutdown first drains (`drain`: the port stays
+//! open, `/health` says draining, links are told to go elsewhere) until the links
+//! that can move are gone or `timeouts.drain` passes; then it stops accepting,
+//! closes the links left and waits for in-flight calls up to the grace period.
 //!
 //! The protocol comes from ALPN, never from sniffing the first bytes, so no phase
 //! of a connection waits for a byte without a deadline.
@@ -30,6 +32,9 @@ use crate::conn_activity::{Activity, ActivityWatch, Tracked};
 use crate::peer_limits::{ConnAuth, LogThrottle, UnauthenticatedPerAddress};
 use crate::state::AppState;
 
+/// How often the shutdown looks whether forwarded calls are done (no event tells).
+const CALLS_POLL: Duration = Duration::from_millis(20);
+
 /// At most one "limit reached" line per reason and period, however hard the flood.
 const LIMIT_LOG_EVERY: Duration = Duration::from_secs(1);
 
@@ -47,7 +52,15 @@ pub async fn serve(
     let (stop_tx, stop_rx) = watch::channel(false);
     // Every connection task holds a clone; when all are dropped, the drain is done.
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
-    tokio::pin!(shutdown);
+    // Polled beside `accept`: while it drains, the node still takes connections
+    // (API calls, and link upgrades to refuse with RELAY_DRAINING).
+    let drained = async {
+        shutdown.await;
+        state.drain.start();
+        tracing::info!("shutdown requested: draining");
+        crate::drain::links(&state.links, &state.drain, state.config.timeouts.drain).await;
+    };
+    tokio::pin!(drained);
     loop {
         let (tcp, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -63,7 +76,7 @@ pub async fn serve(
                     continue;
                 }
             },
-            _ = &mut shutdown => break,
+            _ = &mut drained => break,
         };
         // The deadline counts from here: TLS and the first request share it.
         let deadline = Instant::now() + state.config.timeouts.handshake;
@@ -183,12 +196,32 @@ pub async fn serve(
             .instrument(span),
         );
     }
+    // Links that stayed (no other relay, an old agent, the deadline) may still
+    // carry calls: they get the grace period before their links close.
+    let grace = state.config.timeouts.shutdown_grace;
+    let waiting = std::time::Instant::now();
+    let had_calls = !state.call_slots.is_idle();
+    let calls_done = async {
+        while !state.call_slots.is_idle() {
+            tokio::time::sleep(CALLS_POLL).await;
+        }
+    };
+    if tokio::time::timeout(grace, calls_done).await.is_err() {
+        tracing::warn!(
+            ?grace,
+            "forwarded calls still in flight after the grace period; cut"
+        );
+    } else if had_calls {
+        tracing::info!(
+            waited_ms = waiting.elapsed().as_millis() as u64,
+            "forwarded calls in flight have finished"
+        );
+    }
     tracing::info!("shutting down: no new connections");
     drop(listener);
     state.links.close_all();
     let _ = stop_tx.send(true);
     drop(done_tx);
-    let grace = state.config.timeouts.shutdown_grace;
     if tokio::time::timeout(grace, done_rx.recv()).await.is_err() {
         tracing::warn!(?grace, "connections still open after the grace period");
     }

@@ -14,6 +14,7 @@ use crate::auth::RouterMeta;
 use crate::capacity::{Capacity, Plan};
 use crate::cluster::Cluster;
 use crate::config::Config;
+use crate::drain::Drain;
 use crate::error::ApiError;
 use crate::inflight::{AnswerBudget, CallSlots};
 use crate::link_registry::Links;
@@ -85,6 +86,8 @@ pub struct AppState {
     /// Cluster mode (issue 16): Redis, the link directory and the peers; `None` on
     /// a single node.
     pub cluster: Option<Arc<Cluster>>,
+    /// Whether the node drains (SIGTERM) and what the drain did (issue 16 item 5).
+    pub drain: Drain,
 }
 
 impl AppState {
@@ -150,6 +153,7 @@ impl AppState {
             fingerprint,
             clock,
             cluster,
+            drain: Drain::default(),
         })
     }
 

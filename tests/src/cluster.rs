@@ -117,6 +117,24 @@ impl ClusterRig {
         Ok(())
     }
 
+    /// Node `i` stopped as a deploy stops it (SIGTERM: it drains), waited for, and
+    /// started again on its address; returns how long the drain took.
+    pub async fn rolling_restart(&mut self, i: usize) -> anyhow::Result<Duration> {
+        let addr = self.nodes[i].addr;
+        let t = std::time::Instant::now();
+        self.nodes[i].sigterm()?;
+        let status = self.nodes[i].wait_exit(Duration::from_secs(60)).await?;
+        if !status.success() {
+            bail!(
+                "node-{i} exited with {status} after SIGTERM:\n{}",
+                self.nodes[i].log()
+            );
+        }
+        let drained = t.elapsed();
+        self.nodes[i] = self.spawn_node(i, addr).await?;
+        Ok(drained)
+    }
+
     /// A router created through node `via` and enrolled there.
     pub async fn enrolled_router(&self, via: usize, owner: &str) -> anyhow::Result<EnrolledRouter> {
         self.nodes[via].enrolled_router(owner).await

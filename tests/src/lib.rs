@@ -276,6 +276,30 @@ impl Relay {
         terminate(&mut c).await
     }
 
+    /// Sends SIGTERM and returns at once: the relay drains first, which takes a
+    /// while; [`Relay::wait_exit`] waits for the end.
+    pub fn sigterm(&self) -> anyhow::Result<()> {
+        let pid = self.pid().context("relay not running")?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )?;
+        Ok(())
+    }
+
+    /// Waits up to `within` for the relay to exit; its status.
+    pub async fn wait_exit(
+        &mut self,
+        within: Duration,
+    ) -> anyhow::Result<std::process::ExitStatus> {
+        let c = self.child.as_mut().context("relay not running")?;
+        let status = tokio::time::timeout(within, c.wait())
+            .await
+            .map_err(|_| anyhow!("relay still running {within:?} after the wait began"))??;
+        self.child = None;
+        Ok(status)
+    }
+
     /// Another relay of the same deployment on its own address: a copy of this
     /// one's data directory (registry and TLS identity) and config file, taken now.
     /// Stop this relay first (`terminate`) so the copy of its database is whole.

@@ -397,3 +397,128 @@ async fn without_redis_every_call_is_refused_and_the_cluster_recovers() {
     let r = s.get("/api/groups").await;
     assert_eq!(r.code(), "SESSION_INVALID", "{}", r.body);
 }
+
+/// A load balancer as the test drives it: calls go round the nodes in service; a
+/// node is taken out before it is stopped (as a balancer does once `/health` says
+/// draining) and put back once it is up again.
+struct Balancer {
+    nodes: Vec<tokio::sync::RwLock<Option<netpilot_tests::Client>>>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+impl Balancer {
+    async fn pick(&self) -> netpilot_tests::Client {
+        loop {
+            let k = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if let Some(c) = &*self.nodes[k % self.nodes.len()].read().await {
+                return c.clone();
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn restarting_every_node_one_after_another_fails_no_call() {
+    let owners = ["alice"; 6];
+    let (mut rig, routers) = ClusterRig::start(
+        3,
+        "[timeouts]\ndrain = \"15s\"\nping_interval = \"500ms\"\ndead_after = \"2s\"\n",
+        &owners,
+    )
+    .await
+    .unwrap();
+    // Router k prefers node k % 3: every node holds links when it restarts.
+    let mut agents = Vec::new();
+    for (k, r) in routers.iter().enumerate() {
+        agents.push(rig.agent(r, k % 3).await.unwrap());
+    }
+    for (k, r) in routers.iter().enumerate() {
+        rig.wait_holder(0, &r.router_id, Some(k % 3), Duration::from_secs(15))
+            .await
+            .unwrap();
+    }
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        clients.push(tokio::sync::RwLock::new(Some(rig.client(i).await.unwrap())));
+    }
+    let lb = std::sync::Arc::new(Balancer {
+        nodes: clients,
+        next: Default::default(),
+    });
+    let sid = session_id();
+    let r = lb
+        .pick()
+        .await
+        .post(
+            "/api/session/start",
+            json!({"sessionId": sid, "userId": "alice"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+
+    // Steady load: 6 callers, each on every router in turn, through the balancer.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut callers = tokio::task::JoinSet::new();
+    for w in 0..6usize {
+        let (lb, stop, sid) = (lb.clone(), stop.clone(), sid.clone());
+        let ids: Vec<String> = routers.iter().map(|r| r.router_id.clone()).collect();
+        callers.spawn(async move {
+            let (mut ok, mut failed) = (0usize, Vec::new());
+            let mut k = w;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                k += 1;
+                let s = Session {
+                    client: lb.pick().await,
+                    id: sid.clone(),
+                    router_id: ids[k % ids.len()].clone(),
+                };
+                let r = s.get("/api/groups").await;
+                if r.status == 200 {
+                    ok += 1;
+                } else {
+                    failed.push(format!("{} {}", r.status, r.body));
+                }
+            }
+            (ok, failed)
+        });
+    }
+
+    // Every node, one after another: out of the balancer, SIGTERM, drained and
+    // exited, started again, back in.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for i in 0..3 {
+        *lb.nodes[i].write().await = None;
+        let drained = rig.rolling_restart(i).await.unwrap();
+        println!("node-{i} drained and exited in {drained:?}");
+        *lb.nodes[i].write().await = Some(rig.client(i).await.unwrap());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut ok, mut failed) = (0, Vec::new());
+    while let Some(r) = callers.join_next().await {
+        let (o, f) = r.unwrap();
+        ok += o;
+        failed.extend(f);
+    }
+    println!(
+        "{ok} calls answered 200 during the rolling restart, {} failed",
+        failed.len()
+    );
+    assert!(ok > 100, "too few calls to prove anything: {ok}");
+    assert!(
+        failed.is_empty(),
+        "{} calls failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    // Every router is still reachable, wherever it went.
+    for r in &routers {
+        let s = Session {
+            client: rig.client(0).await.unwrap(),
+            id: sid.clone(),
+            router_id: r.router_id.clone(),
+        };
+        assert_eq!(s.get("/api/groups").await.status, 200);
+    }
+}

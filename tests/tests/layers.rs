@@ -539,6 +539,7 @@ const RELAY_LAYERS: &[(&str, &[&str])] = &[
             "link_health",
             "capacity",
             "link_registry",
+            "drain",
             "recent_reports",
             "speedtest_slots",
             "inflight",

@@ -80,10 +80,15 @@ pub enum Attempt {
     Lost { lasted: Duration },
     /// The dial or the upgrade failed: this relay is down, refusing, or unreachable.
     Failed,
+    /// The relay refused the link (`LINKS_BUSY` with `Retry-After`, or
+    /// `RELAY_DRAINING`): the next relay at once; a round refused throughout waits
+    /// at least the longest `Retry-After` (at most the backoff cap).
+    Refused { retry_after: Duration },
     /// The link was dropped on purpose (the WAN came back, `reconnect`): same relay,
     /// at once.
     Redial,
-    /// The relay said to go elsewhere (it is draining): the next relay, at once.
+    /// The link's relay drained and no other relay took the link while it did: the
+    /// next relay at once, the drained one last.
     GoElsewhere,
 }
 
@@ -98,6 +103,8 @@ pub struct Retry {
     current: usize,
     /// Relays that failed in a row since the last link or full round.
     failed: usize,
+    /// The longest `Retry-After` of this round's refusals.
+    retry_after: Duration,
 }
 
 impl Retry {
@@ -107,7 +114,15 @@ impl Retry {
             relays: relays.max(1),
             current: 0,
             failed: 0,
+            retry_after: Duration::ZERO,
         }
+    }
+
+    /// The link moved to relay `i` while up (a drain): stay there from now on.
+    pub fn moved_to(&mut self, i: usize) {
+        self.current = i % self.relays;
+        self.failed = 0;
+        self.retry_after = Duration::ZERO;
     }
 
     /// The index of the relay to dial next.
@@ -122,6 +137,7 @@ impl Retry {
             Attempt::Lost { lasted } => {
                 self.backoff.link_ended(lasted);
                 self.failed = 0;
+                self.retry_after = Duration::ZERO;
                 // Every router of a lost relay gets here in the same instant: spread
                 // them, and never wait less than a flapping link's backoff.
                 let spread = self.backoff.config.reconnect_spread;
@@ -132,19 +148,26 @@ impl Retry {
             Attempt::Redial => Duration::ZERO,
             Attempt::GoElsewhere => {
                 self.failed = 1;
+                self.retry_after = Duration::ZERO;
                 self.rotate();
                 Duration::ZERO
             }
-            Attempt::Failed => {
-                self.failed += 1;
-                self.rotate();
-                if self.failed < self.relays {
-                    return Duration::ZERO;
-                }
-                self.failed = 0;
-                self.backoff.next_delay(r)
-            }
+            Attempt::Failed => self.refused(Duration::ZERO, r),
+            Attempt::Refused { retry_after } => self.refused(retry_after, r),
         }
+    }
+
+    fn refused(&mut self, retry_after: Duration, r: f64) -> Duration {
+        let cap = self.backoff.config.cap;
+        self.retry_after = self.retry_after.max(retry_after.min(cap));
+        self.failed += 1;
+        self.rotate();
+        if self.failed < self.relays {
+            return Duration::ZERO;
+        }
+        self.failed = 0;
+        let wait = std::mem::take(&mut self.retry_after);
+        self.backoff.next_delay(r).max(wait)
     }
 
     fn rotate(&mut self) {
@@ -322,6 +345,56 @@ mod tests {
         let mut one = Retry::new(spread(30), 1);
         assert_eq!(one.after(Attempt::GoElsewhere, 0.9), Duration::ZERO);
         assert!(one.after(Attempt::Failed, 0.9) > Duration::ZERO);
+    }
+
+    #[test]
+    fn refusals_move_on_at_once_and_a_refused_round_waits_the_longest_retry_after() {
+        let mut r = Retry::new(spread(30), 3);
+        let busy = |s| Attempt::Refused { retry_after: s * S };
+        assert_eq!(r.after(busy(2), 0.1), Duration::ZERO);
+        assert_eq!(r.current(), 1);
+        // Draining: no Retry-After, still the next relay at once.
+        assert_eq!(r.after(busy(0), 0.1), Duration::ZERO);
+        assert_eq!(r.current(), 2);
+        // Every relay refused: at least the longest Retry-After (2 s), though the
+        // backoff alone would be 0.1 s.
+        assert_eq!(r.after(busy(1), 0.1), 2 * S);
+        assert_eq!(r.current(), 0);
+        // The wait is the round's: the next round starts from nothing.
+        assert_eq!(r.after(Attempt::Failed, 0.1), Duration::ZERO);
+        assert_eq!(r.after(Attempt::Failed, 0.1), Duration::ZERO);
+        assert!(r.after(Attempt::Failed, 0.1) < S);
+        // A relay asking for an hour gets the backoff cap (60 s).
+        let mut one = Retry::new(spread(30), 1);
+        assert_eq!(one.after(busy(3600), 0.1), 60 * S);
+        // A backoff longer than Retry-After wins.
+        let mut one = Retry::new(spread(30), 1);
+        for _ in 0..6 {
+            one.after(Attempt::Failed, 0.5);
+        }
+        assert_eq!(one.after(busy(2), 0.5), 30 * S);
+    }
+
+    #[test]
+    fn two_draining_relays_cannot_make_a_busy_loop() {
+        let mut r = Retry::new(spread(30), 2);
+        let draining = Attempt::Refused {
+            retry_after: Duration::ZERO,
+        };
+        assert_eq!(r.after(draining, 0.5), Duration::ZERO);
+        assert!(r.after(draining, 0.5) > Duration::ZERO);
+    }
+
+    #[test]
+    fn a_link_moved_by_a_drain_stays_on_its_new_relay() {
+        let mut r = Retry::new(spread(30), 3);
+        r.after(Attempt::Refused { retry_after: 5 * S }, 0.5);
+        r.moved_to(2);
+        assert_eq!(r.current(), 2);
+        // The move started a new round: the earlier refusal is forgotten.
+        assert_eq!(r.after(Attempt::Failed, 0.1), Duration::ZERO);
+        assert_eq!(r.after(Attempt::Failed, 0.1), Duration::ZERO);
+        assert!(r.after(Attempt::Failed, 0.1) < S);
     }
 
     #[test]

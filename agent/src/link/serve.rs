@@ -2,8 +2,14 @@
 //! `GET /agent/v1/connect` with the router secret, and on `101` be the HTTP/2 server
 //! on the upgraded stream, handing every call to the handler it was given (the
 //! agent API). Reconnects forever until shutdown, over the relay list as
-//! `backoff::Retry` decides (next relay at once on a failure, sticky on success, the
-//! first retry after a lost link spread out, backoff with full jitter per round).
+//! `backoff::Retry` decides (next relay at once on a failure or a refusal, sticky on
+//! success, the first retry after a lost link spread out, backoff with full jitter
+//! per round, at least the relays' `Retry-After` after a round of refusals).
+//!
+//! A draining relay sends `POST` [`DRAIN_PATH`] on the link: the agent makes before
+//! it breaks, dialling its other relays at once while the old link keeps serving,
+//! and closes the old link gracefully (calls in flight finish) only once a new one
+//! is up. When none answers it stays until the draining relay closes the link.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -17,7 +23,7 @@ use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use netpilot_proto::link::{
-    CONNECT_PATH, HEADER_AGENT_VERSION, HEADER_ROUTER_ID, UPGRADE_PROTOCOL,
+    CONNECT_PATH, DRAIN_PATH, HEADER_AGENT_VERSION, HEADER_ROUTER_ID, UPGRADE_PROTOCOL,
 };
 use rustls::ClientConfig;
 
@@ -102,6 +108,8 @@ pub enum LinkError {
         status: StatusCode,
         code: String,
         message: String,
+        /// The answer's `Retry-After`, in seconds.
+        retry_after: u64,
     },
     /// The upgrade itself failed after `101`.
     #[error("upgrade failed: {0}")]
@@ -115,7 +123,7 @@ pub async fn run<B>(
     status: Arc<LinkStatus>,
     mut shutdown: Shutdown,
 ) where
-    B: hyper::body::Body + Send + 'static,
+    B: hyper::body::Body + Default + Send + 'static,
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
@@ -142,11 +150,19 @@ pub async fn run<B>(
         )
         .await
         {
-            Ok((Ended::Redial, _)) => Attempt::Redial,
-            Ok((Ended::Closed, up)) => {
-                tracing::info!("link ended");
-                Attempt::Lost {
-                    lasted: up.elapsed(),
+            Ok((ended, up, now)) => {
+                if now != relay {
+                    retry.moved_to(now);
+                }
+                match ended {
+                    Ended::Redial => Attempt::Redial,
+                    Ended::Drained => Attempt::GoElsewhere,
+                    Ended::Closed => {
+                        tracing::info!("link ended");
+                        Attempt::Lost {
+                            lasted: up.elapsed(),
+                        }
+                    }
                 }
             }
             Err(e) => {
@@ -156,7 +172,14 @@ pub async fn run<B>(
                     tracing::warn!(error = %e, "link failed");
                 }
                 status.update(|l| l.last_error = Some(e.to_string()));
-                Attempt::Failed
+                match e {
+                    LinkError::Refused {
+                        code, retry_after, ..
+                    } if code == "LINKS_BUSY" || code == "RELAY_DRAINING" => Attempt::Refused {
+                        retry_after: Duration::from_secs(retry_after),
+                    },
+                    _ => Attempt::Failed,
+                }
             }
         };
         status.update(|l| l.connected_since = None);
@@ -190,22 +213,136 @@ enum Ended {
     Closed,
     /// Dropped because a redial was asked for: dial again at once.
     Redial,
+    /// Its relay drained and no other relay took the link meanwhile.
+    Drained,
 }
 
-/// One link to relay `relay`, from dial to its end (lost, redial, or shutdown), and
-/// when it came up.
+/// Links from relay `relay` on, from the first dial to the end of the last (lost,
+/// redial, shutdown, drained), when that one came up and the relay it was on: a
+/// drain moves the link to another relay of the list without leaving this.
 async fn connect_and_serve<B>(
     config: &LinkConfig,
-    relay: usize,
+    mut relay: usize,
     handler: impl Handler<B>,
     status: &LinkStatus,
     shutdown: &mut Shutdown,
-) -> Result<(Ended, Instant), LinkError>
+) -> Result<(Ended, Instant, usize), LinkError>
 where
-    B: hyper::body::Body + Send + 'static,
+    B: hyper::body::Body + Default + Send + 'static,
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    let others = config.relays.len() > 1;
+    let builder = h2_server(config);
+    // One link: its connection runs in a task (the old one serves on beside the new
+    // one during a move) that closes it gracefully, calls in flight finishing, when
+    // `close` is dropped; `drain` wakes when its relay sends the drain message. An
+    // agent with one relay answers that it stays, and is not woken: it has nowhere
+    // to go.
+    let serve = |upgraded| {
+        let drain = Arc::new(tokio::sync::Notify::new());
+        let wake = drain.clone();
+        let handler = handler.clone();
+        let svc = service_fn(move |req: Request<Incoming>| {
+            let handler = handler.clone();
+            let wake = wake.clone();
+            async move {
+                if req.uri().path() != DRAIN_PATH {
+                    return handler(req).await;
+                }
+                let mut resp = Response::new(B::default());
+                *resp.status_mut() = if others {
+                    wake.notify_one();
+                    StatusCode::ACCEPTED
+                } else {
+                    StatusCode::CONFLICT
+                };
+                Ok(resp)
+            }
+        });
+        let conn = builder.serve_connection(upgraded, svc);
+        let (close, closed) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let mut conn = std::pin::pin!(conn);
+            let r = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = closed => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = r {
+                tracing::info!(error = %e, "link lost");
+            }
+        });
+        (task, close, drain)
+    };
+    let (mut task, mut close, mut drain) = serve(open(config, relay).await?);
+    loop {
+        status.update(|l| {
+            l.connected_since = Some(SystemTime::now());
+            l.connects += 1;
+            l.last_error = None;
+        });
+        tracing::info!(relay = %config.relays.get(relay).authority, "link up");
+        let up = Instant::now();
+        tokio::select! {
+            _ = &mut task => return Ok((Ended::Closed, up, relay)),
+            // Dropped without a goodbye: the link this is asked on is likely dead.
+            _ = status.redial.notified() => {
+                tracing::info!("redial asked for; dropping the link");
+                task.abort();
+                return Ok((Ended::Redial, up, relay));
+            }
+            _ = shutdown::stopped(shutdown) => {
+                drop(close);
+                let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+                return Ok((Ended::Closed, up, relay));
+            }
+            _ = drain.notified() => {}
+        }
+        tracing::info!("relay draining: dialling the next relay before leaving this one");
+        let moved = tokio::select! {
+            m = open_elsewhere(config, relay) => m,
+            _ = shutdown::stopped(shutdown) => None,
+        };
+        let Some((next, upgraded)) = moved else {
+            tracing::warn!("no other relay took the link; staying on the draining one");
+            tokio::select! {
+                _ = &mut task => {}
+                _ = status.redial.notified() => task.abort(),
+                _ = shutdown::stopped(shutdown) => {
+                    drop(close);
+                    let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+                }
+            }
+            return Ok((Ended::Drained, up, relay));
+        };
+        // The new link is up: the old one closes gracefully in its task.
+        relay = next;
+        config.relays.set_current(relay);
+        (task, close, drain) = serve(upgraded);
+    }
+}
+
+/// A link to the first relay after `from` in the list that takes one.
+async fn open_elsewhere(
+    config: &LinkConfig,
+    from: usize,
+) -> Option<(usize, hyper::upgrade::Upgraded)> {
+    let n = config.relays.len();
+    for k in 1..n {
+        let i = (from + k) % n;
+        match open(config, i).await {
+            Ok(u) => return Some((i, u)),
+            Err(e) => tracing::warn!(error = %e, "the next relay did not take the link"),
+        }
+    }
+    None
+}
+
+/// Dials relay `relay` and upgrades to the link protocol.
+async fn open(config: &LinkConfig, relay: usize) -> Result<hyper::upgrade::Upgraded, LinkError> {
     let addr = config.relays.get(relay);
     let tls = config
         .relays
@@ -235,11 +372,18 @@ where
                 status: StatusCode::REQUEST_TIMEOUT,
                 code: "TIMEOUT".into(),
                 message: "no answer to the connect request".into(),
+                retry_after: 0,
             });
         }
     };
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         let status = resp.status();
+        let retry_after = resp
+            .headers()
+            .get(hyper::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
         let body = Limited::new(resp.into_body(), 16 * 1024)
             .collect()
             .await
@@ -251,36 +395,10 @@ where
             status,
             code,
             message,
+            retry_after,
         });
     }
-    let upgraded = hyper::upgrade::on(resp).await.map_err(LinkError::Upgrade)?;
-
-    let conn = h2_server(config).serve_connection(upgraded, service_fn(handler));
-    status.update(|l| {
-        l.connected_since = Some(SystemTime::now());
-        l.connects += 1;
-        l.last_error = None;
-    });
-    tracing::info!(relay = %addr.authority, "link up");
-    let up = Instant::now();
-    let mut conn = Box::pin(conn);
-    tokio::select! {
-        r = conn.as_mut() => {
-            if let Err(e) = r {
-                tracing::info!(error = %e, "link lost");
-            }
-        }
-        // Dropped without a goodbye: the link this is asked on is likely dead.
-        _ = status.redial.notified() => {
-            tracing::info!("redial asked for; dropping the link");
-            return Ok((Ended::Redial, up));
-        }
-        _ = shutdown::stopped(shutdown) => {
-            conn.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(Duration::from_secs(2), conn).await;
-        }
-    }
-    Ok((Ended::Closed, up))
+    hyper::upgrade::on(resp).await.map_err(LinkError::Upgrade)
 }
 
 /// What the relay may send on one stream before the agent reads it. Small, so the

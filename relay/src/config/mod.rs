@@ -65,8 +65,11 @@ pub struct Timeouts {
     /// long an idle HTTP/1.1 keep-alive connection stays. Cuts slow-loris and
     /// connections that never speak.
     pub handshake: Duration,
-    /// How long to wait for in-flight calls on shutdown.
+    /// How long to wait for in-flight calls on shutdown, once the drain is over.
     pub shutdown_grace: Duration,
+    /// Drain on SIGTERM: how long the node keeps serving while it tells its agent
+    /// links to go elsewhere, before it cuts the links left and shuts down.
+    pub drain: Duration,
     // --- Hardening: connections (issue 15) ---
     /// An HTTP/2 client connection with no call in flight this long is closed
     /// (GOAWAY). Agent links are not client connections and keep their PING rule.
@@ -92,6 +95,7 @@ impl Default for Timeouts {
             dead_after: Duration::from_secs(60),
             handshake: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(5),
+            drain: Duration::from_secs(30),
             h2_idle: Duration::from_secs(60),
             body: Duration::from_secs(10),
             // Silent links (issue 16 item 8).
@@ -219,6 +223,7 @@ struct FileTimeouts {
     dead_after: Option<String>,
     handshake: Option<String>,
     shutdown_grace: Option<String>,
+    drain: Option<String>,
     // Hardening: connections (issue 15).
     h2_idle: Option<String>,
     body: Option<String>,
@@ -347,6 +352,7 @@ impl Config {
                 t.shutdown_grace,
                 d.shutdown_grace,
             )?,
+            drain: duration("timeouts.drain", t.drain, d.drain)?,
             h2_idle: duration("timeouts.h2_idle", t.h2_idle, d.h2_idle)?,
             body: duration("timeouts.body", t.body, d.body)?,
             // Silent links (issue 16 item 8).
