@@ -49,7 +49,7 @@ impl ClusterRig {
         let postgres_url = postgres.create_database("netpilot").await?;
         // The certificate and the routers: made by a single relay, as a deployment
         // that grows into a cluster has them; its registry is what the nodes share.
-        let mut maker = Relay::start(RelayOptions::default()).await?;
+        let mut maker = Relay::start_single(RelayOptions::default()).await?;
         let mut routers = Vec::new();
         for owner in owners {
             routers.push(maker.enrolled_router(owner).await?);
@@ -102,6 +102,16 @@ impl ClusterRig {
         Relay::spawn(dir, data_dir, config_file, listen, Launch::default())
             .await
             .with_context(|| format!("cannot start node-{i}"))
+    }
+
+    /// The cluster topology of [`crate::TOPOLOGY_ENV`]: two nodes, with no router
+    /// yet; node 0 answers the test, node 1 takes its agents.
+    pub async fn as_relay(extra: &str) -> anyhow::Result<Relay> {
+        let (mut rig, _) = ClusterRig::start(2, extra, &[]).await?;
+        let mut node = rig.nodes.remove(0);
+        node.agent_url = Some(rig.nodes[0].url());
+        node._cluster = Some(Arc::new(rig));
+        Ok(node)
     }
 
     /// Node `i` killed with SIGKILL (no goodbye: its presence expires on its own).

@@ -98,7 +98,18 @@ pub struct Relay {
     config_file: PathBuf,
     launch: Launch,
     _dir: Arc<tempfile::TempDir>,
+    /// The cluster topology (`NETPILOT_TEST_RELAY=cluster`): where agents enroll
+    /// and link (another node than this one), and the rest of the cluster, kept
+    /// alive with this node.
+    agent_url: Option<String>,
+    _cluster: Option<Arc<cluster::ClusterRig>>,
 }
+
+/// `NETPILOT_TEST_RELAY=cluster`: [`Relay::start`] starts a two-node cluster (on
+/// its own Redis and PostgreSQL) instead of one relay; the tests talk to one node
+/// and their agents link to the other, so every call crosses nodes. `tests/run`
+/// runs the session and routing tests this way too.
+pub const TOPOLOGY_ENV: &str = "NETPILOT_TEST_RELAY";
 
 /// What [`Relay::start_with`] adds to the relay's command line and environment.
 #[derive(Default, Clone)]
@@ -117,6 +128,14 @@ pub struct RelayOptions {
 
 impl Relay {
     pub async fn start(opts: RelayOptions) -> anyhow::Result<Relay> {
+        if std::env::var(TOPOLOGY_ENV).as_deref() == Ok("cluster") {
+            return Box::pin(cluster::ClusterRig::as_relay(&opts.config)).await;
+        }
+        Self::start_single(opts).await
+    }
+
+    /// One relay, whatever the topology asked for.
+    pub async fn start_single(opts: RelayOptions) -> anyhow::Result<Relay> {
         let dir = Arc::new(tempfile::tempdir()?);
         let data_dir = dir.path().join("relay");
         let config_file = dir.path().join("relay.toml");
@@ -248,11 +267,19 @@ impl Relay {
             config_file,
             launch,
             _dir: dir,
+            agent_url: None,
+            _cluster: None,
         })
     }
 
     pub fn url(&self) -> String {
         format!("https://{}", self.addr)
+    }
+
+    /// Where agents of this relay enroll and link: the relay itself, or (cluster
+    /// topology) another node of its cluster.
+    pub fn agent_url(&self) -> String {
+        self.agent_url.clone().unwrap_or_else(|| self.url())
     }
 
     pub fn log(&self) -> String {
@@ -368,7 +395,7 @@ impl Relay {
         let (router_id, token) = self.create_router(owner, "test router").await?;
         let dir = Arc::new(tempfile::tempdir()?);
         let state_dir = dir.path().join("state");
-        let out = enroll(&self.url(), &token, &self.fingerprint, &state_dir).await?;
+        let out = enroll(&self.agent_url(), &token, &self.fingerprint, &state_dir).await?;
         if !out.status.success() {
             bail!("enroll failed: {}", String::from_utf8_lossy(&out.stderr));
         }
