@@ -189,6 +189,9 @@ error_codes! {
         /// connections or its rate of link upgrades; the agent backs off and dials
         /// again later (`Retry-After` says when) (relay).
         LinksBusy = "LINKS_BUSY" => 503,
+        /// The router registry (PostgreSQL, in a cluster) cannot be reached or did
+        /// not answer in time; nothing changed, try again shortly (relay).
+        RegistryUnavailable = "REGISTRY_UNAVAILABLE" => 503,
     }
 }
 
@@ -217,6 +220,7 @@ impl ErrorCode {
                 | ErrorCode::RouterBusy
                 | ErrorCode::RelayBusy
                 | ErrorCode::LinksBusy
+                | ErrorCode::RegistryUnavailable
                 | ErrorCode::BadAgentResponse
                 | ErrorCode::BodyTimeout
                 | ErrorCode::HeadersTooLarge

@@ -16,8 +16,8 @@ use crate::auth;
 use crate::error::ApiError;
 use crate::http::{self, only, Args, Body, Ctx};
 use crate::recent_reports::StoredReport;
+use crate::registry::RouterRow;
 use crate::state::AppState;
-use crate::store::RouterRow;
 use crate::sync::ReadWrite;
 
 pub async fn dispatch(
@@ -30,7 +30,7 @@ pub async fn dispatch(
     match segments.as_slice() {
         [] | [""] => match *req.method() {
             Method::POST => create(state, req, ctx).await,
-            Method::GET => list(state, &req, ctx),
+            Method::GET => list(state, &req, ctx).await,
             _ => Err(ApiError::MethodNotAllowed("GET, POST".into())),
         },
         [id] => {
@@ -38,20 +38,22 @@ pub async fn dispatch(
             match *req.method() {
                 Method::GET => {
                     let row = state
-                        .with_store(|s| s.router(id))?
+                        .registry
+                        .router(id)
+                        .await?
                         .ok_or_else(|| ApiError::RouterNotFound(id.to_string()))?;
                     let mut one = view(state, &row);
                     one.recent_reports = Some(state.reports.recent(id));
                     Ok(http::ok(StatusCode::OK, one, ctx))
                 }
-                Method::DELETE => revoke(state, id, ctx),
+                Method::DELETE => revoke(state, id, ctx).await,
                 _ => Err(ApiError::MethodNotAllowed("GET, DELETE".into())),
             }
         }
         [id, "token"] => {
             only(&req, &[Method::POST])?;
             let id = parse_id(id)?;
-            new_token(state, id, ctx)
+            new_token(state, id, ctx).await
         }
         _ => Err(ApiError::NotFound(format!("/api/admin/routers{rest}"))),
     }
@@ -79,8 +81,9 @@ async fn create(
     let token = auth::random_hex32()?;
     let now = state.clock.now_ms();
     let expires_at = now + state.config.enrollment_token_ttl.as_millis() as i64;
-    let row = state.with_store(|s| {
-        s.create_router(
+    let row = state
+        .registry
+        .create_router(
             id,
             &name,
             &owner,
@@ -88,8 +91,8 @@ async fn create(
             expires_at,
             now,
         )
-    })?;
-    state.cache_router(&row);
+        .await?;
+    state.router_changed(&row);
     tracing::info!(router_id = %id, owner_user_id = %owner, "router created");
     let created = Created {
         router: view(state, &row),
@@ -108,7 +111,7 @@ pub const MAX_PAGE: usize = 5000;
 /// One page of routers, oldest first. `limit` (1-5000, default 500) and `cursor`
 /// (the `next_cursor` of the page before); `total` and `online` count every
 /// router of the filter, not only this page's.
-fn list(
+async fn list(
     state: &Arc<AppState>,
     req: &Request<Incoming>,
     ctx: &Ctx,
@@ -125,7 +128,7 @@ fn list(
     let limit = page_limit(args.get("limit"))?;
     let after = match args.opt_uuid("cursor")? {
         Some(id) => {
-            let row = state.with_store(|s| s.router(id))?.ok_or_else(|| {
+            let row = state.registry.router(id).await?.ok_or_else(|| {
                 ApiError::InvalidParameter(format!(
                     "cursor {id} is not a router: pass the next_cursor of the page before"
                 ))
@@ -135,7 +138,10 @@ fn list(
         None => None,
     };
     // One more than the page, to know whether another page follows.
-    let mut rows = state.with_store(|s| s.routers_page(owner.as_deref(), after, limit + 1))?;
+    let mut rows = state
+        .registry
+        .routers_page(owner.as_deref(), after, limit + 1)
+        .await?;
     let next_cursor = if rows.len() > limit {
         rows.truncate(limit);
         rows.last().map(|r| r.id)
@@ -191,15 +197,17 @@ fn counts(state: &AppState, owner: Option<&str>) -> (usize, usize) {
     (total, online)
 }
 
-fn revoke(state: &Arc<AppState>, id: Uuid, ctx: &Ctx) -> Result<Response<Body>, ApiError> {
+async fn revoke(state: &Arc<AppState>, id: Uuid, ctx: &Ctx) -> Result<Response<Body>, ApiError> {
     let now = state.clock.now_ms();
     let row = state
-        .with_store(|s| s.revoke(id, now))
-        .map_err(|e| match e {
+        .registry
+        .revoke(id, now)
+        .await
+        .map_err(|e| match ApiError::from(e) {
             ApiError::RouterNotFound(_) => ApiError::RouterNotFound(id.to_string()),
             other => other,
         })?;
-    state.cache_router(&row);
+    state.router_changed(&row);
     let was_connected = state.links.close(id);
     tracing::info!(router_id = %id, was_connected, "router revoked");
     Ok(http::ok(
@@ -209,13 +217,15 @@ fn revoke(state: &Arc<AppState>, id: Uuid, ctx: &Ctx) -> Result<Response<Body>, 
     ))
 }
 
-fn new_token(state: &Arc<AppState>, id: Uuid, ctx: &Ctx) -> Result<Response<Body>, ApiError> {
+async fn new_token(state: &Arc<AppState>, id: Uuid, ctx: &Ctx) -> Result<Response<Body>, ApiError> {
     let token = auth::random_hex32()?;
     let now = state.clock.now_ms();
     let expires_at = now + state.config.enrollment_token_ttl.as_millis() as i64;
     state
-        .with_store(|s| s.add_token(id, &auth::sha256(token.as_bytes()), expires_at))
-        .map_err(|e| match e {
+        .registry
+        .add_token(id, &auth::sha256(token.as_bytes()), expires_at)
+        .await
+        .map_err(|e| match ApiError::from(e) {
             ApiError::RouterNotFound(_) => ApiError::RouterNotFound(id.to_string()),
             other => other,
         })?;

@@ -17,7 +17,6 @@ use netpilot_proto::link::{HEADER_AGENT_VERSION, UPGRADE_PROTOCOL};
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::auth;
 use crate::capacity::LinkSlot;
 use crate::error::ApiError;
 use crate::http::{self, Body};
@@ -25,7 +24,7 @@ use crate::link_health::{LinkHealth, PingRules, Silence, Watched};
 use crate::link_registry::LinkSender;
 use crate::state::AppState;
 
-pub fn connect(
+pub async fn connect(
     state: &Arc<AppState>,
     mut req: Request<Incoming>,
     peer: SocketAddr,
@@ -52,7 +51,7 @@ pub fn connect(
         .filter(|c| c.is_ascii_graphic())
         .take(64)
         .collect();
-    let router_id = match auth::authenticate_router(&req, |id| state.router_meta(id)) {
+    let router_id = match state.authenticate_agent(&req).await {
         Ok(id) => id,
         Err(e) => {
             state.metrics.link_rejects.fetch_add(1, Ordering::Relaxed);
@@ -138,7 +137,7 @@ async fn run_link(
             );
         }
     }
-    touch(&state, router_id, Some(&version));
+    touch(&state, router_id, Some(&version)).await;
     tracing::info!("agent link up");
     // Boxed: the connection future is large and lives as long as the link.
     let conn = Box::pin(conn);
@@ -167,7 +166,7 @@ async fn run_link(
     // "offline" finds the router offline everywhere.
     state.links.remove(router_id, generation);
     health.mark_gone();
-    touch(&state, router_id, None);
+    touch(&state, router_id, None).await;
 }
 
 /// The relay's end of every link: the HTTP/2 client. Flow-control windows are
@@ -187,9 +186,9 @@ pub fn h2_client() -> h2::client::Builder {
     b
 }
 
-fn touch(state: &AppState, router_id: Uuid, version: Option<&str>) {
+async fn touch(state: &AppState, router_id: Uuid, version: Option<&str>) {
     let now = state.clock.now_ms();
-    if let Err(e) = state.with_store(|s| s.touch(router_id, now, version)) {
+    if let Err(e) = state.registry.touch(router_id, now, version).await {
         tracing::warn!(error = %e, "cannot record last-seen");
     }
 }

@@ -45,6 +45,9 @@ pub async fn handle(
                 state.metrics.record_error(code);
                 match &err {
                     ApiError::Internal(detail) => tracing::error!(%detail, "internal error"),
+                    ApiError::RegistryUnavailable(detail) => {
+                        tracing::warn!(%detail, "registry unavailable")
+                    }
                     _ if status.is_server_error() => {
                         tracing::warn!(%code, error = %err, "call failed")
                     }
@@ -96,7 +99,7 @@ async fn dispatch(
                 metrics_http::scrape(state),
             ));
         }
-        CONNECT_PATH => return agent_link::connect(state, req, peer),
+        CONNECT_PATH => return agent_link::connect(state, req, peer).await,
         ENROLL_PATH => {
             only(&req, &[Method::POST])?;
             return enroll::enroll(state, req, peer, ctx).await;

@@ -41,8 +41,11 @@ pub async fn enroll(
     let token_hash = auth::sha256(token.to_ascii_lowercase().as_bytes());
     let secret_hash = auth::sha256(secret.as_bytes());
     let now = state.clock.now_ms();
-    let row = state.with_store(|s| s.redeem_token(&token_hash, &secret_hash, now))?;
-    state.cache_router(&row);
+    let row = state
+        .registry
+        .redeem_token(&token_hash, &secret_hash, now)
+        .await?;
+    state.router_changed(&row);
     state.metrics.enrollments.fetch_add(1, Ordering::Relaxed);
     let hostname = args.label("hostname", 253).ok();
     tracing::info!(router_id = %row.id, %peer, ?hostname, "router enrolled");

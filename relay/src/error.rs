@@ -91,6 +91,10 @@ pub enum ApiError {
         reason: &'static str,
         retry_after_secs: u64,
     },
+    /// The registry (PostgreSQL, in a cluster) cannot be reached or did not answer
+    /// within `cluster.postgres_timeout`; the detail is logged, not sent.
+    #[error("the router registry is unavailable; try again shortly")]
+    RegistryUnavailable(String),
     /// Request target (path and query) over the cap.
     #[error("request target exceeds {0} bytes")]
     UriTooLong(usize),
@@ -129,6 +133,7 @@ impl ApiError {
             HeadersTooLarge(_) => ErrorCode::HeadersTooLarge,
             UriTooLong(_) => ErrorCode::UriTooLong,
             LinksBusy { .. } => ErrorCode::LinksBusy,
+            RegistryUnavailable(_) => ErrorCode::RegistryUnavailable,
         }
     }
 

@@ -1,10 +1,11 @@
 //! The relay's shared state, built once in `run` and handed to every handler: config,
-//! registry (SQLite plus an in-memory cache of what the hot path needs), sessions,
+//! registry (SQLite or PostgreSQL, plus an in-memory cache of what the hot path
+//! needs, kept current across a cluster's nodes), sessions,
 //! the link registry, metrics, recent reports, speed-test slots and the injected
 //! clock.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::time::Instant;
@@ -20,10 +21,10 @@ use crate::metrics::Metrics;
 use crate::peer_limits::LogThrottle;
 use crate::ratelimit::RateLimiter;
 use crate::recent_reports::Reports;
+use crate::registry::{Registry, RouterRow};
 use crate::sessions::Sessions;
 use crate::speedtest_slots::Slots;
-use crate::store::{RouterRow, Store};
-use crate::sync::{Locked, ReadWrite};
+use crate::sync::ReadWrite;
 
 /// Time as the relay sees it. Injected so tests can drive it.
 pub trait Clock: Send + Sync + 'static {
@@ -58,10 +59,20 @@ impl From<&RouterRow> for RouterMeta {
     }
 }
 
+/// Told when this node changed a router (created, enrolled, revoked), so the
+/// other nodes of a cluster refresh their caches at once (`AppState::refresh_router`
+/// on each); without it they catch up at their next registry poll. Set once, by
+/// the cluster's broadcast; a single node has none.
+pub trait RegistryChanged: Send + Sync + 'static {
+    fn router_changed(&self, id: Uuid);
+}
+
 pub struct AppState {
     pub config: Config,
-    pub store: Mutex<Store>,
+    pub registry: Registry,
     pub routers: RwLock<HashMap<Uuid, RouterMeta>>,
+    /// See [`RegistryChanged`]; unset, changes stay local until the poll.
+    pub registry_changed: OnceLock<Arc<dyn RegistryChanged>>,
     pub sessions: Mutex<Sessions>,
     pub links: Links,
     pub metrics: Metrics,
@@ -84,15 +95,16 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// `routers` fills the cache: every router in the registry.
     pub fn new(
         config: Config,
-        store: Store,
+        registry: Registry,
+        routers: &[RouterRow],
         fingerprint: String,
         clock: Arc<dyn Clock>,
         capacity_plan: Plan,
     ) -> Result<Self, ApiError> {
-        let routers = store
-            .routers()?
+        let routers = routers
             .iter()
             .map(|r| (r.id, RouterMeta::from(r)))
             .collect();
@@ -119,8 +131,9 @@ impl AppState {
             call_slots,
             answer_budget,
             config,
-            store: Mutex::new(store),
+            registry,
             routers: RwLock::new(routers),
+            registry_changed: OnceLock::new(),
             sessions: Mutex::new(sessions),
             links: Links::default(),
             metrics: Metrics::default(),
@@ -136,19 +149,82 @@ impl AppState {
         self.routers.read_locked().get(&id).cloned()
     }
 
-    /// Runs a registry operation under the store lock; callers that change a router
-    /// refresh its cache entry with [`AppState::cache_router`].
-    pub fn with_store<T>(
+    /// The router as the cache knows it; in a cluster, a router the cache lacks
+    /// (created on another node since the last poll) is looked up in the registry
+    /// first, so it is never "not found" only because it is new. A single node's
+    /// cache holds every router and answers alone.
+    pub async fn router_meta_or_load(&self, id: Uuid) -> Result<Option<RouterMeta>, ApiError> {
+        if let Some(meta) = self.router_meta(id) {
+            return Ok(Some(meta));
+        }
+        if !self.registry.is_shared() {
+            return Ok(None);
+        }
+        Ok(self.registry.router(id).await?.map(|row| {
+            self.cache_router(&row);
+            RouterMeta::from(&row)
+        }))
+    }
+
+    /// `auth::authenticate_router` against the cache, for a cluster node whose
+    /// cache may lag the registry: a router it has not seen is loaded first, and a
+    /// secret the cached entry refuses is checked once more against the registry —
+    /// the router may have enrolled (again) through another node since the last
+    /// poll. A single node's cache is the registry, and answers alone.
+    pub async fn authenticate_agent(
         &self,
-        f: impl FnOnce(&mut Store) -> Result<T, crate::store::StoreError>,
-    ) -> Result<T, ApiError> {
-        let mut store = self.store.locked();
-        Ok(f(&mut store)?)
+        req: &hyper::Request<hyper::body::Incoming>,
+    ) -> Result<Uuid, ApiError> {
+        let claimed = crate::auth::claimed_router_id(req);
+        if let Some(id) = claimed {
+            self.router_meta_or_load(id).await?;
+        }
+        match crate::auth::authenticate_router(req, |id| self.router_meta(id)) {
+            Err(ApiError::Unauthorized) if self.registry.is_shared() => {
+                let Some(id) = claimed else {
+                    return Err(ApiError::Unauthorized);
+                };
+                self.refresh_router(id).await?;
+                crate::auth::authenticate_router(req, |id| self.router_meta(id))
+            }
+            other => other,
+        }
+    }
+
+    /// Re-reads one router from the registry and applies it here: what another
+    /// node changed (the cluster's broadcast calls this on every node).
+    pub async fn refresh_router(&self, id: Uuid) -> Result<(), ApiError> {
+        match self.registry.router(id).await? {
+            Some(row) => self.apply_router(&row),
+            // Not written by any relay (routers are never deleted); forget it.
+            None => {
+                self.routers.write_locked().remove(&id);
+                self.links.close(id);
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts what the registry says of a router into the cache; a revoked router's
+    /// link on this node closes at once.
+    pub fn apply_router(&self, row: &RouterRow) {
+        self.cache_router(row);
+        if row.revoked_at.is_some() && self.links.close(row.id) {
+            tracing::info!(router_id = %row.id, "link closed: the router was revoked on another node");
+        }
     }
 
     pub fn cache_router(&self, row: &RouterRow) {
         self.routers
             .write_locked()
             .insert(row.id, RouterMeta::from(row));
+    }
+
+    /// This node changed `row`: cache it and tell the other nodes.
+    pub fn router_changed(&self, row: &RouterRow) {
+        self.cache_router(row);
+        if let Some(hook) = self.registry_changed.get() {
+            hook.router_changed(row.id);
+        }
     }
 }
