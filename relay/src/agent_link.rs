@@ -186,8 +186,23 @@ pub fn h2_client() -> h2::client::Builder {
     b
 }
 
-async fn touch(state: &AppState, router_id: Uuid, version: Option<&str>) {
+/// Records last-seen (and the agent's version). In a cluster the write goes to
+/// PostgreSQL, so it runs beside the link: the link's connection future is polled
+/// only once this returns, and a slow database must not hold up its calls.
+async fn touch(state: &Arc<AppState>, router_id: Uuid, version: Option<&str>) {
     let now = state.clock.now_ms();
+    if state.registry.is_shared() {
+        let (state, version) = (state.clone(), version.map(str::to_owned));
+        tokio::spawn(
+            async move { record_last_seen(&state, router_id, now, version.as_deref()).await }
+                .in_current_span(),
+        );
+    } else {
+        record_last_seen(state, router_id, now, version).await;
+    }
+}
+
+async fn record_last_seen(state: &AppState, router_id: Uuid, now: i64, version: Option<&str>) {
     if let Err(e) = state.registry.touch(router_id, now, version).await {
         tracing::warn!(error = %e, "cannot record last-seen");
     }
