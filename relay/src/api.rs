@@ -110,11 +110,11 @@ async fn dispatch(
         }
         SPEEDTEST_PING_PATH => {
             only(&req, &[Method::GET])?;
-            return speedtest::ping(state, &req, ctx);
+            return speedtest::ping(state, &req, ctx).await;
         }
         SPEEDTEST_DOWNLOAD_PATH => {
             only(&req, &[Method::GET])?;
-            return speedtest::download(state, &req);
+            return speedtest::download(state, &req).await;
         }
         SPEEDTEST_UPLOAD_PATH => {
             only(&req, &[Method::POST])?;

@@ -44,7 +44,9 @@ pub fn scrape(state: &AppState) -> String {
         fd_budget,
         links_refused: state.capacity.refused().map(|(why, n)| (why.reason(), n)),
     };
-    state.metrics.render(&gauges)
+    let mut out = state.metrics.render(&gauges);
+    state.registry.render_metrics(&mut out);
+    out
 }
 
 /// Serves `GET /metrics` on `listener` until the task is dropped (dropping it

@@ -238,6 +238,15 @@ async fn postgres_down_answers_registry_unavailable_in_time_and_recovers() {
     assert_eq!(r.code(), "REGISTRY_UNAVAILABLE", "{}", r.body);
     // postgres_timeout is 1 s; generous for a loaded machine, far from a hang.
     assert!(took < Duration::from_secs(4), "took {took:?}");
+    let m = c.get("/metrics").await.unwrap();
+    let text = String::from_utf8_lossy(&m.raw);
+    let unavailable = text
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("netpilot_registry_operations_total{outcome=\"unavailable\"} ")
+        })
+        .and_then(|n| n.parse::<u64>().ok());
+    assert!(unavailable >= Some(2), "{text}");
     // What the cache answers alone still works: the health endpoint.
     let health = c.get("/health").await.unwrap();
     assert_eq!(health.status, 200, "{}", health.body);

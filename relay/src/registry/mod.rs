@@ -237,6 +237,13 @@ impl Registry {
         }
     }
 
+    /// The registry's lines of the Prometheus scrape (a single node's SQLite has none).
+    pub fn render_metrics(&self, out: &mut String) {
+        if let Registry::Postgres(p) = self {
+            p.render_metrics(out);
+        }
+    }
+
     /// Routers changed since `since` (every router from `Watermark::START`). SQLite
     /// has one writer, this node, so it has no history: it answers every router
     /// from the start and nothing after.

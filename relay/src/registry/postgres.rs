@@ -14,9 +14,11 @@
 //! a plain counter would skip a row whose transaction took a lower number but
 //! committed after the poll.
 
+use std::fmt::Write as _;
 use std::future::Future;
 use std::str::FromStr;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
 use tokio_postgres::{NoTls, Row};
@@ -74,6 +76,19 @@ const CHANGED: &str = "change_xid = pg_current_xact_id()::text::bigint";
 pub struct PgRegistry {
     pool: Pool,
     timeout: Duration,
+    stats: Stats,
+}
+
+/// What `/metrics` shows of the registry: operations by outcome and their time.
+#[derive(Default)]
+struct Stats {
+    /// Answered, including refusals such as a used token.
+    ok: AtomicU64,
+    /// PostgreSQL refused the statement (a bug or a schema problem).
+    error: AtomicU64,
+    /// Not reached, or no answer within the timeout.
+    unavailable: AtomicU64,
+    micros: AtomicU64,
 }
 
 impl PgRegistry {
@@ -98,7 +113,11 @@ impl PgRegistry {
             .recycle_timeout(Some(timeout))
             .build()
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        let registry = PgRegistry { pool, timeout };
+        let registry = PgRegistry {
+            pool,
+            timeout,
+            stats: Stats::default(),
+        };
         registry.migrate().await?;
         Ok(registry)
     }
@@ -178,18 +197,63 @@ impl PgRegistry {
         })
     }
 
-    /// One operation within `timeout`, or `Unavailable`.
+    /// One operation within `timeout`, or `Unavailable`; counted for `/metrics`.
     async fn bounded<T>(
         &self,
         op: impl Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
-        match tokio::time::timeout(self.timeout, op).await {
+        let start = Instant::now();
+        let r = match tokio::time::timeout(self.timeout, op).await {
             Ok(r) => r,
             Err(_) => Err(StoreError::Unavailable(format!(
                 "no answer within {} ms",
                 self.timeout.as_millis()
             ))),
+        };
+        let s = &self.stats;
+        let outcome = match &r {
+            Err(StoreError::Unavailable(_)) => &s.unavailable,
+            Err(StoreError::Postgres(_)) => &s.error,
+            _ => &s.ok,
+        };
+        outcome.fetch_add(1, Ordering::Relaxed);
+        s.micros
+            .fetch_add(start.elapsed().as_micros() as u64, Ordering::Relaxed);
+        r
+    }
+
+    /// The registry's lines of the Prometheus scrape.
+    pub fn render_metrics(&self, out: &mut String) {
+        let s = &self.stats;
+        let _ = writeln!(
+            out,
+            "# HELP netpilot_registry_operations_total PostgreSQL registry operations, by outcome."
+        );
+        let _ = writeln!(out, "# TYPE netpilot_registry_operations_total counter");
+        let mut count = 0;
+        for (outcome, v) in [
+            ("ok", &s.ok),
+            ("error", &s.error),
+            ("unavailable", &s.unavailable),
+        ] {
+            let n = v.load(Ordering::Relaxed);
+            count += n;
+            let _ = writeln!(
+                out,
+                "netpilot_registry_operations_total{{outcome=\"{outcome}\"}} {n}"
+            );
         }
+        let _ = writeln!(
+            out,
+            "# HELP netpilot_registry_operation_seconds Time of PostgreSQL registry operations."
+        );
+        let _ = writeln!(out, "# TYPE netpilot_registry_operation_seconds summary");
+        let _ = writeln!(
+            out,
+            "netpilot_registry_operation_seconds_sum {}",
+            s.micros.load(Ordering::Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(out, "netpilot_registry_operation_seconds_count {count}");
     }
 
     pub async fn create_router(
