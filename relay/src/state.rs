@@ -24,7 +24,7 @@ use crate::recent_reports::Reports;
 use crate::registry::{Registry, RouterRow};
 use crate::sessions::Sessions;
 use crate::speedtest_slots::Slots;
-use crate::sync::ReadWrite;
+use crate::sync::{Locked, ReadWrite};
 
 /// Time as the relay sees it. Injected so tests can drive it.
 pub trait Clock: Send + Sync + 'static {
@@ -67,12 +67,20 @@ pub trait RegistryChanged: Send + Sync + 'static {
     fn router_changed(&self, id: Uuid);
 }
 
+/// Registry look-ups on behalf of agent requests not yet authenticated, per second,
+/// all agents together. At start every node loads every router, so look-ups are
+/// only for routers new since the last poll; the cap keeps a flood of made-up router
+/// ids or wrong secrets from turning into a flood of PostgreSQL queries.
+pub const AGENT_LOOKUPS_PER_SECOND: u32 = 100;
+
 pub struct AppState {
     pub config: Config,
     pub registry: Registry,
     pub routers: RwLock<HashMap<Uuid, RouterMeta>>,
     /// See [`RegistryChanged`]; unset, changes stay local until the poll.
     pub registry_changed: OnceLock<Arc<dyn RegistryChanged>>,
+    /// One bucket for all agents (see [`AGENT_LOOKUPS_PER_SECOND`]).
+    agent_lookups: Mutex<RateLimiter>,
     pub sessions: Mutex<Sessions>,
     pub links: Links,
     pub metrics: Metrics,
@@ -134,6 +142,11 @@ impl AppState {
             registry,
             routers: RwLock::new(routers),
             registry_changed: OnceLock::new(),
+            agent_lookups: Mutex::new(RateLimiter::with_max_keys(
+                AGENT_LOOKUPS_PER_SECOND,
+                std::time::Duration::from_secs(1),
+                1,
+            )),
             sessions: Mutex::new(sessions),
             links: Links::default(),
             metrics: Metrics::default(),
@@ -170,25 +183,36 @@ impl AppState {
     /// cache may lag the registry: a router it has not seen is loaded first, and a
     /// secret the cached entry refuses is checked once more against the registry —
     /// the router may have enrolled (again) through another node since the last
-    /// poll. A single node's cache is the registry, and answers alone.
+    /// poll. A single node's cache is the registry, and answers alone. Past
+    /// [`AGENT_LOOKUPS_PER_SECOND`] the cache answers alone too.
     pub async fn authenticate_agent(
         &self,
         req: &hyper::Request<hyper::body::Incoming>,
     ) -> Result<Uuid, ApiError> {
-        let claimed = crate::auth::claimed_router_id(req);
+        let claimed = crate::auth::claimed_router_id(req).filter(|_| self.registry.is_shared());
         if let Some(id) = claimed {
-            self.router_meta_or_load(id).await?;
+            if self.router_meta(id).is_none() && self.may_look_up() {
+                self.router_meta_or_load(id).await?;
+            }
         }
         match crate::auth::authenticate_router(req, |id| self.router_meta(id)) {
-            Err(ApiError::Unauthorized) if self.registry.is_shared() => {
-                let Some(id) = claimed else {
-                    return Err(ApiError::Unauthorized);
-                };
-                self.refresh_router(id).await?;
-                crate::auth::authenticate_router(req, |id| self.router_meta(id))
-            }
+            Err(ApiError::Unauthorized) => match claimed {
+                Some(id) if self.may_look_up() => {
+                    self.refresh_router(id).await?;
+                    crate::auth::authenticate_router(req, |id| self.router_meta(id))
+                }
+                _ => Err(ApiError::Unauthorized),
+            },
             other => other,
         }
+    }
+
+    fn may_look_up(&self) -> bool {
+        // One key: the bucket is global, not per address.
+        self.agent_lookups.locked().allow(
+            std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+            self.clock.instant(),
+        )
     }
 
     /// Re-reads one router from the registry and applies it here: what another

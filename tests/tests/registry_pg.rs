@@ -399,3 +399,64 @@ async fn migrate_registry_without_a_database_url_says_what_it_needs() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("NETPILOT_POSTGRES_URL"), "{err}");
 }
+
+fn registry_operations(metrics: &str) -> u64 {
+    metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("netpilot_registry_operations_total{"))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<u64>().ok())
+        .sum()
+}
+
+/// Agent requests with made-up router ids or wrong secrets may make a node look in
+/// PostgreSQL, but only so many a second: a flood of them answers 401 from the
+/// cache and never turns into a flood of queries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_unknown_routers_costs_postgres_a_bounded_number_of_lookups() {
+    let pg = Postgres::start().await.unwrap();
+    let url = pg.create_database("flood").await.unwrap();
+    let redis = Redis::start().await.unwrap();
+    let (_cert_holder, id) = identity_relay().await;
+    let a = node("a", &id, &url, &redis).await;
+    let c = a.client().await.unwrap();
+    let before = registry_operations(&String::from_utf8_lossy(
+        &c.get("/metrics").await.unwrap().raw,
+    ));
+    let agent = c.with_key(None);
+    let started = Instant::now();
+    let calls: Vec<_> = (0..600)
+        .map(|_| {
+            let agent = agent.clone();
+            tokio::spawn(async move {
+                let id = uuid::Uuid::new_v4().to_string();
+                agent
+                    .call_with(
+                        "GET",
+                        "/agent/v1/speedtest/ping",
+                        None,
+                        None,
+                        &[
+                            ("x-netpilot-router-id", id.as_str()),
+                            ("authorization", "Bearer not-a-secret"),
+                        ],
+                    )
+                    .await
+                    .unwrap()
+                    .status
+            })
+        })
+        .collect();
+    for call in calls {
+        assert_eq!(call.await.unwrap(), 401);
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let after = registry_operations(&String::from_utf8_lossy(
+        &c.get("/metrics").await.unwrap().raw,
+    ));
+    let lookups = after - before;
+    println!("600 made-up routers in {secs:.2} s cost {lookups} registry lookups");
+    // 100 a second, counted in whole windows of 1 s.
+    let allowed = 100 * (secs.ceil() as u64 + 1);
+    assert!(lookups <= allowed, "{lookups} lookups in {secs:.2} s");
+    assert!(lookups >= 1, "the first made-up ids were looked up");
+}
