@@ -230,9 +230,18 @@ impl AppState {
     }
 
     /// Puts what the registry says of a router into the cache; a revoked router's
-    /// link on this node closes at once.
+    /// link on this node closes at once. A revocation is for good, so a row read
+    /// before it (a poll's snapshot that this node's own revocation overtook) never
+    /// takes it back.
     pub fn apply_router(&self, row: &RouterRow) {
-        self.cache_router(row);
+        {
+            let mut routers = self.routers.write_locked();
+            let mut meta = RouterMeta::from(row);
+            if routers.get(&row.id).is_some_and(|m| m.revoked) {
+                meta.revoked = true;
+            }
+            routers.insert(row.id, meta);
+        }
         if row.revoked_at.is_some() && self.links.close(row.id) {
             tracing::info!(router_id = %row.id, "link closed: the router was revoked on another node");
         }
