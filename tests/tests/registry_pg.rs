@@ -460,3 +460,133 @@ async fn a_flood_of_unknown_routers_costs_postgres_a_bounded_number_of_lookups()
     assert!(lookups <= allowed, "{lookups} lookups in {secs:.2} s");
     assert!(lookups >= 1, "the first made-up ids were looked up");
 }
+
+/// A Unix-socket proxy in front of a test PostgreSQL that can go silent: once
+/// frozen it passes nothing more, in either direction, and keeps every socket
+/// open — a partition or a hung server, not a refusal.
+struct SilentProxy {
+    dir: tempfile::TempDir,
+    frozen: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SilentProxy {
+    async fn start(pg: &Postgres) -> SilentProxy {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // The server's socket directory, from its URL's host.
+        let url = pg.url();
+        let host = url
+            .strip_prefix("postgresql://postgres@")
+            .and_then(|r| r.split_once('/'))
+            .unwrap()
+            .0;
+        let server_dir: String = form_urlencoded::parse(format!("h={host}").as_bytes())
+            .next()
+            .unwrap()
+            .1
+            .into_owned();
+        let server = Path::new(&server_dir).join(".s.PGSQL.5432");
+        let dir = tempfile::tempdir().unwrap();
+        let listener = tokio::net::UnixListener::bind(dir.path().join(".s.PGSQL.5432")).unwrap();
+        let frozen = std::sync::Arc::new(AtomicBool::new(false));
+        let flag = frozen.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(upstream) = tokio::net::UnixStream::connect(&server).await else {
+                    continue;
+                };
+                let (cr, cw) = client.into_split();
+                let (ur, uw) = upstream.into_split();
+                for (mut from, mut to) in [(cr, uw), (ur, cw)].map(|(r, w)| {
+                    (
+                        Box::new(r) as Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+                        Box::new(w) as Box<dyn tokio::io::AsyncWrite + Send + Unpin>,
+                    )
+                }) {
+                    let flag = flag.clone();
+                    tokio::spawn(async move {
+                        let mut buf = vec![0u8; 16 * 1024];
+                        while let Ok(n) = from.read(&mut buf).await {
+                            if n == 0 {
+                                break;
+                            }
+                            if flag.load(Ordering::SeqCst) {
+                                // Silent, sockets held open.
+                                std::future::pending::<()>().await;
+                            }
+                            if to.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        SilentProxy { dir, frozen, task }
+    }
+
+    fn url_for(&self, db: &str) -> String {
+        let host: String =
+            form_urlencoded::byte_serialize(self.dir.path().as_os_str().as_encoded_bytes())
+                .collect();
+        format!("postgresql://postgres@{host}/{db}")
+    }
+
+    fn freeze(&self) {
+        self.frozen.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for SilentProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// PostgreSQL that stops answering without closing anything: calls that need it
+/// answer 503 REGISTRY_UNAVAILABLE within `cluster.postgres_timeout`, not after a
+/// TCP timeout or never; what the cache answers goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_postgres_answers_registry_unavailable_within_the_timeout() {
+    let pg = Postgres::start().await.unwrap();
+    pg.create_database("silent").await.unwrap();
+    let proxy = SilentProxy::start(&pg).await;
+    let redis = Redis::start().await.unwrap();
+    let (_cert_holder, id) = identity_relay().await;
+    let a = node("a", &id, &proxy.url_for("silent"), &redis).await;
+    let c = a.client().await.unwrap();
+    let (router_id, _) = a.create_router("alice", "home").await.unwrap();
+
+    proxy.freeze();
+    let t = Instant::now();
+    // Bounded here too, so a hang fails the test instead of stalling it.
+    let r = tokio::time::timeout(
+        Duration::from_secs(10),
+        c.post(
+            "/api/admin/routers",
+            json!({"ownerUserId": "alice", "name": "second"}),
+        ),
+    )
+    .await
+    .expect("the relay answers, not hangs")
+    .unwrap();
+    let took = t.elapsed();
+    println!(
+        "create with PostgreSQL silent answered {} in {took:?}",
+        r.status
+    );
+    assert_eq!(r.code(), "REGISTRY_UNAVAILABLE", "{}", r.body);
+    // postgres_timeout is 1 s here: not before it, and well before a hang.
+    assert!(took >= Duration::from_millis(900), "took {took:?}");
+    assert!(took < Duration::from_secs(4), "took {took:?}");
+    let t = Instant::now();
+    let r = c
+        .get(&format!("/api/admin/routers/{router_id}"))
+        .await
+        .unwrap();
+    assert_eq!(r.code(), "REGISTRY_UNAVAILABLE", "{}", r.body);
+    assert!(t.elapsed() < Duration::from_secs(4));
+    let health = c.get("/health").await.unwrap();
+    assert_eq!(health.status, 200, "{}", health.body);
+}
