@@ -200,6 +200,9 @@ error_codes! {
         /// The relay is draining (shutting down or restarting): it takes no new agent
         /// link; the agent dials the next relay in its list at once (relay).
         RelayDraining = "RELAY_DRAINING" => 503,
+        /// The router registry (PostgreSQL, in a cluster) cannot be reached or did
+        /// not answer in time; nothing changed, try again shortly (relay).
+        RegistryUnavailable = "REGISTRY_UNAVAILABLE" => 503,
     }
 }
 
@@ -229,6 +232,7 @@ impl ErrorCode {
                 | ErrorCode::RelayBusy
                 | ErrorCode::LinksBusy
                 | ErrorCode::RelayDraining
+                | ErrorCode::RegistryUnavailable
                 | ErrorCode::BadAgentResponse
                 | ErrorCode::BodyTimeout
                 | ErrorCode::HeadersTooLarge

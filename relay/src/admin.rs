@@ -16,8 +16,8 @@ use crate::auth;
 use crate::error::ApiError;
 use crate::http::{self, only, Args, Body, Ctx};
 use crate::recent_reports::StoredReport;
+use crate::registry::RouterRow;
 use crate::state::AppState;
-use crate::store::RouterRow;
 use crate::sync::ReadWrite;
 
 pub async fn dispatch(
@@ -38,10 +38,13 @@ pub async fn dispatch(
             match *req.method() {
                 Method::GET => {
                     let row = state
-                        .with_store(|s| s.router(id))?
+                        .registry
+                        .router(id)
+                        .await?
                         .ok_or_else(|| ApiError::RouterNotFound(id.to_string()))?;
                     let mut one = view(state, &row);
-                    one.recent_reports = Some(state.reports.recent(id));
+                    one.recent_reports =
+                        Some(crate::cluster_sync::recent_reports(state, id).await?);
                     place(state, std::slice::from_mut(&mut one)).await?;
                     Ok(http::ok(StatusCode::OK, one, ctx))
                 }
@@ -52,7 +55,7 @@ pub async fn dispatch(
         [id, "token"] => {
             only(&req, &[Method::POST])?;
             let id = parse_id(id)?;
-            new_token(state, id, ctx)
+            new_token(state, id, ctx).await
         }
         _ => Err(ApiError::NotFound(format!("/api/admin/routers{rest}"))),
     }
@@ -80,8 +83,9 @@ async fn create(
     let token = auth::random_hex32()?;
     let now = state.clock.now_ms();
     let expires_at = now + state.config.enrollment_token_ttl.as_millis() as i64;
-    let row = state.with_store(|s| {
-        s.create_router(
+    let row = state
+        .registry
+        .create_router(
             id,
             &name,
             &owner,
@@ -89,7 +93,7 @@ async fn create(
             expires_at,
             now,
         )
-    })?;
+        .await?;
     state.cache_router(&row);
     crate::cluster_sync::announce_changed(state, row.id).await;
     tracing::info!(router_id = %id, owner_user_id = %owner, "router created");
@@ -127,7 +131,7 @@ async fn list(
     let limit = page_limit(args.get("limit"))?;
     let after = match args.opt_uuid("cursor")? {
         Some(id) => {
-            let row = state.with_store(|s| s.router(id))?.ok_or_else(|| {
+            let row = state.registry.router(id).await?.ok_or_else(|| {
                 ApiError::InvalidParameter(format!(
                     "cursor {id} is not a router: pass the next_cursor of the page before"
                 ))
@@ -137,7 +141,10 @@ async fn list(
         None => None,
     };
     // One more than the page, to know whether another page follows.
-    let mut rows = state.with_store(|s| s.routers_page(owner.as_deref(), after, limit + 1))?;
+    let mut rows = state
+        .registry
+        .routers_page(owner.as_deref(), after, limit + 1)
+        .await?;
     let next_cursor = if rows.len() > limit {
         rows.truncate(limit);
         rows.last().map(|r| r.id)
@@ -245,8 +252,10 @@ fn counts(state: &AppState, owner: Option<&str>) -> (usize, usize) {
 async fn revoke(state: &Arc<AppState>, id: Uuid, ctx: &Ctx) -> Result<Response<Body>, ApiError> {
     let now = state.clock.now_ms();
     let row = state
-        .with_store(|s| s.revoke(id, now))
-        .map_err(|e| match e {
+        .registry
+        .revoke(id, now)
+        .await
+        .map_err(|e| match ApiError::from(e) {
             ApiError::RouterNotFound(_) => ApiError::RouterNotFound(id.to_string()),
             other => other,
         })?;
@@ -262,13 +271,15 @@ async fn revoke(state: &Arc<AppState>, id: Uuid, ctx: &Ctx) -> Result<Response<B
     ))
 }
 
-fn new_token(state: &Arc<AppState>, id: Uuid, ctx: &Ctx) -> Result<Response<Body>, ApiError> {
+async fn new_token(state: &Arc<AppState>, id: Uuid, ctx: &Ctx) -> Result<Response<Body>, ApiError> {
     let token = auth::random_hex32()?;
     let now = state.clock.now_ms();
     let expires_at = now + state.config.enrollment_token_ttl.as_millis() as i64;
     state
-        .with_store(|s| s.add_token(id, &auth::sha256(token.as_bytes()), expires_at))
-        .map_err(|e| match e {
+        .registry
+        .add_token(id, &auth::sha256(token.as_bytes()), expires_at)
+        .await
+        .map_err(|e| match ApiError::from(e) {
             ApiError::RouterNotFound(_) => ApiError::RouterNotFound(id.to_string()),
             other => other,
         })?;

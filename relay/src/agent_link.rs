@@ -17,7 +17,6 @@ use netpilot_proto::link::{HEADER_AGENT_VERSION, UPGRADE_PROTOCOL};
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::auth;
 use crate::capacity::LinkSlot;
 use crate::error::ApiError;
 use crate::http::{self, Body};
@@ -25,7 +24,7 @@ use crate::link_health::{LinkHealth, PingRules, Silence, Watched};
 use crate::link_registry::LinkSender;
 use crate::state::AppState;
 
-pub fn connect(
+pub async fn connect(
     state: &Arc<AppState>,
     mut req: Request<Incoming>,
     peer: SocketAddr,
@@ -52,7 +51,7 @@ pub fn connect(
         .filter(|c| c.is_ascii_graphic())
         .take(64)
         .collect();
-    let router_id = match auth::authenticate_router(&req, |id| state.router_meta(id)) {
+    let router_id = match state.authenticate_agent(&req).await {
         Ok(id) => id,
         Err(e) => {
             state.metrics.link_rejects.fetch_add(1, Ordering::Relaxed);
@@ -144,7 +143,7 @@ async fn run_link(
     }
     // Cluster mode: peers route this router's calls here from now on.
     crate::cluster_sync::link_up(&state, router_id, generation).await;
-    touch(&state, router_id, Some(&version));
+    touch(&state, router_id, Some(&version)).await;
     tracing::info!("agent link up");
     // Upgraded just before the drain began, registered just after it told every
     // link: told here (the flag is set before the drain reads the registry).
@@ -181,7 +180,7 @@ async fn run_link(
     state.links.remove(router_id, generation);
     health.mark_gone();
     crate::cluster_sync::link_down(&state, router_id, generation).await;
-    touch(&state, router_id, None);
+    touch(&state, router_id, None).await;
 }
 
 /// The relay's end of every link: the HTTP/2 client. Flow-control windows are
@@ -201,9 +200,24 @@ pub fn h2_client() -> h2::client::Builder {
     b
 }
 
-fn touch(state: &AppState, router_id: Uuid, version: Option<&str>) {
+/// Records last-seen (and the agent's version). In a cluster the write goes to
+/// PostgreSQL, so it runs beside the link: the link's connection future is polled
+/// only once this returns, and a slow database must not hold up its calls.
+async fn touch(state: &Arc<AppState>, router_id: Uuid, version: Option<&str>) {
     let now = state.clock.now_ms();
-    if let Err(e) = state.with_store(|s| s.touch(router_id, now, version)) {
+    if state.registry.is_shared() {
+        let (state, version) = (state.clone(), version.map(str::to_owned));
+        tokio::spawn(
+            async move { record_last_seen(&state, router_id, now, version.as_deref()).await }
+                .in_current_span(),
+        );
+    } else {
+        record_last_seen(state, router_id, now, version).await;
+    }
+}
+
+async fn record_last_seen(state: &AppState, router_id: Uuid, now: i64, version: Option<&str>) {
+    if let Err(e) = state.registry.touch(router_id, now, version).await {
         tracing::warn!(error = %e, "cannot record last-seen");
     }
 }

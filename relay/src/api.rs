@@ -45,6 +45,9 @@ pub async fn handle(
                 state.metrics.record_error(code);
                 match &err {
                     ApiError::Internal(detail) => tracing::error!(%detail, "internal error"),
+                    ApiError::RegistryUnavailable(detail) => {
+                        tracing::warn!(%detail, "registry unavailable")
+                    }
                     _ if status.is_server_error() => {
                         tracing::warn!(%code, error = %err, "call failed")
                     }
@@ -96,10 +99,10 @@ async fn dispatch(
             return Ok(http::text(
                 StatusCode::OK,
                 metrics_http::CONTENT_TYPE_TEXT,
-                metrics_http::scrape(state),
+                metrics_http::scrape(state).await,
             ));
         }
-        CONNECT_PATH => return agent_link::connect(state, req, peer),
+        CONNECT_PATH => return agent_link::connect(state, req, peer).await,
         ENROLL_PATH => {
             only(&req, &[Method::POST])?;
             return enroll::enroll(state, req, peer, ctx).await;
@@ -110,11 +113,11 @@ async fn dispatch(
         }
         SPEEDTEST_PING_PATH => {
             only(&req, &[Method::GET])?;
-            return speedtest::ping(state, &req, ctx);
+            return speedtest::ping(state, &req, ctx).await;
         }
         SPEEDTEST_DOWNLOAD_PATH => {
             only(&req, &[Method::GET])?;
-            return speedtest::download(state, &req);
+            return speedtest::download(state, &req).await;
         }
         SPEEDTEST_UPLOAD_PATH => {
             only(&req, &[Method::POST])?;

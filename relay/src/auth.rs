@@ -40,6 +40,15 @@ pub fn check_api_key(req: &Request<Incoming>, key: &Secret) -> Result<(), ApiErr
 /// is 400, an unknown router or wrong secret 401, a revoked router 403 — but only
 /// to the holder of its secret: whether a router was revoked is told to no one
 /// else, so a wrong secret gets the same 401 for a revoked router as for a live one.
+/// The router id an agent request claims, unchecked: only for warming the router
+/// cache before [`authenticate_router`] checks the claim.
+pub fn claimed_router_id(req: &Request<Incoming>) -> Option<Uuid> {
+    req.headers()
+        .get(HEADER_ROUTER_ID)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| Uuid::parse_str(v).ok())
+}
+
 pub fn authenticate_router(
     req: &Request<Incoming>,
     lookup: impl FnOnce(Uuid) -> Option<RouterMeta>,

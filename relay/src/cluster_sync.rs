@@ -14,8 +14,10 @@ use uuid::Uuid;
 use crate::cluster::directory::Holder;
 use crate::cluster::events::Event;
 use crate::cluster::Cluster;
+use crate::error::ApiError;
+use crate::recent_reports::{StoredReport, KEEP_PER_ROUTER};
 use crate::state::AppState;
-use crate::sync::Locked;
+use crate::sync::{Locked, ReadWrite};
 
 /// Claims `router`'s link for this node once it is up (after it is registered, so
 /// a peer routed here by the directory finds it).
@@ -111,6 +113,38 @@ pub async fn health(state: &AppState) -> serde_json::Value {
             "peers_connected": c.peers.connected(),
         }),
     }
+}
+
+/// Keeps an agent report where every node's admin view finds it: in Redis in a
+/// cluster (this node's memory when Redis does not answer), in memory otherwise.
+pub async fn store_report(state: &AppState, router: Uuid, report: StoredReport) {
+    if let Some(c) = &state.cluster {
+        match serde_json::to_string(&report) {
+            Ok(json) => match c.push_report(router, json, KEEP_PER_ROUTER).await {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::warn!(%router, error = %e, "cannot keep a report in Redis; kept on this node only")
+                }
+            },
+            Err(e) => tracing::warn!(%router, error = %e, "cannot serialise a report"),
+        }
+    }
+    state.reports.push(router, report);
+}
+
+/// A router's latest reports, newest first (see [`store_report`]).
+pub async fn recent_reports(state: &AppState, router: Uuid) -> Result<Vec<StoredReport>, ApiError> {
+    let Some(c) = &state.cluster else {
+        return Ok(state.reports.recent(router));
+    };
+    let stored = c
+        .recent_reports(router)
+        .await
+        .map_err(|e| ApiError::ClusterUnavailable(e.to_string()))?;
+    Ok(stored
+        .iter()
+        .filter_map(|j| serde_json::from_str(j).ok())
+        .collect())
 }
 
 /// Runs the node's background work until the process ends.
@@ -244,20 +278,23 @@ async fn apply(state: &AppState, cluster: &Cluster, event: Event) {
         }
         Event::Linked { .. } => {}
         Event::Revoked { router } => {
-            reload_router(state, router);
+            // Closed at once, whatever the registry says now: the broadcast comes
+            // after the revocation committed, and PostgreSQL may be slow or down.
+            if let Some(meta) = state.routers.write_locked().get_mut(&router) {
+                meta.revoked = true;
+            }
             if state.links.close(router) {
                 tracing::info!(%router, "revoked on another node: link closed");
             }
+            reload_router(state, router).await;
         }
-        Event::Changed { router } => reload_router(state, router),
+        Event::Changed { router } => reload_router(state, router).await,
     }
 }
 
 /// Re-reads one router from the registry into the auth cache.
-fn reload_router(state: &AppState, router: Uuid) {
-    match state.with_store(|s| s.router(router)) {
-        Ok(Some(row)) => state.cache_router(&row),
-        Ok(None) => {}
-        Err(e) => tracing::warn!(%router, error = %e, "cannot re-read a changed router"),
+async fn reload_router(state: &AppState, router: Uuid) {
+    if let Err(e) = state.refresh_router(router).await {
+        tracing::warn!(%router, error = %e, "cannot re-read a changed router; the registry poll catches up");
     }
 }

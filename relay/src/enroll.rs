@@ -41,7 +41,10 @@ pub async fn enroll(
     let token_hash = auth::sha256(token.to_ascii_lowercase().as_bytes());
     let secret_hash = auth::sha256(secret.as_bytes());
     let now = state.clock.now_ms();
-    let row = state.with_store(|s| s.redeem_token(&token_hash, &secret_hash, now))?;
+    let row = state
+        .registry
+        .redeem_token(&token_hash, &secret_hash, now)
+        .await?;
     state.cache_router(&row);
     crate::cluster_sync::announce_changed(state, row.id).await;
     state.metrics.enrollments.fetch_add(1, Ordering::Relaxed);

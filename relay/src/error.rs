@@ -91,6 +91,10 @@ pub enum ApiError {
         reason: &'static str,
         retry_after_secs: u64,
     },
+    /// The registry (PostgreSQL, in a cluster) cannot be reached or did not answer
+    /// within `cluster.postgres_timeout`; the detail is logged, not sent.
+    #[error("the router registry is unavailable; try again shortly")]
+    RegistryUnavailable(String),
     /// Request target (path and query) over the cap.
     #[error("request target exceeds {0} bytes")]
     UriTooLong(usize),
@@ -147,6 +151,7 @@ impl ApiError {
             LinkRefused(_) => ErrorCode::RouterOffline,
             ClusterUnavailable(_) => ErrorCode::ClusterUnavailable,
             RelayDraining => ErrorCode::RelayDraining,
+            RegistryUnavailable(_) => ErrorCode::RegistryUnavailable,
         }
     }
 

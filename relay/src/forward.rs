@@ -61,7 +61,7 @@ pub async fn router_call(
         .touch(session_id)
         .await
         .map_err(|e| e.into_api_error(session_id))?;
-    check_owner(state, router_id, &user)?;
+    check_owner(state, router_id, &user).await?;
     state
         .sessions
         .attach(session_id, router_id)
@@ -392,9 +392,12 @@ async fn forward(
 }
 
 /// 404 for unknown or revoked routers, 403 when another user owns it.
-pub fn check_owner(state: &AppState, router_id: Uuid, user: &str) -> Result<(), ApiError> {
+/// (Cluster mode: a router this node has not cached yet — created through another
+/// node since its last poll — is read from the registry.)
+pub async fn check_owner(state: &AppState, router_id: Uuid, user: &str) -> Result<(), ApiError> {
     let meta = state
-        .router_meta(router_id)
+        .router_meta_or_load(router_id)
+        .await?
         .filter(|m| !m.revoked)
         .ok_or_else(|| ApiError::RouterNotFound(router_id.to_string()))?;
     if meta.owner_user_id != user {

@@ -26,6 +26,7 @@ pub mod peer_limits;
 pub mod private;
 pub mod ratelimit;
 pub mod recent_reports;
+pub mod registry;
 pub mod report;
 pub mod server;
 pub mod session_api;
@@ -34,7 +35,6 @@ pub mod sessions;
 pub mod speedtest;
 pub mod speedtest_slots;
 pub mod state;
-pub mod store;
 pub mod sync;
 pub mod tls;
 
@@ -84,7 +84,11 @@ pub async fn run(
             .with_context(|| format!("cannot make {} private", key.display()))?;
     }
     tracing::info!(fingerprint = %tls.fingerprint, "relay certificate SHA-256 fingerprint");
-    let store = store::Store::open(&config.data_dir).context("cannot open the registry")?;
+    let registry = open_registry(&config).await?;
+    let start = registry
+        .changes(registry::Watermark::START)
+        .await
+        .context("cannot read the registry")?;
     let nofile = capacity::nofile_limit().context("cannot read the open-file limit")?;
     let plan = capacity::plan(
         nofile,
@@ -136,7 +140,8 @@ pub async fn run(
     };
     let state = Arc::new(AppState::new(
         config,
-        store,
+        registry,
+        &start.routers,
         tls.fingerprint.clone(),
         clock,
         plan,
@@ -176,6 +181,10 @@ pub async fn run(
     };
 
     let sweeper = tokio::spawn(sweep(state.clone()));
+    let poller = state
+        .registry
+        .is_shared()
+        .then(|| tokio::spawn(poll_registry(state.clone(), start.next)));
     on_ready(Ready {
         addr,
         fingerprint: tls.fingerprint,
@@ -192,10 +201,58 @@ pub async fn run(
         t.abort();
     }
     sweeper.abort();
+    if let Some(p) = poller {
+        p.abort();
+    }
     if let Some((_, task)) = metrics {
         task.abort();
     }
     Ok(())
+}
+
+/// A single node's registry is SQLite in its data directory; a cluster node's is
+/// the PostgreSQL all nodes share (migrated here if it is behind).
+async fn open_registry(config: &Config) -> anyhow::Result<registry::Registry> {
+    match &config.cluster {
+        None => Ok(registry::Registry::sqlite(
+            registry::Store::open(&config.data_dir).context("cannot open the registry")?,
+        )),
+        Some(cluster) => {
+            let pg =
+                registry::PgRegistry::open(cluster.postgres_url.expose(), cluster.postgres_timeout)
+                    .await
+                    .context("cannot open the registry in PostgreSQL (cluster.postgres_url)")?;
+            tracing::info!(
+                schema_version = registry::postgres::SCHEMA_VERSION,
+                "registry in PostgreSQL"
+            );
+            Ok(registry::Registry::Postgres(pg))
+        }
+    }
+}
+
+/// A cluster node re-reads the routers other nodes changed every
+/// `cluster.registry_poll`: the safety net under the change broadcast, so a
+/// revocation a node missed still closes its link within one interval.
+async fn poll_registry(state: Arc<AppState>, mut since: registry::Watermark) {
+    let Some(every) = state.config.cluster.as_ref().map(|c| c.registry_poll) else {
+        return;
+    };
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        match state.registry.changes(since).await {
+            Ok(changes) => {
+                for row in &changes.routers {
+                    state.apply_router(row);
+                }
+                since = changes.next;
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot poll the registry for changes"),
+        }
+    }
 }
 
 /// Removes expired sessions and idle router attachments in the background. Expiry

@@ -10,6 +10,7 @@ const USAGE: &str = "\
 usage: netpilot-relay serve [--config FILE] [--data-dir DIR] [--listen ADDR:PORT]
                             [--api-key-file FILE] [--log FILTER]
        netpilot-relay check-config --config FILE
+       netpilot-relay migrate-registry [--config FILE] [--data-dir DIR]
        netpilot-relay --version
 
 The API key, first found wins: --api-key-file FILE (one line, not readable by
@@ -17,7 +18,12 @@ other users), the NETPILOT_API_KEY environment variable, api_key_file or api_key
 in the config file. --api-key KEY works too but shows the key to every local
 user in ps; the relay warns when it is used.
 Once listening, one line goes to stdout (metrics only with metrics_listen):
-  listening <addr> fingerprint <sha256> cert <path> [metrics <addr>]";
+  listening <addr> fingerprint <sha256> cert <path> [metrics <addr>]
+
+migrate-registry copies a stopped single node's registry (registry.sqlite3 in
+the data directory) into the PostgreSQL of [cluster] (or NETPILOT_POSTGRES_URL):
+routers and unexpired tokens, hashes as they are. Run again, it copies nothing
+twice; a router already there with other values stops it, nothing copied.";
 
 fn main() -> anyhow::Result<()> {
     let mut args = lexopt::Parser::from_env();
@@ -49,6 +55,9 @@ fn main() -> anyhow::Result<()> {
             Value(v) if command.is_none() => command = Some(v.string()?),
             _ => bail!("{}\n\n{USAGE}", arg.unexpected()),
         }
+    }
+    if command.as_deref() == Some("migrate-registry") {
+        return migrate_registry(cli);
     }
     let config = Config::load(cli, &|k| std::env::var(k).ok())?;
     match command.as_deref() {
@@ -122,6 +131,71 @@ fn serve(config: Config) -> anyhow::Result<()> {
         )
         .await
     })
+}
+
+/// `migrate-registry`: the data directory from the command line or the config
+/// file; the PostgreSQL URL from NETPILOT_POSTGRES_URL or `[cluster]`. With only
+/// the URL variable (no other cluster setting) the rest of the configuration is
+/// read as a single node's.
+fn migrate_registry(cli: CliOverrides) -> anyhow::Result<()> {
+    use netpilot_relay::config::cluster::{
+        ENV_CLUSTER_SECRET, ENV_NODE_ID, ENV_POSTGRES_URL, ENV_REDIS_URL,
+    };
+    use netpilot_relay::registry::{PgRegistry, Store, FILE_NAME};
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let config = Config::load(cli.clone(), &env).or_else(|full| {
+        let cluster_vars = [
+            ENV_NODE_ID,
+            ENV_POSTGRES_URL,
+            ENV_REDIS_URL,
+            ENV_CLUSTER_SECRET,
+        ];
+        Config::load(cli, &|k| env(k).filter(|_| !cluster_vars.contains(&k))).map_err(|_| full)
+    })?;
+    let (url, timeout) = match (env(ENV_POSTGRES_URL), &config.cluster) {
+        (Some(url), c) => (
+            url,
+            c.as_ref()
+                .map_or(std::time::Duration::from_secs(3), |c| c.postgres_timeout),
+        ),
+        (None, Some(c)) => (c.postgres_url.expose().to_owned(), c.postgres_timeout),
+        (None, None) => bail!(
+            "migrate-registry needs the PostgreSQL URL: [cluster] postgres_url(_file) in \
+             the config file, or {ENV_POSTGRES_URL}"
+        ),
+    };
+    let file = config.data_dir.join(FILE_NAME);
+    if !file.exists() {
+        bail!("no registry to copy: {} does not exist", file.display());
+    }
+    let store =
+        Store::open(&config.data_dir).with_context(|| format!("cannot open {}", file.display()))?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    let routers = store.routers()?;
+    let tokens = store.tokens(now)?;
+    drop(store);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (new_routers, new_tokens) = rt.block_on(async {
+        let pg = PgRegistry::open(&url, timeout)
+            .await
+            .context("cannot open the registry in PostgreSQL")?;
+        pg.import(&routers, &tokens)
+            .await
+            .map_err(anyhow::Error::from)
+    })?;
+    println!(
+        "copied {new_routers} routers ({} already there) and {new_tokens} unexpired tokens \
+         ({} already there) from {} to PostgreSQL",
+        routers.len() - new_routers,
+        tokens.len() - new_tokens,
+        file.display()
+    );
+    Ok(())
 }
 
 async fn shutdown_signal() {

@@ -121,7 +121,7 @@ impl Metrics {
         let _ = writeln!(out, "netpilot_connected_agents {}", g.connected_agents);
         let _ = writeln!(
             out,
-            "# HELP netpilot_active_sessions Web-app sessions held in memory."
+            "# HELP netpilot_active_sessions Web-app sessions alive (in memory; a cluster node counts the cluster's, in Redis)."
         );
         let _ = writeln!(out, "# TYPE netpilot_active_sessions gauge");
         let _ = writeln!(out, "netpilot_active_sessions {}", g.sessions);

@@ -32,11 +32,13 @@ const MAX_SCRAPERS: usize = 16;
 const SCRAPE_DEADLINE: Duration = Duration::from_secs(30);
 
 /// The Prometheus text of the relay's counters and its gauges read now.
-pub fn scrape(state: &AppState) -> String {
+pub async fn scrape(state: &AppState) -> String {
     let (fds_in_use, fd_budget) = state.capacity.fds_in_use();
     let gauges = Gauges {
         connected_agents: state.links.len(),
-        sessions: state.sessions.local_count().unwrap_or(0),
+        // Cluster mode: the cluster's, from Redis; 0 when Redis does not answer
+        // (its errors show in netpilot_cluster_redis_errors_total).
+        sessions: state.sessions.count().await.unwrap_or(0),
         speedtests: state.speedtests.active(),
         answer_bytes_in_flight: state.answer_budget.used(),
         fds_in_use,
@@ -48,6 +50,7 @@ pub fn scrape(state: &AppState) -> String {
         c.metrics.render(&mut out, c.peers.connected());
     }
     crate::drain::render(&state.drain, &mut out);
+    state.registry.render_metrics(&mut out);
     out
 }
 
@@ -93,7 +96,7 @@ async fn answer(
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let (status, body) = match (req.uri().path(), req.method()) {
-        ("/metrics", &Method::GET) => (StatusCode::OK, scrape(&state)),
+        ("/metrics", &Method::GET) => (StatusCode::OK, scrape(&state).await),
         ("/metrics", _) => (StatusCode::METHOD_NOT_ALLOWED, "GET only\n".to_owned()),
         _ => (StatusCode::NOT_FOUND, "only /metrics here\n".to_owned()),
     };

@@ -15,7 +15,7 @@ pub const KEEP_PER_ROUTER: usize = 16;
 
 /// A report as the relay keeps and shows it: the agent's event and when the relay
 /// received it (the agent's clock may be unset, so both are kept).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct StoredReport {
     #[serde(flatten)]
     pub event: AgentEvent,

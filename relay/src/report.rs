@@ -10,7 +10,6 @@ use hyper::{Request, Response, StatusCode};
 use netpilot_proto::link::AgentEvent;
 use serde::Serialize;
 
-use crate::auth;
 use crate::error::ApiError;
 use crate::http::{self, Body, Ctx};
 use crate::recent_reports::StoredReport;
@@ -34,7 +33,7 @@ pub async fn report(
     req: Request<Incoming>,
     ctx: &Ctx,
 ) -> Result<Response<Body>, ApiError> {
-    let router_id = auth::authenticate_router(&req, |id| state.router_meta(id))?;
+    let router_id = state.authenticate_agent(&req).await?;
     let (bytes, _) = http::read_json(req, MAX_REPORT_BYTES, state.config.timeouts.body).await?;
     let event: AgentEvent = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::InvalidParameter(format!("not a report: {e}")))?;
@@ -50,13 +49,15 @@ pub async fn report(
         "agent report"
     );
     let received_at = http::rfc3339_ms(state.clock.now_ms());
-    state.reports.push(
+    crate::cluster_sync::store_report(
+        state,
         router_id,
         StoredReport {
             event,
             received_at: received_at.clone(),
         },
-    );
+    )
+    .await;
     Ok(http::ok(
         StatusCode::OK,
         Accepted {

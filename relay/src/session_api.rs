@@ -69,7 +69,7 @@ async fn start(
     let restart = args.opt_bool("restart")?.unwrap_or(false);
     if let Some(r) = router_id {
         tracing::Span::current().record("router_id", tracing::field::display(r));
-        forward::check_owner(state, r, &user_id)?;
+        forward::check_owner(state, r, &user_id).await?;
     }
     state
         .sessions

@@ -23,6 +23,9 @@ pub type Now = Arc<dyn Fn() -> tokio::time::Instant + Send + Sync>;
 
 /// Key prefix of everything sessions keep in Redis.
 const PREFIX: &str = "np:s:";
+/// Every session with the time it expires (a sorted set), for the count `/metrics`
+/// shows; entries past their time are dropped when counted.
+const INDEX: &str = "np:sessions";
 
 pub enum SessionStore {
     Memory {
@@ -30,7 +33,8 @@ pub enum SessionStore {
         /// The relay's monotonic clock (injected, so tests drive it).
         clock: Now,
     },
-    Redis(RedisSessions),
+    // Boxed: the Redis store (connection, scripts) is much larger than the rest.
+    Redis(Box<RedisSessions>),
 }
 
 impl SessionStore {
@@ -95,12 +99,11 @@ impl SessionStore {
         }
     }
 
-    /// Sessions held in this process (`None` in Redis: the cluster's count is not
-    /// one node's to report).
-    pub fn local_count(&self) -> Option<usize> {
+    /// Live sessions: this process's, or the whole cluster's in Redis.
+    pub async fn count(&self) -> Result<usize, SessionError> {
         match self {
-            SessionStore::Memory { sessions, .. } => Some(sessions.locked().len()),
-            SessionStore::Redis(_) => None,
+            SessionStore::Memory { sessions, .. } => Ok(sessions.locked().len()),
+            SessionStore::Redis(r) => r.count().await,
         }
     }
 
@@ -129,14 +132,15 @@ struct Scripts {
     attach: Script,
     end: Script,
     status: Script,
+    count: Script,
 }
 
 // Shared by the scripts: Redis's clock in milliseconds.
 const NOW_MS: &str =
     "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000)\n";
 
-// KEYS: session hash, its router set. ARGV: user, restart (0/1), session idle ms,
-// router idle ms, attachment key prefix, router id or "".
+// KEYS: session hash, its router set, the index. ARGV: user, restart (0/1),
+// session idle ms, router idle ms, attachment key prefix, router id or "", session id.
 // Returns "ok", or "other" when another user holds the id.
 const START: &str = r#"
 local user = redis.call('HGET', KEYS[1], 'user')
@@ -148,6 +152,7 @@ if (not user) or ARGV[2] == '1' then
 end
 redis.call('HSET', KEYS[1], 'last', now)
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('ZADD', KEYS[3], now + ARGV[3], ARGV[7])
 if ARGV[6] ~= '' then
   local key = ARGV[5] .. ARGV[6]
   local v = redis.call('GET', key)
@@ -160,13 +165,15 @@ end
 return 'ok'
 "#;
 
-// KEYS: session hash, router set. ARGV: session idle ms. Returns the user or false.
+// KEYS: session hash, router set, the index. ARGV: session idle ms, session id.
+// Returns the user or false.
 const TOUCH: &str = r#"
 local user = redis.call('HGET', KEYS[1], 'user')
 if not user then return false end
 redis.call('HSET', KEYS[1], 'last', now)
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
 redis.call('PEXPIRE', KEYS[2], ARGV[1])
+redis.call('ZADD', KEYS[3], now + ARGV[1], ARGV[2])
 return user
 "#;
 
@@ -183,20 +190,28 @@ redis.call('PEXPIRE', KEYS[2], ARGV[2])
 return 1
 "#;
 
-// KEYS: session hash, router set. ARGV: attachment key prefix, router id or "",
-// session idle ms. Returns 1, or false for an unknown session.
+// KEYS: session hash, router set, the index. ARGV: attachment key prefix, router
+// id or "", session idle ms, session id. Returns 1, or false for an unknown session.
 const END: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 if ARGV[2] == '' then
   for _, r in ipairs(redis.call('SMEMBERS', KEYS[2])) do redis.call('DEL', ARGV[1] .. r) end
   redis.call('DEL', KEYS[1], KEYS[2])
+  redis.call('ZREM', KEYS[3], ARGV[4])
 else
   redis.call('DEL', ARGV[1] .. ARGV[2])
   redis.call('SREM', KEYS[2], ARGV[2])
   redis.call('HSET', KEYS[1], 'last', now)
   redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  redis.call('ZADD', KEYS[3], now + ARGV[3], ARGV[4])
 end
 return 1
+"#;
+
+// KEYS: the index. Returns the sessions not yet expired, dropping the others.
+const COUNT: &str = r#"
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+return redis.call('ZCARD', KEYS[1])
 "#;
 
 // KEYS: session hash, router set. ARGV: attachment key prefix.
@@ -252,6 +267,7 @@ impl RedisSessions {
                 attach: script(ATTACH),
                 end: script(END),
                 status: script(STATUS),
+                count: script(COUNT),
             },
         }
     }
@@ -281,12 +297,14 @@ impl RedisSessions {
         let mut inv = self.scripts.start.prepare_invoke();
         inv.key(session_key(id))
             .key(routers_key(id))
+            .key(INDEX)
             .arg(user)
             .arg(if restart { "1" } else { "0" })
             .arg(self.session_idle_ms)
             .arg(self.router_idle_ms)
             .arg(attachment_prefix(id))
-            .arg(router.map(|r| r.to_string()).unwrap_or_default());
+            .arg(router.map(|r| r.to_string()).unwrap_or_default())
+            .arg(id.to_string());
         let out: String = self.run(inv).await?;
         match out.as_str() {
             "ok" => Ok(()),
@@ -298,7 +316,9 @@ impl RedisSessions {
         let mut inv = self.scripts.touch.prepare_invoke();
         inv.key(session_key(id))
             .key(routers_key(id))
-            .arg(self.session_idle_ms);
+            .key(INDEX)
+            .arg(self.session_idle_ms)
+            .arg(id.to_string());
         let user: Option<String> = self.run(inv).await?;
         user.ok_or(SessionError::Invalid)
     }
@@ -319,11 +339,19 @@ impl RedisSessions {
         let mut inv = self.scripts.end.prepare_invoke();
         inv.key(session_key(id))
             .key(routers_key(id))
+            .key(INDEX)
             .arg(attachment_prefix(id))
             .arg(router.map(|r| r.to_string()).unwrap_or_default())
-            .arg(self.session_idle_ms);
+            .arg(self.session_idle_ms)
+            .arg(id.to_string());
         let done: Option<i64> = self.run(inv).await?;
         done.map(|_| ()).ok_or(SessionError::Invalid)
+    }
+
+    async fn count(&self) -> Result<usize, SessionError> {
+        let mut inv = self.scripts.count.prepare_invoke();
+        inv.key(INDEX);
+        self.run(inv).await
     }
 
     async fn status(&self, id: Uuid) -> Result<SessionView, SessionError> {

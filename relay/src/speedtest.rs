@@ -26,7 +26,6 @@ use hyper::{Request, Response, StatusCode};
 use serde::Serialize;
 use tokio::time::Instant;
 
-use crate::auth;
 use crate::error::ApiError;
 use crate::http::{self, Body, Ctx};
 use crate::speedtest_slots::Slot;
@@ -121,12 +120,12 @@ struct Received {
     duration_us: u64,
 }
 
-pub fn ping(
+pub async fn ping(
     state: &AppState,
     req: &Request<Incoming>,
     ctx: &Ctx,
 ) -> Result<Response<Body>, ApiError> {
-    auth::authenticate_router(req, |id| state.router_meta(id))?;
+    state.authenticate_agent(req).await?;
     Ok(http::ok(StatusCode::OK, Pong { pong: true }, ctx))
 }
 
@@ -165,11 +164,11 @@ fn download_args(
     Ok((bytes, ms.map(Duration::from_millis).unwrap_or(max_duration)))
 }
 
-pub fn download(
+pub async fn download(
     state: &Arc<AppState>,
     req: &Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    let router_id = auth::authenticate_router(req, |id| state.router_meta(id))?;
+    let router_id = state.authenticate_agent(req).await?;
     let limits = &state.config.speedtest;
     let (bytes, duration) =
         download_args(req.uri().query(), limits.max_bytes, limits.max_duration)?;
@@ -196,7 +195,7 @@ pub async fn upload(
     req: Request<Incoming>,
     ctx: &Ctx,
 ) -> Result<Response<Body>, ApiError> {
-    let router_id = auth::authenticate_router(&req, |id| state.router_meta(id))?;
+    let router_id = state.authenticate_agent(&req).await?;
     let limits = &state.config.speedtest;
     let declared = req
         .headers()

@@ -1,5 +1,6 @@
 //! The relay's shared state, built once in `run` and handed to every handler: config,
-//! registry (SQLite plus an in-memory cache of what the hot path needs), sessions,
+//! registry (SQLite or PostgreSQL, plus an in-memory cache of what the hot path
+//! needs, kept current across a cluster's nodes), sessions,
 //! the link registry, metrics, recent reports, speed-test slots and the injected
 //! clock.
 
@@ -22,9 +23,9 @@ use crate::metrics::Metrics;
 use crate::peer_limits::LogThrottle;
 use crate::ratelimit::RateLimiter;
 use crate::recent_reports::Reports;
+use crate::registry::{Registry, RouterRow};
 use crate::session_store::{RedisSessions, SessionStore};
 use crate::speedtest_slots::Slots;
-use crate::store::{RouterRow, Store};
 use crate::sync::{Locked, ReadWrite};
 
 /// Time as the relay sees it. Injected so tests can drive it.
@@ -60,10 +61,18 @@ impl From<&RouterRow> for RouterMeta {
     }
 }
 
+/// Registry look-ups on behalf of agent requests not yet authenticated, per second,
+/// all agents together. At start every node loads every router, so look-ups are
+/// only for routers new since the last poll; the cap keeps a flood of made-up router
+/// ids or wrong secrets from turning into a flood of PostgreSQL queries.
+pub const AGENT_LOOKUPS_PER_SECOND: u32 = 100;
+
 pub struct AppState {
     pub config: Config,
-    pub store: Mutex<Store>,
+    pub registry: Registry,
     pub routers: RwLock<HashMap<Uuid, RouterMeta>>,
+    /// One bucket for all agents (see [`AGENT_LOOKUPS_PER_SECOND`]).
+    agent_lookups: Mutex<RateLimiter>,
     pub sessions: SessionStore,
     pub links: Links,
     pub metrics: Metrics,
@@ -91,16 +100,17 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// `routers` fills the cache: every router in the registry.
     pub fn new(
         config: Config,
-        store: Store,
+        registry: Registry,
+        routers: &[RouterRow],
         fingerprint: String,
         clock: Arc<dyn Clock>,
         capacity_plan: Plan,
         cluster: Option<Arc<Cluster>>,
     ) -> Result<Self, ApiError> {
-        let routers = store
-            .routers()?
+        let routers = routers
             .iter()
             .map(|r| (r.id, RouterMeta::from(r)))
             .collect();
@@ -113,12 +123,12 @@ impl AppState {
                     Arc::new(move || clock.instant()),
                 )
             }
-            Some(c) => SessionStore::Redis(RedisSessions::new(
+            Some(c) => SessionStore::Redis(Box::new(RedisSessions::new(
                 c.redis.clone(),
                 config.timeouts.session_idle,
                 config.timeouts.router_idle,
                 c.redis_timeout,
-            )),
+            ))),
         };
         let limiter = RateLimiter::with_max_keys(
             config.enroll_per_minute,
@@ -142,8 +152,13 @@ impl AppState {
             call_slots,
             answer_budget,
             config,
-            store: Mutex::new(store),
+            registry,
             routers: RwLock::new(routers),
+            agent_lookups: Mutex::new(RateLimiter::with_max_keys(
+                AGENT_LOOKUPS_PER_SECOND,
+                std::time::Duration::from_secs(1),
+                1,
+            )),
             sessions,
             links: Links::default(),
             metrics: Metrics::default(),
@@ -161,14 +176,89 @@ impl AppState {
         self.routers.read_locked().get(&id).cloned()
     }
 
-    /// Runs a registry operation under the store lock; callers that change a router
-    /// refresh its cache entry with [`AppState::cache_router`].
-    pub fn with_store<T>(
+    /// The router as the cache knows it; in a cluster, a router the cache lacks
+    /// (created on another node since the last poll) is looked up in the registry
+    /// first, so it is never "not found" only because it is new. A single node's
+    /// cache holds every router and answers alone.
+    pub async fn router_meta_or_load(&self, id: Uuid) -> Result<Option<RouterMeta>, ApiError> {
+        if let Some(meta) = self.router_meta(id) {
+            return Ok(Some(meta));
+        }
+        if !self.registry.is_shared() {
+            return Ok(None);
+        }
+        Ok(self.registry.router(id).await?.map(|row| {
+            self.cache_router(&row);
+            RouterMeta::from(&row)
+        }))
+    }
+
+    /// `auth::authenticate_router` against the cache, for a cluster node whose
+    /// cache may lag the registry: a router it has not seen is loaded first, and a
+    /// secret the cached entry refuses is checked once more against the registry —
+    /// the router may have enrolled (again) through another node since the last
+    /// poll. A single node's cache is the registry, and answers alone. Past
+    /// [`AGENT_LOOKUPS_PER_SECOND`] the cache answers alone too.
+    pub async fn authenticate_agent(
         &self,
-        f: impl FnOnce(&mut Store) -> Result<T, crate::store::StoreError>,
-    ) -> Result<T, ApiError> {
-        let mut store = self.store.locked();
-        Ok(f(&mut store)?)
+        req: &hyper::Request<hyper::body::Incoming>,
+    ) -> Result<Uuid, ApiError> {
+        let claimed = crate::auth::claimed_router_id(req).filter(|_| self.registry.is_shared());
+        if let Some(id) = claimed {
+            if self.router_meta(id).is_none() && self.may_look_up() {
+                self.router_meta_or_load(id).await?;
+            }
+        }
+        match crate::auth::authenticate_router(req, |id| self.router_meta(id)) {
+            Err(ApiError::Unauthorized) => match claimed {
+                Some(id) if self.may_look_up() => {
+                    self.refresh_router(id).await?;
+                    crate::auth::authenticate_router(req, |id| self.router_meta(id))
+                }
+                _ => Err(ApiError::Unauthorized),
+            },
+            other => other,
+        }
+    }
+
+    fn may_look_up(&self) -> bool {
+        // One key: the bucket is global, not per address.
+        self.agent_lookups.locked().allow(
+            std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+            self.clock.instant(),
+        )
+    }
+
+    /// Re-reads one router from the registry and applies it here: what another
+    /// node changed (the cluster's broadcast calls this on every node).
+    pub async fn refresh_router(&self, id: Uuid) -> Result<(), ApiError> {
+        match self.registry.router(id).await? {
+            Some(row) => self.apply_router(&row),
+            // Not written by any relay (routers are never deleted); forget it.
+            None => {
+                self.routers.write_locked().remove(&id);
+                self.links.close(id);
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts what the registry says of a router into the cache; a revoked router's
+    /// link on this node closes at once. A revocation is for good, so a row read
+    /// before it (a poll's snapshot that this node's own revocation overtook) never
+    /// takes it back.
+    pub fn apply_router(&self, row: &RouterRow) {
+        {
+            let mut routers = self.routers.write_locked();
+            let mut meta = RouterMeta::from(row);
+            if routers.get(&row.id).is_some_and(|m| m.revoked) {
+                meta.revoked = true;
+            }
+            routers.insert(row.id, meta);
+        }
+        if row.revoked_at.is_some() && self.links.close(row.id) {
+            tracing::info!(router_id = %row.id, "link closed: the router was revoked on another node");
+        }
     }
 
     pub fn cache_router(&self, row: &RouterRow) {

@@ -1,7 +1,9 @@
-//! A relay cluster for the tests: a Redis of its own and N relay processes in
-//! cluster mode on `127.0.0.1:0`, each with its internal listener on port 0,
-//! sharing one certificate (agents pin it) and one registry. Nodes are started,
-//! killed and restarted one by one, as an operator would.
+//! A relay cluster for the tests: a Redis and a PostgreSQL of its own and N relay
+//! processes in cluster mode on `127.0.0.1:0`, each with its internal listener on
+//! port 0, sharing one certificate (agents pin it) and the registry in PostgreSQL.
+//! Routers asked for at start are enrolled on a single relay first and moved into
+//! PostgreSQL with `migrate-registry`, as a deployment grows into a cluster. Nodes
+//! are started, killed and restarted one by one, as an operator would.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -27,8 +29,6 @@ pub struct ClusterRig {
     /// The certificate and key every node presents.
     cert: PathBuf,
     key: PathBuf,
-    /// The data directory of the single relay the cluster grew from.
-    seed: PathBuf,
     /// Extra TOML after each node's `[cluster]` section (whole sections).
     extra: String,
     _dir: Arc<tempfile::TempDir>,
@@ -55,8 +55,28 @@ impl ClusterRig {
             routers.push(maker.enrolled_router(owner).await?);
         }
         maker.terminate().await?;
-        let seed = dir.path().join("seed");
-        crate::copy_dir(&maker.data_dir, &seed)?;
+        // Grown into a cluster as an operator would: the registry moved into
+        // PostgreSQL with `migrate-registry`.
+        if !owners.is_empty() {
+            let config = dir.path().join("migrate.toml");
+            std::fs::write(&config, format!("api_key = \"{API_KEY}\"\n"))?;
+            let out = tokio::process::Command::new(crate::binary("netpilot-relay"))
+                .arg("migrate-registry")
+                .arg("--config")
+                .arg(&config)
+                .arg("--data-dir")
+                .arg(&maker.data_dir)
+                .env("NETPILOT_POSTGRES_URL", &postgres_url)
+                .env_remove("NETPILOT_API_KEY")
+                .output()
+                .await?;
+            if !out.status.success() {
+                bail!(
+                    "migrate-registry failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
         let cert = dir.path().join("cluster-cert.pem");
         let key = dir.path().join("cluster-key.pem");
         std::fs::copy(maker.data_dir.join("tls/relay-cert.pem"), &cert)?;
@@ -68,7 +88,6 @@ impl ClusterRig {
             nodes: Vec::new(),
             cert,
             key,
-            seed,
             extra: extra.to_owned(),
             _dir: dir,
         };
@@ -96,7 +115,6 @@ impl ClusterRig {
     async fn spawn_node(&self, i: usize, listen: std::net::SocketAddr) -> anyhow::Result<Relay> {
         let dir = Arc::new(tempfile::tempdir()?);
         let data_dir = dir.path().join("relay");
-        crate::copy_dir(&self.seed, &data_dir)?;
         let config_file = dir.path().join("relay.toml");
         std::fs::write(&config_file, self.config(i))?;
         Relay::spawn(dir, data_dir, config_file, listen, Launch::default())

@@ -531,7 +531,7 @@ const RELAY_LAYERS: &[(&str, &[&str])] = &[
     (
         "state",
         &[
-            "store",
+            "registry",
             "sessions",
             "cluster",
             "session_store",

@@ -23,6 +23,9 @@ use crate::config::Secret;
 
 /// See [`Cluster::epoch`].
 const EPOCH: &str = "np:epoch";
+/// Agents' latest reports per router (see [`Cluster::push_report`]).
+const REPORTS_PREFIX: &str = "np:reports:";
+const REPORTS_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -244,6 +247,50 @@ impl Cluster {
             })
             .await?;
         Ok(now)
+    }
+
+    /// Keeps an agent report (JSON) among the router's latest `keep`, newest first,
+    /// for the admin view on every node; forgotten after a week without reports.
+    pub async fn push_report(
+        &self,
+        router: uuid::Uuid,
+        json: String,
+        keep: usize,
+    ) -> Result<(), ClusterError> {
+        let key = format!("{REPORTS_PREFIX}{router}");
+        self.redis(|mut c| async move {
+            redis::pipe()
+                .cmd("LPUSH")
+                .arg(&key)
+                .arg(json)
+                .ignore()
+                .cmd("LTRIM")
+                .arg(&key)
+                .arg(0)
+                .arg(keep.saturating_sub(1))
+                .ignore()
+                .cmd("PEXPIRE")
+                .arg(&key)
+                .arg(REPORTS_TTL.as_millis() as u64)
+                .ignore()
+                .query_async::<()>(&mut c)
+                .await
+        })
+        .await
+    }
+
+    /// The router's latest reports (JSON), newest first.
+    pub async fn recent_reports(&self, router: uuid::Uuid) -> Result<Vec<String>, ClusterError> {
+        let key = format!("{REPORTS_PREFIX}{router}");
+        self.redis(|mut c| async move {
+            redis::cmd("LRANGE")
+                .arg(key)
+                .arg(0)
+                .arg(-1)
+                .query_async(&mut c)
+                .await
+        })
+        .await
     }
 
     /// Takes this node out of the directory of nodes at once (drain, shutdown), so

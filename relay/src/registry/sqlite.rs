@@ -1,53 +1,12 @@
-//! The relay's registry in SQLite: routers, their owners, enrollment tokens and the
-//! hash of each router's secret. Only hashes of secrets and tokens are stored.
-//! Every function takes `now` (unix milliseconds) so expiry is tested with plain values.
+//! The registry in SQLite, a single node's (`registry.sqlite3` in the data
+//! directory): synchronous, one connection, used under the registry's lock.
 
 use std::path::Path;
 
 use rusqlite::{params, Connection, OptionalExtension};
 use uuid::Uuid;
 
-use crate::error::ApiError;
-
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// SQLite failed (open, migrate, query).
-    #[error("registry database: {0}")]
-    Sqlite(#[from] rusqlite::Error),
-    /// The database file cannot be made private (0600).
-    #[error("registry database file: {0}")]
-    Private(#[from] std::io::Error),
-    /// The enrollment token is unknown.
-    #[error("enrollment token is not valid")]
-    TokenInvalid,
-    /// The enrollment token was already traded for a secret.
-    #[error("enrollment token was already used")]
-    TokenUsed,
-    /// The enrollment token's expiry has passed.
-    #[error("enrollment token has expired")]
-    TokenExpired,
-    /// The router exists but was revoked.
-    #[error("router was revoked")]
-    Revoked,
-    /// No router has this id.
-    #[error("router not found")]
-    NotFound,
-}
-
-/// One row of `routers`, as the relay uses it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RouterRow {
-    pub id: Uuid,
-    pub name: String,
-    pub owner_user_id: String,
-    /// SHA-256 of the router secret; `None` until enrolled and after revocation.
-    pub secret_hash: Option<[u8; 32]>,
-    pub created_at: i64,
-    pub enrolled_at: Option<i64>,
-    pub revoked_at: Option<i64>,
-    pub last_seen: Option<i64>,
-    pub agent_version: Option<String>,
-}
+use super::{RouterRow, StoreError, TokenRow};
 
 /// Forward-only migrations; `PRAGMA user_version` is the index of the last applied.
 const MIGRATIONS: &[&str] = &[
@@ -287,6 +246,39 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Every enrollment token that has not expired by `now`, used or not (what
+    /// `migrate-registry` copies: a used token must stay used).
+    pub fn tokens(&self, now: i64) -> Result<Vec<TokenRow>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT token_hash, router_id, expires_at, used_at FROM enrollment_tokens \
+             WHERE expires_at > ?1 ORDER BY router_id, token_hash",
+        )?;
+        let rows = stmt.query_map(params![now], |r| {
+            let hash: Vec<u8> = r.get(0)?;
+            let id: String = r.get(1)?;
+            Ok((hash, id, r.get(2)?, r.get(3)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (hash, id, expires_at, used_at) = row?;
+            // A row that is not a 32-byte hash and a UUID was not written by a relay.
+            let (Ok(token_hash), Ok(router_id)) =
+                (<[u8; 32]>::try_from(hash.as_slice()), Uuid::parse_str(&id))
+            else {
+                continue;
+            };
+            out.push(TokenRow {
+                token_hash,
+                router_id,
+                expires_at,
+                used_at,
+            });
+        }
+        Ok(out)
+    }
+}
+
 const SELECT_ROUTER: &str = "SELECT id, name, owner_user_id, secret_hash, created_at, enrolled_at, revoked_at, last_seen, agent_version FROM routers";
 
 fn router_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RouterRow> {
@@ -305,22 +297,6 @@ fn router_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RouterRow> {
         last_seen: r.get(7)?,
         agent_version: r.get(8)?,
     })
-}
-
-/// Token and revocation failures keep their own codes, so the router's owner knows
-/// what to do; SQLite's detail is logged, not sent.
-impl From<StoreError> for ApiError {
-    fn from(e: StoreError) -> Self {
-        match e {
-            StoreError::TokenInvalid => ApiError::TokenInvalid,
-            StoreError::TokenUsed => ApiError::TokenUsed,
-            StoreError::TokenExpired => ApiError::TokenExpired,
-            StoreError::Revoked => ApiError::RouterRevoked,
-            StoreError::NotFound => ApiError::RouterNotFound(String::new()),
-            StoreError::Sqlite(e) => ApiError::Internal(e.to_string()),
-            StoreError::Private(e) => ApiError::Internal(e.to_string()),
-        }
-    }
 }
 
 #[cfg(test)]
