@@ -81,10 +81,17 @@ pub async fn connect(
             });
         }
     };
+    // Cluster mode: in the directory before the agent hears 101. An agent moving
+    // here from a draining node lets go of its old link once it has our answer,
+    // so the entry must already name this node then (calls that come before the
+    // link is ready wait for it: `forward`'s handover).
+    let claim = crate::cluster_sync::claim_early(state, router_id).await;
     let on_upgrade = hyper::upgrade::on(&mut req);
     let span =
         tracing::info_span!(parent: None, "link", %router_id, %peer, agent_version = %version);
-    tokio::spawn(run_link(state.clone(), router_id, version, on_upgrade, slot).instrument(span));
+    tokio::spawn(
+        run_link(state.clone(), router_id, version, on_upgrade, slot, claim).instrument(span),
+    );
     Ok(Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
         .header(UPGRADE, UPGRADE_PROTOCOL)
@@ -100,11 +107,14 @@ async fn run_link(
     on_upgrade: hyper::upgrade::OnUpgrade,
     // Held for the link's life: it counts against `capacity.max_links`.
     _slot: LinkSlot,
+    // The directory claim made before the upgrade (cluster mode).
+    claim: Option<u64>,
 ) {
     let upgraded = match on_upgrade.await {
         Ok(u) => u,
         Err(e) => {
             tracing::warn!(error = %e, "upgrade failed");
+            crate::cluster_sync::unclaim(&state, router_id, claim).await;
             return;
         }
     };
@@ -114,6 +124,7 @@ async fn run_link(
         Ok(pair) => pair,
         Err(e) => {
             tracing::warn!(error = %e, "h2 handshake on the link failed");
+            crate::cluster_sync::unclaim(&state, router_id, claim).await;
             return;
         }
     };
@@ -142,7 +153,7 @@ async fn run_link(
         }
     }
     // Cluster mode: peers route this router's calls here from now on.
-    crate::cluster_sync::link_up(&state, router_id, generation).await;
+    crate::cluster_sync::link_up(&state, router_id, generation, claim).await;
     touch(&state, router_id, Some(&version)).await;
     tracing::info!("agent link up");
     // Upgraded just before the drain began, registered just after it told every

@@ -19,13 +19,39 @@ use crate::recent_reports::{StoredReport, KEEP_PER_ROUTER};
 use crate::state::AppState;
 use crate::sync::{Locked, ReadWrite};
 
-/// Claims `router`'s link for this node once it is up (after it is registered, so
-/// a peer routed here by the directory finds it).
-pub async fn link_up(state: &AppState, router: Uuid, link_generation: u64) {
+/// Claims `router` for this node as its link is accepted, before the agent hears
+/// so; `None` when Redis did not answer (then [`link_up`] claims again).
+pub async fn claim_early(state: &AppState, router: Uuid) -> Option<u64> {
+    let cluster = state.cluster.as_ref()?;
+    match cluster.claim(router).await {
+        Ok(g) => Some(g),
+        Err(e) => {
+            tracing::warn!(%router, error = %e, "cannot enter the link in the directory yet");
+            None
+        }
+    }
+}
+
+/// Takes back an early claim whose link never came up.
+pub async fn unclaim(state: &AppState, router: Uuid, claim: Option<u64>) {
+    if let (Some(cluster), Some(g)) = (&state.cluster, claim) {
+        if let Err(e) = cluster.release(router, g).await {
+            tracing::warn!(%router, error = %e, "cannot take a failed link out of the directory");
+        }
+    }
+}
+
+/// Records the link's claim once it is registered (claiming now if the early
+/// claim failed), for releasing it when the link ends.
+pub async fn link_up(state: &AppState, router: Uuid, link_generation: u64, claim: Option<u64>) {
     let Some(cluster) = &state.cluster else {
         return;
     };
     let claims = &cluster.claims;
+    if let Some(g) = claim {
+        claims.map.locked().insert(router, (link_generation, g));
+        return;
+    }
     // Claim 0 until Redis answers: "ours, generation not known yet".
     claims.map.locked().insert(router, (link_generation, 0));
     match cluster.claim(router).await {

@@ -97,16 +97,7 @@ pub async fn router_call(
         user,
         deadline: tokio::time::Instant::now() + state.config.timeouts.command,
     };
-    // From here the call goes to the router: only these count as forwarded.
-    let result = deliver(state, router_id, delivery, ctx).await;
-    let status = match &result {
-        Ok(r) => r.status(),
-        Err(e) => e.status(),
-    };
-    state
-        .metrics
-        .record_forward(route.route.pattern, status.as_u16(), ctx.started.elapsed());
-    result
+    deliver(state, router_id, delivery, ctx).await
 }
 
 /// Delivers a checked call wherever the router's link is: here, or (cluster mode)
@@ -167,6 +158,7 @@ pub async fn deliver_local(
         .sender(router_id)
         .ok_or_else(|| ApiError::LinkRefused(router_id.to_string()))?;
     let expect = answer::expect(d.pattern, &d.query, &state.config.forwarding);
+    let pattern = d.pattern;
     let fwd = Forward {
         method: d.method,
         target: d.target,
@@ -176,7 +168,17 @@ pub async fn deliver_local(
         request_id: &ctx.request_id,
         deadline: d.deadline,
     };
-    forward(state, sender, router_id, fwd, expect, slot, ctx).await
+    // From here the call goes to the router: only these count as forwarded, on the
+    // node whose link carries them (a call another node sent here counts once).
+    let result = forward(state, sender, router_id, fwd, expect, slot, ctx).await;
+    let status = match &result {
+        Ok(r) => r.status(),
+        Err(e) => e.status(),
+    };
+    state
+        .metrics
+        .record_forward(pattern, status.as_u16(), ctx.started.elapsed());
+    result
 }
 
 /// How long a call waits for a router that is moving between nodes (its old link
@@ -229,6 +231,8 @@ async fn deliver_elsewhere(
                 match peer_call(state, cluster, &addr, router_id, &d, ctx).await {
                     Ok(resp) if resp.headers().contains_key(peers::HEADER_NOT_HERE) && waiting => {}
                     Ok(resp) => return Ok(pass_through(resp)),
+                    // Its node is shutting down: the router moved or is moving.
+                    Err(PeerError::Refused { .. }) if waiting => {}
                     Err(e) => {
                         cluster
                             .metrics

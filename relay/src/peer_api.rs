@@ -36,22 +36,34 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
-/// Serves peers until the task is dropped.
+/// Serves peers until `peers_stop` turns true (after this node's drain), then closes
+/// each peer connection gracefully: a GOAWAY, so the peer sends new calls after
+/// the router elsewhere, while the calls in flight finish. Returns once they did.
 pub async fn serve(state: Arc<AppState>, listener: TcpListener, tls: Arc<rustls::ServerConfig>) {
+    let Some(cluster) = state.cluster.clone() else {
+        return;
+    };
+    let mut stop = cluster.peers_stop.subscribe();
     let acceptor = TlsAcceptor::from(tls);
+    let mut conns = tokio::task::JoinSet::new();
     loop {
-        let (tcp, peer) = match listener.accept().await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "internal listener: accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
+        while conns.try_join_next().is_some() {}
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "internal listener: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = async { drop(stop.wait_for(|s| *s).await) } => break,
         };
         let _ = tcp.set_nodelay(true);
         let state = state.clone();
         let acceptor = acceptor.clone();
-        tokio::spawn(async move {
+        let mut stop = stop.clone();
+        conns.spawn(async move {
             let handshake = state.config.timeouts.handshake;
             let tls = match tokio::time::timeout(handshake, acceptor.accept(tcp)).await {
                 Ok(Ok(t)) if t.get_ref().1.alpn_protocol() == Some(b"h2") => t,
@@ -80,11 +92,23 @@ pub async fn serve(state: Arc<AppState>, listener: TcpListener, tls: Arc<rustls:
                 .max_concurrent_streams(4096)
                 .initial_stream_window_size(2 * 1024 * 1024)
                 .initial_connection_window_size(8 * 1024 * 1024);
-            if let Err(e) = b.serve_connection(TokioIo::new(tls), service).await {
+            let conn = b.serve_connection(TokioIo::new(tls), service);
+            tokio::pin!(conn);
+            let r = tokio::select! {
+                r = conn.as_mut() => r,
+                // The watch's guard is dropped inside, not held across the wait below.
+                _ = async { drop(stop.wait_for(|s| *s).await) } => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = r {
                 tracing::debug!(%peer, error = %e, "peer connection ended");
             }
         });
     }
+    drop(listener);
+    while conns.join_next().await.is_some() {}
 }
 
 async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Body> {

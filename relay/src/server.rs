@@ -59,6 +59,11 @@ pub async fn serve(
         state.drain.start();
         tracing::info!("shutdown requested: draining");
         crate::drain::links(&state.links, &state.drain, state.config.timeouts.drain).await;
+        // Cluster mode: peers stop forwarding here (their next calls follow the
+        // routers, which moved), while the calls they sent finish below.
+        if let Some(c) = &state.cluster {
+            c.peers_stop.send_replace(true);
+        }
     };
     tokio::pin!(drained);
     loop {

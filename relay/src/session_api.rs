@@ -86,7 +86,7 @@ async fn start(
                     .unwrap_or(false);
                 (true, ready, "Session started; router connected".to_owned())
             }
-            Err(ApiError::RouterOffline(_)) => (
+            Err(ApiError::RouterOffline(_) | ApiError::LinkRefused(_)) => (
                 false,
                 false,
                 "Session started; router is offline".to_owned(),

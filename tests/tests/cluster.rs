@@ -113,6 +113,26 @@ async fn a_call_entering_any_node_reaches_the_router_wherever_it_is_linked() {
     assert!(forwards_out >= 50.0, "{forwards_out}\n{m}");
 }
 
+/// The router's agent linked to node `at` (as node `via` sees it), and a session of
+/// alice's through node `via` that reaches the router.
+async fn linked(
+    rig: &ClusterRig,
+    router: &netpilot_tests::EnrolledRouter,
+    at: usize,
+    via: usize,
+) -> (netpilot_tests::Agent, Session) {
+    let agent = rig.agent(router, at).await.unwrap();
+    rig.wait_holder(via, &router.router_id, Some(at), Duration::from_secs(15))
+        .await
+        .unwrap();
+    let c = rig.client(via).await.unwrap();
+    let s = Session::start(&c, "alice", &router.router_id)
+        .await
+        .unwrap();
+    assert_eq!(s.get("/api/groups").await.status, 200);
+    (agent, s)
+}
+
 fn metric(text: &str, name: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(&format!("{name} ")))
@@ -287,15 +307,7 @@ async fn a_killed_nodes_routers_come_back_through_the_others_and_sessions_surviv
     .await
     .unwrap();
     let router = &routers[0];
-    let _agent = rig.agent(router, 0).await.unwrap();
-    rig.wait_holder(1, &router.router_id, Some(0), Duration::from_secs(15))
-        .await
-        .unwrap();
-    let c1 = rig.client(1).await.unwrap();
-    let s = Session::start(&c1, "alice", &router.router_id)
-        .await
-        .unwrap();
-    assert_eq!(s.get("/api/groups").await.status, 200);
+    let (_agent, s) = linked(&rig, router, 0, 1).await;
 
     rig.kill(0).await;
     let killed = Instant::now();
@@ -322,15 +334,7 @@ async fn a_killed_nodes_routers_come_back_through_the_others_and_sessions_surviv
 async fn a_node_that_cannot_be_reached_answers_router_unreachable_quickly() {
     let (rig, routers) = ClusterRig::start(2, "", &["alice"]).await.unwrap();
     let router = &routers[0];
-    let _agent = rig.agent(router, 1).await.unwrap();
-    rig.wait_holder(0, &router.router_id, Some(1), Duration::from_secs(15))
-        .await
-        .unwrap();
-    let c0 = rig.client(0).await.unwrap();
-    let s = Session::start(&c0, "alice", &router.router_id)
-        .await
-        .unwrap();
-    assert_eq!(s.get("/api/groups").await.status, 200);
+    let (_agent, s) = linked(&rig, router, 1, 0).await;
 
     // SIGSTOP: node 1 keeps its sockets but answers nothing, as behind a partition.
     let pid = rig.nodes[1].pid().unwrap();
@@ -358,15 +362,8 @@ async fn a_node_that_cannot_be_reached_answers_router_unreachable_quickly() {
 async fn without_redis_every_call_is_refused_and_the_cluster_recovers() {
     let (mut rig, routers) = ClusterRig::start(2, "", &["alice"]).await.unwrap();
     let router = &routers[0];
-    let _agent = rig.agent(router, 1).await.unwrap();
-    rig.wait_holder(0, &router.router_id, Some(1), Duration::from_secs(15))
-        .await
-        .unwrap();
-    let c0 = rig.client(0).await.unwrap();
-    let s = Session::start(&c0, "alice", &router.router_id)
-        .await
-        .unwrap();
-    assert_eq!(s.get("/api/groups").await.status, 200);
+    let (_agent, s) = linked(&rig, router, 1, 0).await;
+    let c0 = s.client.clone();
 
     rig.redis.kill().await;
     for via in 0..2 {

@@ -48,6 +48,19 @@ async fn pair(config: &str, routers: usize) -> (Relay, Relay, Vec<EnrolledRouter
     (a, b, enrolled)
 }
 
+/// The router's agent with the list A then B (slow retries, so only the drain
+/// moves it fast), online on A.
+async fn on_a(a: &Relay, b: &Relay, router: &EnrolledRouter) -> Agent {
+    let (a_url, b_url) = (a.url(), b.url());
+    let mut args = vec!["--simulate", "--relay", &a_url, "--relay", &b_url];
+    args.extend_from_slice(SLOW_RETRY);
+    let agent = Agent::start(router, &args).await.unwrap();
+    a.wait_online(&router.router_id, true, Duration::from_secs(10))
+        .await
+        .unwrap();
+    agent
+}
+
 fn agent_log(router: &EnrolledRouter) -> String {
     std::fs::read_to_string(router.state_dir.parent().unwrap().join("agent.log"))
         .unwrap_or_default()
@@ -76,13 +89,7 @@ async fn metric(relay: &Relay, sample: &str) -> u64 {
 async fn sigterm_moves_the_link_to_the_next_relay_at_once_and_the_relay_exits() {
     let (mut a, b, routers) = pair("[timeouts]\ndrain = \"20s\"\n", 1).await;
     let router = &routers[0];
-    let (a_url, b_url) = (a.url(), b.url());
-    let mut args = vec!["--simulate", "--relay", &a_url, "--relay", &b_url];
-    args.extend_from_slice(SLOW_RETRY);
-    let _agent = Agent::start(router, &args).await.unwrap();
-    a.wait_online(&router.router_id, true, Duration::from_secs(10))
-        .await
-        .unwrap();
+    let _agent = on_a(&a, &b, router).await;
     let socket = AgentPaths::of(router).control;
     assert_eq!(link_status(&socket)["connects"], 1);
 
@@ -113,7 +120,7 @@ async fn sigterm_moves_the_link_to_the_next_relay_at_once_and_the_relay_exits() 
     );
     assert!(!agent.contains("reconnecting"), "{agent}");
     let link = link_status(&socket);
-    assert_eq!(link["relay"], b_url.as_str(), "{link}");
+    assert_eq!(link["relay"], b.url().as_str(), "{link}");
     assert_eq!(link["connects"], 2, "{link}");
     assert_eq!(link["connected"], true, "{link}");
 }
@@ -122,13 +129,7 @@ async fn sigterm_moves_the_link_to_the_next_relay_at_once_and_the_relay_exits() 
 async fn a_call_in_flight_on_the_draining_relay_still_answers() {
     let (mut a, b, routers) = pair("[timeouts]\ndrain = \"20s\"\n", 1).await;
     let router = &routers[0];
-    let (a_url, b_url) = (a.url(), b.url());
-    let mut args = vec!["--simulate", "--relay", &a_url, "--relay", &b_url];
-    args.extend_from_slice(SLOW_RETRY);
-    let _agent = Agent::start(router, &args).await.unwrap();
-    a.wait_online(&router.router_id, true, Duration::from_secs(10))
-        .await
-        .unwrap();
+    let _agent = on_a(&a, &b, router).await;
     let alice = Session::start(&a.client().await.unwrap(), "alice", &router.router_id)
         .await
         .unwrap();
@@ -383,13 +384,7 @@ async fn with_no_other_relay_up_the_agent_stays_then_tries_the_draining_relay_la
     let (mut a, mut b, routers) = pair("[timeouts]\ndrain = \"3s\"\n", 1).await;
     let router = &routers[0];
     b.kill().await;
-    let (a_url, b_url) = (a.url(), b.url());
-    let mut args = vec!["--simulate", "--relay", &a_url, "--relay", &b_url];
-    args.extend_from_slice(SLOW_RETRY);
-    let _agent = Agent::start(router, &args).await.unwrap();
-    a.wait_online(&router.router_id, true, Duration::from_secs(10))
-        .await
-        .unwrap();
+    let _agent = on_a(&a, &b, router).await;
 
     a.sigterm().unwrap();
     eventually(Duration::from_secs(5), "the agent to find B down", || {
@@ -417,7 +412,7 @@ async fn with_no_other_relay_up_the_agent_stays_then_tries_the_draining_relay_la
         exited.elapsed()
     );
     let link = link_status(&AgentPaths::of(router).control);
-    assert_eq!(link["relay"], b_url.as_str(), "{link}");
+    assert_eq!(link["relay"], b.url().as_str(), "{link}");
     assert!(
         !agent_log(router).contains("reconnecting"),
         "{}",

@@ -142,28 +142,28 @@ impl Cluster {
 
     /// Removes this node's claim on `router`, if it is still the current one.
     pub async fn release(&self, router: Uuid, generation: u64) -> Result<bool, ClusterError> {
-        let node = self.node_id.clone();
-        let done: i64 = self
-            .redis(|mut c| async move {
-                self.directory
-                    .release
-                    .key(link_key(router))
-                    .arg(generation)
-                    .arg(node)
-                    .invoke_async(&mut c)
-                    .await
-            })
-            .await?;
-        Ok(done == 1)
+        self.on_own_claim(&self.directory.release, router, generation)
+            .await
     }
 
     /// Puts a live link's claim back where the entry is missing (Redis restarted).
     pub async fn reassert(&self, router: Uuid, generation: u64) -> Result<bool, ClusterError> {
+        self.on_own_claim(&self.directory.reassert, router, generation)
+            .await
+    }
+
+    /// Runs a script over this node's claim `generation` on `router`; whether it
+    /// changed the entry.
+    async fn on_own_claim(
+        &self,
+        script: &Script,
+        router: Uuid,
+        generation: u64,
+    ) -> Result<bool, ClusterError> {
         let node = self.node_id.clone();
         let done: i64 = self
             .redis(|mut c| async move {
-                self.directory
-                    .reassert
+                script
                     .key(link_key(router))
                     .arg(generation)
                     .arg(node)

@@ -142,6 +142,10 @@ pub struct Cluster {
     pub metrics: ClusterMetrics,
     /// This node's entries in the link directory.
     pub claims: directory::Claims,
+    /// Turns true once this node's drain moved its links: the internal listener
+    /// then closes peer connections gracefully (new forwarded calls are refused,
+    /// unprocessed, and follow the router elsewhere).
+    pub peers_stop: tokio::sync::watch::Sender<bool>,
     directory: directory::Scripts,
 }
 
@@ -174,6 +178,7 @@ impl Cluster {
             peers: peers::Peers::new(fingerprint, cfg.peer_connect_timeout),
             metrics: ClusterMetrics::default(),
             claims: directory::Claims::default(),
+            peers_stop: tokio::sync::watch::Sender::new(false),
             directory: directory::Scripts::new(),
         })
     }

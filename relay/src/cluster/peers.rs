@@ -39,6 +39,10 @@ pub enum PeerError {
     /// Nothing was sent: the peer could not be dialed (or the TLS/h2 setup failed).
     #[error("cannot connect to {addr}: {why}")]
     Connect { addr: String, why: String },
+    /// The peer refused the call without processing it (it is shutting down): the
+    /// call may go where the router is now.
+    #[error("{addr} refused the call unprocessed")]
+    Refused { addr: String },
     /// No answer within the call's deadline.
     #[error("no answer within the command timeout")]
     Timeout,
@@ -91,7 +95,13 @@ impl Peers {
         }
         sender.send_request(req).await.map_err(|e| {
             self.pool.locked().remove(addr);
-            lost(e.to_string())
+            if unprocessed(&e) {
+                PeerError::Refused {
+                    addr: addr.to_owned(),
+                }
+            } else {
+                lost(e.to_string())
+            }
         })
     }
 
@@ -152,6 +162,25 @@ impl Peers {
             .filter(|s| !s.is_closed())
             .count()
     }
+}
+
+/// A call the peer never processed: never sent (the connection closed first), or
+/// refused by the peer's GOAWAY or `REFUSED_STREAM`.
+fn unprocessed(e: &hyper::Error) -> bool {
+    if e.is_canceled() {
+        return true;
+    }
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(h2) = s.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+                || (h2.is_go_away()
+                    && h2.is_remote()
+                    && h2.reason() == Some(h2::Reason::NO_ERROR));
+        }
+        source = s.source();
+    }
+    false
 }
 
 /// Trusts exactly the cluster's certificate, by its fingerprint; handshake

@@ -102,6 +102,18 @@ impl RouterRow {
     }
 }
 
+/// Whether a token found in the registry can still be traded: once, before it
+/// expires (both backends ask the same).
+fn token_usable(used_at: Option<i64>, expires_at: i64, now: i64) -> Result<(), StoreError> {
+    if used_at.is_some() {
+        return Err(StoreError::TokenUsed);
+    }
+    if now >= expires_at {
+        return Err(StoreError::TokenExpired);
+    }
+    Ok(())
+}
+
 /// One row of `enrollment_tokens` (what `migrate-registry` copies).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenRow {

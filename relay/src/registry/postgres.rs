@@ -311,12 +311,7 @@ impl PgRegistry {
             let router_id: Uuid = token.get(0);
             let expires_at: i64 = token.get(1);
             let used_at: Option<i64> = token.get(2);
-            if used_at.is_some() {
-                return Err(StoreError::TokenUsed);
-            }
-            if now >= expires_at {
-                return Err(StoreError::TokenExpired);
-            }
+            super::token_usable(used_at, expires_at, now)?;
             tx.execute(
                 "UPDATE enrollment_tokens SET used_at = $1 WHERE token_hash = $2",
                 &[&now, &&token_hash[..]],

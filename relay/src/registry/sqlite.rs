@@ -127,12 +127,7 @@ impl Store {
             )
             .optional()?;
         let (router_id, expires_at, used_at) = row.ok_or(StoreError::TokenInvalid)?;
-        if used_at.is_some() {
-            return Err(StoreError::TokenUsed);
-        }
-        if now >= expires_at {
-            return Err(StoreError::TokenExpired);
-        }
+        super::token_usable(used_at, expires_at, now)?;
         tx.execute(
             "UPDATE enrollment_tokens SET used_at = ?1 WHERE token_hash = ?2",
             params![now, &token_hash[..]],
