@@ -671,6 +671,17 @@ async fn terminate(child: &mut Child) -> anyhow::Result<std::process::ExitStatus
         .map_err(|_| anyhow!("process {pid} still running 10 s after SIGTERM"))??)
 }
 
+/// `netpilot-agent status --json`'s link section, asked on the agent's control
+/// socket (which relay it is on, how often it connected, its last error).
+pub fn agent_link_status(socket: &Path) -> Value {
+    let out = std::process::Command::new(binary("netpilot-agent"))
+        .args(["status", "--json", "--control", socket.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    serde_json::from_slice::<Value>(&out.stdout).unwrap()["link"].clone()
+}
+
 /// The answer to one API call.
 #[derive(Debug, Clone)]
 pub struct Reply {

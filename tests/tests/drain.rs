@@ -6,14 +6,11 @@
 //! the old link still answers), and the relay exits once its links are gone, or
 //! cuts them at `timeouts.drain`. `LINKS_BUSY` also sends an agent on at once.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use netpilot_tests::fake_agent::{self, answer, connect, credentials, envelope, whole};
-use netpilot_tests::{
-    binary, eventually, Agent, AgentPaths, EnrolledRouter, Relay, RelayOptions, Session,
-};
-use serde_json::{json, Value};
+use netpilot_tests::{eventually, Agent, AgentPaths, EnrolledRouter, Relay, RelayOptions, Session};
+use serde_json::json;
 
 /// Agent timing under which only a drain (or a refusal) can move the link fast:
 /// a lost link would wait a random share of 30 s, a failed round 10 s or more.
@@ -66,16 +63,6 @@ fn agent_log(router: &EnrolledRouter) -> String {
         .unwrap_or_default()
 }
 
-/// `netpilot-agent status --json`'s link section.
-fn link_status(socket: &Path) -> Value {
-    let out = std::process::Command::new(binary("netpilot-agent"))
-        .args(["status", "--json", "--control", socket.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    serde_json::from_slice::<Value>(&out.stdout).unwrap()["link"].clone()
-}
-
 /// One sample of the relay's scrape, e.g. `netpilot_drain_links_total{outcome="left"}`.
 async fn metric(relay: &Relay, sample: &str) -> u64 {
     let m = relay.client().await.unwrap().get("/metrics").await.unwrap();
@@ -91,7 +78,7 @@ async fn sigterm_moves_the_link_to_the_next_relay_at_once_and_the_relay_exits() 
     let router = &routers[0];
     let _agent = on_a(&a, &b, router).await;
     let socket = AgentPaths::of(router).control;
-    assert_eq!(link_status(&socket)["connects"], 1);
+    assert_eq!(netpilot_tests::agent_link_status(&socket)["connects"], 1);
 
     a.sigterm().unwrap();
     let sent = Instant::now();
@@ -119,7 +106,7 @@ async fn sigterm_moves_the_link_to_the_next_relay_at_once_and_the_relay_exits() 
         "{agent}"
     );
     assert!(!agent.contains("reconnecting"), "{agent}");
-    let link = link_status(&socket);
+    let link = netpilot_tests::agent_link_status(&socket);
     assert_eq!(link["relay"], b.url().as_str(), "{link}");
     assert_eq!(link["connects"], 2, "{link}");
     assert_eq!(link["connected"], true, "{link}");
@@ -411,7 +398,7 @@ async fn with_no_other_relay_up_the_agent_stays_then_tries_the_draining_relay_la
         "A closed after its drain; on B {:?} later",
         exited.elapsed()
     );
-    let link = link_status(&AgentPaths::of(router).control);
+    let link = netpilot_tests::agent_link_status(&AgentPaths::of(router).control);
     assert_eq!(link["relay"], b.url().as_str(), "{link}");
     assert!(
         !agent_log(router).contains("reconnecting"),

@@ -8,23 +8,12 @@ use std::time::{Duration, Instant};
 use std::path::Path;
 
 use netpilot_tests::{binary, eventually, Agent, AgentPaths, Relay, RelayOptions};
-use serde_json::Value;
 
 /// The agent's spread of the first retry after a lost link, in this test.
 const SPREAD: Duration = Duration::from_secs(1);
 
 /// Short keepalive so each relay notices a gone agent quickly.
 const FAST_LINK: &str = "[timeouts]\nping_interval = \"200ms\"\ndead_after = \"800ms\"\n";
-
-/// `netpilot-agent status --json`'s link section.
-fn link_status(socket: &Path) -> Value {
-    let out = std::process::Command::new(binary("netpilot-agent"))
-        .args(["status", "--json", "--control", socket.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    serde_json::from_slice::<Value>(&out.stdout).unwrap()["link"].clone()
-}
 
 fn control(verb: &str, socket: &Path) {
     let out = std::process::Command::new(binary("netpilot-agent"))
@@ -92,12 +81,12 @@ async fn the_agent_fails_over_to_the_next_relay_and_back() {
     // to B again, not to the first relay of the list.
     a.restart().await.unwrap();
     let socket = AgentPaths::of(&router).control;
-    let link = link_status(&socket);
+    let link = netpilot_tests::agent_link_status(&socket);
     assert_eq!(link["relay"], b_url.as_str(), "{link}");
     let connects = link["connects"].as_u64().unwrap();
     control("reconnect", &socket);
     let link = eventually(Duration::from_secs(10), "the redialled link", || {
-        let link = link_status(&socket);
+        let link = netpilot_tests::agent_link_status(&socket);
         let up = link["connected"] == true && link["connects"].as_u64() > Some(connects);
         async move { up.then_some(link) }
     })
@@ -123,7 +112,10 @@ async fn the_agent_fails_over_to_the_next_relay_and_back() {
         took < SPREAD + Duration::from_secs(8),
         "failover took {took:?}"
     );
-    assert_eq!(link_status(&socket)["relay"], a_url.as_str());
+    assert_eq!(
+        netpilot_tests::agent_link_status(&socket)["relay"],
+        a_url.as_str()
+    );
 }
 
 #[tokio::test]
