@@ -5,6 +5,8 @@
 pub mod envelope;
 pub mod error_code;
 pub mod link;
+#[cfg(feature = "pin")]
+pub mod pin;
 pub mod routes;
 
 pub use envelope::{Envelope, ErrorBody, Meta};

@@ -231,8 +231,20 @@ async fn deliver_elsewhere(
                 match peer_call(state, cluster, &addr, router_id, &d, ctx).await {
                     Ok(resp) if resp.headers().contains_key(peers::HEADER_NOT_HERE) && waiting => {}
                     Ok(resp) => return Ok(pass_through(resp)),
-                    // Its node is shutting down: the router moved or is moving.
-                    Err(PeerError::Refused { .. }) if waiting => {}
+                    // Nothing reached the peer, or it refused the call unprocessed (it
+                    // is shutting down): the router moved or is moving; look again.
+                    // A node really gone fails every try until the wait is over.
+                    Err(PeerError::Refused { .. } | PeerError::Connect { .. }) if waiting => {}
+                    // The connection failed with the call on it: whether the peer ran
+                    // it is unknown. An idempotent call (GET, PUT, DELETE) may go
+                    // again if the router has moved since; any other is not repeated.
+                    Err(PeerError::Lost { .. })
+                        if waiting
+                            && d.method.is_idempotent()
+                            && moved_from(cluster, router_id, &id).await =>
+                    {
+                        continue;
+                    }
                     Err(e) => {
                         cluster
                             .metrics
@@ -254,6 +266,15 @@ async fn deliver_elsewhere(
             }
         }
         tokio::time::sleep(HANDOVER_POLL).await;
+    }
+}
+
+/// Whether the directory names another holder than `node` for the router now.
+async fn moved_from(cluster: &Cluster, router_id: Uuid, node: &str) -> bool {
+    match cluster.lookup(router_id).await {
+        Ok(Holder::Node { id, .. }) => id != node,
+        Ok(Holder::Here) => true,
+        _ => false,
     }
 }
 

@@ -131,7 +131,7 @@ pub async fn run(
                     c.internal_address.set_port(l.local_addr()?.port());
                 }
             }
-            let cluster = cluster::Cluster::connect(c, &tls.fingerprint)
+            let cluster = cluster::Cluster::connect(c, tls.digest)
                 .await
                 .with_context(|| format!("cluster node {}: cannot reach Redis", c.node_id))?;
             tracing::info!(node = %c.node_id, internal = %c.internal_address, "cluster mode");

@@ -33,8 +33,10 @@ pub enum TlsError {
 
 pub struct TlsIdentity {
     pub config: Arc<ServerConfig>,
-    /// SHA-256 of the leaf certificate's DER, upper-case hex with colons.
+    /// SHA-256 of the leaf certificate's DER, upper-case hex with colons ...
     pub fingerprint: String,
+    /// ... and as bytes (what cluster nodes pin when they call each other).
+    pub digest: [u8; 32],
     pub cert_path: PathBuf,
     /// True when this start created the self-signed pair.
     pub generated: bool,
@@ -77,6 +79,7 @@ pub fn load_or_create(
         message: "no certificate in file".into(),
     })?;
     let fingerprint = fingerprint(leaf.as_ref());
+    let digest = sha256(leaf.as_ref());
     let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|e| TlsError::Load {
         path: key_path.clone(),
         message: e.to_string(),
@@ -91,16 +94,23 @@ pub fn load_or_create(
     Ok(TlsIdentity {
         config: Arc::new(config),
         fingerprint,
+        digest,
         cert_path,
         generated,
     })
 }
 
+fn sha256(der: &[u8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest::digest(&digest::SHA256, der).as_ref());
+    out
+}
+
 /// SHA-256 of a DER certificate as `AB:CD:…`, the form operators compare by eye.
 pub fn fingerprint(der: &[u8]) -> String {
-    let d = digest::digest(&digest::SHA256, der);
+    let d = sha256(der);
     let mut out = String::with_capacity(95);
-    for (i, b) in d.as_ref().iter().enumerate() {
+    for (i, b) in d.iter().enumerate() {
         if i > 0 {
             out.push(':');
         }

@@ -7,12 +7,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ring::digest;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
-use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use netpilot_proto::pin::Pinned;
+use rustls::{ClientConfig, RootCertStore};
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls_pki_types::{CertificateDer, UnixTime};
 use serde::{Deserialize, Serialize};
 
 /// Seconds since the epoch when this binary was built.
@@ -78,10 +76,10 @@ pub fn client_config(trust: &Trust) -> Result<Arc<ClientConfig>, TlsError> {
     let mut config = match trust {
         Trust::Fingerprint(hex) => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(Pinned {
-                digest: parse_fingerprint(hex)?,
+            .with_custom_certificate_verifier(Arc::new(Pinned::new(
+                parse_fingerprint(hex)?,
                 provider,
-            }))
+            )))
             .with_no_client_auth(),
         Trust::CaFile(path) => builder
             .with_root_certificates(load_roots(path)?)
@@ -147,69 +145,6 @@ pub fn clock_unset(now: SystemTime) -> bool {
         .map(|d| d.as_secs())
         .unwrap_or(0)
         < BUILD_UNIX
-}
-
-/// Trusts exactly one certificate, by the SHA-256 of its DER. Names and validity
-/// dates do not matter: the pin is the identity. Handshake signatures are still
-/// verified, so only the holder of the pinned certificate's key passes.
-#[derive(Debug)]
-struct Pinned {
-    digest: [u8; 32],
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for Pinned {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let d = digest::digest(&digest::SHA256, end_entity.as_ref());
-        if d.as_ref() == self.digest {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::General(
-                "relay certificate does not match the pinned fingerprint".into(),
-            ))
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
 }
 
 #[cfg(test)]

@@ -152,8 +152,12 @@ pub struct Cluster {
 impl Cluster {
     /// Connects to Redis (failing start when it does not answer: a node that
     /// cannot check sessions would refuse every call) and prepares the peer pool,
-    /// which trusts exactly the certificate with `fingerprint` (all nodes share it).
-    pub async fn connect(cfg: &ClusterConfig, fingerprint: &str) -> Result<Cluster, ClusterError> {
+    /// which trusts exactly the certificate whose SHA-256 is `cert_digest` (all
+    /// nodes share it).
+    pub async fn connect(
+        cfg: &ClusterConfig,
+        cert_digest: [u8; 32],
+    ) -> Result<Cluster, ClusterError> {
         let client = redis::Client::open(cfg.redis_url.expose())?;
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(cfg.redis_timeout))
@@ -175,7 +179,7 @@ impl Cluster {
             redis_timeout: cfg.redis_timeout,
             heartbeat: cfg.heartbeat,
             node_ttl: cfg.node_ttl,
-            peers: peers::Peers::new(fingerprint, cfg.peer_connect_timeout),
+            peers: peers::Peers::new(cert_digest, cfg.peer_connect_timeout),
             metrics: ClusterMetrics::default(),
             claims: directory::Claims::default(),
             peers_stop: tokio::sync::watch::Sender::new(false),

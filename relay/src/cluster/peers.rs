@@ -15,10 +15,8 @@ use hyper::body::Incoming;
 use hyper::client::conn::http2::SendRequest;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
+use netpilot_proto::pin::Pinned;
+use rustls::pki_types::ServerName;
 
 use crate::sync::Locked;
 
@@ -58,16 +56,14 @@ pub struct Peers {
 }
 
 impl Peers {
-    pub fn new(fingerprint: &str, connect_timeout: Duration) -> Peers {
+    /// `digest`: the SHA-256 of the cluster's certificate (every node's own).
+    pub fn new(digest: [u8; 32], connect_timeout: Duration) -> Peers {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .expect("ring supports the default protocol versions")
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(Pinned {
-                fingerprint: fingerprint.to_owned(),
-                provider,
-            }))
+            .with_custom_certificate_verifier(Arc::new(Pinned::new(digest, provider)))
             .with_no_client_auth();
         tls.alpn_protocols = vec![b"h2".to_vec()];
         Peers {
@@ -181,65 +177,4 @@ fn unprocessed(e: &hyper::Error) -> bool {
         source = s.source();
     }
     false
-}
-
-/// Trusts exactly the cluster's certificate, by its fingerprint; handshake
-/// signatures are still verified, so only a holder of its key passes.
-#[derive(Debug)]
-struct Pinned {
-    fingerprint: String,
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for Pinned {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        if crate::tls::fingerprint(end_entity.as_ref()) == self.fingerprint {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::General(
-                "peer certificate is not the cluster's".into(),
-            ))
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
 }
