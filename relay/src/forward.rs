@@ -228,7 +228,7 @@ async fn deliver_elsewhere(
                 }
             }
             Holder::Node { id, addr } => {
-                match peer_call(state, cluster, &addr, router_id, &d, ctx).await {
+                match peer_call(cluster, &addr, router_id, &d, ctx).await {
                     Ok(resp) if resp.headers().contains_key(peers::HEADER_NOT_HERE) && waiting => {}
                     Ok(resp) => return Ok(pass_through(resp)),
                     // Nothing reached the peer, or it refused the call unprocessed (it
@@ -280,7 +280,6 @@ async fn moved_from(cluster: &Cluster, router_id: Uuid, node: &str) -> bool {
 
 /// Sends one call to the peer at `addr` (its internal listener).
 async fn peer_call(
-    state: &AppState,
     cluster: &Cluster,
     addr: &str,
     router_id: Uuid,
@@ -324,13 +323,9 @@ async fn peer_call(
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     // The peer answers 408 at the deadline itself; a little longer here covers the hop.
     let margin = std::time::Duration::from_secs(1);
-    match tokio::time::timeout_at(d.deadline + margin, cluster.peers.send(addr, req)).await {
-        Ok(r) => r,
-        Err(_) => {
-            let _ = state;
-            Err(PeerError::Timeout)
-        }
-    }
+    tokio::time::timeout_at(d.deadline + margin, cluster.peers.send(addr, req))
+        .await
+        .unwrap_or(Err(PeerError::Timeout))
 }
 
 /// A peer's answer, passed on as it comes (the peer already checked the router's).

@@ -71,11 +71,6 @@ impl ClusterMetrics {
                 get(&self.redis_errors),
             ),
             (
-                "netpilot_cluster_redis_seconds_total",
-                "Time spent waiting for Redis (with ops: the mean latency).",
-                0,
-            ),
-            (
                 "netpilot_cluster_directory_lookups_total",
                 "Link directory lookups (calls for routers linked elsewhere).",
                 get(&self.directory_lookups),
@@ -109,13 +104,15 @@ impl ClusterMetrics {
         for (name, help, value) in counters {
             let _ = writeln!(out, "# HELP {name} {help}");
             let _ = writeln!(out, "# TYPE {name} counter");
-            if name == "netpilot_cluster_redis_seconds_total" {
-                let secs = get(&self.redis_micros) as f64 / 1e6;
-                let _ = writeln!(out, "{name} {secs}");
-            } else {
-                let _ = writeln!(out, "{name} {value}");
-            }
+            let _ = writeln!(out, "{name} {value}");
         }
+        let name = "netpilot_cluster_redis_seconds_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Time spent waiting for Redis (with ops: the mean latency)."
+        );
+        let _ = writeln!(out, "# TYPE {name} counter");
+        let _ = writeln!(out, "{name} {}", get(&self.redis_micros) as f64 / 1e6);
         let _ = writeln!(out, "# HELP netpilot_cluster_peers_connected Peers with a pooled connection from this node.");
         let _ = writeln!(out, "# TYPE netpilot_cluster_peers_connected gauge");
         let _ = writeln!(out, "netpilot_cluster_peers_connected {peers_connected}");
