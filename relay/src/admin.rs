@@ -221,18 +221,12 @@ async fn cluster_online(
         .filter(|(_, m)| owner.is_none_or(|o| m.owner_user_id == o))
         .map(|(id, _)| *id)
         .collect();
-    let mut online = 0;
-    // In slices, so one answer never builds a command of a whole fleet's keys.
-    for chunk in ids.chunks(5_000) {
-        online += c
-            .holders(chunk)
-            .await
-            .map_err(|e| ApiError::ClusterUnavailable(e.to_string()))?
-            .iter()
-            .filter(|h| h.is_some())
-            .count();
-    }
-    Ok(online)
+    Ok(c.holders(&ids)
+        .await
+        .map_err(|e| ApiError::ClusterUnavailable(e.to_string()))?
+        .iter()
+        .filter(|h| h.is_some())
+        .count())
 }
 
 /// Routers of the filter and how many are online, from memory: the router cache

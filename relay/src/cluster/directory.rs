@@ -23,6 +23,8 @@ pub struct Claims {
 }
 
 pub const NODE_PREFIX: &str = "np:node:";
+/// Keys per MGET when reading many routers' entries.
+const MGET_KEYS: usize = 5_000;
 /// The set of node ids that have announced themselves.
 pub const NODES: &str = "np:nodes";
 const LINK_PREFIX: &str = "np:link:";
@@ -107,10 +109,17 @@ impl Cluster {
         if routers.is_empty() {
             return Ok(Vec::new());
         }
-        let keys: Vec<String> = routers.iter().map(|r| link_key(*r)).collect();
-        let entries: Vec<Option<String>> = self
-            .redis(|mut c| async move { redis::cmd("MGET").arg(keys).query_async(&mut c).await })
-            .await?;
+        // In slices, so no one command carries a whole fleet's keys.
+        let mut entries: Vec<Option<String>> = Vec::with_capacity(routers.len());
+        for chunk in routers.chunks(MGET_KEYS) {
+            let keys: Vec<String> = chunk.iter().map(|r| link_key(*r)).collect();
+            let got: Vec<Option<String>> = self
+                .redis(
+                    |mut c| async move { redis::cmd("MGET").arg(keys).query_async(&mut c).await },
+                )
+                .await?;
+            entries.extend(got);
+        }
         let present: std::collections::HashSet<String> =
             self.nodes().await?.into_iter().map(|(id, _)| id).collect();
         Ok(entries
