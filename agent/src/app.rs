@@ -20,6 +20,7 @@ use crate::policy::execute::Enforcers;
 use crate::policy::fw4::Keeper;
 use crate::policy::{interfaces, tz};
 use crate::runtime::clock::{system_clock, Clock};
+use crate::scan::seen::Seen;
 use crate::scan::{NeighbourSource, Scanner};
 use crate::speedtest::{Limits, SpeedTester};
 use crate::store::{Location, Store};
@@ -304,12 +305,15 @@ impl App {
             config.wifi_safe.clone(),
             clock.clone(),
         );
+        let now = u64::try_from(clock()).unwrap_or(0);
+        let seen = Arc::new(Seen::open(Store::open_at(state)?, now)?);
         let scanner = Scanner::new(
             files.clone(),
             ubus,
             neighbours,
             Some(wan_if.clone()),
             clock.clone(),
+            seen.clone(),
         );
         // The real router's rules are kept through fw4's life cycle; a simulated
         // router has no fw4 and must not write into this machine's.
@@ -349,6 +353,7 @@ impl App {
             Arc::new(move |t| zone.offset_at(t)),
             Store::open_at(state)?,
             config.usage.clone(),
+            seen,
         )?;
         Ok(App {
             mode,

@@ -23,9 +23,11 @@ pub struct SimDevice {
     pub radio: Option<&'static str>,
 }
 
+/// Makers' MACs (Intel, LG, Brother) beside two phones' random ones, as a home
+/// network looks today.
 pub const DEVICES: &[SimDevice] = &[
     SimDevice {
-        mac: "02:00:00:00:01:01",
+        mac: "3c:a9:f4:00:01:01",
         ip: "192.168.1.101",
         hostname: "alice-laptop",
         radio: Some("radio1"),
@@ -43,13 +45,13 @@ pub const DEVICES: &[SimDevice] = &[
         radio: Some("radio0"),
     },
     SimDevice {
-        mac: "02:00:00:00:01:04",
+        mac: "64:95:6c:00:01:04",
         ip: "192.168.1.104",
         hostname: "living-room-tv",
         radio: None,
     },
     SimDevice {
-        mac: "02:00:00:00:01:05",
+        mac: "30:05:5c:00:01:05",
         ip: "192.168.1.105",
         hostname: "printer",
         radio: None,

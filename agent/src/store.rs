@@ -125,6 +125,13 @@ CREATE TABLE dns_categories (
     updated_unix INTEGER NOT NULL
 ) WITHOUT ROWID;
 "#,
+    // When each device was last seen (see scan::seen).
+    r#"
+CREATE TABLE device_seen (
+    mac       TEXT PRIMARY KEY,  -- normalised aa:bb:cc:dd:ee:ff
+    last_seen INTEGER NOT NULL   -- Unix seconds
+) WITHOUT ROWID;
+"#,
 ];
 
 /// The state directory 0700 and the database 0600 before SQLite opens it (SQLite
@@ -343,10 +350,11 @@ impl Store {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn temp_dir() -> PathBuf {
+    /// A fresh directory for a test's state database.
+    pub(crate) fn temp_dir() -> PathBuf {
         use std::sync::atomic::{AtomicU32, Ordering};
         static N: AtomicU32 = AtomicU32::new(0);
         let d = std::env::temp_dir().join(format!(

@@ -9,6 +9,8 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use netpilot_agent::scan::names::Names;
+use netpilot_agent::scan::seen::Seen;
 use netpilot_agent::store::Store;
 use netpilot_agent::system::files::MemFiles;
 use netpilot_agent::system::nlbw::{FakeNlbw, Query};
@@ -108,7 +110,9 @@ fn main() -> anyhow::Result<()> {
             cache_ttl: Duration::ZERO,
             ..Default::default()
         },
+        Arc::new(Seen::open(Store::open(dir.path())?, 1_795_176_000)?),
     )?;
+    let names = Names::default();
     let q = Query::Json {
         group_by: None,
         period: None,
@@ -116,7 +120,7 @@ fn main() -> anyhow::Result<()> {
     let flush_start = Instant::now();
     for day in 1..=35u64 {
         nlbw.answer(q, &json(250, 2, day));
-        rt.block_on(usage.current(0, 10))?;
+        rt.block_on(usage.current(0, 10, &names))?;
         clock.fetch_add(86_400, Ordering::SeqCst);
     }
     usage.flush()?;
@@ -124,17 +128,17 @@ fn main() -> anyhow::Result<()> {
         "35 daily readings of 250 devices written (35 flushes) in {:.0} ms",
         flush_start.elapsed().as_secs_f64() * 1000.0
     );
-    let h = rt.block_on(usage.history(35))?;
+    let h = rt.block_on(usage.history(35, &names))?;
     let stored: usize = h.devices.iter().map(|d| d.days.len()).sum();
     println!("history: {} devices, {stored} device-days", h.devices.len());
     measure("history 35 days x 250 devices (JSON value)", || {
-        rt.block_on(usage.history(35)).unwrap()
+        rt.block_on(usage.history(35, &names)).unwrap()
     });
     measure("history 35 days x 250 devices (CSV)", || {
         rt.block_on(usage.history_csv(35)).unwrap()
     });
     measure("summary 35 days x 250 devices", || {
-        rt.block_on(usage.summary(35)).unwrap()
+        rt.block_on(usage.summary(35, &names)).unwrap()
     });
     Ok(())
 }

@@ -518,6 +518,16 @@ impl AgentPaths {
     }
 }
 
+/// A stand-in `nlbw` (`--nlbw` of a simulated agent): a shell script with `body`,
+/// in `dir`; its path.
+pub fn fake_nlbw(dir: &Path, body: &str) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("nlbw");
+    std::fs::write(&path, format!("#!/bin/sh\n{body}")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path.to_string_lossy().into_owned()
+}
+
 /// An agent process.
 pub struct Agent {
     child: Child,

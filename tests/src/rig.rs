@@ -176,6 +176,15 @@ impl ApiRig {
         self.agent = self.setup.start_agent(&self.relay, &self.router).await?;
         Ok(())
     }
+
+    /// Stops the agent as the init script does (SIGTERM: it writes what it holds
+    /// back and exits) and starts it again on the same state directory.
+    pub async fn restart_agent_gracefully(&mut self) -> anyhow::Result<()> {
+        let status = self.agent.terminate().await?;
+        anyhow::ensure!(status.success(), "agent exited with {status} on SIGTERM");
+        self.agent = self.setup.start_agent(&self.relay, &self.router).await?;
+        Ok(())
+    }
 }
 
 /// A user's session on one router: calls to the relay's routed API with the

@@ -325,3 +325,79 @@ async fn a_group_whose_devices_are_in_dev_group_can_be_deleted() {
         assert_eq!((gone.status, gone.code()), (404, "GROUP_NOT_FOUND"));
     }
 }
+
+#[tokio::test]
+async fn group_and_list_devices_are_named_like_every_device() {
+    let (api, _rig) = alice().await;
+    // The simulated router leases the laptop (Intel's MAC) as alice-laptop and the
+    // tablet (a random MAC) as kids-tablet; aa:bb:… has no lease.
+    let r = api
+        .post(
+            "/api/groups/sync",
+            json!({"group": {"id": 5, "name": "Family", "devices": [
+                {"mac": "3c:a9:f4:00:01:01"},
+                {"mac": "02:00:00:00:01:03", "name": "Tablet"},
+                {"mac": "aa:bb:cc:dd:ee:07"}]}}),
+        )
+        .await;
+    ok(&r);
+    let g = api.get("/api/groups/5").await;
+    let devices = ok(&g)["devices"].as_array().unwrap().clone();
+    let by_mac = |m: &str| devices.iter().find(|d| d["mac"] == m).unwrap().clone();
+    let laptop = by_mac("3c:a9:f4:00:01:01");
+    assert_eq!(
+        (&laptop["name"], &laptop["name_source"], &laptop["hostname"]),
+        (
+            &json!("alice-laptop"),
+            &json!("hostname"),
+            &json!("alice-laptop")
+        )
+    );
+    assert_eq!(laptop["randomized"], false);
+    let tablet = by_mac("02:00:00:00:01:03");
+    assert_eq!(
+        (&tablet["name"], &tablet["name_source"], &tablet["hostname"]),
+        (&json!("Tablet"), &json!("owner"), &json!("kids-tablet"))
+    );
+    assert_eq!(tablet["randomized"], true);
+    let unknown = by_mac("aa:bb:cc:dd:ee:07");
+    assert_eq!(
+        (&unknown["name"], &unknown["name_source"]),
+        (&Value::Null, &Value::Null)
+    );
+
+    api.post("/api/block", json!({"mac": "3C:A9:F4:00:01:01"}))
+        .await;
+    api.post("/api/blacklist/add", json!({"ip": "192.168.1.105"}))
+        .await;
+    api.post("/api/whitelist/add", json!({"mac": "02:00:00:00:01:03"}))
+        .await;
+    let blocked = api.get("/api/blocked").await;
+    let rows = ok(&blocked)["blocked"].as_array().unwrap().clone();
+    let laptop = rows
+        .iter()
+        .find(|r| r["target"] == "3c:a9:f4:00:01:01")
+        .unwrap();
+    assert_eq!(laptop["mac"], "3c:a9:f4:00:01:01");
+    assert_eq!(
+        (&laptop["name"], &laptop["randomized"]),
+        (&json!("alice-laptop"), &json!(false))
+    );
+    assert_eq!(laptop["reasons"], json!(["block"]));
+    let printer = rows
+        .iter()
+        .find(|r| r["target"] == "192.168.1.105")
+        .unwrap();
+    assert_eq!(
+        (&printer["mac"], &printer["name"], &printer["randomized"]),
+        (&Value::Null, &Value::Null, &Value::Null),
+        "an address entry names no device"
+    );
+    let w = api.get("/api/whitelist").await;
+    let entry = &ok(&w)["entries"][0];
+    assert_eq!(
+        (&entry["name"], &entry["name_source"], &entry["randomized"]),
+        (&json!("Tablet"), &json!("owner"), &json!(true))
+    );
+    assert!(entry.get("reasons").is_none(), "{entry}");
+}

@@ -25,7 +25,8 @@ async fn the_simulated_router_lists_its_devices_with_wireless_details_and_policy
         .post(
             "/api/groups/sync",
             json!({"group": {"id": 4, "name": "Kids",
-                "devices": [{"mac": "02-00-00-00-01-03"}], "policy": {"internet": "block"}}}),
+                "devices": [{"mac": "02-00-00-00-01-03", "name": "Tablet"}],
+                "policy": {"internet": "block"}}}),
         )
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
@@ -41,8 +42,11 @@ async fn the_simulated_router_lists_its_devices_with_wireless_details_and_policy
     assert_eq!(scan["sources"]["leases"]["state"], "ok");
     assert_eq!(scan["sources"]["wireless"]["state"], "ok");
 
-    let alice = device(scan, "02:00:00:00:01:01");
+    let alice = device(scan, "3c:a9:f4:00:01:01");
     assert_eq!(alice["hostname"], "alice-laptop");
+    assert_eq!(alice["name"], "alice-laptop");
+    assert_eq!(alice["name_source"], "hostname");
+    assert_eq!(alice["randomized"], false);
     assert_eq!(alice["ip"], "192.168.1.101");
     assert_eq!(alice["connection"], "wireless");
     assert_eq!(alice["wireless"]["band"], "5g");
@@ -53,13 +57,27 @@ async fn the_simulated_router_lists_its_devices_with_wireless_details_and_policy
     assert_eq!(alice["group"], json!({"id": 0, "name": "Guests"}));
     assert_eq!(alice["blocked"], false);
 
+    // Today's and the period's traffic, from the simulated nlbwmon.
+    assert_eq!(scan["sources"]["usage"]["state"], "ok");
+    assert_eq!(scan["usage_period"], "2026-11-01");
+    let period_rx = alice["usage"]["period"]["bytes_rx"].as_u64().unwrap();
+    let today_rx = alice["usage"]["today"]["bytes_rx"].as_u64().unwrap();
+    assert!(period_rx > 0 && today_rx > 0, "{alice}");
+    assert!(today_rx <= period_rx, "{alice}");
+
+    // The owner's name wins over the DHCP hostname; its random MAC is said.
     let tablet = device(scan, "02:00:00:00:01:03");
+    assert_eq!(
+        (&tablet["name"], &tablet["name_source"], &tablet["hostname"]),
+        (&json!("Tablet"), &json!("owner"), &json!("kids-tablet"))
+    );
+    assert_eq!(tablet["randomized"], true);
     assert_eq!(tablet["group"], json!({"id": 4, "name": "Kids"}));
     assert_eq!(tablet["blocked"], true);
     assert_eq!(tablet["blocked_by"], json!(["group 4"]));
     assert_eq!(tablet["wireless"]["band"], "2g");
 
-    let printer = device(scan, "02:00:00:00:01:05");
+    let printer = device(scan, "30:05:5c:00:01:05");
     assert_eq!(printer["connection"], "wired");
     assert_eq!(printer["blocked_by"], json!(["block"]));
 }
@@ -82,7 +100,7 @@ async fn netns_real_neighbours_and_a_lease_file_without_hostapd() {
     )
     .unwrap();
     let root_arg = root.path().to_str().unwrap().to_owned();
-    let rig = ApiRig::builder()
+    let mut rig = ApiRig::builder()
         .in_lab(&lab)
         .agent_args(&["--root", &root_arg, "--ubus", "netpilot-no-such-ubus"])
         .start()
@@ -123,4 +141,50 @@ async fn netns_real_neighbours_and_a_lease_file_without_hostapd() {
         .exec(&lab.wan, &["cat", "/sys/class/net/eth0/address"])
         .unwrap();
     assert!(!macs.contains(&wan_mac.trim()), "{macs:?}");
+
+    // c1 leaves (its neighbour entry goes) and the agent restarts: the time it was
+    // last seen outlives both, read back from the agent's SQLite.
+    let seen_at = c1["last_seen"].as_u64().unwrap();
+    lab.exec(&lab.router, &["ip", "neigh", "flush", "dev", LAN_IF])
+        .unwrap();
+    rig.restart_agent_gracefully().await.unwrap();
+    let (status, body) = lab.api(rig.local_api(), "GET", "/api/scan", None).unwrap();
+    assert_eq!(status, 200, "{body}");
+    let c1 = device(&body["data"], C1_MAC);
+    assert_eq!(c1["online"], false, "{c1}");
+    assert_eq!(c1["last_seen"], seen_at, "{c1}");
+    assert_eq!(
+        device(&body["data"], "02:4e:50:00:00:99")["last_seen"],
+        Value::Null
+    );
+}
+
+#[tokio::test]
+async fn without_nlbwmon_the_scan_lists_devices_and_says_why_there_is_no_usage() {
+    let dir = tempfile::tempdir().unwrap();
+    let down = netpilot_tests::fake_nlbw(
+        dir.path(),
+        "echo 'Error while processing command: No such file or directory' >&2\nexit 2\n",
+    );
+    let rig = ApiRig::builder()
+        .agent_args(&["--simulate", "--nlbw", &down])
+        .start()
+        .await
+        .unwrap();
+    let alice = rig.session("alice").await.unwrap();
+    let r = alice.get("/api/scan").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let scan = &r.body["data"];
+    assert_eq!(scan["total"], 5, "{scan}");
+    assert_eq!(scan["sources"]["usage"]["state"], "error", "{scan}");
+    let why = scan["sources"]["usage"]["detail"].as_str().unwrap();
+    assert!(why.contains("nlbwmon"), "{why}");
+    assert_eq!(scan["usage_period"], Value::Null);
+    for d in scan["devices"].as_array().unwrap() {
+        assert_eq!(d["usage"], Value::Null, "{d}");
+        assert!(
+            d["name"].is_string(),
+            "every simulated device has a name: {d}"
+        );
+    }
 }

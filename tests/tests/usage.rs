@@ -4,18 +4,8 @@
 //! prints truncated JSON (502) and one whose protocol list is missing (503
 //! `NLBWMON_MISCONFIGURED`).
 
-use std::os::unix::fs::PermissionsExt;
-
-use netpilot_tests::ApiRig;
+use netpilot_tests::{fake_nlbw, ApiRig};
 use serde_json::Value;
-
-/// Writes an executable stand-in `nlbw` that runs `body` (a test's own script).
-fn fake_nlbw(dir: &std::path::Path, body: &str) -> String {
-    let path = dir.join("nlbw");
-    std::fs::write(&path, format!("#!/bin/sh\n{body}")).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-    path.to_string_lossy().into_owned()
-}
 
 #[tokio::test]
 async fn every_usage_endpoint_answers_with_its_shape_on_the_simulated_router() {
@@ -49,11 +39,14 @@ async fn every_usage_endpoint_answers_with_its_shape_on_the_simulated_router() {
     assert_eq!(r.body["data"]["total_devices"], 5);
 
     let r = alice
-        .get("/api/device-usage/device/02-00-00-00-01-01")
+        .get("/api/device-usage/device/3C-A9-F4-00-01-01")
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
-    assert_eq!(r.body["data"]["device"]["mac"], "02:00:00:00:01:01");
+    assert_eq!(r.body["data"]["device"]["mac"], "3c:a9:f4:00:01:01");
     assert_eq!(r.body["data"]["device"]["hostname"], "alice-laptop");
+    assert_eq!(r.body["data"]["device"]["name"], "alice-laptop");
+    assert_eq!(r.body["data"]["device"]["name_source"], "hostname");
+    assert_eq!(r.body["data"]["device"]["randomized"], false);
 
     let r = alice.get("/api/device-usage/status").await;
     assert_eq!(r.status, 200, "{}", r.body);
@@ -84,9 +77,19 @@ async fn every_usage_endpoint_answers_with_its_shape_on_the_simulated_router() {
         .starts_with("text/csv"));
     assert_eq!(
         text.lines().next(),
-        Some("date,mac,hostname,bytes_rx,bytes_tx,total_bytes")
+        Some("date,mac,hostname,bytes_rx,bytes_tx,total_bytes,name,name_source,randomized")
     );
     assert_eq!(text.lines().count(), 6, "{text}");
+    let tv = text
+        .lines()
+        .find(|l| l.contains("64:95:6c:00:01:04"))
+        .unwrap();
+    assert!(tv.ends_with(",living-room-tv,hostname,false"), "{tv}");
+    let phone = text
+        .lines()
+        .find(|l| l.contains("02:00:00:00:01:02"))
+        .unwrap();
+    assert!(phone.ends_with(",bob-phone,hostname,true"), "{phone}");
 
     let r = alice.get("/api/device-usage/summary?days=7").await;
     assert_eq!(r.status, 200, "{}", r.body);
@@ -94,6 +97,8 @@ async fn every_usage_endpoint_answers_with_its_shape_on_the_simulated_router() {
     assert_eq!(s["period_days"], 7);
     assert!(s["total_bytes"].as_u64().unwrap() > 0);
     assert_eq!(s["top_devices"][0]["hostname"], "living-room-tv");
+    assert_eq!(s["top_devices"][0]["name"], "living-room-tv");
+    assert_eq!(s["top_devices"][0]["randomized"], false);
     assert!(s["top_devices"][0]["percentage"].as_f64().unwrap() > 20.0);
     assert_eq!(s["daily_totals"].as_array().unwrap().len(), 1);
 

@@ -255,12 +255,12 @@ async fn dispatch(
         pattern if pattern.starts_with("/api/device-usage/") => {
             let method = route.route.method.as_str();
             let call = call(method, pattern, route.param("mac"), req, &body).await?;
-            usage::handle(&app.usage, call).await
+            usage::handle(app, call).await
         }
         pattern if policy_route(pattern) => {
             let method = route.route.method.as_str();
             let call = call(method, pattern, route.param("id"), req, &body).await?;
-            policy::handle(&app.policy, &app.offload, call).await
+            policy::handle(&app.policy, &app.offload, app.files.as_ref(), call).await
         }
         pattern if pattern.starts_with("/api/dns/") => {
             let method = route.route.method.as_str();

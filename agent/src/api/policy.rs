@@ -1,7 +1,8 @@
 //! The policy endpoints: groups, their policies, the infrastructure status, and the
-//! block/whitelist/blacklist views — all thin handlers over the one engine.
+//! block/whitelist/blacklist views — all thin handlers over the one engine. Devices
+//! in these answers are named as everywhere else (`scan::names`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use netpilot_proto::ErrorCode;
 use serde::Serialize;
@@ -10,10 +11,12 @@ use serde_json::Value;
 use super::{AgentError, Reply};
 use crate::policy::engine::{ApplyReport, Engine, EngineError};
 use crate::policy::model::{
-    self, Desired, GroupId, GroupIn, GroupOut, Internet, ListKind, PolicyIn, Target,
+    self, Desired, GroupId, GroupIn, Internet, ListKind, Mac, PolicyIn, PolicyOut, Target,
 };
 use crate::policy::ops;
 use crate::policy::persist::Actor;
+use crate::scan::names::{self, NameSource, Names};
+use crate::system::files::Files;
 
 /// A request as the handlers see it: path parameters, query and JSON body merged
 /// with the body winning, as the relay's legacy forms allow either.
@@ -71,13 +74,54 @@ impl From<EngineError> for AgentError {
     }
 }
 
-pub fn group_out(d: &Desired, id: GroupId) -> Option<GroupOut> {
+#[derive(Serialize)]
+pub struct GroupOut {
+    id: GroupId,
+    name: String,
+    devices: Vec<GroupDeviceOut>,
+    policy: PolicyOut,
+    /// The conntrack-mark value and tc class the group's traffic carries.
+    mark: String,
+    class: String,
+}
+
+/// A group's device: as stored (`ip`, `ipv6`), named like every device. `name`
+/// falls back to the DHCP hostname, so a client writing a group back sends `name`
+/// only where `name_source` is `owner`.
+#[derive(Serialize)]
+struct GroupDeviceOut {
+    mac: Mac,
+    ip: Option<String>,
+    ipv6: Option<String>,
+    name: Option<String>,
+    name_source: Option<NameSource>,
+    hostname: Option<String>,
+    randomized: bool,
+}
+
+pub fn group_out(d: &Desired, id: GroupId, dhcp: &HashMap<Mac, String>) -> Option<GroupOut> {
     let g = d.groups.get(&id)?;
     let slot = d.slots.get(&id).copied().unwrap_or(0);
     Some(GroupOut {
         id,
         name: g.name.clone(),
-        devices: g.devices.iter().map(|x| x.to_out()).collect(),
+        devices: g
+            .devices
+            .iter()
+            .map(|x| {
+                let hostname = dhcp.get(&x.mac).cloned();
+                let id = names::identity(&x.mac, x.name.as_deref(), hostname.as_deref());
+                GroupDeviceOut {
+                    mac: x.mac,
+                    ip: x.ipv4.map(|a| a.to_string()),
+                    ipv6: x.ipv6.map(|a| a.to_string()),
+                    name: id.name,
+                    name_source: id.name_source,
+                    hostname,
+                    randomized: id.randomized,
+                }
+            })
+            .collect(),
         policy: g.policy.to_out(),
         mark: format!("0x{:08x}", crate::policy::compile::mark_of(slot)),
         class: crate::policy::compile::classid(crate::policy::compile::base_class(slot)),
@@ -139,15 +183,8 @@ struct ListChange {
 }
 
 #[derive(Serialize)]
-struct BlockedEntry {
-    target: String,
-    kind: &'static str,
-    reasons: Vec<String>,
-}
-
-#[derive(Serialize)]
 struct BlockedList {
-    blocked: Vec<BlockedEntry>,
+    blocked: Vec<Entry>,
     count: usize,
     whitelist_active: bool,
     whitelist_entries: usize,
@@ -162,15 +199,18 @@ fn parse<T: serde::de::DeserializeOwned>(what: &str, v: &Value) -> Result<T, Age
 pub async fn handle(
     engine: &Engine,
     offload: &crate::offload::Offload,
+    files: &dyn Files,
     call: Call,
 ) -> Result<Reply, AgentError> {
+    let dhcp = || names::hostnames(files);
     match (call.method, call.pattern) {
         ("GET", "/api/groups") => {
+            let dhcp = dhcp();
             let d = engine.desired().await;
             let groups: Vec<GroupOut> = d
                 .groups
                 .keys()
-                .filter_map(|id| group_out(&d, *id))
+                .filter_map(|id| group_out(&d, *id, &dhcp))
                 .collect();
             Reply::ok(GroupList {
                 groups,
@@ -180,7 +220,7 @@ pub async fn handle(
         ("GET", "/api/groups/{id}") => {
             let id = call.group_id()?;
             let d = engine.desired().await;
-            let g = group_out(&d, id)
+            let g = group_out(&d, id, &dhcp())
                 .ok_or_else(|| AgentError::NoSuchGroup(format!("group {id} does not exist")))?;
             Reply::ok(g)
         }
@@ -199,7 +239,7 @@ pub async fn handle(
                 .await?;
             let d = engine.desired().await;
             Reply::ok(GroupChange {
-                group: group_out(&d, id),
+                group: group_out(&d, id, &dhcp()),
                 apply: report,
             })
         }
@@ -268,7 +308,7 @@ pub async fn handle(
                 .await?;
             let d = engine.desired().await;
             Reply::ok(GroupChange {
-                group: group_out(&d, id),
+                group: group_out(&d, id, &dhcp()),
                 apply: report,
             })
         }
@@ -296,16 +336,16 @@ pub async fn handle(
         }
         ("GET", "/api/blocked") => {
             let d = engine.desired().await;
-            Reply::ok(blocked_view(&d))
+            Reply::ok(blocked_view(&d, &Names::read(&d, files)))
         }
         ("POST", "/api/block") => list_change(engine, &call, ListKind::Block, true).await,
         ("POST", "/api/unblock") => list_change(engine, &call, ListKind::Block, false).await,
-        ("GET", "/api/whitelist") => list_view(engine, ListKind::White).await,
+        ("GET", "/api/whitelist") => list_view(engine, files, ListKind::White).await,
         ("POST", "/api/whitelist/add") => list_change(engine, &call, ListKind::White, true).await,
         ("POST", "/api/whitelist/remove") => {
             list_change(engine, &call, ListKind::White, false).await
         }
-        ("GET", "/api/blacklist") => list_view(engine, ListKind::Black).await,
+        ("GET", "/api/blacklist") => list_view(engine, files, ListKind::Black).await,
         ("POST", "/api/blacklist/add") => list_change(engine, &call, ListKind::Black, true).await,
         ("POST", "/api/blacklist/remove") => {
             list_change(engine, &call, ListKind::Black, false).await
@@ -328,28 +368,49 @@ pub async fn handle(
     }
 }
 
+/// A list entry; a MAC entry names its device (an address entry names none: the
+/// device behind an address changes).
 #[derive(Serialize)]
 struct Entry {
     target: String,
     kind: &'static str,
+    mac: Option<Mac>,
+    name: Option<String>,
+    name_source: Option<NameSource>,
+    randomized: Option<bool>,
+    /// `/api/blocked` only: why it is blocked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reasons: Option<Vec<String>>,
 }
 
-fn entry(t: &Target) -> Entry {
+fn entry(t: &Target, names: &Names) -> Entry {
+    let (kind, mac) = match t {
+        Target::Mac(m) => ("mac", Some(*m)),
+        Target::Ip(_) => ("ip", None),
+    };
+    let id = mac.map(|m| names.of(&m));
     Entry {
         target: t.to_string(),
-        kind: match t {
-            Target::Mac(_) => "mac",
-            Target::Ip(_) => "ip",
-        },
+        kind,
+        mac,
+        randomized: id.as_ref().map(|i| i.randomized),
+        name_source: id.as_ref().and_then(|i| i.name_source),
+        name: id.and_then(|i| i.name),
+        reasons: None,
     }
 }
 
-async fn list_view(engine: &Engine, kind: ListKind) -> Result<Reply, AgentError> {
+async fn list_view(
+    engine: &Engine,
+    files: &dyn Files,
+    kind: ListKind,
+) -> Result<Reply, AgentError> {
     let d = engine.desired().await;
+    let names = Names::read(&d, files);
     let entries: Vec<Entry> = d
         .lists
         .get(&kind)
-        .map_or(Vec::new(), |l| l.iter().map(entry).collect());
+        .map_or(Vec::new(), |l| l.iter().map(|t| entry(t, &names)).collect());
     // The web app needs to know a whitelist is doing something.
     let active = (kind == ListKind::White).then_some(!entries.is_empty());
     Reply::ok(DeviceList {
@@ -401,12 +462,12 @@ async fn list_change(
     })
 }
 
-fn blocked_view(d: &Desired) -> BlockedList {
+fn blocked_view(d: &Desired, names: &Names) -> BlockedList {
     let mut rows: BTreeMap<String, (Entry, Vec<String>)> = BTreeMap::new();
     for kind in [ListKind::Block, ListKind::Black] {
         for t in d.lists.get(&kind).map(Vec::as_slice).unwrap_or(&[]) {
             rows.entry(t.to_string())
-                .or_insert_with(|| (entry(t), Vec::new()))
+                .or_insert_with(|| (entry(t, names), Vec::new()))
                 .1
                 .push(kind.as_str().to_owned());
         }
@@ -419,17 +480,16 @@ fn blocked_view(d: &Desired) -> BlockedList {
         for dev in &g.devices {
             let t = Target::Mac(dev.mac);
             rows.entry(t.to_string())
-                .or_insert_with(|| (entry(&t), Vec::new()))
+                .or_insert_with(|| (entry(&t, names), Vec::new()))
                 .1
                 .push(format!("group {}", g.id));
         }
     }
-    let blocked: Vec<BlockedEntry> = rows
+    let blocked: Vec<Entry> = rows
         .into_values()
-        .map(|(e, reasons)| BlockedEntry {
-            target: e.target,
-            kind: e.kind,
-            reasons,
+        .map(|(e, reasons)| Entry {
+            reasons: Some(reasons),
+            ..e
         })
         .collect();
     let whitelist = d.lists.get(&ListKind::White).map_or(0, Vec::len);

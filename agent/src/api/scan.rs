@@ -7,11 +7,17 @@ use super::{AgentError, Reply};
 use crate::app::App;
 use crate::system::sysinfo;
 
+/// The sources and the usage reading (the one the usage endpoints share: a stale
+/// one is read again once, for all of them) side by side.
 pub async fn devices(app: &Arc<App>) -> Result<Reply, AgentError> {
     let scanner = &app.scanner;
-    let gathered = scanner.gather().await;
+    let (gathered, usage) = tokio::join!(scanner.gather(), app.usage.for_scan());
     let now = scanner.now();
-    let out = app.policy.read(|d| scanner.finish(gathered, d, now)).await;
+    let out = app
+        .policy
+        .read(|d| scanner.finish(gathered, d, usage, now))
+        .await;
+    scanner.mark(&out);
     Reply::ok(out)
 }
 

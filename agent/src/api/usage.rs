@@ -5,8 +5,10 @@ use serde_json::Value;
 
 use super::policy::Call;
 use super::{AgentError, Reply};
+use crate::app::App;
 use crate::policy::model::Mac;
-use crate::usage::{Usage, UsageError};
+use crate::scan::names::{self, Names};
+use crate::usage::UsageError;
 
 /// Devices per page when the caller names no `limit`, and the most it may name.
 const DEFAULT_LIMIT: usize = 100;
@@ -56,34 +58,55 @@ fn days(call: &Call, default: u64) -> Result<u32, AgentError> {
     Ok(int_arg(call, "days", 1..=365)?.unwrap_or(default) as u32)
 }
 
-pub async fn handle(usage: &Usage, call: Call) -> Result<Reply, AgentError> {
+/// The owner's names (from the policy) and the DHCP hostnames, for one answer.
+pub async fn names(app: &App) -> Names {
+    Names {
+        owner: app.policy.read(names::owner_names).await,
+        dhcp: names::hostnames(app.files.as_ref()),
+    }
+}
+
+pub async fn handle(app: &App, call: Call) -> Result<Reply, AgentError> {
+    let usage = &app.usage;
     match (call.method, call.pattern) {
         ("GET", "/api/device-usage/current") => {
             let limit = int_arg(&call, "limit", 1..=MAX_LIMIT as u64)?
                 .map_or(DEFAULT_LIMIT, |n| n as usize);
             let offset = int_arg(&call, "offset", 0..=u32::MAX as u64)?.unwrap_or(0) as usize;
-            Reply::ok(usage.current(offset, limit).await?)
+            Reply::ok(usage.current(offset, limit, &names(app).await).await?)
         }
         ("GET", "/api/device-usage/device/{mac}") => {
             let raw = call.path_id.as_deref().unwrap_or_default();
             let mac = Mac::parse(raw).map_err(AgentError::Rejected)?;
-            Reply::ok(usage.device(mac).await?)
+            Reply::ok(usage.device(mac, &names(app).await).await?)
         }
         ("GET", "/api/device-usage/status") => Reply::ok(usage.status().await),
         ("GET", "/api/device-usage/history") => {
             let days = days(&call, 7)?;
-            match call.args.get("format") {
-                None | Some(Value::Null) => Reply::ok(usage.history(days).await?),
-                Some(Value::String(f)) if f == "json" => Reply::ok(usage.history(days).await?),
-                Some(Value::String(f)) if f == "csv" => {
-                    Reply::raw("text/csv; charset=utf-8", usage.history_csv(days).await?)
+            let csv = match call.args.get("format") {
+                None | Some(Value::Null) => false,
+                Some(Value::String(f)) if f == "json" => false,
+                Some(Value::String(f)) if f == "csv" => true,
+                Some(_) => {
+                    return Err(AgentError::InvalidParameter(
+                        "format must be json or csv".into(),
+                    ))
                 }
-                Some(_) => Err(AgentError::InvalidParameter(
-                    "format must be json or csv".into(),
-                )),
+            };
+            let names = names(app).await;
+            if csv {
+                Reply::raw(
+                    "text/csv; charset=utf-8",
+                    usage.history_csv(days, &names).await?,
+                )
+            } else {
+                Reply::ok(usage.history(days, &names).await?)
             }
         }
-        ("GET", "/api/device-usage/summary") => Reply::ok(usage.summary(days(&call, 30)?).await?),
+        ("GET", "/api/device-usage/summary") => {
+            let days = days(&call, 30)?;
+            Reply::ok(usage.summary(days, &names(app).await).await?)
+        }
         ("POST", "/api/device-usage/reset") => {
             let keep =
                 match call

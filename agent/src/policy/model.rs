@@ -107,6 +107,12 @@ impl Mac {
 }
 
 impl Mac {
+    /// A locally administered address (the 0x02 bit of the first octet): chosen by
+    /// the device, typically a phone's random per-network MAC, so no maker's.
+    pub fn is_local(&self) -> bool {
+        self.0[0] & 2 != 0
+    }
+
     /// Appends the lower-case colon form; the compiler does this for every device.
     pub fn push_to(&self, out: &mut String) {
         const HEX: &[u8; 16] = b"0123456789abcdef";
@@ -820,25 +826,6 @@ impl ScheduleIn {
 // Responses (snake_case, as the web app reads them).
 
 #[derive(Debug, Serialize)]
-pub struct GroupOut {
-    pub id: GroupId,
-    pub name: String,
-    pub devices: Vec<DeviceOut>,
-    pub policy: PolicyOut,
-    /// The conntrack-mark value and tc class the group's traffic carries.
-    pub mark: String,
-    pub class: String,
-}
-
-#[derive(Debug, Serialize)]
-pub struct DeviceOut {
-    pub mac: Mac,
-    pub ip: Option<String>,
-    pub ipv6: Option<String>,
-    pub name: Option<String>,
-}
-
-#[derive(Debug, Serialize)]
 pub struct BandwidthOut {
     pub download_kbps: Option<u32>,
     pub upload_kbps: Option<u32>,
@@ -922,17 +909,6 @@ impl Policy {
                     action: restriction_json(s.action),
                 })
                 .collect(),
-        }
-    }
-}
-
-impl Device {
-    pub fn to_out(&self) -> DeviceOut {
-        DeviceOut {
-            mac: self.mac,
-            ip: self.ipv4.map(|a| a.to_string()),
-            ipv6: self.ipv6.map(|a| a.to_string()),
-            name: self.name.clone(),
         }
     }
 }

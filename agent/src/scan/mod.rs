@@ -1,14 +1,17 @@
 //! Device discovery (`GET /api/scan`): who is on the network, merged by MAC from
 //! dnsmasq's leases, the kernel's neighbour table and hostapd's client lists, with
-//! each device's group and blocked state from the policy engine. The merge is pure
-//! ([`merge`]); [`Scanner`] gathers the sources and remembers when each device was
-//! last seen. A missing source degrades the answer, which says which sources it had.
+//! each device's name ([`names`]), group and blocked state from the policy engine
+//! and its traffic from the usage service's reading. The merge is pure ([`merge`]);
+//! [`Scanner`] gathers the sources and marks who is online in [`seen`]. A missing
+//! source degrades the answer, which says which sources it had.
 
+pub mod names;
 pub mod parse;
+pub mod seen;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -19,7 +22,9 @@ use crate::runtime::clock::Clock;
 use crate::runtime::process;
 use crate::system::files::Files;
 use crate::system::ubus::Ubus;
+use names::NameSource;
 use parse::{Lease, Neighbour, Station};
+use seen::Seen;
 
 pub const LEASES_PATH: &str = "/tmp/dhcp.leases";
 pub const ARP_PATH: &str = "/proc/net/arp";
@@ -40,6 +45,32 @@ pub struct SourcesOut {
     pub leases: SourceState,
     pub neighbours: SourceState,
     pub wireless: SourceState,
+    /// nlbwmon, for each device's traffic.
+    pub usage: SourceState,
+}
+
+/// Bytes a device downloaded and uploaded.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct RxTx {
+    pub bytes_rx: u64,
+    pub bytes_tx: u64,
+}
+
+/// A device's traffic today (the router's local day) and in nlbwmon's period.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct DeviceBytes {
+    pub today: RxTx,
+    pub period: RxTx,
+}
+
+/// What the usage service's reading says of every device, for one scan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScanUsage {
+    /// `Ok` when nlbwmon answered; otherwise no device carries usage.
+    pub state: SourceState,
+    /// nlbwmon's current period (its start date).
+    pub period: Option<String>,
+    pub devices: HashMap<Mac, DeviceBytes>,
 }
 
 /// One access-point interface's stations, as hostapd reports them.
@@ -79,19 +110,26 @@ pub struct GroupRef {
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct DeviceOut {
-    pub mac: String,
+    pub mac: Mac,
     /// The first IPv4 address, for clients that show one address.
     pub ip: Option<IpAddr>,
     /// Every address seen for the device (leases and neighbours), IPv4 first.
     pub ips: Vec<IpAddr>,
+    /// The DHCP hostname.
     pub hostname: Option<String>,
+    /// The owner's name for it (a group's), else the DHCP hostname.
+    pub name: Option<String>,
+    pub name_source: Option<NameSource>,
+    /// A locally administered (random) MAC: no maker to name.
+    pub randomized: bool,
     /// Where the router sees it: the hostapd interface, else the neighbour's device.
     pub interface: Option<String>,
     /// `wireless`, `wired`, or `unknown` when hostapd could not be asked.
     pub connection: &'static str,
     pub wireless: Option<WirelessOut>,
     pub online: bool,
-    /// Unix seconds the agent last saw it online (`None`: not since the agent started).
+    /// Unix seconds it was last seen online or its traffic grew (kept across
+    /// restarts; `None`: never, within retention).
     pub last_seen: Option<u64>,
     /// The DHCP lease's end (Unix seconds; 0 is an infinite lease).
     pub lease_expires: Option<u64>,
@@ -100,21 +138,26 @@ pub struct DeviceOut {
     pub blocked: bool,
     /// Why it is kept from the internet (block list, blacklist, group, whitelist).
     pub blocked_by: Vec<String>,
+    /// Today's and the period's traffic; `None` when nlbwmon did not answer.
+    pub usage: Option<DeviceBytes>,
 }
 
 /// The policy's view of one device, given its MAC and addresses.
 pub struct PolicyFacts {
     pub group: GroupRef,
     pub blocked_by: Vec<String>,
+    /// The name its group gives it.
+    pub owner_name: Option<String>,
 }
 
-/// Merges the sources by MAC. `seen` holds when each device was last online and is
-/// updated with this scan (`now`, Unix seconds). Devices come out sorted: online
-/// first, then by MAC, so repeated scans list them in a stable order.
+/// Merges the sources by MAC. `seen` says when a device was last seen before this
+/// scan (`now`, Unix seconds), when online now is `now`. Devices come out sorted:
+/// online first, then by MAC, so repeated scans list them in a stable order.
 pub fn merge(
     inputs: &Inputs,
     now: u64,
-    seen: &mut HashMap<Mac, u64>,
+    seen: &dyn Fn(&Mac) -> Option<u64>,
+    usage: &ScanUsage,
     policy: &dyn Fn(&Mac, &[IpAddr]) -> PolicyFacts,
 ) -> Vec<DeviceOut> {
     #[derive(Default)]
@@ -150,16 +193,18 @@ pub fn merge(
         .into_iter()
         .map(|(mac, mut a)| {
             let online = a.fresh || a.station.is_some();
-            if online {
-                seen.insert(mac, now);
-            }
             // IPv4 first, each family in address order: stable for the web app.
             a.ips.sort_by_key(|ip| (ip.is_ipv6(), *ip));
             let facts = policy(&mac, &a.ips);
+            let hostname = a.lease.and_then(|l| l.hostname.clone());
+            let id = names::identity(&mac, facts.owner_name.as_deref(), hostname.as_deref());
             DeviceOut {
-                mac: mac.to_string(),
+                mac,
                 ip: a.ips.iter().find(|ip| ip.is_ipv4()).copied(),
-                hostname: a.lease.and_then(|l| l.hostname.clone()),
+                hostname,
+                name: id.name,
+                name_source: id.name_source,
+                randomized: id.randomized,
                 interface: a
                     .station
                     .map(|(w, _)| w.ifname.clone())
@@ -177,12 +222,14 @@ pub fn merge(
                     authorized: s.authorized,
                 }),
                 online,
-                last_seen: seen.get(&mac).copied(),
+                last_seen: if online { Some(now) } else { seen(&mac) },
                 lease_expires: a.lease.map(|l| l.expiry),
                 blocked: !facts.blocked_by.is_empty(),
                 blocked_by: facts.blocked_by,
                 group: facts.group,
                 ips: a.ips,
+                usage: (usage.state == SourceState::Ok)
+                    .then(|| usage.devices.get(&mac).copied().unwrap_or_default()),
             }
         })
         .collect();
@@ -198,6 +245,12 @@ fn push_ip(ips: &mut Vec<IpAddr>, ip: IpAddr) {
 
 /// The policy facts of a device from the engine's desired state.
 pub fn policy_facts(d: &Desired, mac: &Mac, ips: &[IpAddr]) -> PolicyFacts {
+    let owner_name = d
+        .groups
+        .values()
+        .flat_map(|g| &g.devices)
+        .find(|x| x.mac == *mac)
+        .and_then(|x| x.name.clone());
     let group = d
         .groups
         .values()
@@ -225,7 +278,11 @@ pub fn policy_facts(d: &Desired, mac: &Mac, ips: &[IpAddr]) -> PolicyFacts {
     if listed(Target::Mac(*mac)) || ips.iter().any(|ip| listed(Target::Ip(*ip))) {
         blocked_by.retain(|w| w != crate::policy::model::NOT_WHITELISTED);
     }
-    PolicyFacts { group, blocked_by }
+    PolicyFacts {
+        group,
+        blocked_by,
+        owner_name,
+    }
 }
 
 /// Where the neighbour table comes from.
@@ -250,6 +307,8 @@ pub struct ScanOut {
     pub online: usize,
     pub devices: Vec<DeviceOut>,
     pub sources: SourcesOut,
+    /// nlbwmon's current period (its start date), which `usage.period` counts.
+    pub usage_period: Option<String>,
 }
 
 /// The shell around [`merge`]: reads each source with a timeout, never failing the
@@ -263,7 +322,8 @@ pub struct Scanner {
     pub timeout: Duration,
     /// "Now" for `timestamp` and `last_seen`.
     pub clock: Clock,
-    seen: Mutex<HashMap<Mac, u64>>,
+    /// Last-seen times, shared with the usage service.
+    pub seen: Arc<Seen>,
 }
 
 impl Scanner {
@@ -273,6 +333,7 @@ impl Scanner {
         neighbours: NeighbourSource,
         wan_if: Option<String>,
         clock: Clock,
+        seen: Arc<Seen>,
     ) -> Scanner {
         Scanner {
             files,
@@ -281,7 +342,7 @@ impl Scanner {
             wan_if,
             timeout: Duration::from_secs(5),
             clock,
-            seen: Mutex::new(HashMap::new()),
+            seen,
         }
     }
 
@@ -308,31 +369,51 @@ impl Scanner {
                 leases: leases_state,
                 neighbours: neighbours_state,
                 wireless: wireless_state,
+                usage: SourceState::Missing,
             },
         }
     }
 
-    /// Merges what [`Scanner::gather`] read with the policy and this scan's time.
-    pub fn finish(&self, g: Gathered, desired: &Desired, now: u64) -> ScanOut {
-        let devices = {
-            let mut seen = self.seen.lock().expect("seen lock");
-            merge(&g.inputs, now, &mut seen, &|mac, ips| {
-                policy_facts(desired, mac, ips)
-            })
-        };
+    /// Merges what [`Scanner::gather`] read with the policy, the usage reading and
+    /// this scan's time. Pure but for reading last-seen times: marking who is
+    /// online (a possible write) is [`Scanner::mark`]'s, outside the policy lock.
+    pub fn finish(
+        &self,
+        mut g: Gathered,
+        desired: &Desired,
+        usage: ScanUsage,
+        now: u64,
+    ) -> ScanOut {
+        let devices = merge(
+            &g.inputs,
+            now,
+            &|m| self.seen.get(m),
+            &usage,
+            &|mac, ips| policy_facts(desired, mac, ips),
+        );
+        g.sources.usage = usage.state;
         ScanOut {
             timestamp: now,
             total: devices.len(),
             online: devices.iter().filter(|d| d.online).count(),
             devices,
             sources: g.sources,
+            usage_period: usage.period,
         }
     }
 
-    /// [`Scanner::gather`] then [`Scanner::finish`].
-    pub async fn scan(&self, desired: &Desired, now: u64) -> ScanOut {
+    /// Remembers that the scan's online devices were seen at its time.
+    pub fn mark(&self, out: &ScanOut) {
+        let online = out.devices.iter().filter(|d| d.online).map(|d| d.mac);
+        self.seen.mark(online, out.timestamp);
+    }
+
+    /// [`Scanner::gather`], [`Scanner::finish`] and [`Scanner::mark`].
+    pub async fn scan(&self, desired: &Desired, usage: ScanUsage, now: u64) -> ScanOut {
         let g = self.gather().await;
-        self.finish(g, desired, now)
+        let out = self.finish(g, desired, usage, now);
+        self.mark(&out);
+        out
     }
 
     fn leases(&self) -> (Vec<Lease>, SourceState) {

@@ -34,6 +34,11 @@ fn hostapd(ubus: &FakeUbus, ifname: &str, freq: u64, clients: serde_json::Value)
     );
 }
 
+fn seen() -> Arc<Seen> {
+    let store = crate::store::Store::open_at(&crate::store::Location::Memory).unwrap();
+    Arc::new(Seen::open(store, 0).unwrap())
+}
+
 fn scanner(files: MemFiles, ubus: FakeUbus) -> Scanner {
     Scanner::new(
         Arc::new(files),
@@ -41,7 +46,17 @@ fn scanner(files: MemFiles, ubus: FakeUbus) -> Scanner {
         NeighbourSource::ProcArp,
         Some("wan".into()),
         crate::runtime::clock::system_clock(),
+        seen(),
     )
+}
+
+/// nlbwmon not answering.
+fn no_usage() -> ScanUsage {
+    ScanUsage {
+        state: SourceState::Error("nlbw is not installed".into()),
+        period: None,
+        devices: HashMap::new(),
+    }
 }
 
 /// Kids (group 3, internet blocked) holds bob's phone; the printer is blacklisted.
@@ -56,7 +71,7 @@ fn policy() -> Desired {
                 mac: mac("02:00:00:00:01:02"),
                 ipv4: None,
                 ipv6: None,
-                name: None,
+                name: Some("Bob's phone".into()),
             }],
             policy: Policy {
                 internet: Internet::Block,
@@ -99,9 +114,26 @@ async fn merges_leases_neighbours_and_wireless_clients_by_mac() {
         json!({"02:00:00:00:01:02": {"authorized": true, "signal": -70, "connected_time": 30}}),
     );
     let s = scanner(files, ubus);
-    let out = s.scan(&policy(), 1_800_000_000).await;
+    let usage = ScanUsage {
+        state: SourceState::Ok,
+        period: Some("2026-12-01".into()),
+        devices: HashMap::from([(
+            mac("02:00:00:00:01:01"),
+            DeviceBytes {
+                today: RxTx {
+                    bytes_rx: 10,
+                    bytes_tx: 2,
+                },
+                period: RxTx {
+                    bytes_rx: 500,
+                    bytes_tx: 70,
+                },
+            },
+        )]),
+    };
+    let out = s.scan(&policy(), usage, 1_800_000_000).await;
 
-    let macs: Vec<&str> = out.devices.iter().map(|d| d.mac.as_str()).collect();
+    let macs: Vec<String> = out.devices.iter().map(|d| d.mac.to_string()).collect();
     // Online first (by MAC), then the printer, known only from its lease.
     assert_eq!(
         macs,
@@ -126,6 +158,15 @@ async fn merges_leases_neighbours_and_wireless_clients_by_mac() {
     assert_eq!(alice.last_seen, Some(1_800_000_000));
     assert_eq!(alice.group.id, 0);
     assert!(!alice.blocked);
+    // Named by its DHCP hostname; a 02:… MAC is a random one.
+    assert_eq!(
+        (alice.name.as_deref(), alice.name_source, alice.randomized),
+        (Some("alice-laptop"), Some(NameSource::Hostname), true)
+    );
+    assert_eq!(alice.usage.unwrap().period.bytes_rx, 500);
+    assert_eq!(alice.usage.unwrap().today.bytes_tx, 2);
+    assert_eq!(out.usage_period.as_deref(), Some("2026-12-01"));
+    assert_eq!(out.sources.usage, SourceState::Ok);
 
     let bob = &out.devices[1];
     assert_eq!(
@@ -137,10 +178,17 @@ async fn merges_leases_neighbours_and_wireless_clients_by_mac() {
     );
     assert!(bob.blocked);
     assert_eq!(bob.blocked_by, ["group 3"]);
+    // The owner's name wins over the hostname the phone sends.
+    assert_eq!(bob.name.as_deref(), Some("Bob's phone"));
+    assert_eq!(bob.name_source, Some(NameSource::Owner));
+    assert_eq!(bob.hostname.as_deref(), Some("bob-phone"));
+    // nlbwmon answered without this device: no traffic, not "unknown".
+    assert_eq!(bob.usage, Some(DeviceBytes::default()));
     assert_eq!(bob.wireless.as_ref().unwrap().band, Some("2g"));
 
     let tv = &out.devices[2];
     assert_eq!((tv.connection, tv.hostname.as_deref()), ("wired", None));
+    assert_eq!((tv.name.as_deref(), tv.name_source), (None, None));
     assert_eq!(tv.interface.as_deref(), Some("br-lan"));
 
     let printer = &out.devices[3];
@@ -159,9 +207,12 @@ async fn missing_sources_degrade_and_say_so() {
         &arp(&[("192.168.1.104", "02:00:00:00:01:04", "br-lan")]),
     );
     let out = scanner(files, FakeUbus::default())
-        .scan(&ops::initial(), 100)
+        .scan(&ops::initial(), no_usage(), 100)
         .await;
     assert_eq!(out.total, 1);
+    // Without nlbwmon no device carries usage, and the sources say why.
+    assert_eq!(out.devices[0].usage, None);
+    assert!(matches!(&out.sources.usage, SourceState::Error(e) if e.contains("not installed")));
     assert_eq!(out.devices[0].connection, "unknown");
     assert_eq!(out.devices[0].group.id, 0);
     assert_eq!(out.sources.leases, SourceState::Missing);
@@ -170,7 +221,7 @@ async fn missing_sources_degrade_and_say_so() {
 
     // Nothing at all: an empty scan that says every source is missing.
     let out = scanner(MemFiles::default(), FakeUbus::default())
-        .scan(&ops::initial(), 100)
+        .scan(&ops::initial(), no_usage(), 100)
         .await;
     assert_eq!(out.total, 0);
     assert_eq!(out.sources.neighbours, SourceState::Missing);
@@ -188,7 +239,9 @@ async fn a_failing_hostapd_is_an_error_source_but_the_rest_is_listed() {
             message: "truncated".into(),
         })
     });
-    let out = scanner(files, ubus).scan(&ops::initial(), 100).await;
+    let out = scanner(files, ubus)
+        .scan(&ops::initial(), no_usage(), 100)
+        .await;
     assert_eq!(out.total, 3);
     assert!(matches!(&out.sources.wireless, SourceState::Error(e) if e.contains("phy1-ap0")));
     assert_eq!(out.devices[0].connection, "wireless");
@@ -199,14 +252,14 @@ async fn last_seen_is_remembered_after_a_device_goes_offline() {
     let ubus = FakeUbus::default();
     hostapd(&ubus, "phy0-ap0", 2412, json!({"02:00:00:00:01:01": {}}));
     let s = scanner(MemFiles::default().with(LEASES_PATH, LEASES), ubus.clone());
-    let first = s.scan(&ops::initial(), 1000).await;
+    let first = s.scan(&ops::initial(), no_usage(), 1000).await;
     assert!(first.devices[0].online);
     hostapd(&ubus, "phy0-ap0", 2412, json!({}));
-    let later = s.scan(&ops::initial(), 2000).await;
+    let later = s.scan(&ops::initial(), no_usage(), 2000).await;
     let alice = later
         .devices
         .iter()
-        .find(|d| d.mac == "02:00:00:00:01:01")
+        .find(|d| d.mac == mac("02:00:00:00:01:01"))
         .unwrap();
     assert!(!alice.online);
     assert_eq!(alice.last_seen, Some(1000));
@@ -235,6 +288,7 @@ async fn the_real_ip_neighbour_table_parses() {
         },
         None,
         crate::runtime::clock::system_clock(),
+        seen(),
     );
     let (_, state) = s.neighbours().await;
     assert_eq!(state, SourceState::Ok);
@@ -247,6 +301,7 @@ async fn the_real_ip_neighbour_table_parses() {
         },
         None,
         crate::runtime::clock::system_clock(),
+        seen(),
     );
     assert_eq!(s.neighbours().await.1, SourceState::Missing);
 }

@@ -23,19 +23,18 @@ pub struct Ledger {
     pub period: Option<String>,
     /// Increments not yet written, by (local date, MAC).
     pub pending: BTreeMap<(String, Mac), Pair>,
-    /// When each device's counters last grew (Unix seconds), since the agent started.
-    pub last_change: HashMap<Mac, u64>,
 }
 
 impl Ledger {
-    /// Folds one reading of nlbwmon's counters in, attributing growth to `day`.
+    /// Folds one reading of nlbwmon's counters in, attributing growth to `day`;
+    /// returns the devices whose counters grew.
     pub fn observe(
         &mut self,
         day: &str,
         period: Option<&str>,
-        now: u64,
         counters: impl Iterator<Item = (Mac, Pair)>,
-    ) {
+    ) -> Vec<Mac> {
+        let mut grew = Vec::new();
         if let Some(p) = period {
             if self.period.as_deref().is_some_and(|old| old != p) {
                 // A new period starts nlbwmon's counters from zero.
@@ -56,12 +55,13 @@ impl Ledger {
                 let e = self.pending.entry((day.to_owned(), mac)).or_default();
                 e.0 = e.0.saturating_add(drx);
                 e.1 = e.1.saturating_add(dtx);
-                self.last_change.insert(mac, now);
+                grew.push(mac);
             }
             next.insert(mac, (rx, tx));
         }
         // A device missing from the reading was reset with nlbwmon's database.
         self.baseline = next;
+        grew
     }
 }
 
@@ -213,13 +213,11 @@ mod tests {
         l.observe(
             "2026-11-20",
             Some("2026-11-01"),
-            1,
             [(mac(1), (100, 10))].into_iter(),
         );
         l.observe(
             "2026-11-20",
             Some("2026-11-01"),
-            2,
             [(mac(1), (150, 10))].into_iter(),
         );
         assert_eq!(l.pending[&("2026-11-20".into(), mac(1))], (150, 10));
@@ -227,7 +225,6 @@ mod tests {
         l.observe(
             "2026-11-21",
             Some("2026-11-01"),
-            3,
             [(mac(1), (30, 5))].into_iter(),
         );
         assert_eq!(l.pending[&("2026-11-21".into(), mac(1))], (30, 5));
@@ -236,20 +233,18 @@ mod tests {
         l.observe(
             "2026-12-01",
             Some("2026-12-01"),
-            4,
             [(mac(1), (40, 6))].into_iter(),
         );
         assert_eq!(l.pending[&("2026-12-01".into(), mac(1))], (40, 6));
         // A device that vanished and came back is counted from zero.
-        l.observe("2026-12-01", Some("2026-12-01"), 5, std::iter::empty());
-        l.observe(
+        l.observe("2026-12-01", Some("2026-12-01"), std::iter::empty());
+        let grew = l.observe(
             "2026-12-01",
             Some("2026-12-01"),
-            6,
-            [(mac(1), (7, 1))].into_iter(),
+            [(mac(1), (7, 1)), (mac(2), (0, 0))].into_iter(),
         );
         assert_eq!(l.pending[&("2026-12-01".into(), mac(1))], (47, 7));
-        assert_eq!(l.last_change[&mac(1)], 6);
+        assert_eq!(grew, [mac(1)], "only counters that grew");
     }
 
     #[test]

@@ -1,6 +1,8 @@
-//! Device usage from nlbwmon: the service behind `/api/device-usage/*`. It reads
-//! nlbwmon through the [`Nlbw`] seam (cached for a few seconds), names devices from
-//! the DHCP leases, folds every reading into the daily [`history::Ledger`] and
+//! Device usage from nlbwmon: the service behind `/api/device-usage/*` and each
+//! device's traffic in `/api/scan`. It reads nlbwmon through the [`Nlbw`] seam
+//! (one reading cached for a few seconds, shared by every caller), names devices
+//! as the caller's [`Names`] say, marks devices whose counters grew as seen, folds
+//! every reading into the daily [`history::Ledger`] and
 //! writes that to SQLite a few times a day (flash wears), and resets nlbwmon by
 //! stopping it, removing its database files and starting it again. The clock,
 //! nlbw and files are injected; nothing here knows whether the router is real.
@@ -18,6 +20,9 @@ use serde::Serialize;
 
 use crate::policy::model::Mac;
 use crate::runtime::clock::Clock;
+use crate::scan::names::{NameSource, Names};
+use crate::scan::seen::Seen;
+use crate::scan::{RxTx, ScanUsage, SourceState};
 use crate::store::{Store, StoreError};
 use crate::system::files::Files;
 use crate::system::nlbw::{self, Control, Nlbw, NlbwError, Query};
@@ -117,6 +122,8 @@ pub struct Usage {
     cache: tokio::sync::Mutex<Option<(tokio::time::Instant, Arc<Live>)>>,
     last_flush: Mutex<Option<u64>>,
     config: UsageConfig,
+    /// Last-seen times, shared with discovery.
+    seen: Arc<Seen>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -132,6 +139,9 @@ pub struct DeviceUsage {
     pub ip: Option<IpAddr>,
     pub ips: Vec<IpAddr>,
     pub hostname: Option<String>,
+    pub name: Option<String>,
+    pub name_source: Option<NameSource>,
+    pub randomized: bool,
     /// Downloaded by the device.
     pub bytes_rx: u64,
     /// Uploaded by the device.
@@ -140,8 +150,8 @@ pub struct DeviceUsage {
     pub connections: u64,
     /// Up to five, by bytes: the layer-7 name, else the IP protocol.
     pub top_protocols: Vec<ProtocolOut>,
-    /// Unix seconds the agent last saw its counters grow; `None` when they have not
-    /// grown since the agent started watching.
+    /// Unix seconds the device was last seen online or its counters grew (kept
+    /// across restarts).
     pub last_seen: Option<u64>,
 }
 
@@ -210,6 +220,9 @@ pub struct DayOut {
 pub struct DeviceHistory {
     pub mac: Mac,
     pub hostname: Option<String>,
+    pub name: Option<String>,
+    pub name_source: Option<NameSource>,
+    pub randomized: bool,
     pub total_bytes: u64,
     pub days: Vec<DayOut>,
 }
@@ -233,6 +246,9 @@ pub struct HistoryOut {
 pub struct TopDevice {
     pub mac: Mac,
     pub hostname: Option<String>,
+    pub name: Option<String>,
+    pub name_source: Option<NameSource>,
+    pub randomized: bool,
     pub total_bytes: u64,
     /// Share of `total_bytes`, 0–100 with two decimals.
     pub percentage: f64,
@@ -266,6 +282,7 @@ impl Usage {
         offset: Arc<dyn Fn(i64) -> i32 + Send + Sync>,
         mut store: Store,
         config: UsageConfig,
+        seen: Arc<Seen>,
     ) -> Result<Usage, UsageError> {
         let ledger = history::load(&mut store)?;
         Ok(Usage {
@@ -278,6 +295,7 @@ impl Usage {
             cache: tokio::sync::Mutex::new(None),
             last_flush: Mutex::new(None),
             config,
+            seen,
         })
     }
 
@@ -327,14 +345,14 @@ impl Usage {
             let mut ledger = self.ledger.lock().expect("usage ledger");
             // A new local day: write the finished one out before counting into today.
             let day_changed = ledger.pending.keys().any(|(d, _)| *d != today);
-            ledger.observe(
+            let grew = ledger.observe(
                 &today,
                 period.as_deref(),
-                now as u64,
                 agg.devices
                     .iter()
                     .map(|(m, d)| (*m, (d.rx_bytes, d.tx_bytes))),
             );
+            self.seen.mark(grew, now.max(0) as u64);
             if day_changed {
                 self.flush_locked(&mut ledger)?;
             }
@@ -362,29 +380,60 @@ impl Usage {
         self.flush_locked(&mut ledger)
     }
 
-    /// MAC → hostname from dnsmasq's leases; a missing file names nobody.
-    fn hostnames(&self) -> HashMap<Mac, String> {
-        let text = self
-            .files
-            .read_to_string(crate::scan::LEASES_PATH)
-            .unwrap_or_default();
-        crate::scan::parse::leases(&text)
-            .into_iter()
-            .filter_map(|l| Some((l.mac, l.hostname?)))
-            .collect()
+    /// Each device's traffic today and in nlbwmon's period, from the shared
+    /// reading, for a scan; says why not when nlbwmon does not answer.
+    pub async fn for_scan(&self) -> ScanUsage {
+        let mut out = ScanUsage {
+            state: SourceState::Ok,
+            period: None,
+            devices: HashMap::new(),
+        };
+        let live = match self.live().await {
+            Ok(live) => live,
+            Err(e) => {
+                out.state = SourceState::Error(e.to_string());
+                return out;
+            }
+        };
+        let today = self.today();
+        let pending: BTreeMap<(String, Mac), history::Pair> = {
+            let ledger = self.ledger.lock().expect("usage ledger");
+            let from = (today.clone(), Mac([0; 6]));
+            ledger
+                .pending
+                .range(from..)
+                .map(|(k, v)| (k.clone(), *v))
+                .collect()
+        };
+        let counted = {
+            let mut store = self.store.lock().expect("usage store");
+            history::days(&mut store, &pending, &today)
+        };
+        let counted = counted.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "today's usage not read");
+            pending
+        });
+        let rxtx = |(bytes_rx, bytes_tx)| RxTx { bytes_rx, bytes_tx };
+        for ((_, mac), pair) in counted {
+            out.devices.entry(mac).or_default().today = rxtx(pair);
+        }
+        for (mac, d) in &live.agg.devices {
+            out.devices.entry(*mac).or_default().period = rxtx((d.rx_bytes, d.tx_bytes));
+        }
+        out.period = live.period.clone();
+        out
     }
 
-    fn device_out(
-        mac: Mac,
-        d: &parse::DeviceTotals,
-        names: &HashMap<Mac, String>,
-        seen: &HashMap<Mac, u64>,
-    ) -> DeviceUsage {
+    fn device_out(mac: Mac, d: &parse::DeviceTotals, names: &Names, seen: &Seen) -> DeviceUsage {
+        let id = names.of(&mac);
         DeviceUsage {
             mac,
             ip: d.ips.first().copied(),
             ips: d.ips.clone(),
-            hostname: names.get(&mac).cloned(),
+            hostname: names.hostname(&mac),
+            name: id.name,
+            name_source: id.name_source,
+            randomized: id.randomized,
             bytes_rx: d.rx_bytes,
             bytes_tx: d.tx_bytes,
             total_bytes: d.total(),
@@ -398,20 +447,18 @@ impl Usage {
                     bytes: *b,
                 })
                 .collect(),
-            last_seen: seen.get(&mac).copied(),
+            last_seen: seen.get(&mac),
         }
     }
 
     /// Every device of the current period, most traffic first, one page of them.
-    pub async fn current(&self, offset: usize, limit: usize) -> Result<CurrentOut, UsageError> {
+    pub async fn current(
+        &self,
+        offset: usize,
+        limit: usize,
+        names: &Names,
+    ) -> Result<CurrentOut, UsageError> {
         let live = self.live().await?;
-        let names = self.hostnames();
-        let seen = self
-            .ledger
-            .lock()
-            .expect("usage ledger")
-            .last_change
-            .clone();
         let mut all: Vec<(&Mac, &parse::DeviceTotals)> = live.agg.devices.iter().collect();
         all.sort_by(|a, b| b.1.total().cmp(&a.1.total()).then(a.0.cmp(b.0)));
         let total_bytes = all
@@ -427,30 +474,24 @@ impl Usage {
                 .iter()
                 .skip(offset)
                 .take(limit)
-                .map(|(m, d)| Self::device_out(**m, d, &names, &seen))
+                .map(|(m, d)| Self::device_out(**m, d, names, &self.seen))
                 .collect(),
             offset,
             limit,
         })
     }
 
-    pub async fn device(&self, mac: Mac) -> Result<DeviceOut, UsageError> {
+    pub async fn device(&self, mac: Mac, names: &Names) -> Result<DeviceOut, UsageError> {
         let live = self.live().await?;
         let d = live
             .agg
             .devices
             .get(&mac)
             .ok_or(UsageError::NoSuchDevice(mac))?;
-        let seen = self
-            .ledger
-            .lock()
-            .expect("usage ledger")
-            .last_change
-            .clone();
         Ok(DeviceOut {
             timestamp: live.read_unix,
             period: live.period.clone(),
-            device: Self::device_out(mac, d, &self.hostnames(), &seen),
+            device: Self::device_out(mac, d, names, &self.seen),
         })
     }
 
@@ -549,7 +590,7 @@ impl Usage {
     /// Per-day totals per device over the last `days` days (today included): the
     /// stored days plus what is counted but not yet written, after a fresh reading.
     /// nlbwmon being down leaves the stored history readable.
-    pub async fn history(&self, days: u32) -> Result<HistoryOut, UsageError> {
+    pub async fn history(&self, days: u32, names: &Names) -> Result<HistoryOut, UsageError> {
         let live_ok = self.live().await;
         let from = self.first_day(days);
         let to = self.today();
@@ -562,16 +603,21 @@ impl Usage {
             // Nothing stored and nlbwmon down: say so rather than show "no traffic".
             live_ok?;
         }
-        let names = self.hostnames();
         let mut per: BTreeMap<Mac, DeviceHistory> = BTreeMap::new();
         let mut daily: BTreeMap<String, u64> = BTreeMap::new();
         for ((day, mac), (rx, tx)) in rows {
             let total = rx.saturating_add(tx);
-            let d = per.entry(mac).or_insert_with(|| DeviceHistory {
-                mac,
-                hostname: names.get(&mac).cloned(),
-                total_bytes: 0,
-                days: Vec::new(),
+            let d = per.entry(mac).or_insert_with(|| {
+                let id = names.of(&mac);
+                DeviceHistory {
+                    mac,
+                    hostname: names.hostname(&mac),
+                    name: id.name,
+                    name_source: id.name_source,
+                    randomized: id.randomized,
+                    total_bytes: 0,
+                    days: Vec::new(),
+                }
             });
             d.total_bytes = d.total_bytes.saturating_add(total);
             let t = daily.entry(day.clone()).or_default();
@@ -597,8 +643,8 @@ impl Usage {
         })
     }
 
-    pub async fn summary(&self, days: u32) -> Result<SummaryOut, UsageError> {
-        let h = self.history(days).await?;
+    pub async fn summary(&self, days: u32, names: &Names) -> Result<SummaryOut, UsageError> {
+        let h = self.history(days, names).await?;
         let live = self.live().await.ok();
         let total = h
             .devices
@@ -611,6 +657,9 @@ impl Usage {
             .map(|d| TopDevice {
                 mac: d.mac,
                 hostname: d.hostname.clone(),
+                name: d.name.clone(),
+                name_source: d.name_source,
+                randomized: d.randomized,
                 total_bytes: d.total_bytes,
                 percentage: percentage(d.total_bytes, total),
             })
@@ -632,10 +681,14 @@ impl Usage {
         })
     }
 
-    /// History as CSV: `date,mac,hostname,bytes_rx,bytes_tx,total_bytes`.
-    pub async fn history_csv(&self, days: u32) -> Result<String, UsageError> {
-        let h = self.history(days).await?;
-        let mut out = String::from("date,mac,hostname,bytes_rx,bytes_tx,total_bytes\n");
+    /// History as CSV: `date,mac,hostname,bytes_rx,bytes_tx,total_bytes,name,
+    /// name_source,randomized` (the last three added later, at the end, so readers
+    /// of the first six keep working; the relay appends `vendor`).
+    pub async fn history_csv(&self, days: u32, names: &Names) -> Result<String, UsageError> {
+        let h = self.history(days, names).await?;
+        let mut out = String::from(
+            "date,mac,hostname,bytes_rx,bytes_tx,total_bytes,name,name_source,randomized\n",
+        );
         let mut rows: Vec<(&str, &DeviceHistory, &DayOut)> = h
             .devices
             .iter()
@@ -649,8 +702,17 @@ impl Usage {
             out.push(',');
             out.push_str(&csv_field(d.hostname.as_deref().unwrap_or("")));
             out.push_str(&format!(
-                ",{},{},{}\n",
-                day.bytes_rx, day.bytes_tx, day.total_bytes
+                ",{},{},{},{},{},{}\n",
+                day.bytes_rx,
+                day.bytes_tx,
+                day.total_bytes,
+                csv_field(d.name.as_deref().unwrap_or("")),
+                match d.name_source {
+                    Some(NameSource::Owner) => "owner",
+                    Some(NameSource::Hostname) => "hostname",
+                    None => "",
+                },
+                d.randomized
             ));
         }
         Ok(out)
@@ -760,6 +822,7 @@ impl Usage {
                     if let Err(e) = self.flush() {
                         tracing::warn!(error = %e, "usage history not written at shutdown");
                     }
+                    self.seen.flush(self.now().max(0) as u64);
                     return;
                 }
             }

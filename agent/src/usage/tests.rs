@@ -16,6 +16,8 @@ struct Rig {
     clock: Arc<AtomicI64>,
     dir: std::path::PathBuf,
     files: MemFiles,
+    /// The names owners gave devices (in groups).
+    owner: HashMap<Mac, String>,
 }
 
 fn temp_dir() -> std::path::PathBuf {
@@ -40,6 +42,15 @@ impl Rig {
                 "/tmp/dhcp.leases",
                 "1900000000 02:00:00:00:01:01 192.168.1.101 alice-laptop *\n",
             ),
+            owner: HashMap::new(),
+        }
+    }
+
+    /// What the API layer hands the service: the owner's names and the leases'.
+    fn names(&self) -> Names {
+        Names {
+            owner: self.owner.clone(),
+            dhcp: crate::scan::names::hostnames(&self.files),
         }
     }
 
@@ -58,6 +69,7 @@ impl Rig {
                 confirm_timeout: Duration::from_millis(300),
                 ..Default::default()
             },
+            Arc::new(Seen::open(Store::open(&self.dir).unwrap(), NOON as u64).unwrap()),
         )
         .unwrap()
     }
@@ -104,7 +116,7 @@ fn mac(s: &str) -> Mac {
 async fn current_usage_from_the_fixtures_with_hostnames_and_protocols() {
     let rig = Rig::new();
     let u = rig.service(Duration::from_secs(5));
-    let c = u.current(0, 100).await.unwrap();
+    let c = u.current(0, 100, &rig.names()).await.unwrap();
     assert_eq!(c.total_devices, 2);
     assert_eq!(c.period.as_deref(), Some("2026-11-01"));
     assert_eq!(c.timestamp, NOON as u64);
@@ -119,6 +131,10 @@ async fn current_usage_from_the_fixtures_with_hostnames_and_protocols() {
     assert_eq!(bob.top_protocols[0].name, "IP");
     let alice = &c.devices[1];
     assert_eq!(alice.hostname.as_deref(), Some("alice-laptop"));
+    assert_eq!(alice.name.as_deref(), Some("alice-laptop"));
+    assert_eq!(alice.name_source, Some(NameSource::Hostname));
+    assert!(alice.randomized && bob.randomized);
+    assert_eq!((bob.name.as_deref(), bob.name_source), (None, None));
     let names: Vec<&str> = alice
         .top_protocols
         .iter()
@@ -131,16 +147,24 @@ async fn current_usage_from_the_fixtures_with_hostnames_and_protocols() {
         "totals cover every device, not just the page"
     );
 
-    let page = u.current(1, 1).await.unwrap();
+    let page = u.current(1, 1, &rig.names()).await.unwrap();
     assert_eq!(page.devices.len(), 1);
     assert_eq!(page.devices[0].mac, alice.mac);
     assert_eq!(page.total_devices, 2);
-    assert!(u.current(5, 10).await.unwrap().devices.is_empty());
+    assert!(u
+        .current(5, 10, &rig.names())
+        .await
+        .unwrap()
+        .devices
+        .is_empty());
 
-    let one = u.device(mac("02-00-00-00-01-01")).await.unwrap();
+    let one = u
+        .device(mac("02-00-00-00-01-01"), &rig.names())
+        .await
+        .unwrap();
     assert_eq!(one.device.bytes_rx, 20085106);
     assert!(matches!(
-        u.device(mac("02:00:00:00:01:09")).await,
+        u.device(mac("02:00:00:00:01:09"), &rig.names()).await,
         Err(UsageError::NoSuchDevice(_))
     ));
 }
@@ -149,17 +173,19 @@ async fn current_usage_from_the_fixtures_with_hostnames_and_protocols() {
 async fn readings_are_cached_for_the_ttl() {
     let rig = Rig::new();
     let u = rig.service(Duration::from_secs(60));
-    u.current(0, 10).await.unwrap();
-    u.current(0, 10).await.unwrap();
-    u.device(mac("02:00:00:00:01:01")).await.unwrap();
+    u.current(0, 10, &rig.names()).await.unwrap();
+    u.current(0, 10, &rig.names()).await.unwrap();
+    u.device(mac("02:00:00:00:01:01"), &rig.names())
+        .await
+        .unwrap();
     assert_eq!(
         rig.nlbw.queries(),
         2,
         "one list and one json for three calls"
     );
     let uncached = rig.service(Duration::ZERO);
-    uncached.current(0, 10).await.unwrap();
-    uncached.current(0, 10).await.unwrap();
+    uncached.current(0, 10, &rig.names()).await.unwrap();
+    uncached.current(0, 10, &rig.names()).await.unwrap();
     assert_eq!(rig.nlbw.queries(), 6);
 }
 
@@ -168,12 +194,12 @@ async fn nlbwmon_down_or_garbled_is_an_error_not_an_empty_list() {
     let rig = Rig::new();
     let u = rig.service(Duration::ZERO);
     rig.nlbw.set_running(false);
-    let e = u.current(0, 10).await.unwrap_err();
+    let e = u.current(0, 10, &rig.names()).await.unwrap_err();
     assert!(matches!(e, UsageError::Unavailable { .. }), "{e:?}");
     assert!(e.to_string().contains("opkg install nlbwmon"), "{e}");
     assert!(e.to_string().contains("apk add nlbwmon"), "{e}");
     assert!(matches!(
-        u.history(7).await,
+        u.history(7, &rig.names()).await,
         Err(UsageError::Unavailable { .. })
     ));
     rig.nlbw.set_running(true);
@@ -186,7 +212,7 @@ async fn nlbwmon_down_or_garbled_is_an_error_not_an_empty_list() {
         &full[..100],
     );
     assert!(matches!(
-        u.current(0, 10).await,
+        u.current(0, 10, &rig.names()).await,
         Err(UsageError::BadOutput(_))
     ));
     rig.nlbw.set_mode(FakeMode::NotInstalled);
@@ -224,16 +250,16 @@ async fn history_survives_an_agent_restart_and_a_reboot() {
     let rig = Rig::new();
     rig.counters(&[(1, 1000, 100)]);
     let u = rig.service(Duration::ZERO);
-    u.current(0, 10).await.unwrap();
+    u.current(0, 10, &rig.names()).await.unwrap();
     rig.counters(&[(1, 1500, 150)]);
-    u.current(0, 10).await.unwrap();
+    u.current(0, 10, &rig.names()).await.unwrap();
     u.flush().unwrap();
     drop(u);
 
     // The agent restarts (nlbwmon keeps running): only growth since the flush counts.
     rig.counters(&[(1, 1600, 160)]);
     let u = rig.service(Duration::ZERO);
-    let h = u.history(7).await.unwrap();
+    let h = u.history(7, &rig.names()).await.unwrap();
     assert_eq!(day_total(&h, "2026-11-20"), 1760);
     u.flush().unwrap();
     drop(u);
@@ -242,7 +268,7 @@ async fn history_survives_an_agent_restart_and_a_reboot() {
     rig.next_day();
     rig.counters(&[(1, 40, 4), (2, 7, 3)]);
     let u = rig.service(Duration::ZERO);
-    let h = u.history(7).await.unwrap();
+    let h = u.history(7, &rig.names()).await.unwrap();
     assert_eq!(day_total(&h, "2026-11-20"), 1760, "the counted day is kept");
     assert_eq!(
         day_total(&h, "2026-11-21"),
@@ -254,10 +280,10 @@ async fn history_survives_an_agent_restart_and_a_reboot() {
     assert_eq!(h.devices[0].total_bytes, 1760 + 44);
     assert_eq!(h.from, "2026-11-15");
     assert_eq!(h.to, "2026-11-21");
-    let one_day = u.history(1).await.unwrap();
+    let one_day = u.history(1, &rig.names()).await.unwrap();
     assert_eq!(one_day.daily_totals.len(), 1);
 
-    let s = u.summary(7).await.unwrap();
+    let s = u.summary(7, &rig.names()).await.unwrap();
     assert_eq!(s.period_days, 7);
     assert_eq!(s.total_bytes, 1760 + 54);
     assert_eq!(s.top_devices[0].mac, mac("02:00:00:00:01:01"));
@@ -272,11 +298,11 @@ async fn a_counter_reset_mid_day_keeps_the_counted_part() {
     let rig = Rig::new();
     let u = rig.service(Duration::ZERO);
     rig.counters(&[(1, 500, 50)]);
-    u.current(0, 10).await.unwrap();
+    u.current(0, 10, &rig.names()).await.unwrap();
     rig.counters(&[(1, 20, 2)]);
-    u.current(0, 10).await.unwrap();
+    u.current(0, 10, &rig.names()).await.unwrap();
     rig.counters(&[(1, 30, 3)]);
-    let h = u.history(1).await.unwrap();
+    let h = u.history(1, &rig.names()).await.unwrap();
     assert_eq!(h.devices[0].days[0].bytes_rx, 530);
     assert_eq!(h.devices[0].days[0].bytes_tx, 53);
 }
@@ -286,11 +312,11 @@ async fn a_new_day_is_written_out_and_old_days_expire() {
     let rig = Rig::new();
     let u = rig.service(Duration::ZERO);
     rig.counters(&[(1, 100, 0)]);
-    u.current(0, 10).await.unwrap();
+    u.current(0, 10, &rig.names()).await.unwrap();
     assert!(u.status().await.history.last_flush.is_none());
     rig.next_day();
     rig.counters(&[(1, 150, 0)]);
-    u.current(0, 10).await.unwrap();
+    u.current(0, 10, &rig.names()).await.unwrap();
     assert!(
         u.status().await.history.last_flush.is_some(),
         "day change flushes"
@@ -300,7 +326,7 @@ async fn a_new_day_is_written_out_and_old_days_expire() {
         rig.next_day();
     }
     u.flush().unwrap();
-    let h = u.history(365).await.unwrap();
+    let h = u.history(365, &rig.names()).await.unwrap();
     assert!(
         h.daily_totals
             .iter()
@@ -319,26 +345,29 @@ async fn csv_export_round_trips() {
     );
     let u = rig.service(Duration::ZERO);
     rig.counters(&[(1, 100, 10), (2, 5, 1)]);
-    u.current(0, 10).await.unwrap();
+    u.current(0, 10, &rig.names()).await.unwrap();
     rig.next_day();
     rig.counters(&[(1, 300, 20), (2, 9, 1)]);
-    let json = u.history(7).await.unwrap();
-    let csv = u.history_csv(7).await.unwrap();
+    let json = u.history(7, &rig.names()).await.unwrap();
+    let csv = u.history_csv(7, &rig.names()).await.unwrap();
     let mut lines = csv.lines();
     assert_eq!(
         lines.next(),
-        Some("date,mac,hostname,bytes_rx,bytes_tx,total_bytes")
+        Some("date,mac,hostname,bytes_rx,bytes_tx,total_bytes,name,name_source,randomized")
     );
     let mut back = 0;
     for line in lines {
         let f: Vec<&str> = line.split(',').collect();
-        assert_eq!(f.len(), 6, "{line}");
+        assert_eq!(f.len(), 9, "{line}");
         let d = json
             .devices
             .iter()
             .find(|d| d.mac.to_string() == f[1])
             .unwrap();
         assert_eq!(d.hostname.as_deref().unwrap_or(""), f[2]);
+        assert_eq!(d.name.as_deref().unwrap_or(""), f[6]);
+        assert_eq!(f[7], if d.name.is_some() { "hostname" } else { "" });
+        assert_eq!(f[8], "true", "02:… MACs are random ones");
         let day = d.days.iter().find(|x| x.date == f[0]).unwrap();
         assert_eq!(
             (day.bytes_rx, day.bytes_tx, day.total_bytes),
@@ -370,7 +399,7 @@ async fn reset_stops_removes_only_nlbwmon_files_and_starts() {
     rig.nlbw.add_file("/tmp", "20261101.db");
     let u = rig.service(Duration::ZERO);
     rig.counters(&[(1, 100, 10)]);
-    u.current(0, 10).await.unwrap();
+    u.current(0, 10, &rig.names()).await.unwrap();
     u.flush().unwrap();
     let r = u.reset(false).await.unwrap();
     assert_eq!(
@@ -386,7 +415,7 @@ async fn reset_stops_removes_only_nlbwmon_files_and_starts() {
     assert_eq!(rig.nlbw.files("/tmp"), ["20261101.db"]);
     assert_eq!(rig.nlbw.controls(), [Control::Stop, Control::Start]);
     rig.counters(&[]);
-    assert!(u.history(7).await.unwrap().devices.is_empty());
+    assert!(u.history(7, &rig.names()).await.unwrap().devices.is_empty());
 
     // A start that fails is reported, not hidden.
     rig.nlbw.set_mode(FakeMode::Broken);
@@ -415,7 +444,7 @@ async fn the_configured_protocol_list_is_passed_and_a_wrong_one_is_a_configurati
         .clone()
         .with(NLBWMON_CONFIG, &config("/etc/nlbwmon/protocols"));
     let u = rig.service(Duration::ZERO);
-    u.current(0, 10).await.unwrap();
+    u.current(0, 10, &rig.names()).await.unwrap();
     assert_eq!(
         rig.nlbw.last_protocols().as_deref(),
         Some("/etc/nlbwmon/protocols")
@@ -434,7 +463,7 @@ async fn the_configured_protocol_list_is_passed_and_a_wrong_one_is_a_configurati
         .clone()
         .with(NLBWMON_CONFIG, &config("/usr/share/nlbwmon/typo"));
     let u = rig.service(Duration::ZERO);
-    let e = u.current(0, 10).await.unwrap_err();
+    let e = u.current(0, 10, &rig.names()).await.unwrap_err();
     assert!(matches!(e, UsageError::Misconfigured(_)), "{e:?}");
     assert!(e.to_string().contains("/usr/share/nlbwmon/typo"), "{e}");
     let api: crate::api::AgentError = e.into();
@@ -448,7 +477,11 @@ async fn the_configured_protocol_list_is_passed_and_a_wrong_one_is_a_configurati
 
     // No option: nlbw's own default, no -p.
     let plain = Rig::new();
-    plain.service(Duration::ZERO).current(0, 10).await.unwrap();
+    plain
+        .service(Duration::ZERO)
+        .current(0, 10, &plain.names())
+        .await
+        .unwrap();
     assert_eq!(plain.nlbw.last_protocols(), None);
 }
 
@@ -460,7 +493,11 @@ async fn before_nlbwmon_first_saves_the_period_comes_from_database_interval() {
     let u = rig.service(Duration::ZERO);
     // No database_interval: nlbwmon's default, the 1st of the month.
     assert_eq!(
-        u.current(0, 10).await.unwrap().period.as_deref(),
+        u.current(0, 10, &rig.names())
+            .await
+            .unwrap()
+            .period
+            .as_deref(),
         Some("2026-11-01")
     );
     let s = u.status().await;
@@ -479,7 +516,11 @@ async fn before_nlbwmon_first_saves_the_period_comes_from_database_interval() {
         );
         let u = rig.service(Duration::ZERO);
         assert_eq!(
-            u.current(0, 10).await.unwrap().period.as_deref(),
+            u.current(0, 10, &rig.names())
+                .await
+                .unwrap()
+                .period
+                .as_deref(),
             Some(want),
             "{spec}"
         );
@@ -495,11 +536,91 @@ async fn before_nlbwmon_first_saves_the_period_comes_from_database_interval() {
         "config nlbwmon\n\toption database_interval 'monthly'\n",
     );
     let u = rig.service(Duration::ZERO);
-    assert_eq!(u.current(0, 10).await.unwrap().period, None);
+    assert_eq!(u.current(0, 10, &rig.names()).await.unwrap().period, None);
 
     // Once nlbwmon lists a period, that one wins.
     rig.nlbw.answer(Query::List, "2026-11-01\n");
     let s = u.status().await;
     assert_eq!(s.current_period.as_deref(), Some("2026-11-01"));
     assert_eq!(s.current_period_source, Some("nlbwmon"));
+}
+
+#[tokio::test]
+async fn the_owners_name_wins_in_usage_answers() {
+    let mut rig = Rig::new();
+    rig.owner
+        .insert(mac("02:00:00:00:01:01"), "Alice's laptop".into());
+    let u = rig.service(Duration::from_secs(5));
+    let c = u.current(0, 10, &rig.names()).await.unwrap();
+    let alice = c
+        .devices
+        .iter()
+        .find(|d| d.mac == mac("02:00:00:00:01:01"))
+        .unwrap();
+    assert_eq!(alice.name.as_deref(), Some("Alice's laptop"));
+    assert_eq!(alice.name_source, Some(NameSource::Owner));
+    assert_eq!(alice.hostname.as_deref(), Some("alice-laptop"));
+    let s = u.summary(7, &rig.names()).await.unwrap();
+    let top = s.top_devices.iter().find(|d| d.mac == alice.mac).unwrap();
+    assert_eq!(top.name.as_deref(), Some("Alice's laptop"));
+}
+
+#[tokio::test]
+async fn a_scan_takes_today_and_the_period_from_the_shared_reading() {
+    let rig = Rig::new();
+    let u = rig.service(Duration::from_secs(60));
+    rig.counters(&[(1, 100, 10), (2, 5, 1)]);
+    // The usage endpoints read nlbwmon; a scan within the TTL shares that reading.
+    u.current(0, 10, &rig.names()).await.unwrap();
+    let queries = rig.nlbw.queries();
+    let s = u.for_scan().await;
+    assert_eq!(rig.nlbw.queries(), queries, "no second reading");
+    assert_eq!(s.state, SourceState::Ok);
+    assert_eq!(s.period.as_deref(), Some("2026-11-01"));
+    let alice = s.devices[&mac("02:00:00:00:01:01")];
+    assert_eq!((alice.period.bytes_rx, alice.period.bytes_tx), (100, 10));
+    assert_eq!((alice.today.bytes_rx, alice.today.bytes_tx), (100, 10));
+    // Today counts the stored part too: after a flush and more traffic, both add up.
+    u.flush().unwrap();
+    rig.counters(&[(1, 150, 12), (2, 5, 1)]);
+    let fresh = rig.service(Duration::ZERO);
+    let s = fresh.for_scan().await;
+    let alice = s.devices[&mac("02:00:00:00:01:01")];
+    assert_eq!((alice.today.bytes_rx, alice.today.bytes_tx), (150, 12));
+    assert_eq!(alice.period.bytes_rx, 150);
+
+    // nlbwmon gone: the scan says why, and carries no numbers.
+    rig.nlbw.set_mode(FakeMode::NotInstalled);
+    let s = rig.service(Duration::ZERO).for_scan().await;
+    assert!(matches!(&s.state, SourceState::Error(e) if e.contains("nlbwmon")));
+    assert!(s.devices.is_empty());
+}
+
+#[tokio::test]
+async fn growth_marks_devices_seen_and_the_time_survives_a_restart() {
+    let rig = Rig::new();
+    let u = rig.service(Duration::ZERO);
+    rig.counters(&[(1, 100, 10)]);
+    u.current(0, 10, &rig.names()).await.unwrap();
+    let first = NOON as u64;
+    assert_eq!(
+        u.device(mac("02:00:00:00:01:01"), &rig.names())
+            .await
+            .unwrap()
+            .device
+            .last_seen,
+        Some(first)
+    );
+    // Shutdown writes the counted counters and what the batching held back.
+    u.flush().unwrap();
+    u.seen.flush(first);
+    drop(u);
+    rig.clock.fetch_add(600, Ordering::SeqCst);
+    let again = rig.service(Duration::ZERO);
+    // The counters did not grow: last_seen is still the first start's time.
+    let d = again
+        .device(mac("02:00:00:00:01:01"), &rig.names())
+        .await
+        .unwrap();
+    assert_eq!(d.device.last_seen, Some(first));
 }

@@ -200,7 +200,7 @@ async fn main() -> anyhow::Result<()> {
             "/api/groups/sync",
             json!({"group": {
                 "id": 3, "name": "Kids",
-                "devices": [{"mac": "02:00:00:00:01:01", "name": "Tablet"}, {"mac": "02-00-00-00-01-02"}],
+                "devices": [{"mac": "02:00:00:00:01:03", "name": "Tablet"}, {"mac": "02-00-00-00-01-02"}],
                 "policy": {"bandwidth": {"downloadKbps": 5000, "uploadKbps": 1000}, "internet": "allow",
                     "dns": {"categories": ["social", "adult"], "blockDomains": ["Example.COM."]},
                     "schedules": [{"days": ["mon","tue","wed","thu","fri"], "start": "22:00", "end": "06:30", "action": "block"}]}}}),
@@ -213,7 +213,7 @@ async fn main() -> anyhow::Result<()> {
     );
     show(
         session
-            .post("/api/block", json!({"mac": "02:00:00:00:01:05"}))
+            .post("/api/block", json!({"mac": "30:05:5c:00:01:05"}))
             .await,
         "POST /api/block {mac}",
     );
@@ -233,7 +233,7 @@ async fn main() -> anyhow::Result<()> {
     );
     show(
         session.get("/api/scan").await,
-        "GET /api/scan   (leases, neighbours and Wi-Fi clients, with their groups)",
+        "GET /api/scan   (leases, neighbours and Wi-Fi clients, with their names, makers, groups and traffic)",
     );
     show(
         session.get("/api/device-usage/current?limit=2").await,
