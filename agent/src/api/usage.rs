@@ -68,17 +68,23 @@ pub async fn names(app: &App) -> Names {
 
 pub async fn handle(app: &App, call: Call) -> Result<Reply, AgentError> {
     let usage = &app.usage;
+    // Every answer but these two lists devices (one await: the agent's flash pays
+    // for each).
+    let names = match call.pattern {
+        "/api/device-usage/status" | "/api/device-usage/reset" => Names::default(),
+        _ => names(app).await,
+    };
     match (call.method, call.pattern) {
         ("GET", "/api/device-usage/current") => {
             let limit = int_arg(&call, "limit", 1..=MAX_LIMIT as u64)?
                 .map_or(DEFAULT_LIMIT, |n| n as usize);
             let offset = int_arg(&call, "offset", 0..=u32::MAX as u64)?.unwrap_or(0) as usize;
-            Reply::ok(usage.current(offset, limit, &names(app).await).await?)
+            Reply::ok(usage.current(offset, limit, &names).await?)
         }
         ("GET", "/api/device-usage/device/{mac}") => {
             let raw = call.path_id.as_deref().unwrap_or_default();
             let mac = Mac::parse(raw).map_err(AgentError::Rejected)?;
-            Reply::ok(usage.device(mac, &names(app).await).await?)
+            Reply::ok(usage.device(mac, &names).await?)
         }
         ("GET", "/api/device-usage/status") => Reply::ok(usage.status().await),
         ("GET", "/api/device-usage/history") => {
@@ -93,7 +99,6 @@ pub async fn handle(app: &App, call: Call) -> Result<Reply, AgentError> {
                     ))
                 }
             };
-            let names = names(app).await;
             if csv {
                 Reply::raw(
                     "text/csv; charset=utf-8",
@@ -105,7 +110,7 @@ pub async fn handle(app: &App, call: Call) -> Result<Reply, AgentError> {
         }
         ("GET", "/api/device-usage/summary") => {
             let days = days(&call, 30)?;
-            Reply::ok(usage.summary(days, &names(app).await).await?)
+            Reply::ok(usage.summary(days, &names).await?)
         }
         ("POST", "/api/device-usage/reset") => {
             let keep =

@@ -194,7 +194,9 @@ pub fn merge(
         .map(|(mac, mut a)| {
             let online = a.fresh || a.station.is_some();
             // IPv4 first, each family in address order: stable for the web app.
-            a.ips.sort_by_key(|ip| (ip.is_ipv6(), *ip));
+            // IpAddr orders every IPv4 address before every IPv6 one, then by
+            // address; one `sort` instance serves scan and usage.
+            a.ips.sort();
             let facts = policy(&mac, &a.ips);
             let hostname = a.lease.and_then(|l| l.hostname.clone());
             let id = names::identity(&mac, facts.owner_name.as_deref(), hostname.as_deref());
@@ -404,8 +406,13 @@ impl Scanner {
 
     /// Remembers that the scan's online devices were seen at its time.
     pub fn mark(&self, out: &ScanOut) {
-        let online = out.devices.iter().filter(|d| d.online).map(|d| d.mac);
-        self.seen.mark(online, out.timestamp);
+        let online: Vec<Mac> = out
+            .devices
+            .iter()
+            .filter(|d| d.online)
+            .map(|d| d.mac)
+            .collect();
+        self.seen.mark(&online, out.timestamp);
     }
 
     /// [`Scanner::gather`], [`Scanner::finish`] and [`Scanner::mark`].

@@ -70,10 +70,10 @@ impl Seen {
     /// Marks `macs` seen at `now`, and writes the marks when the oldest unwritten
     /// one is `WRITE_EVERY` old. A failed write is logged; the marks stay in
     /// memory and go with the next one.
-    pub fn mark(&self, macs: impl IntoIterator<Item = Mac>, now: u64) {
+    pub fn mark(&self, macs: &[Mac], now: u64) {
         let mut t = self.times.lock().expect("seen");
         for mac in macs {
-            t.at.insert(mac, (now, true));
+            t.at.insert(*mac, (now, true));
             t.dirty_since.get_or_insert(now);
         }
         if t.dirty_since
@@ -92,12 +92,15 @@ impl Seen {
     }
 
     fn write(&self, t: &mut Times, now: u64) {
-        // Past the cap, the devices seen longest ago are forgotten.
-        if t.at.len() > MAX_DEVICES {
-            let mut by_age: Vec<(u64, Mac)> = t.at.iter().map(|(m, e)| (e.0, *m)).collect();
-            by_age.sort_unstable();
-            for (_, m) in &by_age[..t.at.len() - MAX_DEVICES] {
-                t.at.remove(m);
+        // Past the cap, the devices seen longest ago are forgotten (one at a time:
+        // the excess is what came since the last write, and a sort would cost the
+        // router's flash more than this loop costs its CPU).
+        let horizon = now.saturating_sub(RETENTION);
+        t.at.retain(|_, e| e.0 >= horizon);
+        while t.at.len() > MAX_DEVICES {
+            let oldest = t.at.iter().min_by_key(|(_, e)| e.0).map(|(m, _)| *m);
+            if let Some(m) = oldest {
+                t.at.remove(&m);
             }
         }
         let mut store = self.store.lock().expect("seen store");
@@ -116,7 +119,7 @@ impl Seen {
             tx.execute(
                 "DELETE FROM device_seen WHERE last_seen < ?1 OR mac NOT IN
                  (SELECT mac FROM device_seen ORDER BY last_seen DESC LIMIT ?2)",
-                params![now.saturating_sub(RETENTION) as i64, MAX_DEVICES as i64],
+                params![horizon as i64, MAX_DEVICES as i64],
             )?;
             tx.commit()
         })();
@@ -159,19 +162,19 @@ mod tests {
     fn marks_are_written_in_batches_at_most_every_write_every_and_survive_a_restart() {
         let dir = crate::store::tests::temp_dir();
         let seen = Seen::open(Store::open(&dir).unwrap(), 1000).unwrap();
-        seen.mark([mac(1)], 1000);
-        seen.mark([mac(1), mac(2)], 1000 + WRITE_EVERY - 1);
+        seen.mark(&[mac(1)], 1000);
+        seen.mark(&[mac(1), mac(2)], 1000 + WRITE_EVERY - 1);
         assert_eq!(seen.get(&mac(1)), Some(1000 + WRITE_EVERY - 1));
         assert!(
             stored(&dir).is_empty(),
             "nothing written before WRITE_EVERY"
         );
-        seen.mark([mac(3)], 1000 + WRITE_EVERY);
+        seen.mark(&[mac(3)], 1000 + WRITE_EVERY);
         let on_disk = stored(&dir);
         assert_eq!(on_disk.len(), 3, "one transaction holds every mark so far");
         assert_eq!(on_disk[&mac(1)], 1000 + WRITE_EVERY - 1);
         // A new batch starts with the next mark; shutdown writes it early.
-        seen.mark([mac(1)], 2000);
+        seen.mark(&[mac(1)], 2000);
         assert_eq!(stored(&dir)[&mac(1)], 1000 + WRITE_EVERY - 1);
         seen.flush(2001);
         drop(seen);
@@ -185,14 +188,14 @@ mod tests {
     fn retention_and_the_cap_forget_the_oldest() {
         let dir = crate::store::tests::temp_dir();
         let seen = Seen::open(Store::open(&dir).unwrap(), 10).unwrap();
-        seen.mark([mac(0)], 10);
+        seen.mark(&[mac(0)], 10);
         seen.flush(10);
         // Past retention at the next start: forgotten on disk and in memory.
         let seen = Seen::open(Store::open(&dir).unwrap(), 11 + RETENTION).unwrap();
         assert_eq!(seen.get(&mac(0)), None);
         let t0 = 20 + RETENTION;
         for n in 0..MAX_DEVICES as u16 + 5 {
-            seen.mark([mac(n)], t0 + n as u64);
+            seen.mark(&[mac(n)], t0 + n as u64);
         }
         seen.flush(t0 + 10_000);
         let on_disk = stored(&dir);
@@ -204,7 +207,7 @@ mod tests {
     #[test]
     fn an_in_memory_store_keeps_times_for_the_run() {
         let seen = Seen::open(Store::open_at(&Location::Memory).unwrap(), 5).unwrap();
-        seen.mark([mac(7)], 5);
+        seen.mark(&[mac(7)], 5);
         assert_eq!(seen.get(&mac(7)), Some(5));
     }
 }

@@ -352,7 +352,7 @@ impl Usage {
                     .iter()
                     .map(|(m, d)| (*m, (d.rx_bytes, d.tx_bytes))),
             );
-            self.seen.mark(grew, now.max(0) as u64);
+            self.seen.mark(&grew, now.max(0) as u64);
             if day_changed {
                 self.flush_locked(&mut ledger)?;
             }
@@ -395,24 +395,13 @@ impl Usage {
                 return out;
             }
         };
-        let today = self.today();
-        let pending: BTreeMap<(String, Mac), history::Pair> = {
-            let ledger = self.ledger.lock().expect("usage ledger");
-            let from = (today.clone(), Mac([0; 6]));
-            ledger
-                .pending
-                .range(from..)
-                .map(|(k, v)| (k.clone(), *v))
-                .collect()
+        let counted = match self.counted_since(&self.today()) {
+            Ok(c) => c,
+            Err(e) => {
+                out.state = SourceState::Error(format!("usage history: {e}"));
+                return out;
+            }
         };
-        let counted = {
-            let mut store = self.store.lock().expect("usage store");
-            history::days(&mut store, &pending, &today)
-        };
-        let counted = counted.unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "today's usage not read");
-            pending
-        });
         let rxtx = |(bytes_rx, bytes_tx)| RxTx { bytes_rx, bytes_tx };
         for ((_, mac), pair) in counted {
             out.devices.entry(mac).or_default().today = rxtx(pair);
@@ -591,18 +580,7 @@ impl Usage {
     /// stored days plus what is counted but not yet written, after a fresh reading.
     /// nlbwmon being down leaves the stored history readable.
     pub async fn history(&self, days: u32, names: &Names) -> Result<HistoryOut, UsageError> {
-        let live_ok = self.live().await;
-        let from = self.first_day(days);
-        let to = self.today();
-        let pending = self.ledger.lock().expect("usage ledger").pending.clone();
-        let rows = {
-            let mut store = self.store.lock().expect("usage store");
-            history::days(&mut store, &pending, &from)?
-        };
-        if rows.is_empty() {
-            // Nothing stored and nlbwmon down: say so rather than show "no traffic".
-            live_ok?;
-        }
+        let (from, to, rows) = self.history_rows(days).await?;
         let mut per: BTreeMap<Mac, DeviceHistory> = BTreeMap::new();
         let mut daily: BTreeMap<String, u64> = BTreeMap::new();
         for ((day, mac), (rx, tx)) in rows {
@@ -681,41 +659,62 @@ impl Usage {
         })
     }
 
-    /// History as CSV: `date,mac,hostname,bytes_rx,bytes_tx,total_bytes,name,
-    /// name_source,randomized` (the last three added later, at the end, so readers
-    /// of the first six keep working; the relay appends `vendor`).
+    /// History as CSV, a row per day and device in that order: `date,mac,hostname,
+    /// bytes_rx,bytes_tx,total_bytes,name,name_source,randomized` (the last three
+    /// added later, at the end, so readers of the first six keep working; the relay
+    /// appends `vendor`).
     pub async fn history_csv(&self, days: u32, names: &Names) -> Result<String, UsageError> {
-        let h = self.history(days, names).await?;
+        let (_, _, rows) = self.history_rows(days).await?;
         let mut out = String::from(
             "date,mac,hostname,bytes_rx,bytes_tx,total_bytes,name,name_source,randomized\n",
         );
-        let mut rows: Vec<(&str, &DeviceHistory, &DayOut)> = h
-            .devices
-            .iter()
-            .flat_map(|d| d.days.iter().map(move |day| (day.date.as_str(), d, day)))
-            .collect();
-        rows.sort_by(|a, b| a.0.cmp(b.0).then(a.1.mac.cmp(&b.1.mac)));
-        for (date, d, day) in rows {
-            out.push_str(date);
+        for ((date, mac), (rx, tx)) in rows {
+            let id = names.of(&mac);
+            out.push_str(&date);
             out.push(',');
-            d.mac.push_to(&mut out);
+            mac.push_to(&mut out);
             out.push(',');
-            out.push_str(&csv_field(d.hostname.as_deref().unwrap_or("")));
+            out.push_str(&csv_field(names.dhcp.get(&mac).map_or("", String::as_str)));
             out.push_str(&format!(
-                ",{},{},{},{},{},{}\n",
-                day.bytes_rx,
-                day.bytes_tx,
-                day.total_bytes,
-                csv_field(d.name.as_deref().unwrap_or("")),
-                match d.name_source {
+                ",{rx},{tx},{},{},{},{}\n",
+                rx.saturating_add(tx),
+                csv_field(id.name.as_deref().unwrap_or("")),
+                match id.name_source {
                     Some(NameSource::Owner) => "owner",
                     Some(NameSource::Hostname) => "hostname",
                     None => "",
                 },
-                d.randomized
+                id.randomized
             ));
         }
         Ok(out)
+    }
+
+    /// The first and last day of an N-day window ending today, and every device's
+    /// bytes per day in it, by (day, MAC), after a fresh reading.
+    async fn history_rows(
+        &self,
+        days: u32,
+    ) -> Result<(String, String, BTreeMap<(String, Mac), history::Pair>), UsageError> {
+        let live_ok = self.live().await;
+        let from = self.first_day(days);
+        let rows = self.counted_since(&from)?;
+        if rows.is_empty() {
+            // Nothing stored and nlbwmon down: say so rather than show "no traffic".
+            live_ok?;
+        }
+        Ok((from, self.today(), rows))
+    }
+
+    /// Stored and pending bytes per (day, MAC) from `from` on.
+    fn counted_since(
+        &self,
+        from: &str,
+    ) -> Result<BTreeMap<(String, Mac), history::Pair>, StoreError> {
+        // The order `live` takes them in: the ledger, then the store.
+        let ledger = self.ledger.lock().expect("usage ledger");
+        let mut store = self.store.lock().expect("usage store");
+        history::days(&mut store, &ledger.pending, from)
     }
 
     /// nlbwmon has no reset command: stop it, wait until it is gone (it saves its

@@ -327,7 +327,9 @@ pub fn aggregate(rows: &[Row]) -> Aggregate {
         }
     }
     for d in out.devices.values_mut() {
-        d.ips.sort_by_key(|ip| (ip.is_ipv6(), *ip));
+        // IpAddr orders every IPv4 address before every IPv6 one, then by
+        // address; one `sort` instance serves scan and usage.
+        d.ips.sort();
         d.protocols
             .sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
     }
