@@ -448,11 +448,8 @@ impl Usage {
         names: &Names,
     ) -> Result<CurrentOut, UsageError> {
         let live = self.live().await?;
-        let mut all: Vec<(&Mac, &parse::DeviceTotals)> = live.agg.devices.iter().collect();
-        all.sort_by(|a, b| b.1.total().cmp(&a.1.total()).then(a.0.cmp(b.0)));
-        let total_bytes = all
-            .iter()
-            .fold(0u64, |s, (_, d)| s.saturating_add(d.total()));
+        let all = most_first(live.agg.devices.iter().map(|(m, d)| (d.total(), *m)));
+        let total_bytes = all.iter().fold(0u64, |s, (t, _)| s.saturating_add(t.0));
         Ok(CurrentOut {
             timestamp: live.read_unix,
             period: live.period.clone(),
@@ -463,7 +460,7 @@ impl Usage {
                 .iter()
                 .skip(offset)
                 .take(limit)
-                .map(|(m, d)| Self::device_out(**m, d, names, &self.seen))
+                .map(|(_, m)| Self::device_out(*m, &live.agg.devices[m], names, &self.seen))
                 .collect(),
             offset,
             limit,
@@ -607,8 +604,8 @@ impl Usage {
                 total_bytes: total,
             });
         }
-        let mut devices: Vec<DeviceHistory> = per.into_values().collect();
-        devices.sort_by(|a, b| b.total_bytes.cmp(&a.total_bytes).then(a.mac.cmp(&b.mac)));
+        let order = most_first(per.values().map(|d| (d.total_bytes, d.mac)));
+        let devices = order.iter().filter_map(|(_, m)| per.remove(m)).collect();
         Ok(HistoryOut {
             days,
             from,
@@ -827,6 +824,15 @@ impl Usage {
             }
         }
     }
+}
+
+/// (bytes, MAC) pairs, most bytes first, then by MAC: one sort instance for every
+/// device list here (the router's flash pays for each).
+fn most_first(devices: impl Iterator<Item = (u64, Mac)>) -> Vec<(std::cmp::Reverse<u64>, Mac)> {
+    let mut v: Vec<_> = devices.map(|(n, m)| (std::cmp::Reverse(n), m)).collect();
+    // MACs are unique: an unstable sort gives the one order there is.
+    v.sort_unstable();
+    v
 }
 
 fn percentage(part: u64, total: u64) -> f64 {
