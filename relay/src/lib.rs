@@ -37,6 +37,7 @@ pub mod speedtest_slots;
 pub mod state;
 pub mod sync;
 pub mod tls;
+pub mod vendors;
 
 use std::future::Future;
 use std::sync::Arc;
