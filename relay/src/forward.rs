@@ -145,6 +145,7 @@ async fn add_vendors(
             vendors: vendors.clone(),
             state: state.clone(),
             done: false,
+            counted: false,
         };
         return Ok(Response::from_parts(parts, http::fallible_stream(body)));
     }
@@ -208,13 +209,22 @@ async fn read_peer_answer(
 
 /// The CSV export with its `vendor` column (issue 17): each chunk transformed as
 /// it passes (what is held is one chunk and the state of one record), what it
-/// looked up counted when it ends or is cut.
+/// looked up counted when it ends (before its last bytes go), or when it is cut.
 struct VendorColumn {
     inner: Body,
     csv: enrich::Csv,
     vendors: Arc<Vendors>,
     state: Arc<AppState>,
     done: bool,
+    counted: bool,
+}
+
+impl VendorColumn {
+    fn count(&mut self) {
+        if !std::mem::replace(&mut self.counted, true) {
+            self.state.metrics.record_vendors(&self.csv.counts());
+        }
+    }
 }
 
 impl hyper::body::Body for VendorColumn {
@@ -237,6 +247,7 @@ impl hyper::body::Body for VendorColumn {
                 Poll::Ready(None) => {
                     this.done = true;
                     this.csv.finish(&this.vendors, &mut out);
+                    this.count();
                 }
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) => this.csv.push(&data, &this.vendors, &mut out),
@@ -256,7 +267,7 @@ impl hyper::body::Body for VendorColumn {
 
 impl Drop for VendorColumn {
     fn drop(&mut self) {
-        self.state.metrics.record_vendors(&self.csv.counts());
+        self.count();
     }
 }
 

@@ -368,7 +368,7 @@ async fn the_csv_export_gets_its_vendor_column_as_it_streams() {
     let (tx, rx) = tokio::sync::mpsc::channel(8);
     *feed.lock().unwrap() = Some(rx);
     let taken = feed.clone();
-    let (_relay, _router, _agent, session) = rig("", move |_parts| {
+    let (relay, _router, _agent, session) = rig("", move |_parts| {
         let rx = taken.lock().unwrap().take();
         Box::pin(async move {
             match rx {
@@ -438,6 +438,21 @@ async fn the_csv_export_gets_its_vendor_column_as_it_streams() {
              2026-12-02,{RANDOM},,0,0,0,\r\n\
              2026-12-02,{UNKNOWN},x,1,1,2,"
         )
+    );
+    // Counted before the export's last bytes went.
+    let m = metrics(&relay.client().await.unwrap()).await;
+    assert_eq!(metric(&m, "netpilot_vendor_enriched_answers_total"), 1);
+    assert_eq!(
+        metric(&m, "netpilot_vendor_lookups_total{result=\"hit\"}"),
+        2
+    );
+    assert_eq!(
+        metric(&m, "netpilot_vendor_lookups_total{result=\"miss\"}"),
+        1
+    );
+    assert_eq!(
+        metric(&m, "netpilot_vendor_lookups_total{result=\"private\"}"),
+        1
     );
 }
 
