@@ -88,15 +88,20 @@ pub fn json<'a>(body: &'a [u8], vendors: &Vendors) -> (Cow<'a, [u8]>, Counts) {
                 value_ended(&mut stack, i);
             }
             b'"' => {
-                let end = string_end(body, i);
+                let (end, escaped) = string_end(body, i);
                 let text = &body[i..end];
                 match stack.last_mut() {
                     Some(f) if f.expect_key => {
                         f.expect_key = false;
-                        f.key = match decoded(text).as_deref() {
-                            Some(b"mac") => Key::Mac,
-                            Some(b"vendor") => Key::Vendor,
-                            _ => Key::Other,
+                        f.key = match text {
+                            b"\"mac\"" => Key::Mac,
+                            b"\"vendor\"" => Key::Vendor,
+                            _ if !escaped => Key::Other,
+                            _ => match decoded(text).as_deref() {
+                                Some(b"mac") => Key::Mac,
+                                Some(b"vendor") => Key::Vendor,
+                                _ => Key::Other,
+                            },
                         };
                         match f.key {
                             // Until its value says otherwise: not a MAC.
@@ -194,17 +199,42 @@ fn value_ended(stack: &mut [Frame], end: usize) {
     }
 }
 
-/// Just after the string that opens at `start` (a `"`), escapes skipped over.
-fn string_end(body: &[u8], start: usize) -> usize {
+/// Just after the string that opens at `start` (a `"`), escapes skipped over,
+/// and whether it has any.
+fn string_end(body: &[u8], start: usize) -> (usize, bool) {
     let mut i = start + 1;
-    while i < body.len() {
-        match body[i] {
-            b'"' => return i + 1,
-            b'\\' => i += 2,
-            _ => i += 1,
+    let mut escaped = false;
+    loop {
+        // Eight bytes at a time while none is `"` or `\`: most of an answer is
+        // inside strings.
+        while let Some(chunk) = body.get(i..i + 8) {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(chunk);
+            let x = u64::from_le_bytes(word);
+            if has_byte(x, b'"') | has_byte(x, b'\\') != 0 {
+                break;
+            }
+            i += 8;
+        }
+        match body.get(i) {
+            None => return (body.len(), escaped),
+            Some(b'"') => return (i + 1, escaped),
+            Some(b'\\') => {
+                escaped = true;
+                i += 2;
+            }
+            Some(_) => i += 1,
         }
     }
-    body.len()
+}
+
+/// Non-zero when a byte of `x` is `b` (the "has zero byte" test on `x ^ b…b`:
+/// exact as to whether any is).
+fn has_byte(x: u64, b: u8) -> u64 {
+    const LO: u64 = 0x0101_0101_0101_0101;
+    const HI: u64 = 0x8080_8080_8080_8080;
+    let y = x ^ (LO * u64::from(b));
+    y.wrapping_sub(LO) & !y & HI
 }
 
 /// A JSON string's text (`quoted` with its quotes): as it is when it has no

@@ -28,7 +28,7 @@ fn strip_inserted(out: &str) -> String {
         let skip = if rest.starts_with(b"null") {
             4
         } else {
-            string_end(rest, 0)
+            string_end(rest, 0).0
         };
         s = &rest[skip..];
     }
@@ -484,5 +484,55 @@ fn odd_records_are_handled_not_mangled() {
                 "{input:?} cut at {cut}"
             );
         }
+    }
+}
+
+#[test]
+fn strings_end_where_a_byte_by_byte_scan_says() {
+    fn naive(body: &[u8], start: usize) -> (usize, bool) {
+        let (mut i, mut escaped) = (start + 1, false);
+        while i < body.len() {
+            match body[i] {
+                b'"' => return (i + 1, escaped),
+                b'\\' => {
+                    escaped = true;
+                    i += 2
+                }
+                _ => i += 1,
+            }
+        }
+        (body.len(), escaped)
+    }
+    // Every place for a quote and a backslash around the eight-byte steps.
+    for len in 0..40 {
+        for q in 0..=len {
+            for b in 0..=len {
+                let mut s = vec![b'x'; len];
+                s.insert(0, b'"');
+                if q < len {
+                    s[q + 1] = b'"';
+                }
+                if b < len && b != q {
+                    s[b + 1] = b'\\';
+                }
+                assert_eq!(
+                    string_end(&s, 0),
+                    naive(&s, 0),
+                    "{:?}",
+                    String::from_utf8_lossy(&s)
+                );
+            }
+        }
+    }
+    for x in [
+        0u64,
+        u64::MAX,
+        0x2222_2222_2222_2222,
+        0x5c00_0000_0000_0000,
+        0x0000_0000_0000_0022,
+    ] {
+        let bytes = x.to_le_bytes();
+        assert_eq!(has_byte(x, b'"') != 0, bytes.contains(&b'"'), "{x:#x}");
+        assert_eq!(has_byte(x, b'\\') != 0, bytes.contains(&b'\\'), "{x:#x}");
     }
 }
