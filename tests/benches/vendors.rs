@@ -9,13 +9,16 @@
 //!    realistic 250-device answer (the agent's fields; real MA-L blocks, MA-M and
 //!    MA-S ones, randomized and unknown MACs). Calls alternate between the two
 //!    (which goes first alternates too), at concurrency 1; p50 and p99 of each, the
-//!    added latency (p50 difference and ratio) and the answer sizes.
+//!    added latency (p50 difference and ratio), each relay's CPU time a call
+//!    (`/proc/PID/stat`) and the answer sizes.
 //! 2. **The transform alone**: `vendors::enrich::json` on that answer, in this
 //!    process, median of many runs (and the look-up per device).
 //! 3. **Memory**: each relay's RSS after start and after the calls, vendors on and
 //!    off; and a third relay loading a generated full-size operator overlay (IEEE's
 //!    format, 40,000 MA-L + 7,000 MA-M + 7,000 MA-S rows, in a temporary directory):
-//!    its RSS after start beside the vendors-on relay's, and its start time.
+//!    its RSS after start beside a relay without it, and its start time; and the
+//!    same files loaded in this process, with the heap they keep and the most
+//!    loading them held (a counting allocator).
 //!
 //! The relay is the shipping build (`--profile relay`), built first unless
 //! `NETPILOT_RELAY_BIN` names one.
@@ -23,8 +26,10 @@
 #[path = "common/fleet.rs"]
 mod fleet;
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
@@ -33,6 +38,29 @@ use netpilot_relay::vendors::{enrich, Vendors};
 use netpilot_tests::fake_agent::{answer, rss_kib, whole, FakeAgent, FakeFuture};
 use netpilot_tests::{EnrolledRouter, Relay, RelayOptions, Session};
 use serde_json::{json, Value};
+
+/// Bytes this process holds on the heap now, and the most it held (the overlay's
+/// own cost, measured in this process beside the relays' RSS).
+struct Counting;
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        let now = LIVE.fetch_add(l.size(), Ordering::Relaxed) + l.size();
+        PEAK.fetch_max(now, Ordering::Relaxed);
+        // SAFETY: forwarded unchanged to the system allocator.
+        unsafe { System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        LIVE.fetch_sub(l.size(), Ordering::Relaxed);
+        // SAFETY: p came from System.alloc with this layout.
+        unsafe { System.dealloc(p, l) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
 
 const DEVICES: usize = 250;
 const WARMUP: usize = 100;
@@ -203,6 +231,23 @@ async fn relay_with_agent(
     Ok((relay, agent, session))
 }
 
+/// CPU time a process has used (user and system), from `/proc/PID/stat`.
+fn cpu(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // After the command name's closing parenthesis: fields 3.. of proc(5).
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|i| fields.get(*i)?.parse::<u64>().ok())
+        .sum();
+    // In USER_HZ ticks: 100 a second on Linux, whatever the kernel's own HZ.
+    Duration::from_millis(ticks * 10)
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
@@ -254,6 +299,8 @@ async fn bench() -> anyhow::Result<()> {
         s_off.get("/api/scan").await;
     }
     let (mut t_on, mut t_off) = (Vec::with_capacity(ROUNDS), Vec::with_capacity(ROUNDS));
+    let pid = |r: &Relay| r.pid().expect("relay running");
+    let (cpu_on, cpu_off) = (cpu(pid(&on)), cpu(pid(&off)));
     for round in 0..ROUNDS {
         for first in [round % 2 == 0, round % 2 != 0] {
             let (s, times) = if first {
@@ -267,6 +314,11 @@ async fn bench() -> anyhow::Result<()> {
             ensure!(r.status == 200, "{}", r.body);
         }
     }
+    let per_call = |d: Duration| d.as_secs_f64() * 1e6 / ROUNDS as f64;
+    let (cpu_on, cpu_off) = (
+        per_call(cpu(pid(&on)) - cpu_on),
+        per_call(cpu(pid(&off)) - cpu_off),
+    );
     let (p50_on, p99_on) = (percentile(&mut t_on, 0.5), percentile(&mut t_on, 0.99));
     let (p50_off, p99_off) = (percentile(&mut t_off, 0.5), percentile(&mut t_off, 0.99));
     println!("GET /api/scan, {DEVICES} devices, {ROUNDS} calls each, interleaved, concurrency 1:");
@@ -285,6 +337,10 @@ async fn bench() -> anyhow::Result<()> {
         ms(p50_on) - ms(p50_off),
         ms(p50_on) / ms(p50_off),
         ms(p99_on) - ms(p99_off)
+    );
+    println!(
+        "  relay CPU a call: {cpu_on:.0} µs on, {cpu_off:.0} µs off ({:+.0} µs)",
+        cpu_on - cpu_off
     );
 
     // 2. The transform alone, in this process.
@@ -355,6 +411,25 @@ async fn bench() -> anyhow::Result<()> {
     }
     overlay_rss.sort();
     fresh_rss.sort();
+    // The same files loaded here: what the registry keeps on the heap, and the
+    // most loading them held at once.
+    let embedded_heap = {
+        let before = LIVE.load(Ordering::Relaxed);
+        let v = Vendors::embedded();
+        let held = LIVE.load(Ordering::Relaxed) - before;
+        drop(v);
+        held
+    };
+    let before = LIVE.load(Ordering::Relaxed);
+    PEAK.store(before, Ordering::Relaxed);
+    let t = Instant::now();
+    let loaded = Vendors::load(&files)?;
+    let load_time = t.elapsed();
+    let (held, peak) = (
+        LIVE.load(Ordering::Relaxed) - before,
+        PEAK.load(Ordering::Relaxed) - before,
+    );
+    ensure!(loaded.file_entries() == 54_000, "{}", loaded.file_entries());
     println!(
         "operator overlay: 54,000 rows (40,000 MA-L + 7,000 MA-M + 7,000 MA-S), {:.1} MB of CSV:",
         size as f64 / 1e6
@@ -370,6 +445,15 @@ async fn bench() -> anyhow::Result<()> {
         ms(percentile(&mut overlay_start, 0.5)),
         ms(percentile(&mut fresh_start, 0.5))
     );
+    println!(
+        "  heap (this process): the embedded registry alone {} KiB (its repaired names); \
+         with the overlay {} KiB held, {} KiB at most while loading, {:.0} ms to load",
+        embedded_heap / 1024,
+        held / 1024,
+        peak / 1024,
+        ms(load_time)
+    );
+    drop(loaded);
     drop(on);
     drop(off);
     Ok(())
