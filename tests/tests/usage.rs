@@ -82,11 +82,14 @@ async fn every_usage_endpoint_answers_with_its_shape_on_the_simulated_router() {
         .to_str()
         .unwrap()
         .starts_with("text/csv"));
+    // The agent's columns, then the vendor column the relay appends (issue 17):
+    // empty here, the simulated router's MACs being locally administered.
     assert_eq!(
         text.lines().next(),
-        Some("date,mac,hostname,bytes_rx,bytes_tx,total_bytes")
+        Some("date,mac,hostname,bytes_rx,bytes_tx,total_bytes,vendor")
     );
     assert_eq!(text.lines().count(), 6, "{text}");
+    assert!(text.lines().skip(1).all(|l| l.ends_with(',')), "{text}");
 
     let r = alice.get("/api/device-usage/summary?days=7").await;
     assert_eq!(r.status, 200, "{}", r.body);
