@@ -32,8 +32,8 @@ pub const DEVICE_ROUTES: &[(Method, &str)] = &[
     // Group changes answer with the group as stored, its devices included.
     (Method::Post, "/api/groups/sync"),
     (Method::Put, "/api/groups/{id}/policy"),
-    // Their entries are `{target, kind}` today, without a `mac` member, so nothing
-    // is added to them; listed so that a device object they ever carry is enriched.
+    // Their entries get a vendor when they carry a `mac` member (`null` for an
+    // address entry's `null`); entries of only `target` and `kind` get none.
     (Method::Get, "/api/blocked"),
     (Method::Get, "/api/whitelist"),
     (Method::Get, "/api/blacklist"),

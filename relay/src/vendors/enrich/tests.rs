@@ -536,3 +536,28 @@ fn strings_end_where_a_byte_by_byte_scan_says() {
         assert_eq!(has_byte(x, b'\\') != 0, bytes.contains(&b'\\'), "{x:#x}");
     }
 }
+
+#[test]
+fn list_entries_with_a_mac_member_get_a_vendor() {
+    let input = envelope(json!({"entries": [
+        {"target": APPLE, "kind": "mac", "mac": APPLE},
+        {"target": "192.168.1.9", "kind": "ip", "mac": null},
+        {"target": PRIVATE, "kind": "mac"},
+    ], "count": 3}));
+    let (out, counts) = enriched(&input);
+    assert_eq!(strip_inserted(&out), input);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    let e = &v["data"]["entries"];
+    assert_eq!(e[0]["vendor"], json!("Apple, Inc."));
+    assert_eq!(e[1]["vendor"], Value::Null);
+    assert!(e[1].get("vendor").is_some());
+    assert!(e[2].get("vendor").is_none());
+    assert_eq!(
+        counts,
+        Counts {
+            hit: 1,
+            miss: 1,
+            private: 0
+        }
+    );
+}
