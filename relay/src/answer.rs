@@ -74,6 +74,11 @@ pub fn is_csv(status: u16, content_type: Option<&str>) -> bool {
     status == 200 && mime(content_type).eq_ignore_ascii_case("text/csv")
 }
 
+/// Whether a content type is JSON's.
+pub fn is_json(content_type: Option<&str>) -> bool {
+    mime(content_type).eq_ignore_ascii_case("application/json")
+}
+
 /// The envelope as checked: its data is skipped over (validated as JSON, never
 /// built), its error and meta read.
 #[derive(Deserialize)]
@@ -89,7 +94,7 @@ struct Shape {
 
 /// Checks a router's whole answer; `Err` says why it is not passed on.
 pub fn check(status: u16, content_type: Option<&str>, body: &[u8]) -> Result<(), String> {
-    if !mime(content_type).eq_ignore_ascii_case("application/json") {
+    if !is_json(content_type) {
         return Err(format!(
             "content type {:?} is not application/json",
             truncate(content_type.unwrap_or(""))

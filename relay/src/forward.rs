@@ -3,7 +3,11 @@
 //! command timeout. The agent's answer is read under its route's cap and the relay's
 //! answer budget and passed back only if it is an envelope the agent may send
 //! (`answer`); the CSV export streams through under its own cap and deadline.
+//! On the node the call entered, the answers that list devices get their MAC
+//! vendors (`vendors`, issue 17): the one change the relay makes to what a router
+//! answers.
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -13,7 +17,7 @@ use bytes::{Bytes, BytesMut};
 use h2::RecvStream;
 use http_body_util::BodyExt;
 use hyper::body::{Frame, Incoming};
-use hyper::header::CONTENT_TYPE;
+use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
 use netpilot_proto::link::{HEADER_REQUEST_ID, HEADER_SESSION_ID, HEADER_USER_ID};
 use netpilot_proto::routes::RouteMatch;
@@ -29,6 +33,7 @@ use crate::http::{self, Args, Body, Ctx};
 use crate::inflight::{CallSlot, Charge};
 use crate::link_registry::LinkSender;
 use crate::state::AppState;
+use crate::vendors::{self, enrich, Vendors};
 
 pub async fn router_call(
     state: &Arc<AppState>,
@@ -52,6 +57,7 @@ pub async fn router_call(
     };
     let session_id = args.uuid("sessionId")?;
     let router_id = args.uuid("routerId")?;
+    let lists_devices = vendors::lists_devices(route.route.method, route.route.pattern);
     let span = tracing::Span::current();
     span.record("session_id", tracing::field::display(session_id));
     span.record("router_id", tracing::field::display(router_id));
@@ -87,6 +93,7 @@ pub async fn router_call(
         target.push('?');
         target.push_str(&ser.finish());
     }
+    let deadline = tokio::time::Instant::now() + state.config.timeouts.command;
     let delivery = Delivery {
         method,
         target,
@@ -95,9 +102,173 @@ pub async fn router_call(
         body: body_bytes,
         session_id,
         user,
-        deadline: tokio::time::Instant::now() + state.config.timeouts.command,
+        deadline,
     };
-    deliver(state, router_id, delivery, ctx).await
+    let resp = deliver(state, router_id, delivery, ctx).await?;
+    // Here, on the node the call entered, and only here: a node delivering a call
+    // a peer forwarded (`peer_api`) passes its answer on as it is, so vendors are
+    // added once.
+    match &state.vendors {
+        Some(v) if lists_devices => add_vendors(state, v, resp, deadline).await,
+        _ => Ok(resp),
+    }
+}
+
+/// MAC vendor enrichment (issue 17) of a device route's answer: a success envelope
+/// gets `vendor` in its device objects (read whole: it is bounded already), the
+/// CSV export a `vendor` column as it streams. Error envelopes, and anything else,
+/// pass untouched.
+async fn add_vendors(
+    state: &Arc<AppState>,
+    vendors: &Arc<Vendors>,
+    resp: Response<Body>,
+    deadline: tokio::time::Instant,
+) -> Result<Response<Body>, ApiError> {
+    if resp.status() != StatusCode::OK {
+        return Ok(resp);
+    }
+    let content_type = resp
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok());
+    let csv = answer::is_csv(200, content_type);
+    if !csv && !answer::is_json(content_type) {
+        return Ok(resp);
+    }
+    let (mut parts, body) = resp.into_parts();
+    // The length changes; a peer's answer came with its own.
+    parts.headers.remove(CONTENT_LENGTH);
+    if csv {
+        let body = VendorColumn {
+            inner: body,
+            csv: enrich::Csv::new(),
+            vendors: vendors.clone(),
+            state: state.clone(),
+            done: false,
+            counted: false,
+        };
+        return Ok(Response::from_parts(parts, http::fallible_stream(body)));
+    }
+    let bytes = match body {
+        http_body_util::Either::Left(full) => match full.collect().await {
+            Ok(c) => c.to_bytes(),
+            Err(never) => match never {},
+        },
+        http_body_util::Either::Right(stream) => read_peer_answer(state, stream, deadline).await?,
+    };
+    let (enriched, counts) = enrich::json(&bytes, vendors);
+    state.metrics.record_vendors(&counts);
+    let enriched = match enriched {
+        Cow::Owned(v) => Some(Bytes::from(v)),
+        Cow::Borrowed(_) => None,
+    };
+    Ok(Response::from_parts(
+        parts,
+        http::full(enriched.unwrap_or(bytes)),
+    ))
+}
+
+/// A peer's JSON answer, read whole to be enriched. The peer read the router's
+/// answer under its cap and checked it; here it is still held to the list cap,
+/// charged to this node's answer budget while it arrives, and due by the call's
+/// deadline (and the hop's margin).
+async fn read_peer_answer(
+    state: &AppState,
+    mut body: http_body_util::combinators::BoxBody<Bytes, http::BoxError>,
+    deadline: tokio::time::Instant,
+) -> Result<Bytes, ApiError> {
+    let cap = state.config.forwarding.list_answer_max_bytes;
+    let mut charge = state.answer_budget.charge();
+    let mut buf = BytesMut::new();
+    loop {
+        let frame = match tokio::time::timeout_at(deadline + PEER_MARGIN, body.frame()).await {
+            Err(_) => {
+                return Err(ApiError::CommandTimeout(
+                    state.config.timeouts.command.as_millis(),
+                ))
+            }
+            Ok(None) => break,
+            Ok(Some(Err(e))) => return Err(ApiError::BadGateway(format!("peer's answer: {e}"))),
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if buf.len() + data.len() > cap {
+            return Err(ApiError::BadAgentResponse(format!(
+                "answer larger than {cap} bytes"
+            )));
+        }
+        if !charge.add(data.len()) {
+            return Err(ApiError::RelayBusy);
+        }
+        buf.extend_from_slice(&data);
+    }
+    Ok(buf.freeze())
+}
+
+/// The CSV export with its `vendor` column (issue 17): each chunk transformed as
+/// it passes (what is held is one chunk and the state of one record), what it
+/// looked up counted when it ends (before its last bytes go), or when it is cut.
+struct VendorColumn {
+    inner: Body,
+    csv: enrich::Csv,
+    vendors: Arc<Vendors>,
+    state: Arc<AppState>,
+    done: bool,
+    counted: bool,
+}
+
+impl VendorColumn {
+    fn count(&mut self) {
+        if !std::mem::replace(&mut self.counted, true) {
+            self.state.metrics.record_vendors(&self.csv.counts());
+        }
+    }
+}
+
+impl hyper::body::Body for VendorColumn {
+    type Data = Bytes;
+    type Error = http::BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, http::BoxError>>> {
+        let this = self.get_mut();
+        loop {
+            if this.done {
+                return Poll::Ready(None);
+            }
+            let mut out = Vec::new();
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                Poll::Ready(None) => {
+                    this.done = true;
+                    this.csv.finish(&this.vendors, &mut out);
+                    this.count();
+                }
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => this.csv.push(&data, &this.vendors, &mut out),
+                    Err(other) => return Poll::Ready(Some(Ok(other))),
+                },
+            }
+            if !out.is_empty() {
+                return Poll::Ready(Some(Ok(Frame::data(Bytes::from(out)))));
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+}
+
+impl Drop for VendorColumn {
+    fn drop(&mut self) {
+        self.count();
+    }
 }
 
 /// Delivers a checked call wherever the router's link is: here, or (cluster mode)
@@ -278,6 +449,9 @@ async fn moved_from(cluster: &Cluster, router_id: Uuid, node: &str) -> bool {
     }
 }
 
+/// The peer answers 408 at the deadline itself; a little longer here covers the hop.
+const PEER_MARGIN: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Sends one call to the peer at `addr` (its internal listener).
 async fn peer_call(
     cluster: &Cluster,
@@ -321,9 +495,7 @@ async fn peer_call(
         .metrics
         .forwards_out
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    // The peer answers 408 at the deadline itself; a little longer here covers the hop.
-    let margin = std::time::Duration::from_secs(1);
-    tokio::time::timeout_at(d.deadline + margin, cluster.peers.send(addr, req))
+    tokio::time::timeout_at(d.deadline + PEER_MARGIN, cluster.peers.send(addr, req))
         .await
         .unwrap_or(Err(PeerError::Timeout))
 }

@@ -37,6 +37,7 @@ pub mod speedtest_slots;
 pub mod state;
 pub mod sync;
 pub mod tls;
+pub mod vendors;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -138,15 +139,19 @@ pub async fn run(
             Some(Arc::new(cluster))
         }
     };
-    let state = Arc::new(AppState::new(
-        config,
-        registry,
-        &start.routers,
-        tls.fingerprint.clone(),
-        clock,
-        plan,
-        cluster,
-    )?);
+    let vendors = load_vendors(&config.vendors)?;
+    let state = Arc::new(
+        AppState::new(
+            config,
+            registry,
+            &start.routers,
+            tls.fingerprint.clone(),
+            clock,
+            plan,
+            cluster,
+        )?
+        .with_vendors(vendors),
+    );
     // Cluster mode: the internal listener peers forward calls to, and the
     // background work (presence, change broadcast, directory upkeep).
     let cluster_tasks = match internal {
@@ -208,6 +213,26 @@ pub async fn run(
         task.abort();
     }
     Ok(())
+}
+
+/// The MAC vendor registry (issue 17): the embedded one under the operator's files,
+/// or nothing when enrichment is off. A file that cannot be read or has a bad row
+/// stops the relay here, naming the file, the line and why.
+pub fn load_vendors(
+    config: &config::vendors::VendorsConfig,
+) -> anyhow::Result<Option<Arc<vendors::Vendors>>> {
+    if !config.enabled {
+        tracing::info!("MAC vendor lookup off ([vendors] enabled = false)");
+        return Ok(None);
+    }
+    let v = vendors::Vendors::load(&config.files)?;
+    tracing::info!(
+        embedded_entries = v.embedded_entries(),
+        file_entries = v.file_entries(),
+        files = config.files.len(),
+        "MAC vendor lookup on"
+    );
+    Ok(Some(Arc::new(v)))
 }
 
 /// A single node's registry is SQLite in its data directory; a cluster node's is

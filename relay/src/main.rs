@@ -63,7 +63,16 @@ fn main() -> anyhow::Result<()> {
     match command.as_deref() {
         Some("serve") => serve(config),
         Some("check-config") => {
+            // The vendor files are read as `serve` reads them: a bad row fails here.
+            let vendors = netpilot_relay::load_vendors(&config.vendors)?;
             println!("configuration is valid: {config:?}");
+            if let Some(v) = vendors {
+                println!(
+                    "MAC vendor registry: {} embedded blocks, {} from vendors.files",
+                    v.embedded_entries(),
+                    v.file_entries()
+                );
+            }
             Ok(())
         }
         _ => bail!("{USAGE}"),

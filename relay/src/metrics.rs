@@ -9,6 +9,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use crate::sync::Locked;
+use crate::vendors::enrich::Counts;
 use netpilot_proto::ErrorCode;
 
 /// Upper bounds of the forwarded-call latency histogram, in seconds.
@@ -41,6 +42,10 @@ pub struct Metrics {
     /// Connections dropped right after accept, and connections the relay closed
     /// for saying nothing (hardening: connections, issue 15).
     pub connections: ConnectionCounters,
+    /// MAC vendor enrichment (issue 17): answers given vendors, and the devices
+    /// looked up by result (hit, miss, private).
+    vendor_answers: AtomicU64,
+    vendor_lookups: [AtomicU64; 3],
 }
 
 /// Why the relay refused or cut client connections.
@@ -80,6 +85,9 @@ pub struct Gauges {
     pub fd_budget: usize,
     /// Link upgrades refused so far, by reason (`capacity`).
     pub links_refused: [(&'static str, u64); 3],
+    /// MAC vendor registry blocks in use: embedded, and from the operator's files
+    /// (both 0 when vendor lookup is off).
+    pub vendor_entries: (usize, usize),
 }
 
 impl Metrics {
@@ -94,6 +102,21 @@ impl Metrics {
         self.latency_count.fetch_add(1, Ordering::Relaxed);
         self.latency_sum_us
             .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// One answer's vendor look-ups; an answer with any counts as enriched.
+    pub fn record_vendors(&self, counts: &Counts) {
+        if counts.total() == 0 {
+            return;
+        }
+        self.vendor_answers.fetch_add(1, Ordering::Relaxed);
+        for (slot, n) in self
+            .vendor_lookups
+            .iter()
+            .zip([counts.hit, counts.miss, counts.private])
+        {
+            slot.fetch_add(n, Ordering::Relaxed);
+        }
     }
 
     pub fn record_error(&self, code: ErrorCode) {
@@ -273,6 +296,38 @@ impl Metrics {
                 "netpilot_agent_reports_total{{kind=\"{kind}\",state=\"{state}\"}} {n}"
             );
         }
+        let _ = writeln!(
+            out,
+            "# HELP netpilot_vendor_registry_entries MAC vendor registry blocks in use, by source (0 when vendor lookup is off)."
+        );
+        let _ = writeln!(out, "# TYPE netpilot_vendor_registry_entries gauge");
+        for (source, n) in [
+            ("embedded", g.vendor_entries.0),
+            ("file", g.vendor_entries.1),
+        ] {
+            let _ = writeln!(
+                out,
+                "netpilot_vendor_registry_entries{{source=\"{source}\"}} {n}"
+            );
+        }
+        counter(
+            &mut out,
+            "netpilot_vendor_enriched_answers_total",
+            "Device answers (JSON, CSV exports) the relay added vendors to.",
+            &self.vendor_answers,
+        );
+        let _ = writeln!(
+            out,
+            "# HELP netpilot_vendor_lookups_total Devices whose vendor was looked up, by result (private: a locally administered MAC; miss: no block, or no MAC)."
+        );
+        let _ = writeln!(out, "# TYPE netpilot_vendor_lookups_total counter");
+        for (result, v) in ["hit", "miss", "private"].iter().zip(&self.vendor_lookups) {
+            let _ = writeln!(
+                out,
+                "netpilot_vendor_lookups_total{{result=\"{result}\"}} {}",
+                v.load(Ordering::Relaxed)
+            );
+        }
         let _ = writeln!(out, "# HELP netpilot_errors_total Error answers by code.");
         let _ = writeln!(out, "# TYPE netpilot_errors_total counter");
         for (code, n) in self.errors.locked().iter() {
@@ -360,6 +415,36 @@ mod tests {
         assert!(text.contains("netpilot_forward_duration_seconds_bucket{le=\"0.005\"} 2\n"));
         assert!(text.contains("netpilot_forward_duration_seconds_bucket{le=\"+Inf\"} 3\n"));
         assert!(text.contains("netpilot_forward_duration_seconds_count 3\n"));
+    }
+
+    #[test]
+    fn vendor_counters_add_up() {
+        let m = Metrics::default();
+        m.record_vendors(&Counts {
+            hit: 3,
+            miss: 1,
+            private: 2,
+        });
+        m.record_vendors(&Counts::default());
+        m.record_vendors(&Counts {
+            hit: 1,
+            miss: 0,
+            private: 0,
+        });
+        let text = m.render(&Gauges {
+            vendor_entries: (59_000, 9),
+            ..Default::default()
+        });
+        for line in [
+            "netpilot_vendor_registry_entries{source=\"embedded\"} 59000\n",
+            "netpilot_vendor_registry_entries{source=\"file\"} 9\n",
+            "netpilot_vendor_enriched_answers_total 2\n",
+            "netpilot_vendor_lookups_total{result=\"hit\"} 4\n",
+            "netpilot_vendor_lookups_total{result=\"miss\"} 1\n",
+            "netpilot_vendor_lookups_total{result=\"private\"} 2\n",
+        ] {
+            assert!(text.contains(line), "{line} in\n{text}");
+        }
     }
 
     #[test]

@@ -44,6 +44,10 @@ pub async fn scrape(state: &AppState) -> String {
         fds_in_use,
         fd_budget,
         links_refused: state.capacity.refused().map(|(why, n)| (why.reason(), n)),
+        vendor_entries: state
+            .vendors
+            .as_ref()
+            .map_or((0, 0), |v| (v.embedded_entries(), v.file_entries())),
     };
     let mut out = state.metrics.render(&gauges);
     if let Some(c) = &state.cluster {

@@ -1,8 +1,8 @@
 //! The relay's shared state, built once in `run` and handed to every handler: config,
 //! registry (SQLite or PostgreSQL, plus an in-memory cache of what the hot path
 //! needs, kept current across a cluster's nodes), sessions,
-//! the link registry, metrics, recent reports, speed-test slots and the injected
-//! clock.
+//! the link registry, metrics, recent reports, speed-test slots, the MAC vendor
+//! registry and the injected clock.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -27,6 +27,7 @@ use crate::registry::{Registry, RouterRow};
 use crate::session_store::{RedisSessions, SessionStore};
 use crate::speedtest_slots::Slots;
 use crate::sync::{Locked, ReadWrite};
+use crate::vendors::Vendors;
 
 /// Time as the relay sees it. Injected so tests can drive it.
 pub trait Clock: Send + Sync + 'static {
@@ -97,6 +98,9 @@ pub struct AppState {
     pub cluster: Option<Arc<Cluster>>,
     /// Whether the node drains (SIGTERM) and what the drain did (issue 16 item 5).
     pub drain: Drain,
+    /// The MAC vendor registry device answers are enriched from (issue 17);
+    /// `None` when `[vendors] enabled = false`.
+    pub vendors: Option<Arc<Vendors>>,
 }
 
 impl AppState {
@@ -169,7 +173,14 @@ impl AppState {
             clock,
             cluster,
             drain: Drain::default(),
+            vendors: None,
         })
+    }
+
+    /// The vendor registry loaded at start (`None`: enrichment off).
+    pub fn with_vendors(mut self, vendors: Option<Arc<Vendors>>) -> Self {
+        self.vendors = vendors;
+        self
     }
 
     pub fn router_meta(&self, id: Uuid) -> Option<RouterMeta> {

@@ -75,6 +75,85 @@ fn bad_config_files_name_the_problem() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A vendor file that cannot be read or has a bad row stops the relay at start,
+/// naming the file, the line and why; a good one is counted.
+#[test]
+fn vendor_files_are_checked_at_start() {
+    let dir = std::env::temp_dir().join(format!("np-relay-cli-vendors-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("oui.csv");
+    std::fs::write(
+        &bad,
+        "Registry,Assignment,Organization Name,Organization Address\n\
+         MA-L,0C8F20,Large,\nMA-M,0C8F2,Medium,\n",
+    )
+    .unwrap();
+    let config = dir.join("relay.toml");
+    let run = |files: &str| {
+        std::fs::write(
+            &config,
+            format!("api_key = \"0123456789abcdef\"\n[vendors]\nfiles = [{files}]\n"),
+        )
+        .unwrap();
+        relay()
+            .args(["check-config", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap()
+    };
+    let out = run(&format!("{:?}", bad.display().to_string()));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "invalid vendor file {} line 3: MA-M assignment",
+            bad.display()
+        )),
+        "{err}"
+    );
+    let out = run("\"/nonexistent/mam.csv\"");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot read vendor file /nonexistent/mam.csv"),
+        "{err}"
+    );
+    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/vendors-fixture.csv");
+    let out = run(&format!("{fixture:?}"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(" embedded blocks, 9 from vendors.files"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // The systemd drop-in names the variable the relay reads, and check-config
+    // reads the files it names.
+    let drop_in = include_str!("../deploy/vendors.conf");
+    let line = drop_in
+        .lines()
+        .find_map(|l| l.strip_prefix("Environment=NETPILOT_VENDOR_FILES="))
+        .expect("vendors.conf sets NETPILOT_VENDOR_FILES");
+    assert_eq!(line.split(':').count(), 3, "{line}");
+    std::fs::write(&config, "api_key = \"0123456789abcdef\"\n").unwrap();
+    let out = relay()
+        .args(["check-config", "--config"])
+        .arg(&config)
+        .env("NETPILOT_VENDOR_FILES", format!("{fixture}:{fixture}"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains(", 9 from vendors.files"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// The systemd unit: the hardening the deployment promises, and an ExecStart whose
 /// command line the relay accepts with the shipped example configuration.
 #[test]

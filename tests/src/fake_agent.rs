@@ -77,6 +77,8 @@ pub async fn connect_to(
 ) -> anyhow::Result<Result<hyper::upgrade::Upgraded, Reply>> {
     let tls = client_config(&Trust::Fingerprint(fingerprint.to_owned()))?;
     let tcp = tokio::net::TcpStream::connect(addr).await?;
+    // As the real agent dials: answers are not held back for ACKs (Nagle).
+    tcp.set_nodelay(true)?;
     let name = rustls_pki_types::ServerName::try_from("localhost")?;
     let stream = tokio_rustls::TlsConnector::from(tls)
         .connect(name, tcp)

@@ -788,6 +788,24 @@ impl Client {
         self.call("DELETE", path, None, None).await
     }
 
+    /// `GET path`, returned as soon as the answer's head is in, its body still
+    /// arriving: for what a streamed answer sends before it ends.
+    pub async fn get_streaming(
+        &self,
+        path: &str,
+    ) -> anyhow::Result<hyper::Response<hyper::body::Incoming>> {
+        let mut b = Request::builder()
+            .method("GET")
+            .uri(format!("https://relay{path}"));
+        if let Some(k) = &self.key {
+            b = b.header("authorization", format!("Bearer {k}"));
+        }
+        let req = b.body(Full::new(Bytes::new()))?;
+        let mut sender = self.sender.lock().await.clone();
+        sender.ready().await?;
+        Ok(sender.send_request(req).await?)
+    }
+
     pub async fn call(
         &self,
         method: &str,

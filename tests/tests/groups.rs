@@ -354,6 +354,7 @@ async fn group_and_list_devices_are_named_like_every_device() {
         )
     );
     assert_eq!(laptop["randomized"], false);
+    assert_eq!(laptop["vendor"], "Intel Corporate");
     let tablet = by_mac("02:00:00:00:01:03");
     assert_eq!(
         (&tablet["name"], &tablet["name_source"], &tablet["hostname"]),
@@ -384,6 +385,7 @@ async fn group_and_list_devices_are_named_like_every_device() {
         (&json!("alice-laptop"), &json!(false))
     );
     assert_eq!(laptop["reasons"], json!(["block"]));
+    assert_eq!(laptop["vendor"], "Intel Corporate");
     let printer = rows
         .iter()
         .find(|r| r["target"] == "192.168.1.105")

@@ -526,6 +526,7 @@ const RELAY_LAYERS: &[(&str, &[&str])] = &[
             "conn_activity",
             "sync",
             "private",
+            "vendors",
         ],
     ),
     (

@@ -47,6 +47,8 @@ async fn the_simulated_router_lists_its_devices_with_wireless_details_and_policy
     assert_eq!(alice["name"], "alice-laptop");
     assert_eq!(alice["name_source"], "hostname");
     assert_eq!(alice["randomized"], false);
+    // The relay names the maker from the IEEE registry (issue 17).
+    assert_eq!(alice["vendor"], "Intel Corporate");
     assert_eq!(alice["ip"], "192.168.1.101");
     assert_eq!(alice["connection"], "wireless");
     assert_eq!(alice["wireless"]["band"], "5g");
@@ -72,12 +74,14 @@ async fn the_simulated_router_lists_its_devices_with_wireless_details_and_policy
         (&json!("Tablet"), &json!("owner"), &json!("kids-tablet"))
     );
     assert_eq!(tablet["randomized"], true);
+    assert_eq!(tablet["vendor"], Value::Null, "a random MAC names no maker");
     assert_eq!(tablet["group"], json!({"id": 4, "name": "Kids"}));
     assert_eq!(tablet["blocked"], true);
     assert_eq!(tablet["blocked_by"], json!(["group 4"]));
     assert_eq!(tablet["wireless"]["band"], "2g");
 
     let printer = device(scan, "30:05:5c:00:01:05");
+    assert_eq!(printer["vendor"], "Brother industries, LTD.");
     assert_eq!(printer["connection"], "wired");
     assert_eq!(printer["blocked_by"], json!(["block"]));
 }

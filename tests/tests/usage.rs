@@ -75,21 +75,26 @@ async fn every_usage_endpoint_answers_with_its_shape_on_the_simulated_router() {
         .to_str()
         .unwrap()
         .starts_with("text/csv"));
+    // The agent's columns, then the vendor column the relay appends (issue 17).
     assert_eq!(
         text.lines().next(),
-        Some("date,mac,hostname,bytes_rx,bytes_tx,total_bytes,name,name_source,randomized")
+        Some("date,mac,hostname,bytes_rx,bytes_tx,total_bytes,name,name_source,randomized,vendor")
     );
     assert_eq!(text.lines().count(), 6, "{text}");
     let tv = text
         .lines()
         .find(|l| l.contains("64:95:6c:00:01:04"))
         .unwrap();
-    assert!(tv.ends_with(",living-room-tv,hostname,false"), "{tv}");
+    assert!(
+        tv.ends_with(",living-room-tv,hostname,false,LG Electronics"),
+        "{tv}"
+    );
     let phone = text
         .lines()
         .find(|l| l.contains("02:00:00:00:01:02"))
         .unwrap();
-    assert!(phone.ends_with(",bob-phone,hostname,true"), "{phone}");
+    // A random MAC names no maker: the vendor column is empty.
+    assert!(phone.ends_with(",bob-phone,hostname,true,"), "{phone}");
 
     let r = alice.get("/api/device-usage/summary?days=7").await;
     assert_eq!(r.status, 200, "{}", r.body);

@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 pub mod cluster;
+pub mod vendors;
 
 /// The web-app backend's API key. Never printed.
 #[derive(Clone, PartialEq, Eq)]
@@ -165,6 +166,8 @@ pub struct Config {
     pub listen_backlog: u32,
     /// `[cluster]`: one node of many (issue 16); `None` is a single node.
     pub cluster: Option<cluster::ClusterConfig>,
+    /// `[vendors]`: MAC vendor enrichment (issue 17).
+    pub vendors: vendors::VendorsConfig,
 }
 
 /// What the command line says; `None` leaves the file's or the default value.
@@ -200,6 +203,8 @@ struct FileConfig {
     #[serde(default)]
     capacity: FileCapacity,
     cluster: Option<cluster::FileCluster>,
+    #[serde(default)]
+    vendors: vendors::FileVendors,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -262,7 +267,8 @@ pub const DEFAULT_LISTEN_BACKLOG: u32 = 4096;
 
 impl Config {
     /// Builds the configuration: defaults, then the file, then the environment
-    /// (`NETPILOT_API_KEY`, the cluster's `NETPILOT_*`), then the command line.
+    /// (`NETPILOT_API_KEY`, the cluster's and the vendors' `NETPILOT_*`), then the
+    /// command line.
     /// `env` reads one variable (injected for tests).
     pub fn load(
         cli: CliOverrides,
@@ -323,6 +329,7 @@ impl Config {
             ));
         }
         let cluster = cluster::ClusterConfig::resolve(file.cluster, env)?;
+        let vendors = vendors::VendorsConfig::resolve(file.vendors, env)?;
         // Agents pin the relay's certificate: every node must present the same one,
         // so a node never makes up its own.
         if cluster.is_some() && file.tls.cert.is_none() {
@@ -459,6 +466,7 @@ impl Config {
             enroll_max_clients,
             listen_backlog,
             cluster,
+            vendors,
         })
     }
 }
@@ -1047,6 +1055,7 @@ mod tests {
         assert_eq!(c.timeouts.h2_idle, Duration::from_secs(60));
         assert_eq!(c.max_unauthenticated_per_address, 64);
         assert_eq!(c.capacity.max_links, CapacityLimits::default().max_links);
+        assert_eq!(c.vendors, vendors::VendorsConfig::default());
     }
 
     #[test]
@@ -1251,6 +1260,35 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("tls.cert"), "{err}");
+    }
+
+    #[test]
+    fn the_vendors_section_is_read_and_checked() {
+        let base = "api_key = \"0123456789abcdef\"\n";
+        let c = Config::parse_str(base, Path::new("x")).unwrap();
+        assert!(c.vendors.enabled);
+        let c = Config::parse_str(
+            &format!(
+                "{base}[vendors]\nenabled = false\nfiles = [\"/etc/netpilot-relay/oui.csv\"]\n"
+            ),
+            Path::new("x"),
+        )
+        .unwrap();
+        assert!(!c.vendors.enabled);
+        assert_eq!(
+            c.vendors.files,
+            [PathBuf::from("/etc/netpilot-relay/oui.csv")]
+        );
+        let err = Config::parse_str(&format!("{base}[vendors]\nfile = []\n"), Path::new("x"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("file"), "{err}");
+        let file: FileConfig = toml::from_str("[vendors]\nenabled = true\n").unwrap();
+        let c = Config::from_parts(file, cli_with_key(), &|k| {
+            (k == vendors::ENV_VENDORS).then(|| "off".into())
+        })
+        .unwrap();
+        assert!(!c.vendors.enabled);
     }
 
     #[test]
