@@ -135,7 +135,7 @@ fn main() -> anyhow::Result<()> {
         rt.block_on(usage.history(35, &names)).unwrap()
     });
     measure("history 35 days x 250 devices (CSV)", || {
-        rt.block_on(usage.history_csv(35)).unwrap()
+        rt.block_on(usage.history_csv(35, &names)).unwrap()
     });
     measure("summary 35 days x 250 devices", || {
         rt.block_on(usage.summary(35, &names)).unwrap()

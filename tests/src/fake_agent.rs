@@ -163,6 +163,53 @@ pub fn envelope(status: u16, json: serde_json::Value) -> Response<FakeBody> {
     )
 }
 
+/// The agent health answer the relay asks a new link for.
+pub fn health() -> Response<FakeBody> {
+    envelope(
+        200,
+        serde_json::json!({"success": true, "data": {"mode": "fake"}, "meta": {"duration_ms": 0}}),
+    )
+}
+
+/// A relay with `config`, alice's router enrolled, a fake agent on its link with
+/// `handler` (and the health answer), and alice's session on it.
+pub async fn rig(
+    config: &str,
+    handler: impl Handler,
+) -> (Relay, EnrolledRouter, FakeAgent, crate::Session) {
+    let relay = Relay::start(crate::RelayOptions {
+        config: config.into(),
+    })
+    .await
+    .unwrap();
+    linked(relay, handler).await
+}
+
+/// [`rig`] on a relay the test started itself.
+pub async fn linked(
+    relay: Relay,
+    handler: impl Handler,
+) -> (Relay, EnrolledRouter, FakeAgent, crate::Session) {
+    let router = relay.enrolled_router("alice").await.unwrap();
+    let agent = FakeAgent::start(&relay, &router, with_health(handler))
+        .await
+        .unwrap();
+    let session = crate::Session::start(&relay.client().await.unwrap(), "alice", &router.router_id)
+        .await
+        .unwrap();
+    (relay, router, agent, session)
+}
+
+/// `handler`, with the health answer for the relay's own health call.
+pub fn with_health(handler: impl Handler) -> impl Handler {
+    move |parts: hyper::http::request::Parts| {
+        if parts.uri.path() == "/api/agent/health" {
+            return Box::pin(async { health() }) as FakeFuture;
+        }
+        handler(parts)
+    }
+}
+
 /// A whole body (with its length announced).
 pub fn whole(bytes: impl Into<Bytes>) -> FakeBody {
     Full::new(bytes.into()).boxed_unsync()

@@ -518,6 +518,10 @@ impl AgentPaths {
     }
 }
 
+/// What `nlbw` says when nlbwmon is not running.
+pub const NLBW_DOWN: &str =
+    "echo 'Error while processing command: No such file or directory' >&2\nexit 2\n";
+
 /// A stand-in `nlbw` (`--nlbw` of a simulated agent): a shell script with `body`,
 /// in `dir`; its path.
 pub fn fake_nlbw(dir: &Path, body: &str) -> String {

@@ -12,22 +12,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use netpilot_tests::fake_agent::{
-    self, answer, chunks, envelope, rss_kib, streamed, whole, FakeAgent, FakeFuture,
-};
+use netpilot_tests::fake_agent::{self, answer, chunks, envelope, rig, rss_kib, streamed, whole};
 use netpilot_tests::{
     eventually, start_session, Agent, Client, EnrolledRouter, Relay, RelayOptions, Reply, Session,
 };
 use serde_json::{json, Value};
 
 const MIB: u64 = 1024 * 1024;
-
-fn health() -> hyper::Response<fake_agent::FakeBody> {
-    envelope(
-        200,
-        json!({"success": true, "data": {"mode": "fake"}, "meta": {"duration_ms": 0}}),
-    )
-}
 
 fn ok_envelope() -> hyper::Response<fake_agent::FakeBody> {
     envelope(
@@ -41,36 +32,6 @@ fn err_envelope(status: u16, code: &str) -> hyper::Response<fake_agent::FakeBody
         status,
         json!({"success": false, "error": {"code": code, "message": "from the router"}, "meta": {"duration_ms": 0}}),
     )
-}
-
-/// A relay with `config`, alice's router enrolled, a fake agent on its link with
-/// `handler`, and alice's session on it.
-async fn rig(
-    config: &str,
-    handler: impl Fn(hyper::http::request::Parts) -> FakeFuture + Send + Sync + 'static,
-) -> (Relay, EnrolledRouter, FakeAgent, Session) {
-    let relay = Relay::start(RelayOptions {
-        config: config.into(),
-    })
-    .await
-    .unwrap();
-    let router = relay.enrolled_router("alice").await.unwrap();
-    let agent = FakeAgent::start(
-        &relay,
-        &router,
-        move |parts: hyper::http::request::Parts| {
-            if parts.uri.path() == "/api/agent/health" {
-                return Box::pin(async { health() }) as FakeFuture;
-            }
-            handler(parts)
-        },
-    )
-    .await
-    .unwrap();
-    let session = Session::start(&relay.client().await.unwrap(), "alice", &router.router_id)
-        .await
-        .unwrap();
-    (relay, router, agent, session)
 }
 
 fn assert_relay_json(r: &Reply) {

@@ -166,10 +166,7 @@ async fn netns_real_neighbours_and_a_lease_file_without_hostapd() {
 #[tokio::test]
 async fn without_nlbwmon_the_scan_lists_devices_and_says_why_there_is_no_usage() {
     let dir = tempfile::tempdir().unwrap();
-    let down = netpilot_tests::fake_nlbw(
-        dir.path(),
-        "echo 'Error while processing command: No such file or directory' >&2\nexit 2\n",
-    );
+    let down = netpilot_tests::fake_nlbw(dir.path(), netpilot_tests::NLBW_DOWN);
     let rig = ApiRig::builder()
         .agent_args(&["--simulate", "--nlbw", &down])
         .start()

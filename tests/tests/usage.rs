@@ -166,10 +166,7 @@ async fn every_usage_endpoint_answers_with_its_shape_on_the_simulated_router() {
 #[tokio::test]
 async fn nlbwmon_down_is_503_and_truncated_output_is_502() {
     let dir = tempfile::tempdir().unwrap();
-    let down = fake_nlbw(
-        dir.path(),
-        "echo 'Error while processing command: No such file or directory' >&2\nexit 2\n",
-    );
+    let down = fake_nlbw(dir.path(), netpilot_tests::NLBW_DOWN);
     let rig = ApiRig::builder()
         .agent_args(&["--simulate", "--nlbw", &down])
         .start()

@@ -16,8 +16,10 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::Frame;
 use netpilot_tests::cluster::ClusterRig;
-use netpilot_tests::fake_agent::{self, answer, whole, FakeAgent, FakeFuture};
-use netpilot_tests::{Client, EnrolledRouter, Relay, RelayOptions, Session};
+use netpilot_tests::fake_agent::{
+    self, answer, linked, rig, whole, with_health, FakeAgent, FakeFuture,
+};
+use netpilot_tests::{Client, Relay, RelayOptions, Session};
 use serde_json::{json, Value};
 
 /// Known MACs: an Apple MA-L, an MA-M and an MA-S block (inside the IEEE
@@ -87,54 +89,8 @@ fn vendors_of(body: &Value) -> Vec<Value> {
         .collect()
 }
 
-fn health() -> hyper::Response<fake_agent::FakeBody> {
-    fake_agent::envelope(
-        200,
-        json!({"success": true, "data": {"mode": "fake"}, "meta": {"duration_ms": 0}}),
-    )
-}
-
 fn json_answer(status: u16, body: String) -> hyper::Response<fake_agent::FakeBody> {
     answer(status, Some("application/json"), whole(body))
-}
-
-/// A relay with `config`, alice's router on a fake agent answering with
-/// `handler`, and her session.
-async fn rig(
-    config: &str,
-    handler: impl Fn(hyper::http::request::Parts) -> FakeFuture + Send + Sync + 'static,
-) -> (Relay, EnrolledRouter, FakeAgent, Session) {
-    let relay = Relay::start(RelayOptions {
-        config: config.into(),
-    })
-    .await
-    .unwrap();
-    linked(relay, handler).await
-}
-
-async fn linked(
-    relay: Relay,
-    handler: impl Fn(hyper::http::request::Parts) -> FakeFuture + Send + Sync + 'static,
-) -> (Relay, EnrolledRouter, FakeAgent, Session) {
-    let router = relay.enrolled_router("alice").await.unwrap();
-    let agent = FakeAgent::start(&relay, &router, with_health(handler))
-        .await
-        .unwrap();
-    let session = Session::start(&relay.client().await.unwrap(), "alice", &router.router_id)
-        .await
-        .unwrap();
-    (relay, router, agent, session)
-}
-
-fn with_health(
-    handler: impl Fn(hyper::http::request::Parts) -> FakeFuture + Send + Sync + 'static,
-) -> impl Fn(hyper::http::request::Parts) -> FakeFuture + Send + Sync + 'static {
-    move |parts: hyper::http::request::Parts| {
-        if parts.uri.path() == "/api/agent/health" {
-            return Box::pin(async { health() }) as FakeFuture;
-        }
-        handler(parts)
-    }
 }
 
 /// Answers `/api/scan` with `body`, everything else with an empty success.
