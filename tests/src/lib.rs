@@ -518,6 +518,36 @@ impl AgentPaths {
     }
 }
 
+/// A body whose bytes come when the test sends them on the channel (a request
+/// body held open, or a router's answer streamed piece by piece); it ends when the
+/// sender drops.
+pub struct ChannelBody(pub tokio::sync::mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|b| b.map(|b| Ok(hyper::body::Frame::data(b))))
+    }
+}
+
+/// The relay's `/metrics` scrape, as text.
+pub async fn metrics(c: &Client) -> String {
+    String::from_utf8_lossy(&c.get("/metrics").await.unwrap().raw).into_owned()
+}
+
+/// The value of one series (`name{labels}` exactly) in a scrape.
+pub fn metric_value(text: &str, series: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
 /// What `nlbw` says when nlbwmon is not running.
 pub const NLBW_DOWN: &str =
     "echo 'Error while processing command: No such file or directory' >&2\nexit 2\n";

@@ -4,17 +4,13 @@
 //! cap on unauthenticated connections, trickled request bodies, oversized heads,
 //! and the measured attack of filling every slot with quiet connections.
 
-use std::convert::Infallible;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::body::Frame;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use netpilot_tests::{eventually, Agent, Client, Relay, RelayOptions, Reply, API_KEY};
+use netpilot_tests::{eventually, Agent, ChannelBody, Client, Relay, RelayOptions, Reply, API_KEY};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -204,20 +200,6 @@ async fn h2_connections_that_only_ping_are_closed() {
     assert!(metric(&c, "netpilot_connections_closed_total{reason=\"h2_idle\"}").await >= 1);
 }
 
-/// A request body whose bytes come when the test sends them.
-struct SlowBody(tokio::sync::mpsc::Receiver<Bytes>);
-
-impl hyper::body::Body for SlowBody {
-    type Data = Bytes;
-    type Error = Infallible;
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        self.0.poll_recv(cx).map(|b| b.map(|b| Ok(Frame::data(b))))
-    }
-}
-
 #[tokio::test]
 async fn a_call_in_flight_keeps_its_h2_connection_past_h2_idle() {
     let relay = Relay::start(RelayOptions {
@@ -228,7 +210,7 @@ async fn a_call_in_flight_keeps_its_h2_connection_past_h2_idle() {
     let tls = tls_connect(&relay, &[b"h2"]).await.unwrap();
     let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
-        .handshake::<_, SlowBody>(TokioIo::new(tls))
+        .handshake::<_, ChannelBody>(TokioIo::new(tls))
         .await
         .unwrap();
     let conn = tokio::spawn(conn);
@@ -236,7 +218,7 @@ async fn a_call_in_flight_keeps_its_h2_connection_past_h2_idle() {
     let req = hyper::Request::post("https://relay/api/admin/routers")
         .header("authorization", format!("Bearer {API_KEY}"))
         .header("content-type", "application/json")
-        .body(SlowBody(rx))
+        .body(ChannelBody(rx))
         .unwrap();
     sender.ready().await.unwrap();
     let call = tokio::spawn(sender.send_request(req));
@@ -366,7 +348,7 @@ async fn trickled_bodies_are_cut_at_the_body_deadline() {
     let tls = tls_connect(&relay, &[b"h2"]).await.unwrap();
     let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
-        .handshake::<_, SlowBody>(TokioIo::new(tls))
+        .handshake::<_, ChannelBody>(TokioIo::new(tls))
         .await
         .unwrap();
     tokio::spawn(conn);
@@ -376,7 +358,7 @@ async fn trickled_bodies_are_cut_at_the_body_deadline() {
         .header("authorization", format!("Bearer {API_KEY}"))
         .header("content-type", "application/json")
         .header("content-length", "1000")
-        .body(SlowBody(rx))
+        .body(ChannelBody(rx))
         .unwrap();
     sender.ready().await.unwrap();
     let started = Instant::now();

@@ -14,7 +14,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use netpilot_tests::fake_agent::{self, answer, chunks, envelope, rig, rss_kib, streamed, whole};
 use netpilot_tests::{
-    eventually, start_session, Agent, Client, EnrolledRouter, Relay, RelayOptions, Reply, Session,
+    eventually, metric_value, metrics, start_session, Agent, EnrolledRouter, Relay, RelayOptions,
+    Reply, Session,
 };
 use serde_json::{json, Value};
 
@@ -41,15 +42,6 @@ fn assert_relay_json(r: &Reply) {
         "{r:?}"
     );
     assert_eq!(r.headers.get("x-content-type-options").unwrap(), "nosniff");
-}
-
-async fn metrics(c: &Client) -> String {
-    String::from_utf8_lossy(&c.get("/metrics").await.unwrap().raw).into_owned()
-}
-
-fn metric(text: &str, name: &str) -> Option<u64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -117,7 +109,8 @@ async fn six_huge_answers_get_502_and_the_relay_stays_small() {
         Duration::from_secs(5),
         "answer budget back to 0",
         || async {
-            (metric(&metrics(&c).await, "netpilot_answer_bytes_in_flight") == Some(0)).then_some(())
+            (metric_value(&metrics(&c).await, "netpilot_answer_bytes_in_flight") == Some(0))
+                .then_some(())
         },
     )
     .await
@@ -275,7 +268,8 @@ async fn a_csv_export_is_cut_past_its_cap_or_deadline() {
         Duration::from_secs(5),
         "answer budget back to 0",
         || async {
-            (metric(&metrics(c).await, "netpilot_answer_bytes_in_flight") == Some(0)).then_some(())
+            (metric_value(&metrics(c).await, "netpilot_answer_bytes_in_flight") == Some(0))
+                .then_some(())
         },
     )
     .await
@@ -425,7 +419,7 @@ async fn answers_in_flight_share_one_budget() {
         .collect();
     let c = &session.client;
     eventually(Duration::from_secs(10), "two answers held", || async {
-        (metric(&metrics(c).await, "netpilot_answer_bytes_in_flight") >= Some(2 * 960 * 1024))
+        (metric_value(&metrics(c).await, "netpilot_answer_bytes_in_flight") >= Some(2 * 960 * 1024))
             .then_some(())
     })
     .await
@@ -443,7 +437,8 @@ async fn answers_in_flight_share_one_budget() {
         Duration::from_secs(5),
         "answer budget back to 0",
         || async {
-            (metric(&metrics(c).await, "netpilot_answer_bytes_in_flight") == Some(0)).then_some(())
+            (metric_value(&metrics(c).await, "netpilot_answer_bytes_in_flight") == Some(0))
+                .then_some(())
         },
     )
     .await
@@ -597,7 +592,7 @@ async fn two_agents_on_one_identity_show_in_the_admin_view() {
     assert!(n >= 3, "{n}");
     let m = metrics(&c).await;
     assert!(
-        metric(&m, "netpilot_link_replacements_total").unwrap() >= 3,
+        metric_value(&m, "netpilot_link_replacements_total").unwrap() >= 3,
         "{m}"
     );
     let log = relay.log();

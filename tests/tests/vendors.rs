@@ -6,20 +6,16 @@
 //! routes and a relay with `[vendors] enabled = false` pass answers untouched; in
 //! a cluster the node a call entered adds vendors, once.
 
-use std::convert::Infallible;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use hyper::body::Frame;
 use netpilot_tests::cluster::ClusterRig;
 use netpilot_tests::fake_agent::{
     self, answer, linked, rig, whole, with_health, FakeAgent, FakeFuture,
 };
-use netpilot_tests::{Client, Relay, RelayOptions, Session};
+use netpilot_tests::{metric_value, metrics, ChannelBody, Relay, RelayOptions, Session};
 use serde_json::{json, Value};
 
 /// Known MACs: an Apple MA-L, an MA-M and an MA-S block (inside the IEEE
@@ -110,14 +106,8 @@ fn scan_handler(body: String) -> impl Fn(hyper::http::request::Parts) -> FakeFut
     }
 }
 
-async fn metrics(c: &Client) -> String {
-    String::from_utf8_lossy(&c.get("/metrics").await.unwrap().raw).into_owned()
-}
-
 fn metric(text: &str, series: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+    metric_value(text, series).unwrap_or_else(|| panic!("no {series} in\n{text}"))
 }
 
 #[tokio::test]
@@ -303,21 +293,6 @@ async fn errors_other_routes_and_non_json_answers_pass_untouched() {
     assert!(!String::from_utf8_lossy(&r.raw).contains("\"vendor\""));
 }
 
-/// A body the test feeds chunk by chunk through a channel.
-struct Fed(tokio::sync::mpsc::Receiver<Bytes>);
-
-impl hyper::body::Body for Fed {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        self.0.poll_recv(cx).map(|c| c.map(|b| Ok(Frame::data(b))))
-    }
-}
-
 #[tokio::test]
 async fn the_csv_export_gets_its_vendor_column_as_it_streams() {
     let feed: Arc<Mutex<Option<tokio::sync::mpsc::Receiver<Bytes>>>> = Arc::default();
@@ -328,7 +303,11 @@ async fn the_csv_export_gets_its_vendor_column_as_it_streams() {
         let rx = taken.lock().unwrap().take();
         Box::pin(async move {
             match rx {
-                Some(rx) => answer(200, Some("text/csv; charset=utf-8"), Fed(rx).boxed_unsync()),
+                Some(rx) => answer(
+                    200,
+                    Some("text/csv; charset=utf-8"),
+                    ChannelBody(rx).boxed_unsync(),
+                ),
                 None => json_answer(409, "{}".into()),
             }
         })
